@@ -1,0 +1,305 @@
+//! Messages on the control channel between an agent and the control plane.
+//!
+//! The agent opens one bidirectional QUIC stream and speaks first:
+//! `Hello` → `Challenge` → `Register` (signed) → `Registered`, then any number of `Request`s,
+//! each answered by a `Response` with the same id. The control plane pushes `PeerMap` whenever
+//! the set of peers the agent may see, or one of their endpoints, changes.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::key::Key32;
+
+/// Longest agent or party name, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+/// Most endpoints an agent may report.
+pub const MAX_ENDPOINTS: usize = 16;
+
+/// Agent → control plane.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    Hello {
+        version: u16,
+        identity: Key32,
+    },
+    Register {
+        name: String,
+        wg_key: Key32,
+        endpoints: Vec<SocketAddr>,
+        signature: Sig64,
+    },
+    Request {
+        id: u64,
+        body: Request,
+    },
+}
+
+/// What an agent asks of the control plane once registered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    CreateParty {
+        name: String,
+        #[serde(default)]
+        max_uses: Option<u32>,
+        #[serde(default)]
+        expires_in_secs: Option<u64>,
+    },
+    JoinParty {
+        code: String,
+    },
+    LeaveParty {
+        party: String,
+    },
+    ListParties,
+    UpdateEndpoints {
+        endpoints: Vec<SocketAddr>,
+    },
+}
+
+/// Control plane → agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    Challenge {
+        nonce: Key32,
+    },
+    Registered {
+        peer_id: Key32,
+        name: String,
+        virtual_ip: Ipv4Addr,
+        /// The agent's address as the control plane saw it.
+        observed: SocketAddr,
+    },
+    Response {
+        id: u64,
+        result: Result<Response, ErrorReply>,
+    },
+    PeerMap {
+        peers: Vec<PeerInfo>,
+    },
+    /// Sent before the control plane closes the stream.
+    Error(ErrorReply),
+}
+
+/// Successful answers to a [`Request`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Response {
+    PartyCreated { party: PartyInfo, invite: String },
+    Joined { party: PartyInfo },
+    Left { party: PartyInfo },
+    Parties { parties: Vec<PartyInfo> },
+    Ok,
+}
+
+/// A refusal, with a machine-readable code and a sentence for the user.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ErrorReply {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorReply {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorReply {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    VersionMismatch,
+    AuthFailed,
+    NotRegistered,
+    InviteInvalid,
+    InviteUnknown,
+    InviteExpired,
+    InviteUsedUp,
+    WrongControlPlane,
+    RateLimited,
+    NotFound,
+    AddressSpaceFull,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::VersionMismatch => "version_mismatch",
+            ErrorCode::AuthFailed => "auth_failed",
+            ErrorCode::NotRegistered => "not_registered",
+            ErrorCode::InviteInvalid => "invite_invalid",
+            ErrorCode::InviteUnknown => "invite_unknown",
+            ErrorCode::InviteExpired => "invite_expired",
+            ErrorCode::InviteUsedUp => "invite_used_up",
+            ErrorCode::WrongControlPlane => "wrong_control_plane",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::AddressSpaceFull => "address_space_full",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartyInfo {
+    /// 16 hex digits.
+    pub id: String,
+    pub name: String,
+    pub owner: Key32,
+    pub members: u32,
+}
+
+/// A peer as the control plane introduces it: only ever one that shares a party with the
+/// receiving agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub peer_id: Key32,
+    pub name: String,
+    pub wg_key: Key32,
+    pub virtual_ip: Ipv4Addr,
+    pub endpoints: Vec<SocketAddr>,
+    /// Names of the parties the two agents share.
+    pub parties: Vec<String>,
+}
+
+/// Why a message was refused after it decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ValidationError {
+    #[error("name must be 1 to {MAX_NAME_LEN} bytes of letters, digits, '-', '_' or '.'")]
+    Name,
+    #[error("at most {MAX_ENDPOINTS} endpoints may be reported")]
+    TooManyEndpoints,
+}
+
+/// A name for an agent or party: 1..=64 bytes of ASCII letters, digits, `-`, `_`, `.`.
+pub fn validate_name(name: &str) -> Result<(), ValidationError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+    ok.then_some(()).ok_or(ValidationError::Name)
+}
+
+pub fn validate_endpoints(endpoints: &[SocketAddr]) -> Result<(), ValidationError> {
+    (endpoints.len() <= MAX_ENDPOINTS)
+        .then_some(())
+        .ok_or(ValidationError::TooManyEndpoints)
+}
+
+/// A 64-byte ed25519 signature, shown as URL-safe base64.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Sig64(pub [u8; 64]);
+
+impl std::fmt::Debug for Sig64 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sig64(..)")
+    }
+}
+
+impl Serialize for Sig64 {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&URL_SAFE_NO_PAD.encode(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Sig64 {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        let b = URL_SAFE_NO_PAD
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)?;
+        let a: [u8; 64] = b
+            .try_into()
+            .map_err(|_| serde::de::Error::custom("signature must be 64 bytes"))?;
+        Ok(Sig64(a))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame;
+
+    #[test]
+    fn every_message_round_trips() {
+        let msgs = vec![
+            ClientMsg::Hello {
+                version: 1,
+                identity: Key32([1; 32]),
+            },
+            ClientMsg::Register {
+                name: "alice".into(),
+                wg_key: Key32([2; 32]),
+                endpoints: vec!["198.51.100.2:51820".parse().unwrap()],
+                signature: Sig64([3; 64]),
+            },
+            ClientMsg::Request {
+                id: 1,
+                body: Request::CreateParty {
+                    name: "lan".into(),
+                    max_uses: Some(3),
+                    expires_in_secs: None,
+                },
+            },
+            ClientMsg::Request {
+                id: 2,
+                body: Request::JoinParty { code: "x".into() },
+            },
+        ];
+        for m in msgs {
+            assert_eq!(frame::decode::<ClientMsg>(&frame::encode(&m)).unwrap(), m);
+        }
+        let s = ServerMsg::Response {
+            id: 4,
+            result: Err(ErrorReply::new(ErrorCode::InviteExpired, "expired")),
+        };
+        assert_eq!(frame::decode::<ServerMsg>(&frame::encode(&s)).unwrap(), s);
+    }
+
+    #[test]
+    fn unknown_message_type_is_refused() {
+        let body = br#"{"type":"launch_missiles"}"#;
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        assert!(frame::decode::<ClientMsg>(&f).is_err());
+    }
+
+    #[test]
+    fn short_signature_is_refused() {
+        let body = br#"{"type":"register","name":"a","wg_key":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA","endpoints":[],"signature":"AAAA"}"#;
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        assert!(frame::decode::<ClientMsg>(&f).is_err());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("alice-pc_1.home").is_ok());
+        assert_eq!(validate_name(""), Err(ValidationError::Name));
+        assert_eq!(validate_name("a b"), Err(ValidationError::Name));
+        assert_eq!(validate_name(&"a".repeat(65)), Err(ValidationError::Name));
+    }
+
+    #[test]
+    fn endpoint_count_is_checked() {
+        let e: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        assert!(validate_endpoints(&vec![e; MAX_ENDPOINTS]).is_ok());
+        assert_eq!(
+            validate_endpoints(&vec![e; MAX_ENDPOINTS + 1]),
+            Err(ValidationError::TooManyEndpoints)
+        );
+    }
+}

@@ -1,0 +1,24 @@
+//! Rally's wire vocabulary: control messages and their frame codec, identities and signatures,
+//! invite codes, and virtual-IP derivation.
+//!
+//! This crate is pure: it performs no IO, reads no clock and draws no randomness. Callers pass
+//! time and random bytes in.
+
+pub mod control;
+pub mod frame;
+pub mod identity;
+pub mod invite;
+pub mod key;
+pub mod vip;
+
+pub use control::{
+    ClientMsg, ErrorCode, ErrorReply, PartyInfo, PeerInfo, Request, Response, ServerMsg, Sig64,
+};
+pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};
+pub use identity::{Identity, SignatureError};
+pub use invite::{InviteCode, InviteError};
+pub use key::{Key32, KeyParseError};
+pub use vip::{Overlay, OverlayError};
+
+/// Protocol version spoken on the control channel.
+pub const PROTOCOL_VERSION: u16 = 1;
