@@ -85,7 +85,7 @@ impl FrameDecoder {
 
     /// The next complete message, `Ok(None)` if more bytes are needed. After an error the stream
     /// is out of step and must be closed.
-    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn next_msg<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         match decode_prefix(&self.buf)? {
             Some((msg, used)) => {
                 self.buf.drain(..used);
@@ -156,7 +156,7 @@ mod tests {
         let mut d = FrameDecoder::new();
         d.extend(&head);
         assert!(matches!(
-            d.next::<ClientMsg>(),
+            d.next_msg::<ClientMsg>(),
             Err(FrameError::Oversized(_))
         ));
     }
@@ -192,7 +192,7 @@ mod tests {
         let mut got = vec![];
         for b in all.chunks(3) {
             d.extend(b);
-            while let Some(m) = d.next::<ClientMsg>().unwrap() {
+            while let Some(m) = d.next_msg::<ClientMsg>().unwrap() {
                 got.push(m);
             }
         }
@@ -205,7 +205,7 @@ mod tests {
         let f = encode(&sample());
         let mut d = FrameDecoder::new();
         d.extend(&f[..f.len() - 2]);
-        assert!(d.next::<ClientMsg>().unwrap().is_none());
+        assert!(d.next_msg::<ClientMsg>().unwrap().is_none());
         assert!(matches!(d.finish(), Some(FrameError::Truncated { .. })));
     }
 
@@ -216,7 +216,7 @@ mod tests {
             let _ = decode::<crate::control::ServerMsg>(&b);
             let mut d = FrameDecoder::new();
             d.extend(&b);
-            while let Ok(Some(_)) = d.next::<ClientMsg>() {}
+            while let Ok(Some(_)) = d.next_msg::<ClientMsg>() {}
         }
     }
 }
