@@ -1,1 +1,9 @@
+//! Rally's agent: the engine behind `rally up` and the client side of the CLI.
 
+pub mod backoff;
+pub mod control;
+pub mod daemon;
+pub mod dataplane;
+pub mod ipc;
+pub mod netinfo;
+pub mod state;

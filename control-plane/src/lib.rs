@@ -1,1 +1,19 @@
+//! Rally's control plane: registers agents, keeps parties and invites, introduces peers.
 
+pub mod keyfile;
+pub mod ratelimit;
+pub mod server;
+pub mod store;
+pub mod tls;
+
+use std::path::{Path, PathBuf};
+
+/// The control plane's identity key inside its data directory.
+pub fn key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("control.key")
+}
+
+/// The SQLite database inside the data directory.
+pub fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("control.db")
+}

@@ -1,1 +1,154 @@
-fn main() {}
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use rally_control::server::{Hub, Settings};
+use rally_control::store::SqliteStore;
+use rally_control::{db_path, key_path, keyfile, tls};
+use rally_proto::{Identity, Overlay};
+use rand_core::{OsRng, RngCore};
+use tracing::info;
+
+/// Rally control plane: registers agents, keeps parties and invites, introduces peers.
+#[derive(Parser)]
+#[command(name = "rally-control", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the data directory and key; print the control key (last line of stdout).
+    Init {
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Serve agents over QUIC.
+    Serve {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Address to listen on (UDP, QUIC).
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: SocketAddr,
+        /// Address agents dial, written into invite codes (default: --listen).
+        #[arg(long)]
+        public_addr: Option<String>,
+        /// A relay, NAME=HOST:PORT (repeatable).
+        #[arg(long = "relay", value_name = "NAME=HOST:PORT")]
+        relays: Vec<String>,
+        /// Serve Prometheus metrics on this HTTP address.
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
+        /// Join attempts allowed at once per source address.
+        #[arg(long, default_value_t = 20)]
+        join_burst: u32,
+        /// Seconds to regain one join attempt.
+        #[arg(long, default_value_t = 3)]
+        join_refill_secs: u64,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RALLY_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.cmd {
+        Cmd::Init { data_dir } => init(&data_dir),
+        Cmd::Serve {
+            data_dir,
+            listen,
+            public_addr,
+            relays,
+            metrics,
+            join_burst,
+            join_refill_secs,
+        } => {
+            if !relays.is_empty() || metrics.is_some() {
+                eprintln!("error: --relay and --metrics are not supported by this version yet");
+                std::process::exit(2);
+            }
+            let settings = Settings {
+                public_addr: public_addr.unwrap_or_else(|| listen.to_string()),
+                join_burst: join_burst.max(1),
+                join_refill: Duration::from_secs(join_refill_secs.max(1)),
+            };
+            serve(&data_dir, listen, settings)
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init(data_dir: &Path) -> Result<()> {
+    keyfile::private_dir(data_dir)?;
+    let path = key_path(data_dir);
+    let identity = if path.exists() {
+        eprintln!("{} exists; keeping the existing key", path.display());
+        Identity::from_seed(keyfile::read(&path)?)
+    } else {
+        let mut seed = [0u8; 32];
+        OsRng.fill_bytes(&mut seed);
+        keyfile::write(&path, &seed)?;
+        Identity::from_seed(seed)
+    };
+    SqliteStore::open(&db_path(data_dir), Overlay::default())
+        .with_context(|| format!("creating {}", db_path(data_dir).display()))?;
+    println!("control key (give it to relays, and to agents that use --control):");
+    println!("{}", identity.public());
+    Ok(())
+}
+
+fn serve(data_dir: &Path, listen: SocketAddr, settings: Settings) -> Result<()> {
+    let path = key_path(data_dir);
+    if !path.exists() {
+        bail!(
+            "{} not found; run `rally-control init --data-dir {}` first",
+            path.display(),
+            data_dir.display()
+        );
+    }
+    let identity = Identity::from_seed(keyfile::read(&path)?);
+    let store = SqliteStore::open(&db_path(data_dir), Overlay::default())
+        .with_context(|| format!("opening {}", db_path(data_dir).display()))?;
+    let server_config = tls::server_config(&identity)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let endpoint = quinn::Endpoint::server(server_config, listen)
+            .with_context(|| format!("listening on {listen}"))?;
+        info!(%listen, key = %identity.public(), "control plane serving");
+        let hub = Hub::new(Box::new(store), identity, settings);
+        let serving = tokio::spawn(hub.serve(endpoint.clone()));
+        shutdown_signal().await;
+        info!("shutting down");
+        endpoint.close(0u32.into(), b"control plane shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        serving.abort();
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

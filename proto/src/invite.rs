@@ -41,7 +41,7 @@ pub enum InviteError {
     Prefix,
     #[error("invite code is too long ({0} characters)")]
     TooLong(usize),
-    #[error("invite code has characters outside URL-safe base64; was it copied whole?")]
+    #[error("invite code is damaged (not valid URL-safe base64); was it copied whole?")]
     Encoding,
     #[error("invite code is truncated; was it copied whole?")]
     Truncated,

@@ -1,0 +1,6 @@
+//! The agent's side of the control channel.
+
+pub mod client;
+pub mod tls;
+
+pub use client::{spawn, ControlCmd, ControlError, ControlEvent, ControlHandle, Registration};

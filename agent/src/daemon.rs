@@ -1,0 +1,467 @@
+//! `rally up`: the daemon. It ties together the state directory, the control-plane client, the
+//! data plane and the local control socket the CLI talks to.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rally_proto::control::PartyInfo;
+use rally_proto::{Identity, InviteCode, Key32, Overlay, PeerInfo, Request, Response};
+use rand_core::{OsRng, RngCore};
+use tokio::net::{UdpSocket, UnixListener};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::control::{self, ControlError, ControlEvent, ControlHandle, Registration};
+use crate::dataplane::{Engine, EngineHandle};
+use crate::ipc::{self, ControlStatus, IpcReply, IpcRequest, IpcResult, StatusReport};
+use crate::netinfo::local_endpoints;
+use crate::state::{ControlTarget, StateDir, StateError};
+
+/// How long `party join` waits for the agent to register with a control plane it just learned.
+const REGISTER_WAIT: Duration = Duration::from_secs(15);
+
+/// How the daemon was started.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub control: Option<ControlTarget>,
+    pub name: String,
+    pub listen_port: u16,
+    pub tun_name: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("a rally daemon is already running with state directory {0}")]
+    AlreadyRunning(String),
+    #[error("cannot listen on UDP port {port}: {source}")]
+    Udp { port: u16, source: std::io::Error },
+    #[error("cannot create the control socket {path}: {source}")]
+    Socket {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Fatal(String),
+}
+
+struct Daemon {
+    cfg: Config,
+    state: StateDir,
+    identity: Arc<Identity>,
+    wg_secret: [u8; 32],
+    wg_public: Key32,
+    overlay: Overlay,
+    udp: Arc<UdpSocket>,
+    listen_port: u16,
+    inner: Mutex<Inner>,
+    connected: watch::Sender<bool>,
+    events: mpsc::UnboundedSender<ControlEvent>,
+    stop: mpsc::UnboundedSender<Option<String>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    control: Option<ControlHandle>,
+    target: Option<ControlTarget>,
+    control_error: Option<String>,
+    virtual_ip: Option<Ipv4Addr>,
+    engine: Option<EngineHandle>,
+    parties: Vec<PartyInfo>,
+}
+
+/// Runs the daemon until `rally down`, SIGINT/SIGTERM, or a fatal error.
+pub async fn run(cfg: Config) -> Result<(), DaemonError> {
+    let state = StateDir::new(&cfg.state_dir);
+    state.ensure()?;
+    let keys = state.load_or_create_keys()?;
+    let mut saved = state.load_saved()?;
+    if let Some(t) = &cfg.control {
+        if saved.control.as_ref() != Some(t) {
+            saved.control = Some(t.clone());
+            state.store_saved(&saved)?;
+        }
+    }
+
+    let socket_path = state.socket_path();
+    if tokio::net::UnixStream::connect(&socket_path).await.is_ok() {
+        return Err(DaemonError::AlreadyRunning(
+            cfg.state_dir.display().to_string(),
+        ));
+    }
+    let _ = std::fs::remove_file(&socket_path);
+    let udp = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.listen_port)))
+        .await
+        .map_err(|source| DaemonError::Udp {
+            port: cfg.listen_port,
+            source,
+        })?;
+    let listen_port = udp
+        .local_addr()
+        .map(|a| a.port())
+        .unwrap_or(cfg.listen_port);
+    let listener = UnixListener::bind(&socket_path).map_err(|source| DaemonError::Socket {
+        path: socket_path.display().to_string(),
+        source,
+    })?;
+    let _ = std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600));
+
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (stop_tx, mut stop_rx) = mpsc::unbounded_channel();
+    let wg_public = keys.wg_public();
+    let daemon = Arc::new(Daemon {
+        identity: Arc::new(keys.identity),
+        wg_secret: keys.wireguard,
+        wg_public,
+        overlay: Overlay::default(),
+        udp: Arc::new(udp),
+        listen_port,
+        inner: Mutex::new(Inner::default()),
+        connected: watch::channel(false).0,
+        events: events_tx,
+        stop: stop_tx,
+        state,
+        cfg,
+    });
+    info!(
+        name = %daemon.cfg.name,
+        peer_id = %daemon.identity.public(),
+        port = listen_port,
+        "rally agent starting"
+    );
+
+    // With a known address, tunnels come up from the cached peer map before the control plane
+    // answers (or while it is down).
+    if let Some(vip) = saved.virtual_ip {
+        daemon.start_engine(vip)?;
+        match daemon.state.load_peers() {
+            Ok(peers) if !peers.is_empty() => {
+                info!(peers = peers.len(), "restoring cached peer map");
+                daemon.apply_peer_map(peers, false);
+            }
+            Ok(_) => {}
+            Err(e) => warn!("ignoring the cached peer map: {e}"),
+        }
+    }
+    if let Some(target) = saved.control {
+        daemon.connect_control(target);
+    } else {
+        info!("no control plane yet: join a party with `rally party join CODE`");
+    }
+
+    tokio::spawn(daemon.clone().handle_events(events_rx));
+    tokio::spawn(daemon.clone().serve_cli(listener));
+
+    let outcome = tokio::select! {
+        reason = stop_rx.recv() => reason.flatten(),
+        _ = shutdown_signal() => None,
+    };
+    info!("rally agent stopping");
+    if let Some(engine) = daemon.lock().engine.take() {
+        engine.shutdown();
+    }
+    let _ = std::fs::remove_file(&socket_path);
+    // Let the data plane close the TUN device.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    match outcome {
+        Some(err) => Err(DaemonError::Fatal(err)),
+        None => Ok(()),
+    }
+}
+
+impl Daemon {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn start_engine(&self, vip: Ipv4Addr) -> Result<(), DaemonError> {
+        let mut inner = self.lock();
+        if inner.engine.is_some() {
+            if inner.virtual_ip != Some(vip) {
+                warn!(old = ?inner.virtual_ip, new = %vip, "virtual IP changed; restart rally to apply it");
+            }
+            return Ok(());
+        }
+        let engine = Engine::start(
+            self.udp.clone(),
+            self.wg_secret,
+            &self.cfg.tun_name,
+            vip,
+            self.overlay.prefix,
+            OsRng.next_u32(),
+        )
+        .map_err(|e| {
+            DaemonError::Fatal(format!(
+                "cannot create TUN device {}: {e} (rally needs root or CAP_NET_ADMIN)",
+                self.cfg.tun_name
+            ))
+        })?;
+        inner.engine = Some(engine);
+        inner.virtual_ip = Some(vip);
+        Ok(())
+    }
+
+    fn connect_control(&self, target: ControlTarget) {
+        let reg = Registration {
+            identity: self.identity.clone(),
+            wg_key: self.wg_public,
+            name: self.cfg.name.clone(),
+            endpoints: local_endpoints(self.listen_port, &self.overlay),
+        };
+        info!(control = %target.addr, "connecting to the control plane");
+        let handle = control::spawn(target.clone(), reg, self.events.clone());
+        let mut inner = self.lock();
+        inner.control = Some(handle);
+        inner.target = Some(target);
+    }
+
+    fn apply_peer_map(&self, peers: Vec<PeerInfo>, persist: bool) {
+        if persist {
+            if let Err(e) = self.state.store_peers(&peers) {
+                warn!("cannot cache the peer map: {e}");
+            }
+        }
+        if let Some(engine) = &self.lock().engine {
+            engine.set_peers(peers);
+        }
+    }
+
+    async fn handle_events(self: Arc<Self>, mut events: mpsc::UnboundedReceiver<ControlEvent>) {
+        let mut pending_peers: Option<Vec<PeerInfo>> = None;
+        while let Some(ev) = events.recv().await {
+            match ev {
+                ControlEvent::Registered { virtual_ip, .. } => {
+                    self.lock().control_error = None;
+                    self.remember_vip(virtual_ip);
+                    if let Err(e) = self.start_engine(virtual_ip) {
+                        let _ = self.stop.send(Some(e.to_string()));
+                        return;
+                    }
+                    if let Some(peers) = pending_peers.take() {
+                        self.apply_peer_map(peers, true);
+                    }
+                    self.connected.send_replace(true);
+                    tokio::spawn(self.clone().refresh_parties());
+                }
+                ControlEvent::Disconnected { reason } => {
+                    self.lock().control_error = Some(reason);
+                    self.connected.send_replace(false);
+                }
+                ControlEvent::PeerMap(peers) => {
+                    info!(peers = peers.len(), "peer map from the control plane");
+                    if self.lock().engine.is_some() {
+                        self.apply_peer_map(peers, true);
+                    } else {
+                        pending_peers = Some(peers);
+                    }
+                }
+            }
+        }
+    }
+
+    fn remember_vip(&self, vip: Ipv4Addr) {
+        let mut saved = match self.state.load_saved() {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("cannot read agent.json: {e}");
+                return;
+            }
+        };
+        if saved.virtual_ip != Some(vip) {
+            saved.virtual_ip = Some(vip);
+            if let Err(e) = self.state.store_saved(&saved) {
+                warn!("cannot save the virtual IP: {e}");
+            }
+        }
+    }
+
+    async fn refresh_parties(self: Arc<Self>) {
+        let Some(control) = self.lock().control.clone() else {
+            return;
+        };
+        if let Ok(Response::Parties { parties }) = control.request(Request::ListParties).await {
+            self.lock().parties = parties;
+        }
+    }
+
+    async fn serve_cli(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let daemon = self.clone();
+            tokio::spawn(async move {
+                let reply = match ipc::read_request(&mut stream).await {
+                    Ok(req) => daemon.handle_request(req).await,
+                    Err(e) => Err(format!("bad request: {e}")),
+                };
+                let _ = ipc::write_reply(&mut stream, &reply).await;
+            });
+        }
+    }
+
+    async fn handle_request(self: &Arc<Self>, req: IpcRequest) -> IpcResult {
+        match req {
+            IpcRequest::Status => Ok(IpcReply::Status(self.status())),
+            IpcRequest::Peers => {
+                let engine = self.lock().engine.clone();
+                let peers = match engine {
+                    Some(e) => e.peers().await,
+                    None => Vec::new(),
+                };
+                Ok(IpcReply::Peers { peers })
+            }
+            IpcRequest::PartyCreate {
+                name,
+                max_uses,
+                expires_in_secs,
+            } => {
+                let control = self.control()?;
+                let reply = control
+                    .request(Request::CreateParty {
+                        name,
+                        max_uses,
+                        expires_in_secs,
+                    })
+                    .await;
+                self.party_reply(reply).await
+            }
+            IpcRequest::PartyJoin { code } => {
+                let invite = InviteCode::decode(&code).map_err(|e| e.to_string())?;
+                let control = self.control_for(&invite).await?;
+                let reply = control.request(Request::JoinParty { code }).await;
+                self.party_reply(reply).await
+            }
+            IpcRequest::PartyLeave { party } => {
+                let control = self.control()?;
+                let reply = control.request(Request::LeaveParty { party }).await;
+                self.party_reply(reply).await
+            }
+            IpcRequest::PartyList => {
+                let control = self.control()?;
+                match control.request(Request::ListParties).await {
+                    Ok(Response::Parties { parties }) => {
+                        self.lock().parties = parties.clone();
+                        Ok(IpcReply::Parties { parties })
+                    }
+                    Ok(other) => Err(format!("unexpected reply {other:?}")),
+                    Err(e) => Err(control_error(e)),
+                }
+            }
+            IpcRequest::Down => {
+                let _ = self.stop.send(None);
+                Ok(IpcReply::Ok)
+            }
+        }
+    }
+
+    async fn party_reply(self: &Arc<Self>, reply: Result<Response, ControlError>) -> IpcResult {
+        let out = match reply.map_err(control_error)? {
+            Response::PartyCreated { party, invite } => IpcReply::Party {
+                party,
+                invite: Some(invite),
+            },
+            Response::Joined { party } | Response::Left { party } => IpcReply::Party {
+                party,
+                invite: None,
+            },
+            other => return Err(format!("unexpected reply {other:?}")),
+        };
+        self.clone().refresh_parties().await;
+        Ok(out)
+    }
+
+    fn control(&self) -> Result<ControlHandle, String> {
+        self.lock().control.clone().ok_or_else(|| {
+            "this agent has no control plane yet: start it with --control and --control-key, \
+             or join a party with an invite code"
+                .to_string()
+        })
+    }
+
+    /// The control plane an invite belongs to, connecting to it first if the agent has none.
+    async fn control_for(self: &Arc<Self>, invite: &InviteCode) -> Result<ControlHandle, String> {
+        let target = ControlTarget {
+            addr: invite.control_addr.clone(),
+            key: invite.control_key,
+        };
+        let current = self.lock().target.clone();
+        match current {
+            Some(t) if t.key == target.key => {}
+            Some(t) => {
+                return Err(format!(
+                    "this invite is for control plane {} (key {}), but this agent belongs to {} (key {}); \
+                     use another --state-dir to join a second control plane",
+                    target.addr,
+                    target.key.short(),
+                    t.addr,
+                    t.key.short()
+                ))
+            }
+            None => {
+                let mut saved = self.state.load_saved().map_err(|e| e.to_string())?;
+                saved.control = Some(target.clone());
+                self.state.store_saved(&saved).map_err(|e| e.to_string())?;
+                self.connect_control(target.clone());
+            }
+        }
+        let mut connected = self.connected.subscribe();
+        let waited = tokio::time::timeout(REGISTER_WAIT, connected.wait_for(|c| *c)).await;
+        if !matches!(waited, Ok(Ok(_))) {
+            let why = self
+                .lock()
+                .control_error
+                .clone()
+                .unwrap_or_else(|| "no answer".into());
+            return Err(format!(
+                "cannot reach the control plane at {}: {why}",
+                target.addr
+            ));
+        }
+        self.control()
+    }
+
+    fn status(&self) -> StatusReport {
+        let inner = self.lock();
+        StatusReport {
+            name: self.cfg.name.clone(),
+            peer_id: self.identity.public().to_string(),
+            virtual_ip: inner.virtual_ip,
+            control: ControlStatus {
+                connected: *self.connected.borrow(),
+                addr: inner.target.as_ref().map(|t| t.addr.clone()),
+                error: inner.control_error.clone(),
+            },
+            nat: serde_json::json!({ "measured": false }),
+            parties: inner.parties.clone(),
+            listen_port: self.listen_port,
+        }
+    }
+}
+
+fn control_error(e: ControlError) -> String {
+    match e {
+        ControlError::Refused(reply) => reply.message,
+        other => other.to_string(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,7 @@
+//! The packet path: one UDP socket, one TUN device, a WireGuard tunnel per peer.
+
+pub mod demux;
+pub mod engine;
+pub mod tunnel;
+
+pub use engine::{Engine, EngineCmd, EngineHandle, PeerStatus};

@@ -1,0 +1,560 @@
+//! Durable state of the control plane behind a trait, with the SQLite implementation.
+//!
+//! SQLite runs in WAL mode; the schema is versioned with `PRAGMA user_version` and migrated
+//! forward on open. Times are unix seconds passed in by the caller.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+use rally_proto::invite::secret_hash;
+use rally_proto::{Key32, Overlay};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+/// How many virtual-IP candidates are tried before the overlay counts as full.
+const VIP_ATTEMPTS: u32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+    #[error("database holds a corrupt value in {0}")]
+    Corrupt(&'static str),
+    #[error("database schema version {0} is newer than this rally-control understands")]
+    TooNew(i64),
+    #[error("no free virtual IP left in the overlay")]
+    AddressSpaceFull,
+}
+
+/// A registered agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentRow {
+    pub identity: Key32,
+    pub name: String,
+    pub wg_key: Key32,
+    pub virtual_ip: Ipv4Addr,
+    pub endpoints: Vec<SocketAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartyRow {
+    pub id: [u8; 8],
+    pub name: String,
+    pub owner: Key32,
+    pub members: u32,
+}
+
+/// Why an invite was not redeemed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InviteRefusal {
+    Unknown,
+    Expired,
+    UsedUp { max_uses: u32 },
+}
+
+/// A new invite for a party.
+#[derive(Debug, Clone, Copy)]
+pub struct NewInvite {
+    pub secret: [u8; 16],
+    pub expires_at: Option<u64>,
+    pub max_uses: Option<u32>,
+}
+
+/// What the control plane needs from durable storage. One implementation (SQLite) today; the
+/// trait is the seam for a shared PostgreSQL backend.
+pub trait Store: Send {
+    /// Creates or updates an agent, keeping its virtual IP once given.
+    fn register_agent(
+        &mut self,
+        identity: &Key32,
+        name: &str,
+        wg_key: &Key32,
+        endpoints: &[SocketAddr],
+        now: u64,
+    ) -> Result<AgentRow, StoreError>;
+    fn set_endpoints(
+        &mut self,
+        identity: &Key32,
+        endpoints: &[SocketAddr],
+    ) -> Result<(), StoreError>;
+    fn create_party(
+        &mut self,
+        id: [u8; 8],
+        name: &str,
+        owner: &Key32,
+        invite: NewInvite,
+        now: u64,
+    ) -> Result<PartyRow, StoreError>;
+    /// Checks an invite and, if it is good, makes `identity` a member (using one use of the
+    /// invite unless the agent already was a member).
+    fn redeem_invite(
+        &mut self,
+        party: [u8; 8],
+        secret: &[u8; 16],
+        identity: &Key32,
+        now: u64,
+    ) -> Result<Result<PartyRow, InviteRefusal>, StoreError>;
+    fn leave_party(&mut self, party: [u8; 8], identity: &Key32) -> Result<(), StoreError>;
+    fn parties_of(&self, identity: &Key32) -> Result<Vec<PartyRow>, StoreError>;
+    /// Every agent that shares at least one party with `identity`, with the shared party names.
+    fn peers_of(&self, identity: &Key32) -> Result<Vec<(AgentRow, Vec<String>)>, StoreError>;
+    fn counts(&self) -> Result<(u64, u64), StoreError>;
+}
+
+pub struct SqliteStore {
+    db: Connection,
+    overlay: Overlay,
+}
+
+const MIGRATIONS: &[&str] = &[
+    // 1: agents, parties, members, invites.
+    "CREATE TABLE agents (
+        identity    BLOB PRIMARY KEY,
+        name        TEXT NOT NULL,
+        wg_key      BLOB NOT NULL,
+        virtual_ip  INTEGER NOT NULL UNIQUE,
+        endpoints   TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        seen_at     INTEGER NOT NULL
+     );
+     CREATE TABLE parties (
+        id          BLOB PRIMARY KEY,
+        name        TEXT NOT NULL,
+        owner       BLOB NOT NULL REFERENCES agents(identity),
+        created_at  INTEGER NOT NULL
+     );
+     CREATE TABLE members (
+        party       BLOB NOT NULL REFERENCES parties(id) ON DELETE CASCADE,
+        agent       BLOB NOT NULL REFERENCES agents(identity),
+        joined_at   INTEGER NOT NULL,
+        PRIMARY KEY (party, agent)
+     );
+     CREATE INDEX members_by_agent ON members(agent);
+     CREATE TABLE invites (
+        secret_hash BLOB PRIMARY KEY,
+        party       BLOB NOT NULL REFERENCES parties(id) ON DELETE CASCADE,
+        expires_at  INTEGER,
+        max_uses    INTEGER,
+        uses        INTEGER NOT NULL DEFAULT 0,
+        created_at  INTEGER NOT NULL
+     );",
+];
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and migrates it to the current schema.
+    pub fn open(path: &Path, overlay: Overlay) -> Result<Self, StoreError> {
+        let db = Connection::open(path)?;
+        Self::init(db, overlay)
+    }
+
+    fn init(mut db: Connection, overlay: Overlay) -> Result<Self, StoreError> {
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "NORMAL")?;
+        db.pragma_update(None, "foreign_keys", "ON")?;
+        db.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > MIGRATIONS.len() as i64 {
+            return Err(StoreError::TooNew(version));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = db.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+            tx.commit()?;
+        }
+        Ok(SqliteStore { db, overlay })
+    }
+
+    pub fn schema_version(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .db
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+}
+
+impl Store for SqliteStore {
+    fn register_agent(
+        &mut self,
+        identity: &Key32,
+        name: &str,
+        wg_key: &Key32,
+        endpoints: &[SocketAddr],
+        now: u64,
+    ) -> Result<AgentRow, StoreError> {
+        let overlay = self.overlay;
+        let eps = endpoints_to_text(endpoints);
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<u32> = tx
+            .query_row(
+                "SELECT virtual_ip FROM agents WHERE identity = ?1",
+                [&identity.0[..]],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let vip = match existing {
+            Some(ip) => {
+                tx.execute(
+                    "UPDATE agents SET name = ?2, wg_key = ?3, endpoints = ?4, seen_at = ?5
+                     WHERE identity = ?1",
+                    params![&identity.0[..], name, &wg_key.0[..], eps, now as i64],
+                )?;
+                Ipv4Addr::from(ip)
+            }
+            None => {
+                let mut taken = tx.prepare("SELECT 1 FROM agents WHERE virtual_ip = ?1")?;
+                let mut err = None;
+                let ip = overlay.assign(identity, VIP_ATTEMPTS, |ip| {
+                    taken.exists([u32::from(ip)]).unwrap_or_else(|e| {
+                        err = Some(e);
+                        true
+                    })
+                });
+                drop(taken);
+                if let Some(e) = err {
+                    return Err(e.into());
+                }
+                let ip = ip.ok_or(StoreError::AddressSpaceFull)?;
+                tx.execute(
+                    "INSERT INTO agents (identity, name, wg_key, virtual_ip, endpoints, created_at, seen_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                    params![&identity.0[..], name, &wg_key.0[..], u32::from(ip), eps, now as i64],
+                )?;
+                ip
+            }
+        };
+        tx.commit()?;
+        Ok(AgentRow {
+            identity: *identity,
+            name: name.to_owned(),
+            wg_key: *wg_key,
+            virtual_ip: vip,
+            endpoints: endpoints.to_vec(),
+        })
+    }
+
+    fn set_endpoints(
+        &mut self,
+        identity: &Key32,
+        endpoints: &[SocketAddr],
+    ) -> Result<(), StoreError> {
+        self.db.execute(
+            "UPDATE agents SET endpoints = ?2 WHERE identity = ?1",
+            params![&identity.0[..], endpoints_to_text(endpoints)],
+        )?;
+        Ok(())
+    }
+
+    fn create_party(
+        &mut self,
+        id: [u8; 8],
+        name: &str,
+        owner: &Key32,
+        invite: NewInvite,
+        now: u64,
+    ) -> Result<PartyRow, StoreError> {
+        let tx = self.db.transaction()?;
+        tx.execute(
+            "INSERT INTO parties (id, name, owner, created_at) VALUES (?1, ?2, ?3, ?4)",
+            params![&id[..], name, &owner.0[..], now as i64],
+        )?;
+        tx.execute(
+            "INSERT INTO members (party, agent, joined_at) VALUES (?1, ?2, ?3)",
+            params![&id[..], &owner.0[..], now as i64],
+        )?;
+        tx.execute(
+            "INSERT INTO invites (secret_hash, party, expires_at, max_uses, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                &secret_hash(&id, &invite.secret)[..],
+                &id[..],
+                invite.expires_at.map(|t| t as i64),
+                invite.max_uses,
+                now as i64
+            ],
+        )?;
+        tx.commit()?;
+        Ok(PartyRow {
+            id,
+            name: name.to_owned(),
+            owner: *owner,
+            members: 1,
+        })
+    }
+
+    fn redeem_invite(
+        &mut self,
+        party: [u8; 8],
+        secret: &[u8; 16],
+        identity: &Key32,
+        now: u64,
+    ) -> Result<Result<PartyRow, InviteRefusal>, StoreError> {
+        let hash = secret_hash(&party, secret);
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let invite: Option<(Option<i64>, Option<u32>, u32)> = tx
+            .query_row(
+                "SELECT expires_at, max_uses, uses FROM invites WHERE secret_hash = ?1 AND party = ?2",
+                params![&hash[..], &party[..]],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let Some((expires_at, max_uses, uses)) = invite else {
+            return Ok(Err(InviteRefusal::Unknown));
+        };
+        let already: bool = tx
+            .prepare("SELECT 1 FROM members WHERE party = ?1 AND agent = ?2")?
+            .exists(params![&party[..], &identity.0[..]])?;
+        if !already {
+            if expires_at.is_some_and(|t| t <= now as i64) {
+                return Ok(Err(InviteRefusal::Expired));
+            }
+            if let Some(max) = max_uses.filter(|max| uses >= *max) {
+                return Ok(Err(InviteRefusal::UsedUp { max_uses: max }));
+            }
+            tx.execute(
+                "UPDATE invites SET uses = uses + 1 WHERE secret_hash = ?1",
+                [&hash[..]],
+            )?;
+            tx.execute(
+                "INSERT INTO members (party, agent, joined_at) VALUES (?1, ?2, ?3)",
+                params![&party[..], &identity.0[..], now as i64],
+            )?;
+        }
+        let row = party_row(&tx, party)?;
+        tx.commit()?;
+        Ok(Ok(row))
+    }
+
+    fn leave_party(&mut self, party: [u8; 8], identity: &Key32) -> Result<(), StoreError> {
+        self.db.execute(
+            "DELETE FROM members WHERE party = ?1 AND agent = ?2",
+            params![&party[..], &identity.0[..]],
+        )?;
+        Ok(())
+    }
+
+    fn parties_of(&self, identity: &Key32) -> Result<Vec<PartyRow>, StoreError> {
+        let mut q = self.db.prepare_cached(
+            "SELECT p.id, p.name, p.owner, (SELECT COUNT(*) FROM members c WHERE c.party = p.id)
+             FROM parties p JOIN members m ON m.party = p.id
+             WHERE m.agent = ?1 ORDER BY p.name, p.id",
+        )?;
+        let rows = q.query_map([&identity.0[..]], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, u32>(3)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (id, name, owner, members) = row?;
+            Ok(PartyRow {
+                id: blob(id, "parties.id")?,
+                name,
+                owner: Key32(blob(owner, "parties.owner")?),
+                members,
+            })
+        })
+        .collect()
+    }
+
+    fn peers_of(&self, identity: &Key32) -> Result<Vec<(AgentRow, Vec<String>)>, StoreError> {
+        let mut q = self.db.prepare_cached(
+            "SELECT a.identity, a.name, a.wg_key, a.virtual_ip, a.endpoints, p.name
+             FROM members me
+             JOIN members them ON them.party = me.party AND them.agent != me.agent
+             JOIN agents a ON a.identity = them.agent
+             JOIN parties p ON p.id = me.party
+             WHERE me.agent = ?1
+             ORDER BY a.identity, p.name",
+        )?;
+        let rows = q.query_map([&identity.0[..]], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, u32>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        })?;
+        let mut out: Vec<(AgentRow, Vec<String>)> = Vec::new();
+        for row in rows {
+            let (id, name, wg, vip, eps, party) = row?;
+            let id = Key32(blob(id, "agents.identity")?);
+            if let Some((last, parties)) = out.last_mut() {
+                if last.identity == id {
+                    parties.push(party);
+                    continue;
+                }
+            }
+            out.push((
+                AgentRow {
+                    identity: id,
+                    name,
+                    wg_key: Key32(blob(wg, "agents.wg_key")?),
+                    virtual_ip: Ipv4Addr::from(vip),
+                    endpoints: endpoints_from_text(&eps)?,
+                },
+                vec![party],
+            ));
+        }
+        Ok(out)
+    }
+
+    fn counts(&self) -> Result<(u64, u64), StoreError> {
+        let agents: i64 = self
+            .db
+            .query_row("SELECT COUNT(*) FROM agents", [], |r| r.get(0))?;
+        let parties: i64 = self
+            .db
+            .query_row("SELECT COUNT(*) FROM parties", [], |r| r.get(0))?;
+        Ok((agents as u64, parties as u64))
+    }
+}
+
+fn party_row(db: &Connection, id: [u8; 8]) -> Result<PartyRow, StoreError> {
+    let (name, owner, members): (String, Vec<u8>, u32) = db.query_row(
+        "SELECT p.name, p.owner, (SELECT COUNT(*) FROM members c WHERE c.party = p.id)
+         FROM parties p WHERE p.id = ?1",
+        [&id[..]],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    Ok(PartyRow {
+        id,
+        name,
+        owner: Key32(blob(owner, "parties.owner")?),
+        members,
+    })
+}
+
+fn blob<const N: usize>(v: Vec<u8>, what: &'static str) -> Result<[u8; N], StoreError> {
+    v.try_into().map_err(|_| StoreError::Corrupt(what))
+}
+
+fn endpoints_to_text(eps: &[SocketAddr]) -> String {
+    eps.iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn endpoints_from_text(s: &str) -> Result<Vec<SocketAddr>, StoreError> {
+    s.split(',')
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            e.parse()
+                .map_err(|_| StoreError::Corrupt("agents.endpoints"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &tempfile::TempDir) -> SqliteStore {
+        SqliteStore::open(&dir.path().join("c.db"), Overlay::default()).unwrap()
+    }
+
+    fn invite(secret: u8) -> NewInvite {
+        NewInvite {
+            secret: [secret; 16],
+            expires_at: Some(1000),
+            max_uses: Some(2),
+        }
+    }
+
+    fn register(s: &mut SqliteStore, k: u8) -> AgentRow {
+        s.register_agent(
+            &Key32([k; 32]),
+            &format!("a{k}"),
+            &Key32([k + 100; 32]),
+            &[],
+            1,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn virtual_ip_survives_reopen_and_reregistration() {
+        let dir = tempfile::tempdir().unwrap();
+        let ip = register(&mut store(&dir), 1).virtual_ip;
+        let mut s = store(&dir);
+        assert_eq!(register(&mut s, 1).virtual_ip, ip);
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn invite_is_refused_when_expired_used_up_or_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store(&dir);
+        let owner = register(&mut s, 1);
+        for k in 2..=5 {
+            register(&mut s, k);
+        }
+        s.create_party([9; 8], "lan", &owner.identity, invite(7), 1)
+            .unwrap();
+        let join = |s: &mut SqliteStore, k: u8, secret: u8, now| {
+            s.redeem_invite([9; 8], &[secret; 16], &Key32([k; 32]), now)
+                .unwrap()
+        };
+        assert_eq!(join(&mut s, 2, 8, 10), Err(InviteRefusal::Unknown));
+        assert_eq!(join(&mut s, 2, 7, 1000), Err(InviteRefusal::Expired));
+        assert_eq!(join(&mut s, 2, 7, 10).unwrap().members, 2);
+        assert_eq!(join(&mut s, 3, 7, 10).unwrap().members, 3);
+        assert_eq!(
+            join(&mut s, 4, 7, 10),
+            Err(InviteRefusal::UsedUp { max_uses: 2 })
+        );
+        // A member joining again uses nothing and is not refused.
+        assert_eq!(join(&mut s, 3, 7, 10).unwrap().members, 3);
+    }
+
+    #[test]
+    fn peers_are_only_those_sharing_a_party() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store(&dir);
+        let a = register(&mut s, 1);
+        let b = register(&mut s, 2);
+        let c = register(&mut s, 3);
+        let stranger = register(&mut s, 4);
+        s.create_party([1; 8], "x", &a.identity, invite(1), 1)
+            .unwrap();
+        s.create_party([2; 8], "y", &c.identity, invite(2), 1)
+            .unwrap();
+        s.redeem_invite([1; 8], &[1; 16], &b.identity, 1)
+            .unwrap()
+            .unwrap();
+        let peers_of_a: Vec<_> = s.peers_of(&a.identity).unwrap();
+        assert_eq!(peers_of_a.len(), 1);
+        assert_eq!(peers_of_a[0].0, b);
+        assert_eq!(peers_of_a[0].1, vec!["x".to_string()]);
+        assert!(s.peers_of(&c.identity).unwrap().is_empty());
+        assert!(s.peers_of(&stranger.identity).unwrap().is_empty());
+        s.leave_party([1; 8], &b.identity).unwrap();
+        assert!(s.peers_of(&a.identity).unwrap().is_empty());
+    }
+
+    #[test]
+    fn endpoints_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store(&dir);
+        let a = register(&mut s, 1);
+        let b = register(&mut s, 2);
+        s.create_party([1; 8], "x", &a.identity, invite(1), 1)
+            .unwrap();
+        s.redeem_invite([1; 8], &[1; 16], &b.identity, 1)
+            .unwrap()
+            .unwrap();
+        let eps: Vec<SocketAddr> = vec![
+            "198.51.100.2:51820".parse().unwrap(),
+            "[2001:db8::1]:5".parse().unwrap(),
+        ];
+        s.set_endpoints(&b.identity, &eps).unwrap();
+        assert_eq!(s.peers_of(&a.identity).unwrap()[0].0.endpoints, eps);
+    }
+}
