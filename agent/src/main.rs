@@ -117,6 +117,7 @@ fn up(state_dir: &Path, args: UpArgs) -> Result<()> {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let name = match args.name {
         Some(n) => n,

@@ -1,0 +1,189 @@
+//! `rally-lab`: runs lab scenarios by hand. `rally-lab demo` builds a four-host lab, forms a
+//! party of three agents and pings every pair over the overlay.
+
+use std::process::{ExitCode, Output};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use rally_lab::host::check_success;
+use rally_lab::ping::{parse_path, parse_rtt_ms, parse_summary};
+use rally_lab::{bins, install_interrupt_handler, interrupted, Agent, ControlPlane, Lab, PingPath};
+
+/// How long the demo waits for everyone to see everyone.
+const PEERS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the party owner may take to register with the control plane.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Pings per pair.
+const PINGS: u32 = 3;
+
+#[derive(Parser)]
+#[command(name = "rally-lab", about = "Rally's multi-host lab (needs root)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Control plane + alice, bob and carol on four hosts: one party, then every pair pings.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    install_interrupt_handler();
+    let result = match cli.command {
+        Cmd::Demo => demo(),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) if interrupted() => {
+            eprintln!("rally-lab: interrupted ({e:#}); the lab was torn down");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("rally-lab: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A progress line.
+fn say(msg: &str) {
+    println!("==> {msg}");
+}
+
+/// Runs the demo; `Ok(true)` if every pair could ping. The lab is torn down on every return.
+fn demo() -> Result<bool> {
+    say("checking binaries…");
+    bins::rally()?;
+    bins::rally_control()?;
+    say("building lab…");
+    let lab = Lab::new()?;
+    let result = run_demo(&lab);
+    if matches!(result, Ok(false)) {
+        lab.dump_logs();
+    }
+    say("tearing down the lab…");
+    drop(lab);
+    result
+}
+
+/// The demo's steps, on a fresh lab.
+fn run_demo(lab: &Lab) -> Result<bool> {
+    let control = lab.add_host("control")?;
+    let hosts = [
+        lab.add_host("alice")?,
+        lab.add_host("bob")?,
+        lab.add_host("carol")?,
+    ];
+    for h in std::iter::once(&control).chain(&hosts) {
+        println!("    host {:<8} {} (namespace {})", h.name(), h.ip(), h.ns());
+    }
+
+    say("starting control plane…");
+    let cp = ControlPlane::start(&control, lab)?;
+    println!("    listening on {}, control key {}", cp.addr(), cp.key());
+
+    say("starting alice (with --control)…");
+    let alice = Agent::start(&hosts[0], "alice", cp.control())?;
+    alice.wait_control_connected(CONNECT_TIMEOUT)?;
+    say("starting bob and carol (no --control: they learn it from the invite code)…");
+    let bob = Agent::start(&hosts[1], "bob", None)?;
+    let carol = Agent::start(&hosts[2], "carol", None)?;
+
+    say("alice: rally party create lan");
+    let code = alice.party_create("lan", &[])?;
+    println!("    invite code: {code}");
+    for joiner in [&bob, &carol] {
+        say(&format!("{}: rally party join <code>", joiner.name()));
+        let out = joiner.party_join(&code)?;
+        check_success(&out, "rally party join")
+            .with_context(|| format!("{} could not join", joiner.name()))?;
+    }
+
+    let agents = [&alice, &bob, &carol];
+    say("waiting until everyone lists the other two…");
+    for a in agents {
+        let others: Vec<&str> = agents
+            .iter()
+            .map(|b| b.name())
+            .filter(|n| *n != a.name())
+            .collect();
+        a.wait_for_peers(&others, PEERS_TIMEOUT)?;
+    }
+    for a in agents {
+        say(&format!("{}: rally peers", a.name()));
+        print_indented(&a.rally_ok(&["peers"])?);
+    }
+    ping_all_pairs(&agents)
+}
+
+/// Kernel ping and `rally ping` for every ordered pair; prints results and a summary.
+fn ping_all_pairs(agents: &[&Agent]) -> Result<bool> {
+    let vips = agents
+        .iter()
+        .map(|a| a.virtual_ip())
+        .collect::<Result<Vec<_>>>()?;
+    let (mut ok, mut total) = (0, 0);
+    for (i, from) in agents.iter().enumerate() {
+        for (j, to) in agents.iter().enumerate().filter(|(j, _)| *j != i) {
+            total += 1;
+            say(&format!("{} → {} ({})", from.name(), to.name(), vips[j]));
+            let kernel = from.kernel_ping(&vips[j].to_string(), PINGS)?;
+            println!("    kernel ping: {}", describe_kernel_ping(&kernel));
+            let rally = from.rally_ping(to.name(), PINGS)?;
+            println!("    rally ping:  {}", describe_rally_ping(&rally));
+            if kernel.status.success() && rally.status.success() {
+                ok += 1;
+            }
+        }
+    }
+    let verdict = if ok == total {
+        "all pairs OK"
+    } else {
+        "SOME PAIRS FAILED"
+    };
+    say(&format!("summary: {ok}/{total} pairs OK — {verdict}"));
+    Ok(ok == total)
+}
+
+/// `3/3 received, rtt 0.85 ms` or the failure.
+fn describe_kernel_ping(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let counts = parse_summary(&text)
+        .map(|s| format!("{}/{} received", s.received, s.transmitted))
+        .unwrap_or_else(|| "no summary".to_owned());
+    let rtt = parse_rtt_ms(&text)
+        .map(|ms| format!(", rtt {ms} ms"))
+        .unwrap_or_default();
+    let verdict = if out.status.success() { "ok" } else { "FAILED" };
+    format!("{verdict}: {counts}{rtt}")
+}
+
+/// `direct, rtt 1.2 ms` or the failure with stderr.
+fn describe_rally_ping(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return format!("FAILED ({}): {} {}", out.status, text.trim(), err.trim());
+    }
+    let path = match parse_path(&text) {
+        Some(PingPath::Direct) => "direct".to_owned(),
+        Some(PingPath::Relay(name)) => format!("relay:{name}"),
+        None => "path not reported".to_owned(),
+    };
+    let rtt = parse_rtt_ms(&text)
+        .map(|ms| format!(", rtt {ms} ms"))
+        .unwrap_or_default();
+    format!("ok: {path}{rtt}")
+}
+
+/// Prints `text` indented under a progress line.
+fn print_indented(text: &str) {
+    for line in text.lines() {
+        println!("    {line}");
+    }
+}

@@ -1,0 +1,160 @@
+//! The lab itself: namespaces, the bridge, process tracking and teardown. Needs root, not the
+//! Rally binaries.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Result;
+use rally_lab::ping::parse_summary;
+use rally_lab::{netns, Lab};
+
+/// Namespaces on the machine whose names start with `prefix`.
+fn namespaces_with(prefix: &str) -> Result<Vec<String>> {
+    Ok(netns::list()?
+        .into_iter()
+        .filter(|ns| ns.starts_with(prefix))
+        .collect())
+}
+
+#[test]
+fn two_hosts_reach_each_other_over_the_bridge_and_teardown_removes_everything() -> Result<()> {
+    let lab = Lab::new()?;
+    let a = lab.add_host("a")?;
+    let b = lab.add_host("b")?;
+    assert_eq!(a.ip().to_string(), "198.51.100.10");
+    assert_eq!(b.ip().to_string(), "198.51.100.11");
+    for (from, to) in [(&a, &b), (&b, &a)] {
+        let out = from.run(&["ping", "-c", "2", "-W", "2", &to.ip().to_string()])?;
+        assert!(
+            out.status.success(),
+            "{} could not ping {}: {}",
+            from.name(),
+            to.ip(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let addr = a.run_ok(&["ip", "-4", "-o", "addr", "show", "dev", "eth0"])?;
+    assert!(addr.contains("198.51.100.10/24"), "{addr}");
+
+    let sleeper = a.spawn(&["sleep", "300"], a.log_path("sleep"))?;
+    assert!(sleeper.is_running());
+    let prefix = lab.prefix().to_owned();
+    let made = namespaces_with(&prefix)?;
+    assert_eq!(made.len(), 3, "{made:?}");
+    let dir = lab.dir().to_path_buf();
+
+    drop(lab);
+    assert!(!sleeper.is_running(), "the lab's process survived teardown");
+    assert_eq!(namespaces_with(&prefix)?, Vec::<String>::new());
+    assert!(
+        !dir.exists(),
+        "scratch dir {} survived teardown",
+        dir.display()
+    );
+    Ok(())
+}
+
+#[test]
+fn teardown_runs_when_a_test_panics() -> Result<()> {
+    let mut seen = None;
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        let lab = Lab::new().expect("lab");
+        let host = lab.add_host("doomed").expect("host");
+        let sleeper = host
+            .spawn(&["sleep", "300"], host.log_path("sleep"))
+            .expect("spawn");
+        seen = Some((lab.prefix().to_owned(), sleeper));
+        panic!("deliberate panic to test teardown");
+    }));
+    assert!(result.is_err());
+    let (prefix, sleeper) = seen.expect("the lab was made");
+    assert!(!sleeper.is_running(), "the lab's process survived a panic");
+    assert_eq!(namespaces_with(&prefix)?, Vec::<String>::new());
+    Ok(())
+}
+
+#[test]
+fn namespaces_of_dead_runs_are_removed() -> Result<()> {
+    // A pid that surely belongs to no live process: a child that has exited and been reaped.
+    let mut child = Command::new("true").spawn()?;
+    let dead_pid = child.id();
+    child.wait()?;
+    let stale = format!("{}stale", netns::lab_prefix(dead_pid, 0));
+    netns::add(&stale)?;
+    // (A lab made by a test running in parallel may already remove it here.)
+
+    let _lab = Lab::new()?;
+    assert_eq!(
+        namespaces_with(&stale)?,
+        Vec::<String>::new(),
+        "stale namespace survived Lab::new"
+    );
+    Ok(())
+}
+
+#[test]
+fn run_times_out_and_reports_failures() -> Result<()> {
+    let lab = Lab::new()?;
+    let h = lab.add_host("h")?;
+    let out = h.run(&["sh", "-c", "echo oops >&2; exit 4"])?;
+    assert_eq!(out.status.code(), Some(4));
+    let err = h
+        .run_timeout(&["sleep", "30"], Duration::from_millis(300))
+        .expect_err("must time out");
+    assert!(format!("{err:#}").contains("did not finish"), "{err:#}");
+    let err = h.run_ok(&["false"]).expect_err("false fails");
+    assert!(format!("{err:#}").contains("failed"), "{err:#}");
+    Ok(())
+}
+
+#[test]
+fn wait_timeout_errors_carry_log_tails() -> Result<()> {
+    let lab = Lab::new()?;
+    let h = lab.add_host("talker")?;
+    let p = h.spawn(
+        &["sh", "-c", "echo distinctive-log-line; sleep 300"],
+        h.log_path("talker"),
+    )?;
+    lab.wait_until(
+        "the log line",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || Ok(p.log_text()?.contains("distinctive-log-line")),
+    )?;
+    let err = lab
+        .wait_until(
+            "something that never happens",
+            Duration::from_millis(100),
+            Duration::from_millis(20),
+            || Ok(false),
+        )
+        .expect_err("must time out");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("distinctive-log-line") && msg.contains("never happens"),
+        "{msg}"
+    );
+    Ok(())
+}
+
+#[test]
+fn background_ping_runs_to_its_summary() -> Result<()> {
+    let lab = Lab::new()?;
+    let a = lab.add_host("a")?;
+    let b = lab.add_host("b")?;
+    let target = b.ip().to_string();
+    let pinger = a.spawn(
+        &["ping", "-i", "0.2", "-c", "10", "-W", "1", target.as_str()],
+        a.log_path("ping"),
+    )?;
+    let status = pinger.wait_timeout(Duration::from_secs(30))?;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "ping did not succeed: {status:?}"
+    );
+    let log = pinger.log_text()?;
+    let summary = parse_summary(&log).expect("ping prints a summary");
+    assert_eq!((summary.transmitted, summary.received), (10, 10), "{log}");
+    Ok(())
+}
