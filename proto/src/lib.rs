@@ -9,6 +9,9 @@ pub mod frame;
 pub mod identity;
 pub mod invite;
 pub mod key;
+pub mod relay;
+pub mod stun;
+pub mod token;
 pub mod vip;
 
 pub use control::{
@@ -18,6 +21,7 @@ pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};
 pub use identity::{Identity, SignatureError};
 pub use invite::{InviteCode, InviteError};
 pub use key::{Key32, KeyParseError};
+pub use token::{RelayToken, TokenError};
 pub use vip::{Overlay, OverlayError};
 
 /// Protocol version spoken on the control channel.
