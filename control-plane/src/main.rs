@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand};
 use rally_control::server::{Hub, Settings};
 use rally_control::store::SqliteStore;
 use rally_control::{db_path, key_path, keyfile, tls};
-use rally_proto::{Identity, Overlay};
+use rally_proto::control::validate_name;
+use rally_proto::{Identity, Overlay, RelayEntry};
 use rand_core::{OsRng, RngCore};
 use tracing::info;
 
@@ -72,12 +73,32 @@ fn main() {
             join_burst,
             join_refill_secs,
         } => {
-            if !relays.is_empty() || metrics.is_some() {
-                eprintln!("error: --relay and --metrics are not supported by this version yet");
+            if metrics.is_some() {
+                eprintln!("error: --metrics is not supported by this version yet");
+                std::process::exit(2);
+            }
+            let relays = match relays
+                .iter()
+                .map(|r| parse_relay(r))
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    std::process::exit(2);
+                }
+            };
+            let public_addr = public_addr.unwrap_or_else(|| listen.to_string());
+            if public_addr.len() > rally_proto::invite::MAX_ADDR_LEN {
+                eprintln!(
+                    "error: --public-addr is longer than {} bytes",
+                    rally_proto::invite::MAX_ADDR_LEN
+                );
                 std::process::exit(2);
             }
             let settings = Settings {
-                public_addr: public_addr.unwrap_or_else(|| listen.to_string()),
+                relays,
+                public_addr,
                 join_burst: join_burst.max(1),
                 join_refill: Duration::from_secs(join_refill_secs.max(1)),
             };
@@ -88,6 +109,24 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// `--relay NAME=HOST:PORT`.
+fn parse_relay(s: &str) -> Result<RelayEntry, String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--relay {s:?}: expected NAME=HOST:PORT"))?;
+    validate_name(name).map_err(|e| format!("--relay {s:?}: {e}"))?;
+    let port_ok = addr
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+    if !port_ok {
+        return Err(format!("--relay {s:?}: expected NAME=HOST:PORT"));
+    }
+    Ok(RelayEntry {
+        name: name.to_owned(),
+        addr: addr.to_owned(),
+    })
 }
 
 fn init(data_dir: &Path) -> Result<()> {

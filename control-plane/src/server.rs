@@ -11,8 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rally_proto::control::{validate_endpoints, validate_name, ErrorReply, PartyInfo, Request};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use rally_proto::control::{
+    validate_endpoints, validate_name, ErrorReply, PartyInfo, RelayEntry, Request,
+};
 use rally_proto::identity::{register_transcript, verify, DOMAIN_REGISTER};
+use rally_proto::RelayToken;
 use rally_proto::{
     frame, ClientMsg, ErrorCode, FrameDecoder, Identity, InviteCode, Key32, PeerInfo, Response,
     ServerMsg, PROTOCOL_VERSION,
@@ -30,12 +35,19 @@ pub const DEFAULT_INVITE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 const FLUSH_DELAY: Duration = Duration::from_millis(20);
 /// How long an agent has to finish registering.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Lifetime of a relay token. Agents renew at two thirds of it; every peer-map push carries a
+/// fresh one too.
+pub const RELAY_TOKEN_TTL: Duration = Duration::from_secs(600);
+/// Delay both sides wait before punching, so their first probes cross.
+const PUNCH_START_MS: u32 = 200;
 
 /// Settings of a running control plane.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// `host:port` that invite codes tell agents to dial.
     pub public_addr: String,
+    /// Relays handed to agents.
+    pub relays: Vec<RelayEntry>,
     /// Join attempts allowed at once per source address…
     pub join_burst: u32,
     /// …refilled at one per this interval.
@@ -144,8 +156,12 @@ impl Hub {
                 let Some(tx) = lock(&self.sessions).get(&id).map(|s| s.tx.clone()) else {
                     continue;
                 };
-                match self.peer_map(&id) {
-                    Ok(peers) => {
+                match self
+                    .peer_map(&id)
+                    .and_then(|peers| Ok((peers, self.relays_msg(&id)?)))
+                {
+                    Ok((peers, relays)) => {
+                        let _ = tx.send(relays);
                         let _ = tx.send(ServerMsg::PeerMap { peers });
                     }
                     Err(e) => warn!(peer = %id.short(), "cannot build peer map: {e}"),
@@ -165,8 +181,33 @@ impl Hub {
                 virtual_ip: a.virtual_ip,
                 endpoints: a.endpoints,
                 parties,
+                nat: a.nat.and_then(|j| serde_json::from_str(&j).ok()),
             })
             .collect())
+    }
+
+    /// The relay list with a fresh token naming the agent's current parties.
+    fn relays_msg(&self, id: &Key32) -> Result<ServerMsg, StoreError> {
+        let (token, expires_at) = self.relay_token(id)?;
+        Ok(ServerMsg::Relays {
+            relays: self.settings.relays.clone(),
+            token,
+            expires_at,
+        })
+    }
+
+    fn relay_token(&self, id: &Key32) -> Result<(String, u64), StoreError> {
+        let parties = lock(&self.store).parties_of(id)?;
+        let expires_at = unix_now() + RELAY_TOKEN_TTL.as_secs();
+        let token = RelayToken {
+            agent: *id,
+            expires_at,
+            parties: parties.iter().map(|p| p.id).collect(),
+        };
+        Ok((
+            URL_SAFE_NO_PAD.encode(token.sign(&self.identity)),
+            expires_at,
+        ))
     }
 
     fn peer_ids(&self, id: &Key32) -> Result<Vec<Key32>, StoreError> {
@@ -318,6 +359,50 @@ impl Hub {
                     .set_endpoints(me, &endpoints)
                     .map_err(internal)?;
                 self.mark_dirty(self.peer_ids(me).map_err(internal)?);
+                Ok(Response::Ok)
+            }
+            Request::ReportNat { nat } => {
+                let json = serde_json::to_string(&nat).map_err(|e| bad_request(e))?;
+                lock(&self.store).set_nat(me, &json).map_err(internal)?;
+                self.mark_dirty(self.peer_ids(me).map_err(internal)?);
+                Ok(Response::Ok)
+            }
+            Request::RelayToken => {
+                let (token, expires_at) = self.relay_token(me).map_err(internal)?;
+                Ok(Response::RelayToken { token, expires_at })
+            }
+            Request::Punch { peer } => {
+                // Both rows come from the peers of `peer`, which proves they share a party.
+                let peers_of_peer = lock(&self.store).peers_of(&peer).map_err(internal)?;
+                let Some((mine, _)) = peers_of_peer.into_iter().find(|(a, _)| a.identity == *me)
+                else {
+                    return Err(ErrorReply::new(
+                        ErrorCode::NotFound,
+                        "no such peer in your parties",
+                    ));
+                };
+                let theirs = lock(&self.store)
+                    .peers_of(me)
+                    .map_err(internal)?
+                    .into_iter()
+                    .find(|(a, _)| a.identity == peer)
+                    .map(|(a, _)| a.endpoints)
+                    .unwrap_or_default();
+                let sessions = lock(&self.sessions);
+                if let Some(s) = sessions.get(&peer) {
+                    let _ = s.tx.send(ServerMsg::Punch {
+                        peer: *me,
+                        candidates: mine.endpoints,
+                        start_in_ms: PUNCH_START_MS,
+                    });
+                }
+                if let Some(s) = sessions.get(me) {
+                    let _ = s.tx.send(ServerMsg::Punch {
+                        peer,
+                        candidates: theirs,
+                        start_in_ms: PUNCH_START_MS,
+                    });
+                }
                 Ok(Response::Ok)
             }
         }

@@ -33,6 +33,8 @@ pub struct AgentRow {
     pub wg_key: Key32,
     pub virtual_ip: Ipv4Addr,
     pub endpoints: Vec<SocketAddr>,
+    /// The agent's last NAT report, as JSON.
+    pub nat: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +78,7 @@ pub trait Store: Send {
         identity: &Key32,
         endpoints: &[SocketAddr],
     ) -> Result<(), StoreError>;
+    fn set_nat(&mut self, identity: &Key32, nat_json: &str) -> Result<(), StoreError>;
     fn create_party(
         &mut self,
         id: [u8; 8],
@@ -137,6 +140,8 @@ const MIGRATIONS: &[&str] = &[
         uses        INTEGER NOT NULL DEFAULT 0,
         created_at  INTEGER NOT NULL
      );",
+    // 2: the agent's last NAT report (JSON).
+    "ALTER TABLE agents ADD COLUMN nat TEXT;",
 ];
 
 impl SqliteStore {
@@ -230,6 +235,7 @@ impl Store for SqliteStore {
             wg_key: *wg_key,
             virtual_ip: vip,
             endpoints: endpoints.to_vec(),
+            nat: None,
         })
     }
 
@@ -241,6 +247,14 @@ impl Store for SqliteStore {
         self.db.execute(
             "UPDATE agents SET endpoints = ?2 WHERE identity = ?1",
             params![&identity.0[..], endpoints_to_text(endpoints)],
+        )?;
+        Ok(())
+    }
+
+    fn set_nat(&mut self, identity: &Key32, nat_json: &str) -> Result<(), StoreError> {
+        self.db.execute(
+            "UPDATE agents SET nat = ?2 WHERE identity = ?1",
+            params![&identity.0[..], nat_json],
         )?;
         Ok(())
     }
@@ -363,7 +377,7 @@ impl Store for SqliteStore {
 
     fn peers_of(&self, identity: &Key32) -> Result<Vec<(AgentRow, Vec<String>)>, StoreError> {
         let mut q = self.db.prepare_cached(
-            "SELECT a.identity, a.name, a.wg_key, a.virtual_ip, a.endpoints, p.name
+            "SELECT a.identity, a.name, a.wg_key, a.virtual_ip, a.endpoints, p.name, a.nat
              FROM members me
              JOIN members them ON them.party = me.party AND them.agent != me.agent
              JOIN agents a ON a.identity = them.agent
@@ -379,11 +393,12 @@ impl Store for SqliteStore {
                 r.get::<_, u32>(3)?,
                 r.get::<_, String>(4)?,
                 r.get::<_, String>(5)?,
+                r.get::<_, Option<String>>(6)?,
             ))
         })?;
         let mut out: Vec<(AgentRow, Vec<String>)> = Vec::new();
         for row in rows {
-            let (id, name, wg, vip, eps, party) = row?;
+            let (id, name, wg, vip, eps, party, nat) = row?;
             let id = Key32(blob(id, "agents.identity")?);
             if let Some((last, parties)) = out.last_mut() {
                 if last.identity == id {
@@ -398,6 +413,7 @@ impl Store for SqliteStore {
                     wg_key: Key32(blob(wg, "agents.wg_key")?),
                     virtual_ip: Ipv4Addr::from(vip),
                     endpoints: endpoints_from_text(&eps)?,
+                    nat,
                 },
                 vec![party],
             ));

@@ -59,6 +59,16 @@ pub enum Request {
     UpdateEndpoints {
         endpoints: Vec<SocketAddr>,
     },
+    /// The agent's latest NAT findings (kept and shown to its peers).
+    ReportNat {
+        nat: NatReport,
+    },
+    /// A fresh relay token (the control plane also pushes one with every peer map).
+    RelayToken,
+    /// Ask the control plane to have this agent and `peer` punch towards each other now.
+    Punch {
+        peer: Key32,
+    },
 }
 
 /// Control plane → agent.
@@ -82,6 +92,19 @@ pub enum ServerMsg {
     PeerMap {
         peers: Vec<PeerInfo>,
     },
+    /// The relays to use and a token that lets this agent bind at them.
+    Relays {
+        relays: Vec<RelayEntry>,
+        /// URL-safe base64 of a [`crate::token::RelayToken`] signed by the control plane.
+        token: String,
+        expires_at: u64,
+    },
+    /// Punch towards `peer` now: send probes to `candidates`, starting after `start_in_ms`.
+    Punch {
+        peer: Key32,
+        candidates: Vec<SocketAddr>,
+        start_in_ms: u32,
+    },
     /// Sent before the control plane closes the stream.
     Error(ErrorReply),
 }
@@ -94,6 +117,7 @@ pub enum Response {
     Joined { party: PartyInfo },
     Left { party: PartyInfo },
     Parties { parties: Vec<PartyInfo> },
+    RelayToken { token: String, expires_at: u64 },
     Ok,
 }
 
@@ -172,6 +196,58 @@ pub struct PeerInfo {
     pub endpoints: Vec<SocketAddr>,
     /// Names of the parties the two agents share.
     pub parties: Vec<String>,
+    /// The peer's NAT findings, if it has reported any.
+    #[serde(default)]
+    pub nat: Option<NatReport>,
+}
+
+/// A relay as the control plane hands it out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayEntry {
+    pub name: String,
+    /// `host:port`.
+    pub addr: String,
+}
+
+/// How a NAT maps or filters (RFC 4787 terms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatBehavior {
+    EndpointIndependent,
+    AddressDependent,
+    AddressAndPortDependent,
+    #[default]
+    Unknown,
+}
+
+impl NatBehavior {
+    /// Whether this mapping gives a new public port per destination (hard to punch).
+    pub fn is_endpoint_dependent(self) -> bool {
+        matches!(
+            self,
+            NatBehavior::AddressDependent | NatBehavior::AddressAndPortDependent
+        )
+    }
+}
+
+/// What `rally netcheck` found.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+pub struct NatReport {
+    pub udp: bool,
+    pub mapping: NatBehavior,
+    pub filtering: NatBehavior,
+    pub port_preserving: bool,
+    pub public_endpoint: Option<SocketAddr>,
+    pub relays: Vec<RelayLatency>,
+}
+
+impl Eq for NatReport {}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RelayLatency {
+    pub name: String,
+    pub addr: String,
+    pub latency_ms: Option<f64>,
 }
 
 /// Why a message was refused after it decoded.

@@ -16,8 +16,8 @@ use crate::key::Key32;
 
 const PREFIX: &str = "rally-";
 const VERSION: u8 = 1;
-/// Longest control address (host:port) an invite code may carry.
-pub const MAX_ADDR_LEN: usize = 253 + 6;
+/// Longest control address (host:port) an invite code may carry: its length is one byte.
+pub const MAX_ADDR_LEN: usize = 255;
 const FIXED_LEN: usize = 1 + 8 + 16 + 32 + 1 + 4;
 /// Longest text form of an invite code.
 pub const MAX_CODE_LEN: usize = PREFIX.len() + (FIXED_LEN + MAX_ADDR_LEN).div_ceil(3) * 4;
@@ -56,7 +56,8 @@ pub enum InviteError {
 }
 
 impl InviteCode {
-    /// The text form: `rally-…`.
+    /// The text form: `rally-…`. The control address must be at most [`MAX_ADDR_LEN`] bytes
+    /// (the control plane checks its `--public-addr` at start); a longer one is cut.
     pub fn encode(&self) -> String {
         let addr = self.control_addr.as_bytes();
         let addr = &addr[..addr.len().min(MAX_ADDR_LEN)];
@@ -174,6 +175,16 @@ mod tests {
     #[test]
     fn round_trips() {
         let c = sample();
+        assert_eq!(InviteCode::decode(&c.encode()), Ok(c));
+    }
+
+    #[test]
+    fn longest_address_round_trips() {
+        let c = InviteCode {
+            control_addr: format!("{}:65535", "a".repeat(MAX_ADDR_LEN - 6)),
+            ..sample()
+        };
+        assert_eq!(c.control_addr.len(), MAX_ADDR_LEN);
         assert_eq!(InviteCode::decode(&c.encode()), Ok(c));
     }
 

@@ -9,13 +9,15 @@ pub mod frame;
 pub mod identity;
 pub mod invite;
 pub mod key;
+pub mod probe;
 pub mod relay;
 pub mod stun;
 pub mod token;
 pub mod vip;
 
 pub use control::{
-    ClientMsg, ErrorCode, ErrorReply, PartyInfo, PeerInfo, Request, Response, ServerMsg, Sig64,
+    ClientMsg, ErrorCode, ErrorReply, NatBehavior, NatReport, PartyInfo, PeerInfo, RelayEntry,
+    RelayLatency, Request, Response, ServerMsg, Sig64,
 };
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};
 pub use identity::{Identity, SignatureError};
