@@ -362,7 +362,7 @@ impl Hub {
                 Ok(Response::Ok)
             }
             Request::ReportNat { nat } => {
-                let json = serde_json::to_string(&nat).map_err(|e| bad_request(e))?;
+                let json = serde_json::to_string(&nat).map_err(bad_request)?;
                 lock(&self.store).set_nat(me, &json).map_err(internal)?;
                 self.mark_dirty(self.peer_ids(me).map_err(internal)?);
                 Ok(Response::Ok)
