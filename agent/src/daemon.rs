@@ -7,15 +7,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rally_proto::control::PartyInfo;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use rally_proto::control::{NatReport, PartyInfo, RelayEntry};
 use rally_proto::{Identity, InviteCode, Key32, Overlay, PeerInfo, Request, Response};
-use rand_core::{OsRng, RngCore};
 use tokio::net::{UdpSocket, UnixListener};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::control::{self, ControlError, ControlEvent, ControlHandle, Registration};
-use crate::dataplane::{Engine, EngineHandle};
+use crate::dataplane::{Engine, EngineCmd, EngineConfig, EngineEvent, EngineHandle};
 use crate::ipc::{self, ControlStatus, IpcReply, IpcRequest, IpcResult, StatusReport};
 use crate::netinfo::local_endpoints;
 use crate::state::{ControlTarget, StateDir, StateError};
@@ -62,6 +63,7 @@ struct Daemon {
     inner: Mutex<Inner>,
     connected: watch::Sender<bool>,
     events: mpsc::UnboundedSender<ControlEvent>,
+    engine_events: mpsc::UnboundedSender<EngineEvent>,
     stop: mpsc::UnboundedSender<Option<String>>,
 }
 
@@ -73,6 +75,9 @@ struct Inner {
     virtual_ip: Option<Ipv4Addr>,
     engine: Option<EngineHandle>,
     parties: Vec<PartyInfo>,
+    nat: Option<NatReport>,
+    /// Relays as last handed out, kept to renew the token.
+    relays: Vec<RelayEntry>,
 }
 
 /// Runs the daemon until `rally down`, SIGINT/SIGTERM, or a fatal error.
@@ -112,6 +117,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let _ = std::fs::set_permissions(&socket_path, std::fs::Permissions::from_mode(0o600));
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let (engine_tx, engine_rx) = mpsc::unbounded_channel();
     let (stop_tx, mut stop_rx) = mpsc::unbounded_channel();
     let wg_public = keys.wg_public();
     let daemon = Arc::new(Daemon {
@@ -124,6 +130,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         inner: Mutex::new(Inner::default()),
         connected: watch::channel(false).0,
         events: events_tx,
+        engine_events: engine_tx,
         stop: stop_tx,
         state,
         cfg,
@@ -155,6 +162,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     }
 
     tokio::spawn(daemon.clone().handle_events(events_rx));
+    tokio::spawn(daemon.clone().handle_engine_events(engine_rx));
+    tokio::spawn(daemon.clone().watch_network());
+    tokio::spawn(daemon.clone().renew_relay_tokens());
     tokio::spawn(daemon.clone().serve_cli(listener));
 
     let outcome = tokio::select! {
@@ -188,12 +198,19 @@ impl Daemon {
             return Ok(());
         }
         let engine = Engine::start(
-            self.udp.clone(),
-            self.wg_secret,
-            &self.cfg.tun_name,
-            vip,
-            self.overlay.prefix,
-            OsRng.next_u32(),
+            EngineConfig {
+                udp: self.udp.clone(),
+                wg_secret: self.wg_secret,
+                identity: self.identity.clone(),
+                tun_name: self.cfg.tun_name.clone(),
+                virtual_ip: vip,
+                prefix: self.overlay.prefix,
+                local_ips: local_endpoints(0, &self.overlay)
+                    .into_iter()
+                    .map(|e| e.ip())
+                    .collect(),
+            },
+            self.engine_events.clone(),
         )
         .map_err(|e| {
             DaemonError::Fatal(format!(
@@ -211,7 +228,7 @@ impl Daemon {
             identity: self.identity.clone(),
             wg_key: self.wg_public,
             name: self.cfg.name.clone(),
-            endpoints: local_endpoints(self.listen_port, &self.overlay),
+            endpoints: self.endpoints(),
         };
         info!(control = %target.addr, "connecting to the control plane");
         let handle = control::spawn(target.clone(), reg, self.events.clone());
@@ -252,6 +269,23 @@ impl Daemon {
                     self.lock().control_error = Some(reason);
                     self.connected.send_replace(false);
                 }
+                ControlEvent::Relays { relays, token } => {
+                    self.lock().relays = relays.clone();
+                    tokio::spawn(self.clone().apply_relays(relays, token));
+                }
+                ControlEvent::Punch {
+                    peer,
+                    candidates,
+                    start_in_ms,
+                } => {
+                    if let Some(engine) = &self.lock().engine {
+                        engine.send(EngineCmd::Punch {
+                            peer,
+                            candidates,
+                            start_in: Duration::from_millis(u64::from(start_in_ms)),
+                        });
+                    }
+                }
                 ControlEvent::PeerMap(peers) => {
                     info!(peers = peers.len(), "peer map from the control plane");
                     if self.lock().engine.is_some() {
@@ -260,6 +294,104 @@ impl Daemon {
                         pending_peers = Some(peers);
                     }
                 }
+            }
+        }
+    }
+
+    /// Resolves the relays' addresses and hands them with the token to the data plane.
+    async fn apply_relays(self: Arc<Self>, relays: Vec<RelayEntry>, token: String) {
+        let Ok(token) = URL_SAFE_NO_PAD.decode(token.as_bytes()) else {
+            warn!("the control plane sent a relay token that is not base64");
+            return;
+        };
+        let mut resolved = Vec::new();
+        for r in relays {
+            match tokio::net::lookup_host(&r.addr)
+                .await
+                .map(|mut a| a.find(|a| a.is_ipv4()))
+            {
+                Ok(Some(addr)) => resolved.push((r.name, r.addr, addr)),
+                Ok(None) => warn!(relay = %r.name, "{} has no IPv4 address", r.addr),
+                Err(e) => warn!(relay = %r.name, "cannot resolve {}: {e}", r.addr),
+            }
+        }
+        if let Some(engine) = &self.lock().engine {
+            engine.send(EngineCmd::SetRelays(resolved, token));
+        }
+    }
+
+    async fn handle_engine_events(
+        self: Arc<Self>,
+        mut events: mpsc::UnboundedReceiver<EngineEvent>,
+    ) {
+        while let Some(ev) = events.recv().await {
+            let Some(control) = self.lock().control.clone() else {
+                continue;
+            };
+            match ev {
+                EngineEvent::Nat(nat) => {
+                    self.lock().nat = Some(nat.clone());
+                    control.set_endpoints(self.endpoints());
+                    let _ = control.request(Request::ReportNat { nat }).await;
+                }
+                EngineEvent::WantPunch(peer) => {
+                    tokio::spawn(async move {
+                        let _ = control.request(Request::Punch { peer }).await;
+                    });
+                }
+            }
+        }
+    }
+
+    /// Direct candidates: every local address, and the public endpoint netcheck found.
+    fn endpoints(&self) -> Vec<SocketAddr> {
+        let mut eps = local_endpoints(self.listen_port, &self.overlay);
+        if let Some(public) = self.lock().nat.as_ref().and_then(|n| n.public_endpoint) {
+            if !eps.contains(&public) {
+                eps.insert(0, public);
+            }
+        }
+        eps.truncate(rally_proto::control::MAX_ENDPOINTS);
+        eps
+    }
+
+    /// Notices address changes (every 5 s): reports the new endpoints and runs netcheck again.
+    async fn watch_network(self: Arc<Self>) {
+        let mut last = local_endpoints(self.listen_port, &self.overlay);
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let now = local_endpoints(self.listen_port, &self.overlay);
+            if now == last {
+                continue;
+            }
+            info!(endpoints = ?now, "local addresses changed");
+            last = now;
+            let (control, engine) = {
+                let inner = self.lock();
+                (inner.control.clone(), inner.engine.clone())
+            };
+            if let Some(c) = control {
+                c.set_endpoints(self.endpoints());
+            }
+            if let Some(e) = engine {
+                e.send(EngineCmd::Netcheck(None));
+            }
+        }
+    }
+
+    /// Asks for a fresh relay token well before the current one expires.
+    async fn renew_relay_tokens(self: Arc<Self>) {
+        let every = Duration::from_secs(300);
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(control) = self.lock().control.clone() else {
+                continue;
+            };
+            if let Ok(Response::RelayToken { token, .. }) =
+                control.request(Request::RelayToken).await
+            {
+                let relays = self.lock().relays.clone();
+                self.clone().apply_relays(relays, token).await;
             }
         }
     }
@@ -353,6 +485,14 @@ impl Daemon {
                     Err(e) => Err(control_error(e)),
                 }
             }
+            IpcRequest::Netcheck => {
+                let engine = self.lock().engine.clone();
+                let Some(engine) = engine else {
+                    return Err("not connected yet: the agent has no virtual IP".into());
+                };
+                let nat = engine.netcheck().await?;
+                Ok(IpcReply::Netcheck(nat))
+            }
             IpcRequest::Down => {
                 let _ = self.stop.send(None);
                 Ok(IpcReply::Ok)
@@ -437,7 +577,7 @@ impl Daemon {
                 addr: inner.target.as_ref().map(|t| t.addr.clone()),
                 error: inner.control_error.clone(),
             },
-            nat: serde_json::json!({ "measured": false }),
+            nat: serde_json::to_value(&inner.nat).unwrap_or_default(),
             parties: inner.parties.clone(),
             listen_port: self.listen_port,
         }

@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use rally_proto::control::PartyInfo;
+use rally_proto::control::{NatReport, PartyInfo};
 use rally_proto::{frame, FrameDecoder};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,6 +29,7 @@ pub enum IpcRequest {
         party: String,
     },
     PartyList,
+    Netcheck,
     Down,
 }
 
@@ -46,6 +47,7 @@ pub enum IpcReply {
     Parties {
         parties: Vec<PartyInfo>,
     },
+    Netcheck(NatReport),
     Ok,
 }
 

@@ -5,5 +5,8 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod ipc;
+pub mod netcheck;
 pub mod netinfo;
+pub mod paths;
+pub mod relay_client;
 pub mod state;

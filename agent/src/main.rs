@@ -43,6 +43,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Detect this machine's NAT: UDP, mapping and filtering behaviour, public endpoint,
+    /// latency to each relay.
+    Netcheck {
+        #[arg(long)]
+        json: bool,
+    },
     /// Ping a peer over the overlay.
     Ping {
         /// Name, virtual IP or peer id.
@@ -269,6 +275,44 @@ async fn run_client(state_dir: &Path, cmd: Cmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&peers)?);
             } else {
                 print_peers(&peers);
+            }
+        }
+        Cmd::Netcheck { json } => {
+            let IpcReply::Netcheck(nat) = call(state_dir, IpcRequest::Netcheck).await? else {
+                bail!("unexpected reply from the daemon");
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nat)?);
+            } else {
+                let behavior = |b| {
+                    serde_json::to_value(b)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default()
+                };
+                println!(
+                    "UDP:             {}",
+                    if nat.udp { "yes" } else { "blocked" }
+                );
+                println!("mapping:         {}", behavior(nat.mapping));
+                println!("filtering:       {}", behavior(nat.filtering));
+                println!(
+                    "port preserving: {}",
+                    if nat.port_preserving { "yes" } else { "no" }
+                );
+                println!(
+                    "public endpoint: {}",
+                    nat.public_endpoint.map_or("-".into(), |e| e.to_string())
+                );
+                for r in &nat.relays {
+                    println!(
+                        "relay {:<10} {:<22} {}",
+                        r.name,
+                        r.addr,
+                        r.latency_ms
+                            .map_or("no answer".into(), |l| format!("{l:.1} ms"))
+                    );
+                }
             }
         }
         Cmd::Ping {

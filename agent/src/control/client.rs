@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rally_proto::control::ErrorReply;
+use rally_proto::control::{ErrorReply, RelayEntry};
 use rally_proto::identity::{register_transcript, DOMAIN_REGISTER};
 use rally_proto::{
     frame, ClientMsg, FrameDecoder, Identity, Key32, PeerInfo, Request, Response, ServerMsg, Sig64,
@@ -51,6 +51,15 @@ pub enum ControlEvent {
         reason: String,
     },
     PeerMap(Vec<PeerInfo>),
+    Relays {
+        relays: Vec<RelayEntry>,
+        token: String,
+    },
+    Punch {
+        peer: Key32,
+        candidates: Vec<SocketAddr>,
+        start_in_ms: u32,
+    },
 }
 
 /// What the daemon asks of the task.
@@ -238,6 +247,12 @@ impl Session<'_> {
                 msg = reader.next() => match msg {
                     Ok(ServerMsg::PeerMap { peers }) => {
                         let _ = self.events.send(ControlEvent::PeerMap(peers));
+                    }
+                    Ok(ServerMsg::Relays { relays, token, .. }) => {
+                        let _ = self.events.send(ControlEvent::Relays { relays, token });
+                    }
+                    Ok(ServerMsg::Punch { peer, candidates, start_in_ms }) => {
+                        let _ = self.events.send(ControlEvent::Punch { peer, candidates, start_in_ms });
                     }
                     Ok(ServerMsg::Response { id, result }) => {
                         if let Some(reply) = pending.remove(&id) {

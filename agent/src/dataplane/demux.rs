@@ -10,6 +10,10 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Datagram {
     Stun,
+    /// To or from a relay (`0x52 0x4C …`).
+    Relay,
+    /// A path probe between agents (`0x52 0x50 …`).
+    Probe,
     WireGuard(WgKind),
     Unknown,
 }
@@ -28,6 +32,12 @@ const STUN_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
 pub fn classify(d: &[u8]) -> Datagram {
     if d.len() >= 20 && d[0] & 0xc0 == 0 && d[4..8] == STUN_COOKIE && d.len().is_multiple_of(4) {
         return Datagram::Stun;
+    }
+    if rally_proto::relay::is_relay(d) {
+        return Datagram::Relay;
+    }
+    if rally_proto::probe::is_probe(d) {
+        return Datagram::Probe;
     }
     if d.len() < 4 || d[1..4] != [0, 0, 0] {
         return Datagram::Unknown;
@@ -104,6 +114,19 @@ mod tests {
         let mut d = wg(4, 48);
         d[2] = 1;
         assert_eq!(classify(&d), Datagram::Unknown);
+    }
+
+    #[test]
+    fn relay_messages_and_probes_have_their_own_kinds() {
+        let relay = rally_proto::relay::RelayMsg::Ping { nonce: 1 }.to_vec();
+        assert_eq!(classify(&relay), Datagram::Relay);
+        let probe = rally_proto::probe::Probe {
+            kind: rally_proto::probe::ProbeKind::Probe,
+            from: [1; 8],
+            txid: 2,
+        }
+        .encode(&[0; 32]);
+        assert_eq!(classify(&probe), Datagram::Probe);
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! The data-plane task: moves packets between the TUN device and the UDP socket through each
-//! peer's WireGuard tunnel.
+//! peer's WireGuard tunnel, over a direct path when one is proven and through a relay otherwise.
 //!
 //! Peers are found by virtual IP (outbound), by the receiver index in WireGuard replies and data
-//! (inbound), and by the decrypted static key in handshake initiations. A packet from the tunnel
-//! is delivered only if its inner source is the peer's own virtual IP (cryptokey routing), and a
-//! handshake from a key that is not in the peer map is dropped: the control plane decides who may
-//! talk to whom.
+//! (inbound), by the decrypted static key in handshake initiations, and by short id in relayed
+//! datagrams and probes. A packet from the tunnel is delivered only if its inner source is the
+//! peer's own virtual IP (cryptokey routing), and a handshake from a key that is not in the peer
+//! map is dropped: the control plane decides who may talk to whom.
+//!
+//! WireGuard output is written at offset [`DATA_HEADER_LEN`] of the send buffer, so sending it
+//! through a relay only adds the relay header in front: no copy, no allocation.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -13,18 +16,27 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use boringtun::x25519::{PublicKey, StaticSecret};
-use rally_proto::{Key32, PeerInfo};
+use rally_proto::control::NatReport;
+use rally_proto::probe::{peek_from, probe_key, Probe};
+use rally_proto::relay::{short_id, write_send_header, RelayMsg, ShortId, DATA_HEADER_LEN};
+use rally_proto::stun::BindingResponse;
+use rally_proto::{Identity, Key32, PeerInfo};
+use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
-use tracing::{debug, info, trace};
+use tracing::{debug, info, trace, warn};
 
 use super::demux::{classify, receiver_index, Datagram, WgKind};
 use super::tunnel::{initiator_key, Output, Tunnel, TunnelError};
+use crate::netcheck::{Netcheck, StunServer};
+use crate::paths::{PathEvent, PeerPaths, Via};
+use crate::relay_client::{RelayClient, RelayEvent};
 
-/// How often WireGuard's timers run.
-const TIMER_TICK: Duration = Duration::from_millis(250);
+/// How often timers are looked at.
+const TICK: Duration = Duration::from_millis(50);
+/// How often WireGuard's own timers run.
+const WG_TIMERS: Duration = Duration::from_millis(250);
 /// Keepalive towards every peer, which also keeps NAT mappings open.
 const KEEPALIVE_SECS: u16 = 25;
 /// A session older than this without a new handshake is dead (WireGuard's REJECT_AFTER_TIME).
@@ -34,8 +46,23 @@ const BUF_LEN: usize = 65_536 + 64;
 /// Commands from the daemon.
 pub enum EngineCmd {
     SetPeers(Vec<PeerInfo>),
+    /// The relays (name, `host:port`, resolved address) and this agent's token.
+    SetRelays(Vec<(String, String, SocketAddr)>, Vec<u8>),
+    Punch {
+        peer: Key32,
+        candidates: Vec<SocketAddr>,
+        start_in: Duration,
+    },
+    Netcheck(Option<oneshot::Sender<Result<NatReport, String>>>),
     Peers(oneshot::Sender<Vec<PeerStatus>>),
     Shutdown,
+}
+
+/// What the engine tells the daemon.
+#[derive(Debug)]
+pub enum EngineEvent {
+    Nat(NatReport),
+    WantPunch(Key32),
 }
 
 #[derive(Clone)]
@@ -44,20 +71,28 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
+    pub fn send(&self, cmd: EngineCmd) {
+        let _ = self.tx.send(cmd);
+    }
+
     pub fn set_peers(&self, peers: Vec<PeerInfo>) {
-        let _ = self.tx.send(EngineCmd::SetPeers(peers));
+        self.send(EngineCmd::SetPeers(peers));
     }
 
     pub async fn peers(&self) -> Vec<PeerStatus> {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(EngineCmd::Peers(tx)).is_err() {
-            return Vec::new();
-        }
+        self.send(EngineCmd::Peers(tx));
         rx.await.unwrap_or_default()
     }
 
+    pub async fn netcheck(&self) -> Result<NatReport, String> {
+        let (tx, rx) = oneshot::channel();
+        self.send(EngineCmd::Netcheck(Some(tx)));
+        rx.await.map_err(|_| "the data plane stopped".to_string())?
+    }
+
     pub fn shutdown(&self) {
-        let _ = self.tx.send(EngineCmd::Shutdown);
+        self.send(EngineCmd::Shutdown);
     }
 }
 
@@ -81,28 +116,41 @@ pub struct PeerStatus {
     pub connected_at: Option<u64>,
     pub parties: Vec<String>,
     pub candidates: Vec<SocketAddr>,
+    /// Unix milliseconds when the direct path was proven (absent while relayed).
+    pub direct_since_ms: Option<u64>,
 }
 
 /// Packets dropped, by reason.
 #[derive(Debug, Default, Clone, Copy)]
 struct Drops {
     unknown_datagram: u64,
-    stun_unhandled: u64,
+    stray_stun: u64,
     unknown_index: u64,
     unknown_peer_key: u64,
+    unknown_short_id: u64,
+    bad_probe: u64,
+    relay_foreign: u64,
     wireguard: u64,
     spoofed_source: u64,
     no_route: u64,
 }
 
+/// Where to send a peer's traffic now.
+enum Route {
+    Direct(SocketAddr),
+    Relay(usize),
+    /// No proven path and no relay: every candidate (works on open networks).
+    Spray,
+}
+
 struct Peer {
     info: PeerInfo,
+    short: ShortId,
     tunnel: Tunnel,
     index: u32,
-    /// Where the last authenticated packet came from; where we send.
-    endpoint: Option<SocketAddr>,
+    paths: PeerPaths,
     connected_at: Option<SystemTime>,
-    since: Instant,
+    direct_since: Option<SystemTime>,
 }
 
 pub struct Engine {
@@ -110,42 +158,76 @@ pub struct Engine {
     tun: tun_rs::AsyncDevice,
     secret: StaticSecret,
     public: PublicKey,
+    me: ShortId,
+    identity: Arc<Identity>,
+    local_port: u16,
+    local_ips: Vec<IpAddr>,
     peers: HashMap<Key32, Peer>,
     by_vip: HashMap<Ipv4Addr, Key32>,
     by_index: HashMap<u32, Key32>,
     by_wg: HashMap<Key32, Key32>,
+    by_short: HashMap<ShortId, Key32>,
+    relays: Vec<RelayClient>,
+    relay_hosts: Vec<String>,
+    relay_by_addr: HashMap<SocketAddr, usize>,
+    netcheck: Option<Netcheck>,
+    netcheck_waiters: Vec<oneshot::Sender<Result<NatReport, String>>>,
+    nat: Option<NatReport>,
+    events: mpsc::UnboundedSender<EngineEvent>,
     next_index: u32,
+    last_wg_timers: tokio::time::Instant,
     drops: Drops,
 }
 
+/// What the engine needs to start.
+pub struct EngineConfig {
+    pub udp: Arc<UdpSocket>,
+    pub wg_secret: [u8; 32],
+    pub identity: Arc<Identity>,
+    pub tun_name: String,
+    pub virtual_ip: Ipv4Addr,
+    pub prefix: u8,
+    pub local_ips: Vec<IpAddr>,
+}
+
 impl Engine {
-    /// Brings up the TUN device `tun_name` with `virtual_ip/prefix` and starts the task.
+    /// Brings up the TUN device and starts the task.
     pub fn start(
-        udp: Arc<UdpSocket>,
-        wg_secret: [u8; 32],
-        tun_name: &str,
-        virtual_ip: Ipv4Addr,
-        prefix: u8,
-        index_seed: u32,
+        cfg: EngineConfig,
+        events: mpsc::UnboundedSender<EngineEvent>,
     ) -> std::io::Result<EngineHandle> {
         let tun = tun_rs::DeviceBuilder::new()
-            .name(tun_name)
-            .ipv4(virtual_ip, prefix, None)
+            .name(&cfg.tun_name)
+            .ipv4(cfg.virtual_ip, cfg.prefix, None)
             .mtu(1420)
             .build_async()?;
-        info!(tun = tun_name, %virtual_ip, "TUN device up");
-        let secret = StaticSecret::from(wg_secret);
+        info!(tun = %cfg.tun_name, virtual_ip = %cfg.virtual_ip, "TUN device up");
+        let secret = StaticSecret::from(cfg.wg_secret);
         let public = PublicKey::from(&secret);
+        let local_port = cfg.udp.local_addr().map(|a| a.port()).unwrap_or(0);
         let engine = Engine {
-            udp,
+            udp: cfg.udp,
             tun,
             secret,
             public,
+            me: short_id(&cfg.identity.public()),
+            identity: cfg.identity,
+            local_port,
+            local_ips: cfg.local_ips,
             peers: HashMap::new(),
             by_vip: HashMap::new(),
             by_index: HashMap::new(),
             by_wg: HashMap::new(),
-            next_index: index_seed & 0x00ff_ffff,
+            by_short: HashMap::new(),
+            relays: Vec::new(),
+            relay_hosts: Vec::new(),
+            relay_by_addr: HashMap::new(),
+            netcheck: None,
+            netcheck_waiters: Vec::new(),
+            nat: None,
+            events,
+            next_index: rand::thread_rng().next_u32() & 0x00ff_ffff,
+            last_wg_timers: tokio::time::Instant::now(),
             drops: Drops::default(),
         };
         let (tx, rx) = mpsc::unbounded_channel();
@@ -156,8 +238,8 @@ impl Engine {
     async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<EngineCmd>) {
         let mut udp_buf = vec![0u8; BUF_LEN];
         let mut tun_buf = vec![0u8; BUF_LEN];
-        let mut out = vec![0u8; BUF_LEN + 64];
-        let mut tick = tokio::time::interval(TIMER_TICK);
+        let mut out = vec![0u8; BUF_LEN + DATA_HEADER_LEN + 64];
+        let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -171,16 +253,25 @@ impl Engine {
                 },
                 _ = tick.tick() => self.handle_timers(&mut out).await,
                 cmd = cmds.recv() => match cmd {
-                    Some(EngineCmd::SetPeers(peers)) => self.set_peers(peers, &mut out).await,
+                    Some(EngineCmd::SetPeers(peers)) => self.set_peers(peers),
+                    Some(EngineCmd::SetRelays(relays, token)) => self.set_relays(relays, token),
+                    Some(EngineCmd::Punch { peer, candidates, start_in }) => {
+                        if let Some(p) = self.peers.get_mut(&peer) {
+                            p.paths.set_candidates(&candidates);
+                            p.paths.start_punch(now() + start_in);
+                        }
+                    }
+                    Some(EngineCmd::Netcheck(reply)) => self.start_netcheck(reply),
                     Some(EngineCmd::Peers(reply)) => { let _ = reply.send(self.status()); }
                     Some(EngineCmd::Shutdown) | None => break,
                 },
             }
+            self.flush(&mut out).await;
         }
         debug!(drops = ?self.drops, "data plane stopped");
     }
 
-    async fn set_peers(&mut self, peers: Vec<PeerInfo>, out: &mut [u8]) {
+    fn set_peers(&mut self, peers: Vec<PeerInfo>) {
         let wanted: HashMap<Key32, PeerInfo> = peers.into_iter().map(|p| (p.peer_id, p)).collect();
         let gone: Vec<Key32> = self
             .peers
@@ -194,47 +285,126 @@ impl Engine {
                 self.by_vip.remove(&p.info.virtual_ip);
                 self.by_index.remove(&p.index);
                 self.by_wg.remove(&p.info.wg_key);
+                self.by_short.remove(&p.short);
             }
         }
+        let my_mapping = self.nat.as_ref().map(|n| n.mapping).unwrap_or_default();
+        let t = now();
         for (id, info) in wanted {
+            let hopeless = my_mapping.is_endpoint_dependent()
+                && info
+                    .nat
+                    .as_ref()
+                    .is_some_and(|n| n.mapping.is_endpoint_dependent());
             if let Some(p) = self.peers.get_mut(&id) {
                 if p.info.virtual_ip != info.virtual_ip {
                     self.by_vip.remove(&p.info.virtual_ip);
                     self.by_vip.insert(info.virtual_ip, id);
                 }
+                p.paths.set_candidates(&info.endpoints);
+                p.paths.set_hopeless(hopeless);
+                if !p.paths.is_punching() && p.paths.direct().is_none() {
+                    p.paths.start_punch(t);
+                }
                 p.info = info;
                 continue;
             }
             let index = self.allocate_index();
+            let peer_public = PublicKey::from(info.wg_key.0);
+            let shared = self.secret.diffie_hellman(&peer_public);
+            let mut paths = PeerPaths::new(
+                self.me,
+                probe_key(shared.as_bytes()),
+                info.endpoints.clone(),
+                rand::thread_rng().next_u64(),
+            );
+            paths.set_hopeless(hopeless);
+            paths.start_punch(t);
             let tunnel = Tunnel::new(
                 self.secret.clone(),
-                PublicKey::from(info.wg_key.0),
+                peer_public,
                 Some(KEEPALIVE_SECS),
                 index,
             );
-            info!(peer = %info.name, vip = %info.virtual_ip, endpoints = ?info.endpoints, "peer added");
+            info!(peer = %info.name, vip = %info.virtual_ip, endpoints = ?info.endpoints, hopeless, "peer added");
+            let short = short_id(&id);
             self.by_vip.insert(info.virtual_ip, id);
             self.by_index.insert(index, id);
             self.by_wg.insert(info.wg_key, id);
+            self.by_short.insert(short, id);
+            let _ = self.events.send(EngineEvent::WantPunch(id));
             self.peers.insert(
                 id,
                 Peer {
                     info,
+                    short,
                     tunnel,
                     index,
-                    endpoint: None,
+                    paths,
                     connected_at: None,
-                    since: Instant::now(),
+                    direct_since: None,
                 },
             );
-            // Start the handshake now so the first packet does not wait for it.
-            let Some(peer) = self.peers.get_mut(&id) else {
-                continue;
-            };
-            if let Ok(Output::Network(b)) = peer.tunnel.handshake(out, false) {
-                send_to_peer(&self.udp, peer, b).await;
-            }
         }
+    }
+
+    fn set_relays(&mut self, relays: Vec<(String, String, SocketAddr)>, token: Vec<u8>) {
+        let t = now();
+        let same = relays.len() == self.relays.len()
+            && relays
+                .iter()
+                .zip(&self.relays)
+                .all(|((n, _, a), r)| *n == r.name && *a == r.addr);
+        if !same {
+            info!(relays = ?relays.iter().map(|r| &r.0).collect::<Vec<_>>(), "relays");
+            self.relays = relays
+                .iter()
+                .map(|(name, _, addr)| {
+                    RelayClient::new(name.clone(), *addr, self.identity.clone(), t)
+                })
+                .collect();
+            self.relay_hosts = relays.iter().map(|r| r.1.clone()).collect();
+            self.relay_by_addr = relays.iter().enumerate().map(|(i, r)| (r.2, i)).collect();
+            self.start_netcheck(None);
+        }
+        for r in &mut self.relays {
+            r.set_token(token.clone(), t);
+        }
+    }
+
+    fn start_netcheck(&mut self, reply: Option<oneshot::Sender<Result<NatReport, String>>>) {
+        if self.relays.is_empty() {
+            if let Some(r) = reply {
+                let _ = r.send(Err(
+                    "no relays known yet: the control plane hands them out after registration"
+                        .into(),
+                ));
+            }
+            return;
+        }
+        self.netcheck_waiters.extend(reply);
+        if self.netcheck.is_some() {
+            return;
+        }
+        let servers = self
+            .relays
+            .iter()
+            .zip(&self.relay_hosts)
+            .map(|(r, host)| StunServer {
+                name: r.name.clone(),
+                host: host.clone(),
+                addr: r.addr,
+            })
+            .collect();
+        let mut seed = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut seed);
+        self.netcheck = Some(Netcheck::new(
+            servers,
+            self.local_port,
+            self.local_ips.clone(),
+            seed,
+            now(),
+        ));
     }
 
     fn allocate_index(&mut self) -> u32 {
@@ -247,67 +417,141 @@ impl Engine {
     }
 
     async fn handle_datagram(&mut self, from: SocketAddr, d: &[u8], out: &mut [u8]) {
-        let id = match classify(d) {
-            Datagram::WireGuard(WgKind::Initiation) => {
-                let Some(key) = initiator_key(&self.secret, &self.public, d) else {
-                    self.drops.wireguard += 1;
-                    return;
-                };
-                let Some(id) = self.by_wg.get(&Key32(key)).copied() else {
-                    self.drops.unknown_peer_key += 1;
-                    debug!(%from, "handshake from a key outside our parties; dropped");
-                    return;
-                };
-                id
-            }
-            Datagram::WireGuard(_) => {
-                let idx = receiver_index(d).unwrap_or_default() >> 8;
-                let Some(id) = self.by_index.get(&idx).copied() else {
-                    self.drops.unknown_index += 1;
-                    return;
-                };
-                id
-            }
+        match classify(d) {
             Datagram::Stun => {
-                self.drops.stun_unhandled += 1;
-                return;
+                let handled = match (&mut self.netcheck, BindingResponse::decode(d)) {
+                    (Some(n), Ok(resp)) => n.handle_response(resp, now()),
+                    _ => false,
+                };
+                if !handled {
+                    self.drops.stray_stun += 1;
+                }
             }
-            Datagram::Unknown => {
-                self.drops.unknown_datagram += 1;
-                return;
+            Datagram::Relay => {
+                let Some(&i) = self.relay_by_addr.get(&from) else {
+                    self.drops.relay_foreign += 1;
+                    return;
+                };
+                match RelayMsg::decode(d) {
+                    Ok(RelayMsg::Deliver { from: sid, payload }) => {
+                        self.handle_payload(Via::Relay(i), sid, payload, out).await;
+                    }
+                    Ok(msg) => self.relays[i].handle_msg(&msg, now()),
+                    Err(_) => self.drops.unknown_datagram += 1,
+                }
             }
-        };
-        let Some(peer) = self.peers.get_mut(&id) else {
+            Datagram::Probe => match peek_from(d) {
+                Ok(sid) => self.handle_payload(Via::Direct(from), sid, d, out).await,
+                Err(_) => self.drops.bad_probe += 1,
+            },
+            Datagram::WireGuard(kind) => {
+                let Some(id) = self.wg_peer(kind, d) else {
+                    return;
+                };
+                self.handle_wireguard(id, Via::Direct(from), d, out).await;
+            }
+            Datagram::Unknown => self.drops.unknown_datagram += 1,
+        }
+    }
+
+    /// A probe or WireGuard datagram from peer `sid`, received via `via`.
+    async fn handle_payload(&mut self, via: Via, sid: ShortId, d: &[u8], out: &mut [u8]) {
+        let Some(&id) = self.by_short.get(&sid) else {
+            self.drops.unknown_short_id += 1;
             return;
         };
-        let mut first = true;
-        loop {
-            let datagram = if first { d } else { &[][..] };
-            first = false;
-            match peer.tunnel.decapsulate(Some(from.ip()), datagram, out) {
-                Ok(Output::Done) => break,
-                Ok(Output::Network(b)) => {
-                    mark_alive(peer, from);
-                    if let Err(e) = self.udp.send_to(b, from).await {
-                        debug!(%from, "udp send: {e}");
-                    }
+        match classify(d) {
+            Datagram::Probe => {
+                let Some(peer) = self.peers.get_mut(&id) else {
+                    return;
+                };
+                let key = peer.paths_key();
+                match Probe::decode(d, &key) {
+                    Ok(p) => peer.paths.handle_probe(via, p, now()),
+                    Err(_) => self.drops.bad_probe += 1,
                 }
+            }
+            Datagram::WireGuard(kind) => {
+                // The relay vouches for the sender's id; WireGuard still authenticates the bytes.
+                if self.wg_peer(kind, d) == Some(id) {
+                    self.handle_wireguard(id, via, d, out).await;
+                }
+            }
+            _ => self.drops.unknown_datagram += 1,
+        }
+    }
+
+    fn wg_peer(&mut self, kind: WgKind, d: &[u8]) -> Option<Key32> {
+        if kind == WgKind::Initiation {
+            let Some(key) = initiator_key(&self.secret, &self.public, d) else {
+                self.drops.wireguard += 1;
+                return None;
+            };
+            let id = self.by_wg.get(&Key32(key)).copied();
+            if id.is_none() {
+                self.drops.unknown_peer_key += 1;
+                debug!("handshake from a key outside our parties; dropped");
+            }
+            return id;
+        }
+        let idx = receiver_index(d).unwrap_or_default() >> 8;
+        let id = self.by_index.get(&idx).copied();
+        if id.is_none() {
+            self.drops.unknown_index += 1;
+        }
+        id
+    }
+
+    async fn handle_wireguard(&mut self, id: Key32, via: Via, d: &[u8], out: &mut [u8]) {
+        let t = now();
+        let mut datagram = d;
+        loop {
+            let Some(peer) = self.peers.get_mut(&id) else {
+                return;
+            };
+            let from_ip = match via {
+                Via::Direct(a) => Some(a.ip()),
+                Via::Relay(_) => None,
+            };
+            let n = match peer
+                .tunnel
+                .decapsulate(from_ip, datagram, &mut out[DATA_HEADER_LEN..])
+            {
+                Ok(Output::Done) => return,
+                Ok(Output::Network(b)) => b.len(),
                 Ok(Output::Tunnel(packet, src)) => {
-                    mark_alive(peer, from);
+                    mark_connected(peer);
+                    if let Via::Direct(a) = via {
+                        peer.paths.handle_direct_traffic(a, t);
+                    }
                     if src != peer.info.virtual_ip {
                         self.drops.spoofed_source += 1;
                         debug!(peer = %peer.info.name, %src, "inner source is not the peer's virtual IP");
                     } else if let Err(e) = self.tun.send(packet).await {
                         debug!("tun send: {e}");
                     }
-                    break;
+                    return;
                 }
                 Err(e) => {
                     self.drops.wireguard += 1;
-                    trace!(peer = %peer.info.name, %from, "decapsulate: {e}");
-                    break;
+                    trace!(peer = %peer.info.name, "decapsulate: {e}");
+                    return;
                 }
+            };
+            // A handshake message or queued data: answer on the path the datagram came by.
+            mark_connected(peer);
+            if let Via::Direct(a) = via {
+                peer.paths.handle_direct_traffic(a, t);
             }
+            let short = peer.short;
+            self.send_framed(
+                Route::from_via(via),
+                short,
+                &mut out[..DATA_HEADER_LEN + n],
+                id,
+            )
+            .await;
+            datagram = &[];
         }
     }
 
@@ -316,100 +560,263 @@ impl Engine {
             self.drops.no_route += 1;
             return;
         };
-        let Some(peer) = self.by_vip.get(&dst).and_then(|id| self.peers.get_mut(id)) else {
+        let Some(&id) = self.by_vip.get(&dst) else {
             self.drops.no_route += 1;
             trace!(%dst, "no peer for destination");
             return;
         };
-        match peer.tunnel.encapsulate(packet, out) {
-            Ok(Output::Network(b)) => send_to_peer(&self.udp, peer, b).await,
-            Ok(_) => {}
-            Err(e) => debug!(peer = %peer.info.name, "encapsulate: {e}"),
-        }
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let n = match peer.tunnel.encapsulate(packet, &mut out[DATA_HEADER_LEN..]) {
+            Ok(Output::Network(b)) => b.len(),
+            Ok(_) => return,
+            Err(e) => {
+                debug!(peer = %peer.info.name, "encapsulate: {e}");
+                return;
+            }
+        };
+        let short = peer.short;
+        let route = self.route(&id);
+        self.send_framed(route, short, &mut out[..DATA_HEADER_LEN + n], id)
+            .await;
     }
 
     async fn handle_timers(&mut self, out: &mut [u8]) {
-        for peer in self.peers.values_mut() {
-            match peer.tunnel.update_timers(out) {
-                Ok(Output::Network(b)) => send_to_peer(&self.udp, peer, b).await,
-                Ok(_) => {}
-                Err(TunnelError::WireGuard(e)) if e == "ConnectionExpired" => {
-                    if peer.connected_at.take().is_some() {
-                        info!(peer = %peer.info.name, "session expired");
-                    }
-                    peer.endpoint = None;
+        let t = now();
+        for r in &mut self.relays {
+            if t >= r.poll_timeout() {
+                r.handle_timeout(t);
+            }
+        }
+        for p in self.peers.values_mut() {
+            if p.paths.poll_timeout().is_some_and(|d| t >= d) {
+                p.paths.handle_timeout(t);
+            }
+        }
+        if let Some(n) = &mut self.netcheck {
+            n.handle_timeout(t);
+            if n.is_done(t) {
+                let report = n.report();
+                self.netcheck = None;
+                info!(
+                    udp = report.udp,
+                    mapping = ?report.mapping,
+                    filtering = ?report.filtering,
+                    public = ?report.public_endpoint,
+                    "netcheck"
+                );
+                for w in self.netcheck_waiters.drain(..) {
+                    let _ = w.send(Ok(report.clone()));
                 }
-                Err(e) => trace!(peer = %peer.info.name, "timers: {e}"),
+                self.nat = Some(report.clone());
+                let _ = self.events.send(EngineEvent::Nat(report));
+            }
+        }
+        let wg_due = tokio::time::Instant::now() >= self.last_wg_timers + WG_TIMERS;
+        if wg_due {
+            self.last_wg_timers = tokio::time::Instant::now();
+            let ids: Vec<Key32> = self.peers.keys().copied().collect();
+            for id in ids {
+                let Some(peer) = self.peers.get_mut(&id) else {
+                    continue;
+                };
+                let n = match peer.tunnel.update_timers(&mut out[DATA_HEADER_LEN..]) {
+                    Ok(Output::Network(b)) => b.len(),
+                    Ok(_) => continue,
+                    Err(TunnelError::WireGuard(e)) if e == "ConnectionExpired" => {
+                        if peer.connected_at.take().is_some() {
+                            info!(peer = %peer.info.name, "session expired");
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        trace!(peer = %peer.info.name, "timers: {e}");
+                        continue;
+                    }
+                };
+                let short = peer.short;
+                let route = self.route(&id);
+                self.send_framed(route, short, &mut out[..DATA_HEADER_LEN + n], id)
+                    .await;
+            }
+        }
+    }
+
+    /// Sends what the sans-IO parts queued: relay control, probes, STUN; and logs their events.
+    async fn flush(&mut self, out: &mut [u8]) {
+        for i in 0..self.relays.len() {
+            while let Some(b) = self.relays[i].poll_transmit() {
+                let to = self.relays[i].addr;
+                send(&self.udp, &b, to).await;
+            }
+            while let Some(ev) = self.relays[i].poll_event() {
+                match ev {
+                    RelayEvent::Bound { observed } => {
+                        info!(relay = %self.relays[i].name, %observed, "bound at relay")
+                    }
+                    RelayEvent::Lost { reason } => {
+                        warn!(relay = %self.relays[i].name, "relay binding lost: {reason}")
+                    }
+                }
+            }
+        }
+        if let Some(n) = &mut self.netcheck {
+            while let Some((to, b)) = n.poll_transmit() {
+                send(&self.udp, &b, to).await;
+            }
+        }
+        let ids: Vec<Key32> = self.peers.keys().copied().collect();
+        for id in ids {
+            while let Some(peer) = self.peers.get_mut(&id) {
+                if let Some(ev) = peer.paths.poll_event() {
+                    match ev {
+                        PathEvent::DirectUp(a) => {
+                            peer.direct_since = Some(SystemTime::now());
+                            info!(peer = %peer.info.name, endpoint = %a, "direct path up")
+                        }
+                        PathEvent::DirectDown(a) => {
+                            peer.direct_since = None;
+                            info!(peer = %peer.info.name, endpoint = %a, "direct path lost")
+                        }
+                    }
+                    continue;
+                }
+                let Some((via, probe)) = peer.paths.poll_transmit() else {
+                    break;
+                };
+                let short = peer.short;
+                let n = probe.len();
+                out[DATA_HEADER_LEN..DATA_HEADER_LEN + n].copy_from_slice(&probe);
+                self.send_framed(
+                    Route::from_via(via),
+                    short,
+                    &mut out[..DATA_HEADER_LEN + n],
+                    id,
+                )
+                .await;
+            }
+        }
+    }
+
+    /// The route for a peer's traffic: the proven direct path, else the fastest bound relay,
+    /// else every candidate.
+    fn route(&self, id: &Key32) -> Route {
+        if let Some(a) = self.peers.get(id).and_then(|p| p.paths.direct()) {
+            return Route::Direct(a);
+        }
+        let best = self
+            .relays
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.is_bound())
+            .min_by_key(|(_, r)| r.latency().unwrap_or(Duration::MAX));
+        match best {
+            Some((i, _)) => Route::Relay(i),
+            None => Route::Spray,
+        }
+    }
+
+    /// Sends `frame[DATA_HEADER_LEN..]` on `route`; for a relay the header is written in front.
+    async fn send_framed(&self, route: Route, to_peer: ShortId, frame: &mut [u8], id: Key32) {
+        match route {
+            Route::Direct(a) => send(&self.udp, &frame[DATA_HEADER_LEN..], a).await,
+            Route::Relay(i) => {
+                let Some(r) = self.relays.get(i) else { return };
+                write_send_header(frame, &to_peer);
+                send(&self.udp, frame, r.addr).await;
+            }
+            Route::Spray => {
+                let Some(p) = self.peers.get(&id) else { return };
+                for c in p.paths.candidates() {
+                    send(&self.udp, &frame[DATA_HEADER_LEN..], *c).await;
+                }
             }
         }
     }
 
     fn status(&self) -> Vec<PeerStatus> {
-        let mut rows: Vec<PeerStatus> = self.peers.values().map(peer_status).collect();
+        let mut rows: Vec<PeerStatus> = self
+            .peers
+            .iter()
+            .map(|(id, p)| self.peer_status(id, p))
+            .collect();
         rows.sort_by(|a, b| a.name.cmp(&b.name).then(a.peer_id.cmp(&b.peer_id)));
         rows
     }
-}
 
-fn peer_status(p: &Peer) -> PeerStatus {
-    let stats = p.tunnel.stats();
-    let live = stats.since_handshake.is_some_and(|d| d < SESSION_LIFETIME);
-    let state = match (live, p.connected_at.is_some()) {
-        (true, _) => "connected",
-        (false, true) => "reconnecting",
-        (false, false) => "connecting",
-    };
-    let connected_at = p
-        .connected_at
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_secs());
-    let uptime = p
-        .connected_at
-        .and_then(|t| SystemTime::now().duration_since(t).ok())
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let _ = p.since;
-    PeerStatus {
-        peer_id: p.info.peer_id.to_string(),
-        name: p.info.name.clone(),
-        virtual_ip: p.info.virtual_ip,
-        strategy: "direct".into(),
-        relay: None,
-        endpoint: p.endpoint,
-        state: state.into(),
-        latency_ms: stats.rtt_ms.map(f64::from),
-        bytes_sent: stats.tx_bytes as u64,
-        bytes_received: stats.rx_bytes as u64,
-        uptime_seconds: uptime,
-        is_primary: p.endpoint.is_some(),
-        priority: 0,
-        connected_at,
-        parties: p.info.parties.clone(),
-        candidates: p.info.endpoints.clone(),
+    fn peer_status(&self, id: &Key32, p: &Peer) -> PeerStatus {
+        let stats = p.tunnel.stats();
+        let live = stats.since_handshake.is_some_and(|d| d < SESSION_LIFETIME);
+        let state = match (live, p.connected_at.is_some()) {
+            (true, _) => "connected",
+            (false, true) => "reconnecting",
+            (false, false) => "connecting",
+        };
+        let (strategy, relay, endpoint) = match self.route(id) {
+            Route::Direct(a) => ("direct", None, Some(a)),
+            Route::Relay(i) => (
+                "relay",
+                Some(self.relays[i].name.clone()),
+                Some(self.relays[i].addr),
+            ),
+            Route::Spray => ("direct", None, None),
+        };
+        let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).ok();
+        PeerStatus {
+            peer_id: id.to_string(),
+            name: p.info.name.clone(),
+            virtual_ip: p.info.virtual_ip,
+            strategy: strategy.into(),
+            relay,
+            endpoint,
+            state: state.into(),
+            latency_ms: stats.rtt_ms.map(f64::from),
+            bytes_sent: stats.tx_bytes as u64,
+            bytes_received: stats.rx_bytes as u64,
+            uptime_seconds: p
+                .connected_at
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .map_or(0, |d| d.as_secs()),
+            is_primary: true,
+            priority: u32::from(strategy == "relay"),
+            connected_at: p.connected_at.and_then(unix).map(|d| d.as_secs()),
+            parties: p.info.parties.clone(),
+            candidates: p.paths.candidates().to_vec(),
+            direct_since_ms: p.direct_since.and_then(unix).map(|d| d.as_millis() as u64),
+        }
     }
 }
 
-/// Records that an authenticated packet came from `from`: it becomes the peer's endpoint.
-fn mark_alive(peer: &mut Peer, from: SocketAddr) {
-    if peer.endpoint != Some(from) {
-        info!(peer = %peer.info.name, endpoint = %from, "direct path up");
-        peer.endpoint = Some(from);
+impl Peer {
+    fn paths_key(&self) -> [u8; 32] {
+        self.paths.key()
     }
+}
+
+impl Route {
+    fn from_via(via: Via) -> Route {
+        match via {
+            Via::Direct(a) => Route::Direct(a),
+            Via::Relay(i) => Route::Relay(i),
+        }
+    }
+}
+
+fn mark_connected(peer: &mut Peer) {
     if peer.connected_at.is_none() {
         peer.connected_at = Some(SystemTime::now());
+        info!(peer = %peer.info.name, "tunnel up");
     }
 }
 
-/// Sends to the peer's proven endpoint, or to every candidate while none is proven.
-async fn send_to_peer(udp: &UdpSocket, peer: &Peer, bytes: &[u8]) {
-    let targets: &[SocketAddr] = match &peer.endpoint {
-        Some(e) => std::slice::from_ref(e),
-        None => &peer.info.endpoints,
-    };
-    for to in targets {
-        if let Err(e) = udp.send_to(bytes, to).await {
-            debug!(peer = %peer.info.name, %to, "udp send: {e}");
-        }
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+async fn send(udp: &UdpSocket, bytes: &[u8], to: SocketAddr) {
+    if let Err(e) = udp.send_to(bytes, to).await {
+        debug!(%to, "udp send: {e}");
     }
 }
 

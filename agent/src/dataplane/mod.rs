@@ -4,4 +4,4 @@ pub mod demux;
 pub mod engine;
 pub mod tunnel;
 
-pub use engine::{Engine, EngineCmd, EngineHandle, PeerStatus};
+pub use engine::{Engine, EngineCmd, EngineConfig, EngineEvent, EngineHandle, PeerStatus};

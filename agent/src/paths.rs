@@ -1,0 +1,454 @@
+//! The paths to one peer (sans-IO): hole punching with authenticated probes, the proven direct
+//! path and its liveness. Relays are chosen by the engine; this machine says whether a direct
+//! path is proven and where.
+//!
+//! A direct path is proven by an acknowledged probe, or by authenticated traffic from an address
+//! (a WireGuard packet that decrypts). A probe from an unknown address (a peer-reflexive
+//! candidate, e.g. a symmetric NAT's fresh port) is answered and probed back.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rally_proto::probe::{Probe, ProbeKind, LEN as PROBE_LEN};
+use rally_proto::relay::ShortId;
+
+/// Probing schedule while punching: fast at first, then slower, then give up until retried.
+const PUNCH_FAST: Duration = Duration::from_millis(100);
+const PUNCH_FAST_FOR: Duration = Duration::from_secs(2);
+const PUNCH_SLOW: Duration = Duration::from_millis(500);
+const PUNCH_FOR: Duration = Duration::from_secs(10);
+/// After a punch fails, try again this much later.
+const PUNCH_RETRY: Duration = Duration::from_secs(30);
+/// Probe interval on a proven direct path.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+/// Unanswered keepalive probes before the direct path counts as lost.
+const LOST_AFTER: u32 = 3;
+/// Most candidates (reported and peer-reflexive) kept.
+const MAX_CANDIDATES: usize = 24;
+
+/// Where a datagram came from or goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Via {
+    Direct(SocketAddr),
+    Relay(usize),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathEvent {
+    DirectUp(SocketAddr),
+    DirectDown(SocketAddr),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Direct {
+    addr: SocketAddr,
+    outstanding: Option<u64>,
+    unanswered: u32,
+    next_probe: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Punch {
+    start: Instant,
+    next: Instant,
+}
+
+pub struct PeerPaths {
+    me: ShortId,
+    key: [u8; 32],
+    candidates: Vec<SocketAddr>,
+    direct: Option<Direct>,
+    punch: Option<Punch>,
+    retry_at: Option<Instant>,
+    /// Skip punching (both sides map endpoint-dependently): relay only.
+    hopeless: bool,
+    pending: VecDeque<(u64, SocketAddr)>,
+    txid: u64,
+    transmits: VecDeque<(Via, [u8; PROBE_LEN])>,
+    events: VecDeque<PathEvent>,
+}
+
+impl PeerPaths {
+    /// `me`: our short id; `key`: the probe key shared with this peer; `txid_seed`: random.
+    pub fn new(me: ShortId, key: [u8; 32], candidates: Vec<SocketAddr>, txid_seed: u64) -> Self {
+        PeerPaths {
+            me,
+            key,
+            candidates,
+            direct: None,
+            punch: None,
+            retry_at: None,
+            hopeless: false,
+            pending: VecDeque::new(),
+            txid: txid_seed,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The key probes with this peer are authenticated with.
+    pub fn key(&self) -> [u8; 32] {
+        self.key
+    }
+
+    pub fn candidates(&self) -> &[SocketAddr] {
+        &self.candidates
+    }
+
+    /// The proven direct address, if any.
+    pub fn direct(&self) -> Option<SocketAddr> {
+        self.direct.map(|d| d.addr)
+    }
+
+    pub fn is_punching(&self) -> bool {
+        self.punch.is_some()
+    }
+
+    /// New candidates from the control plane (peer-reflexive ones are kept).
+    pub fn set_candidates(&mut self, candidates: &[SocketAddr]) {
+        for c in candidates {
+            self.add_candidate(*c);
+        }
+    }
+
+    /// When both sides map endpoint-dependently, punching cannot work: don't try.
+    pub fn set_hopeless(&mut self, hopeless: bool) {
+        self.hopeless = hopeless;
+    }
+
+    /// Starts (or restarts) punching at `start`.
+    pub fn start_punch(&mut self, start: Instant) {
+        if self.hopeless || self.direct.is_some() {
+            return;
+        }
+        self.punch = Some(Punch { start, next: start });
+        self.retry_at = None;
+    }
+
+    /// An authenticated probe from the peer, received via `via`.
+    pub fn handle_probe(&mut self, via: Via, probe: Probe, now: Instant) {
+        match probe.kind {
+            ProbeKind::Probe => {
+                self.queue(via, ProbeKind::Ack, probe.txid);
+                if let Via::Direct(addr) = via {
+                    if self.direct.is_none_or(|d| d.addr != addr) {
+                        // Peer-reflexive: probe it back to prove the way out too.
+                        self.add_candidate(addr);
+                        self.send_probe(addr);
+                    }
+                }
+            }
+            ProbeKind::Ack => {
+                let Via::Direct(addr) = via else { return };
+                let Some(i) = self
+                    .pending
+                    .iter()
+                    .position(|(t, a)| *t == probe.txid && *a == addr)
+                else {
+                    return;
+                };
+                self.pending.remove(i);
+                self.prove(addr, now);
+                if let Some(d) = &mut self.direct {
+                    if d.outstanding == Some(probe.txid) {
+                        d.outstanding = None;
+                        d.unanswered = 0;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Authenticated WireGuard traffic arrived directly from `addr`.
+    pub fn handle_direct_traffic(&mut self, addr: SocketAddr, now: Instant) {
+        match &mut self.direct {
+            Some(d) if d.addr == addr => d.unanswered = 0,
+            _ => {
+                self.add_candidate(addr);
+                self.prove(addr, now);
+            }
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(p) = &mut self.punch {
+            if now >= p.next {
+                let elapsed = now.saturating_duration_since(p.start);
+                if elapsed >= PUNCH_FOR {
+                    self.punch = None;
+                    self.retry_at = Some(now + PUNCH_RETRY);
+                } else {
+                    p.next = now
+                        + if elapsed < PUNCH_FAST_FOR {
+                            PUNCH_FAST
+                        } else {
+                            PUNCH_SLOW
+                        };
+                    for c in self.candidates.clone() {
+                        self.send_probe(c);
+                    }
+                }
+            }
+        }
+        if self.retry_at.is_some_and(|t| now >= t) {
+            self.retry_at = None;
+            self.start_punch(now);
+        }
+        if let Some(mut d) = self.direct {
+            if now >= d.next_probe {
+                if d.outstanding.is_some() {
+                    d.unanswered += 1;
+                }
+                if d.unanswered >= LOST_AFTER {
+                    self.direct = None;
+                    self.events.push_back(PathEvent::DirectDown(d.addr));
+                    self.start_punch(now);
+                    return;
+                }
+                let txid = self.send_probe(d.addr);
+                d.outstanding = Some(txid);
+                d.next_probe = now + KEEPALIVE;
+                self.direct = Some(d);
+            }
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        [
+            self.punch.map(|p| p.next),
+            self.retry_at,
+            self.direct.map(|d| d.next_probe),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<(Via, [u8; PROBE_LEN])> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<PathEvent> {
+        self.events.pop_front()
+    }
+
+    fn prove(&mut self, addr: SocketAddr, now: Instant) {
+        if self.direct.is_some_and(|d| d.addr == addr) {
+            return;
+        }
+        self.direct = Some(Direct {
+            addr,
+            outstanding: None,
+            unanswered: 0,
+            next_probe: now + KEEPALIVE,
+        });
+        self.punch = None;
+        self.retry_at = None;
+        self.events.push_back(PathEvent::DirectUp(addr));
+    }
+
+    fn add_candidate(&mut self, addr: SocketAddr) {
+        if !self.candidates.contains(&addr) && self.candidates.len() < MAX_CANDIDATES {
+            self.candidates.push(addr);
+        }
+    }
+
+    fn send_probe(&mut self, to: SocketAddr) -> u64 {
+        self.txid = self.txid.wrapping_add(1);
+        let txid = self.txid;
+        self.pending.push_back((txid, to));
+        while self.pending.len() > 256 {
+            self.pending.pop_front();
+        }
+        self.queue(Via::Direct(to), ProbeKind::Probe, txid);
+        txid
+    }
+
+    fn queue(&mut self, via: Via, kind: ProbeKind, txid: u64) {
+        let p = Probe {
+            kind,
+            from: self.me,
+            txid,
+        };
+        self.transmits.push_back((via, p.encode(&self.key)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: [u8; 32] = [4; 32];
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn drain(p: &mut PeerPaths) -> Vec<(Via, Probe)> {
+        std::iter::from_fn(|| p.poll_transmit())
+            .map(|(v, b)| (v, Probe::decode(&b, &KEY).unwrap()))
+            .collect()
+    }
+
+    fn paths() -> PeerPaths {
+        PeerPaths::new(
+            [1; 8],
+            KEY,
+            vec![addr("192.168.1.2:51820"), addr("203.0.113.2:51820")],
+            100,
+        )
+    }
+
+    #[test]
+    fn punching_probes_every_candidate_and_an_ack_proves_the_path() {
+        let t0 = Instant::now();
+        let mut p = paths();
+        p.start_punch(t0);
+        p.handle_timeout(t0);
+        let sent = drain(&mut p);
+        assert_eq!(sent.len(), 2);
+        let (via, probe) = sent[1];
+        let ack = Probe {
+            kind: ProbeKind::Ack,
+            ..probe
+        };
+        p.handle_probe(via, ack, t0 + Duration::from_millis(30));
+        assert_eq!(p.direct(), Some(addr("203.0.113.2:51820")));
+        assert_eq!(
+            p.poll_event(),
+            Some(PathEvent::DirectUp(addr("203.0.113.2:51820")))
+        );
+        assert!(!p.is_punching());
+    }
+
+    #[test]
+    fn an_ack_from_another_address_proves_nothing() {
+        let t0 = Instant::now();
+        let mut p = paths();
+        p.start_punch(t0);
+        p.handle_timeout(t0);
+        let (_, probe) = drain(&mut p)[0];
+        p.handle_probe(
+            Via::Direct(addr("198.51.100.66:1")),
+            Probe {
+                kind: ProbeKind::Ack,
+                ..probe
+            },
+            t0,
+        );
+        assert_eq!(p.direct(), None);
+    }
+
+    #[test]
+    fn a_probe_is_acked_on_its_path_and_a_new_address_is_probed_back() {
+        let t0 = Instant::now();
+        let mut p = paths();
+        let from = addr("203.0.113.2:40999");
+        p.handle_probe(
+            Via::Direct(from),
+            Probe {
+                kind: ProbeKind::Probe,
+                from: [2; 8],
+                txid: 7,
+            },
+            t0,
+        );
+        let sent = drain(&mut p);
+        assert_eq!(sent[0].0, Via::Direct(from));
+        assert_eq!(sent[0].1.kind, ProbeKind::Ack);
+        assert_eq!(sent[0].1.txid, 7);
+        assert_eq!(sent[1], (Via::Direct(from), sent[1].1));
+        assert_eq!(sent[1].1.kind, ProbeKind::Probe);
+        assert!(p.candidates().contains(&from));
+    }
+
+    #[test]
+    fn a_probe_through_a_relay_is_acked_through_it() {
+        let t0 = Instant::now();
+        let mut p = paths();
+        p.handle_probe(
+            Via::Relay(1),
+            Probe {
+                kind: ProbeKind::Probe,
+                from: [2; 8],
+                txid: 9,
+            },
+            t0,
+        );
+        let sent = drain(&mut p);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].0, Via::Relay(1));
+    }
+
+    #[test]
+    fn punching_slows_down_then_gives_up_then_retries() {
+        let t0 = Instant::now();
+        let mut p = paths();
+        p.start_punch(t0);
+        let mut t = t0;
+        let mut rounds = 0;
+        while p.is_punching() {
+            p.handle_timeout(t);
+            drain(&mut p);
+            rounds += 1;
+            t = p.poll_timeout().unwrap();
+        }
+        // 2 s at 100 ms, then 8 s at 500 ms.
+        assert!((35..=40).contains(&rounds), "{rounds} rounds");
+        assert_eq!(p.poll_timeout(), Some(t));
+        assert!(t >= t0 + PUNCH_FOR + PUNCH_RETRY - Duration::from_millis(600));
+        p.handle_timeout(t);
+        assert!(p.is_punching());
+    }
+
+    #[test]
+    fn hopeless_pairs_do_not_punch() {
+        let t0 = Instant::now();
+        let mut p = paths();
+        p.set_hopeless(true);
+        p.start_punch(t0);
+        p.handle_timeout(t0);
+        assert!(drain(&mut p).is_empty());
+    }
+
+    #[test]
+    fn direct_path_is_lost_after_three_unanswered_keepalives() {
+        let t0 = Instant::now();
+        let mut p = paths();
+        let a = addr("203.0.113.2:51820");
+        p.handle_direct_traffic(a, t0);
+        assert_eq!(p.poll_event(), Some(PathEvent::DirectUp(a)));
+        for _ in 0..=LOST_AFTER {
+            let t = p.poll_timeout().unwrap();
+            p.handle_timeout(t);
+            drain(&mut p);
+        }
+        assert_eq!(p.direct(), None);
+        assert_eq!(p.poll_event(), Some(PathEvent::DirectDown(a)));
+        assert!(p.is_punching(), "punching starts again");
+    }
+
+    #[test]
+    fn answered_keepalives_keep_the_direct_path() {
+        let t0 = Instant::now();
+        let mut p = paths();
+        let a = addr("203.0.113.2:51820");
+        p.handle_direct_traffic(a, t0);
+        for _ in 0..10 {
+            let t = p.poll_timeout().unwrap();
+            p.handle_timeout(t);
+            for (via, probe) in drain(&mut p) {
+                p.handle_probe(
+                    via,
+                    Probe {
+                        kind: ProbeKind::Ack,
+                        ..probe
+                    },
+                    t,
+                );
+            }
+        }
+        assert_eq!(p.direct(), Some(a));
+    }
+}
