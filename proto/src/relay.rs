@@ -6,6 +6,9 @@
 //! agent returns it with its control-plane token and a signature over both by the key the token
 //! names. Data is `Send{to}` one way and `Deliver{from}` the other, the same length, so the relay
 //! forwards by rewriting 12 header bytes in place.
+//!
+//! No unauthenticated request is smaller than its answer: `BindRequest` carries
+//! [`BIND_REQUEST_PADDING`] zero bytes so that the 36-byte challenge amplifies nothing.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -15,6 +18,8 @@ pub const MAGIC: [u8; 2] = [0x52, 0x4c];
 pub const HEADER_LEN: usize = 4;
 /// Header of `Send`/`Deliver`: the 4-byte header and an 8-byte short id.
 pub const DATA_HEADER_LEN: usize = HEADER_LEN + 8;
+/// Zero bytes after a `BindRequest`'s header: it is as long as the challenge it asks for.
+pub const BIND_REQUEST_PADDING: usize = 32;
 /// Tag of the agent's bind signature.
 pub const DOMAIN_BIND: &[u8] = b"rally/relay-bind/v1";
 
@@ -149,7 +154,7 @@ impl<'a> RelayMsg<'a> {
         };
         Ok(match d[2] {
             kind::BIND_REQUEST => {
-                exact(0)?;
+                exact(BIND_REQUEST_PADDING)?;
                 RelayMsg::BindRequest
             }
             kind::BIND_CHALLENGE => RelayMsg::BindChallenge {
@@ -219,7 +224,7 @@ impl<'a> RelayMsg<'a> {
         };
         out.extend_from_slice(&[MAGIC[0], MAGIC[1], t, 0]);
         match self {
-            RelayMsg::BindRequest => {}
+            RelayMsg::BindRequest => out.extend_from_slice(&[0; BIND_REQUEST_PADDING]),
             RelayMsg::BindChallenge { cookie } => out.extend_from_slice(cookie),
             RelayMsg::Bind {
                 cookie,
@@ -412,6 +417,17 @@ mod tests {
         assert_eq!(
             RelayMsg::decode(&[0x52, 0x4c, 9, 0, 200]),
             Err(RelayDecodeError::BadField)
+        );
+    }
+
+    #[test]
+    fn no_unauthenticated_request_is_amplified() {
+        let request = RelayMsg::BindRequest.to_vec();
+        let challenge = RelayMsg::BindChallenge { cookie: [0; 32] }.to_vec();
+        assert!(request.len() >= challenge.len());
+        assert_eq!(
+            RelayMsg::decode(&[0x52, 0x4c, 1, 0]),
+            Err(RelayDecodeError::Truncated)
         );
     }
 

@@ -1,0 +1,155 @@
+//! `rally-relay`: Rally's relay and STUN server.
+//!
+//! ```text
+//! rally-relay serve --listen ADDR:PORT --control-key KEY [--max-sessions N]
+//!     [--max-sessions-per-ip N] [--metrics ADDR:PORT] [--alt-port PORT]
+//!     [--max-pps N] [--max-bps N] [--idle-timeout SECS]
+//! ```
+//!
+//! Exit status: 0 after SIGINT/SIGTERM, 1 on a runtime error (one `error: ...` line on stderr),
+//! 2 on a usage error.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use rally_proto::Key32;
+use rally_relay::{Limits, Options, Server};
+use rand_core::{OsRng, RngCore};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "rally-relay",
+    version,
+    about = "Rally relay: STUN server and authenticated packet forwarding on one UDP port"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve STUN and relay sessions until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// UDP address for STUN and relayed traffic (the usual port is 3478; 0 picks one).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: SocketAddr,
+    /// The control plane's public key (printed by `rally-control init`).
+    #[arg(long, value_name = "KEY")]
+    control_key: Key32,
+    /// Most sessions at once.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_sessions)]
+    max_sessions: usize,
+    /// Most sessions from one source IP (IPv6: per /64).
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_sessions_per_ip)]
+    max_sessions_per_ip: usize,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
+    /// A second UDP port on the same IP for RFC 5780 NAT tests (0: none).
+    #[arg(long, value_name = "PORT", default_value_t = 0)]
+    alt_port: u16,
+    /// Packets per second one session may send.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_pps,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_pps: u64,
+    /// Bits per second one session may send.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_bps,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_bps: u64,
+    /// Seconds without traffic after which a session is removed.
+    #[arg(long, value_name = "SECS", default_value_t = Limits::default().idle_timeout.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let Command::Serve(args) = cli.command;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut seed = [0u8; 32];
+    OsRng
+        .try_fill_bytes(&mut seed)
+        .map_err(|e| anyhow::anyhow!("drawing the cookie secret from the OS: {e}"))?;
+    let opts = Options {
+        listen: args.listen,
+        alt_port: args.alt_port,
+        metrics: args.metrics,
+        control_key: args.control_key,
+        limits: Limits {
+            max_sessions: args.max_sessions,
+            max_sessions_per_ip: args.max_sessions_per_ip,
+            max_pps: args.max_pps,
+            max_bps: args.max_bps,
+            idle_timeout: Duration::from_secs(args.idle_timeout),
+            ..Limits::default()
+        },
+    };
+    let server = Server::bind(opts, seed).await?;
+    tracing::info!("relay listening on {}", server.local_addr());
+    if let Some(a) = server.alt_addr() {
+        tracing::info!("alternate STUN port on {a}");
+        if a.ip().is_unspecified() {
+            tracing::warn!("listening on a wildcard address: STUN responses carry no RESPONSE-ORIGIN or OTHER-ADDRESS; listen on a specific IP for RFC 5780 NAT tests");
+        }
+    }
+    if let Some(a) = server.metrics_addr() {
+        tracing::info!("metrics listening on {a}");
+    }
+    let stats = server.run(shutdown_signal()?).await?;
+    tracing::info!(
+        sessions_total = stats.sessions_total,
+        packets_forwarded = stats.packets_forwarded,
+        "relay stopped"
+    );
+    Ok(())
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+    })
+}
+
+fn init_logging() {
+    let filter = EnvFilter::try_from_env("RALLY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
