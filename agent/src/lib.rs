@@ -1,9 +1,11 @@
 //! Rally's agent: the engine behind `rally up` and the client side of the CLI.
 
 pub mod backoff;
+pub mod conn;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod events;
 pub mod ipc;
 pub mod netcheck;
 pub mod netinfo;

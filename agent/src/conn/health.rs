@@ -1,0 +1,166 @@
+//! The health of one path: consecutive failures and successes, smoothed latency, up or down.
+//! Pure bookkeeping: [`Connection`](super::Connection) decides when probes are sent and what a
+//! transition means for the primary.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::Profile;
+
+/// A new RTT sample's weight in the latency average is `1 / RTT_WEIGHT` (TCP's SRTT uses 8;
+/// 4 follows a changed path a little faster). Integer weights keep the average exact.
+const RTT_WEIGHT: u32 = 4;
+
+/// Whether a path may carry traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathHealth {
+    /// Added, never acknowledged a probe in time.
+    Probing,
+    /// Usable.
+    Up,
+    /// Failed `failure_threshold` probes in a row; still probed, usable again after a good one.
+    Down,
+}
+
+/// What a probe outcome did to a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transition {
+    None,
+    WentUp,
+    WentDown,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Health {
+    pub state: PathHealth,
+    pub failures: u32,
+    pub successes: u32,
+    pub rtt: Option<Duration>,
+    /// Has been down since it was added: it must then earn the primary role back.
+    pub has_failed: bool,
+    pub probes_sent: u64,
+    pub probes_failed: u64,
+}
+
+impl Health {
+    pub fn new() -> Health {
+        Health {
+            state: PathHealth::Probing,
+            failures: 0,
+            successes: 0,
+            rtt: None,
+            has_failed: false,
+            probes_sent: 0,
+            probes_failed: 0,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.state == PathHealth::Up
+    }
+
+    /// Whether the path may take the primary role from a lower-priority path: at once if it
+    /// never failed, else after `recovery_threshold` good probes in a row.
+    pub fn is_trusted(&self, profile: &Profile) -> bool {
+        self.is_up() && (!self.has_failed || self.successes >= profile.recovery_threshold)
+    }
+
+    /// A probe was acknowledged after `rtt`: a success if within `max_latency`, else a failure.
+    /// Either way the sample feeds the latency average.
+    pub fn on_ack(&mut self, rtt: Duration, profile: &Profile) -> Transition {
+        self.rtt = Some(match self.rtt {
+            Some(avg) => (avg * (RTT_WEIGHT - 1) + rtt) / RTT_WEIGHT,
+            None => rtt,
+        });
+        if rtt > profile.max_latency {
+            return self.on_failure(profile);
+        }
+        self.failures = 0;
+        self.successes = self.successes.saturating_add(1);
+        if self.state == PathHealth::Up {
+            return Transition::None;
+        }
+        self.state = PathHealth::Up;
+        Transition::WentUp
+    }
+
+    /// A probe went unanswered (or answered too late).
+    pub fn on_failure(&mut self, profile: &Profile) -> Transition {
+        self.probes_failed += 1;
+        self.successes = 0;
+        self.failures = self.failures.saturating_add(1);
+        if self.state != PathHealth::Up || self.failures < profile.failure_threshold {
+            return Transition::None;
+        }
+        self.state = PathHealth::Down;
+        self.has_failed = true;
+        Transition::WentDown
+    }
+
+    /// Authenticated data arrived on the path: it is alive, whatever the probes say.
+    pub fn on_traffic(&mut self) {
+        self.failures = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn the_latency_average_weighs_a_new_sample_a_quarter() {
+        let p = Profile::stable();
+        let mut h = Health::new();
+        h.on_ack(ms(100), &p);
+        assert_eq!(h.rtt, Some(ms(100)));
+        h.on_ack(ms(400), &p);
+        assert_eq!(h.rtt, Some(ms(175)));
+        h.on_ack(ms(400), &p);
+        assert_eq!(h.rtt, Some(Duration::from_micros(231_250)));
+    }
+
+    #[test]
+    fn a_late_ack_counts_as_a_failure_but_is_measured() {
+        let p = Profile::stable();
+        let mut h = Health::new();
+        h.on_ack(ms(50), &p);
+        assert_eq!(h.on_ack(ms(900), &p), Transition::None);
+        assert_eq!((h.failures, h.successes), (1, 0));
+        assert_eq!(h.rtt, Some(Duration::from_micros(262_500)));
+    }
+
+    #[test]
+    fn a_path_goes_down_at_the_threshold_and_must_then_earn_trust() {
+        let p = Profile::stable();
+        let mut h = Health::new();
+        assert_eq!(h.on_ack(ms(10), &p), Transition::WentUp);
+        assert!(h.is_trusted(&p));
+        assert_eq!(h.on_failure(&p), Transition::None);
+        assert_eq!(h.on_failure(&p), Transition::None);
+        assert_eq!(h.on_failure(&p), Transition::WentDown);
+        assert_eq!(h.on_ack(ms(10), &p), Transition::WentUp);
+        assert!(!h.is_trusted(&p));
+        for _ in 1..p.recovery_threshold {
+            h.on_ack(ms(10), &p);
+        }
+        assert!(h.is_trusted(&p));
+    }
+
+    #[test]
+    fn traffic_clears_the_failure_count() {
+        let p = Profile::stable();
+        let mut h = Health::new();
+        h.on_ack(ms(10), &p);
+        h.on_failure(&p);
+        h.on_failure(&p);
+        h.on_traffic();
+        assert_eq!(h.on_failure(&p), Transition::None);
+        assert!(h.is_up());
+    }
+}

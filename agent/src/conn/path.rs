@@ -1,0 +1,192 @@
+//! Path identities and their ranking.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+
+/// One way to reach a peer.
+///
+/// Written as `direct:ADDR` or `relay:NAME` (see [`Display`](fmt::Display) and [`FromStr`]);
+/// that is the form in events, metrics and `rally path set-primary`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PathId {
+    /// A proven direct (punched or LAN) endpoint of the peer.
+    Direct(SocketAddr),
+    /// Through the relay with this name.
+    Relay(String),
+}
+
+/// The coarse priority of a path: direct before relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathKind {
+    Direct,
+    Relay,
+}
+
+impl PathId {
+    pub fn kind(&self) -> PathKind {
+        match self {
+            PathId::Direct(_) => PathKind::Direct,
+            PathId::Relay(_) => PathKind::Relay,
+        }
+    }
+
+    /// The relay's name, for a relayed path.
+    pub fn relay(&self) -> Option<&str> {
+        match self {
+            PathId::Relay(name) => Some(name),
+            PathId::Direct(_) => None,
+        }
+    }
+
+    /// The peer's endpoint, for a direct path.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match self {
+            PathId::Direct(a) => Some(*a),
+            PathId::Relay(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for PathId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PathId::Direct(a) => write!(f, "direct:{a}"),
+            PathId::Relay(name) => write!(f, "relay:{name}"),
+        }
+    }
+}
+
+impl fmt::Display for PathKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PathKind::Direct => "direct",
+            PathKind::Relay => "relay",
+        })
+    }
+}
+
+/// A path written in none of the accepted forms.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid path {0:?}: expected direct:IP:PORT, relay:NAME, IP:PORT or a relay name")]
+pub struct InvalidPath(pub String);
+
+impl FromStr for PathId {
+    type Err = InvalidPath;
+
+    /// Accepts `direct:IP:PORT`, `relay:NAME`, a bare `IP:PORT` (direct) or a bare relay name.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = || InvalidPath(s.to_string());
+        let valid_name = |n: &str| !n.is_empty() && !n.chars().any(char::is_whitespace);
+        if let Some(addr) = s.strip_prefix("direct:") {
+            return addr.parse().map(PathId::Direct).map_err(|_| invalid());
+        }
+        if let Some(name) = s.strip_prefix("relay:") {
+            return valid_name(name)
+                .then(|| PathId::Relay(name.to_string()))
+                .ok_or_else(invalid);
+        }
+        if let Ok(addr) = s.parse() {
+            return Ok(PathId::Direct(addr));
+        }
+        valid_name(s)
+            .then(|| PathId::Relay(s.to_string()))
+            .ok_or_else(invalid)
+    }
+}
+
+impl Serialize for PathId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A measured latency, or none yet. Derived `Ord`: any measurement sorts before none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Latency {
+    Measured(Duration),
+    Unmeasured,
+}
+
+impl From<Option<Duration>> for Latency {
+    fn from(d: Option<Duration>) -> Self {
+        d.map_or(Latency::Unmeasured, Latency::Measured)
+    }
+}
+
+/// The preference order of paths; smaller is better. The field order *is* the policy (derived
+/// `Ord`): direct before relay, then lower smoothed latency, unmeasured last, then the path id
+/// so the order is total and deterministic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rank<'a> {
+    pub kind: PathKind,
+    pub latency: Latency,
+    pub path: &'a PathId,
+}
+
+impl<'a> Rank<'a> {
+    pub fn new(path: &'a PathId, latency: Option<Duration>) -> Rank<'a> {
+        Rank {
+            kind: path.kind(),
+            latency: latency.into(),
+            path,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Option<Duration> {
+        Some(Duration::from_millis(n))
+    }
+
+    #[test]
+    fn direct_ranks_before_any_relay_and_relays_by_latency_with_unmeasured_last() {
+        let direct = PathId::Direct("203.0.113.2:51820".parse().unwrap());
+        let (a, b, c) = (
+            PathId::Relay("a".into()),
+            PathId::Relay("b".into()),
+            PathId::Relay("c".into()),
+        );
+        let mut ranks = [
+            Rank::new(&c, None),
+            Rank::new(&b, ms(20)),
+            Rank::new(&direct, ms(90)),
+            Rank::new(&a, ms(35)),
+        ];
+        ranks.sort();
+        let order: Vec<&PathId> = ranks.iter().map(|r| r.path).collect();
+        assert_eq!(order, [&direct, &b, &a, &c]);
+    }
+
+    #[test]
+    fn paths_print_and_parse_in_the_cli_form() {
+        let d = PathId::Direct("203.0.113.2:51820".parse().unwrap());
+        let r = PathId::Relay("eu-1".into());
+        assert_eq!(d.to_string(), "direct:203.0.113.2:51820");
+        assert_eq!(r.to_string(), "relay:eu-1");
+        assert_eq!(d.to_string().parse(), Ok(d.clone()));
+        assert_eq!(r.to_string().parse(), Ok(r.clone()));
+        assert_eq!("203.0.113.2:51820".parse(), Ok(d));
+        assert_eq!("eu-1".parse(), Ok(r));
+        assert_eq!(
+            "[2001:db8::1]:9".parse::<PathId>().unwrap().to_string(),
+            "direct:[2001:db8::1]:9"
+        );
+        assert!("direct:nowhere".parse::<PathId>().is_err());
+        assert!("relay:".parse::<PathId>().is_err());
+        assert!("".parse::<PathId>().is_err());
+    }
+
+    #[test]
+    fn a_path_serializes_as_its_string_form() {
+        let r = PathId::Relay("eu-1".into());
+        assert_eq!(serde_json::to_string(&r).unwrap(), "\"relay:eu-1\"");
+    }
+}

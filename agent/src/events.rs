@@ -1,0 +1,601 @@
+//! Typed events (`rally events`): what happened to which peer on which path, a bounded
+//! history, and subscribers with filters.
+//!
+//! Plain synchronous data, no clock and no tokio: the caller passes each event's time (unix
+//! milliseconds) and decides how subscribers are woken (e.g. the daemon holds the bus in a
+//! mutex next to a `Notify`). Publishing never blocks and never grows without bound: every
+//! subscriber has a bounded queue, and one that falls behind loses its oldest events and is
+//! told how many with [`Item::Lagged`].
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::conn::{ConnEvent, ConnMetrics};
+
+/// Events kept for `rally events` without `--follow`.
+pub const DEFAULT_HISTORY: usize = 100;
+/// Events a subscriber may fall behind by before it starts losing them.
+pub const DEFAULT_SUBSCRIBER_QUEUE: usize = 256;
+
+/// The event types of DESIGN.md; serialized in `snake_case` (`relay_switch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    Connected,
+    Disconnected,
+    Reconnecting,
+    Failover,
+    RelaySwitch,
+    PrimaryChange,
+    StateChange,
+    NatDetected,
+    MetricsUpdate,
+    Error,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 10] = [
+        EventType::Connected,
+        EventType::Disconnected,
+        EventType::Reconnecting,
+        EventType::Failover,
+        EventType::RelaySwitch,
+        EventType::PrimaryChange,
+        EventType::StateChange,
+        EventType::NatDetected,
+        EventType::MetricsUpdate,
+        EventType::Error,
+    ];
+
+    /// The name in JSON and on the command line (`--type relay_switch`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Connected => "connected",
+            EventType::Disconnected => "disconnected",
+            EventType::Reconnecting => "reconnecting",
+            EventType::Failover => "failover",
+            EventType::RelaySwitch => "relay_switch",
+            EventType::PrimaryChange => "primary_change",
+            EventType::StateChange => "state_change",
+            EventType::NatDetected => "nat_detected",
+            EventType::MetricsUpdate => "metrics_update",
+            EventType::Error => "error",
+        }
+    }
+
+    /// Parses a `--type` list: names separated by commas (`failover,relay_switch`).
+    pub fn parse_list(s: &str) -> Result<BTreeSet<EventType>, UnknownEventType> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::parse)
+            .collect()
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An event type name that is not one of ours.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown event type {0:?}: expected one of connected, disconnected, reconnecting, failover, relay_switch, primary_change, state_change, nat_detected, metrics_update, error")]
+pub struct UnknownEventType(pub String);
+
+impl FromStr for EventType {
+    type Err = UnknownEventType;
+
+    /// Accepts the `snake_case` name, and `-` for `_` (`relay-switch`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let name = s.replace('-', "_");
+        EventType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == name)
+            .ok_or_else(|| UnknownEventType(s.to_string()))
+    }
+}
+
+/// One event; serializes to the `rally events --json` line
+/// `{ "time", "type", "peer", "path", "message" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Unix milliseconds.
+    pub time: u64,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// The peer's name, or null for agent-wide events (`nat_detected`).
+    pub peer: Option<String>,
+    /// The path in `direct:ADDR` / `relay:NAME` form, or null.
+    pub path: Option<String>,
+    pub message: String,
+}
+
+impl Event {
+    pub fn new(time: u64, kind: EventType, message: impl Into<String>) -> Event {
+        Event {
+            time,
+            kind,
+            peer: None,
+            path: None,
+            message: message.into(),
+        }
+    }
+
+    pub fn with_peer(mut self, peer: impl Into<String>) -> Event {
+        self.peer = Some(peer.into());
+        self
+    }
+
+    pub fn with_path(mut self, path: impl fmt::Display) -> Event {
+        self.path = Some(path.to_string());
+        self
+    }
+
+    /// Translates a connection's event for `peer`; `None` for events that only go to logs
+    /// (a standby path going up or down).
+    pub fn from_conn(time: u64, peer: &str, ev: &ConnEvent) -> Option<Event> {
+        let or_none = |p: &Option<crate::conn::PathId>| {
+            p.as_ref()
+                .map_or_else(|| "none".to_string(), |p| p.to_string())
+        };
+        let (kind, path, message) = match ev {
+            ConnEvent::StateChange { from, to } => {
+                (EventType::StateChange, None, format!("{from} -> {to}"))
+            }
+            ConnEvent::Connected { path } => (
+                EventType::Connected,
+                Some(path.to_string()),
+                format!("connected via {path}"),
+            ),
+            ConnEvent::Disconnected => (EventType::Disconnected, None, "disconnected".into()),
+            ConnEvent::PrimaryChange { from, to, reason } => (
+                EventType::PrimaryChange,
+                to.as_ref().map(ToString::to_string),
+                format!(
+                    "primary {} -> {} ({})",
+                    or_none(from),
+                    or_none(to),
+                    reason.as_str()
+                ),
+            ),
+            ConnEvent::Failover { from, to } => (
+                EventType::Failover,
+                Some(to.to_string()),
+                format!("{from} failed; failed over to {to}"),
+            ),
+            ConnEvent::RelaySwitch { from, to, revert } => (
+                EventType::RelaySwitch,
+                Some(to.to_string()),
+                if *revert {
+                    format!("{from} measured slower than {to}; switched back to {to}")
+                } else {
+                    format!("primary {from} is slow; switched to faster {to}")
+                },
+            ),
+            ConnEvent::Reconnecting { attempt, attempts } => (
+                EventType::Reconnecting,
+                None,
+                match attempts {
+                    Some(n) => format!("reconnect attempt {attempt} of {n}"),
+                    None => format!("reconnect attempt {attempt}"),
+                },
+            ),
+            ConnEvent::Failed { attempts } => (
+                EventType::Error,
+                None,
+                format!(
+                    "no usable path after {attempts} reconnect attempts; waiting for a network \
+                     change, a new endpoint or `rally peer reconnect`"
+                ),
+            ),
+            ConnEvent::PathUp { .. } | ConnEvent::PathDown { .. } => return None,
+        };
+        Some(Event {
+            time,
+            kind,
+            peer: Some(peer.to_string()),
+            path,
+            message,
+        })
+    }
+
+    /// A `metrics_update` summarizing a connection.
+    pub fn metrics_update(time: u64, peer: &str, m: &ConnMetrics) -> Event {
+        let latency = m
+            .latency_ms
+            .map_or_else(|| "-".to_string(), |l| format!("{l:.1}"));
+        let event = Event::new(
+            time,
+            EventType::MetricsUpdate,
+            format!(
+                "state={} latency_ms={latency} failovers={} queued={} dropped={}",
+                m.state, m.failovers, m.queued, m.queue_dropped
+            ),
+        )
+        .with_peer(peer);
+        match &m.primary {
+            Some(p) => event.with_path(p),
+            None => event,
+        }
+    }
+
+    /// What a lagging subscriber is shown in place of the events it lost.
+    pub fn lagged(time: u64, missed: u64) -> Event {
+        Event::new(
+            time,
+            EventType::Error,
+            format!("{missed} events were missed (the reader was too slow)"),
+        )
+    }
+
+    /// One line of `rally events --json` (without the newline).
+    pub fn to_json_line(&self) -> String {
+        // A struct of strings and integers always serializes.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for Event {
+    /// `type peer path: message`, leaving out what is absent.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.kind)?;
+        if let Some(peer) = &self.peer {
+            write!(f, " {peer}")?;
+        }
+        if let Some(path) = &self.path {
+            write!(f, " {path}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Which events a subscriber (or a history query) wants. The default wants everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    /// Only these types (`None`: all).
+    pub types: Option<BTreeSet<EventType>>,
+    /// Only events about this peer (`None`: all, including agent-wide ones). The caller
+    /// resolves a name, virtual IP or id to the name events carry.
+    pub peer: Option<String>,
+}
+
+impl EventFilter {
+    pub fn all() -> EventFilter {
+        EventFilter::default()
+    }
+
+    pub fn with_types(mut self, types: impl IntoIterator<Item = EventType>) -> EventFilter {
+        self.types = Some(types.into_iter().collect());
+        self
+    }
+
+    pub fn with_peer(mut self, peer: impl Into<String>) -> EventFilter {
+        self.peer = Some(peer.into());
+        self
+    }
+
+    pub fn matches(&self, ev: &Event) -> bool {
+        self.types.as_ref().is_none_or(|t| t.contains(&ev.kind))
+            && self
+                .peer
+                .as_ref()
+                .is_none_or(|p| ev.peer.as_ref() == Some(p))
+    }
+}
+
+/// A subscription's handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SubscriberId(u64);
+
+/// What a subscriber receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    Event(Event),
+    /// `missed` events matching the filter were dropped because the subscriber fell behind;
+    /// they came before every event that follows.
+    Lagged {
+        missed: u64,
+    },
+}
+
+/// The event bus: publish, history, subscribers.
+#[derive(Debug)]
+pub struct EventBus {
+    history: VecDeque<Event>,
+    history_len: usize,
+    subscribers: BTreeMap<SubscriberId, Subscriber>,
+    next_id: u64,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    filter: EventFilter,
+    queue: VecDeque<Event>,
+    capacity: usize,
+    missed: u64,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        EventBus::new(DEFAULT_HISTORY)
+    }
+}
+
+impl EventBus {
+    /// A bus that keeps the last `history_len` events.
+    pub fn new(history_len: usize) -> EventBus {
+        EventBus {
+            history: VecDeque::with_capacity(history_len.min(1024)),
+            history_len,
+            subscribers: BTreeMap::new(),
+            next_id: 0,
+        }
+    }
+
+    /// Records `ev` in the history and hands it to every subscriber whose filter matches.
+    /// Never blocks: a full subscriber queue drops its oldest event and counts it.
+    pub fn publish(&mut self, ev: Event) {
+        for sub in self.subscribers.values_mut() {
+            if !sub.filter.matches(&ev) {
+                continue;
+            }
+            if sub.queue.len() >= sub.capacity {
+                sub.missed += 1;
+                if sub.queue.pop_front().is_none() {
+                    continue; // capacity 0: nothing is ever held
+                }
+            }
+            sub.queue.push_back(ev.clone());
+        }
+        if self.history_len == 0 {
+            return;
+        }
+        if self.history.len() >= self.history_len {
+            self.history.pop_front();
+        }
+        self.history.push_back(ev);
+    }
+
+    /// A new subscriber with the default queue length; it sees events published from now on.
+    pub fn subscribe(&mut self, filter: EventFilter) -> SubscriberId {
+        self.subscribe_with_capacity(filter, DEFAULT_SUBSCRIBER_QUEUE)
+    }
+
+    /// A new subscriber that may fall `capacity` events behind before it loses any.
+    pub fn subscribe_with_capacity(
+        &mut self,
+        filter: EventFilter,
+        capacity: usize,
+    ) -> SubscriberId {
+        let id = SubscriberId(self.next_id);
+        self.next_id += 1;
+        self.subscribers.insert(
+            id,
+            Subscriber {
+                filter,
+                queue: VecDeque::new(),
+                capacity,
+                missed: 0,
+            },
+        );
+        id
+    }
+
+    /// Returns false if there was no such subscriber.
+    pub fn unsubscribe(&mut self, id: SubscriberId) -> bool {
+        self.subscribers.remove(&id).is_some()
+    }
+
+    /// Everything the subscriber has not read yet: `Lagged` first if it lost events, then the
+    /// events in order. `None` for an unknown subscriber.
+    pub fn poll(&mut self, id: SubscriberId) -> Option<Vec<Item>> {
+        let sub = self.subscribers.get_mut(&id)?;
+        let lagged = (sub.missed > 0).then_some(Item::Lagged { missed: sub.missed });
+        sub.missed = 0;
+        Some(
+            lagged
+                .into_iter()
+                .chain(sub.queue.drain(..).map(Item::Event))
+                .collect(),
+        )
+    }
+
+    /// Whether the subscriber has anything to read.
+    pub fn has_pending(&self, id: SubscriberId) -> bool {
+        self.subscribers
+            .get(&id)
+            .is_some_and(|s| s.missed > 0 || !s.queue.is_empty())
+    }
+
+    /// The recent events matching `filter`, oldest first.
+    pub fn history(&self, filter: &EventFilter) -> Vec<Event> {
+        self.history
+            .iter()
+            .filter(|e| filter.matches(e))
+            .cloned()
+            .collect()
+    }
+
+    pub fn subscribers(&self) -> usize {
+        self.subscribers.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::{PathId, PrimaryReason};
+
+    #[test]
+    fn events_history_is_bounded() {
+        let mut bus = EventBus::default();
+        for t in 0..150 {
+            bus.publish(event(t, EventType::StateChange, "alice"));
+        }
+
+        let history = bus.history(&EventFilter::all());
+
+        assert_eq!(history.len(), DEFAULT_HISTORY);
+        assert_eq!(history.first().map(|e| e.time), Some(50));
+        assert_eq!(history.last().map(|e| e.time), Some(149));
+    }
+
+    #[test]
+    fn slow_subscriber_is_told_how_many_it_missed() {
+        let mut bus = EventBus::default();
+        let slow = bus.subscribe_with_capacity(EventFilter::all(), 10);
+        let fast = bus.subscribe_with_capacity(EventFilter::all(), 100);
+        for t in 0..25 {
+            bus.publish(event(t, EventType::Failover, "alice"));
+        }
+
+        let items = bus.poll(slow).unwrap();
+
+        assert_eq!(items[0], Item::Lagged { missed: 15 });
+        assert_eq!(times(&items[1..]), (15..25).collect::<Vec<u64>>());
+        assert_eq!(
+            times(&bus.poll(fast).unwrap()),
+            (0..25).collect::<Vec<u64>>()
+        );
+        bus.publish(event(25, EventType::Failover, "alice"));
+        assert_eq!(
+            bus.poll(slow).unwrap(),
+            [Item::Event(event(25, EventType::Failover, "alice"))],
+            "told once, then back to normal"
+        );
+    }
+
+    #[test]
+    fn subscriber_filters_by_type_and_peer() {
+        let mut bus = EventBus::default();
+        let by_type = bus.subscribe(
+            EventFilter::all().with_types([EventType::Failover, EventType::RelaySwitch]),
+        );
+        let by_peer = bus.subscribe(EventFilter::all().with_peer("alice"));
+        let both = bus.subscribe(
+            EventFilter::all()
+                .with_types([EventType::Failover])
+                .with_peer("bob"),
+        );
+        bus.publish(event(1, EventType::Failover, "alice"));
+        bus.publish(event(2, EventType::RelaySwitch, "bob"));
+        bus.publish(event(3, EventType::StateChange, "alice"));
+        bus.publish(event(4, EventType::Failover, "bob"));
+        bus.publish(Event::new(
+            5,
+            EventType::NatDetected,
+            "endpoint-independent",
+        ));
+
+        assert_eq!(times(&bus.poll(by_type).unwrap()), [1, 2, 4]);
+        assert_eq!(times(&bus.poll(by_peer).unwrap()), [1, 3]);
+        assert_eq!(times(&bus.poll(both).unwrap()), [4]);
+        let alice_failovers = EventFilter::all()
+            .with_types([EventType::Failover])
+            .with_peer("alice");
+        assert_eq!(bus.history(&alice_failovers).len(), 1);
+    }
+
+    #[test]
+    fn an_event_serializes_to_the_json_lines_shape() {
+        let ev = event(1_700_000_000_123, EventType::RelaySwitch, "alice").with_path("relay:eu");
+
+        let json: serde_json::Value = serde_json::from_str(&ev.to_json_line()).unwrap();
+
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "time": 1_700_000_000_123u64,
+                "type": "relay_switch",
+                "peer": "alice",
+                "path": "relay:eu",
+                "message": "something happened",
+            })
+        );
+        assert_eq!(serde_json::from_value::<Event>(json).unwrap(), ev);
+        let agent_wide = Event::new(1, EventType::NatDetected, "x").to_json_line();
+        assert!(agent_wide.contains("\"peer\":null"));
+    }
+
+    #[test]
+    fn connection_events_become_typed_events() {
+        let direct = PathId::Direct("203.0.113.2:51820".parse().unwrap());
+        let eu = PathId::Relay("eu".into());
+
+        let failover = Event::from_conn(
+            7,
+            "alice",
+            &ConnEvent::Failover {
+                from: direct.clone(),
+                to: eu.clone(),
+            },
+        )
+        .unwrap();
+        let change = Event::from_conn(
+            7,
+            "alice",
+            &ConnEvent::PrimaryChange {
+                from: Some(direct.clone()),
+                to: Some(eu.clone()),
+                reason: PrimaryReason::Failover,
+            },
+        )
+        .unwrap();
+        let failed = Event::from_conn(8, "alice", &ConnEvent::Failed { attempts: 10 }).unwrap();
+
+        assert_eq!(failover.kind, EventType::Failover);
+        assert_eq!(failover.path.as_deref(), Some("relay:eu"));
+        assert_eq!(
+            failover.message,
+            "direct:203.0.113.2:51820 failed; failed over to relay:eu"
+        );
+        assert_eq!(change.kind, EventType::PrimaryChange);
+        assert_eq!(failed.kind, EventType::Error);
+        assert_eq!(
+            Event::from_conn(9, "alice", &ConnEvent::PathUp { path: direct }),
+            None
+        );
+    }
+
+    #[test]
+    fn event_types_parse_from_a_comma_list() {
+        assert_eq!(
+            EventType::parse_list("failover,relay-switch"),
+            Ok(BTreeSet::from([
+                EventType::Failover,
+                EventType::RelaySwitch
+            ]))
+        );
+        assert!(EventType::parse_list("failover,bogus").is_err());
+    }
+
+    #[test]
+    fn publishing_to_a_subscriber_with_no_room_only_counts() {
+        let mut bus = EventBus::new(0);
+        let sub = bus.subscribe_with_capacity(EventFilter::all(), 0);
+        bus.publish(event(1, EventType::Error, "alice"));
+        assert_eq!(bus.poll(sub).unwrap(), [Item::Lagged { missed: 1 }]);
+        assert!(bus.history(&EventFilter::all()).is_empty());
+        assert!(bus.unsubscribe(sub));
+        assert_eq!(bus.poll(sub), None);
+    }
+
+    fn event(time: u64, kind: EventType, peer: &str) -> Event {
+        Event::new(time, kind, "something happened").with_peer(peer)
+    }
+
+    fn times(items: &[Item]) -> Vec<u64> {
+        items
+            .iter()
+            .map(|i| match i {
+                Item::Event(e) => e.time,
+                Item::Lagged { .. } => panic!("unexpected {i:?}"),
+            })
+            .collect()
+    }
+}
