@@ -15,8 +15,10 @@ use tokio::net::{UdpSocket, UnixListener};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::conn::{PathId, Profile};
 use crate::control::{self, ControlError, ControlEvent, ControlHandle, Registration};
 use crate::dataplane::{Engine, EngineCmd, EngineConfig, EngineEvent, EngineHandle};
+use crate::events::{EventBus, EventFilter, Item};
 use crate::ipc::{self, ControlStatus, IpcReply, IpcRequest, IpcResult, StatusReport};
 use crate::netinfo::local_endpoints;
 use crate::state::{ControlTarget, StateDir, StateError};
@@ -32,6 +34,7 @@ pub struct Config {
     pub name: String,
     pub listen_port: u16,
     pub tun_name: String,
+    pub profile: Profile,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +68,7 @@ struct Daemon {
     events: mpsc::UnboundedSender<ControlEvent>,
     engine_events: mpsc::UnboundedSender<EngineEvent>,
     stop: mpsc::UnboundedSender<Option<String>>,
+    bus: Arc<Mutex<EventBus>>,
 }
 
 #[derive(Default)]
@@ -132,6 +136,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         events: events_tx,
         engine_events: engine_tx,
         stop: stop_tx,
+        bus: Arc::new(Mutex::new(EventBus::new(crate::events::DEFAULT_HISTORY))),
         state,
         cfg,
     });
@@ -209,6 +214,8 @@ impl Daemon {
                     .into_iter()
                     .map(|e| e.ip())
                     .collect(),
+                profile: self.cfg.profile.clone(),
+                bus: self.bus.clone(),
             },
             self.engine_events.clone(),
         )
@@ -429,12 +436,107 @@ impl Daemon {
             let daemon = self.clone();
             tokio::spawn(async move {
                 let reply = match ipc::read_request(&mut stream).await {
+                    Ok(IpcRequest::Events {
+                        follow,
+                        types,
+                        peer,
+                    }) => {
+                        daemon.stream_events(&mut stream, follow, types, peer).await;
+                        return;
+                    }
                     Ok(req) => daemon.handle_request(req).await,
                     Err(e) => Err(format!("bad request: {e}")),
                 };
                 let _ = ipc::write_reply(&mut stream, &reply).await;
             });
         }
+    }
+
+    /// `rally events`: the history, then (following) new events as they come, one frame
+    /// each, until the client hangs up.
+    async fn stream_events(
+        &self,
+        stream: &mut tokio::net::UnixStream,
+        follow: bool,
+        types: Option<Vec<crate::events::EventType>>,
+        peer: Option<String>,
+    ) {
+        let filter = EventFilter {
+            types: types.map(|t| t.into_iter().collect()),
+            peer: match peer {
+                Some(p) => Some(self.peer_name(&p).await.unwrap_or(p)),
+                None => None,
+            },
+        };
+        let (history, sub) = {
+            let mut bus = self.bus.lock().unwrap_or_else(|e| e.into_inner());
+            let sub = follow.then(|| bus.subscribe(filter.clone()));
+            (bus.history(&filter), sub)
+        };
+        let first: IpcResult = Ok(IpcReply::Events {
+            events: history,
+            missed: 0,
+        });
+        if ipc::write_frame(stream, &first).await.is_err() {
+            return;
+        }
+        let Some(sub) = sub else {
+            let _ = tokio::io::AsyncWriteExt::shutdown(stream).await;
+            return;
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            let items = self
+                .bus
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .poll(sub)
+                .unwrap_or_default();
+            let mut events = Vec::new();
+            let mut missed = 0;
+            for item in items {
+                match item {
+                    Item::Event(e) => events.push(e),
+                    Item::Lagged { missed: m } => missed += m,
+                }
+            }
+            if events.is_empty() && missed == 0 {
+                // Notice a client that went away even while nothing happens.
+                if ipc::peer_gone(stream).await {
+                    break;
+                }
+                continue;
+            }
+            let frame: IpcResult = Ok(IpcReply::Events { events, missed });
+            if ipc::write_frame(stream, &frame).await.is_err() {
+                break;
+            }
+        }
+        self.bus
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unsubscribe(sub);
+    }
+
+    /// The name events carry for a peer given as name, virtual IP or id.
+    async fn peer_name(&self, query: &str) -> Option<String> {
+        let engine = self.lock().engine.clone()?;
+        let peers = engine.peers().await;
+        crate::ipc::resolve_peer(&peers, query)
+            .ok()
+            .map(|p| p.name.clone())
+    }
+
+    async fn peer_id(&self, query: &str) -> Result<Key32, String> {
+        let engine = self
+            .lock()
+            .engine
+            .clone()
+            .ok_or("the agent has no peers yet")?;
+        let peers = engine.peers().await;
+        let p = crate::ipc::resolve_peer(&peers, query)?;
+        p.peer_id.parse().map_err(|_| "bad peer id".to_string())
     }
 
     async fn handle_request(self: &Arc<Self>, req: IpcRequest) -> IpcResult {
@@ -493,6 +595,23 @@ impl Daemon {
                 let nat = engine.netcheck().await?;
                 Ok(IpcReply::Netcheck(nat))
             }
+            IpcRequest::PeerReconnect { peer } => {
+                let id = self.peer_id(&peer).await?;
+                let engine = self.lock().engine.clone().ok_or("no data plane")?;
+                engine.send(EngineCmd::Reconnect(Some(id)));
+                Ok(IpcReply::Ok)
+            }
+            IpcRequest::SetPrimary { peer, path } => {
+                let id = self.peer_id(&peer).await?;
+                let path: PathId = path.parse().map_err(|e| format!("{e}"))?;
+                let engine = self.lock().engine.clone().ok_or("no data plane")?;
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                engine.send(EngineCmd::SetPrimary(id, path, tx));
+                rx.await
+                    .map_err(|_| "the data plane stopped".to_string())??;
+                Ok(IpcReply::Ok)
+            }
+            IpcRequest::Events { .. } => Err("events are streamed".into()),
             IpcRequest::Down => {
                 let _ = self.stop.send(None);
                 Ok(IpcReply::Ok)

@@ -30,6 +30,19 @@ pub enum IpcRequest {
     },
     PartyList,
     Netcheck,
+    /// Event history; with `follow`, then every new event until the client hangs up.
+    Events {
+        follow: bool,
+        types: Option<Vec<crate::events::EventType>>,
+        peer: Option<String>,
+    },
+    PeerReconnect {
+        peer: String,
+    },
+    SetPrimary {
+        peer: String,
+        path: String,
+    },
     Down,
 }
 
@@ -48,6 +61,11 @@ pub enum IpcReply {
         parties: Vec<PartyInfo>,
     },
     Netcheck(NatReport),
+    Events {
+        events: Vec<crate::events::Event>,
+        /// Events this follower missed because it read too slowly.
+        missed: u64,
+    },
     Ok,
 }
 
@@ -122,4 +140,78 @@ pub async fn write_reply(stream: &mut UnixStream, reply: &IpcResult) -> Result<(
     stream.write_all(&frame::encode(reply)).await?;
     stream.shutdown().await?;
     Ok(())
+}
+
+/// Writes one reply frame without closing the stream (for streamed replies).
+pub async fn write_frame(stream: &mut UnixStream, reply: &IpcResult) -> std::io::Result<()> {
+    stream.write_all(&frame::encode(reply)).await
+}
+
+/// Whether the client of a streamed reply has hung up.
+pub async fn peer_gone(stream: &UnixStream) -> bool {
+    let mut b = [0u8; 1];
+    match stream.try_read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+/// Sends a request whose reply is a stream of frames; `on_reply` returns false to stop.
+pub async fn call_stream(
+    socket: &Path,
+    req: &IpcRequest,
+    mut on_reply: impl FnMut(IpcResult) -> bool,
+) -> Result<(), IpcError> {
+    let mut stream = UnixStream::connect(socket)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                IpcError::NotRunning(socket.display().to_string())
+            }
+            _ => IpcError::Io(e),
+        })?;
+    stream.write_all(&frame::encode(req)).await?;
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        while let Some(reply) = decoder.next_msg::<IpcResult>()? {
+            if !on_reply(reply) {
+                return Ok(());
+            }
+        }
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return match decoder.finish() {
+                Some(e) => Err(e.into()),
+                None => Ok(()),
+            };
+        }
+        decoder.extend(&buf[..n]);
+    }
+}
+
+/// Finds a peer by name, virtual IP, peer id, or a unique prefix of the id (4+ characters).
+pub fn resolve_peer<'a>(peers: &'a [PeerStatus], query: &str) -> Result<&'a PeerStatus, String> {
+    if let Some(p) = peers
+        .iter()
+        .find(|p| p.name == query || p.virtual_ip.to_string() == query || p.peer_id == query)
+    {
+        return Ok(p);
+    }
+    let by_prefix: Vec<&PeerStatus> = if query.len() >= 4 {
+        peers
+            .iter()
+            .filter(|p| p.peer_id.starts_with(query))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    match by_prefix.as_slice() {
+        [p] => Ok(p),
+        [] => Err(format!("no peer named {query:?} (see `rally peers`)")),
+        _ => Err(format!(
+            "{query:?} matches several peers; give more of the id"
+        )),
+    }
 }

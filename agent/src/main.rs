@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use rally_agent::conn::Profile;
 use rally_agent::daemon::{self, Config};
 use rally_agent::dataplane::PeerStatus;
+use rally_agent::events::EventType;
 use rally_agent::ipc::{self, IpcReply, IpcRequest};
 use rally_agent::state::{ControlTarget, DEFAULT_STATE_DIR};
 use rally_proto::control::{validate_name, PartyInfo};
@@ -27,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent in the foreground.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Stop the running agent.
     Down,
     /// Create, join, leave and list parties.
@@ -49,6 +51,32 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Connection events: failovers, relay switches, state changes… (history, then new ones
+    /// with --follow).
+    Events {
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only these types, comma-separated (e.g. failover,relay_switch).
+        #[arg(long = "type", value_parser = parse_types)]
+        types: Option<Vec<EventType>>,
+        /// Only events about this peer (name, virtual IP or id).
+        #[arg(long)]
+        peer: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per-peer metrics: path, state, latency, bytes, failovers, every path's health.
+    Metrics {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Peer commands.
+    #[command(subcommand)]
+    Peer(PeerCmd),
+    /// Path commands.
+    #[command(subcommand)]
+    Path(PathCmd),
     /// Ping a peer over the overlay.
     Ping {
         /// Name, virtual IP or peer id.
@@ -79,6 +107,32 @@ struct UpArgs {
     /// Name of the TUN device.
     #[arg(long, default_value = "rally0")]
     tun: String,
+    /// Connection profile: how often paths are probed, when they fail, how reconnects back off.
+    #[arg(long, default_value = "stable", value_parser = parse_profile)]
+    profile: Profile,
+}
+
+fn parse_profile(s: &str) -> Result<Profile, String> {
+    s.parse::<Profile>().map_err(|e| e.to_string())
+}
+
+#[derive(Subcommand)]
+enum PeerCmd {
+    /// Retry every path to a peer now (after `failed`, or to force a new punch).
+    Reconnect { peer: String },
+}
+
+#[derive(Subcommand)]
+enum PathCmd {
+    /// Pin a peer's traffic to one path (`direct:IP:PORT`, `relay:NAME`, or `direct`) until
+    /// that path fails.
+    SetPrimary { peer: String, path: String },
+}
+
+fn parse_types(s: &str) -> Result<Vec<EventType>, String> {
+    EventType::parse_list(s)
+        .map(|set| set.into_iter().collect())
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -107,7 +161,7 @@ enum PartyCmd {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Up(args) => up(&cli.state_dir, args),
+        Cmd::Up(args) => up(&cli.state_dir, *args),
         cmd => client(&cli.state_dir, cmd),
     };
     if let Err(e) = result {
@@ -143,6 +197,7 @@ fn up(state_dir: &Path, args: UpArgs) -> Result<()> {
         name,
         listen_port: args.listen_port,
         tun_name: args.tun,
+        profile: args.profile,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(daemon::run(cfg))?;
@@ -277,6 +332,96 @@ async fn run_client(state_dir: &Path, cmd: Cmd) -> Result<()> {
                 print_peers(&peers);
             }
         }
+        Cmd::Events {
+            follow,
+            types,
+            peer,
+            json,
+        } => {
+            let socket = state_dir.join("rally.sock");
+            let req = IpcRequest::Events {
+                follow,
+                types,
+                peer,
+            };
+            let mut failure = None;
+            ipc::call_stream(&socket, &req, |reply| match reply {
+                Ok(IpcReply::Events { events, missed }) => {
+                    if missed > 0 {
+                        eprintln!("({missed} events missed: reading too slowly)");
+                    }
+                    for e in events {
+                        if json {
+                            println!("{}", e.to_json_line());
+                        } else {
+                            println!(
+                                "{} {:<14} {:<12} {:<24} {}",
+                                e.time,
+                                e.kind.as_str(),
+                                e.peer.as_deref().unwrap_or("-"),
+                                e.path.as_deref().unwrap_or("-"),
+                                e.message
+                            );
+                        }
+                    }
+                    true
+                }
+                Ok(_) => true,
+                Err(e) => {
+                    failure = Some(e);
+                    false
+                }
+            })
+            .await?;
+            if let Some(e) = failure {
+                bail!(e);
+            }
+        }
+        Cmd::Metrics { json } => {
+            let peers = peers(state_dir).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&peers)?);
+            } else {
+                for p in &peers {
+                    println!(
+                        "{} ({}) {} via {}, {} failovers, {} relay switches, {} queued ({} dropped)",
+                        p.name,
+                        p.virtual_ip,
+                        p.state,
+                        path_label(p),
+                        p.failovers,
+                        p.relay_switches,
+                        p.queued,
+                        p.queue_dropped
+                    );
+                    for m in &p.paths {
+                        println!(
+                            "  {:<28} {:<8} {:>9} priority {}{}",
+                            m.path.to_string(),
+                            format!("{:?}", m.health).to_lowercase(),
+                            m.latency_ms.map_or("-".into(), |l| format!("{l:.1} ms")),
+                            m.priority,
+                            if m.is_primary { "  (primary)" } else { "" }
+                        );
+                    }
+                }
+            }
+        }
+        Cmd::Peer(PeerCmd::Reconnect { peer }) => {
+            call(state_dir, IpcRequest::PeerReconnect { peer: peer.clone() }).await?;
+            println!("reconnecting to {peer}");
+        }
+        Cmd::Path(PathCmd::SetPrimary { peer, path }) => {
+            call(
+                state_dir,
+                IpcRequest::SetPrimary {
+                    peer: peer.clone(),
+                    path: path.clone(),
+                },
+            )
+            .await?;
+            println!("{peer}: primary path pinned to {path}");
+        }
         Cmd::Netcheck { json } => {
             let IpcReply::Netcheck(nat) = call(state_dir, IpcRequest::Netcheck).await? else {
                 bail!("unexpected reply from the daemon");
@@ -382,36 +527,15 @@ fn bytes(n: u64) -> String {
     }
 }
 
-/// Finds a peer by name, virtual IP, peer id, or a unique prefix of the id.
-fn resolve<'a>(peers: &'a [PeerStatus], query: &str) -> Result<&'a PeerStatus> {
-    if let Some(p) = peers
-        .iter()
-        .find(|p| p.name == query || p.virtual_ip.to_string() == query || p.peer_id == query)
-    {
-        return Ok(p);
-    }
-    let by_prefix: Vec<&PeerStatus> = if query.len() >= 4 {
-        peers
-            .iter()
-            .filter(|p| p.peer_id.starts_with(query))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    match by_prefix.as_slice() {
-        [p] => Ok(p),
-        [] => bail!("no peer named {query:?} (see `rally peers`)"),
-        _ => bail!("{query:?} matches several peers; give more of the id"),
-    }
-}
-
 async fn ping(state_dir: &Path, query: &str, count: u32, interval: f64) -> Result<()> {
     if !(0.01..=60.0).contains(&interval) {
         eprintln!("error: --interval must be between 0.01 and 60 seconds");
         std::process::exit(2);
     }
     let list = peers(state_dir).await?;
-    let peer = resolve(&list, query)?.clone();
+    let peer = ipc::resolve_peer(&list, query)
+        .map_err(|e| anyhow!(e))?
+        .clone();
     let client = surge_ping::Client::new(&surge_ping::Config::default())
         .context("opening an ICMP socket (needs root or CAP_NET_RAW)")?;
     let mut pinger = client

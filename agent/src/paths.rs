@@ -1,6 +1,7 @@
-//! The paths to one peer (sans-IO): hole punching with authenticated probes, the proven direct
-//! path and its liveness. Relays are chosen by the engine; this machine says whether a direct
-//! path is proven and where.
+//! Hole punching towards one peer (sans-IO): probes to every candidate until one is proven.
+//! Once a direct path is proven it belongs to the peer's connection manager (`conn`), which
+//! watches its health; when that manager gives the path up, [`PeerPaths::forget_direct`]
+//! starts punching again.
 //!
 //! A direct path is proven by an acknowledged probe, or by authenticated traffic from an address
 //! (a WireGuard packet that decrypts). A probe from an unknown address (a peer-reflexive
@@ -20,10 +21,6 @@ const PUNCH_SLOW: Duration = Duration::from_millis(500);
 const PUNCH_FOR: Duration = Duration::from_secs(10);
 /// After a punch fails, try again this much later.
 const PUNCH_RETRY: Duration = Duration::from_secs(30);
-/// Probe interval on a proven direct path.
-const KEEPALIVE: Duration = Duration::from_secs(5);
-/// Unanswered keepalive probes before the direct path counts as lost.
-const LOST_AFTER: u32 = 3;
 /// Most candidates (reported and peer-reflexive) kept.
 const MAX_CANDIDATES: usize = 24;
 
@@ -37,15 +34,6 @@ pub enum Via {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathEvent {
     DirectUp(SocketAddr),
-    DirectDown(SocketAddr),
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Direct {
-    addr: SocketAddr,
-    outstanding: Option<u64>,
-    unanswered: u32,
-    next_probe: Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -58,7 +46,7 @@ pub struct PeerPaths {
     me: ShortId,
     key: [u8; 32],
     candidates: Vec<SocketAddr>,
-    direct: Option<Direct>,
+    direct: Option<SocketAddr>,
     punch: Option<Punch>,
     retry_at: Option<Instant>,
     /// Skip punching (both sides map endpoint-dependently): relay only.
@@ -98,7 +86,13 @@ impl PeerPaths {
 
     /// The proven direct address, if any.
     pub fn direct(&self) -> Option<SocketAddr> {
-        self.direct.map(|d| d.addr)
+        self.direct
+    }
+
+    /// The connection manager gave the direct path up: punch again from `now`.
+    pub fn forget_direct(&mut self, now: Instant) {
+        self.direct = None;
+        self.start_punch(now);
     }
 
     pub fn is_punching(&self) -> bool {
@@ -127,12 +121,12 @@ impl PeerPaths {
     }
 
     /// An authenticated probe from the peer, received via `via`.
-    pub fn handle_probe(&mut self, via: Via, probe: Probe, now: Instant) {
+    pub fn handle_probe(&mut self, via: Via, probe: Probe, _now: Instant) {
         match probe.kind {
             ProbeKind::Probe => {
                 self.queue(via, ProbeKind::Ack, probe.txid);
                 if let Via::Direct(addr) = via {
-                    if self.direct.is_none_or(|d| d.addr != addr) {
+                    if self.direct != Some(addr) {
                         // Peer-reflexive: probe it back to prove the way out too.
                         self.add_candidate(addr);
                         self.send_probe(addr);
@@ -149,25 +143,16 @@ impl PeerPaths {
                     return;
                 };
                 self.pending.remove(i);
-                self.prove(addr, now);
-                if let Some(d) = &mut self.direct {
-                    if d.outstanding == Some(probe.txid) {
-                        d.outstanding = None;
-                        d.unanswered = 0;
-                    }
-                }
+                self.prove(addr);
             }
         }
     }
 
     /// Authenticated WireGuard traffic arrived directly from `addr`.
-    pub fn handle_direct_traffic(&mut self, addr: SocketAddr, now: Instant) {
-        match &mut self.direct {
-            Some(d) if d.addr == addr => d.unanswered = 0,
-            _ => {
-                self.add_candidate(addr);
-                self.prove(addr, now);
-            }
+    pub fn handle_direct_traffic(&mut self, addr: SocketAddr) {
+        if self.direct != Some(addr) {
+            self.add_candidate(addr);
+            self.prove(addr);
         }
     }
 
@@ -195,34 +180,13 @@ impl PeerPaths {
             self.retry_at = None;
             self.start_punch(now);
         }
-        if let Some(mut d) = self.direct {
-            if now >= d.next_probe {
-                if d.outstanding.is_some() {
-                    d.unanswered += 1;
-                }
-                if d.unanswered >= LOST_AFTER {
-                    self.direct = None;
-                    self.events.push_back(PathEvent::DirectDown(d.addr));
-                    self.start_punch(now);
-                    return;
-                }
-                let txid = self.send_probe(d.addr);
-                d.outstanding = Some(txid);
-                d.next_probe = now + KEEPALIVE;
-                self.direct = Some(d);
-            }
-        }
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [
-            self.punch.map(|p| p.next),
-            self.retry_at,
-            self.direct.map(|d| d.next_probe),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        [self.punch.map(|p| p.next), self.retry_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub fn poll_transmit(&mut self) -> Option<(Via, [u8; PROBE_LEN])> {
@@ -233,16 +197,11 @@ impl PeerPaths {
         self.events.pop_front()
     }
 
-    fn prove(&mut self, addr: SocketAddr, now: Instant) {
-        if self.direct.is_some_and(|d| d.addr == addr) {
+    fn prove(&mut self, addr: SocketAddr) {
+        if self.direct == Some(addr) {
             return;
         }
-        self.direct = Some(Direct {
-            addr,
-            outstanding: None,
-            unanswered: 0,
-            next_probe: now + KEEPALIVE,
-        });
+        self.direct = Some(addr);
         self.punch = None;
         self.retry_at = None;
         self.events.push_back(PathEvent::DirectUp(addr));
@@ -413,42 +372,17 @@ mod tests {
     }
 
     #[test]
-    fn direct_path_is_lost_after_three_unanswered_keepalives() {
+    fn forgetting_the_direct_path_punches_again() {
         let t0 = Instant::now();
         let mut p = paths();
         let a = addr("203.0.113.2:51820");
-        p.handle_direct_traffic(a, t0);
+        p.handle_direct_traffic(a);
         assert_eq!(p.poll_event(), Some(PathEvent::DirectUp(a)));
-        for _ in 0..=LOST_AFTER {
-            let t = p.poll_timeout().unwrap();
-            p.handle_timeout(t);
-            drain(&mut p);
-        }
+        assert!(!p.is_punching());
+        p.forget_direct(t0);
         assert_eq!(p.direct(), None);
-        assert_eq!(p.poll_event(), Some(PathEvent::DirectDown(a)));
-        assert!(p.is_punching(), "punching starts again");
-    }
-
-    #[test]
-    fn answered_keepalives_keep_the_direct_path() {
-        let t0 = Instant::now();
-        let mut p = paths();
-        let a = addr("203.0.113.2:51820");
-        p.handle_direct_traffic(a, t0);
-        for _ in 0..10 {
-            let t = p.poll_timeout().unwrap();
-            p.handle_timeout(t);
-            for (via, probe) in drain(&mut p) {
-                p.handle_probe(
-                    via,
-                    Probe {
-                        kind: ProbeKind::Ack,
-                        ..probe
-                    },
-                    t,
-                );
-            }
-        }
-        assert_eq!(p.direct(), Some(a));
+        assert!(p.is_punching());
+        p.handle_timeout(t0);
+        assert_eq!(drain(&mut p).len(), 2, "every candidate is probed again");
     }
 }

@@ -54,6 +54,11 @@ pub fn rally_control() -> Result<PathBuf> {
     bin_path("rally-control")
 }
 
+/// The lab's own binary, `rally-lab` (its `stun-server`, `stun-probe`, `udp-send`).
+pub fn rally_lab() -> Result<PathBuf> {
+    bin_path("rally-lab")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

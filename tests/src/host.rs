@@ -1,4 +1,4 @@
-//! A host: one network namespace on the lab's "internet", with one address.
+//! A host: one network namespace with one address, on the lab's "internet" or on a router's LAN.
 
 use std::ffi::OsStr;
 use std::fs::OpenOptions;
@@ -22,26 +22,57 @@ pub const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 /// (default: the caller's `RALLY_LOG`, else `info`).
 pub const LOG_ENV: &str = "RALLY_LAB_LOG";
 
+/// Something whose traffic reaches the lab's internet: a public host, a host behind a router,
+/// or a router. `Lab::set_wan`, `Lab::cut` and `Lab::restore` take any of them.
+pub trait Site {
+    /// The name shown in messages.
+    fn site_name(&self) -> &str;
+    /// The address the internet sees its traffic come from.
+    fn public_ip(&self) -> Ipv4Addr;
+    /// The emulated uplink carrying its traffic (a WAN host's own, or its outermost router's);
+    /// `None` for a host added with `Lab::add_host`, which sits on the bridge directly.
+    fn uplink(&self) -> Option<&str>;
+}
+
+/// Where a host sits.
+#[derive(Clone, Debug)]
+pub(crate) struct Placement {
+    /// The address the internet sees (its own, or its outermost router's WAN address).
+    pub(crate) public_ip: Ipv4Addr,
+    /// The emulated uplink carrying its traffic, by name.
+    pub(crate) uplink: Option<String>,
+    /// The router whose LAN it is on.
+    pub(crate) router: Option<String>,
+}
+
 /// A machine in the lab. Cheap to clone; all clones name the same namespace.
 #[derive(Clone)]
 pub struct Host {
     name: String,
     ns: String,
     ip: Ipv4Addr,
+    placement: Placement,
     shared: Arc<Shared>,
 }
 
 impl Host {
-    pub(crate) fn new(name: &str, ns: String, ip: Ipv4Addr, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(
+        name: &str,
+        ns: String,
+        ip: Ipv4Addr,
+        placement: Placement,
+        shared: Arc<Shared>,
+    ) -> Self {
         Host {
             name: name.to_owned(),
             ns,
             ip,
+            placement,
             shared,
         }
     }
 
-    /// The name given to `Lab::add_host`.
+    /// The name given to `Lab::add_host` (or `add_wan_host`, `add_host_behind`).
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -51,9 +82,21 @@ impl Host {
         &self.ns
     }
 
-    /// The host's address on the lab's internet (in 198.51.100.0/24).
+    /// The host's own address: on the lab's internet (in 198.51.100.0/24) for a public host,
+    /// on its router's LAN (192.168.x.0/24) for a host behind a router.
     pub fn ip(&self) -> Ipv4Addr {
         self.ip
+    }
+
+    /// The address the internet sees this host's traffic come from: `ip()` for a public host,
+    /// the (outermost) router's WAN address for a host behind a router.
+    pub fn public_ip(&self) -> Ipv4Addr {
+        self.placement.public_ip
+    }
+
+    /// The name of the router whose LAN this host is on; `None` for a public host.
+    pub fn router(&self) -> Option<&str> {
+        self.placement.router.as_deref()
     }
 
     /// The lab's scratch directory (state dirs, data dirs, logs).
@@ -127,6 +170,20 @@ impl Host {
             .dir()
             .join("logs")
             .join(format!("{}-{what}.log", self.name))
+    }
+}
+
+impl Site for Host {
+    fn site_name(&self) -> &str {
+        &self.name
+    }
+
+    fn public_ip(&self) -> Ipv4Addr {
+        self.placement.public_ip
+    }
+
+    fn uplink(&self) -> Option<&str> {
+        self.placement.uplink.as_deref()
     }
 }
 

@@ -2,8 +2,12 @@
 //!
 //! A [`Lab`] is a set of Linux network namespaces: one "internet" namespace holding a bridge
 //! (198.51.100.1/24, a documentation range) and one namespace per [`Host`], joined to the bridge
-//! by a veth pair and addressed 198.51.100.10, .11, … Hosts run real binaries — the control plane
-//! ([`ControlPlane`]) and agents ([`Agent`]) — located by [`bins`].
+//! by a veth pair and addressed 198.51.100.10, .11, … NAT [`Router`]s (one namespace each, of a
+//! [`NatKind`]) sit on the bridge at 198.51.100.100, .101, … with hosts behind them on
+//! 192.168.x.0/24. Routers' uplinks (and those of hosts added with `add_wan_host`) pass through
+//! a userspace WAN emulator ([`wan`]) that adds delay and loss, changeable at run time. Hosts
+//! run real binaries — the control plane ([`ControlPlane`]) and agents ([`Agent`]) — located by
+//! [`bins`]. docs/lab.md describes the address plan and the NAT recipes.
 //!
 //! Everything is torn down when the `Lab` is dropped, also when a test panics: every process it
 //! started is ended (SIGTERM, SIGKILL after 2 s), every namespace deleted. Namespaces are named
@@ -20,6 +24,9 @@ pub mod netns;
 pub mod ping;
 pub mod procs;
 pub mod rally;
+pub mod router;
+pub mod stun;
+pub mod wan;
 
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,11 +34,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 
-pub use host::Host;
+pub use host::{Host, Site};
 pub use lab::Lab;
 pub use ping::{PingPath, PingSummary};
 pub use procs::Proc;
 pub use rally::{Agent, ControlPlane, Peer, Status};
+pub use router::{NatKind, Router};
+pub use wan::{WanProfile, WanStats};
 
 /// Fails, loudly, unless this process is root and `ip netns` works.
 pub fn require_root() -> Result<()> {

@@ -1,6 +1,8 @@
 //! `rally-lab`: runs lab scenarios by hand. `rally-lab demo` builds a four-host lab, forms a
-//! party of three agents and pings every pair over the overlay.
+//! party of three agents and pings every pair over the overlay. The STUN subcommands are the
+//! tools the lab runs inside its namespaces to calibrate NAT routers.
 
+use std::net::SocketAddr;
 use std::process::{ExitCode, Output};
 use std::time::Duration;
 
@@ -8,6 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use rally_lab::host::check_success;
 use rally_lab::ping::{parse_path, parse_rtt_ms, parse_summary};
+use rally_lab::stun::{self, ProbeOptions};
 use rally_lab::{bins, install_interrupt_handler, interrupted, Agent, ControlPlane, Lab, PingPath};
 
 /// How long the demo waits for everyone to see everyone.
@@ -28,13 +31,85 @@ struct Cli {
 enum Cmd {
     /// Control plane + alice, bob and carol on four hosts: one party, then every pair pings.
     Demo,
+    /// Answers STUN binding requests on ADDR:PORT until killed (run inside a lab namespace).
+    StunServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Sends binding requests to every server from one local socket and prints JSON lines: the
+    /// mapped addresses, then any datagram received while listening, then `done`.
+    StunProbe {
+        /// Comma-separated ADDR:PORT list.
+        #[arg(long, value_delimiter = ',', required = true)]
+        servers: Vec<SocketAddr>,
+        #[arg(long)]
+        local_port: u16,
+        /// How long to wait for the answers.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        /// After the binding phase, send one "hello" datagram to each of these.
+        #[arg(long, value_delimiter = ',')]
+        hello: Vec<SocketAddr>,
+        /// Then report what arrives for this long.
+        #[arg(long, default_value_t = 0)]
+        listen_ms: u64,
+    },
+    /// Sends a UDP datagram (COUNT times, 50 ms apart) from a given local port.
+    UdpSend {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 0)]
+        from_port: u16,
+        #[arg(long, default_value = "ping")]
+        payload: String,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    install_interrupt_handler();
     let result = match cli.command {
-        Cmd::Demo => demo(),
+        Cmd::Demo => {
+            install_interrupt_handler();
+            demo()
+        }
+        Cmd::StunServer { listen } => stun::serve(listen, |local| {
+            println!("{}", stun::listening_line(local));
+        })
+        .with_context(|| format!("serving STUN on {listen}"))
+        .map(|()| true),
+        Cmd::StunProbe {
+            servers,
+            local_port,
+            timeout_ms,
+            hello,
+            listen_ms,
+        } => {
+            let opts = ProbeOptions {
+                servers,
+                local_port,
+                timeout: Duration::from_millis(timeout_ms),
+                hello,
+                listen: Duration::from_millis(listen_ms),
+            };
+            stun::probe(&opts, |event| {
+                println!(
+                    "{}",
+                    serde_json::to_string(event).expect("events serialise")
+                );
+            })
+            .with_context(|| format!("probing from port {local_port}"))
+            .map(|()| true)
+        }
+        Cmd::UdpSend {
+            to,
+            from_port,
+            payload,
+            count,
+        } => stun::send(from_port, to, &payload, count, Duration::from_millis(50))
+            .with_context(|| format!("sending to {to}"))
+            .map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

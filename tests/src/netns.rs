@@ -4,12 +4,15 @@
 //! made it and `<n>` counts labs within that process. The prefix makes names unique across
 //! parallel tests and lets a later run recognise (and remove) namespaces whose owner died.
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::procs::run_with_timeout;
 
@@ -71,6 +74,57 @@ pub fn ip(args: &[&str]) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `ip netns exec NS ARGS…` (configuration inside a lab namespace: nft, sysctl) and fails
+/// with its stderr if it does not succeed. Returns stdout.
+pub fn exec(ns: &str, args: &[&str]) -> Result<String> {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).args(args);
+    let out = run_with_timeout(cmd, IP_TIMEOUT)
+        .with_context(|| format!("running {} in {ns}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` in namespace {ns} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The file `ip netns` keeps for namespace `ns`.
+pub fn path(ns: &str) -> PathBuf {
+    PathBuf::from("/run/netns").join(ns)
+}
+
+/// Moves the calling thread (only it) into the namespace `file` refers to.
+pub fn enter(file: &File) -> Result<()> {
+    // SAFETY: setns(2) on an open namespace file; it affects only the calling thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()).context("setns into a lab namespace");
+    }
+    Ok(())
+}
+
+/// Runs `f` on a short-lived thread inside namespace `ns` and returns its result. The calling
+/// thread stays where it is.
+pub fn in_ns<T, F>(ns: &str, f: F) -> Result<T>
+where
+    T: Send,
+    F: FnOnce() -> Result<T> + Send,
+{
+    let file = File::open(path(ns)).with_context(|| format!("opening namespace {ns}"))?;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            enter(&file)?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow!("a thread working in namespace {ns} panicked"))?
+    })
 }
 
 /// Names of all network namespaces on the machine.

@@ -74,6 +74,30 @@ pub fn parse_rtt_ms(text: &str) -> Option<f64> {
     None
 }
 
+/// Round-trip statistics from iputils' `rtt min/avg/max/mdev = …` line, in milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RttStats {
+    pub min: f64,
+    pub avg: f64,
+    pub max: f64,
+}
+
+/// Parses iputils' `rtt min/avg/max/mdev = 80.1/80.5/81.0/0.2 ms` line.
+pub fn parse_rtt_stats(text: &str) -> Option<RttStats> {
+    let line = text.lines().find(|l| l.contains("min/avg/max"))?;
+    let values = line.split('=').nth(1)?.trim();
+    let mut numbers = values
+        .split_whitespace()
+        .next()?
+        .split('/')
+        .map(|v| v.parse::<f64>().ok());
+    Some(RttStats {
+        min: numbers.next()??,
+        avg: numbers.next()??,
+        max: numbers.next()??,
+    })
+}
+
 /// The path named in `rally ping` output: `relay:NAME` or the word `direct`.
 pub fn parse_path(text: &str) -> Option<PingPath> {
     let is_sep = |c: char| {
@@ -120,6 +144,20 @@ rtt min/avg/max/mdev = 0.300/0.512/0.853/0.100 ms
         );
         assert!((s.ratio() - 0.95).abs() < 1e-9);
         assert_eq!(parse_rtt_ms(IPUTILS), Some(0.853));
+    }
+
+    #[test]
+    fn rtt_statistics() {
+        let s = parse_rtt_stats(IPUTILS).expect("stats");
+        assert_eq!(
+            s,
+            RttStats {
+                min: 0.3,
+                avg: 0.512,
+                max: 0.853
+            }
+        );
+        assert_eq!(parse_rtt_stats("3 packets transmitted, 0 received"), None);
     }
 
     #[test]

@@ -59,12 +59,19 @@ pub struct ControlPlane {
     key: String,
     log: PathBuf,
     proc: Option<Proc>,
+    /// `NAME=HOST:PORT` for every `--relay`.
+    relays: Vec<String>,
 }
 
 impl ControlPlane {
     /// `rally-control init --data-dir DIR` (the control key is stdout's last line), then
     /// `rally-control serve --data-dir DIR --listen <host ip>:7443`, waiting until it listens.
     pub fn start(host: &Host, lab: &Lab) -> Result<ControlPlane> {
+        Self::start_with_relays(host, lab, &[])
+    }
+
+    /// Like `start`, handing agents the given relays (`--relay NAME=HOST:PORT` each).
+    pub fn start_with_relays(host: &Host, lab: &Lab, relays: &[String]) -> Result<ControlPlane> {
         let bin = bins::rally_control()?;
         let data_dir = lab.dir().join(format!("control-{}", host.name()));
         make_private_dir(&data_dir)?;
@@ -84,6 +91,7 @@ impl ControlPlane {
             bin,
             data_dir,
             proc: None,
+            relays: relays.to_vec(),
         };
         cp.serve()?;
         Ok(cp)
@@ -93,14 +101,18 @@ impl ControlPlane {
     fn serve(&mut self) -> Result<()> {
         let bin = self.bin.to_string_lossy().into_owned();
         let data = self.data_dir.to_string_lossy().into_owned();
-        let args = [
-            bin.as_str(),
-            "serve",
-            "--data-dir",
-            data.as_str(),
-            "--listen",
-            self.addr.as_str(),
+        let mut args = vec![
+            bin,
+            "serve".into(),
+            "--data-dir".into(),
+            data,
+            "--listen".into(),
+            self.addr.clone(),
         ];
+        for r in &self.relays {
+            args.push("--relay".into());
+            args.push(r.clone());
+        }
         let proc = self.host.spawn(&args, &self.log)?;
         self.proc = Some(proc.clone());
         let host = self.host.clone();
@@ -493,6 +505,72 @@ pub fn alter_one_char(code: &str, index: usize) -> Result<String> {
         .ok_or_else(|| anyhow!("code {code:?} is shorter than {} characters", index + 1))?;
     *c = if *c == 'A' { 'B' } else { 'A' };
     Ok(chars.into_iter().collect())
+}
+
+/// Port `rally-relay` listens on in the lab, and its alternate STUN port.
+pub const RELAY_PORT: u16 = 3478;
+pub const RELAY_ALT_PORT: u16 = 3479;
+
+/// A `rally-relay serve` process on a lab host.
+pub struct RelayServer {
+    name: String,
+    host: Host,
+    addr: String,
+    proc: Proc,
+}
+
+impl RelayServer {
+    /// `rally-relay serve --listen <host ip>:3478 --alt-port 3479 --control-key KEY`, waiting
+    /// until it listens.
+    pub fn start(host: &Host, name: &str, control_key: &str) -> Result<RelayServer> {
+        let bin = bins::bin_path("rally-relay")?
+            .to_string_lossy()
+            .into_owned();
+        let addr = format!("{}:{RELAY_PORT}", host.ip());
+        let alt = RELAY_ALT_PORT.to_string();
+        let args = [
+            bin.as_str(),
+            "serve",
+            "--listen",
+            addr.as_str(),
+            "--alt-port",
+            alt.as_str(),
+            "--control-key",
+            control_key,
+        ];
+        let proc = host.spawn(&args, host.log_path(&format!("rally-relay-{name}")))?;
+        let check = || udp_port_bound(host, RELAY_PORT, &proc);
+        wait_until("rally-relay to listen", READY_TIMEOUT, READY_POLL, check)
+            .map_err(|e| crate::with_logs(e, &host.logs_tail()))?;
+        Ok(RelayServer {
+            name: name.to_owned(),
+            host: host.clone(),
+            addr,
+            proc,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    /// `HOST:PORT`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// `NAME=HOST:PORT`, for `rally-control serve --relay`.
+    pub fn spec(&self) -> String {
+        format!("{}={}", self.name, self.addr)
+    }
+
+    pub fn proc(&self) -> &Proc {
+        &self.proc
+    }
 }
 
 #[cfg(test)]

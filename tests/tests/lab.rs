@@ -1,5 +1,5 @@
-//! The lab itself: namespaces, the bridge, process tracking and teardown. Needs root, not the
-//! Rally binaries.
+//! The lab itself: namespaces, the bridge, routers, WAN emulators, process tracking and
+//! teardown. Needs root, not the Rally binaries.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::process::Command;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use rally_lab::ping::parse_summary;
-use rally_lab::{netns, Lab};
+use rally_lab::{netns, Lab, NatKind, WanProfile};
 
 /// Namespaces on the machine whose names start with `prefix`.
 fn namespaces_with(prefix: &str) -> Result<Vec<String>> {
@@ -156,5 +156,158 @@ fn background_ping_runs_to_its_summary() -> Result<()> {
     let log = pinger.log_text()?;
     let summary = parse_summary(&log).expect("ping prints a summary");
     assert_eq!((summary.transmitted, summary.received), (10, 10), "{log}");
+    Ok(())
+}
+
+#[test]
+fn hosts_behind_one_home_router_share_its_address_and_reach_each_other() -> Result<()> {
+    let lab = Lab::new()?;
+    let public = lab.add_host("public")?;
+    let router = lab.add_router("home", NatKind::HomeRouter)?;
+    let a = lab.add_host_behind(&router, "a")?;
+    let b = lab.add_host_behind(&router, "b")?;
+    assert_eq!(router.wan_ip().to_string(), "198.51.100.100");
+    assert_eq!(router.lan_ip().to_string(), "192.168.1.1");
+    assert_eq!(a.ip().to_string(), "192.168.1.10");
+    assert_eq!(b.ip().to_string(), "192.168.1.11");
+    assert_eq!(
+        (a.public_ip(), b.public_ip()),
+        (router.wan_ip(), router.wan_ip())
+    );
+    assert_eq!(a.router(), Some("home"));
+    assert_eq!(public.router(), None);
+
+    for (from, to) in [(&a, b.ip()), (&b, a.ip()), (&a, public.ip())] {
+        let out = from.run(&["ping", "-c", "1", "-W", "2", &to.to_string()])?;
+        assert!(
+            out.status.success(),
+            "{} could not ping {to}: {}",
+            from.name(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // The router's own namespace: forwarding on, its ruleset loaded. The internet: off.
+    let forwarding = router
+        .host()
+        .run_ok(&["cat", "/proc/sys/net/ipv4/ip_forward"])?;
+    assert_eq!(forwarding.trim(), "1");
+    let rules = router.host().run_ok(&["nft", "list", "ruleset"])?;
+    assert!(rules.contains("masquerade"), "{rules}");
+    let inet = netns::exec(lab.internet_ns(), &["cat", "/proc/sys/net/ipv4/ip_forward"])?;
+    assert_eq!(inet.trim(), "0");
+    Ok(())
+}
+
+#[test]
+fn wan_settings_need_an_emulated_uplink() -> Result<()> {
+    let lab = Lab::new()?;
+    let plain = lab.add_host("plain")?;
+    let wan = lab.add_wan_host("wan")?;
+    let router = lab.add_router("r", NatKind::FullCone)?;
+    let inside = lab.add_host_behind(&router, "inside")?;
+    let slow = WanProfile::delay(Duration::from_millis(300));
+
+    let err = lab
+        .set_wan(&plain, slow)
+        .expect_err("plain hosts sit on the bridge");
+    assert!(format!("{err:#}").contains("add_wan_host"), "{err:#}");
+    lab.set_wan(&wan, slow)?;
+    assert_eq!(lab.wan(&wan)?, slow);
+    // A host behind a router shares the router's uplink.
+    lab.set_wan(&inside, slow.with_loss(0.01))?;
+    assert_eq!(lab.wan(&router)?, slow.with_loss(0.01));
+    assert!(lab
+        .set_wan(&router, WanProfile::default().with_loss(2.0))
+        .is_err());
+    assert!(lab.cut(&router, &inside).is_err(), "same public address");
+    Ok(())
+}
+
+#[test]
+fn udp_mapping_timeouts_are_set_on_router_and_carrier() -> Result<()> {
+    let lab = Lab::new()?;
+    let router = lab.add_router("cg", NatKind::Cgnat)?;
+    router.set_udp_mapping_timeouts(Duration::from_secs(5), Duration::from_secs(7))?;
+    let carrier = router.carrier().expect("carrier");
+    for r in [&router, carrier] {
+        let text = r.host().run_ok(&[
+            "cat",
+            "/proc/sys/net/netfilter/nf_conntrack_udp_timeout",
+            "/proc/sys/net/netfilter/nf_conntrack_udp_timeout_stream",
+        ])?;
+        assert_eq!(
+            text.split_whitespace().collect::<Vec<_>>(),
+            ["5", "7"],
+            "{}",
+            r.name()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn teardown_stops_the_wan_emulators_and_removes_router_namespaces() -> Result<()> {
+    let lab = Lab::new()?;
+    let router = lab.add_router("gone-r", NatKind::Cgnat)?;
+    lab.add_host_behind(&router, "gone-h")?;
+    lab.add_wan_host("gone-w")?;
+    let prefix = lab.prefix().to_owned();
+    assert_eq!(
+        namespaces_with(&prefix)?.len(),
+        5,
+        "inet, carrier, router, host, wan host"
+    );
+    assert!(emulator_threads().iter().any(|t| t == "wan-gone-r.cgn"));
+    assert!(emulator_threads().iter().any(|t| t == "wan-gone-w"));
+
+    drop(lab);
+    assert_eq!(namespaces_with(&prefix)?, Vec::<String>::new());
+    let left: Vec<String> = emulator_threads()
+        .into_iter()
+        .filter(|t| t.starts_with("wan-gone-"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "emulator threads survived teardown: {left:?}"
+    );
+    Ok(())
+}
+
+/// Names of this process's threads that run WAN emulators.
+fn emulator_threads() -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_owned())
+        .filter(|c| c.starts_with("wan-"))
+        .collect()
+}
+
+#[test]
+fn two_home_routers_can_share_one_carrier() -> Result<()> {
+    let lab = Lab::new()?;
+    let public = lab.add_host("public")?;
+    let cg = lab.add_router("cg", NatKind::Cgnat)?;
+    let carrier = cg.carrier().expect("carrier");
+    let cg2 = lab.add_router_behind(carrier, "cg2", NatKind::HomeRouter)?;
+    let a = lab.add_host_behind(&cg, "a")?;
+    let b = lab.add_host_behind(&cg2, "b")?;
+    assert_eq!(carrier.lan_subnet().to_string(), "100.64.1.0/24");
+    assert_eq!(cg.own_wan_ip().to_string(), "100.64.1.10");
+    assert_eq!(cg2.own_wan_ip().to_string(), "100.64.1.11");
+    assert_eq!(
+        (a.public_ip(), b.public_ip()),
+        (carrier.wan_ip(), carrier.wan_ip())
+    );
+    for h in [&a, &b] {
+        let out = h.run(&["ping", "-c", "1", "-W", "2", &public.ip().to_string()])?;
+        assert!(
+            out.status.success(),
+            "{} could not reach the internet",
+            h.name()
+        );
+    }
     Ok(())
 }

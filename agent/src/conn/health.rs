@@ -13,7 +13,7 @@ use super::Profile;
 const RTT_WEIGHT: u32 = 4;
 
 /// Whether a path may carry traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PathHealth {
     /// Added, never acknowledged a probe in time.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::health::{Health, PathHealth, Transition};
 use super::path::{PathId, PathKind, Rank};
@@ -205,7 +205,7 @@ pub struct ConnMetrics {
     pub paths: Vec<PathMetrics>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PathMetrics {
     pub path: PathId,
     pub kind: PathKind,

@@ -20,7 +20,9 @@ pub enum PathId {
 }
 
 /// The coarse priority of a path: direct before relay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum PathKind {
     Direct,
@@ -96,6 +98,13 @@ impl FromStr for PathId {
         valid_name(s)
             .then(|| PathId::Relay(s.to_string()))
             .ok_or_else(invalid)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PathId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 

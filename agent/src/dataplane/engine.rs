@@ -12,12 +12,12 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use boringtun::x25519::{PublicKey, StaticSecret};
 use rally_proto::control::NatReport;
-use rally_proto::probe::{peek_from, probe_key, Probe};
+use rally_proto::probe::{peek_from, probe_key, Probe, ProbeKind};
 use rally_proto::relay::{short_id, write_send_header, RelayMsg, ShortId, DATA_HEADER_LEN};
 use rally_proto::stun::BindingResponse;
 use rally_proto::{Identity, Key32, PeerInfo};
@@ -29,6 +29,8 @@ use tracing::{debug, info, trace, warn};
 
 use super::demux::{classify, receiver_index, Datagram, WgKind};
 use super::tunnel::{initiator_key, Output, Tunnel, TunnelError};
+use crate::conn::{Command, Connection, PathId, PathMetrics, Profile};
+use crate::events::{Event, EventBus, EventType};
 use crate::netcheck::{Netcheck, StunServer};
 use crate::paths::{PathEvent, PeerPaths, Via};
 use crate::relay_client::{RelayClient, RelayEvent};
@@ -39,8 +41,6 @@ const TICK: Duration = Duration::from_millis(50);
 const WG_TIMERS: Duration = Duration::from_millis(250);
 /// Keepalive towards every peer, which also keeps NAT mappings open.
 const KEEPALIVE_SECS: u16 = 25;
-/// A session older than this without a new handshake is dead (WireGuard's REJECT_AFTER_TIME).
-const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 const BUF_LEN: usize = 65_536 + 64;
 
 /// Commands from the daemon.
@@ -55,6 +55,10 @@ pub enum EngineCmd {
     },
     Netcheck(Option<oneshot::Sender<Result<NatReport, String>>>),
     Peers(oneshot::Sender<Vec<PeerStatus>>),
+    /// Retry every path of a peer now (`rally peer reconnect`); all peers if `None`.
+    Reconnect(Option<Key32>),
+    /// Pin a path (`rally path set-primary`).
+    SetPrimary(Key32, PathId, oneshot::Sender<Result<(), String>>),
     Shutdown,
 }
 
@@ -118,6 +122,12 @@ pub struct PeerStatus {
     pub candidates: Vec<SocketAddr>,
     /// Unix milliseconds when the direct path was proven (absent while relayed).
     pub direct_since_ms: Option<u64>,
+    pub failovers: u64,
+    pub relay_switches: u64,
+    pub queued: usize,
+    pub queue_dropped: u64,
+    /// Every path with its health, latency and rank.
+    pub paths: Vec<PathMetrics>,
 }
 
 /// Packets dropped, by reason.
@@ -135,12 +145,11 @@ struct Drops {
     no_route: u64,
 }
 
-/// Where to send a peer's traffic now.
+/// Where to send a peer's traffic.
+#[derive(Clone, Copy)]
 enum Route {
     Direct(SocketAddr),
     Relay(usize),
-    /// No proven path and no relay: every candidate (works on open networks).
-    Spray,
 }
 
 struct Peer {
@@ -149,6 +158,9 @@ struct Peer {
     tunnel: Tunnel,
     index: u32,
     paths: PeerPaths,
+    conn: Connection,
+    /// The direct address the connection manager knows (one at a time).
+    direct: Option<SocketAddr>,
     connected_at: Option<SystemTime>,
     direct_since: Option<SystemTime>,
 }
@@ -174,6 +186,8 @@ pub struct Engine {
     netcheck_waiters: Vec<oneshot::Sender<Result<NatReport, String>>>,
     nat: Option<NatReport>,
     events: mpsc::UnboundedSender<EngineEvent>,
+    bus: Arc<Mutex<EventBus>>,
+    profile: Profile,
     next_index: u32,
     last_wg_timers: tokio::time::Instant,
     drops: Drops,
@@ -188,6 +202,8 @@ pub struct EngineConfig {
     pub virtual_ip: Ipv4Addr,
     pub prefix: u8,
     pub local_ips: Vec<IpAddr>,
+    pub profile: Profile,
+    pub bus: Arc<Mutex<EventBus>>,
 }
 
 impl Engine {
@@ -226,6 +242,8 @@ impl Engine {
             netcheck_waiters: Vec::new(),
             nat: None,
             events,
+            bus: cfg.bus,
+            profile: cfg.profile,
             next_index: rand::thread_rng().next_u32() & 0x00ff_ffff,
             last_wg_timers: tokio::time::Instant::now(),
             drops: Drops::default(),
@@ -263,6 +281,22 @@ impl Engine {
                     }
                     Some(EngineCmd::Netcheck(reply)) => self.start_netcheck(reply),
                     Some(EngineCmd::Peers(reply)) => { let _ = reply.send(self.status()); }
+                    Some(EngineCmd::Reconnect(peer)) => {
+                        let t = now();
+                        for (id, p) in self.peers.iter_mut() {
+                            if peer.is_none_or(|want| want == *id) {
+                                p.conn.resume(t);
+                                p.paths.start_punch(t);
+                            }
+                        }
+                    }
+                    Some(EngineCmd::SetPrimary(peer, path, reply)) => {
+                        let r = match self.peers.get_mut(&peer) {
+                            Some(p) => p.conn.set_primary(&path).map_err(|e| e.to_string()),
+                            None => Err("no such peer".into()),
+                        };
+                        let _ = reply.send(r);
+                    }
                     Some(EngineCmd::Shutdown) | None => break,
                 },
             }
@@ -280,7 +314,8 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         for id in gone {
-            if let Some(p) = self.peers.remove(&id) {
+            if let Some(mut p) = self.peers.remove(&id) {
+                p.conn.close();
                 info!(peer = %p.info.name, "peer removed");
                 self.by_vip.remove(&p.info.virtual_ip);
                 self.by_index.remove(&p.index);
@@ -326,6 +361,12 @@ impl Engine {
                 Some(KEEPALIVE_SECS),
                 index,
             );
+            let mut seed = [0u8; 32];
+            rand::thread_rng().fill_bytes(&mut seed);
+            let mut conn = Connection::new(self.profile.clone(), t, seed);
+            for r in self.relays.iter().filter(|r| r.is_bound()) {
+                conn.add_path(PathId::Relay(r.name.clone()), t);
+            }
             info!(peer = %info.name, vip = %info.virtual_ip, endpoints = ?info.endpoints, hopeless, "peer added");
             let short = short_id(&id);
             self.by_vip.insert(info.virtual_ip, id);
@@ -341,6 +382,8 @@ impl Engine {
                     tunnel,
                     index,
                     paths,
+                    conn,
+                    direct: None,
                     connected_at: None,
                     direct_since: None,
                 },
@@ -357,6 +400,12 @@ impl Engine {
                 .all(|((n, _, a), r)| *n == r.name && *a == r.addr);
         if !same {
             info!(relays = ?relays.iter().map(|r| &r.0).collect::<Vec<_>>(), "relays");
+            for r in &self.relays {
+                let path = PathId::Relay(r.name.clone());
+                for p in self.peers.values_mut() {
+                    p.conn.remove_path(&path, t);
+                }
+            }
             self.relays = relays
                 .iter()
                 .map(|(name, _, addr)| {
@@ -454,6 +503,14 @@ impl Engine {
         }
     }
 
+    /// The connection manager's name for a path.
+    fn path_id(&self, via: Via) -> Option<PathId> {
+        match via {
+            Via::Direct(a) => Some(PathId::Direct(a)),
+            Via::Relay(i) => self.relays.get(i).map(|r| PathId::Relay(r.name.clone())),
+        }
+    }
+
     /// A probe or WireGuard datagram from peer `sid`, received via `via`.
     async fn handle_payload(&mut self, via: Via, sid: ShortId, d: &[u8], out: &mut [u8]) {
         let Some(&id) = self.by_short.get(&sid) else {
@@ -462,12 +519,22 @@ impl Engine {
         };
         match classify(d) {
             Datagram::Probe => {
+                let path = self.path_id(via);
                 let Some(peer) = self.peers.get_mut(&id) else {
                     return;
                 };
-                let key = peer.paths_key();
+                let key = peer.paths.key();
+                let t = now();
                 match Probe::decode(d, &key) {
-                    Ok(p) => peer.paths.handle_probe(via, p, now()),
+                    Ok(p) => {
+                        let mine = p.kind == ProbeKind::Ack
+                            && path
+                                .as_ref()
+                                .is_some_and(|path| peer.conn.handle_probe_ack(path, p.txid, t));
+                        if !mine {
+                            peer.paths.handle_probe(via, p, t);
+                        }
+                    }
                     Err(_) => self.drops.bad_probe += 1,
                 }
             }
@@ -504,6 +571,7 @@ impl Engine {
 
     async fn handle_wireguard(&mut self, id: Key32, via: Via, d: &[u8], out: &mut [u8]) {
         let t = now();
+        let path = self.path_id(via);
         let mut datagram = d;
         loop {
             let Some(peer) = self.peers.get_mut(&id) else {
@@ -521,9 +589,7 @@ impl Engine {
                 Ok(Output::Network(b)) => b.len(),
                 Ok(Output::Tunnel(packet, src)) => {
                     mark_connected(peer);
-                    if let Via::Direct(a) = via {
-                        peer.paths.handle_direct_traffic(a, t);
-                    }
+                    note_rx(peer, via, path.as_ref(), t);
                     if src != peer.info.virtual_ip {
                         self.drops.spoofed_source += 1;
                         debug!(peer = %peer.info.name, %src, "inner source is not the peer's virtual IP");
@@ -540,9 +606,7 @@ impl Engine {
             };
             // A handshake message or queued data: answer on the path the datagram came by.
             mark_connected(peer);
-            if let Via::Direct(a) = via {
-                peer.paths.handle_direct_traffic(a, t);
-            }
+            note_rx(peer, via, path.as_ref(), t);
             let short = peer.short;
             self.send_framed(
                 Route::from_via(via),
@@ -565,6 +629,21 @@ impl Engine {
             trace!(%dst, "no peer for destination");
             return;
         };
+        let t = now();
+        let route = self.route(&id);
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        peer.conn.handle_tx(t);
+        let Some(route) = route else {
+            // No usable path: the connection manager holds it until one comes up.
+            peer.conn.enqueue(packet.to_vec());
+            return;
+        };
+        self.encrypt_and_send(id, route, packet, out).await;
+    }
+
+    async fn encrypt_and_send(&mut self, id: Key32, route: Route, packet: &[u8], out: &mut [u8]) {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
@@ -577,7 +656,6 @@ impl Engine {
             }
         };
         let short = peer.short;
-        let route = self.route(&id);
         self.send_framed(route, short, &mut out[..DATA_HEADER_LEN + n], id)
             .await;
     }
@@ -593,12 +671,26 @@ impl Engine {
             if p.paths.poll_timeout().is_some_and(|d| t >= d) {
                 p.paths.handle_timeout(t);
             }
+            if p.conn.poll_timeout().is_some_and(|d| t >= d) {
+                p.conn.handle_timeout(t);
+            }
         }
         if let Some(n) = &mut self.netcheck {
             n.handle_timeout(t);
             if n.is_done(t) {
                 let report = n.report();
                 self.netcheck = None;
+                self.publish(Event::new(
+                    unix_ms(),
+                    EventType::NatDetected,
+                    format!(
+                        "udp {}, mapping {:?}, filtering {:?}, public {}",
+                        report.udp,
+                        report.mapping,
+                        report.filtering,
+                        report.public_endpoint.map_or("-".into(), |e| e.to_string())
+                    ),
+                ));
                 info!(
                     udp = report.udp,
                     mapping = ?report.mapping,
@@ -636,9 +728,10 @@ impl Engine {
                     }
                 };
                 let short = peer.short;
-                let route = self.route(&id);
-                self.send_framed(route, short, &mut out[..DATA_HEADER_LEN + n], id)
-                    .await;
+                if let Some(route) = self.route(&id) {
+                    self.send_framed(route, short, &mut out[..DATA_HEADER_LEN + n], id)
+                        .await;
+                }
             }
         }
     }
@@ -651,12 +744,28 @@ impl Engine {
                 send(&self.udp, &b, to).await;
             }
             while let Some(ev) = self.relays[i].poll_event() {
+                let t = now();
+                let path = PathId::Relay(self.relays[i].name.clone());
                 match ev {
                     RelayEvent::Bound { observed } => {
-                        info!(relay = %self.relays[i].name, %observed, "bound at relay")
+                        info!(relay = %self.relays[i].name, %observed, "bound at relay");
+                        for p in self.peers.values_mut() {
+                            p.conn.add_path(path.clone(), t);
+                        }
                     }
                     RelayEvent::Lost { reason } => {
-                        warn!(relay = %self.relays[i].name, "relay binding lost: {reason}")
+                        warn!(relay = %self.relays[i].name, "relay binding lost: {reason}");
+                        for p in self.peers.values_mut() {
+                            p.conn.remove_path(&path, t);
+                        }
+                        self.publish(
+                            Event::new(
+                                unix_ms(),
+                                EventType::Error,
+                                format!("relay binding lost: {reason}"),
+                            )
+                            .with_path(&path),
+                        );
                     }
                 }
             }
@@ -668,69 +777,114 @@ impl Engine {
         }
         let ids: Vec<Key32> = self.peers.keys().copied().collect();
         for id in ids {
-            while let Some(peer) = self.peers.get_mut(&id) {
-                if let Some(ev) = peer.paths.poll_event() {
-                    match ev {
-                        PathEvent::DirectUp(a) => {
-                            peer.direct_since = Some(SystemTime::now());
-                            info!(peer = %peer.info.name, endpoint = %a, "direct path up")
-                        }
-                        PathEvent::DirectDown(a) => {
-                            peer.direct_since = None;
-                            info!(peer = %peer.info.name, endpoint = %a, "direct path lost")
-                        }
-                    }
-                    continue;
-                }
-                let Some((via, probe)) = peer.paths.poll_transmit() else {
-                    break;
-                };
-                let short = peer.short;
-                let n = probe.len();
-                out[DATA_HEADER_LEN..DATA_HEADER_LEN + n].copy_from_slice(&probe);
-                self.send_framed(
-                    Route::from_via(via),
-                    short,
-                    &mut out[..DATA_HEADER_LEN + n],
-                    id,
-                )
-                .await;
-            }
+            self.drain_peer(id, out).await;
         }
     }
 
-    /// The route for a peer's traffic: the proven direct path, else the fastest bound relay,
-    /// else every candidate.
-    fn route(&self, id: &Key32) -> Route {
-        if let Some(a) = self.peers.get(id).and_then(|p| p.paths.direct()) {
-            return Route::Direct(a);
+    /// Everything one peer's machines queued: punch results into the connection manager,
+    /// probes onto the wire, queued packets onto the new primary, events onto the bus.
+    async fn drain_peer(&mut self, id: Key32, out: &mut [u8]) {
+        let t = now();
+        loop {
+            let Some(peer) = self.peers.get_mut(&id) else {
+                return;
+            };
+            if let Some(PathEvent::DirectUp(a)) = peer.paths.poll_event() {
+                info!(peer = %peer.info.name, endpoint = %a, "direct path proven");
+                if let Some(old) = peer.direct.replace(a) {
+                    peer.conn.remove_path(&PathId::Direct(old), t);
+                }
+                peer.conn.add_path(PathId::Direct(a), t);
+                continue;
+            }
+            if let Some((via, probe)) = peer.paths.poll_transmit() {
+                let short = peer.short;
+                let n = probe.len();
+                out[DATA_HEADER_LEN..DATA_HEADER_LEN + n].copy_from_slice(&probe);
+                let route = Route::from_via(via);
+                self.send_framed(route, short, &mut out[..DATA_HEADER_LEN + n], id)
+                    .await;
+                continue;
+            }
+            if let Some(tx) = peer.conn.poll_transmit() {
+                let probe = Probe {
+                    kind: ProbeKind::Probe,
+                    from: self.me,
+                    txid: tx.txid,
+                }
+                .encode(&peer.paths.key());
+                let short = peer.short;
+                let Some(route) = self.route_for(&tx.path) else {
+                    continue;
+                };
+                let n = probe.len();
+                out[DATA_HEADER_LEN..DATA_HEADER_LEN + n].copy_from_slice(&probe);
+                self.send_framed(route, short, &mut out[..DATA_HEADER_LEN + n], id)
+                    .await;
+                continue;
+            }
+            if let Some(ev) = peer.conn.poll_event() {
+                let name = peer.info.name.clone();
+                if let crate::conn::ConnEvent::PrimaryChange { to, .. } = &ev {
+                    peer.direct_since = match to {
+                        Some(PathId::Direct(_)) => Some(SystemTime::now()),
+                        _ => None,
+                    };
+                }
+                info!(peer = %name, event = ?ev, "connection");
+                if let Some(e) = Event::from_conn(unix_ms(), &name, &ev) {
+                    self.publish(e);
+                }
+                continue;
+            }
+            if let Some(Command::Reconnect { attempt }) = peer.conn.poll_command() {
+                info!(peer = %peer.info.name, attempt, "reconnecting: punching again");
+                peer.paths.forget_direct(t);
+                let _ = self.events.send(EngineEvent::WantPunch(id));
+                continue;
+            }
+            let Some(route) = self.route(&id) else { return };
+            let Some(peer) = self.peers.get_mut(&id) else {
+                return;
+            };
+            let Some(packet) = peer.conn.poll_flush() else {
+                return;
+            };
+            self.encrypt_and_send(id, route, &packet, out).await;
         }
-        let best = self
-            .relays
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.is_bound())
-            .min_by_key(|(_, r)| r.latency().unwrap_or(Duration::MAX));
-        match best {
-            Some((i, _)) => Route::Relay(i),
-            None => Route::Spray,
+    }
+
+    fn publish(&self, ev: Event) {
+        if let Ok(mut bus) = self.bus.lock() {
+            bus.publish(ev);
+        }
+    }
+
+    /// Where a peer's traffic goes now: its connection's primary path, if it has one.
+    fn route(&self, id: &Key32) -> Option<Route> {
+        let primary = self.peers.get(id)?.conn.primary()?;
+        self.route_for(primary)
+    }
+
+    fn route_for(&self, path: &PathId) -> Option<Route> {
+        match path {
+            PathId::Direct(a) => Some(Route::Direct(*a)),
+            PathId::Relay(name) => self
+                .relays
+                .iter()
+                .position(|r| &r.name == name)
+                .map(Route::Relay),
         }
     }
 
     /// Sends `frame[DATA_HEADER_LEN..]` on `route`; for a relay the header is written in front.
-    async fn send_framed(&self, route: Route, to_peer: ShortId, frame: &mut [u8], id: Key32) {
+    async fn send_framed(&self, route: Route, to_peer: ShortId, frame: &mut [u8], _id: Key32) {
         match route {
             Route::Direct(a) => send(&self.udp, &frame[DATA_HEADER_LEN..], a).await,
             Route::Relay(i) => {
                 let Some(r) = self.relays.get(i) else { return };
                 write_send_header(frame, &to_peer);
                 send(&self.udp, frame, r.addr).await;
-            }
-            Route::Spray => {
-                let Some(p) = self.peers.get(&id) else { return };
-                for c in p.paths.candidates() {
-                    send(&self.udp, &frame[DATA_HEADER_LEN..], *c).await;
-                }
             }
         }
     }
@@ -747,21 +901,17 @@ impl Engine {
 
     fn peer_status(&self, id: &Key32, p: &Peer) -> PeerStatus {
         let stats = p.tunnel.stats();
-        let live = stats.since_handshake.is_some_and(|d| d < SESSION_LIFETIME);
-        let state = match (live, p.connected_at.is_some()) {
-            (true, _) => "connected",
-            (false, true) => "reconnecting",
-            (false, false) => "connecting",
-        };
+        let m = p.conn.metrics();
         let (strategy, relay, endpoint) = match self.route(id) {
-            Route::Direct(a) => ("direct", None, Some(a)),
-            Route::Relay(i) => (
+            Some(Route::Direct(a)) => ("direct", None, Some(a)),
+            Some(Route::Relay(i)) => (
                 "relay",
                 Some(self.relays[i].name.clone()),
                 Some(self.relays[i].addr),
             ),
-            Route::Spray => ("direct", None, None),
+            None => ("none", None, None),
         };
+        let primary = m.paths.iter().find(|x| x.is_primary);
         let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).ok();
         PeerStatus {
             peer_id: id.to_string(),
@@ -770,27 +920,26 @@ impl Engine {
             strategy: strategy.into(),
             relay,
             endpoint,
-            state: state.into(),
-            latency_ms: stats.rtt_ms.map(f64::from),
+            state: p.conn.state().as_str().into(),
+            latency_ms: m.latency_ms.or(stats.rtt_ms.map(f64::from)),
             bytes_sent: stats.tx_bytes as u64,
             bytes_received: stats.rx_bytes as u64,
             uptime_seconds: p
                 .connected_at
                 .and_then(|t| SystemTime::now().duration_since(t).ok())
                 .map_or(0, |d| d.as_secs()),
-            is_primary: true,
-            priority: u32::from(strategy == "relay"),
+            is_primary: primary.is_some(),
+            priority: primary.map_or(0, |x| x.priority),
             connected_at: p.connected_at.and_then(unix).map(|d| d.as_secs()),
             parties: p.info.parties.clone(),
             candidates: p.paths.candidates().to_vec(),
             direct_since_ms: p.direct_since.and_then(unix).map(|d| d.as_millis() as u64),
+            failovers: m.failovers,
+            relay_switches: m.relay_switches,
+            queued: m.queued,
+            queue_dropped: m.queue_dropped,
+            paths: m.paths,
         }
-    }
-}
-
-impl Peer {
-    fn paths_key(&self) -> [u8; 32] {
-        self.paths.key()
     }
 }
 
@@ -801,6 +950,22 @@ impl Route {
             Via::Relay(i) => Route::Relay(i),
         }
     }
+}
+
+/// Authenticated traffic from the peer: liveness for the path, and proof of a direct one.
+fn note_rx(peer: &mut Peer, via: Via, path: Option<&PathId>, t: std::time::Instant) {
+    if let Some(path) = path {
+        peer.conn.handle_rx(path, t);
+    }
+    if let Via::Direct(a) = via {
+        peer.paths.handle_direct_traffic(a);
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn mark_connected(peer: &mut Peer) {
