@@ -35,6 +35,8 @@ pub struct Config {
     pub listen_port: u16,
     pub tun_name: String,
     pub profile: Profile,
+    /// Serve Prometheus text on this address.
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,11 @@ pub enum DaemonError {
     #[error("cannot create the control socket {path}: {source}")]
     Socket {
         path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen for metrics on tcp {addr}: {source}")]
+    Metrics {
+        addr: SocketAddr,
         source: std::io::Error,
     },
     #[error("{0}")]
@@ -114,6 +121,14 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         .local_addr()
         .map(|a| a.port())
         .unwrap_or(cfg.listen_port);
+    let metrics_listener = match cfg.metrics {
+        Some(addr) => Some(
+            crate::metrics::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
     let listener = UnixListener::bind(&socket_path).map_err(|source| DaemonError::Socket {
         path: socket_path.display().to_string(),
         source,
@@ -171,6 +186,20 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     tokio::spawn(daemon.clone().watch_network());
     tokio::spawn(daemon.clone().renew_relay_tokens());
     tokio::spawn(daemon.clone().serve_cli(listener));
+    if let Some(l) = metrics_listener {
+        let d = daemon.clone();
+        tokio::spawn(crate::metrics::serve(l, move || {
+            let d = d.clone();
+            async move {
+                let engine = d.lock().engine.clone();
+                let peers = match engine {
+                    Some(e) => e.peers().await,
+                    None => Vec::new(),
+                };
+                crate::metrics::render(&peers)
+            }
+        }));
+    }
 
     let outcome = tokio::select! {
         reason = stop_rx.recv() => reason.flatten(),

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod events;
 pub mod ipc;
+pub mod metrics;
 pub mod netcheck;
 pub mod netinfo;
 pub mod paths;

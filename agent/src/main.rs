@@ -110,6 +110,9 @@ struct UpArgs {
     /// Connection profile: how often paths are probed, when they fail, how reconnects back off.
     #[arg(long, default_value = "stable", value_parser = parse_profile)]
     profile: Profile,
+    /// Serve Prometheus metrics on this HTTP address (e.g. 127.0.0.1:9101).
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
 }
 
 fn parse_profile(s: &str) -> Result<Profile, String> {
@@ -198,6 +201,7 @@ fn up(state_dir: &Path, args: UpArgs) -> Result<()> {
         listen_port: args.listen_port,
         tun_name: args.tun,
         profile: args.profile,
+        metrics: args.metrics,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(daemon::run(cfg))?;

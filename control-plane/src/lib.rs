@@ -1,6 +1,7 @@
 //! Rally's control plane: registers agents, keeps parties and invites, introduces peers.
 
 pub mod keyfile;
+pub mod metrics;
 pub mod ratelimit;
 pub mod server;
 pub mod store;

@@ -73,10 +73,6 @@ fn main() {
             join_burst,
             join_refill_secs,
         } => {
-            if metrics.is_some() {
-                eprintln!("error: --metrics is not supported by this version yet");
-                std::process::exit(2);
-            }
             let relays = match relays
                 .iter()
                 .map(|r| parse_relay(r))
@@ -102,7 +98,7 @@ fn main() {
                 join_burst: join_burst.max(1),
                 join_refill: Duration::from_secs(join_refill_secs.max(1)),
             };
-            serve(&data_dir, listen, settings)
+            serve(&data_dir, listen, metrics, settings)
         }
     };
     if let Err(e) = result {
@@ -148,7 +144,12 @@ fn init(data_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn serve(data_dir: &Path, listen: SocketAddr, settings: Settings) -> Result<()> {
+fn serve(
+    data_dir: &Path,
+    listen: SocketAddr,
+    metrics: Option<SocketAddr>,
+    settings: Settings,
+) -> Result<()> {
     let path = key_path(data_dir);
     if !path.exists() {
         bail!(
@@ -166,7 +167,19 @@ fn serve(data_dir: &Path, listen: SocketAddr, settings: Settings) -> Result<()> 
         let endpoint = quinn::Endpoint::server(server_config, listen)
             .with_context(|| format!("listening on {listen}"))?;
         info!(%listen, key = %identity.public(), "control plane serving");
+        let metrics_listener = match metrics {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listening for metrics on tcp {addr}"))?,
+            ),
+            None => None,
+        };
         let hub = Hub::new(Box::new(store), identity, settings);
+        if let Some(l) = metrics_listener {
+            let h = hub.clone();
+            tokio::spawn(rally_control::metrics::serve(l, move || h.render_metrics()));
+        }
         let serving = tokio::spawn(hub.serve(endpoint.clone()));
         shutdown_signal().await;
         info!("shutting down");

@@ -5,7 +5,7 @@
 //! alters as dirty, and the task recomputes and sends their maps shortly after, so a burst of
 //! joins costs one map per agent rather than one per join.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -64,6 +64,8 @@ pub struct Hub {
     settings: Settings,
     join_limiter: Mutex<RateLimiter>,
     next_session: AtomicU64,
+    registrations: AtomicU64,
+    joins_refused: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 struct Session {
@@ -83,6 +85,8 @@ impl Hub {
             settings,
             join_limiter: Mutex::new(join_limiter),
             next_session: AtomicU64::new(1),
+            registrations: AtomicU64::new(0),
+            joins_refused: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -103,6 +107,67 @@ impl Hub {
 
     pub fn connected_agents(&self) -> usize {
         lock(&self.sessions).len()
+    }
+
+    /// Prometheus text: agents connected, agents and parties stored, registrations, and
+    /// joins refused by reason.
+    pub fn render_metrics(&self) -> String {
+        use rally_proto::http::write_metric;
+        let (agents, parties) = lock(&self.store).counts().unwrap_or((0, 0));
+        let one = |v: f64| vec![(String::new(), v)];
+        let mut out = String::new();
+        write_metric(
+            &mut out,
+            "rally_control_agents_connected",
+            "gauge",
+            "Agents with a live session.",
+            &one(self.connected_agents() as f64),
+        );
+        write_metric(
+            &mut out,
+            "rally_control_agents",
+            "gauge",
+            "Agents ever registered.",
+            &one(agents as f64),
+        );
+        write_metric(
+            &mut out,
+            "rally_control_parties",
+            "gauge",
+            "Parties.",
+            &one(parties as f64),
+        );
+        write_metric(
+            &mut out,
+            "rally_control_registrations_total",
+            "counter",
+            "Successful registrations since start.",
+            &one(self.registrations.load(Ordering::Relaxed) as f64),
+        );
+        let refused = lock(&self.joins_refused);
+        let by_reason: Vec<(String, f64)> = [
+            ErrorCode::InviteInvalid,
+            ErrorCode::InviteUnknown,
+            ErrorCode::InviteExpired,
+            ErrorCode::InviteUsedUp,
+            ErrorCode::WrongControlPlane,
+            ErrorCode::RateLimited,
+            ErrorCode::Internal,
+        ]
+        .iter()
+        .map(|c| {
+            let n = refused.get(c.as_str()).copied().unwrap_or(0);
+            (format!("reason=\"{}\"", c.as_str()), n as f64)
+        })
+        .collect();
+        write_metric(
+            &mut out,
+            "rally_control_joins_refused_total",
+            "counter",
+            "Join attempts refused, by reason.",
+            &by_reason,
+        );
+        out
     }
 
     async fn serve_connection(self: Arc<Self>, conn: quinn::Connection) {
@@ -267,6 +332,34 @@ impl Hub {
                 })
             }
             Request::JoinParty { code } => {
+                let result = self.join(me, remote, now, code);
+                if let Err(e) = &result {
+                    *lock(&self.joins_refused)
+                        .entry(e.code.as_str())
+                        .or_default() += 1;
+                }
+                result
+            }
+            Request::LeaveParty { party } => self.leave(me, party),
+            Request::ListParties => {
+                let parties = lock(&self.store).parties_of(me).map_err(internal)?;
+                Ok(Response::Parties {
+                    parties: parties.into_iter().map(|p| self.party_info(p)).collect(),
+                })
+            }
+            other => self.handle_paths(me, other),
+        }
+    }
+
+    fn join(
+        &self,
+        me: &Key32,
+        remote: SocketAddr,
+        now: u64,
+        code: String,
+    ) -> Result<Response, ErrorReply> {
+        {
+            {
                 if let Err(wait) =
                     lock(&self.join_limiter).check(remote.ip(), std::time::Instant::now())
                 {
@@ -314,7 +407,12 @@ impl Hub {
                     party: self.party_info(party),
                 })
             }
-            Request::LeaveParty { party } => {
+        }
+    }
+
+    fn leave(&self, me: &Key32, party: String) -> Result<Response, ErrorReply> {
+        {
+            {
                 let parties = lock(&self.store).parties_of(me).map_err(internal)?;
                 let matching: Vec<PartyRow> = parties
                     .into_iter()
@@ -347,12 +445,12 @@ impl Hub {
                     }),
                 })
             }
-            Request::ListParties => {
-                let parties = lock(&self.store).parties_of(me).map_err(internal)?;
-                Ok(Response::Parties {
-                    parties: parties.into_iter().map(|p| self.party_info(p)).collect(),
-                })
-            }
+        }
+    }
+
+    /// Endpoint, NAT, relay-token and punch requests.
+    fn handle_paths(&self, me: &Key32, req: Request) -> Result<Response, ErrorReply> {
+        match req {
             Request::UpdateEndpoints { endpoints } => {
                 validate_endpoints(&endpoints).map_err(bad_request)?;
                 lock(&self.store)
@@ -404,6 +502,12 @@ impl Hub {
                     });
                 }
                 Ok(Response::Ok)
+            }
+            Request::CreateParty { .. }
+            | Request::JoinParty { .. }
+            | Request::LeaveParty { .. }
+            | Request::ListParties => {
+                Err(ErrorReply::new(ErrorCode::Internal, "misrouted request"))
             }
         }
     }
@@ -523,6 +627,7 @@ impl AgentSession<'_> {
                         "replaced by a newer session of the same agent",
                     )));
                 }
+                self.hub.registrations.fetch_add(1, Ordering::Relaxed);
                 info!(peer = %identity.short(), name = %row.name, vip = %row.virtual_ip, remote = %self.remote, "agent registered");
                 self.send(ServerMsg::Registered {
                     peer_id: identity,

@@ -6,6 +6,7 @@
 
 pub mod control;
 pub mod frame;
+pub mod http;
 pub mod identity;
 pub mod invite;
 pub mod key;

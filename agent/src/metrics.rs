@@ -1,0 +1,169 @@
+//! The agent's Prometheus endpoint (`rally up --metrics ADDR:PORT`).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rally_proto::http::{head_complete, label_value, metrics_response, write_metric};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::dataplane::PeerStatus;
+
+/// Renders per-peer metrics, labelled by peer, path type and relay.
+pub fn render(peers: &[PeerStatus]) -> String {
+    let labels = |p: &PeerStatus| {
+        format!(
+            "peer=\"{}\",virtual_ip=\"{}\",path=\"{}\",relay=\"{}\"",
+            label_value(&p.name),
+            p.virtual_ip,
+            p.strategy,
+            label_value(p.relay.as_deref().unwrap_or(""))
+        )
+    };
+    let series = |f: &dyn Fn(&PeerStatus) -> Option<f64>| -> Vec<(String, f64)> {
+        peers
+            .iter()
+            .filter_map(|p| f(p).map(|v| (labels(p), v)))
+            .collect()
+    };
+    let mut out = String::with_capacity(256 + peers.len() * 512);
+    write_metric(
+        &mut out,
+        "rally_peers",
+        "gauge",
+        "Peers in the peer map.",
+        &[(String::new(), peers.len() as f64)],
+    );
+    write_metric(
+        &mut out,
+        "rally_peer_latency_ms",
+        "gauge",
+        "Smoothed round-trip time of the primary path.",
+        &series(&|p| p.latency_ms),
+    );
+    write_metric(
+        &mut out,
+        "rally_peer_bytes_sent_total",
+        "counter",
+        "Bytes sent to the peer through the tunnel.",
+        &series(&|p| Some(p.bytes_sent as f64)),
+    );
+    write_metric(
+        &mut out,
+        "rally_peer_bytes_received_total",
+        "counter",
+        "Bytes received from the peer through the tunnel.",
+        &series(&|p| Some(p.bytes_received as f64)),
+    );
+    write_metric(
+        &mut out,
+        "rally_peer_failovers_total",
+        "counter",
+        "Failovers from a failed primary path.",
+        &series(&|p| Some(p.failovers as f64)),
+    );
+    write_metric(
+        &mut out,
+        "rally_peer_relay_switches_total",
+        "counter",
+        "Switches between relays on latency.",
+        &series(&|p| Some(p.relay_switches as f64)),
+    );
+    write_metric(
+        &mut out,
+        "rally_peer_queue_dropped_total",
+        "counter",
+        "Packets dropped from the queue while no path was up.",
+        &series(&|p| Some(p.queue_dropped as f64)),
+    );
+    let states: Vec<(String, f64)> = peers
+        .iter()
+        .map(|p| (format!("{},state=\"{}\"", labels(p), p.state), 1.0))
+        .collect();
+    write_metric(
+        &mut out,
+        "rally_peer_state",
+        "gauge",
+        "The peer's connection state (1 for the current one).",
+        &states,
+    );
+    out
+}
+
+/// Serves `GET /metrics` on `listener`, rendering each answer from `snapshot()`.
+pub async fn serve<F, Fut>(listener: TcpListener, snapshot: F)
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = String> + Send,
+{
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let snapshot = snapshot.clone();
+        tokio::spawn(async move {
+            let answer = async {
+                let mut head = Vec::with_capacity(512);
+                let mut chunk = [0u8; 512];
+                while !head_complete(&head) {
+                    let n = stream.read(&mut chunk).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    head.extend_from_slice(&chunk[..n]);
+                }
+                let body = snapshot().await;
+                stream
+                    .write_all(&metrics_response(&head, || Some(body)))
+                    .await?;
+                stream.shutdown().await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(5), answer).await;
+        });
+    }
+}
+
+/// Binds the metrics listener, or says why not.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_labelled_peer_series() {
+        let p = PeerStatus {
+            peer_id: "id".into(),
+            name: "bob".into(),
+            virtual_ip: "10.66.1.2".parse().unwrap(),
+            strategy: "relay".into(),
+            relay: Some("r1".into()),
+            endpoint: None,
+            state: "connected".into(),
+            latency_ms: Some(12.5),
+            bytes_sent: 10,
+            bytes_received: 20,
+            uptime_seconds: 0,
+            is_primary: true,
+            priority: 1,
+            connected_at: None,
+            parties: vec![],
+            candidates: vec![],
+            direct_since_ms: None,
+            failovers: 2,
+            relay_switches: 0,
+            queued: 0,
+            queue_dropped: 0,
+            paths: vec![],
+        };
+        let text = render(&[p]);
+        assert!(text.contains("rally_peer_latency_ms{peer=\"bob\",virtual_ip=\"10.66.1.2\",path=\"relay\",relay=\"r1\"} 12.5"));
+        assert!(text.contains("rally_peer_failovers_total{peer=\"bob\",virtual_ip=\"10.66.1.2\",path=\"relay\",relay=\"r1\"} 2"));
+        assert!(text.contains("state=\"connected\"} 1"));
+        assert!(text.contains("rally_peers 1"));
+    }
+}
