@@ -61,6 +61,8 @@ pub struct ControlPlane {
     proc: Option<Proc>,
     /// `NAME=HOST:PORT` for every `--relay`.
     relays: Vec<String>,
+    /// More `serve` flags (e.g. `--metrics`).
+    extra: Vec<String>,
 }
 
 impl ControlPlane {
@@ -72,6 +74,16 @@ impl ControlPlane {
 
     /// Like `start`, handing agents the given relays (`--relay NAME=HOST:PORT` each).
     pub fn start_with_relays(host: &Host, lab: &Lab, relays: &[String]) -> Result<ControlPlane> {
+        Self::start_with(host, lab, relays, &[])
+    }
+
+    /// Like `start_with_relays`, with more `serve` flags.
+    pub fn start_with(
+        host: &Host,
+        lab: &Lab,
+        relays: &[String],
+        extra: &[&str],
+    ) -> Result<ControlPlane> {
         let bin = bins::rally_control()?;
         let data_dir = lab.dir().join(format!("control-{}", host.name()));
         make_private_dir(&data_dir)?;
@@ -92,6 +104,7 @@ impl ControlPlane {
             data_dir,
             proc: None,
             relays: relays.to_vec(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         cp.serve()?;
         Ok(cp)
@@ -113,6 +126,7 @@ impl ControlPlane {
             args.push("--relay".into());
             args.push(r.clone());
         }
+        args.extend(self.extra.iter().cloned());
         let proc = self.host.spawn(&args, &self.log)?;
         self.proc = Some(proc.clone());
         let host = self.host.clone();
@@ -248,6 +262,8 @@ pub struct Agent {
     state_dir: PathBuf,
     log: PathBuf,
     control: Option<(String, String)>,
+    /// More `rally up` flags (e.g. `--metrics`, `--profile`).
+    extra: Vec<String>,
     proc: Option<Proc>,
 }
 
@@ -255,6 +271,16 @@ impl Agent {
     /// Spawns `rally --state-dir DIR up --name NAME [--control ADDR --control-key KEY]` on `host`
     /// (state dir mode 0700 in the lab's directory) and waits until `rally status` answers.
     pub fn start(host: &Host, name: &str, control: Option<(&str, &str)>) -> Result<Agent> {
+        Self::start_with(host, name, control, &[])
+    }
+
+    /// Like `start`, with more `rally up` flags.
+    pub fn start_with(
+        host: &Host,
+        name: &str,
+        control: Option<(&str, &str)>,
+        extra: &[&str],
+    ) -> Result<Agent> {
         let state_dir = host
             .lab_dir()
             .join("agents")
@@ -267,6 +293,7 @@ impl Agent {
             log: host.log_path(&format!("rally-{name}")),
             state_dir,
             control: control.map(|(a, k)| (a.to_owned(), k.to_owned())),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             proc: None,
         };
         agent.up()?;
@@ -291,6 +318,7 @@ impl Agent {
                 key.clone(),
             ]);
         }
+        args.extend(self.extra.iter().cloned());
         args
     }
 
