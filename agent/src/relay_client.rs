@@ -29,8 +29,13 @@ enum State {
 /// What changed at this relay.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RelayEvent {
-    Bound { observed: SocketAddr },
-    Lost { reason: String },
+    /// Bound, or bound again with a new token (which may name new parties).
+    Bound {
+        observed: SocketAddr,
+    },
+    Lost {
+        reason: String,
+    },
 }
 
 pub struct RelayClient {
@@ -108,15 +113,12 @@ impl RelayClient {
                 );
             }
             RelayMsg::BindOk { observed, .. } => {
-                let was = self.state;
                 self.state = State::Bound;
                 self.unanswered = 0;
                 self.next_ping = now;
-                if was != State::Bound {
-                    self.events.push_back(RelayEvent::Bound {
-                        observed: *observed,
-                    });
-                }
+                self.events.push_back(RelayEvent::Bound {
+                    observed: *observed,
+                });
             }
             RelayMsg::Pong { nonce } => {
                 if let Some((n, sent)) = self.ping {

@@ -751,6 +751,12 @@ impl Engine {
                         info!(relay = %self.relays[i].name, %observed, "bound at relay");
                         for p in self.peers.values_mut() {
                             p.conn.add_path(path.clone(), t);
+                            // A rebind may carry a token naming new parties: probes sent
+                            // before it were dropped, so a peer still waiting for its first
+                            // path probes again now instead of after the probe timeout.
+                            if p.conn.primary().is_none() {
+                                p.conn.resume(t);
+                            }
                         }
                     }
                     RelayEvent::Lost { reason } => {
