@@ -391,16 +391,31 @@ impl Daemon {
         eps
     }
 
-    /// Notices address changes (every 5 s): reports the new endpoints and runs netcheck again.
+    /// Notices network changes (netlink, with a slow poll as a fallback): reports new
+    /// endpoints, runs netcheck again, and has every peer retry its paths.
     async fn watch_network(self: Arc<Self>) {
+        let mut watch = match crate::netwatch::NetWatch::new() {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!("no netlink notifications ({e}); checking addresses every 5 s");
+                None
+            }
+        };
         let mut last = local_endpoints(self.listen_port, &self.overlay);
         loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            match &mut watch {
+                Some(w) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(30), w.changed()).await;
+                    // Let a burst of changes (address, then route) settle.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                None => tokio::time::sleep(Duration::from_secs(5)).await,
+            }
             let now = local_endpoints(self.listen_port, &self.overlay);
             if now == last {
                 continue;
             }
-            info!(endpoints = ?now, "local addresses changed");
+            info!(endpoints = ?now, "network changed");
             last = now;
             let (control, engine) = {
                 let inner = self.lock();
@@ -411,6 +426,7 @@ impl Daemon {
             }
             if let Some(e) = engine {
                 e.send(EngineCmd::Netcheck(None));
+                e.send(EngineCmd::Reconnect(None));
             }
         }
     }

@@ -10,6 +10,7 @@ pub mod ipc;
 pub mod metrics;
 pub mod netcheck;
 pub mod netinfo;
+pub mod netwatch;
 pub mod paths;
 pub mod relay_client;
 pub mod state;

@@ -93,3 +93,33 @@ fn http_get(host: &Host, addr: &str) -> Result<String> {
     );
     Ok(out)
 }
+
+#[test]
+fn a_new_address_is_noticed_and_reaches_the_peers() -> Result<()> {
+    with_lab(|lab| {
+        let cp = ControlPlane::start(&lab.add_host("control")?, lab)?;
+        let a_host = lab.add_host("alice")?;
+        let alice = Agent::start(&a_host, "alice", cp.control())?;
+        let bob = Agent::start(&lab.add_host("bob")?, "bob", cp.control())?;
+        alice.wait_control_connected(Duration::from_secs(20))?;
+        bob.wait_control_connected(Duration::from_secs(20))?;
+        let code = alice.party_create("lan", &[])?;
+        ensure!(bob.party_join(&code)?.status.success(), "join failed");
+        bob.wait_for_peers(&["alice"], Duration::from_secs(20))?;
+
+        // A second address on alice's machine, as when a laptop joins another network.
+        a_host.run_ok(&["ip", "addr", "add", "198.51.100.222/24", "dev", "eth0"])?;
+        let started = std::time::Instant::now();
+        lab.wait_until(
+            "bob to see alice's new address",
+            Duration::from_secs(15),
+            Duration::from_millis(100),
+            || {
+                let peers = bob.peers_json()?;
+                Ok(peers.to_string().contains("198.51.100.222:51820"))
+            },
+        )?;
+        println!("new address reached the peer after {:?}", started.elapsed());
+        Ok(())
+    })
+}

@@ -336,6 +336,10 @@ impl Engine {
                     self.by_vip.remove(&p.info.virtual_ip);
                     self.by_vip.insert(info.virtual_ip, id);
                 }
+                if p.info.endpoints != info.endpoints {
+                    // A new endpoint from the control plane: retry this peer's paths.
+                    p.conn.resume(t);
+                }
                 p.paths.set_candidates(&info.endpoints);
                 p.paths.set_hopeless(hopeless);
                 if !p.paths.is_punching() && p.paths.direct().is_none() {
