@@ -27,6 +27,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, trace, warn};
 
+use super::batch::{GsoBatch, TunBatch};
 use super::demux::{classify, receiver_index, Datagram, WgKind};
 use super::tunnel::{initiator_key, Output, Tunnel, TunnelError};
 use crate::conn::{Command, Connection, PathId, PathMetrics, Profile};
@@ -42,6 +43,13 @@ const WG_TIMERS: Duration = Duration::from_millis(250);
 /// Keepalive towards every peer, which also keeps NAT mappings open.
 const KEEPALIVE_SECS: u16 = 25;
 const BUF_LEN: usize = 65_536 + 64;
+/// Receive buffers per UDP read (each takes one datagram, or one GRO train of them).
+const RX_BUFS: usize = 8;
+/// UDP reads per wake-up before the TUN side gets its turn.
+const RX_ROUNDS: usize = 8;
+/// Socket buffer wanted in each direction: GSO sends and GRO receives move up to 64 datagrams
+/// at a time, which overflows the kernel's ~200 KiB default under load.
+const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 
 /// Commands from the daemon.
 pub enum EngineCmd {
@@ -167,7 +175,13 @@ struct Peer {
 
 pub struct Engine {
     udp: Arc<UdpSocket>,
+    udp_state: quinn_udp::UdpSocketState,
     tun: tun_rs::AsyncDevice,
+    /// Encrypted datagrams waiting for one GSO send.
+    gso: GsoBatch,
+    /// Decrypted packets waiting for one TUN write.
+    tun_tx: TunBatch,
+    gro: tun_rs::GROTable,
     secret: StaticSecret,
     public: PublicKey,
     me: ShortId,
@@ -212,16 +226,42 @@ impl Engine {
         cfg: EngineConfig,
         events: mpsc::UnboundedSender<EngineEvent>,
     ) -> std::io::Result<EngineHandle> {
-        let tun = tun_rs::DeviceBuilder::new()
-            .name(&cfg.tun_name)
-            .ipv4(cfg.virtual_ip, cfg.prefix, None)
-            .mtu(1420)
-            .build_async()?;
-        info!(tun = %cfg.tun_name, virtual_ip = %cfg.virtual_ip, "TUN device up");
+        let build = |offload: bool| {
+            tun_rs::DeviceBuilder::new()
+                .name(&cfg.tun_name)
+                .ipv4(cfg.virtual_ip, cfg.prefix, None)
+                .mtu(1420)
+                .offload(offload)
+                .build_async()
+        };
+        // Offload (TSO/GRO on the TUN device) lets one read or write carry up to 64 KiB.
+        let (tun, offload) = match build(true) {
+            Ok(t) => (t, true),
+            Err(e) => {
+                warn!("TUN offload unavailable ({e}); one packet per read and write");
+                (build(false)?, false)
+            }
+        };
+        let udp_state = quinn_udp::UdpSocketState::new((&*cfg.udp).into())?;
+        let (rcvbuf, sndbuf) = grow_socket_buffers(&cfg.udp, SOCKET_BUFFER);
+        info!(
+            tun = %cfg.tun_name,
+            virtual_ip = %cfg.virtual_ip,
+            offload,
+            udp_gso_segments = udp_state.max_gso_segments(),
+            udp_gro_segments = udp_state.gro_segments(),
+            rcvbuf,
+            sndbuf,
+            "TUN device up"
+        );
         let secret = StaticSecret::from(cfg.wg_secret);
         let public = PublicKey::from(&secret);
         let local_port = cfg.udp.local_addr().map(|a| a.port()).unwrap_or(0);
         let engine = Engine {
+            gso: GsoBatch::new(udp_state.max_gso_segments()),
+            tun_tx: TunBatch::new(tun_rs::IDEAL_BATCH_SIZE, tun_rs::VIRTIO_NET_HDR_LEN),
+            gro: tun_rs::GROTable::default(),
+            udp_state,
             udp: cfg.udp,
             tun,
             secret,
@@ -254,19 +294,27 @@ impl Engine {
     }
 
     async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<EngineCmd>) {
-        let mut udp_buf = vec![0u8; BUF_LEN];
-        let mut tun_buf = vec![0u8; BUF_LEN];
+        let mut rx: Vec<Vec<u8>> = (0..RX_BUFS).map(|_| vec![0u8; BUF_LEN]).collect();
+        let mut meta = vec![quinn_udp::RecvMeta::default(); RX_BUFS];
+        let mut tun_raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
+        let mut tun_bufs = vec![vec![0u8; 2048]; tun_rs::IDEAL_BATCH_SIZE];
+        let mut tun_sizes = vec![0usize; tun_rs::IDEAL_BATCH_SIZE];
         let mut out = vec![0u8; BUF_LEN + DATA_HEADER_LEN + 64];
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                r = self.udp.recv_from(&mut udp_buf) => match r {
-                    Ok((n, from)) => self.handle_datagram(from, &udp_buf[..n], &mut out).await,
+                r = self.udp.readable() => match r {
+                    Ok(()) => self.receive_udp(&mut rx, &mut meta, &mut out).await,
                     Err(e) => debug!("udp receive: {e}"),
                 },
-                r = self.tun.recv(&mut tun_buf) => match r {
-                    Ok(n) => self.handle_tun_packet(&tun_buf[..n], &mut out).await,
+                r = self.tun.recv_multiple(&mut tun_raw, &mut tun_bufs, &mut tun_sizes, 0) => match r {
+                    Ok(n) => {
+                        for (buf, size) in tun_bufs.iter().zip(&tun_sizes).take(n) {
+                            self.handle_tun_packet(&buf[..*size], &mut out).await;
+                        }
+                        flush_gso(&self.udp, &self.udp_state, &mut self.gso).await;
+                    }
                     Err(e) => debug!("tun receive: {e}"),
                 },
                 _ = tick.tick() => self.handle_timers(&mut out).await,
@@ -469,6 +517,42 @@ impl Engine {
         }
     }
 
+    /// Reads what the UDP socket holds (a few rounds of up to [`RX_BUFS`] datagrams or GRO
+    /// trains each), handles every datagram, then writes the decrypted packets to the TUN
+    /// device in one batch.
+    async fn receive_udp(
+        &mut self,
+        rx: &mut [Vec<u8>],
+        meta: &mut [quinn_udp::RecvMeta],
+        out: &mut [u8],
+    ) {
+        for _ in 0..RX_ROUNDS {
+            let n = {
+                let mut iovs: Vec<std::io::IoSliceMut<'_>> =
+                    rx.iter_mut().map(|b| std::io::IoSliceMut::new(b)).collect();
+                let udp = &self.udp;
+                let state = &self.udp_state;
+                match udp.try_io(tokio::io::Interest::READABLE, || {
+                    state.recv((&**udp).into(), &mut iovs, meta)
+                }) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        debug!("udp receive: {e}");
+                        break;
+                    }
+                }
+            };
+            for (buf, m) in rx.iter().zip(meta.iter()).take(n) {
+                let stride = if m.stride == 0 { m.len } else { m.stride };
+                for d in buf[..m.len].chunks(stride.max(1)) {
+                    self.handle_datagram(m.addr, d, out).await;
+                }
+            }
+        }
+        flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
+    }
+
     async fn handle_datagram(&mut self, from: SocketAddr, d: &[u8], out: &mut [u8]) {
         match classify(d) {
             Datagram::Stun => {
@@ -597,8 +681,8 @@ impl Engine {
                     if src != peer.info.virtual_ip {
                         self.drops.spoofed_source += 1;
                         debug!(peer = %peer.info.name, %src, "inner source is not the peer's virtual IP");
-                    } else if let Err(e) = self.tun.send(packet).await {
-                        debug!("tun send: {e}");
+                    } else if self.tun_tx.push(packet) {
+                        flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
                     }
                     return;
                 }
@@ -644,7 +728,26 @@ impl Engine {
             peer.conn.enqueue(packet.to_vec());
             return;
         };
-        self.encrypt_and_send(id, route, packet, out).await;
+        let n = match peer.tunnel.encapsulate(packet, &mut out[DATA_HEADER_LEN..]) {
+            Ok(Output::Network(b)) => b.len(),
+            Ok(_) => return,
+            Err(e) => {
+                debug!(peer = %peer.info.name, "encapsulate: {e}");
+                return;
+            }
+        };
+        let (dest, frame) = match route {
+            Route::Direct(a) => (a, &out[DATA_HEADER_LEN..DATA_HEADER_LEN + n]),
+            Route::Relay(i) => {
+                let Some(r) = self.relays.get(i) else { return };
+                write_send_header(&mut out[..DATA_HEADER_LEN], &peer.short);
+                (r.addr, &out[..DATA_HEADER_LEN + n])
+            }
+        };
+        if !self.gso.fits(dest, frame.len()) {
+            flush_gso(&self.udp, &self.udp_state, &mut self.gso).await;
+        }
+        self.gso.push(dest, frame);
     }
 
     async fn encrypt_and_send(&mut self, id: Key32, route: Route, packet: &[u8], out: &mut [u8]) {
@@ -987,6 +1090,97 @@ fn mark_connected(peer: &mut Peer) {
 
 fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
+}
+
+/// Asks for `bytes` of receive and send buffer (past `rmem_max`/`wmem_max` where the process
+/// may: root or CAP_NET_ADMIN); returns what the kernel granted.
+fn grow_socket_buffers(udp: &UdpSocket, bytes: usize) -> (usize, usize) {
+    use std::os::fd::AsRawFd;
+    let fd = udp.as_raw_fd();
+    let set = |force: libc::c_int, plain: libc::c_int| {
+        let v = bytes as libc::c_int;
+        let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: setsockopt on our own socket with a pointer to a live c_int and its size.
+        let forced = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                force,
+                (&v as *const libc::c_int).cast(),
+                size,
+            )
+        };
+        if forced != 0 {
+            // SAFETY: as above.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    plain,
+                    (&v as *const libc::c_int).cast(),
+                    size,
+                )
+            };
+        }
+        let mut got: libc::c_int = 0;
+        let mut len = size;
+        // SAFETY: getsockopt into a live c_int with its size.
+        unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                plain,
+                (&mut got as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        got.max(0) as usize
+    };
+    (
+        set(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        set(libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    )
+}
+
+/// Sends what the GSO batch holds in one `sendmsg`.
+async fn flush_gso(udp: &UdpSocket, state: &quinn_udp::UdpSocketState, batch: &mut GsoBatch) {
+    if let Some((destination, contents, segment_size)) = batch.pending() {
+        let transmit = quinn_udp::Transmit {
+            destination,
+            ecn: None,
+            contents,
+            segment_size,
+            src_ip: None,
+        };
+        loop {
+            if udp.writable().await.is_err() {
+                break;
+            }
+            match udp.try_io(tokio::io::Interest::WRITABLE, || {
+                state.send(udp.into(), &transmit)
+            }) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    debug!(to = %destination, "udp send: {e}");
+                    break;
+                }
+            }
+        }
+    }
+    batch.clear();
+}
+
+/// Writes what the TUN batch holds (coalescing TCP segments when the device has offload).
+async fn flush_tun(tun: &tun_rs::AsyncDevice, batch: &mut TunBatch, gro: &mut tun_rs::GROTable) {
+    if batch.is_empty() {
+        return;
+    }
+    let (bufs, offset) = batch.pending();
+    if let Err(e) = tun.send_multiple(gro, bufs, offset).await {
+        debug!("tun send: {e}");
+    }
+    batch.clear();
 }
 
 async fn send(udp: &UdpSocket, bytes: &[u8], to: SocketAddr) {

@@ -1,5 +1,6 @@
 //! The packet path: one UDP socket, one TUN device, a WireGuard tunnel per peer.
 
+pub mod batch;
 pub mod demux;
 pub mod engine;
 pub mod tunnel;
