@@ -58,7 +58,7 @@ enum Cmd {
         follow: bool,
         /// Only these types, comma-separated (e.g. failover,relay_switch).
         #[arg(long = "type", value_parser = parse_types)]
-        types: Option<Vec<EventType>>,
+        types: Option<::std::vec::Vec<EventType>>,
         /// Only events about this peer (name, virtual IP or id).
         #[arg(long)]
         peer: Option<String>,

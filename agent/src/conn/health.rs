@@ -99,9 +99,20 @@ impl Health {
         Transition::WentDown
     }
 
-    /// Authenticated data arrived on the path: it is alive, whatever the probes say.
-    pub fn on_traffic(&mut self) {
-        self.failures = 0;
+    /// Authenticated data arrived on the path: it is alive, whatever the probes say — unless it
+    /// is measured slower than `max_latency`, which traffic does not excuse.
+    pub fn on_traffic(&mut self, profile: &Profile) {
+        if self.rtt.is_none_or(|rtt| rtt <= profile.max_latency) {
+            self.failures = 0;
+        }
+    }
+
+    /// The ack of a probe that already counted as lost: only the latency average learns.
+    pub fn on_late_ack(&mut self, rtt: Duration) {
+        self.rtt = Some(match self.rtt {
+            Some(avg) => (avg * (RTT_WEIGHT - 1) + rtt) / RTT_WEIGHT,
+            None => rtt,
+        });
     }
 }
 
@@ -159,8 +170,23 @@ mod tests {
         h.on_ack(ms(10), &p);
         h.on_failure(&p);
         h.on_failure(&p);
-        h.on_traffic();
+        h.on_traffic(&p);
         assert_eq!(h.on_failure(&p), Transition::None);
         assert!(h.is_up());
+    }
+
+    #[test]
+    fn traffic_does_not_excuse_a_path_slower_than_max_latency() {
+        let p = Profile::stable();
+        let mut h = Health::new();
+        h.on_ack(ms(100), &p);
+        // Probes time out; their late acks show a 1.4 s round trip.
+        for _ in 0..4 {
+            h.on_failure(&p);
+            h.on_late_ack(ms(1400));
+            h.on_traffic(&p);
+        }
+        assert!(h.rtt.unwrap() > p.max_latency);
+        assert!(!h.is_up(), "a path carrying data at 1.4 s RTT must fail");
     }
 }

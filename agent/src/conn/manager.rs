@@ -317,6 +317,13 @@ impl Connection {
             return false;
         };
         let Some(sent) = p.outstanding.filter(|o| o.txid == txid) else {
+            // The ack of a probe that already timed out: its loss was counted; its round trip
+            // still feeds the latency average, so a slow path cannot hide behind its traffic.
+            if let Some(late) = p.late.filter(|o| o.txid == txid) {
+                p.late = None;
+                p.health.on_late_ack(now.saturating_duration_since(late.at));
+                return true;
+            }
             return false;
         };
         p.outstanding = None;
@@ -339,7 +346,7 @@ impl Connection {
         let Some(p) = self.paths.get_mut(path) else {
             return false;
         };
-        p.health.on_traffic();
+        p.health.on_traffic(&self.profile);
         // An up path is checked once the data stops; one that is not up is checked now.
         p.next_probe = p.next_probe.min(if p.health.is_up() { soon } else { now });
         true
@@ -367,7 +374,7 @@ impl Connection {
             let Some(p) = self.paths.get_mut(&id) else {
                 continue;
             };
-            p.outstanding = None;
+            p.late = p.outstanding.take();
             let transition = p.health.on_failure(&self.profile);
             self.note(&id, transition);
         }
@@ -894,6 +901,9 @@ struct Path {
     health: Health,
     next_probe: Instant,
     outstanding: Option<Outstanding>,
+    /// The last probe that timed out (already counted as a failure): its late ack still
+    /// tells how slow the path is.
+    late: Option<Outstanding>,
     /// Not a relay-switch candidate before this (it measured worse after a switch).
     held_until: Option<Instant>,
 }
@@ -904,6 +914,7 @@ impl Path {
             health: Health::new(),
             next_probe: now,
             outstanding: None,
+            late: None,
             held_until: None,
         }
     }
