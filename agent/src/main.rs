@@ -95,8 +95,8 @@ struct UpArgs {
     /// Control plane address, HOST:PORT.
     #[arg(long, requires = "control_key")]
     control: Option<String>,
-    /// The control plane's key, as printed by `rally-control init`.
-    #[arg(long, requires = "control")]
+    /// The control plane's key, as printed by `rally-control init` (it may start with '-').
+    #[arg(long, requires = "control", allow_hyphen_values = true)]
     control_key: Option<Key32>,
     /// This machine's name in the party (default: the host name).
     #[arg(long)]

@@ -43,8 +43,8 @@ struct ServeArgs {
     /// UDP address for STUN and relayed traffic (the usual port is 3478; 0 picks one).
     #[arg(long, value_name = "ADDR:PORT")]
     listen: SocketAddr,
-    /// The control plane's public key (printed by `rally-control init`).
-    #[arg(long, value_name = "KEY")]
+    /// The control plane's public key (printed by `rally-control init`; it may start with '-').
+    #[arg(long, value_name = "KEY", allow_hyphen_values = true)]
     control_key: Key32,
     /// Most sessions at once.
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_sessions)]

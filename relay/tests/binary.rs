@@ -440,3 +440,19 @@ impl Agent {
         }
     }
 }
+
+#[test]
+fn a_control_key_starting_with_a_hyphen_is_accepted() {
+    // Base64url keys start with '-' one time in 64; clap must not take it for a flag. The port
+    // is held, so a key that parses ends in the bind error (exit 1), a misparse in a usage
+    // error (exit 2).
+    let held = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let addr = held.local_addr().expect("addr").to_string();
+    let key = format!("-{}", "A".repeat(42));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rally-relay"))
+        .args(["serve", "--listen", &addr, "--control-key", &key])
+        .output()
+        .expect("run rally-relay");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+}

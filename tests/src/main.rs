@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use rally_lab::bench::{self, Which};
 use rally_lab::host::check_success;
 use rally_lab::ping::{parse_path, parse_rtt_ms, parse_summary};
 use rally_lab::stun::{self, ProbeOptions};
@@ -65,6 +66,37 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         count: u32,
     },
+    /// Benchmarks (release builds): Rally against raw veth, boringtun-cli and wireguard-go in
+    /// the same run; prints `name: median [min–max] unit (ratios)` and writes
+    /// bench-results.{json,md}. Installs iperf3, wireguard-go, wireguard-tools, boringtun-cli
+    /// (and linux-perf for `profile`) when missing.
+    Bench {
+        #[arg(value_enum, default_value = "all")]
+        which: Which,
+        /// Runs per figure.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Where to write the results (default: <binaries' dir>/bench).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Relay load generator (run by `bench relay` inside a lab namespace).
+    #[command(hide = true)]
+    BenchRelayLoad(bench::relay::LoadArgs),
+    /// Plain UDP forwarder, the relay benchmark's baseline (inside a lab namespace).
+    #[command(hide = true)]
+    BenchUdpForward {
+        #[arg(long)]
+        listen: std::net::SocketAddrV4,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+    },
+    /// Control-plane crowd of synthetic agents (run by `bench control` inside a lab namespace).
+    #[command(hide = true)]
+    BenchControlLoad(bench::control::LoadArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +106,27 @@ fn main() -> ExitCode {
             install_interrupt_handler();
             demo()
         }
+        Cmd::Bench {
+            which,
+            runs,
+            seconds,
+            out,
+        } => {
+            install_interrupt_handler();
+            bench_dir(out).and_then(|out_dir| {
+                let opts = bench::Options {
+                    runs: runs.max(1),
+                    seconds: seconds.max(2),
+                    out_dir,
+                };
+                bench::run(which, &opts).map(|()| true)
+            })
+        }
+        Cmd::BenchRelayLoad(args) => bench::relay::load(&args).map(|()| true),
+        Cmd::BenchUdpForward { listen, batch } => {
+            bench::relay::forward(listen, batch).map(|()| true)
+        }
+        Cmd::BenchControlLoad(args) => bench::control::load(&args).map(|()| true),
         Cmd::StunServer { listen } => stun::serve(listen, |local| {
             println!("{}", stun::listening_line(local));
         })
@@ -122,6 +175,14 @@ fn main() -> ExitCode {
             eprintln!("rally-lab: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The benchmark output directory: `out`, or `bench/` next to the binaries.
+fn bench_dir(out: Option<std::path::PathBuf>) -> Result<std::path::PathBuf> {
+    match out {
+        Some(o) => Ok(o),
+        None => Ok(bins::bin_dir()?.join("bench")),
     }
 }
 

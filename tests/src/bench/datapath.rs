@@ -1,0 +1,302 @@
+//! Throughput (iperf3) and latency (ping) through every path of a [`Datapath`], runs
+//! interleaved so that every subject sees the same noise.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+use super::stats::{quantile, Figure};
+use super::tools::{self, Tool};
+use super::tunnels::{start_iperf_server, Datapath, Path, Subject, IPERF_PORT};
+use super::Options;
+
+/// The four TCP configurations: streams and direction.
+pub const TCP_CASES: [(u32, bool); 4] = [(1, false), (1, true), (4, false), (4, true)];
+
+fn tcp_metric(streams: u32, reverse: bool) -> String {
+    let dir = if reverse { "b→a" } else { "a→b" };
+    let s = if streams == 1 { "stream" } else { "streams" };
+    format!("tcp {streams} {s} {dir}")
+}
+
+/// `iperf3 -c` from the path's client to its target (a one-off server on the path's server, so
+/// that a stalled test cannot block the next); the receiver's rate in Mbit/s.
+pub fn iperf(path: &Path, streams: u32, reverse: bool, secs: u64) -> Result<f64> {
+    let server = start_iperf_server(&path.server)?;
+    let r = iperf_client(path, streams, reverse, secs);
+    if server.wait_timeout(Duration::from_secs(2))?.is_none() {
+        server.terminate(Duration::from_secs(1))?;
+    }
+    r
+}
+
+fn iperf_client(path: &Path, streams: u32, reverse: bool, secs: u64) -> Result<f64> {
+    let iperf = tools::path(Tool::Iperf3)?.to_string_lossy().into_owned();
+    let target = path.target.to_string();
+    let (t, p, port) = (
+        secs.to_string(),
+        streams.to_string(),
+        IPERF_PORT.to_string(),
+    );
+    let mut args = vec![
+        iperf.as_str(),
+        "-c",
+        target.as_str(),
+        "-p",
+        port.as_str(),
+        "-t",
+        t.as_str(),
+        "-O",
+        "1",
+        "-P",
+        p.as_str(),
+        "--connect-timeout",
+        "3000",
+        "-J",
+    ];
+    if reverse {
+        // Only a receiving client may have an idle timeout.
+        args.extend(["-R", "--rcv-timeout", "5000"]);
+    }
+    let out = path
+        .client
+        .run_timeout(&args, Duration::from_secs(secs + 30))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(&text)
+        .with_context(|| format!("iperf3 printed no JSON: {}", text.trim()))?;
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        bail!("iperf3: {e}");
+    }
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|bps| bps / 1e6)
+        .ok_or_else(|| anyhow!("iperf3 JSON has no end.sum_received.bits_per_second"))
+}
+
+/// Round-trip times (ms) of `count` pings `interval` apart from the path's client to its target.
+pub fn ping_rtts(path: &Path, count: u32, interval: &str) -> Result<Vec<f64>> {
+    let target = path.target.to_string();
+    let c = count.to_string();
+    let out = path.client.run_timeout(
+        &[
+            "ping",
+            "-n",
+            "-c",
+            c.as_str(),
+            "-i",
+            interval,
+            "-W",
+            "1",
+            target.as_str(),
+        ],
+        Duration::from_secs(u64::from(count) / 10 + 30),
+    )?;
+    let rtts = parse_ping_times(&String::from_utf8_lossy(&out.stdout));
+    if rtts.is_empty() {
+        bail!(
+            "no ping reply from {target} ({})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(rtts)
+}
+
+/// Every `time=X ms` of ping's per-reply lines.
+pub fn parse_ping_times(text: &str) -> Vec<f64> {
+    text.lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|r| r.split_whitespace().next())
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// Keeps going when one measurement fails: the run's value is NaN and the error is printed.
+fn or_nan(what: &str, r: Result<f64>) -> f64 {
+    match r {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("    {what}: FAILED: {e:#}");
+            f64::NAN
+        }
+    }
+}
+
+/// Samples per (metric, subject), in the order first seen.
+#[derive(Default)]
+struct Table {
+    rows: Vec<(String, Subject, Vec<f64>)>,
+}
+
+impl Table {
+    fn push(&mut self, metric: &str, s: Subject, v: f64) {
+        match self.rows.iter_mut().find(|r| r.0 == metric && r.1 == s) {
+            Some(r) => r.2.push(v),
+            None => self.rows.push((metric.to_owned(), s, vec![v])),
+        }
+    }
+
+    fn get(&self, metric: &str, s: Subject) -> Option<&[f64]> {
+        self.rows
+            .iter()
+            .find(|r| r.0 == metric && r.1 == s)
+            .map(|r| r.2.as_slice())
+    }
+
+    /// Figures with ratios: tunnels against raw veth and the two reference WireGuards.
+    fn figures(&self, group: &str, unit: &str) -> Vec<Figure> {
+        let mut out = Vec::new();
+        for (metric, s, samples) in &self.rows {
+            let mut f = Figure::new(group, metric, s.label(), unit, samples.clone());
+            if s.is_tunnel() {
+                for base in [Subject::Raw, Subject::Boringtun, Subject::WireguardGo] {
+                    if base != *s {
+                        if let Some(b) = self.get(metric, base) {
+                            f.ratio_to(base.label(), b);
+                        }
+                    }
+                }
+            }
+            out.push(f);
+        }
+        out
+    }
+}
+
+/// TCP throughput, every case, every path, `opts.runs` interleaved runs.
+pub fn throughput(dp: &Datapath, opts: &Options) -> Result<Vec<Figure>> {
+    let mut table = Table::default();
+    for run in 1..=opts.runs {
+        for (streams, reverse) in TCP_CASES {
+            let metric = tcp_metric(streams, reverse);
+            for path in &dp.paths {
+                let v = or_nan(
+                    &format!("{metric} {}", path.subject.label()),
+                    iperf(path, streams, reverse, opts.seconds),
+                );
+                println!(
+                    "    run {run}/{}: {metric}, {}: {:.0} Mbit/s",
+                    opts.runs,
+                    path.subject.label(),
+                    v
+                );
+                table.push(&metric, path.subject, v);
+            }
+        }
+    }
+    Ok(table.figures("throughput", "Mbit/s"))
+}
+
+/// Ping RTT p50/p99, idle and under a one-stream iperf3 load through the same path; and the
+/// RTT each tunnel adds to the raw path's (p50, per run).
+pub fn latency(dp: &Datapath, opts: &Options) -> Result<Vec<Figure>> {
+    const COUNT: u32 = 300;
+    const INTERVAL: &str = "0.01";
+    let mut table = Table::default();
+    for run in 1..=opts.runs {
+        for loaded in [false, true] {
+            let cond = if loaded { "under load" } else { "idle" };
+            for path in &dp.paths {
+                let rtts = if loaded {
+                    under_load(path, || ping_rtts(path, COUNT, INTERVAL))
+                } else {
+                    ping_rtts(path, COUNT, INTERVAL)
+                };
+                let (p50, p99) = match rtts {
+                    Ok(r) => (
+                        quantile(&r, 0.5).unwrap_or(f64::NAN),
+                        quantile(&r, 0.99).unwrap_or(f64::NAN),
+                    ),
+                    Err(e) => {
+                        eprintln!("    ping {} {cond}: FAILED: {e:#}", path.subject.label());
+                        (f64::NAN, f64::NAN)
+                    }
+                };
+                println!(
+                    "    run {run}/{}: rtt {cond}, {}: p50 {p50:.3} ms, p99 {p99:.3} ms",
+                    opts.runs,
+                    path.subject.label()
+                );
+                table.push(&format!("rtt p50 {cond}"), path.subject, p50);
+                table.push(&format!("rtt p99 {cond}"), path.subject, p99);
+            }
+        }
+    }
+    let mut figures = table.figures("latency", "ms");
+    // Added RTT: tunnel p50 minus raw p50 of the same run, compared across tunnels.
+    let mut added = Table::default();
+    for cond in ["idle", "under load"] {
+        let metric = format!("rtt p50 {cond}");
+        let Some(raw) = table.get(&metric, Subject::Raw) else {
+            continue;
+        };
+        for path in dp.paths.iter().filter(|p| p.subject.is_tunnel()) {
+            if let Some(t) = table.get(&metric, path.subject) {
+                for (x, r) in t.iter().zip(raw) {
+                    added.push(&format!("added rtt p50 {cond}"), path.subject, x - r);
+                }
+            }
+        }
+    }
+    for (metric, s, samples) in &added.rows {
+        let mut f = Figure::new("latency", metric, s.label(), "ms", samples.clone());
+        for base in [Subject::Boringtun, Subject::WireguardGo] {
+            if base != *s {
+                if let Some(b) = added.get(metric, base) {
+                    f.ratio_to(base.label(), b);
+                }
+            }
+        }
+        figures.push(f);
+    }
+    Ok(figures)
+}
+
+/// Runs `f` while a one-stream iperf3 a→b saturates `path`.
+fn under_load<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let iperf = tools::path(Tool::Iperf3)?.to_string_lossy().into_owned();
+    let target = path.target.to_string();
+    let port = IPERF_PORT.to_string();
+    let server = start_iperf_server(&path.server)?;
+    let load = path.client.spawn(
+        &[
+            iperf.as_str(),
+            "-c",
+            target.as_str(),
+            "-p",
+            port.as_str(),
+            "-t",
+            "7",
+        ],
+        path.client.log_path("iperf3-load"),
+    )?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = f();
+    if load.wait_timeout(Duration::from_secs(10))?.is_none() {
+        load.terminate(Duration::from_secs(2))?;
+    }
+    if server.wait_timeout(Duration::from_secs(2))?.is_none() {
+        server.terminate(Duration::from_secs(1))?;
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_times_are_read_per_reply() {
+        let text = "PING 10.66.0.2 (10.66.0.2) 56(84) bytes of data.\n\
+                    64 bytes from 10.66.0.2: icmp_seq=1 ttl=64 time=0.123 ms\n\
+                    64 bytes from 10.66.0.2: icmp_seq=2 ttl=64 time=1.5 ms\n\
+                    rtt min/avg/max/mdev = 0.123/0.8/1.5/0.6 ms\n";
+        assert_eq!(parse_ping_times(text), vec![0.123, 1.5]);
+    }
+
+    #[test]
+    fn tcp_metrics_name_streams_and_direction() {
+        assert_eq!(tcp_metric(1, false), "tcp 1 stream a→b");
+        assert_eq!(tcp_metric(4, true), "tcp 4 streams b→a");
+    }
+}

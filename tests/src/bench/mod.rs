@@ -1,0 +1,231 @@
+//! `rally-lab bench`: benchmarks of the real binaries in lab namespaces, each figure the median
+//! of several runs with its range and its ratio against baselines measured in the same run
+//! (LAB.md, "Measuring"). docs/benchmarks.md has the figures and how to read them.
+//!
+//! - `throughput`, `latency`: one lab with Rally (direct, and through a relay), boringtun-cli,
+//!   wireguard-go and the raw path between the same two namespaces; iperf3 and ping.
+//! - `setup`: party join → first ping reply and → direct path, across two home routers.
+//! - `relay`: forwarding capacity of `rally-relay` under a synthetic protocol load.
+//! - `control`: N synthetic agents registering and joining one party; an agent's memory per peer.
+//! - `profile` (not part of `all`): `perf` on the data paths under load.
+//!
+//! Every figure is printed as `name: median [min–max] unit (ratio vs baseline, …)` and all of
+//! them are written to `bench-results.json` and `bench-results.md` in the output directory.
+
+pub mod control;
+pub mod datapath;
+pub mod mmsg;
+pub mod profile;
+pub mod relay;
+pub mod setup;
+pub mod stats;
+pub mod tools;
+pub mod tunnels;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use self::stats::Figure;
+use self::tools::Tool;
+use crate::{bins, Lab};
+
+/// Which benchmarks to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Which {
+    Throughput,
+    Latency,
+    Setup,
+    Relay,
+    Control,
+    /// `perf` on the data paths under load (not part of `all`).
+    Profile,
+    All,
+}
+
+/// How much to measure and where to write it.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Runs per figure.
+    pub runs: usize,
+    /// Seconds per iperf3 run.
+    pub seconds: u64,
+    /// Where results go.
+    pub out_dir: PathBuf,
+}
+
+/// Everything a `bench` invocation measured, as written to `bench-results.json`.
+#[derive(Serialize)]
+struct Results<'a> {
+    machine: Machine,
+    runs: usize,
+    seconds: u64,
+    installed: &'a [String],
+    figures: &'a [Figure],
+}
+
+/// The machine the figures come from.
+#[derive(Serialize)]
+pub struct Machine {
+    pub nproc: usize,
+    pub cpu: String,
+    pub kernel: String,
+}
+
+impl Machine {
+    pub fn describe() -> Machine {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|s| s.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        Machine {
+            nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu,
+            kernel,
+        }
+    }
+}
+
+fn say(msg: &str) {
+    println!("==> {msg}");
+}
+
+/// Runs the chosen benchmarks; prints every figure and writes the results files.
+pub fn run(which: Which, opts: &Options) -> Result<()> {
+    let machine = Machine::describe();
+    say(&format!(
+        "machine: {} × {}, kernel {} (shared: other work runs too; read the ratios)",
+        machine.nproc, machine.cpu, machine.kernel
+    ));
+    bins::rally()?;
+    bins::rally_control()?;
+    bins::bin_path("rally-relay")?;
+    bins::rally_lab()?;
+    if let Ok(dir) = bins::bin_dir() {
+        if !dir.ends_with("release") {
+            println!(
+                "    warning: binaries from {} — measure release builds \
+                 (cargo build --release --workspace --bins; run target/release/rally-lab)",
+                dir.display()
+            );
+        }
+    }
+    let all = which == Which::All;
+    let datapath = all || matches!(which, Which::Throughput | Which::Latency | Which::Profile);
+    let mut tools_needed = vec![Tool::Iperf3];
+    if datapath {
+        tools_needed.extend([Tool::Wg, Tool::WireguardGo, Tool::BoringtunCli]);
+    }
+    if which == Which::Profile {
+        tools_needed.push(Tool::Perf);
+    }
+    let installed = tools::ensure(&tools_needed)?;
+    if installed.is_empty() {
+        say("reference programs already installed (iperf3, wg, wireguard-go, boringtun-cli)");
+    } else {
+        say(&format!("installed: {}", installed.join(", ")));
+    }
+    std::fs::create_dir_all(&opts.out_dir)
+        .with_context(|| format!("creating {}", opts.out_dir.display()))?;
+
+    let mut figures: Vec<Figure> = Vec::new();
+    let mut section = |name: &str, r: Result<Vec<Figure>>| match r {
+        Ok(fs) => {
+            say(&format!("{name}: {} figures", fs.len()));
+            for f in &fs {
+                println!("    {}", f.line());
+            }
+            figures.extend(fs);
+        }
+        Err(e) => eprintln!("rally-lab bench: {name} FAILED: {e:#}"),
+    };
+
+    if datapath {
+        say("building the data-path lab (a, b, control, relay; ra, rb cut from each other)");
+        let lab = Lab::new()?;
+        let built = tunnels::build(
+            &lab,
+            tunnels::Want {
+                relay: which != Which::Profile,
+                references: true,
+            },
+        );
+        match built {
+            Err(e) => {
+                lab.dump_logs();
+                section("data path", Err(e));
+            }
+            Ok(dp) => {
+                for p in &dp.paths {
+                    println!(
+                        "    {:<15} {} → {} ({})",
+                        p.subject.label(),
+                        p.client.name(),
+                        p.server.name(),
+                        p.target
+                    );
+                }
+                if all || which == Which::Throughput {
+                    say(&format!(
+                        "throughput: iperf3, {} s per run, {} runs, subjects interleaved",
+                        opts.seconds, opts.runs
+                    ));
+                    section("throughput", datapath::throughput(&dp, opts));
+                }
+                if all || which == Which::Latency {
+                    say("latency: 300 pings 10 ms apart, idle and under a one-stream load");
+                    section("latency", datapath::latency(&dp, opts));
+                }
+                if which == Which::Profile {
+                    if !profile::perf_works() {
+                        eprintln!("rally-lab bench: perf cannot count here (perf stat -e task-clock true fails)");
+                    }
+                    section("profile", profile::run(&dp, &opts.out_dir));
+                }
+            }
+        }
+    }
+    if all || which == Which::Setup {
+        say("setup: party join → first reply / direct path, two home routers, 20 ms uplinks");
+        section("setup", setup::run(opts));
+    }
+    if all || which == Which::Relay {
+        say("relay: synthetic relay-protocol load, 1/10/100 pairs");
+        section("relay", relay::run(opts));
+    }
+    if all || which == Which::Control {
+        say("control: N synthetic QUIC agents register and join one party");
+        section("control", control::run(opts));
+    }
+
+    say("all figures: name: median [min–max] unit (ratios vs baselines of the same run)");
+    for f in &figures {
+        println!("{}", f.line());
+    }
+    let results = Results {
+        machine,
+        runs: opts.runs,
+        seconds: opts.seconds,
+        installed: &installed,
+        figures: &figures,
+    };
+    let suffix = match which {
+        Which::All => String::new(),
+        w => format!("-{}", format!("{w:?}").to_lowercase()),
+    };
+    let json = opts.out_dir.join(format!("bench-results{suffix}.json"));
+    std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;
+    let md = opts.out_dir.join(format!("bench-results{suffix}.md"));
+    std::fs::write(&md, stats::markdown(&figures))?;
+    say(&format!("written: {} and {}", json.display(), md.display()));
+    Ok(())
+}

@@ -1,0 +1,600 @@
+//! Relay forwarding capacity: a synthetic load generator speaking the relay protocol
+//! (`rally_proto::relay`, tokens signed with a control key made for the run) from real UDP
+//! sockets in one lab namespace, through `rally-relay` in another, for 1, 10 and 100
+//! concurrent peer pairs. Baselines in the same run, on the same hosts and generator: a plain
+//! UDP forwarder doing what the relay does minus the protocol checks, once with one
+//! `recvfrom`/`sendto` per packet (the relay's I/O pattern) and once batched with
+//! `recvmmsg`/`sendmmsg`.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use rally_proto::identity::Identity;
+use rally_proto::relay::{
+    bind_transcript, send_to_deliver, short_id, write_send_header, RelayMsg, ShortId,
+    DATA_HEADER_LEN, DOMAIN_BIND,
+};
+use rally_proto::RelayToken;
+use serde::{Deserialize, Serialize};
+
+use super::mmsg::{self, send_batch, RecvBatch};
+use super::stats::Figure;
+use super::tools;
+use super::tunnels::{start_relay, RELAY_METRICS_PORT};
+use super::Options;
+use crate::rally::RELAY_PORT;
+use crate::{bins, Lab};
+
+/// Datagram size on the wire (relay header included): a full-size WireGuard packet is ~1450.
+pub const PACKET: usize = 1200;
+/// Peer-pair counts measured.
+pub const PAIRS: [usize; 3] = [1, 10, 100];
+/// The plain forwarders' port on the relay host.
+const FORWARD_PORT: u16 = 4000;
+/// Datagrams per `sendmmsg` in the generator.
+const GEN_BATCH: usize = 32;
+/// The query the plain forwarders answer with their count.
+const STATS_QUERY: &[u8] = b"STATS?";
+
+/// What the generator is pointed at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Target {
+    /// `rally-relay` (binds with tokens, counts from its metrics).
+    Relay,
+    /// A plain forwarder (`rally-lab bench-udp-forward`).
+    Plain,
+}
+
+/// The generator's arguments (the hidden `bench-relay-load` subcommand).
+#[derive(Clone, Debug, clap::Args)]
+pub struct LoadArgs {
+    #[arg(long)]
+    pub to: SocketAddrV4,
+    #[arg(long, value_enum)]
+    pub target: Target,
+    /// Hex of the control identity's seed (relay target): tokens are signed with it.
+    #[arg(long, default_value = "")]
+    pub control_seed: String,
+    /// The relay's metrics address (relay target).
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    #[arg(long)]
+    pub pairs: usize,
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// The forwarding process, whose CPU time is read from /proc around each run.
+    #[arg(long)]
+    pub pid: u32,
+}
+
+/// One run of the generator (a JSON line on stdout).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LoadRun {
+    pub pairs: usize,
+    pub secs: f64,
+    /// Datagrams the generator's kernel accepted.
+    pub offered: u64,
+    /// Datagrams the forwarder says it forwarded.
+    pub forwarded: u64,
+    /// Datagrams the generator's receiving sockets read.
+    pub delivered: u64,
+    /// CPU seconds the forwarder used.
+    pub cpu_s: f64,
+}
+
+/// Random bytes from the kernel.
+pub fn random32() -> [u8; 32] {
+    let mut b = [0u8; 32];
+    let mut f = std::fs::File::open("/dev/urandom").expect("/dev/urandom");
+    f.read_exact(&mut b).expect("reading /dev/urandom");
+    b
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex32(s: &str) -> Result<[u8; 32]> {
+    if s.len() != 64 {
+        bail!("expected 64 hex digits");
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)?;
+    }
+    Ok(out)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// One synthetic agent: a socket connected to the forwarder and its short id.
+struct Agent {
+    sock: UdpSocket,
+    id: ShortId,
+}
+
+fn new_agent(to: SocketAddrV4) -> Result<(Agent, Identity)> {
+    let identity = Identity::from_seed(random32());
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    sock.connect(to)?;
+    mmsg::set_buffer(sock.as_raw_fd(), true, 4 << 20);
+    mmsg::set_buffer(sock.as_raw_fd(), false, 4 << 20);
+    let id = short_id(&identity.public());
+    Ok((Agent { sock, id }, identity))
+}
+
+/// Binds at the relay: BindRequest → BindChallenge → Bind → BindOk, retrying through the
+/// relay's handshake rate limit. Late answers to an earlier attempt are skipped, never taken
+/// for the current step's.
+fn bind(agent: &Agent, identity: &Identity, token: &[u8]) -> Result<()> {
+    for _ in 0..100 {
+        drain_one(&agent.sock)?;
+        agent.sock.send(&RelayMsg::BindRequest.to_vec())?;
+        let Some(cookie) = wait_for(&agent.sock, |m| match m {
+            RelayMsg::BindChallenge { cookie } => Some(cookie),
+            _ => None,
+        })?
+        else {
+            continue;
+        };
+        let signature = identity.sign(DOMAIN_BIND, &bind_transcript(&cookie, token));
+        agent.sock.send(
+            &RelayMsg::Bind {
+                cookie,
+                signature,
+                token,
+            }
+            .to_vec(),
+        )?;
+        let answer = wait_for(&agent.sock, |m| match m {
+            RelayMsg::BindOk { .. } => Some(Ok(())),
+            RelayMsg::Error { code } => Some(Err(code)),
+            _ => None,
+        })?;
+        match answer {
+            Some(Ok(())) => return Ok(()),
+            Some(Err(code)) => eprintln!("bind refused: {}", code.as_str()),
+            None => {}
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("could not bind at the relay (100 attempts)")
+}
+
+/// Discards whatever is waiting on a (blocking) socket.
+fn drain_one(sock: &UdpSocket) -> Result<()> {
+    let mut buf = [0u8; 2048];
+    sock.set_nonblocking(true)?;
+    while sock.recv(&mut buf).is_ok() {}
+    sock.set_nonblocking(false)?;
+    Ok(())
+}
+
+/// The first relay message within 300 ms that `want` accepts.
+fn wait_for<T>(sock: &UdpSocket, want: impl Fn(RelayMsg<'_>) -> Option<T>) -> Result<Option<T>> {
+    let mut buf = [0u8; 2048];
+    let deadline = Instant::now() + Duration::from_millis(300);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(None);
+        }
+        sock.set_read_timeout(Some(left))?;
+        let Ok(n) = sock.recv(&mut buf) else {
+            return Ok(None);
+        };
+        if let Some(t) = RelayMsg::decode(&buf[..n]).ok().and_then(&want) {
+            return Ok(Some(t));
+        }
+    }
+}
+
+/// Registers at a plain forwarder: a `Send` to itself, answered by an echo.
+fn hello(agent: &Agent) -> Result<()> {
+    let mut d = vec![0u8; DATA_HEADER_LEN];
+    write_send_header(&mut d, &agent.id);
+    let mut buf = vec![0u8; 64];
+    agent
+        .sock
+        .set_read_timeout(Some(Duration::from_millis(300)))?;
+    for _ in 0..20 {
+        agent.sock.send(&d)?;
+        if agent.sock.recv(&mut buf).is_ok() {
+            return Ok(());
+        }
+    }
+    bail!("no answer from the plain forwarder")
+}
+
+/// What the forwarder has forwarded so far.
+fn forwarded_so_far(args: &LoadArgs, probe: &UdpSocket) -> Result<u64> {
+    match args.target {
+        Target::Relay => {
+            let addr = args
+                .metrics
+                .ok_or_else(|| anyhow!("--metrics is needed for the relay"))?;
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: relay\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            text.lines()
+                .find_map(|l| l.strip_prefix("rally_relay_packets_forwarded_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .map(|v| v as u64)
+                .ok_or_else(|| anyhow!("no rally_relay_packets_forwarded_total in the metrics"))
+        }
+        Target::Plain => {
+            probe.set_read_timeout(Some(Duration::from_millis(500)))?;
+            let mut buf = [0u8; 16];
+            for _ in 0..10 {
+                probe.send(STATS_QUERY)?;
+                if let Ok(8) = probe.recv(&mut buf) {
+                    return Ok(u64::from_le_bytes(buf[..8].try_into()?));
+                }
+            }
+            bail!("the plain forwarder does not answer STATS?")
+        }
+    }
+}
+
+/// The generator: binds `pairs` pairs of agents, then for each run blasts `Send`s from every
+/// pair's first agent to its second for `seconds`, reading what arrives; prints a JSON
+/// [`LoadRun`] per run.
+pub fn load(args: &LoadArgs) -> Result<()> {
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    let token_for = |identity: &Identity| -> Result<Vec<u8>> {
+        let control = Identity::from_seed(unhex32(&args.control_seed)?);
+        Ok(RelayToken {
+            agent: identity.public(),
+            expires_at: unix_now() + 3600,
+            parties: vec![[7; 8]],
+        }
+        .sign(&control))
+    };
+    for _ in 0..args.pairs {
+        for list in [&mut senders, &mut receivers] {
+            let (agent, identity) = new_agent(args.to)?;
+            match args.target {
+                Target::Relay => bind(&agent, &identity, &token_for(&identity)?)?,
+                Target::Plain => hello(&agent)?,
+            }
+            agent.sock.set_nonblocking(true)?;
+            list.push(agent);
+        }
+    }
+    let (probe, _) = new_agent(args.to)?;
+    // Each sender's datagram: a Send to its receiver, then zeros.
+    let datagrams: Vec<Vec<u8>> = receivers
+        .iter()
+        .map(|r| {
+            let mut d = vec![0u8; PACKET];
+            write_send_header(&mut d, &r.id);
+            d
+        })
+        .collect();
+    let mut rx = RecvBatch::new(64, 2048);
+    for _ in 0..args.runs {
+        // Keep the receivers' sessions alive (a relay forgets idle ones).
+        if args.target == Target::Relay {
+            for r in &receivers {
+                let _ = r.sock.send(&RelayMsg::Ping { nonce: 1 }.to_vec());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        drain(&receivers, &mut rx);
+        let before = forwarded_so_far(args, &probe.sock)?;
+        let cpu0 = tools::cpu_seconds(args.pid)?;
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs_f64(args.seconds);
+        let (mut offered, mut delivered) = (0u64, 0u64);
+        while Instant::now() < deadline {
+            for (s, d) in senders.iter().zip(&datagrams) {
+                let batch: [&[u8]; GEN_BATCH] = [d.as_slice(); GEN_BATCH];
+                if let Ok(n) = send_batch(s.sock.as_raw_fd(), &batch, None, libc::MSG_DONTWAIT) {
+                    offered += n as u64;
+                }
+            }
+            delivered += drain(&receivers, &mut rx);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        std::thread::sleep(Duration::from_millis(200));
+        delivered += drain(&receivers, &mut rx);
+        let cpu_s = tools::cpu_seconds(args.pid)? - cpu0;
+        let forwarded = forwarded_so_far(args, &probe.sock)?.saturating_sub(before);
+        let run = LoadRun {
+            pairs: args.pairs,
+            secs,
+            offered,
+            forwarded,
+            delivered,
+            cpu_s,
+        };
+        println!("{}", serde_json::to_string(&run)?);
+    }
+    Ok(())
+}
+
+/// Reads everything waiting on the receivers; returns how many datagrams (pongs included).
+fn drain(receivers: &[Agent], rx: &mut RecvBatch) -> u64 {
+    let mut n = 0u64;
+    for r in receivers {
+        while let Ok(k) = rx.recv(r.sock.as_raw_fd(), libc::MSG_DONTWAIT) {
+            n += k as u64;
+            if k < 64 {
+                break;
+            }
+        }
+    }
+    n
+}
+
+/// The plain forwarder (the hidden `bench-udp-forward` subcommand): learns each source's
+/// short id from its first datagram (echoing it), then rewrites `Send{to}` into
+/// `Deliver{from}` and sends it to `to`'s address; `STATS?` is answered with the count.
+/// `batch` 1 uses `recv_from`/`send_to`, more uses `recvmmsg`/`sendmmsg` of that many.
+pub fn forward(listen: SocketAddrV4, batch: usize) -> Result<()> {
+    let sock = UdpSocket::bind(listen).with_context(|| format!("binding {listen}"))?;
+    mmsg::set_buffer(sock.as_raw_fd(), true, 4 << 20);
+    mmsg::set_buffer(sock.as_raw_fd(), false, 4 << 20);
+    println!("forwarding on {listen}, batch {batch}");
+    let mut by_id: HashMap<ShortId, SocketAddrV4> = HashMap::new();
+    let mut by_addr: HashMap<SocketAddrV4, ShortId> = HashMap::new();
+    let mut forwarded = 0u64;
+    let mut handle = |d: &mut [u8], from: SocketAddrV4| -> Option<(SocketAddrV4, bool)> {
+        if d == STATS_QUERY {
+            return None;
+        }
+        match by_addr.get(&from) {
+            None => {
+                if d.len() < DATA_HEADER_LEN {
+                    return None;
+                }
+                let id: ShortId = d[4..DATA_HEADER_LEN].try_into().ok()?;
+                by_id.insert(id, from);
+                by_addr.insert(from, id);
+                Some((from, false))
+            }
+            Some(from_id) => {
+                let to = send_to_deliver(d, from_id)?;
+                by_id.get(&to).map(|a| (*a, true))
+            }
+        }
+    };
+    if batch <= 1 {
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let (n, from) = sock.recv_from(&mut buf)?;
+            let SocketAddr::V4(from) = from else { continue };
+            if &buf[..n] == STATS_QUERY {
+                sock.send_to(&forwarded.to_le_bytes(), from)?;
+                continue;
+            }
+            if let Some((to, fwd)) = handle(&mut buf[..n], from) {
+                let _ = sock.send_to(&buf[..n], to);
+                forwarded += u64::from(fwd);
+            }
+        }
+    }
+    let mut rx = RecvBatch::new(batch, 2048);
+    let mut dest: Vec<SocketAddrV4> = Vec::with_capacity(batch);
+    let mut idx: Vec<usize> = Vec::with_capacity(batch);
+    loop {
+        let n = rx.recv(sock.as_raw_fd(), libc::MSG_WAITFORONE)?;
+        dest.clear();
+        idx.clear();
+        for i in 0..n {
+            let from = rx.addr(i);
+            if rx.buf(i) == STATS_QUERY {
+                sock.send_to(&forwarded.to_le_bytes(), from)?;
+                continue;
+            }
+            if let Some((to, fwd)) = handle(rx.buf_mut(i), from) {
+                dest.push(to);
+                idx.push(i);
+                forwarded += u64::from(fwd);
+            }
+        }
+        let bufs: Vec<&[u8]> = idx.iter().map(|&i| rx.buf(i)).collect();
+        let mut sent = 0;
+        while sent < bufs.len() {
+            match send_batch(sock.as_raw_fd(), &bufs[sent..], Some(&dest[sent..]), 0) {
+                Ok(k) => sent += k.max(1),
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// The driver: one lab, relay and generator hosts, every pair count against the relay and
+/// the two plain forwarders.
+pub fn run(opts: &Options) -> Result<Vec<Figure>> {
+    let lab = Lab::new()?;
+    let r = measure(&lab, opts);
+    if r.is_err() {
+        lab.dump_logs();
+    }
+    r
+}
+
+fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
+    let relay_host = lab.add_host("relay")?;
+    let gen = lab.add_host("gen")?;
+    let seed = random32();
+    let key = Identity::from_seed(seed).public().to_string();
+    let (relay, _) = start_relay(&relay_host, "r1", &key, true)?;
+    let lab_bin = bins::rally_lab()?.to_string_lossy().into_owned();
+    let relay_addr = SocketAddrV4::new(relay_host.ip(), RELAY_PORT);
+    let forward_addr = SocketAddrV4::new(relay_host.ip(), FORWARD_PORT);
+    let metrics = SocketAddr::new(relay_host.ip().into(), RELAY_METRICS_PORT);
+    let seed_hex = hex(&seed);
+
+    let generate =
+        |target: Target, to: SocketAddrV4, pid: u32, pairs: usize| -> Result<Vec<LoadRun>> {
+            let (to_s, pid_s, pairs_s, runs_s) = (
+                to.to_string(),
+                pid.to_string(),
+                pairs.to_string(),
+                opts.runs.to_string(),
+            );
+            let secs = opts.seconds.clamp(2, 5).to_string();
+            let metrics_s = metrics.to_string();
+            let mut args = vec![
+                lab_bin.as_str(),
+                "bench-relay-load",
+                "--to",
+                to_s.as_str(),
+                "--pid",
+                pid_s.as_str(),
+                "--pairs",
+                pairs_s.as_str(),
+                "--runs",
+                runs_s.as_str(),
+                "--seconds",
+                secs.as_str(),
+            ];
+            match target {
+                Target::Relay => args.extend([
+                    "--target",
+                    "relay",
+                    "--control-seed",
+                    seed_hex.as_str(),
+                    "--metrics",
+                    metrics_s.as_str(),
+                ]),
+                Target::Plain => args.extend(["--target", "plain"]),
+            }
+            let out = gen.run_timeout(&args, Duration::from_secs(300))?;
+            crate::host::check_success(&out, "rally-lab bench-relay-load")?;
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.starts_with('{'))
+                .map(|l| serde_json::from_str(l).context("reading a generator line"))
+                .collect()
+        };
+
+    let mut results: Vec<(String, usize, Vec<LoadRun>)> = Vec::new();
+    for pairs in PAIRS {
+        println!("==> relay: {pairs} pair(s) through rally-relay");
+        let runs = generate(Target::Relay, relay_addr, relay.pid(), pairs)?;
+        report(&runs);
+        results.push(("rally-relay".into(), pairs, runs));
+        for (label, batch) in [
+            ("plain forwarder (recvfrom/sendto)", 1usize),
+            ("batched forwarder (recvmmsg/sendmmsg)", 64),
+        ] {
+            println!("==> relay: {pairs} pair(s) through the {label}");
+            let batch_s = batch.to_string();
+            let fwd_addr = forward_addr.to_string();
+            let fwd = relay_host.spawn(
+                &[
+                    lab_bin.as_str(),
+                    "bench-udp-forward",
+                    "--listen",
+                    fwd_addr.as_str(),
+                    "--batch",
+                    batch_s.as_str(),
+                ],
+                relay_host.log_path(&format!("forward-{batch}")),
+            )?;
+            super::tunnels::wait_udp_bound(&relay_host, FORWARD_PORT, &fwd)?;
+            let runs = generate(Target::Plain, forward_addr, fwd.pid(), pairs);
+            fwd.terminate(Duration::from_secs(2))?;
+            let runs = runs?;
+            report(&runs);
+            results.push((label.into(), pairs, runs));
+        }
+    }
+
+    let mut figures = Vec::new();
+    let series =
+        |r: &[LoadRun], f: &dyn Fn(&LoadRun) -> f64| -> Vec<f64> { r.iter().map(f).collect() };
+    let pps = |r: &LoadRun| r.forwarded as f64 / r.secs;
+    let mbps = |r: &LoadRun| r.forwarded as f64 * PACKET as f64 * 8.0 / r.secs / 1e6;
+    let cpu = |r: &LoadRun| {
+        if r.forwarded == 0 {
+            f64::NAN
+        } else {
+            r.cpu_s / (r.forwarded as f64 / 1e6)
+        }
+    };
+    for pairs in PAIRS {
+        let of = |label: &str| {
+            results
+                .iter()
+                .find(|(l, p, _)| l == label && *p == pairs)
+                .map(|(_, _, r)| r.as_slice())
+                .unwrap_or(&[])
+        };
+        let relay_runs = of("rally-relay");
+        let plain = of("plain forwarder (recvfrom/sendto)");
+        let batched = of("batched forwarder (recvmmsg/sendmmsg)");
+        let pl = if pairs == 1 { "pair" } else { "pairs" };
+        for (metric, unit, f) in [
+            ("forwarded pps", "pps", &pps as &dyn Fn(&LoadRun) -> f64),
+            ("forwarded Mbit/s", "Mbit/s", &mbps),
+            ("CPU per Mpkt", "CPU s", &cpu),
+        ] {
+            let metric = format!("{metric}, {pairs} {pl}");
+            for (label, runs) in [
+                ("rally-relay", relay_runs),
+                ("plain forwarder (recvfrom/sendto)", plain),
+                ("batched forwarder (recvmmsg/sendmmsg)", batched),
+            ] {
+                let mut fig = Figure::new("relay", &metric, label, unit, series(runs, f));
+                if label == "rally-relay" {
+                    fig.ratio_to("plain forwarder", &series(plain, f));
+                    fig.ratio_to("batched forwarder", &series(batched, f));
+                    if metric.starts_with("forwarded pps") {
+                        let delivered: f64 = runs.iter().map(|r| r.delivered as f64).sum();
+                        let offered: f64 = runs.iter().map(|r| r.offered as f64).sum();
+                        let fwd: f64 = runs.iter().map(|r| r.forwarded as f64).sum();
+                        fig = fig.with_note(format!(
+                            "offered {:.0} pps, {:.0}% of offered forwarded, {:.0}% of forwarded delivered",
+                            offered / runs.iter().map(|r| r.secs).sum::<f64>().max(1e-9),
+                            100.0 * fwd / offered.max(1.0),
+                            100.0 * delivered / fwd.max(1.0)
+                        ));
+                    }
+                }
+                figures.push(fig);
+            }
+        }
+    }
+    Ok(figures)
+}
+
+fn report(runs: &[LoadRun]) {
+    for r in runs {
+        println!(
+            "    offered {:.0} pps, forwarded {:.0} pps, delivered {:.0} pps, {:.2} CPU s per Mpkt",
+            r.offered as f64 / r.secs,
+            r.forwarded as f64 / r.secs,
+            r.delivered as f64 / r.secs,
+            r.cpu_s / (r.forwarded.max(1) as f64 / 1e6)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips() {
+        let b = random32();
+        assert_eq!(unhex32(&hex(&b)).expect("hex"), b);
+        assert!(unhex32("zz").is_err());
+    }
+}

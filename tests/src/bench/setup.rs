@@ -1,0 +1,169 @@
+//! Time from `rally party join` to the first ping reply over the overlay and to the direct
+//! path, across two home routers with the WAN emulator's default 20 ms per uplink (80 ms
+//! between the two sites). Fresh agents every run; the baseline is the sites' own RTT, so a
+//! figure also reads as "so many round trips".
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Result};
+
+use super::datapath::parse_ping_times;
+use super::stats::{median, Figure};
+use super::tunnels::{control_init, serve_control, start_relay, strategy};
+use super::Options;
+use crate::{Agent, Lab, NatKind};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn unix_ms() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+pub fn run(opts: &Options) -> Result<Vec<Figure>> {
+    let lab = Lab::new()?;
+    let r = measure(&lab, opts);
+    if r.is_err() {
+        lab.dump_logs();
+    }
+    r
+}
+
+fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
+    let c = lab.add_wan_host("control")?;
+    let relay = lab.add_wan_host("relay")?;
+    let key = control_init(lab, &c, "setup")?;
+    let (_relay, spec) = start_relay(&relay, "r1", &key, false)?;
+    let control = serve_control(lab, &c, "setup", key, &[spec], &[])?;
+    let mut first = Vec::new();
+    let mut direct = Vec::new();
+    let mut base_rtt = Vec::new();
+    for run in 1..=opts.runs {
+        let ra = lab.add_router(&format!("ha{run}"), NatKind::HomeRouter)?;
+        let rb = lab.add_router(&format!("hb{run}"), NatKind::HomeRouter)?;
+        let ha = lab.add_host_behind(&ra, &format!("alice{run}"))?;
+        let hb = lab.add_host_behind(&rb, &format!("bob{run}"))?;
+        let mut alice = Agent::start(&ha, &format!("alice{run}"), control.target())?;
+        let mut bob = Agent::start(&hb, &format!("bob{run}"), control.target())?;
+        alice.wait_control_connected(LIMIT)?;
+        bob.wait_control_connected(LIMIT)?;
+        // Let netcheck finish on both sides, as a user's agent would have long before a join.
+        std::thread::sleep(Duration::from_secs(2));
+        // The sites' RTT (bob's host to alice's router), measured now.
+        let wan = hb.run(&[
+            "ping",
+            "-n",
+            "-c",
+            "5",
+            "-i",
+            "0.2",
+            &ra.wan_ip().to_string(),
+        ])?;
+        let rtt =
+            median(&parse_ping_times(&String::from_utf8_lossy(&wan.stdout))).unwrap_or(f64::NAN);
+        let code = alice.party_create(&format!("setup{run}"), &[])?;
+        let vip = alice.virtual_ip()?.to_string();
+        // Ping from before the join, every 20 ms, with timestamps: the first reply is the time.
+        let pinger = hb.spawn(
+            &["ping", "-n", "-D", "-i", "0.02", "-w", "30", vip.as_str()],
+            hb.log_path(&format!("setup-ping-{run}")),
+        )?;
+        std::thread::sleep(Duration::from_millis(200));
+        let t0 = unix_ms();
+        let out = bob.party_join(&code)?;
+        crate::host::check_success(&out, "rally party join")?;
+        let mut t_direct = f64::NAN;
+        let deadline = std::time::Instant::now() + LIMIT;
+        while std::time::Instant::now() < deadline {
+            if let Ok(peers) = bob.peers_json() {
+                let p = peers
+                    .as_array()
+                    .and_then(|ps| ps.iter().find(|p| p["name"] == alice.name()).cloned());
+                if let Some(p) = p {
+                    if p["strategy"] == "direct" {
+                        t_direct = p["direct_since_ms"]
+                            .as_f64()
+                            .map_or(unix_ms() - t0, |ms| ms - t0);
+                        break;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Let a few replies arrive, then read the first one's timestamp.
+        let log = wait_first_reply(&pinger)?;
+        pinger.terminate(Duration::from_secs(1))?;
+        let t_first = first_reply_unix_ms(&log).map_or(f64::NAN, |t| t - t0);
+        println!(
+            "    run {run}/{}: first reply {t_first:.0} ms, direct after {t_direct:.0} ms, \
+             site RTT {rtt:.1} ms (route now: {})",
+            opts.runs,
+            strategy(&bob, alice.name()).unwrap_or_else(|e| format!("{e:#}"))
+        );
+        first.push(t_first);
+        direct.push(t_direct);
+        base_rtt.push(rtt);
+        // Old agents go quiet so later runs do not share the CPU with them.
+        let _ = alice.stop();
+        let _ = bob.stop();
+    }
+    let mut f1 = Figure::new(
+        "setup",
+        "party join → first ping reply",
+        "rally (home router ↔ home router)",
+        "ms",
+        first,
+    );
+    f1.ratio_to("site RTT", &base_rtt);
+    let mut f2 = Figure::new(
+        "setup",
+        "party join → direct path",
+        "rally (home router ↔ home router)",
+        "ms",
+        direct,
+    );
+    f2.ratio_to("site RTT", &base_rtt);
+    let f3 = Figure::new("setup", "site RTT (baseline)", "raw WAN", "ms", base_rtt);
+    Ok(vec![f1, f2, f3])
+}
+
+/// Waits (up to the limit) until the pinger's log has a reply; returns the log.
+fn wait_first_reply(pinger: &crate::Proc) -> Result<String> {
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let log = pinger.log_text()?;
+        if first_reply_unix_ms(&log).is_some() || std::time::Instant::now() >= deadline {
+            return Ok(log);
+        }
+        if !pinger.is_running() {
+            return Err(anyhow!("ping exited without a reply:\n{log}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The `[unix.seconds]` timestamp (ms) of the first reply line of `ping -D`.
+pub fn first_reply_unix_ms(log: &str) -> Option<f64> {
+    log.lines()
+        .filter(|l| l.contains("bytes from"))
+        .find_map(|l| {
+            let ts = l.strip_prefix('[')?.split(']').next()?;
+            ts.parse::<f64>().ok().map(|s| s * 1000.0)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reply_timestamp_is_read() {
+        let log = "PING 10.66.1.2 (10.66.1.2) 56(84) bytes of data.\n\
+                   [1700000000.250000] From 10.66.0.3 icmp_seq=1 Destination Host Unreachable\n\
+                   [1700000001.500000] 64 bytes from 10.66.1.2: icmp_seq=9 ttl=64 time=90 ms\n\
+                   [1700000001.520000] 64 bytes from 10.66.1.2: icmp_seq=10 ttl=64 time=81 ms\n";
+        assert_eq!(first_reply_unix_ms(log), Some(1_700_000_001_500.0));
+        assert_eq!(first_reply_unix_ms("nothing"), None);
+    }
+}
