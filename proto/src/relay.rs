@@ -154,7 +154,9 @@ impl<'a> RelayMsg<'a> {
         };
         Ok(match d[2] {
             kind::BIND_REQUEST => {
-                exact(BIND_REQUEST_PADDING)?;
+                if exact(BIND_REQUEST_PADDING)?.iter().any(|&b| b != 0) {
+                    return Err(RelayDecodeError::BadField);
+                }
                 RelayMsg::BindRequest
             }
             kind::BIND_CHALLENGE => RelayMsg::BindChallenge {
