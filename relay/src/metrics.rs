@@ -4,9 +4,6 @@ use std::fmt::Write;
 
 use crate::core::Stats;
 
-/// The `Content-Type` of [`render`]'s output.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
 /// Renders every metric, drop reasons included even when zero:
 ///
 /// `rally_relay_sessions_active` (gauge), `rally_relay_sessions_total`,

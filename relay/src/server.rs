@@ -80,8 +80,6 @@ const MAX_DATAGRAM: usize = 65_535;
 const METRICS_CONNECTIONS: usize = 16;
 /// Time a metrics client has to send its request and read the answer.
 const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest metrics request head read.
-const METRICS_MAX_REQUEST: usize = 8 * 1024;
 
 impl Server {
     /// Binds the sockets and builds the relay. `seed` is the cookie secret (from a CSPRNG).
@@ -300,49 +298,24 @@ async fn answer_metrics(
 ) -> io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < METRICS_MAX_REQUEST {
+    while !rally_proto::http::head_complete(&head) {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
             break;
         }
         head.extend_from_slice(&chunk[..n]);
     }
-    let line = head
-        .split(|&b| b == b'\r' || b == b'\n')
-        .next()
-        .unwrap_or(&[]);
-    let line = String::from_utf8_lossy(line);
-    let mut words = line.split_whitespace();
-    let method = words.next().unwrap_or("");
-    let path = words.next().unwrap_or("").split('?').next().unwrap_or("");
-
-    let (status, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => {
-            let (tx, rx) = oneshot::channel();
-            let snapshot = match stats.send(tx).await {
-                Ok(()) => rx.await.ok(),
-                Err(_) => None,
-            };
-            match snapshot {
-                Some(s) => ("200 OK", metrics::CONTENT_TYPE, metrics::render(&s)),
-                None => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "relay stopping\n".into(),
-                ),
-            }
+    let snapshot = if head.starts_with(b"GET /metrics") {
+        let (tx, rx) = oneshot::channel();
+        match stats.send(tx).await {
+            Ok(()) => rx.await.ok(),
+            Err(_) => None,
         }
-        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics\n".into()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "only GET\n".to_string(),
-        ),
+    } else {
+        None
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
+    let response =
+        rally_proto::http::metrics_response(&head, || snapshot.map(|s| metrics::render(&s)));
+    stream.write_all(&response).await?;
     stream.shutdown().await
 }

@@ -84,6 +84,27 @@ impl ControlPlane {
         relays: &[String],
         extra: &[&str],
     ) -> Result<ControlPlane> {
+        let (key, data_dir) = Self::init(host, lab)?;
+        let bin = bins::rally_control()?;
+        let mut cp = ControlPlane {
+            addr: format!("{}:{CONTROL_PORT}", host.ip()),
+            key,
+            log: host.log_path("rally-control"),
+            host: host.clone(),
+            bin,
+            data_dir,
+            proc: None,
+            relays: relays.to_vec(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        cp.serve()?;
+        Ok(cp)
+    }
+
+    /// `rally-control init` for `host`'s data directory in the lab (idempotent): the control key
+    /// (stdout's last line) and the directory. Relays need the key before the control plane
+    /// that lists them starts.
+    pub fn init(host: &Host, lab: &Lab) -> Result<(String, PathBuf)> {
         let bin = bins::rally_control()?;
         let data_dir = lab.dir().join(format!("control-{}", host.name()));
         make_private_dir(&data_dir)?;
@@ -95,19 +116,7 @@ impl ControlPlane {
         if !is_control_key(key) {
             bail!("`rally-control init` printed {key:?} as its last line; expected a 43-character base64url key");
         }
-        let mut cp = ControlPlane {
-            addr: format!("{}:{CONTROL_PORT}", host.ip()),
-            key: key.to_owned(),
-            log: host.log_path("rally-control"),
-            host: host.clone(),
-            bin,
-            data_dir,
-            proc: None,
-            relays: relays.to_vec(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        cp.serve()?;
-        Ok(cp)
+        Ok((key.to_owned(), data_dir))
     }
 
     /// Spawns `serve` and waits until its UDP port is bound.

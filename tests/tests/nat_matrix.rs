@@ -106,7 +106,7 @@ fn nat_matrix_connects_every_pair_on_the_expected_route() -> Result<()> {
         let r1_host = lab.add_wan_host("relay1")?;
         let r2_host = lab.add_wan_host("relay2")?;
         // Relays need the control key, the control plane the relays: init first, then both.
-        let key = control_key(&cp_host, lab)?;
+        let (key, _) = ControlPlane::init(&cp_host, lab)?;
         let r1 = RelayServer::start(&r1_host, "r1", &key)?;
         let r2 = RelayServer::start(&r2_host, "r2", &key)?;
         let cp = ControlPlane::start_with_relays(&cp_host, lab, &[r1.spec(), r2.spec()])?;
@@ -175,20 +175,6 @@ fn nat_matrix_connects_every_pair_on_the_expected_route() -> Result<()> {
         }
         Ok(())
     })
-}
-
-/// Runs `rally-control init` for the host the control plane will use and returns its key.
-fn control_key(host: &Host, lab: &Lab) -> Result<String> {
-    let bin = rally_lab::bins::rally_control()?
-        .to_string_lossy()
-        .into_owned();
-    let dir = lab.dir().join(format!("control-{}", host.name()));
-    std::fs::create_dir_all(&dir)?;
-    let d = dir.to_string_lossy().into_owned();
-    let out = host.run_ok(&[bin.as_str(), "init", "--data-dir", d.as_str()])?;
-    rally_lab::rally::last_line(&out)
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow!("rally-control init printed no key"))
 }
 
 /// The host for one side of a cell: a public host, or a host behind a fresh router.

@@ -5,14 +5,14 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
 use rally_lab::rally::RelayServer;
-use rally_lab::{with_lab, Agent, ControlPlane, Host, Lab, NatKind};
+use rally_lab::{with_lab, Agent, ControlPlane, NatKind};
 use serde_json::Value;
 
 #[test]
 fn netcheck_classifies_the_mapping_behind_each_nat() -> Result<()> {
     with_lab(|lab| {
         let cp_host = lab.add_wan_host("control")?;
-        let key = init_control(&cp_host, lab)?;
+        let (key, _) = ControlPlane::init(&cp_host, lab)?;
         let r1 = RelayServer::start(&lab.add_wan_host("relay1")?, "r1", &key)?;
         let r2 = RelayServer::start(&lab.add_wan_host("relay2")?, "r2", &key)?;
         let cp = ControlPlane::start_with_relays(&cp_host, lab, &[r1.spec(), r2.spec()])?;
@@ -84,17 +84,4 @@ fn netcheck(agent: &Agent) -> Result<Value> {
         std::thread::sleep(Duration::from_millis(500));
     }
     Err(anyhow!("rally netcheck kept failing: {last}"))
-}
-
-fn init_control(host: &Host, lab: &Lab) -> Result<String> {
-    let bin = rally_lab::bins::rally_control()?
-        .to_string_lossy()
-        .into_owned();
-    let dir = lab.dir().join(format!("control-{}", host.name()));
-    std::fs::create_dir_all(&dir)?;
-    let d = dir.to_string_lossy().into_owned();
-    let out = host.run_ok(&[bin.as_str(), "init", "--data-dir", d.as_str()])?;
-    rally_lab::rally::last_line(&out)
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow!("rally-control init printed no key"))
 }
