@@ -99,6 +99,20 @@ impl Health {
         Transition::WentDown
     }
 
+    /// A silence check failed: the path carried data, then answered nothing (no data, none of
+    /// the `lost` check probes) in time. It is down at once, whatever the failure count.
+    pub fn on_silence(&mut self, lost: u32, profile: &Profile) -> Transition {
+        self.probes_failed += u64::from(lost);
+        self.successes = 0;
+        self.failures = self.failures.max(profile.failure_threshold);
+        if self.state != PathHealth::Up {
+            return Transition::None;
+        }
+        self.state = PathHealth::Down;
+        self.has_failed = true;
+        Transition::WentDown
+    }
+
     /// Authenticated data arrived on the path: it is alive, whatever the probes say — unless it
     /// is measured slower than `max_latency`, which traffic does not excuse.
     pub fn on_traffic(&mut self, profile: &Profile) {
@@ -188,5 +202,16 @@ mod tests {
         }
         assert!(h.rtt.unwrap() > p.max_latency);
         assert!(!h.is_up(), "a path carrying data at 1.4 s RTT must fail");
+    }
+
+    #[test]
+    fn a_failed_silence_check_takes_an_up_path_down_at_once() {
+        let p = Profile::stable();
+        let mut h = Health::new();
+        h.on_ack(ms(10), &p);
+        assert_eq!(h.on_silence(3, &p), Transition::WentDown);
+        assert_eq!((h.failures, h.probes_failed), (p.failure_threshold, 3));
+        assert!(h.has_failed);
+        assert_eq!(h.on_silence(3, &p), Transition::None, "already down");
     }
 }

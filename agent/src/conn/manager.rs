@@ -18,6 +18,16 @@ use crate::backoff::Backoff;
 pub const RELAY_TRIAL_SAMPLES: usize = 3;
 /// A relay that turned out worse after a switch is not switched to again for this long.
 pub const RELAY_REVERT_HOLD: Duration = Duration::from_secs(60);
+/// Probes in a silence check (see [`Timer::Silence`]), so that one lost probe or ack does not
+/// fail a path that carries data.
+pub const CHECK_PROBES: u32 = 3;
+/// Time between the probes of a silence check.
+pub const CHECK_SPACING: Duration = Duration::from_millis(25);
+/// A silence check waits for an answer three times the path's smoothed RTT plus this...
+pub const CHECK_MARGIN: Duration = Duration::from_millis(100);
+/// ...but at least this long, and at most `max_latency` (an answer slower than that fails a
+/// probe anyway).
+pub const CHECK_MIN_WAIT: Duration = Duration::from_millis(150);
 
 /// The connection's state, as shown by `rally peers` and in `state_change` events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -164,6 +174,13 @@ pub enum Timer {
     Probe,
     /// A path's outstanding probe is lost unless acknowledged by now.
     ProbeLoss,
+    /// The primary carried data and has returned nothing (no data, no ack) for the silence
+    /// timeout: a check of [`CHECK_PROBES`] probes starts.
+    Silence,
+    /// The next probe of a running silence check is due.
+    CheckProbe,
+    /// A silence check fails (the path goes down at once) unless answered by now.
+    CheckLoss,
 }
 
 /// The next deadline and why (for logs: "woke for ...").
@@ -242,6 +259,8 @@ pub struct Connection {
     queue: PacketQueue,
     next_txid: u64,
     last_activity: Option<Instant>,
+    /// When data was first sent on the current primary since anything was last heard on it.
+    unanswered: Option<Instant>,
     connected_since: Option<Instant>,
     failovers: u64,
     relay_switches: u64,
@@ -273,6 +292,7 @@ impl Connection {
             queue: PacketQueue::new(profile.queue_len),
             next_txid: rng.gen(),
             last_activity: None,
+            unanswered: None,
             connected_since: None,
             failovers: 0,
             relay_switches: 0,
@@ -316,18 +336,27 @@ impl Connection {
         let Some(p) = self.paths.get_mut(path) else {
             return false;
         };
-        let Some(sent) = p.outstanding.filter(|o| o.txid == txid) else {
+        let sent = if let Some(o) = p.outstanding.filter(|o| o.txid == txid) {
+            p.outstanding = None;
+            o.at
+        } else if let Some(at) = p.check.and_then(|c| c.sent_at(txid)) {
+            p.check = None;
+            at
+        } else if let Some(late) = p.late.filter(|o| o.txid == txid) {
             // The ack of a probe that already timed out: its loss was counted; its round trip
             // still feeds the latency average, so a slow path cannot hide behind its traffic.
-            if let Some(late) = p.late.filter(|o| o.txid == txid) {
-                p.late = None;
-                p.health.on_late_ack(now.saturating_duration_since(late.at));
-                return true;
-            }
+            p.late = None;
+            p.health.on_late_ack(now.saturating_duration_since(late.at));
+            self.heard(path);
+            return true;
+        } else {
             return false;
         };
-        p.outstanding = None;
-        let rtt = now.saturating_duration_since(sent.at);
+        self.heard(path);
+        let Some(p) = self.paths.get_mut(path) else {
+            return false;
+        };
+        let rtt = now.saturating_duration_since(sent);
         let transition = p.health.on_ack(rtt, &self.profile);
         if let Some(trial) = self.trial.as_mut().filter(|t| t.to == *path) {
             trial.samples.push(rtt);
@@ -343,6 +372,10 @@ impl Connection {
     pub fn handle_rx(&mut self, path: &PathId, now: Instant) -> bool {
         self.mark_busy(now);
         let soon = now + self.profile.probe_interval;
+        if !self.paths.contains_key(path) {
+            return false;
+        }
+        self.heard(path);
         let Some(p) = self.paths.get_mut(path) else {
             return false;
         };
@@ -352,10 +385,14 @@ impl Connection {
         true
     }
 
-    /// Data for the peer was sent (or queued): marks the peer busy, so its paths are probed at
-    /// `probe_interval` instead of `idle_probe_interval`.
+    /// Data for the peer was sent on the primary (or queued): marks the peer busy, so its paths
+    /// are probed at `probe_interval` instead of `idle_probe_interval`; and if nothing comes
+    /// back on the primary within the silence timeout, a silence check starts.
     pub fn handle_tx(&mut self, now: Instant) {
         self.mark_busy(now);
+        if self.primary.is_some() && self.unanswered.is_none() {
+            self.unanswered = Some(now);
+        }
     }
 
     /// Runs the timers that are due: lost probes, probes to send, connect timeout, reconnect
@@ -378,7 +415,26 @@ impl Connection {
             let transition = p.health.on_failure(&self.profile);
             self.note(&id, transition);
         }
+        let silent: Vec<PathId> = self
+            .paths
+            .iter()
+            .filter(|(_, p)| p.check.is_some_and(|c| now >= c.deadline))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in silent {
+            let Some(p) = self.paths.get_mut(&id) else {
+                continue;
+            };
+            let lost = p.check.take().map_or(0, |c| c.sent);
+            let transition = p.health.on_silence(lost, &self.profile);
+            self.note(&id, transition);
+        }
         self.reselect(now);
+        if let Some(at) = self.silence_deadline() {
+            if now >= at {
+                self.start_check(now);
+            }
+        }
 
         if self.timers.connect.is_some_and(|t| now >= t) {
             self.timers.connect = None;
@@ -393,6 +449,13 @@ impl Connection {
 
         let cadence = self.cadence(now);
         for (id, p) in &mut self.paths {
+            while let Some(txid) = p.check.as_mut().and_then(|c| c.next_due(now)) {
+                p.health.probes_sent += 1;
+                self.transmits.push_back(ProbeTransmit {
+                    path: id.clone(),
+                    txid,
+                });
+            }
             if p.outstanding.is_some() || now < p.next_probe {
                 continue;
             }
@@ -448,8 +511,10 @@ impl Connection {
             ConnState::Reconnecting | ConnState::Failed => self.start_reconnecting(now),
             ConnState::Connecting | ConnState::Connected | ConnState::Degraded => {}
         }
+        self.unanswered = None;
         for p in self.paths.values_mut() {
             p.outstanding = None;
+            p.check = None;
             p.next_probe = now;
         }
     }
@@ -470,6 +535,7 @@ impl Connection {
             self.change_primary(None, PrimaryReason::Closed);
         }
         self.paths.clear();
+        self.unanswered = None;
         self.pinned = None;
         self.timers = Timers::default();
         self.queue.clear();
@@ -512,6 +578,11 @@ impl Connection {
             timer,
             path: None,
         });
+        let silence = self.silence_deadline().map(|at| Wake {
+            at,
+            timer: Timer::Silence,
+            path: self.primary.clone(),
+        });
         let paths = self.paths.iter().map(|(id, p)| {
             let (at, timer) = p.next_timer();
             Wake {
@@ -520,7 +591,10 @@ impl Connection {
                 path: Some(id.clone()),
             }
         });
-        own.into_iter().chain(paths).min_by_key(|w| w.at)
+        own.into_iter()
+            .chain(silence)
+            .chain(paths)
+            .min_by_key(|w| w.at)
     }
 
     // ----- queries -----
@@ -767,6 +841,11 @@ impl Connection {
     fn change_primary(&mut self, to: Option<PathId>, reason: PrimaryReason) {
         let from = std::mem::replace(&mut self.primary, to.clone());
         self.trial = None;
+        // Silence is judged on the primary only, from the first data sent on it.
+        self.unanswered = None;
+        for p in self.paths.values_mut() {
+            p.check = None;
+        }
         self.events
             .push_back(ConnEvent::PrimaryChange { from, to, reason });
     }
@@ -841,6 +920,53 @@ impl Connection {
         }
     }
 
+    /// Something authenticated arrived on `path` (data or a probe ack): it is not silent.
+    fn heard(&mut self, path: &PathId) {
+        if self.primary.as_ref() == Some(path) {
+            self.unanswered = None;
+        }
+        if let Some(p) = self.paths.get_mut(path) {
+            p.check = None;
+        }
+    }
+
+    /// When the primary, having carried data, has been silent long enough for a check: the
+    /// profile's `silence_timeout`, or twice its smoothed RTT if longer. `None` while a check
+    /// runs or nothing is unanswered.
+    fn silence_deadline(&self) -> Option<Instant> {
+        let since = self.unanswered?;
+        let primary = self.primary.as_ref()?;
+        let p = self.paths.get(primary)?;
+        if p.check.is_some() {
+            return None;
+        }
+        let rtt = p.health.rtt.unwrap_or_default();
+        Some(since + self.profile.silence_timeout.max(rtt * 2))
+    }
+
+    /// Starts a silence check on the primary: [`CHECK_PROBES`] probes, [`CHECK_SPACING`]
+    /// apart (the first now), one shared deadline. Any answer on the path ends it; none by the
+    /// deadline takes the path down.
+    fn start_check(&mut self, now: Instant) {
+        let Some(primary) = self.primary.clone() else {
+            return;
+        };
+        let max_latency = self.profile.max_latency;
+        let Some(p) = self.paths.get_mut(&primary) else {
+            return;
+        };
+        let wait = p.health.rtt.map_or(max_latency, |rtt| {
+            (rtt * 3 + CHECK_MARGIN).clamp(CHECK_MIN_WAIT, max_latency)
+        });
+        p.check = Some(Check {
+            first_txid: self.next_txid,
+            started: now,
+            sent: 0,
+            deadline: now + wait,
+        });
+        self.next_txid = self.next_txid.wrapping_add(u64::from(CHECK_PROBES));
+    }
+
     fn mark_busy(&mut self, now: Instant) {
         let was_idle = !self.is_busy(now);
         self.last_activity = Some(now);
@@ -906,6 +1032,8 @@ struct Path {
     late: Option<Outstanding>,
     /// Not a relay-switch candidate before this (it measured worse after a switch).
     held_until: Option<Instant>,
+    /// A running silence check (the primary only).
+    check: Option<Check>,
 }
 
 impl Path {
@@ -916,15 +1044,53 @@ impl Path {
             outstanding: None,
             late: None,
             held_until: None,
+            check: None,
         }
     }
 
-    /// One probe is outstanding at a time, so while one is, only its loss deadline counts.
+    /// One probe is outstanding at a time, so while one is, only its loss deadline counts;
+    /// a silence check runs beside it with its own timers.
     fn next_timer(&self) -> (Instant, Timer) {
-        match self.outstanding {
+        let probe = match self.outstanding {
             Some(o) => (o.deadline, Timer::ProbeLoss),
             None => (self.next_probe, Timer::Probe),
-        }
+        };
+        let check = self.check.map(|c| match c.next_send() {
+            Some(at) => (at, Timer::CheckProbe),
+            None => (c.deadline, Timer::CheckLoss),
+        });
+        check.filter(|c| c.0 < probe.0).unwrap_or(probe)
+    }
+}
+
+/// A silence check: probes `first_txid..first_txid + CHECK_PROBES`, sent `CHECK_SPACING` apart
+/// from `started`, all answered by `deadline` or the path is down.
+#[derive(Debug, Clone, Copy)]
+struct Check {
+    first_txid: u64,
+    started: Instant,
+    /// How many of the probes have been sent.
+    sent: u32,
+    deadline: Instant,
+}
+
+impl Check {
+    fn next_send(&self) -> Option<Instant> {
+        (self.sent < CHECK_PROBES).then(|| self.started + CHECK_SPACING * self.sent)
+    }
+
+    /// The txid of the next probe if it is due by `now` (and counts it as sent).
+    fn next_due(&mut self, now: Instant) -> Option<u64> {
+        self.next_send().filter(|at| *at <= now)?;
+        let txid = self.first_txid.wrapping_add(u64::from(self.sent));
+        self.sent += 1;
+        Some(txid)
+    }
+
+    /// When the probe with `txid` was sent, if it is one of this check's.
+    fn sent_at(&self, txid: u64) -> Option<Instant> {
+        let i = u32::try_from(txid.wrapping_sub(self.first_txid)).ok()?;
+        (i < self.sent).then(|| self.started + CHECK_SPACING * i)
     }
 }
 

@@ -18,6 +18,13 @@
 //! after `failure_threshold` failures in a row, so one lost probe never demotes the primary.
 //! Authenticated data on a path (`handle_rx`) resets its failure count: traffic is liveness.
 //!
+//! **Silence checks** make a busy peer fail over fast: when data was sent on the primary
+//! (`handle_tx`) and nothing — no data, no probe ack — has come back on it for
+//! `silence_timeout` (or two smoothed RTTs, if longer), [`CHECK_PROBES`] probes go out
+//! [`CHECK_SPACING`] apart. Any answer or data ends the check; none within three smoothed RTTs
+//! plus [`CHECK_MARGIN`] (at least [`CHECK_MIN_WAIT`], at most `max_latency`) takes the path
+//! down at once. One lost probe never fails a check; idle peers are never checked.
+//!
 //! * **Failover**: the primary goes down or is removed → the best up path takes over
 //!   (`Failover` + `PrimaryChange`).
 //! * **Recovery**: a direct path takes the role back from a relay as soon as it is up if it
@@ -68,6 +75,7 @@
 //! | | `stable` (default) | `unstable` | `low-bandwidth` |
 //! |---|---|---|---|
 //! | probe interval (busy) | 1 s | 500 ms | 5 s |
+//! | silence timeout | 200 ms | 150 ms | 1 s |
 //! | probe timeout | 1 s | 500 ms | 3 s |
 //! | idle probe interval | 15 s | 5 s | 25 s |
 //! | idle after | 30 s | 30 s | 60 s |
@@ -106,7 +114,8 @@ mod queue;
 pub use health::PathHealth;
 pub use manager::{
     Command, ConnEvent, ConnMetrics, ConnState, Connection, PathMetrics, PrimaryReason,
-    ProbeTransmit, SetPrimaryError, Timer, Wake, RELAY_REVERT_HOLD, RELAY_TRIAL_SAMPLES,
+    ProbeTransmit, SetPrimaryError, Timer, Wake, CHECK_MARGIN, CHECK_MIN_WAIT, CHECK_PROBES,
+    CHECK_SPACING, RELAY_REVERT_HOLD, RELAY_TRIAL_SAMPLES,
 };
 pub use path::{InvalidPath, Latency, PathId, PathKind, Rank};
 pub use profile::{Profile, ProfileError, ProfileKind, UnknownProfile};

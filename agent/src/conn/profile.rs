@@ -86,6 +86,8 @@ pub enum ProfileError {
     IdleInterval,
     #[error("the degraded latency must not exceed the maximum latency")]
     Latency,
+    #[error("the silence timeout must be positive")]
+    SilenceTimeout,
 }
 
 /// How a [`Connection`](super::Connection) probes, judges and repairs its paths.
@@ -107,6 +109,11 @@ pub struct Profile {
     pub idle_probe_interval: Duration,
     /// A peer with no data in either direction for this long is idle.
     pub idle_after: Duration,
+    /// Data sent on the primary with nothing heard back on it (no data, no probe ack) for this
+    /// long, or for twice the path's smoothed RTT if that is longer, starts a silence check:
+    /// a few quick probes that take the path down at once if none is answered. This is how a
+    /// busy peer fails over in well under a second while idle peers probe rarely.
+    pub silence_timeout: Duration,
     /// A new connection without a usable path after this long starts reconnecting.
     pub connect_timeout: Duration,
     /// Consecutive failed probes after which a path is down.
@@ -130,8 +137,9 @@ impl Profile {
     /// The default, for home and office broadband.
     ///
     /// Probes every 1 s while busy (15 s while idle), a probe is lost after 1 s; a path fails
-    /// after 3 failed probes (so failover within about 3–4 s on a busy peer) and takes the
-    /// primary role back after 5 good ones. Latency: failed above 500 ms, `degraded` above
+    /// after 3 failed probes, or at once when it carries our data and a silence check after
+    /// 200 ms without an answer goes unanswered (so a busy peer fails over in well under a
+    /// second), and takes the primary role back after 5 good probes. Latency: failed above 500 ms, `degraded` above
     /// 200 ms, relay switching above 200 ms. Reconnect: 2 s doubling to 60 s, ±30 %, 10
     /// attempts. Queue: 256 packets.
     pub fn stable() -> Profile {
@@ -141,6 +149,7 @@ impl Profile {
             probe_timeout: Duration::from_secs(1),
             idle_probe_interval: Duration::from_secs(15),
             idle_after: Duration::from_secs(30),
+            silence_timeout: Duration::from_millis(200),
             connect_timeout: Duration::from_secs(10),
             failure_threshold: 3,
             recovery_threshold: 5,
@@ -160,7 +169,8 @@ impl Profile {
     /// For networks that drop out often (Wi-Fi roaming, mobile tethering).
     ///
     /// Probes every 500 ms (5 s while idle), a probe is lost after 500 ms, and a path fails
-    /// after only 2 failed probes (failover within about 1.5 s); it must then answer 8 probes in
+    /// after only 2 failed probes (or a failed silence check after 150 ms without an answer);
+    /// it must then answer 8 probes in
     /// a row before it is trusted with the primary role again, so a flapping path is not taken
     /// back. Latency limits are looser (failed above 800 ms, `degraded` above 300 ms) because
     /// such links jitter. Reconnect: 1 s doubling to 30 s, ±30 %, 20 attempts (these networks
@@ -172,6 +182,7 @@ impl Profile {
             probe_timeout: Duration::from_millis(500),
             idle_probe_interval: Duration::from_secs(5),
             idle_after: Duration::from_secs(30),
+            silence_timeout: Duration::from_millis(150),
             connect_timeout: Duration::from_secs(10),
             failure_threshold: 2,
             recovery_threshold: 8,
@@ -192,7 +203,8 @@ impl Profile {
     ///
     /// Probes every 5 s while busy and 25 s while idle (just under the common 30 s UDP NAT
     /// timeout, so standby paths stay open), a probe is lost after 3 s; a path fails after 3
-    /// failed probes and takes the primary role back after 3 good ones (each one costs 5 s).
+    /// failed probes (or a failed silence check after 1 s without an answer) and takes the
+    /// primary role back after 3 good ones (each one costs 5 s).
     /// Latency: failed above 1500 ms, `degraded` above 600 ms, relay switching above 200 ms.
     /// Reconnect: 5 s doubling to 120 s, ±30 %, 10 attempts. Queue: 64 packets, so a reconnect
     /// does not flood the link with a stale burst.
@@ -203,6 +215,7 @@ impl Profile {
             probe_timeout: Duration::from_secs(3),
             idle_probe_interval: Duration::from_secs(25),
             idle_after: Duration::from_secs(60),
+            silence_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(20),
             failure_threshold: 3,
             recovery_threshold: 3,
@@ -233,6 +246,9 @@ impl Profile {
         if self.degraded_latency > self.max_latency {
             return Err(ProfileError::Latency);
         }
+        if self.silence_timeout.is_zero() {
+            return Err(ProfileError::SilenceTimeout);
+        }
         Ok(())
     }
 }
@@ -253,6 +269,7 @@ mod tests {
         assert_eq!(p.failure_threshold, 3);
         assert_eq!(p.recovery_threshold, 5);
         assert_eq!(p.max_latency, Duration::from_millis(500));
+        assert_eq!(p.silence_timeout, Duration::from_millis(200));
         assert_eq!(p.degraded_latency, Duration::from_millis(200));
         assert_eq!(p.relay_switch_latency, Duration::from_millis(200));
         assert_eq!(p.backoff.base, Duration::from_secs(2));

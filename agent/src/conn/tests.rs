@@ -8,8 +8,10 @@ use super::*;
 
 #[test]
 fn failover_after_exactly_the_failure_threshold() {
+    // Only the peer talks, so no silence check runs: the probes alone judge the path.
     let mut sim = Sim::direct_and_relay();
-    sim.link(&direct(), Link::down());
+    sim.stop_sending();
+    sim.cut(&direct());
     let cut = sim.mark();
 
     let failover_at = sim.run_until_event(is_failover, secs(30));
@@ -53,7 +55,7 @@ fn no_failover_on_a_single_lost_probe() {
 #[test]
 fn recovery_only_after_the_recovery_threshold() {
     let mut sim = Sim::direct_and_relay();
-    sim.link(&direct(), Link::down());
+    sim.cut(&direct());
     sim.run_until_event(is_failover, secs(30));
     sim.link(&direct(), Link::up(ms(20)));
     let restored = sim.now;
@@ -78,7 +80,9 @@ fn recovery_only_after_the_recovery_threshold() {
 
 #[test]
 fn no_flapping_under_alternating_loss() {
+    // We send, the peer does not: silence checks run all along, and must ride out the loss.
     let mut sim = Sim::direct_and_relay();
+    sim.stop_receiving();
     sim.link(&direct(), Link::alternating(ms(20)));
     let mark = sim.mark();
     sim.run_for(secs(300));
@@ -298,7 +302,7 @@ fn set_primary_is_honoured_until_the_path_fails() {
 fn traffic_counts_as_liveness() {
     let mut sim = Sim::direct_and_relay();
     sim.link(&direct(), Link::down());
-    sim.receive_every(&direct(), ms(200));
+    sim.receive_every(&direct(), ms(150));
     let mark = sim.mark();
 
     sim.run_for(secs(60));
@@ -338,6 +342,101 @@ fn silence_on_a_busy_path_is_noticed_within_one_probe_interval() {
 }
 
 #[test]
+fn a_busy_path_that_goes_silent_fails_over_within_a_second() {
+    let mut sim = Sim::direct_and_relay();
+    let heard = sim.now;
+    sim.cut(&direct());
+    let cut = sim.mark();
+
+    let failover_at = sim.run_until_event(is_failover, secs(30));
+
+    // The first packet sent after the last one heard starts the silence clock; a check of
+    // three probes 25 ms apart follows after the silence timeout, and its deadline (three
+    // smoothed RTTs of 20 ms, plus 100 ms) takes the path down.
+    let check = sim.lost_probes(&direct(), cut.at, failover_at);
+    let start = check[0];
+    assert_eq!(
+        check,
+        [start, start + CHECK_SPACING, start + CHECK_SPACING * 2]
+    );
+    let silence = start - heard;
+    let profile = sim.profile();
+    assert!(
+        silence >= profile.silence_timeout && silence <= profile.silence_timeout + ms(100),
+        "checked {silence:?} after the last packet heard"
+    );
+    assert_eq!(failover_at, start + ms(3 * 20) + CHECK_MARGIN);
+    assert!(failover_at - cut.at < secs(1));
+    assert_eq!(
+        sim.events_since(&cut),
+        [
+            ConnEvent::PathDown { path: direct() },
+            ConnEvent::Failover {
+                from: direct(),
+                to: relay("eu")
+            },
+            ConnEvent::PrimaryChange {
+                from: Some(direct()),
+                to: Some(relay("eu")),
+                reason: PrimaryReason::Failover
+            },
+        ]
+    );
+    let m = sim.path_metrics(&direct());
+    assert_eq!(m.probes_failed, u64::from(CHECK_PROBES));
+}
+
+#[test]
+fn one_lost_probe_of_a_silence_check_is_no_failure() {
+    let mut sim = Sim::direct_and_relay();
+    sim.stop_receiving();
+    // One probe is lost, most likely a check's (they are the most frequent); the next is
+    // answered.
+    sim.run_for(secs(5));
+    let mark = sim.mark();
+    sim.link(&direct(), Link::script([None], Some(ms(20))));
+
+    sim.run_for(secs(60));
+
+    assert_eq!(sim.events_since(&mark), []);
+    assert_eq!(sim.conn.primary(), Some(&direct()));
+    let checks = sim.probes_on(&direct(), mark.at, sim.now).len();
+    assert!(
+        checks > 120,
+        "a one-way sender's path is checked a few times a second ({checks} probes in 60 s)"
+    );
+}
+
+#[test]
+fn a_silence_check_ends_as_soon_as_data_arrives() {
+    let mut sim = Sim::direct_and_relay();
+    sim.stop_receiving();
+    sim.link(&direct(), Link::down());
+    let quiet = sim.now;
+    while sim
+        .lost_probes(&direct(), quiet, sim.now + ms(1))
+        .is_empty()
+    {
+        assert!(sim.advance(quiet + secs(1)), "no check within a second");
+    }
+    // The peer's data resumes 50 ms into the check, before its deadline.
+    let started = sim.now;
+    sim.run_until(started + ms(50));
+    assert_eq!(sim.path_metrics(&direct()).health, PathHealth::Up);
+    sim.receive_every(&direct(), ms(50));
+    let mark = sim.mark();
+
+    sim.run_for(secs(2));
+
+    assert_eq!(
+        sim.primary_changes_since(&mark),
+        0,
+        "no failover at the deadline"
+    );
+    assert_eq!(sim.path_metrics(&direct()).health, PathHealth::Up);
+}
+
+#[test]
 fn idle_peer_probes_rarely() {
     let mut sim = Sim::new(Profile::stable());
     sim.add(direct(), Link::up(ms(20)));
@@ -349,13 +448,15 @@ fn idle_peer_probes_rarely() {
     assert!(sent[1..].windows(2).all(|w| w[1] - w[0] == secs(15)));
     assert_eq!(sent.len(), 22);
 
-    // Traffic makes it busy: the next probe comes one probe interval later, not 6 s later.
+    // Traffic makes it busy: the next probe comes one probe interval later, not 6 s later;
+    // and a packet sent with nothing back within the silence timeout is checked on at once
+    // (the check's first probe is answered in 20 ms, so the other two are not sent).
     let busy = sim.now;
     sim.conn.handle_tx(busy);
     sim.run_for(secs(1));
     assert_eq!(
         sim.probes_on(&direct(), busy, sim.now + ms(1)),
-        [busy + secs(1)]
+        [busy + sim.profile().silence_timeout, busy + secs(1)]
     );
 }
 
@@ -652,23 +753,27 @@ impl Sim {
         }
     }
 
-    /// A busy peer with a direct path (20 ms) as primary and a relay `eu` (40 ms) standing by.
+    /// A busy peer (data both ways every 100 ms, on the direct path) with a direct path
+    /// (20 ms) as primary and a relay `eu` (40 ms) standing by.
     fn direct_and_relay() -> Sim {
         let mut sim = Sim::new(Profile::stable());
         sim.add(direct(), Link::up(ms(20)));
         sim.add(relay("eu"), Link::up(ms(40)));
         sim.send_every(ms(100));
+        sim.receive_every(&direct(), ms(100));
         sim.run_for(secs(10));
         assert_eq!(sim.conn.primary(), Some(&direct()));
         sim
     }
 
-    /// A busy peer with relays `a` (primary) and `b` only.
+    /// A busy peer (data both ways every 100 ms, on relay `a`) with relays `a` (primary) and
+    /// `b` only.
     fn relays(a: Duration, b: Duration) -> Sim {
         let mut sim = Sim::new(Profile::stable());
         sim.add(relay("a"), Link::up(a));
         sim.add(relay("b"), Link::up(b));
         sim.send_every(ms(100));
+        sim.receive_every(&relay("a"), ms(100));
         sim.run_for(secs(10));
         assert_eq!(sim.conn.primary(), Some(&relay("a")));
         sim
@@ -695,6 +800,18 @@ impl Sim {
 
     fn stop_receiving(&mut self) {
         self.receiving = None;
+    }
+
+    fn stop_sending(&mut self) {
+        self.sending = None;
+    }
+
+    /// The path stops working both ways: probes are lost and the peer's data on it stops.
+    fn cut(&mut self, path: &PathId) {
+        self.link(path, Link::down());
+        if self.receiving.as_ref().is_some_and(|r| r.0 == *path) {
+            self.stop_receiving();
+        }
     }
 
     fn send_every(&mut self, every: Duration) {
