@@ -1,6 +1,6 @@
 //! [`Connection`]: the paths to one peer, which one is primary, and what to do when none works.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,7 @@ use super::health::{Health, PathHealth, Transition};
 use super::path::{PathId, PathKind, Rank};
 use super::profile::Profile;
 use super::queue::PacketQueue;
+use super::table::PathTable;
 use crate::backoff::Backoff;
 
 /// Acknowledged probes on a newly switched-to relay before it is compared with the old one.
@@ -249,7 +250,7 @@ pub struct PathMetrics {
 pub struct Connection {
     profile: Profile,
     state: ConnState,
-    paths: BTreeMap<PathId, Path>,
+    paths: PathTable<Path>,
     primary: Option<PathId>,
     pinned: Option<PathId>,
     trial: Option<Trial>,
@@ -279,7 +280,7 @@ impl Connection {
         let backoff_seed: [u8; 32] = rng.gen();
         Connection {
             state: ConnState::Connecting,
-            paths: BTreeMap::new(),
+            paths: PathTable::default(),
             primary: None,
             pinned: None,
             trial: None,
@@ -448,7 +449,7 @@ impl Connection {
         }
 
         let cadence = self.cadence(now);
-        for (id, p) in &mut self.paths {
+        for (id, p) in self.paths.iter_mut() {
             while let Some(txid) = p.check.as_mut().and_then(|c| c.next_due(now)) {
                 p.health.probes_sent += 1;
                 self.transmits.push_back(ProbeTransmit {

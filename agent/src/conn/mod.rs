@@ -110,6 +110,7 @@ mod manager;
 mod path;
 mod profile;
 mod queue;
+mod table;
 
 pub use health::PathHealth;
 pub use manager::{

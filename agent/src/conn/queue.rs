@@ -14,7 +14,9 @@ pub struct PacketQueue {
 impl PacketQueue {
     pub fn new(capacity: usize) -> PacketQueue {
         PacketQueue {
-            packets: VecDeque::with_capacity(capacity.min(1024)),
+            // Allocated on the first push: most peers never queue anything, and a reserved
+            // ring of 256 slots is 6 KiB per peer.
+            packets: VecDeque::new(),
             capacity,
             dropped: 0,
         }
@@ -39,7 +41,13 @@ impl PacketQueue {
 
     /// The oldest packet still held.
     pub fn pop(&mut self) -> Option<Vec<u8>> {
-        self.packets.pop_front()
+        let packet = self.packets.pop_front();
+        if self.packets.is_empty() {
+            // Flushed: give the ring back rather than keep it for a peer that may never queue
+            // again.
+            self.packets = VecDeque::new();
+        }
+        packet
     }
 
     pub fn len(&self) -> usize {

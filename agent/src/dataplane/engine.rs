@@ -188,7 +188,9 @@ pub struct Engine {
     identity: Arc<Identity>,
     local_port: u16,
     local_ips: Vec<IpAddr>,
-    peers: HashMap<Key32, Peer>,
+    /// Boxed: a `Peer` is ~12 KiB (boringtun's `Tunn` inline), and a hash table keeps up to
+    /// twice as many slots as entries.
+    peers: HashMap<Key32, Box<Peer>>,
     by_vip: HashMap<Ipv4Addr, Key32>,
     by_index: HashMap<u32, Key32>,
     by_wg: HashMap<Key32, Key32>,
@@ -428,7 +430,7 @@ impl Engine {
             let _ = self.events.send(EngineEvent::WantPunch(id));
             self.peers.insert(
                 id,
-                Peer {
+                Box::new(Peer {
                     info,
                     short,
                     tunnel,
@@ -438,7 +440,7 @@ impl Engine {
                     direct: None,
                     connected_at: None,
                     direct_since: None,
-                },
+                }),
             );
         }
     }
