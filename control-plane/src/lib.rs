@@ -2,6 +2,7 @@
 
 pub mod keyfile;
 pub mod metrics;
+pub mod outbox;
 pub mod ratelimit;
 pub mod server;
 pub mod store;

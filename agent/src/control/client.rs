@@ -1,5 +1,7 @@
 //! A task that keeps the agent registered with its control plane: connects, answers the
-//! challenge, forwards peer maps, carries requests, and reconnects with backoff and jitter.
+//! challenge, forwards peer maps and deltas, carries requests, and reconnects with backoff and
+//! jitter. Keeping the peer map itself (and asking for a full one after a gap) is the caller's
+//! job, with [`rally_proto::PeerView`].
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -9,8 +11,8 @@ use std::time::Duration;
 use rally_proto::control::{ErrorReply, RelayEntry};
 use rally_proto::identity::{register_transcript, DOMAIN_REGISTER};
 use rally_proto::{
-    frame, ClientMsg, FrameDecoder, Identity, Key32, PeerInfo, Request, Response, ServerMsg, Sig64,
-    PROTOCOL_VERSION,
+    frame, ClientMsg, FrameDecoder, Identity, Key32, PeerChange, PeerInfo, Request, Response,
+    ServerMsg, Sig64, PROTOCOL_VERSION,
 };
 use rand_core::{OsRng, RngCore};
 use tokio::sync::{mpsc, oneshot};
@@ -50,7 +52,16 @@ pub enum ControlEvent {
     Disconnected {
         reason: String,
     },
-    PeerMap(Vec<PeerInfo>),
+    /// A full peer map at `version` (the first after every registration).
+    PeerMap {
+        version: u64,
+        peers: Vec<PeerInfo>,
+    },
+    /// Changes on top of version `version - 1`.
+    PeerDelta {
+        version: u64,
+        changes: Vec<PeerChange>,
+    },
     Relays {
         relays: Vec<RelayEntry>,
         token: String,
@@ -66,6 +77,8 @@ pub enum ControlEvent {
 pub enum ControlCmd {
     Request(Request, oneshot::Sender<Result<Response, ControlError>>),
     SetEndpoints(Vec<SocketAddr>),
+    /// Ask for a full peer map (the answer comes as [`ControlEvent::PeerMap`]).
+    SyncPeers,
 }
 
 /// Who the agent is, as it registers.
@@ -93,6 +106,12 @@ impl ControlHandle {
 
     pub fn set_endpoints(&self, endpoints: Vec<SocketAddr>) {
         let _ = self.tx.send(ControlCmd::SetEndpoints(endpoints));
+    }
+
+    /// Asks for a full peer map, after a delta did not follow the caller's version. Dropped
+    /// while disconnected: every registration starts with a full map anyway.
+    pub fn sync_peers(&self) {
+        let _ = self.tx.send(ControlCmd::SyncPeers);
     }
 }
 
@@ -152,6 +171,7 @@ async fn run(
                 cmd = cmds.recv() => match cmd {
                     None => return,
                     Some(ControlCmd::SetEndpoints(eps)) => reg.endpoints = eps,
+                    Some(ControlCmd::SyncPeers) => {}
                     Some(ControlCmd::Request(_, reply)) => {
                         let _ = reply.send(Err(ControlError::NotConnected {
                             addr: target.addr.clone(),
@@ -245,8 +265,11 @@ impl Session<'_> {
         let result = loop {
             tokio::select! {
                 msg = reader.next() => match msg {
-                    Ok(ServerMsg::PeerMap { peers }) => {
-                        let _ = self.events.send(ControlEvent::PeerMap(peers));
+                    Ok(ServerMsg::PeerMap { version, peers }) => {
+                        let _ = self.events.send(ControlEvent::PeerMap { version, peers });
+                    }
+                    Ok(ServerMsg::PeerDelta { version, changes }) => {
+                        let _ = self.events.send(ControlEvent::PeerDelta { version, changes });
                     }
                     Ok(ServerMsg::Relays { relays, token, .. }) => {
                         let _ = self.events.send(ControlEvent::Relays { relays, token });
@@ -270,6 +293,7 @@ impl Session<'_> {
                             self.reg.endpoints = eps.clone();
                             (Request::UpdateEndpoints { endpoints: eps }, None)
                         }
+                        Some(ControlCmd::SyncPeers) => (Request::SyncPeers, None),
                         Some(ControlCmd::Request(req, reply)) => (req, Some(reply)),
                     };
                     let id = next_id;

@@ -1,6 +1,7 @@
 //! The control plane under a crowd: N synthetic agents (real QUIC clients: the agent's own
 //! control client, `rally_agent::control`) register and join one party at once, N = 100 and
-//! 1000. Measured: time until every agent holds the full peer map, and the control plane's
+//! 1000. Each keeps its peer map as the real agent does (`rally_proto::PeerView`: a full map,
+//! then deltas). Measured: time until every agent holds the full peer map, and the control plane's
 //! peak memory (VmHWM). A real `rally up` agent created the party, so the same runs give an
 //! agent's memory per peer (its VmRSS before and after the crowd joined, divided by N).
 
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use rally_agent::control::{self, ControlEvent, Registration};
 use rally_agent::state::ControlTarget;
-use rally_proto::{Identity, Key32, Request, Response};
+use rally_proto::{DeltaError, Identity, Key32, PeerView, Request, Response};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -118,23 +119,31 @@ async fn crowd(args: &LoadArgs) -> Result<LoadResult> {
             name: format!("syn{i}"),
             endpoints: Vec::new(),
         };
-        handles.push(control::spawn(target.clone(), reg, tx));
+        let handle = control::spawn(target.clone(), reg, tx);
+        handles.push(handle.clone());
         let progress = progress.clone();
         let expected = expected.clone();
         tokio::spawn(async move {
             let mut done = false;
+            let mut view = PeerView::new();
             while let Some(ev) = rx.recv().await {
                 match ev {
                     ControlEvent::Registered { .. } => {
                         progress.registered.fetch_add(1, Ordering::SeqCst);
                     }
-                    ControlEvent::PeerMap(peers)
-                        if !done && peers.len() >= expected.load(Ordering::SeqCst) =>
-                    {
-                        done = true;
-                        progress.converged.fetch_add(1, Ordering::SeqCst);
+                    ControlEvent::PeerMap { version, peers } => {
+                        view.handle_full(version, peers);
+                    }
+                    ControlEvent::PeerDelta { version, changes } => {
+                        if let Err(DeltaError::Gap { .. }) = view.handle_delta(version, changes) {
+                            handle.sync_peers();
+                        }
                     }
                     _ => {}
+                }
+                if !done && view.len() >= expected.load(Ordering::SeqCst) {
+                    done = true;
+                    progress.converged.fetch_add(1, Ordering::SeqCst);
                 }
             }
         });
