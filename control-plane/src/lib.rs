@@ -7,6 +7,7 @@ pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod udp;
 
 use std::path::{Path, PathBuf};
 

@@ -135,9 +135,7 @@ async fn run(
     let mut seed = [0u8; 32];
     OsRng.fill_bytes(&mut seed);
     let mut backoff = Backoff::new(RECONNECT, seed);
-    let endpoint = match quinn::Endpoint::client((std::net::Ipv6Addr::UNSPECIFIED, 0).into())
-        .or_else(|_| quinn::Endpoint::client((Ipv4Addr::UNSPECIFIED, 0).into()))
-    {
+    let endpoint = match client_endpoint() {
         Ok(e) => e,
         Err(e) => {
             let _ = events.send(ControlEvent::Disconnected {
@@ -182,6 +180,22 @@ async fn run(
             }
         }
     }
+}
+
+/// A client endpoint on any port (IPv6 dual-stack if possible), with a receive buffer that
+/// holds a full peer map of a large party in one burst (the default ~200 KiB drops part of it,
+/// and QUIC then waits out its loss timers).
+fn client_endpoint() -> std::io::Result<quinn::Endpoint> {
+    const BUFFER: usize = 2 * 1024 * 1024;
+    let socket = std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0))
+        .or_else(|_| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?;
+    crate::dataplane::engine::grow_socket_buffers(&socket, BUFFER);
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
 }
 
 struct Session<'a> {

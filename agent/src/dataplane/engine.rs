@@ -1107,8 +1107,7 @@ fn now() -> std::time::Instant {
 
 /// Asks for `bytes` of receive and send buffer (past `rmem_max`/`wmem_max` where the process
 /// may: root or CAP_NET_ADMIN); returns what the kernel granted.
-fn grow_socket_buffers(udp: &UdpSocket, bytes: usize) -> (usize, usize) {
-    use std::os::fd::AsRawFd;
+pub(crate) fn grow_socket_buffers(udp: &impl std::os::fd::AsRawFd, bytes: usize) -> (usize, usize) {
     let fd = udp.as_raw_fd();
     let set = |force: libc::c_int, plain: libc::c_int| {
         let v = bytes as libc::c_int;
