@@ -10,10 +10,12 @@ use std::time::Duration;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use rally_proto::control::{NatReport, PartyInfo, RelayEntry};
-use rally_proto::{Identity, InviteCode, Key32, Overlay, PeerInfo, Request, Response};
+use rally_proto::{
+    DeltaError, Identity, InviteCode, Key32, Overlay, PeerEvent, PeerView, Request, Response,
+};
 use tokio::net::{UdpSocket, UnixListener};
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::conn::{PathId, Profile};
 use crate::control::{self, ControlError, ControlEvent, ControlHandle, Registration};
@@ -25,6 +27,9 @@ use crate::state::{ControlTarget, StateDir, StateError};
 
 /// How long `party join` waits for the agent to register with a control plane it just learned.
 const REGISTER_WAIT: Duration = Duration::from_secs(15);
+/// How long after a peer-map change the on-disk cache is rewritten (changes within it share
+/// one write).
+const PEER_CACHE_DELAY: Duration = Duration::from_secs(1);
 
 /// How the daemon was started.
 #[derive(Debug, Clone)]
@@ -89,6 +94,10 @@ struct Inner {
     nat: Option<NatReport>,
     /// Relays as last handed out, kept to renew the token.
     relays: Vec<RelayEntry>,
+    /// The peer map, kept in step with the control plane's full maps and deltas.
+    peers: PeerView,
+    /// A write of `peers.json` is scheduled.
+    peer_cache_due: bool,
 }
 
 /// Runs the daemon until `rally down`, SIGINT/SIGTERM, or a fatal error.
@@ -169,7 +178,11 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         match daemon.state.load_peers() {
             Ok(peers) if !peers.is_empty() => {
                 info!(peers = peers.len(), "restoring cached peer map");
-                daemon.apply_peer_map(peers, false);
+                let mut inner = daemon.lock();
+                let changes = inner.peers.handle_cached(peers);
+                if let Some(engine) = &inner.engine {
+                    engine.apply_peer_changes(changes);
+                }
             }
             Ok(_) => {}
             Err(e) => warn!("ignoring the cached peer map: {e}"),
@@ -208,6 +221,9 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     info!("rally agent stopping");
     if let Some(engine) = daemon.lock().engine.take() {
         engine.shutdown();
+    }
+    if daemon.lock().peer_cache_due {
+        daemon.write_peer_cache();
     }
     let _ = std::fs::remove_file(&socket_path);
     // Let the data plane close the TUN device.
@@ -254,6 +270,8 @@ impl Daemon {
                 self.cfg.tun_name
             ))
         })?;
+        // Peers learned before the engine existed.
+        engine.apply_peer_changes(inner.peers.peers().cloned().map(PeerEvent::Added).collect());
         inner.engine = Some(engine);
         inner.virtual_ip = Some(vip);
         Ok(())
@@ -273,19 +291,38 @@ impl Daemon {
         inner.target = Some(target);
     }
 
-    fn apply_peer_map(&self, peers: Vec<PeerInfo>, persist: bool) {
-        if persist {
-            if let Err(e) = self.state.store_peers(&peers) {
-                warn!("cannot cache the peer map: {e}");
-            }
+    /// Hands peer-map changes to the data plane (if it runs yet; it is seeded from the view
+    /// when it starts) and schedules a rewrite of the cache.
+    fn apply_peer_changes(self: &Arc<Self>, inner: &mut Inner, changes: Vec<PeerEvent>) {
+        if changes.is_empty() {
+            return;
         }
-        if let Some(engine) = &self.lock().engine {
-            engine.set_peers(peers);
+        if let Some(engine) = &inner.engine {
+            engine.apply_peer_changes(changes);
+        }
+        if !inner.peer_cache_due {
+            inner.peer_cache_due = true;
+            let daemon = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(PEER_CACHE_DELAY).await;
+                daemon.write_peer_cache();
+            });
+        }
+    }
+
+    /// Writes the peer map to `peers.json` (once per [`PEER_CACHE_DELAY`] at most).
+    fn write_peer_cache(&self) {
+        let peers: Vec<_> = {
+            let mut inner = self.lock();
+            inner.peer_cache_due = false;
+            inner.peers.peers().cloned().collect()
+        };
+        if let Err(e) = self.state.store_peers(&peers) {
+            warn!("cannot cache the peer map: {e}");
         }
     }
 
     async fn handle_events(self: Arc<Self>, mut events: mpsc::UnboundedReceiver<ControlEvent>) {
-        let mut pending_peers: Option<Vec<PeerInfo>> = None;
         while let Some(ev) = events.recv().await {
             match ev {
                 ControlEvent::Registered { virtual_ip, .. } => {
@@ -294,9 +331,6 @@ impl Daemon {
                     if let Err(e) = self.start_engine(virtual_ip) {
                         let _ = self.stop.send(Some(e.to_string()));
                         return;
-                    }
-                    if let Some(peers) = pending_peers.take() {
-                        self.apply_peer_map(peers, true);
                     }
                     self.connected.send_replace(true);
                     tokio::spawn(self.clone().refresh_parties());
@@ -322,12 +356,36 @@ impl Daemon {
                         });
                     }
                 }
-                ControlEvent::PeerMap(peers) => {
-                    info!(peers = peers.len(), "peer map from the control plane");
-                    if self.lock().engine.is_some() {
-                        self.apply_peer_map(peers, true);
-                    } else {
-                        pending_peers = Some(peers);
+                ControlEvent::PeerMap { version, peers } => {
+                    let mut inner = self.lock();
+                    let changes = inner.peers.handle_full(version, peers);
+                    info!(
+                        peers = inner.peers.len(),
+                        changed = changes.len(),
+                        version,
+                        "peer map from the control plane"
+                    );
+                    self.apply_peer_changes(&mut inner, changes);
+                }
+                ControlEvent::PeerDelta { version, changes } => {
+                    let mut inner = self.lock();
+                    match inner.peers.handle_delta(version, changes) {
+                        Ok(changes) => {
+                            debug!(
+                                peers = inner.peers.len(),
+                                changed = changes.len(),
+                                version,
+                                "peer-map delta"
+                            );
+                            self.apply_peer_changes(&mut inner, changes);
+                        }
+                        Err(e @ DeltaError::Gap { .. }) => {
+                            warn!("{e}; asking the control plane for a full map");
+                            if let Some(control) = &inner.control {
+                                control.sync_peers();
+                            }
+                        }
+                        Err(e @ DeltaError::AwaitingFull { .. }) => debug!("{e}"),
                     }
                 }
             }

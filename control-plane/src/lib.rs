@@ -2,10 +2,12 @@
 
 pub mod keyfile;
 pub mod metrics;
+pub mod outbox;
 pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod udp;
 
 use std::path::{Path, PathBuf};
 

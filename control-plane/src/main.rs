@@ -164,8 +164,15 @@ fn serve(
     let server_config = tls::server_config(&identity)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let endpoint = quinn::Endpoint::server(server_config, listen)
+        let socket = rally_control::udp::bind(listen, rally_control::udp::SOCKET_BUFFER)
             .with_context(|| format!("listening on {listen}"))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            std::sync::Arc::new(quinn::TokioRuntime),
+        )
+        .with_context(|| format!("listening on {listen}"))?;
         info!(%listen, key = %identity.public(), "control plane serving");
         let metrics_listener = match metrics {
             Some(addr) => Some(

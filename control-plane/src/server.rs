@@ -1,14 +1,22 @@
 //! The control plane's tokio layer: accepts agents over QUIC, runs the registration handshake,
 //! answers requests, and pushes peer maps.
 //!
-//! Peer maps are pushed by a single flush task: every change marks the agents whose view it
-//! alters as dirty, and the task recomputes and sends their maps shortly after, so a burst of
-//! joins costs one map per agent rather than one per join.
+//! Peer maps travel as deltas. A change to one agent (registration, join, leave, endpoints, NAT
+//! report) is read from the store once and put, as that agent's latest state, into the
+//! [`PeerOutbox`] of every connected agent that shares a party with it: O(peers) per change, not
+//! O(peers²). The agent that changed gets a full map (it may have gained many peers at once).
+//! Each session's writer drains its outbox [`FLUSH_DELAY`] after the first pending change, so a
+//! burst of joins becomes one delta per agent, and a slow agent accumulates a bounded latest
+//! state rather than a queue of stale maps.
+//!
+//! Lock order: `store`, then `sessions`, then one outbox. Changes are read from the store and
+//! put into outboxes under the store lock, and a full map is read under it too, so an outbox
+//! never receives a change older than the map it already holds.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -19,24 +27,26 @@ use rally_proto::control::{
 use rally_proto::identity::{register_transcript, verify, DOMAIN_REGISTER};
 use rally_proto::RelayToken;
 use rally_proto::{
-    frame, ClientMsg, ErrorCode, FrameDecoder, Identity, InviteCode, Key32, PeerInfo, Response,
-    ServerMsg, PROTOCOL_VERSION,
+    frame, ClientMsg, ErrorCode, FrameDecoder, Identity, InviteCode, Key32, PeerChange, PeerInfo,
+    Response, ServerMsg, PROTOCOL_VERSION,
 };
 use rand_core::{OsRng, RngCore};
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
+use crate::outbox::PeerOutbox;
 use crate::ratelimit::RateLimiter;
-use crate::store::{InviteRefusal, NewInvite, PartyRow, Store, StoreError};
+use crate::store::{AgentRow, InviteRefusal, NewInvite, PartyRow, Store, StoreError};
 
 /// How long an invite lives when the creator does not say.
 pub const DEFAULT_INVITE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-/// How long after a change the peer maps are recomputed (changes within it are coalesced).
-const FLUSH_DELAY: Duration = Duration::from_millis(20);
+/// How long after a session's first pending change its peer-map push is sent (changes within
+/// it are coalesced into one message).
+pub const FLUSH_DELAY: Duration = Duration::from_millis(20);
 /// How long an agent has to finish registering.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Lifetime of a relay token. Agents renew at two thirds of it; every peer-map push carries a
-/// fresh one too.
+/// Lifetime of a relay token. Agents renew at two thirds of it; a fresh one is also pushed
+/// whenever the agent's own parties change.
 pub const RELAY_TOKEN_TTL: Duration = Duration::from_secs(600);
 /// Delay both sides wait before punching, so their first probes cross.
 const PUNCH_START_MS: u32 = 200;
@@ -58,19 +68,43 @@ pub struct Settings {
 pub struct Hub {
     store: Mutex<Box<dyn Store>>,
     sessions: Mutex<HashMap<Key32, Session>>,
-    dirty: Mutex<BTreeSet<Key32>>,
-    flush: Notify,
     identity: Identity,
     settings: Settings,
     join_limiter: Mutex<RateLimiter>,
     next_session: AtomicU64,
     registrations: AtomicU64,
     joins_refused: Mutex<BTreeMap<&'static str, u64>>,
+    full_maps_sent: AtomicU64,
+    deltas_sent: AtomicU64,
 }
 
 struct Session {
     id: u64,
     tx: mpsc::UnboundedSender<ServerMsg>,
+    outbox: Arc<Outbox>,
+}
+
+/// One session's pending peer-map pushes and the signal that wakes its writer.
+struct Outbox {
+    /// Set once the agent has registered.
+    identity: OnceLock<Key32>,
+    state: Mutex<PeerOutbox>,
+    wake: Notify,
+}
+
+impl Outbox {
+    fn new() -> Self {
+        Outbox {
+            identity: OnceLock::new(),
+            state: Mutex::new(PeerOutbox::new()),
+            wake: Notify::new(),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut PeerOutbox)) {
+        f(&mut lock(&self.state));
+        self.wake.notify_one();
+    }
 }
 
 impl Hub {
@@ -79,20 +113,19 @@ impl Hub {
         Arc::new(Hub {
             store: Mutex::new(store),
             sessions: Mutex::new(HashMap::new()),
-            dirty: Mutex::new(BTreeSet::new()),
-            flush: Notify::new(),
             identity,
             settings,
             join_limiter: Mutex::new(join_limiter),
             next_session: AtomicU64::new(1),
             registrations: AtomicU64::new(0),
             joins_refused: Mutex::new(BTreeMap::new()),
+            full_maps_sent: AtomicU64::new(0),
+            deltas_sent: AtomicU64::new(0),
         })
     }
 
     /// Accepts connections until the endpoint is closed.
     pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
-        tokio::spawn(self.clone().flush_loop());
         while let Some(incoming) = endpoint.accept().await {
             let hub = self.clone();
             tokio::spawn(async move {
@@ -167,6 +200,22 @@ impl Hub {
             "Join attempts refused, by reason.",
             &by_reason,
         );
+        write_metric(
+            &mut out,
+            "rally_control_peer_pushes_total",
+            "counter",
+            "Peer-map messages pushed, by kind (full map or delta).",
+            &[
+                (
+                    "kind=\"full\"".to_string(),
+                    self.full_maps_sent.load(Ordering::Relaxed) as f64,
+                ),
+                (
+                    "kind=\"delta\"".to_string(),
+                    self.deltas_sent.load(Ordering::Relaxed) as f64,
+                ),
+            ],
+        );
         out
     }
 
@@ -180,12 +229,14 @@ impl Hub {
             }
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(write_frames(send, rx));
+        let outbox = Arc::new(Outbox::new());
+        let writer = tokio::spawn(write_frames(self.clone(), send, rx, outbox.clone()));
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
         let mut agent = AgentSession {
             hub: &self,
             remote,
             tx: tx.clone(),
+            outbox,
             session,
             stage: Stage::New,
         };
@@ -207,48 +258,77 @@ impl Hub {
         conn.close(0u32.into(), b"bye");
     }
 
-    fn mark_dirty(&self, ids: impl IntoIterator<Item = Key32>) {
-        lock(&self.dirty).extend(ids);
-        self.flush.notify_one();
+    /// Puts `subject`'s current state into the outbox of every connected agent that shares a
+    /// party with it, and returns the subject's own peers. Call with the store locked (see the
+    /// lock order above).
+    fn announce(&self, store: &dyn Store, subject: &Key32) -> Result<Vec<PeerInfo>, StoreError> {
+        let rows = store.peers_of(subject)?;
+        let Some(me) = store.agent(subject)? else {
+            return Ok(Vec::new());
+        };
+        let me = peer_info(me, Vec::new());
+        let sessions = lock(&self.sessions);
+        Ok(rows
+            .into_iter()
+            .map(|(row, shared)| {
+                if let Some(s) = sessions.get(&row.identity) {
+                    let peer = PeerInfo {
+                        parties: shared.clone(),
+                        ..me.clone()
+                    };
+                    s.outbox
+                        .update(|o| o.handle_change(PeerChange::Upsert { peer }));
+                }
+                peer_info(row, shared)
+            })
+            .collect())
     }
 
-    async fn flush_loop(self: Arc<Self>) {
-        loop {
-            self.flush.notified().await;
-            tokio::time::sleep(FLUSH_DELAY).await;
-            let dirty = std::mem::take(&mut *lock(&self.dirty));
-            for id in dirty {
-                let Some(tx) = lock(&self.sessions).get(&id).map(|s| s.tx.clone()) else {
-                    continue;
-                };
-                match self
-                    .peer_map(&id)
-                    .and_then(|peers| Ok((peers, self.relays_msg(&id)?)))
-                {
-                    Ok((peers, relays)) => {
-                        let _ = tx.send(relays);
-                        let _ = tx.send(ServerMsg::PeerMap { peers });
-                    }
+    /// Tells `me`'s own session its full peer list and that its parties changed.
+    fn refresh_own(&self, me: &Key32, peers: Vec<PeerInfo>) {
+        if let Some(s) = lock(&self.sessions).get(me) {
+            s.outbox.update(|o| {
+                o.handle_full(peers);
+                o.handle_parties_changed();
+            });
+        }
+    }
+
+    /// What a session's writer should send now: a relay token if due, then its next peer-map
+    /// message (reading a full map from the store if one is due).
+    fn take_pushes(&self, outbox: &Outbox) -> Vec<ServerMsg> {
+        let Some(id) = outbox.identity.get().copied() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let (relays, stale) = {
+            let mut o = lock(&outbox.state);
+            (o.poll_relays(), o.needs_full_read())
+        };
+        if relays {
+            match self.relays_msg(&id) {
+                Ok(m) => out.push(m),
+                Err(e) => warn!(peer = %id.short(), "cannot sign a relay token: {e}"),
+            }
+        }
+        if stale {
+            let store = lock(&self.store);
+            let mut o = lock(&outbox.state);
+            if o.needs_full_read() {
+                match peer_map(&**store, &id) {
+                    Ok(peers) => o.handle_full(peers),
                     Err(e) => warn!(peer = %id.short(), "cannot build peer map: {e}"),
                 }
             }
         }
-    }
-
-    fn peer_map(&self, id: &Key32) -> Result<Vec<PeerInfo>, StoreError> {
-        let peers = lock(&self.store).peers_of(id)?;
-        Ok(peers
-            .into_iter()
-            .map(|(a, parties)| PeerInfo {
-                peer_id: a.identity,
-                name: a.name,
-                wg_key: a.wg_key,
-                virtual_ip: a.virtual_ip,
-                endpoints: a.endpoints,
-                parties,
-                nat: a.nat.and_then(|j| serde_json::from_str(&j).ok()),
-            })
-            .collect())
+        let msg = lock(&outbox.state).poll_message();
+        match &msg {
+            Some(ServerMsg::PeerMap { .. }) => self.full_maps_sent.fetch_add(1, Ordering::Relaxed),
+            Some(_) => self.deltas_sent.fetch_add(1, Ordering::Relaxed),
+            None => 0,
+        };
+        out.extend(msg);
+        out
     }
 
     /// The relay list with a fresh token naming the agent's current parties.
@@ -273,14 +353,6 @@ impl Hub {
             URL_SAFE_NO_PAD.encode(token.sign(&self.identity)),
             expires_at,
         ))
-    }
-
-    fn peer_ids(&self, id: &Key32) -> Result<Vec<Key32>, StoreError> {
-        Ok(lock(&self.store)
-            .peers_of(id)?
-            .into_iter()
-            .map(|(a, _)| a.identity)
-            .collect())
     }
 
     fn party_info(&self, p: PartyRow) -> PartyInfo {
@@ -326,6 +398,10 @@ impl Hub {
                     secret,
                 };
                 info!(peer = %me.short(), party = %name, "party created");
+                // The creator's relay token must name the new party.
+                if let Some(s) = lock(&self.sessions).get(me) {
+                    s.outbox.update(PeerOutbox::handle_parties_changed);
+                }
                 Ok(Response::PartyCreated {
                     party: self.party_info(party),
                     invite: code.encode(),
@@ -380,7 +456,8 @@ impl Hub {
                         "invite code belongs to another control plane",
                     ));
                 }
-                let outcome = lock(&self.store)
+                let mut store = lock(&self.store);
+                let outcome = store
                     .redeem_invite(code.party_id, &code.secret, me, now)
                     .map_err(internal)?;
                 let party = outcome.map_err(|r| {
@@ -400,9 +477,10 @@ impl Hub {
                     }
                 })?;
                 info!(peer = %me.short(), party = %party.name, "joined party");
-                let mut ids = self.peer_ids(me).map_err(internal)?;
-                ids.push(*me);
-                self.mark_dirty(ids);
+                let peers = self.announce(&**store, me).map_err(internal)?;
+                // Still under the store lock, so no later change is overwritten by this map.
+                self.refresh_own(me, peers);
+                drop(store);
                 Ok(Response::Joined {
                     party: self.party_info(party),
                 })
@@ -433,10 +511,26 @@ impl Hub {
                         ))
                     }
                 };
-                let mut ids = self.peer_ids(me).map_err(internal)?;
-                ids.push(*me);
-                lock(&self.store).leave_party(p.id, me).map_err(internal)?;
-                self.mark_dirty(ids);
+                let mut store = lock(&self.store);
+                let before = store.peers_of(me).map_err(internal)?;
+                store.leave_party(p.id, me).map_err(internal)?;
+                let peers = self.announce(&**store, me).map_err(internal)?;
+                {
+                    // Peers that no longer share any party with `me` lose it.
+                    let still: HashSet<Key32> = peers.iter().map(|q| q.peer_id).collect();
+                    let sessions = lock(&self.sessions);
+                    for (row, _) in &before {
+                        if still.contains(&row.identity) {
+                            continue;
+                        }
+                        if let Some(s) = sessions.get(&row.identity) {
+                            s.outbox
+                                .update(|o| o.handle_change(PeerChange::Remove { peer_id: *me }));
+                        }
+                    }
+                }
+                self.refresh_own(me, peers);
+                drop(store);
                 info!(peer = %me.short(), party = %p.name, "left party");
                 Ok(Response::Left {
                     party: self.party_info(PartyRow {
@@ -453,21 +547,27 @@ impl Hub {
         match req {
             Request::UpdateEndpoints { endpoints } => {
                 validate_endpoints(&endpoints).map_err(bad_request)?;
-                lock(&self.store)
-                    .set_endpoints(me, &endpoints)
-                    .map_err(internal)?;
-                self.mark_dirty(self.peer_ids(me).map_err(internal)?);
+                let mut store = lock(&self.store);
+                store.set_endpoints(me, &endpoints).map_err(internal)?;
+                self.announce(&**store, me).map_err(internal)?;
                 Ok(Response::Ok)
             }
             Request::ReportNat { nat } => {
                 let json = serde_json::to_string(&nat).map_err(bad_request)?;
-                lock(&self.store).set_nat(me, &json).map_err(internal)?;
-                self.mark_dirty(self.peer_ids(me).map_err(internal)?);
+                let mut store = lock(&self.store);
+                store.set_nat(me, &json).map_err(internal)?;
+                self.announce(&**store, me).map_err(internal)?;
                 Ok(Response::Ok)
             }
             Request::RelayToken => {
                 let (token, expires_at) = self.relay_token(me).map_err(internal)?;
                 Ok(Response::RelayToken { token, expires_at })
+            }
+            Request::SyncPeers => {
+                if let Some(s) = lock(&self.sessions).get(me) {
+                    s.outbox.update(PeerOutbox::handle_resync);
+                }
+                Ok(Response::Ok)
             }
             Request::Punch { peer } => {
                 // Both rows come from the peers of `peer`, which proves they share a party.
@@ -532,6 +632,7 @@ struct AgentSession<'a> {
     hub: &'a Arc<Hub>,
     remote: SocketAddr,
     tx: mpsc::UnboundedSender<ServerMsg>,
+    outbox: Arc<Outbox>,
     session: u64,
     stage: Stage,
 }
@@ -605,7 +706,8 @@ impl AgentSession<'_> {
                 })?;
                 validate_name(&name).map_err(bad_request)?;
                 validate_endpoints(&endpoints).map_err(bad_request)?;
-                let row = lock(&self.hub.store)
+                let mut store = lock(&self.hub.store);
+                let row = store
                     .register_agent(&identity, &name, &wg_key, &endpoints, unix_now())
                     .map_err(|e| match e {
                         StoreError::AddressSpaceFull => {
@@ -614,11 +716,13 @@ impl AgentSession<'_> {
                         e => internal(e),
                     })?;
                 self.stage = Stage::Registered { identity };
+                let _ = self.outbox.identity.set(identity);
                 let old = lock(&self.hub.sessions).insert(
                     identity,
                     Session {
                         id: self.session,
                         tx: self.tx.clone(),
+                        outbox: self.outbox.clone(),
                     },
                 );
                 if let Some(old) = old {
@@ -635,9 +739,12 @@ impl AgentSession<'_> {
                     virtual_ip: row.virtual_ip,
                     observed: self.remote,
                 });
-                let mut ids = self.hub.peer_ids(&identity).map_err(internal)?;
-                ids.push(identity);
-                self.hub.mark_dirty(ids);
+                let peers = self.hub.announce(&**store, &identity).map_err(internal)?;
+                self.outbox.update(|o| {
+                    o.handle_full(peers);
+                    o.handle_parties_changed();
+                });
+                drop(store);
                 Ok(())
             }
             (Stage::Registered { identity }, ClientMsg::Request { id, body }) => {
@@ -661,18 +768,70 @@ impl AgentSession<'_> {
     }
 }
 
-async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::UnboundedReceiver<ServerMsg>) {
-    while let Some(msg) = rx.recv().await {
-        let last = matches!(msg, ServerMsg::Error(_));
-        if send.write_all(&frame::encode(&msg)).await.is_err() {
-            return;
-        }
-        if last {
-            break;
+/// Writes a session's frames: replies and punches as they come, and peer-map pushes
+/// [`FLUSH_DELAY`] after the outbox was first woken.
+async fn write_frames(
+    hub: Arc<Hub>,
+    mut send: quinn::SendStream,
+    mut rx: mpsc::UnboundedReceiver<ServerMsg>,
+    outbox: Arc<Outbox>,
+) {
+    let mut flush_at: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break };
+                let last = matches!(msg, ServerMsg::Error(_));
+                if send.write_all(&frame::encode(&msg)).await.is_err() {
+                    return;
+                }
+                if last {
+                    break;
+                }
+            }
+            _ = outbox.wake.notified(), if flush_at.is_none() => {
+                flush_at = Some(tokio::time::Instant::now() + FLUSH_DELAY);
+            }
+            _ = sleep_until(flush_at), if flush_at.is_some() => {
+                flush_at = None;
+                for msg in hub.take_pushes(&outbox) {
+                    if send.write_all(&frame::encode(&msg)).await.is_err() {
+                        return;
+                    }
+                }
+            }
         }
     }
     let _ = send.finish();
     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The peers of `id` as the store holds them now.
+fn peer_map(store: &dyn Store, id: &Key32) -> Result<Vec<PeerInfo>, StoreError> {
+    Ok(store
+        .peers_of(id)?
+        .into_iter()
+        .map(|(a, parties)| peer_info(a, parties))
+        .collect())
+}
+
+fn peer_info(a: AgentRow, parties: Vec<String>) -> PeerInfo {
+    PeerInfo {
+        peer_id: a.identity,
+        name: a.name,
+        wg_key: a.wg_key,
+        virtual_ip: a.virtual_ip,
+        endpoints: a.endpoints,
+        parties,
+        nat: a.nat.and_then(|j| serde_json::from_str(&j).ok()),
+    }
 }
 
 fn bad_request(e: impl std::fmt::Display) -> ErrorReply {
@@ -694,4 +853,214 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use rally_proto::{Overlay, Sig64};
+
+    use super::*;
+    use crate::store::SqliteStore;
+
+    #[test]
+    fn a_joiner_gets_a_full_map_and_members_get_one_delta_for_a_burst() {
+        let (_dir, hub) = hub();
+        let mut owner = Agent::register(&hub, 1);
+        owner.drain();
+        let code = owner.create_party("lan");
+        let msgs = owner.drain();
+        assert!(
+            matches!(&msgs[..], [ServerMsg::Relays { .. }]),
+            "a new party renews the creator's relay token: {msgs:?}"
+        );
+        let mut joiners: Vec<Agent> = (2..=4).map(|i| Agent::register(&hub, i)).collect();
+        for j in &mut joiners {
+            j.join(&code);
+        }
+        // The owner: one delta carrying the three joiners.
+        let msgs = owner.drain();
+        let [ServerMsg::PeerDelta { version, changes }] = &msgs[..] else {
+            panic!("expected one delta, got {msgs:?}");
+        };
+        assert_eq!(*version, 2);
+        let names: Vec<_> = changes
+            .iter()
+            .map(|c| match c {
+                PeerChange::Upsert { peer } => peer.name.clone(),
+                PeerChange::Remove { .. } => panic!("unexpected remove"),
+            })
+            .collect();
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["a2", "a3", "a4"]);
+        // The last joiner: a relay token and the full map of everyone before it.
+        let msgs = joiners[2].drain();
+        assert!(matches!(msgs[0], ServerMsg::Relays { .. }), "{msgs:?}");
+        let ServerMsg::PeerMap { peers, .. } = &msgs[1] else {
+            panic!("expected a full map, got {msgs:?}");
+        };
+        assert_eq!(peers.len(), 3);
+        assert!(peers.iter().all(|p| p.parties == ["lan"]));
+    }
+
+    #[test]
+    fn leaving_removes_the_agent_from_its_former_peers() {
+        let (_dir, hub) = hub();
+        let mut owner = Agent::register(&hub, 1);
+        let code = owner.create_party("lan");
+        let mut bob = Agent::register(&hub, 2);
+        bob.join(&code);
+        owner.drain();
+        bob.drain();
+        bob.request(Request::LeaveParty {
+            party: "lan".into(),
+        });
+        let msgs = owner.drain();
+        assert_eq!(
+            msgs,
+            vec![ServerMsg::PeerDelta {
+                version: 2,
+                changes: vec![PeerChange::Remove { peer_id: bob.id }]
+            }]
+        );
+        let msgs = bob.drain();
+        assert!(
+            matches!(&msgs[..], [ServerMsg::Relays { .. }, ServerMsg::PeerMap { peers, .. }] if peers.is_empty()),
+            "{msgs:?}"
+        );
+    }
+
+    #[test]
+    fn endpoint_update_is_one_upsert_and_sync_peers_sends_a_full_map() {
+        let (_dir, hub) = hub();
+        let mut owner = Agent::register(&hub, 1);
+        let code = owner.create_party("lan");
+        let mut bob = Agent::register(&hub, 2);
+        bob.join(&code);
+        owner.drain();
+        bob.drain();
+        let eps: Vec<SocketAddr> = vec!["203.0.113.7:4000".parse().unwrap()];
+        bob.request(Request::UpdateEndpoints {
+            endpoints: eps.clone(),
+        });
+        let msgs = owner.drain();
+        let [ServerMsg::PeerDelta { changes, .. }] = &msgs[..] else {
+            panic!("expected one delta, got {msgs:?}");
+        };
+        assert!(matches!(&changes[..], [PeerChange::Upsert { peer }] if peer.endpoints == eps));
+        owner.request(Request::SyncPeers);
+        let msgs = owner.drain();
+        let [ServerMsg::PeerMap { version, peers }] = &msgs[..] else {
+            panic!("expected a full map, got {msgs:?}");
+        };
+        assert_eq!(*version, 3);
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].endpoints, eps);
+    }
+
+    /// A registered agent driven through `AgentSession` without a network.
+    struct Agent<'a> {
+        session: AgentSession<'a>,
+        rx: mpsc::UnboundedReceiver<ServerMsg>,
+        id: Key32,
+        next_id: u64,
+    }
+
+    impl<'a> Agent<'a> {
+        fn register(hub: &'a Arc<Hub>, seed: u8) -> Self {
+            let identity = Identity::from_seed([seed; 32]);
+            let id = identity.public();
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let mut session = AgentSession {
+                hub,
+                remote: SocketAddr::from(([192, 0, 2, seed], 5000)),
+                tx,
+                outbox: Arc::new(Outbox::new()),
+                session: u64::from(seed),
+                stage: Stage::New,
+            };
+            session
+                .handle(ClientMsg::Hello {
+                    version: PROTOCOL_VERSION,
+                    identity: id,
+                })
+                .unwrap();
+            let Ok(ServerMsg::Challenge { nonce }) = rx.try_recv() else {
+                panic!("no challenge");
+            };
+            let (name, wg_key) = (format!("a{seed}"), Key32([seed; 32]));
+            let transcript = register_transcript(&nonce, &id, &wg_key, &name);
+            session
+                .handle(ClientMsg::Register {
+                    signature: Sig64(identity.sign(DOMAIN_REGISTER, &transcript)),
+                    name,
+                    wg_key,
+                    endpoints: vec![],
+                })
+                .unwrap();
+            assert!(matches!(rx.try_recv(), Ok(ServerMsg::Registered { .. })));
+            Agent {
+                session,
+                rx,
+                id,
+                next_id: 1,
+            }
+        }
+
+        fn request(&mut self, body: Request) -> Response {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.session
+                .handle(ClientMsg::Request { id, body })
+                .unwrap();
+            match self.rx.try_recv() {
+                Ok(ServerMsg::Response { result: Ok(r), .. }) => r,
+                other => panic!("no answer: {other:?}"),
+            }
+        }
+
+        fn create_party(&mut self, name: &str) -> String {
+            match self.request(Request::CreateParty {
+                name: name.into(),
+                max_uses: None,
+                expires_in_secs: None,
+            }) {
+                Response::PartyCreated { invite, .. } => invite,
+                other => panic!("{other:?}"),
+            }
+        }
+
+        fn join(&mut self, code: &str) {
+            let r = self.request(Request::JoinParty { code: code.into() });
+            assert!(matches!(r, Response::Joined { .. }), "{r:?}");
+        }
+
+        /// Everything the writer would push now (as after the flush delay).
+        fn drain(&mut self) -> Vec<ServerMsg> {
+            let mut out = Vec::new();
+            loop {
+                let msgs = self.session.hub.take_pushes(&self.session.outbox);
+                if msgs.is_empty() {
+                    return out;
+                }
+                out.extend(msgs);
+            }
+        }
+    }
+
+    fn hub() -> (tempfile::TempDir, Arc<Hub>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("c.db"), Overlay::default()).unwrap();
+        let hub = Hub::new(
+            Box::new(store),
+            Identity::from_seed([99; 32]),
+            Settings {
+                public_addr: "192.0.2.1:7443".into(),
+                relays: vec![],
+                join_burst: 100,
+                join_refill: Duration::from_secs(1),
+            },
+        );
+        (dir, hub)
+    }
 }

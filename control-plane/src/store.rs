@@ -98,6 +98,8 @@ pub trait Store: Send {
     ) -> Result<Result<PartyRow, InviteRefusal>, StoreError>;
     fn leave_party(&mut self, party: [u8; 8], identity: &Key32) -> Result<(), StoreError>;
     fn parties_of(&self, identity: &Key32) -> Result<Vec<PartyRow>, StoreError>;
+    /// The agent, if it ever registered.
+    fn agent(&self, identity: &Key32) -> Result<Option<AgentRow>, StoreError>;
     /// Every agent that shares at least one party with `identity`, with the shared party names.
     fn peers_of(&self, identity: &Key32) -> Result<Vec<(AgentRow, Vec<String>)>, StoreError>;
     fn counts(&self) -> Result<(u64, u64), StoreError>;
@@ -375,6 +377,34 @@ impl Store for SqliteStore {
         .collect()
     }
 
+    fn agent(&self, identity: &Key32) -> Result<Option<AgentRow>, StoreError> {
+        let mut q = self.db.prepare_cached(
+            "SELECT name, wg_key, virtual_ip, endpoints, nat FROM agents WHERE identity = ?1",
+        )?;
+        let row = q
+            .query_row([&identity.0[..]], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                ))
+            })
+            .optional()?;
+        let Some((name, wg, vip, eps, nat)) = row else {
+            return Ok(None);
+        };
+        Ok(Some(AgentRow {
+            identity: *identity,
+            name,
+            wg_key: Key32(blob(wg, "agents.wg_key")?),
+            virtual_ip: Ipv4Addr::from(vip),
+            endpoints: endpoints_from_text(&eps)?,
+            nat,
+        }))
+    }
+
     fn peers_of(&self, identity: &Key32) -> Result<Vec<(AgentRow, Vec<String>)>, StoreError> {
         let mut q = self.db.prepare_cached(
             "SELECT a.identity, a.name, a.wg_key, a.virtual_ip, a.endpoints, p.name, a.nat
@@ -572,5 +602,7 @@ mod tests {
         ];
         s.set_endpoints(&b.identity, &eps).unwrap();
         assert_eq!(s.peers_of(&a.identity).unwrap()[0].0.endpoints, eps);
+        assert_eq!(s.agent(&b.identity).unwrap().unwrap().endpoints, eps);
+        assert_eq!(s.agent(&Key32([9; 32])).unwrap(), None);
     }
 }

@@ -2,8 +2,11 @@
 //!
 //! The agent opens one bidirectional QUIC stream and speaks first:
 //! `Hello` → `Challenge` → `Register` (signed) → `Registered`, then any number of `Request`s,
-//! each answered by a `Response` with the same id. The control plane pushes `PeerMap` whenever
-//! the set of peers the agent may see, or one of their endpoints, changes.
+//! each answered by a `Response` with the same id. The control plane pushes the agent's peers:
+//! one full `PeerMap` after registration (and whenever the agent asks with `SyncPeers`), then a
+//! `PeerDelta` for each batch of changes. Both carry a version that grows by one per message of
+//! the session, so a delta that does not follow the agent's version is detected
+//! ([`crate::peermap::PeerView`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -69,6 +72,8 @@ pub enum Request {
     Punch {
         peer: Key32,
     },
+    /// Send a full peer map next (the agent's view fell out of step with the deltas).
+    SyncPeers,
 }
 
 /// Control plane → agent.
@@ -89,8 +94,15 @@ pub enum ServerMsg {
         id: u64,
         result: Result<Response, ErrorReply>,
     },
+    /// Every peer the agent may see; replaces the agent's map and sets its version.
     PeerMap {
+        version: u64,
         peers: Vec<PeerInfo>,
+    },
+    /// Changes to the agent's map; applies only on top of version `version - 1`.
+    PeerDelta {
+        version: u64,
+        changes: Vec<PeerChange>,
     },
     /// The relays to use and a token that lets this agent bind at them.
     Relays {
@@ -199,6 +211,26 @@ pub struct PeerInfo {
     /// The peer's NAT findings, if it has reported any.
     #[serde(default)]
     pub nat: Option<NatReport>,
+}
+
+/// One change in a [`ServerMsg::PeerDelta`]: the latest state of one peer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum PeerChange {
+    /// The peer as it is now (added, or changed in any field).
+    Upsert { peer: PeerInfo },
+    /// The peer no longer shares a party with the agent.
+    Remove { peer_id: Key32 },
+}
+
+impl PeerChange {
+    /// The peer this change is about.
+    pub fn peer_id(&self) -> Key32 {
+        match self {
+            PeerChange::Upsert { peer } => peer.peer_id,
+            PeerChange::Remove { peer_id } => *peer_id,
+        }
+    }
 }
 
 /// A relay as the control plane hands it out.
@@ -338,11 +370,45 @@ mod tests {
         for m in msgs {
             assert_eq!(frame::decode::<ClientMsg>(&frame::encode(&m)).unwrap(), m);
         }
-        let s = ServerMsg::Response {
-            id: 4,
-            result: Err(ErrorReply::new(ErrorCode::InviteExpired, "expired")),
+        let peer = PeerInfo {
+            peer_id: Key32([4; 32]),
+            name: "bob".into(),
+            wg_key: Key32([5; 32]),
+            virtual_ip: Ipv4Addr::new(10, 66, 0, 9),
+            endpoints: vec!["198.51.100.3:51820".parse().unwrap()],
+            parties: vec!["lan".into()],
+            nat: None,
         };
-        assert_eq!(frame::decode::<ServerMsg>(&frame::encode(&s)).unwrap(), s);
+        let server = vec![
+            ServerMsg::Response {
+                id: 4,
+                result: Err(ErrorReply::new(ErrorCode::InviteExpired, "expired")),
+            },
+            ServerMsg::PeerMap {
+                version: 1,
+                peers: vec![peer.clone()],
+            },
+            ServerMsg::PeerDelta {
+                version: 2,
+                changes: vec![
+                    PeerChange::Upsert { peer },
+                    PeerChange::Remove {
+                        peer_id: Key32([6; 32]),
+                    },
+                ],
+            },
+        ];
+        for s in server {
+            assert_eq!(frame::decode::<ServerMsg>(&frame::encode(&s)).unwrap(), s);
+        }
+        let sync = ClientMsg::Request {
+            id: 5,
+            body: Request::SyncPeers,
+        };
+        assert_eq!(
+            frame::decode::<ClientMsg>(&frame::encode(&sync)).unwrap(),
+            sync
+        );
     }
 
     #[test]

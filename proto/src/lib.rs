@@ -10,6 +10,7 @@ pub mod http;
 pub mod identity;
 pub mod invite;
 pub mod key;
+pub mod peermap;
 pub mod probe;
 pub mod relay;
 pub mod stun;
@@ -17,15 +18,16 @@ pub mod token;
 pub mod vip;
 
 pub use control::{
-    ClientMsg, ErrorCode, ErrorReply, NatBehavior, NatReport, PartyInfo, PeerInfo, RelayEntry,
-    RelayLatency, Request, Response, ServerMsg, Sig64,
+    ClientMsg, ErrorCode, ErrorReply, NatBehavior, NatReport, PartyInfo, PeerChange, PeerInfo,
+    RelayEntry, RelayLatency, Request, Response, ServerMsg, Sig64,
 };
 pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};
 pub use identity::{Identity, SignatureError};
 pub use invite::{InviteCode, InviteError};
 pub use key::{Key32, KeyParseError};
+pub use peermap::{DeltaError, PeerEvent, PeerView};
 pub use token::{RelayToken, TokenError};
 pub use vip::{Overlay, OverlayError};
 
-/// Protocol version spoken on the control channel.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Protocol version spoken on the control channel (2: versioned peer maps with deltas).
+pub const PROTOCOL_VERSION: u16 = 2;

@@ -1,5 +1,7 @@
 //! A task that keeps the agent registered with its control plane: connects, answers the
-//! challenge, forwards peer maps, carries requests, and reconnects with backoff and jitter.
+//! challenge, forwards peer maps and deltas, carries requests, and reconnects with backoff and
+//! jitter. Keeping the peer map itself (and asking for a full one after a gap) is the caller's
+//! job, with [`rally_proto::PeerView`].
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -9,8 +11,8 @@ use std::time::Duration;
 use rally_proto::control::{ErrorReply, RelayEntry};
 use rally_proto::identity::{register_transcript, DOMAIN_REGISTER};
 use rally_proto::{
-    frame, ClientMsg, FrameDecoder, Identity, Key32, PeerInfo, Request, Response, ServerMsg, Sig64,
-    PROTOCOL_VERSION,
+    frame, ClientMsg, FrameDecoder, Identity, Key32, PeerChange, PeerInfo, Request, Response,
+    ServerMsg, Sig64, PROTOCOL_VERSION,
 };
 use rand_core::{OsRng, RngCore};
 use tokio::sync::{mpsc, oneshot};
@@ -50,7 +52,16 @@ pub enum ControlEvent {
     Disconnected {
         reason: String,
     },
-    PeerMap(Vec<PeerInfo>),
+    /// A full peer map at `version` (the first after every registration).
+    PeerMap {
+        version: u64,
+        peers: Vec<PeerInfo>,
+    },
+    /// Changes on top of version `version - 1`.
+    PeerDelta {
+        version: u64,
+        changes: Vec<PeerChange>,
+    },
     Relays {
         relays: Vec<RelayEntry>,
         token: String,
@@ -66,6 +77,8 @@ pub enum ControlEvent {
 pub enum ControlCmd {
     Request(Request, oneshot::Sender<Result<Response, ControlError>>),
     SetEndpoints(Vec<SocketAddr>),
+    /// Ask for a full peer map (the answer comes as [`ControlEvent::PeerMap`]).
+    SyncPeers,
 }
 
 /// Who the agent is, as it registers.
@@ -94,6 +107,12 @@ impl ControlHandle {
     pub fn set_endpoints(&self, endpoints: Vec<SocketAddr>) {
         let _ = self.tx.send(ControlCmd::SetEndpoints(endpoints));
     }
+
+    /// Asks for a full peer map, after a delta did not follow the caller's version. Dropped
+    /// while disconnected: every registration starts with a full map anyway.
+    pub fn sync_peers(&self) {
+        let _ = self.tx.send(ControlCmd::SyncPeers);
+    }
 }
 
 /// Starts the task. It ends when every handle is dropped.
@@ -116,9 +135,7 @@ async fn run(
     let mut seed = [0u8; 32];
     OsRng.fill_bytes(&mut seed);
     let mut backoff = Backoff::new(RECONNECT, seed);
-    let endpoint = match quinn::Endpoint::client((std::net::Ipv6Addr::UNSPECIFIED, 0).into())
-        .or_else(|_| quinn::Endpoint::client((Ipv4Addr::UNSPECIFIED, 0).into()))
-    {
+    let endpoint = match client_endpoint() {
         Ok(e) => e,
         Err(e) => {
             let _ = events.send(ControlEvent::Disconnected {
@@ -152,6 +169,7 @@ async fn run(
                 cmd = cmds.recv() => match cmd {
                     None => return,
                     Some(ControlCmd::SetEndpoints(eps)) => reg.endpoints = eps,
+                    Some(ControlCmd::SyncPeers) => {}
                     Some(ControlCmd::Request(_, reply)) => {
                         let _ = reply.send(Err(ControlError::NotConnected {
                             addr: target.addr.clone(),
@@ -162,6 +180,22 @@ async fn run(
             }
         }
     }
+}
+
+/// A client endpoint on any port (IPv6 dual-stack if possible), with a receive buffer that
+/// holds a full peer map of a large party in one burst (the default ~200 KiB drops part of it,
+/// and QUIC then waits out its loss timers).
+fn client_endpoint() -> std::io::Result<quinn::Endpoint> {
+    const BUFFER: usize = 2 * 1024 * 1024;
+    let socket = std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0))
+        .or_else(|_| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?;
+    crate::dataplane::engine::grow_socket_buffers(&socket, BUFFER);
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
 }
 
 struct Session<'a> {
@@ -245,8 +279,11 @@ impl Session<'_> {
         let result = loop {
             tokio::select! {
                 msg = reader.next() => match msg {
-                    Ok(ServerMsg::PeerMap { peers }) => {
-                        let _ = self.events.send(ControlEvent::PeerMap(peers));
+                    Ok(ServerMsg::PeerMap { version, peers }) => {
+                        let _ = self.events.send(ControlEvent::PeerMap { version, peers });
+                    }
+                    Ok(ServerMsg::PeerDelta { version, changes }) => {
+                        let _ = self.events.send(ControlEvent::PeerDelta { version, changes });
                     }
                     Ok(ServerMsg::Relays { relays, token, .. }) => {
                         let _ = self.events.send(ControlEvent::Relays { relays, token });
@@ -270,6 +307,7 @@ impl Session<'_> {
                             self.reg.endpoints = eps.clone();
                             (Request::UpdateEndpoints { endpoints: eps }, None)
                         }
+                        Some(ControlCmd::SyncPeers) => (Request::SyncPeers, None),
                         Some(ControlCmd::Request(req, reply)) => (req, Some(reply)),
                     };
                     let id = next_id;

@@ -20,7 +20,7 @@ use rally_proto::control::NatReport;
 use rally_proto::probe::{peek_from, probe_key, Probe, ProbeKind};
 use rally_proto::relay::{short_id, write_send_header, RelayMsg, ShortId, DATA_HEADER_LEN};
 use rally_proto::stun::BindingResponse;
-use rally_proto::{Identity, Key32, PeerInfo};
+use rally_proto::{Identity, Key32, PeerEvent, PeerInfo};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
@@ -53,7 +53,8 @@ const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 
 /// Commands from the daemon.
 pub enum EngineCmd {
-    SetPeers(Vec<PeerInfo>),
+    /// Changes to the peer map (from [`rally_proto::PeerView`]); each costs O(log n) or less.
+    PeerChanges(Vec<PeerEvent>),
     /// The relays (name, `host:port`, resolved address) and this agent's token.
     SetRelays(Vec<(String, String, SocketAddr)>, Vec<u8>),
     Punch {
@@ -87,8 +88,10 @@ impl EngineHandle {
         let _ = self.tx.send(cmd);
     }
 
-    pub fn set_peers(&self, peers: Vec<PeerInfo>) {
-        self.send(EngineCmd::SetPeers(peers));
+    pub fn apply_peer_changes(&self, changes: Vec<PeerEvent>) {
+        if !changes.is_empty() {
+            self.send(EngineCmd::PeerChanges(changes));
+        }
     }
 
     pub async fn peers(&self) -> Vec<PeerStatus> {
@@ -321,7 +324,7 @@ impl Engine {
                 },
                 _ = tick.tick() => self.handle_timers(&mut out).await,
                 cmd = cmds.recv() => match cmd {
-                    Some(EngineCmd::SetPeers(peers)) => self.set_peers(peers),
+                    Some(EngineCmd::PeerChanges(changes)) => self.apply_peer_changes(changes),
                     Some(EngineCmd::SetRelays(relays, token)) => self.set_relays(relays, token),
                     Some(EngineCmd::Punch { peer, candidates, start_in }) => {
                         if let Some(p) = self.peers.get_mut(&peer) {
@@ -355,94 +358,104 @@ impl Engine {
         debug!(drops = ?self.drops, "data plane stopped");
     }
 
-    fn set_peers(&mut self, peers: Vec<PeerInfo>) {
-        let wanted: HashMap<Key32, PeerInfo> = peers.into_iter().map(|p| (p.peer_id, p)).collect();
-        let gone: Vec<Key32> = self
-            .peers
-            .iter()
-            .filter(|(id, p)| wanted.get(id).is_none_or(|w| w.wg_key != p.info.wg_key))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in gone {
-            if let Some(mut p) = self.peers.remove(&id) {
-                p.conn.close();
-                info!(peer = %p.info.name, "peer removed");
-                self.by_vip.remove(&p.info.virtual_ip);
-                self.by_index.remove(&p.index);
-                self.by_wg.remove(&p.info.wg_key);
-                self.by_short.remove(&p.short);
+    fn apply_peer_changes(&mut self, changes: Vec<PeerEvent>) {
+        let t = now();
+        for change in changes {
+            match change {
+                PeerEvent::Added(info) | PeerEvent::Updated(info) => self.upsert_peer(info, t),
+                PeerEvent::Removed(info) => self.remove_peer(&info.peer_id),
             }
+        }
+    }
+
+    fn remove_peer(&mut self, id: &Key32) {
+        if let Some(mut p) = self.peers.remove(id) {
+            p.conn.close();
+            info!(peer = %p.info.name, "peer removed");
+            self.by_vip.remove(&p.info.virtual_ip);
+            self.by_index.remove(&p.index);
+            self.by_wg.remove(&p.info.wg_key);
+            self.by_short.remove(&p.short);
+        }
+    }
+
+    /// Adds a peer, or brings an existing one up to date; a new WireGuard key starts afresh.
+    fn upsert_peer(&mut self, info: PeerInfo, t: std::time::Instant) {
+        let id = info.peer_id;
+        if self
+            .peers
+            .get(&id)
+            .is_some_and(|p| p.info.wg_key != info.wg_key)
+        {
+            self.remove_peer(&id);
         }
         let my_mapping = self.nat.as_ref().map(|n| n.mapping).unwrap_or_default();
-        let t = now();
-        for (id, info) in wanted {
-            let hopeless = my_mapping.is_endpoint_dependent()
-                && info
-                    .nat
-                    .as_ref()
-                    .is_some_and(|n| n.mapping.is_endpoint_dependent());
-            if let Some(p) = self.peers.get_mut(&id) {
-                if p.info.virtual_ip != info.virtual_ip {
-                    self.by_vip.remove(&p.info.virtual_ip);
-                    self.by_vip.insert(info.virtual_ip, id);
-                }
-                if p.info.endpoints != info.endpoints {
-                    // A new endpoint from the control plane: retry this peer's paths.
-                    p.conn.resume(t);
-                }
-                p.paths.set_candidates(&info.endpoints);
-                p.paths.set_hopeless(hopeless);
-                if !p.paths.is_punching() && p.paths.direct().is_none() {
-                    p.paths.start_punch(t);
-                }
-                p.info = info;
-                continue;
+        let hopeless = my_mapping.is_endpoint_dependent()
+            && info
+                .nat
+                .as_ref()
+                .is_some_and(|n| n.mapping.is_endpoint_dependent());
+        if let Some(p) = self.peers.get_mut(&id) {
+            if p.info.virtual_ip != info.virtual_ip {
+                self.by_vip.remove(&p.info.virtual_ip);
+                self.by_vip.insert(info.virtual_ip, id);
             }
-            let index = self.allocate_index();
-            let peer_public = PublicKey::from(info.wg_key.0);
-            let shared = self.secret.diffie_hellman(&peer_public);
-            let mut paths = PeerPaths::new(
-                self.me,
-                probe_key(shared.as_bytes()),
-                info.endpoints.clone(),
-                rand::thread_rng().next_u64(),
-            );
-            paths.set_hopeless(hopeless);
-            paths.start_punch(t);
-            let tunnel = Tunnel::new(
-                self.secret.clone(),
-                peer_public,
-                Some(KEEPALIVE_SECS),
-                index,
-            );
-            let mut seed = [0u8; 32];
-            rand::thread_rng().fill_bytes(&mut seed);
-            let mut conn = Connection::new(self.profile.clone(), t, seed);
-            for r in self.relays.iter().filter(|r| r.is_bound()) {
-                conn.add_path(PathId::Relay(r.name.clone()), t);
+            if p.info.endpoints != info.endpoints {
+                // A new endpoint from the control plane: retry this peer's paths.
+                p.conn.resume(t);
             }
-            info!(peer = %info.name, vip = %info.virtual_ip, endpoints = ?info.endpoints, hopeless, "peer added");
-            let short = short_id(&id);
-            self.by_vip.insert(info.virtual_ip, id);
-            self.by_index.insert(index, id);
-            self.by_wg.insert(info.wg_key, id);
-            self.by_short.insert(short, id);
-            let _ = self.events.send(EngineEvent::WantPunch(id));
-            self.peers.insert(
-                id,
-                Box::new(Peer {
-                    info,
-                    short,
-                    tunnel,
-                    index,
-                    paths,
-                    conn,
-                    direct: None,
-                    connected_at: None,
-                    direct_since: None,
-                }),
-            );
+            p.paths.set_candidates(&info.endpoints);
+            p.paths.set_hopeless(hopeless);
+            if !p.paths.is_punching() && p.paths.direct().is_none() {
+                p.paths.start_punch(t);
+            }
+            p.info = info;
+            return;
         }
+        let index = self.allocate_index();
+        let peer_public = PublicKey::from(info.wg_key.0);
+        let shared = self.secret.diffie_hellman(&peer_public);
+        let mut paths = PeerPaths::new(
+            self.me,
+            probe_key(shared.as_bytes()),
+            info.endpoints.clone(),
+            rand::thread_rng().next_u64(),
+        );
+        paths.set_hopeless(hopeless);
+        paths.start_punch(t);
+        let tunnel = Tunnel::new(
+            self.secret.clone(),
+            peer_public,
+            Some(KEEPALIVE_SECS),
+            index,
+        );
+        let mut seed = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut seed);
+        let mut conn = Connection::new(self.profile.clone(), t, seed);
+        for r in self.relays.iter().filter(|r| r.is_bound()) {
+            conn.add_path(PathId::Relay(r.name.clone()), t);
+        }
+        info!(peer = %info.name, vip = %info.virtual_ip, endpoints = ?info.endpoints, hopeless, "peer added");
+        let short = short_id(&id);
+        self.by_vip.insert(info.virtual_ip, id);
+        self.by_index.insert(index, id);
+        self.by_wg.insert(info.wg_key, id);
+        self.by_short.insert(short, id);
+        let _ = self.events.send(EngineEvent::WantPunch(id));
+        self.peers.insert(
+            id,
+            Box::new(Peer {
+                info,
+                short,
+                tunnel,
+                index,
+                paths,
+                conn,
+                direct: None,
+                connected_at: None,
+                direct_since: None,
+            }),
+        );
     }
 
     fn set_relays(&mut self, relays: Vec<(String, String, SocketAddr)>, token: Vec<u8>) {
@@ -1096,8 +1109,7 @@ fn now() -> std::time::Instant {
 
 /// Asks for `bytes` of receive and send buffer (past `rmem_max`/`wmem_max` where the process
 /// may: root or CAP_NET_ADMIN); returns what the kernel granted.
-fn grow_socket_buffers(udp: &UdpSocket, bytes: usize) -> (usize, usize) {
-    use std::os::fd::AsRawFd;
+pub(crate) fn grow_socket_buffers(udp: &impl std::os::fd::AsRawFd, bytes: usize) -> (usize, usize) {
     let fd = udp.as_raw_fd();
     let set = |force: libc::c_int, plain: libc::c_int| {
         let v = bytes as libc::c_int;

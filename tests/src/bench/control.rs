@@ -1,6 +1,7 @@
 //! The control plane under a crowd: N synthetic agents (real QUIC clients: the agent's own
 //! control client, `rally_agent::control`) register and join one party at once, N = 100 and
-//! 1000. Measured: time until every agent holds the full peer map, and the control plane's
+//! 1000. Each keeps its peer map as the real agent does (`rally_proto::PeerView`: a full map,
+//! then deltas). Measured: time until every agent holds the full peer map, and the control plane's
 //! peak memory (VmHWM). A real `rally up` agent created the party, so the same runs give an
 //! agent's memory per peer (its VmRSS before and after the crowd joined, divided by N).
 
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use rally_agent::control::{self, ControlEvent, Registration};
 use rally_agent::state::ControlTarget;
-use rally_proto::{Identity, Key32, Request, Response};
+use rally_proto::{DeltaError, Identity, Key32, PeerView, Request, Response};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -58,6 +59,10 @@ pub struct LoadResult {
     /// From starting every client until every one holds the full peer map (`None`: not all
     /// did within the timeout).
     pub converged_ms: Option<f64>,
+    /// From sending every join until every agent holds the full peer map (`None`: not all did
+    /// within the timeout): the control plane's part, without the QUIC handshakes.
+    #[serde(default)]
+    pub converged_after_joins_ms: Option<f64>,
     /// How many agents held the full peer map when the wait ended.
     pub converged: usize,
     pub join_errors: usize,
@@ -118,23 +123,31 @@ async fn crowd(args: &LoadArgs) -> Result<LoadResult> {
             name: format!("syn{i}"),
             endpoints: Vec::new(),
         };
-        handles.push(control::spawn(target.clone(), reg, tx));
+        let handle = control::spawn(target.clone(), reg, tx);
+        handles.push(handle.clone());
         let progress = progress.clone();
         let expected = expected.clone();
         tokio::spawn(async move {
             let mut done = false;
+            let mut view = PeerView::new();
             while let Some(ev) = rx.recv().await {
                 match ev {
                     ControlEvent::Registered { .. } => {
                         progress.registered.fetch_add(1, Ordering::SeqCst);
                     }
-                    ControlEvent::PeerMap(peers)
-                        if !done && peers.len() >= expected.load(Ordering::SeqCst) =>
-                    {
-                        done = true;
-                        progress.converged.fetch_add(1, Ordering::SeqCst);
+                    ControlEvent::PeerMap { version, peers } => {
+                        view.handle_full(version, peers);
+                    }
+                    ControlEvent::PeerDelta { version, changes } => {
+                        if let Err(DeltaError::Gap { .. }) = view.handle_delta(version, changes) {
+                            handle.sync_peers();
+                        }
                     }
                     _ => {}
+                }
+                if !done && view.len() >= expected.load(Ordering::SeqCst) {
+                    done = true;
+                    progress.converged.fetch_add(1, Ordering::SeqCst);
                 }
             }
         });
@@ -206,6 +219,8 @@ async fn crowd(args: &LoadArgs) -> Result<LoadResult> {
         registered_ms,
         joined_ms,
         converged_ms: (converged >= args.n).then(|| start.elapsed().as_secs_f64() * 1000.0),
+        converged_after_joins_ms: (converged >= args.n)
+            .then(|| join_start.elapsed().as_secs_f64() * 1000.0),
         converged,
         join_errors,
         errors,
@@ -235,7 +250,8 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
     let lab_bin = bins::rally_lab()?.to_string_lossy().into_owned();
     let mut figures = Vec::new();
     for n in CROWDS {
-        let (mut conv, mut reg, mut joined, mut hwm, mut per_peer, mut base_rss) = (
+        let (mut conv, mut conv_joins, mut reg, mut joined, mut hwm, mut per_peer, mut base_rss) = (
+            Vec::new(),
             Vec::new(),
             Vec::new(),
             Vec::new(),
@@ -262,6 +278,7 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
             std::thread::sleep(Duration::from_secs(1));
             let rss0 = tools::status_kib(pid, "VmRSS")? as f64;
             let n_s = n.to_string();
+            let key_arg = format!("--key={}", control.key);
             let log = gen.log_path(&format!("control-load-{tag}"));
             let crowd = gen.spawn(
                 &[
@@ -269,8 +286,8 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
                     "bench-control-load",
                     "--control",
                     control.addr.as_str(),
-                    "--key",
-                    control.key.as_str(),
+                    // `--key=KEY`: a key may start with '-'.
+                    key_arg.as_str(),
                     "--n",
                     n_s.as_str(),
                     "--code",
@@ -297,11 +314,17 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
             let peak = tools::status_kib(control.proc.pid(), "VmHWM")? as f64;
             println!(
                 "    N={n} run {run}/{}: registered {:.0} ms, joins answered {:.0} ms, \
-                 converged {} ms ({}/{n}), join errors {:?}, control VmHWM {:.1} MiB, agent RSS {:.1} → {:.1} MiB",
+                 converged {} ms ({} ms after the joins began; {}/{n}), join errors {:?}, \
+                 control VmHWM {:.1} MiB, agent RSS {:.1} → {:.1} MiB",
                 opts.runs,
                 result.registered_ms,
                 result.joined_ms,
-                result.converged_ms.map_or("-".into(), |v| format!("{v:.0}")),
+                result
+                    .converged_ms
+                    .map_or("-".into(), |v| format!("{v:.0}")),
+                result
+                    .converged_after_joins_ms
+                    .map_or("-".into(), |v| format!("{v:.0}")),
                 result.converged,
                 result.errors,
                 peak / 1024.0,
@@ -309,6 +332,7 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
                 rss1 / 1024.0
             );
             conv.push(result.converged_ms.unwrap_or(f64::NAN));
+            conv_joins.push(result.converged_after_joins_ms.unwrap_or(f64::NAN));
             reg.push(result.registered_ms);
             joined.push(result.joined_ms);
             hwm.push(peak / 1024.0);
@@ -353,6 +377,13 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
         );
         f.ratio_to("registration alone", &reg);
         figures.push(note(f));
+        figures.push(Figure::new(
+            "control",
+            &format!("{n} agents: from the joins until all hold the full peer map"),
+            "rally-control",
+            "ms",
+            conv_joins,
+        ));
         figures.push(Figure::new(
             "control",
             &format!("{n} agents: registration alone (baseline)"),

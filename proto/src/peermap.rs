@@ -1,0 +1,343 @@
+//! The agent's copy of its peer map, kept in step with the control plane's pushes.
+//!
+//! The control plane numbers the peer-map messages of one session: a full
+//! [`ServerMsg::PeerMap`](crate::ServerMsg::PeerMap) sets the version, and each
+//! [`ServerMsg::PeerDelta`](crate::ServerMsg::PeerDelta) must carry the next one. A delta that
+//! does not follow (a gap, a repeat, or one before any full map) is refused with
+//! [`DeltaError::Gap`]: the caller asks for a full map (`Request::SyncPeers`), and later deltas
+//! are refused with [`DeltaError::AwaitingFull`] until it arrives.
+//!
+//! Applying a delta costs O(changes · log n); a full map is diffed against the view. Either way
+//! the caller learns only what changed, as [`PeerEvent`]s, so it never rebuilds per-peer state
+//! for peers that did not change.
+
+use std::collections::BTreeMap;
+
+use crate::control::{PeerChange, PeerInfo};
+use crate::key::Key32;
+
+/// What changed in the view, one peer at a time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// A peer the view did not hold.
+    Added(PeerInfo),
+    /// A peer the view held, with at least one field changed; carries the new state.
+    Updated(PeerInfo),
+    /// A peer the view no longer holds; carries its last state.
+    Removed(PeerInfo),
+}
+
+impl PeerEvent {
+    /// The peer this event is about.
+    pub fn peer_id(&self) -> Key32 {
+        match self {
+            PeerEvent::Added(p) | PeerEvent::Updated(p) | PeerEvent::Removed(p) => p.peer_id,
+        }
+    }
+}
+
+/// Why a delta was not applied. Either way the view is unchanged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DeltaError {
+    /// The delta does not follow the view's version: ask for a full map.
+    #[error("peer-map delta {got} does not follow version {have:?}; a full map is needed")]
+    Gap { have: Option<u64>, got: u64 },
+    /// A full map was already asked for; deltas wait for it.
+    #[error("peer-map delta {got} ignored while a full map is awaited")]
+    AwaitingFull { got: u64 },
+}
+
+/// A versioned peer map, ordered by peer id.
+#[derive(Clone, Debug, Default)]
+pub struct PeerView {
+    version: Option<u64>,
+    awaiting_full: bool,
+    peers: BTreeMap<Key32, PeerInfo>,
+}
+
+impl PeerView {
+    /// An empty view with no version: the first message it accepts is a full map.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replaces the view with peers from a local cache (no version: the next delta asks for a
+    /// full map). Returns what changed.
+    pub fn handle_cached(&mut self, peers: Vec<PeerInfo>) -> Vec<PeerEvent> {
+        let events = self.replace(peers);
+        self.version = None;
+        events
+    }
+
+    /// Replaces the view with a full map at `version`. Returns what changed against the view
+    /// it replaces (peers equal in every field produce nothing).
+    pub fn handle_full(&mut self, version: u64, peers: Vec<PeerInfo>) -> Vec<PeerEvent> {
+        let events = self.replace(peers);
+        self.version = Some(version);
+        self.awaiting_full = false;
+        events
+    }
+
+    /// Applies a delta that must carry the version after the view's. Returns what changed.
+    pub fn handle_delta(
+        &mut self,
+        version: u64,
+        changes: Vec<PeerChange>,
+    ) -> Result<Vec<PeerEvent>, DeltaError> {
+        if self.awaiting_full {
+            return Err(DeltaError::AwaitingFull { got: version });
+        }
+        let follows = self
+            .version
+            .and_then(|v| v.checked_add(1))
+            .is_some_and(|next| next == version);
+        if !follows {
+            self.awaiting_full = true;
+            return Err(DeltaError::Gap {
+                have: self.version,
+                got: version,
+            });
+        }
+        self.version = Some(version);
+        Ok(changes.into_iter().filter_map(|c| self.apply(c)).collect())
+    }
+
+    /// Whether a full map has been asked for and not yet received.
+    pub fn awaiting_full(&self) -> bool {
+        self.awaiting_full
+    }
+
+    /// The version of the last full map or delta applied (`None` before any, or after
+    /// [`PeerView::handle_cached`]).
+    pub fn version(&self) -> Option<u64> {
+        self.version
+    }
+
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    pub fn get(&self, id: &Key32) -> Option<&PeerInfo> {
+        self.peers.get(id)
+    }
+
+    /// The peers in peer-id order.
+    pub fn peers(&self) -> impl Iterator<Item = &PeerInfo> {
+        self.peers.values()
+    }
+
+    fn apply(&mut self, change: PeerChange) -> Option<PeerEvent> {
+        match change {
+            PeerChange::Upsert { peer } => match self.peers.get_mut(&peer.peer_id) {
+                Some(old) if *old == peer => None,
+                Some(old) => {
+                    *old = peer.clone();
+                    Some(PeerEvent::Updated(peer))
+                }
+                None => {
+                    self.peers.insert(peer.peer_id, peer.clone());
+                    Some(PeerEvent::Added(peer))
+                }
+            },
+            PeerChange::Remove { peer_id } => self.peers.remove(&peer_id).map(PeerEvent::Removed),
+        }
+    }
+
+    fn replace(&mut self, peers: Vec<PeerInfo>) -> Vec<PeerEvent> {
+        let mut old = std::mem::take(&mut self.peers);
+        let mut events = Vec::new();
+        for peer in peers {
+            let id = peer.peer_id;
+            match old.remove(&id) {
+                Some(prev) if prev == peer => {}
+                Some(_) => events.push(PeerEvent::Updated(peer.clone())),
+                None if self.peers.contains_key(&id) => {
+                    // A repeated id in one map: the later entry wins.
+                    events.retain(|e| e.peer_id() != id);
+                    events.push(PeerEvent::Added(peer.clone()));
+                }
+                None => events.push(PeerEvent::Added(peer.clone())),
+            }
+            self.peers.insert(id, peer);
+        }
+        events.extend(old.into_values().map(PeerEvent::Removed));
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    #[test]
+    fn full_map_adds_every_peer_and_sets_the_version() {
+        let mut v = PeerView::new();
+        let events = v.handle_full(1, vec![peer(1), peer(2)]);
+        assert_eq!(
+            events,
+            vec![PeerEvent::Added(peer(1)), PeerEvent::Added(peer(2))]
+        );
+        assert_eq!(v.version(), Some(1));
+        assert_eq!(v.len(), 2);
+    }
+
+    #[test]
+    fn delta_adds_a_peer() {
+        let mut v = view_at(1, &[1]);
+        let events = v.handle_delta(2, vec![upsert(peer(2))]).unwrap();
+        assert_eq!(events, vec![PeerEvent::Added(peer(2))]);
+        assert_eq!(v.len(), 2);
+        assert_eq!(v.version(), Some(2));
+    }
+
+    #[test]
+    fn delta_updates_a_peer() {
+        let mut v = view_at(1, &[1, 2]);
+        let mut moved = peer(2);
+        moved.endpoints = vec!["203.0.113.9:4000".parse().unwrap()];
+        let events = v.handle_delta(2, vec![upsert(moved.clone())]).unwrap();
+        assert_eq!(events, vec![PeerEvent::Updated(moved.clone())]);
+        assert_eq!(v.get(&moved.peer_id), Some(&moved));
+    }
+
+    #[test]
+    fn delta_removes_a_peer() {
+        let mut v = view_at(1, &[1, 2]);
+        let events = v.handle_delta(2, vec![remove(1)]).unwrap();
+        assert_eq!(events, vec![PeerEvent::Removed(peer(1))]);
+        assert_eq!(v.peers().cloned().collect::<Vec<_>>(), vec![peer(2)]);
+    }
+
+    #[test]
+    fn unchanged_upsert_and_unknown_remove_report_nothing() {
+        let mut v = view_at(1, &[1]);
+        let events = v.handle_delta(2, vec![upsert(peer(1)), remove(9)]).unwrap();
+        assert!(events.is_empty());
+        assert_eq!(v.version(), Some(2));
+    }
+
+    #[test]
+    fn gap_is_refused_until_a_full_map_arrives() {
+        let mut v = view_at(1, &[1]);
+        assert_eq!(
+            v.handle_delta(3, vec![upsert(peer(3))]),
+            Err(DeltaError::Gap {
+                have: Some(1),
+                got: 3
+            })
+        );
+        assert!(v.awaiting_full());
+        // The delta that would have followed is no longer enough.
+        assert_eq!(
+            v.handle_delta(2, vec![upsert(peer(2))]),
+            Err(DeltaError::AwaitingFull { got: 2 })
+        );
+        assert_eq!(v.len(), 1);
+        let events = v.handle_full(4, vec![peer(2), peer(3)]);
+        assert_eq!(
+            events,
+            vec![
+                PeerEvent::Added(peer(2)),
+                PeerEvent::Added(peer(3)),
+                PeerEvent::Removed(peer(1))
+            ]
+        );
+        assert!(!v.awaiting_full());
+        assert_eq!(v.handle_delta(5, vec![remove(2)]).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn repeated_or_old_delta_is_a_gap() {
+        let mut v = view_at(5, &[1]);
+        assert!(matches!(
+            v.handle_delta(5, vec![remove(1)]),
+            Err(DeltaError::Gap { .. })
+        ));
+        assert_eq!(v.len(), 1);
+    }
+
+    #[test]
+    fn delta_before_any_full_map_is_a_gap() {
+        let mut v = PeerView::new();
+        assert_eq!(
+            v.handle_delta(1, vec![upsert(peer(1))]),
+            Err(DeltaError::Gap { have: None, got: 1 })
+        );
+        assert!(v.is_empty());
+    }
+
+    #[test]
+    fn cached_peers_need_a_full_map_before_deltas() {
+        let mut v = PeerView::new();
+        assert_eq!(v.handle_cached(vec![peer(1)]).len(), 1);
+        assert!(matches!(
+            v.handle_delta(1, vec![]),
+            Err(DeltaError::Gap { have: None, .. })
+        ));
+        // The full map reports only what differs from the cache.
+        assert_eq!(
+            v.handle_full(1, vec![peer(1), peer(2)]),
+            vec![PeerEvent::Added(peer(2))]
+        );
+    }
+
+    #[test]
+    fn full_map_reports_only_differences() {
+        let mut v = view_at(1, &[1, 2, 3]);
+        let mut renamed = peer(2);
+        renamed.name = "renamed".into();
+        let events = v.handle_full(2, vec![peer(1), renamed.clone(), peer(4)]);
+        assert_eq!(
+            events,
+            vec![
+                PeerEvent::Updated(renamed),
+                PeerEvent::Added(peer(4)),
+                PeerEvent::Removed(peer(3))
+            ]
+        );
+    }
+
+    #[test]
+    fn repeated_id_in_a_full_map_keeps_the_last() {
+        let mut v = PeerView::new();
+        let mut second = peer(1);
+        second.name = "second".into();
+        let events = v.handle_full(1, vec![peer(1), second.clone()]);
+        assert_eq!(events, vec![PeerEvent::Added(second.clone())]);
+        assert_eq!(v.get(&second.peer_id), Some(&second));
+    }
+
+    fn view_at(version: u64, ids: &[u8]) -> PeerView {
+        let mut v = PeerView::new();
+        v.handle_full(version, ids.iter().map(|&i| peer(i)).collect());
+        v
+    }
+
+    fn peer(i: u8) -> PeerInfo {
+        PeerInfo {
+            peer_id: Key32([i; 32]),
+            name: format!("p{i}"),
+            wg_key: Key32([i.wrapping_add(100); 32]),
+            virtual_ip: Ipv4Addr::new(10, 66, 0, i),
+            endpoints: vec![],
+            parties: vec!["lan".into()],
+            nat: None,
+        }
+    }
+
+    fn upsert(peer: PeerInfo) -> PeerChange {
+        PeerChange::Upsert { peer }
+    }
+
+    fn remove(i: u8) -> PeerChange {
+        PeerChange::Remove {
+            peer_id: Key32([i; 32]),
+        }
+    }
+}
