@@ -94,6 +94,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Before anything is logged: whoever waits for "listening" may send SIGTERM at once.
+    let shutdown = shutdown_signal()?;
     let mut seed = [0u8; 32];
     OsRng
         .try_fill_bytes(&mut seed)
@@ -123,7 +125,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(a) = server.metrics_addr() {
         tracing::info!("metrics listening on {a}");
     }
-    let stats = server.run(shutdown_signal()?).await?;
+    let stats = server.run(shutdown).await?;
     tracing::info!(
         sessions_total = stats.sessions_total,
         packets_forwarded = stats.packets_forwarded,

@@ -1,10 +1,17 @@
 //! The tokio driver: sockets, timer and metrics listener around the sans-IO [`Relay`].
 //!
-//! One task owns the relay and loops: wait for a socket to be readable, drain a batch of
-//! datagrams through [`Relay::handle_datagram`] into one reused buffer and send what it says;
-//! run [`Relay::handle_timeout`] when [`Relay::poll_timeout`] says; answer stats requests from
-//! the metrics listener. Forwarding rewrites the datagram in place, so the `Send` → `Deliver`
-//! path allocates nothing.
+//! One task owns the relay and loops: wait for a socket to be readable, read what it holds in
+//! batches (`recvmmsg` with UDP GRO, through quinn-udp: one read returns up to
+//! [`quinn_udp::BATCH_SIZE`] datagrams or trains of same-sized datagrams from one source), put
+//! every datagram through [`Relay::handle_datagram`] and send what it says; run
+//! [`Relay::handle_timeout`] when [`Relay::poll_timeout`] says; answer stats requests from the
+//! metrics listener.
+//!
+//! Forwarding rewrites each datagram in place, so consecutive `Deliver`s to one destination
+//! leave as one UDP GSO send: a GRO train whose datagrams all go to one session is sent
+//! straight from the receive buffer; others are gathered in a [`GsoBatch`] per socket, flushed
+//! when the destination changes and after every read. Buffers are allocated once: the
+//! `Send` → `Deliver` path allocates nothing.
 
 use std::future::Future;
 use std::io;
@@ -13,12 +20,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rally_proto::Key32;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rally_udp::{grow_socket_buffers, GsoBatch};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 
-use crate::core::{Action, Config, Limits, Relay, Stats, Transmit, Via};
+use crate::core::{Action, Config, Limits, Relay, Stats, Via};
 use crate::metrics;
 
 /// What `rally-relay serve` is asked to do.
@@ -66,16 +74,22 @@ pub enum ServeError {
 /// A bound relay, ready to [`Server::run`].
 #[derive(Debug)]
 pub struct Server {
-    primary: UdpSocket,
-    alt: Option<UdpSocket>,
+    primary: Udp,
+    alt: Option<Udp>,
     metrics: Option<TcpListener>,
     relay: Relay,
 }
 
-/// Datagrams handled per wake-up of one socket before the loop looks at the others.
-const BATCH: usize = 64;
-/// Largest UDP payload.
-const MAX_DATAGRAM: usize = 65_535;
+/// Reads (each up to [`quinn_udp::BATCH_SIZE`] datagrams or GRO trains) per wake-up of one
+/// socket before the loop looks at the others.
+const ROUNDS: usize = 8;
+/// One receive buffer: the largest UDP payload, which is also the largest GRO train.
+const RX_BUF: usize = 65_535;
+/// Socket receive and send buffers asked for: deep enough that a burst arriving while the
+/// relay is not scheduled is queued, not dropped (~3 ms at 1 Mpps of 1200-byte datagrams).
+const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+/// Most datagrams in one GRO train (the kernel's `UDP_MAX_SEGMENTS`, 128 since Linux 6.x).
+const MAX_TRAIN: usize = 128;
 /// Concurrent metrics connections; more are closed at once.
 const METRICS_CONNECTIONS: usize = 16;
 /// Time a metrics client has to send its request and read the answer.
@@ -84,27 +98,15 @@ const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
 impl Server {
     /// Binds the sockets and builds the relay. `seed` is the cookie secret (from a CSPRNG).
     pub async fn bind(opts: Options, seed: [u8; 32]) -> Result<Server, ServeError> {
-        let primary = UdpSocket::bind(opts.listen)
-            .await
-            .map_err(|source| ServeError::BindUdp {
-                addr: opts.listen,
-                source,
-            })?;
-        let local = primary.local_addr().map_err(ServeError::LocalAddr)?;
+        let primary = Udp::bind(opts.listen).await?;
+        let local = primary.socket.local_addr().map_err(ServeError::LocalAddr)?;
         let alt = match opts.alt_port {
             0 => None,
             p if p == local.port() => return Err(ServeError::AltPortIsListenPort(p)),
-            p => {
-                let addr = SocketAddr::new(local.ip(), p);
-                Some(
-                    UdpSocket::bind(addr)
-                        .await
-                        .map_err(|source| ServeError::BindUdp { addr, source })?,
-                )
-            }
+            p => Some(Udp::bind(SocketAddr::new(local.ip(), p)).await?),
         };
         let alt_addr = match &alt {
-            Some(s) => Some(s.local_addr().map_err(ServeError::LocalAddr)?),
+            Some(s) => Some(s.socket.local_addr().map_err(ServeError::LocalAddr)?),
             None => None,
         };
         let metrics = match opts.metrics {
@@ -155,11 +157,8 @@ impl Server {
         } = self;
         let (stats_tx, mut stats_rx) = mpsc::channel::<oneshot::Sender<Stats>>(16);
         let metrics_task = metrics.map(|l| tokio::spawn(serve_metrics(l, stats_tx.clone())));
-        let sockets = Sockets {
-            primary: &primary,
-            alt: alt.as_ref(),
-        };
-        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut sockets = Sockets { primary, alt };
+        let mut rx = RxBuffers::new();
         tokio::pin!(shutdown);
 
         loop {
@@ -169,12 +168,12 @@ impl Server {
                 .unwrap_or_else(|| Instant::now() + crate::core::SWEEP_INTERVAL);
             tokio::select! {
                 () = &mut shutdown => break,
-                r = primary.readable() => match r {
-                    Ok(()) => drain(Via::Primary, &sockets, &mut relay, &mut buf).await,
+                r = sockets.primary.socket.readable() => match r {
+                    Ok(()) => drain(Via::Primary, &mut sockets, &mut relay, &mut rx).await,
                     Err(e) => tracing::warn!(error = %e, "primary socket not readable"),
                 },
-                r = readable(alt.as_ref()) => match r {
-                    Ok(()) => drain(Via::Alt, &sockets, &mut relay, &mut buf).await,
+                r = readable(sockets.alt.as_ref()) => match r {
+                    Ok(()) => drain(Via::Alt, &mut sockets, &mut relay, &mut rx).await,
                     Err(e) => tracing::warn!(error = %e, "alternate socket not readable"),
                 },
                 Some(reply) = stats_rx.recv() => {
@@ -192,65 +191,239 @@ impl Server {
     }
 }
 
-struct Sockets<'a> {
-    primary: &'a UdpSocket,
-    alt: Option<&'a UdpSocket>,
+/// One UDP socket with its quinn-udp state (GRO, GSO) and its pending GSO batch.
+#[derive(Debug)]
+struct Udp {
+    socket: UdpSocket,
+    state: quinn_udp::UdpSocketState,
+    gso: GsoBatch,
 }
 
-impl Sockets<'_> {
-    fn get(&self, via: Via) -> &UdpSocket {
-        match via {
-            Via::Alt => self.alt.unwrap_or(self.primary),
-            Via::Primary => self.primary,
-        }
+impl Udp {
+    async fn bind(addr: SocketAddr) -> Result<Udp, ServeError> {
+        let bind_error = |source| ServeError::BindUdp { addr, source };
+        let socket = UdpSocket::bind(addr).await.map_err(bind_error)?;
+        let state = quinn_udp::UdpSocketState::new((&socket).into()).map_err(bind_error)?;
+        let (rcvbuf, sndbuf) = grow_socket_buffers(&socket, SOCKET_BUFFER);
+        tracing::info!(
+            %addr,
+            gso_segments = state.max_gso_segments(),
+            gro_segments = state.gro_segments(),
+            rcvbuf,
+            sndbuf,
+            "udp socket ready"
+        );
+        let gso = GsoBatch::new(state.max_gso_segments());
+        Ok(Udp { socket, state, gso })
     }
-}
 
-/// Handles up to [`BATCH`] datagrams waiting on `via`'s socket.
-async fn drain(via: Via, sockets: &Sockets<'_>, relay: &mut Relay, buf: &mut [u8]) {
-    let sock = sockets.get(via);
-    let now = Instant::now().into_std();
-    let now_unix = unix_now();
-    for _ in 0..BATCH {
-        let (n, src) = match sock.try_recv_from(buf) {
-            Ok(r) => r,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-            Err(e) => {
-                // E.g. an ICMP error for an earlier send: nothing to do but carry on.
-                tracing::debug!(error = %e, "recv failed");
-                continue;
-            }
+    /// Sends `contents` to `to`: one datagram, or `segment_size`-byte datagrams (the last may
+    /// be shorter) in one GSO send.
+    async fn send(&self, to: SocketAddr, contents: &[u8], segment_size: Option<usize>) {
+        let transmit = quinn_udp::Transmit {
+            destination: to,
+            ecn: None,
+            contents,
+            segment_size,
+            src_ip: None,
         };
-        let Some(datagram) = buf.get_mut(..n) else {
-            continue;
-        };
-        match relay.handle_datagram(via, src, datagram, now, now_unix) {
-            Action::Forward { via, to, len } => {
-                if let Some(d) = buf.get(..len) {
-                    send(sockets.get(via), d, to).await;
+        loop {
+            match self.socket.try_io(Interest::WRITABLE, || {
+                self.state.send((&self.socket).into(), &transmit)
+            }) {
+                Ok(()) => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = self.socket.writable().await {
+                        tracing::debug!(%to, error = %e, "socket not writable");
+                        return;
+                    }
+                }
+                Err(e) => {
+                    // E.g. an ICMP error for an earlier send: nothing to do but carry on.
+                    tracing::debug!(%to, error = %e, "send failed");
+                    return;
                 }
             }
-            Action::Reply(t) | Action::Drop { reply: Some(t), .. } => {
-                send_transmit(sockets, &t).await;
-            }
-            Action::Drop { reply: None, .. } => {}
+        }
+    }
+
+    /// Sends what the GSO batch holds, if anything.
+    async fn flush(&mut self) {
+        if let Some((to, contents, segment_size)) = self.gso.pending() {
+            self.send(to, contents, segment_size).await;
+        }
+        self.gso.clear();
+    }
+}
+
+#[derive(Debug)]
+struct Sockets {
+    primary: Udp,
+    alt: Option<Udp>,
+}
+
+impl Sockets {
+    fn get(&self, via: Via) -> &Udp {
+        match via {
+            Via::Alt => self.alt.as_ref().unwrap_or(&self.primary),
+            Via::Primary => &self.primary,
+        }
+    }
+
+    fn get_mut(&mut self, via: Via) -> &mut Udp {
+        match via {
+            Via::Alt => self.alt.as_mut().unwrap_or(&mut self.primary),
+            Via::Primary => &mut self.primary,
+        }
+    }
+
+    async fn flush(&mut self) {
+        self.primary.flush().await;
+        if let Some(alt) = &mut self.alt {
+            alt.flush().await;
         }
     }
 }
 
-async fn send_transmit(sockets: &Sockets<'_>, t: &Transmit) {
-    send(sockets.get(t.via), &t.payload, t.to).await;
+/// Receive buffers and their metadata, allocated once.
+struct RxBuffers {
+    bufs: Vec<Box<[u8]>>,
+    meta: Vec<quinn_udp::RecvMeta>,
+    /// Where each datagram of the GRO train being handled goes (reused).
+    forwards: Vec<Option<(Via, SocketAddr)>>,
 }
 
-async fn send(sock: &UdpSocket, datagram: &[u8], to: SocketAddr) {
-    if let Err(e) = sock.send_to(datagram, to).await {
-        tracing::debug!(%to, error = %e, "send failed");
+impl RxBuffers {
+    fn new() -> Self {
+        RxBuffers {
+            bufs: (0..quinn_udp::BATCH_SIZE)
+                .map(|_| vec![0u8; RX_BUF].into_boxed_slice())
+                .collect(),
+            meta: vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE],
+            forwards: Vec::with_capacity(MAX_TRAIN),
+        }
     }
 }
 
-async fn readable(sock: Option<&UdpSocket>) -> io::Result<()> {
-    match sock {
-        Some(s) => s.readable().await,
+/// Reads and handles what `via`'s socket holds, up to [`ROUNDS`] reads.
+async fn drain(via: Via, sockets: &mut Sockets, relay: &mut Relay, rx: &mut RxBuffers) {
+    for _ in 0..ROUNDS {
+        let n = {
+            let udp = sockets.get(via);
+            let mut iovs: [io::IoSliceMut<'_>; quinn_udp::BATCH_SIZE] = {
+                let mut bufs = rx.bufs.iter_mut();
+                std::array::from_fn(|_| match bufs.next() {
+                    Some(b) => io::IoSliceMut::new(b),
+                    None => io::IoSliceMut::new(&mut []),
+                })
+            };
+            match udp.socket.try_io(Interest::READABLE, || {
+                udp.state
+                    .recv((&udp.socket).into(), &mut iovs, &mut rx.meta)
+            }) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // E.g. an ICMP error for an earlier send: nothing to do but carry on.
+                    tracing::debug!(error = %e, "recv failed");
+                    continue;
+                }
+            }
+        };
+        let now = Instant::now().into_std();
+        let now_unix = unix_now();
+        for i in 0..n {
+            let (Some(meta), Some(buf)) = (rx.meta.get(i), rx.bufs.get_mut(i)) else {
+                break;
+            };
+            let Some(train) = buf.get_mut(..meta.len) else {
+                continue;
+            };
+            let stride = if meta.stride == 0 {
+                meta.len
+            } else {
+                meta.stride
+            };
+            handle_train(
+                via,
+                meta.addr,
+                train,
+                stride.max(1),
+                sockets,
+                relay,
+                &mut rx.forwards,
+                now,
+                now_unix,
+            )
+            .await;
+        }
+        sockets.flush().await;
+    }
+}
+
+/// Handles the datagrams of one read (`stride` bytes each, the last may be shorter) from `src`.
+#[allow(clippy::too_many_arguments)]
+async fn handle_train(
+    via: Via,
+    src: SocketAddr,
+    train: &mut [u8],
+    stride: usize,
+    sockets: &mut Sockets,
+    relay: &mut Relay,
+    forwards: &mut Vec<Option<(Via, SocketAddr)>>,
+    now: std::time::Instant,
+    now_unix: u64,
+) {
+    forwards.clear();
+    // `chunks_mut` yields nothing for an empty datagram, which must still be handled (and
+    // counted as garbage).
+    let empty: &mut [u8] = &mut [];
+    let datagrams = train.chunks_mut(stride);
+    let datagrams = (datagrams.len() == 0)
+        .then_some(empty)
+        .into_iter()
+        .chain(datagrams);
+    for datagram in datagrams {
+        let len = datagram.len();
+        match relay.handle_datagram(via, src, datagram, now, now_unix) {
+            Action::Forward { via, to, len: n } if n == len => forwards.push(Some((via, to))),
+            Action::Forward { .. } => forwards.push(None),
+            Action::Reply(t) | Action::Drop { reply: Some(t), .. } => {
+                forwards.push(None);
+                sockets.get(t.via).send(t.to, &t.payload, None).await;
+            }
+            Action::Drop { reply: None, .. } => forwards.push(None),
+        }
+    }
+    // The usual case: the whole train goes to one session, already rewritten in place.
+    if let [Some(first), rest @ ..] = forwards.as_slice() {
+        if forwards.len() > 1 && rest.iter().all(|f| *f == Some(*first)) {
+            let (out_via, to) = *first;
+            let udp = sockets.get_mut(out_via);
+            udp.flush().await;
+            let max = udp.state.max_gso_segments().max(1) * stride;
+            for chunk in train.chunks(max) {
+                let segment = (chunk.len() > stride).then_some(stride);
+                udp.send(to, chunk, segment).await;
+            }
+            return;
+        }
+    }
+    for (datagram, forward) in train.chunks(stride).zip(forwards.iter()) {
+        let Some((out_via, to)) = *forward else {
+            continue;
+        };
+        let udp = sockets.get_mut(out_via);
+        if !udp.gso.fits(to, datagram.len()) {
+            udp.flush().await;
+        }
+        udp.gso.push(to, datagram);
+    }
+}
+
+async fn readable(udp: Option<&Udp>) -> io::Result<()> {
+    match udp {
+        Some(u) => u.socket.readable().await,
         None => std::future::pending().await,
     }
 }

@@ -53,6 +53,81 @@ fn two_agents_in_one_party_exchange_packets() {
 }
 
 #[test]
+fn a_gso_train_of_sends_arrives_as_delivers_in_order() {
+    let relay = RelayProc::start(&[]);
+    let (a, b) = (Agent::new(1), Agent::new(2));
+    assert!(a.bind(&relay, &[PARTY_X]).is_ok());
+    assert!(b.bind(&relay, &[PARTY_X]).is_ok());
+
+    // One sendmsg with UDP_SEGMENT: the relay's socket (UDP_GRO) reads it as one train.
+    let payloads: Vec<[u8; 200]> = (0..40u8).map(|i| [i; 200]).collect();
+    let sends: Vec<Vec<u8>> = payloads
+        .iter()
+        .map(|p| {
+            RelayMsg::Send {
+                to: b.short(),
+                payload: p,
+            }
+            .to_vec()
+        })
+        .collect();
+    a.send_train(&relay, &sends);
+
+    for p in &payloads {
+        let got = b.recv().expect("b receives every datagram of the train");
+        assert_eq!(
+            RelayMsg::decode(&got),
+            Ok(RelayMsg::Deliver {
+                from: a.short(),
+                payload: p
+            })
+        );
+    }
+    let m = relay.metrics();
+    assert_eq!(metric(&m, "rally_relay_packets_forwarded_total"), Some(40));
+}
+
+#[test]
+fn a_train_with_refused_datagrams_forwards_the_others_and_counts_the_rest() {
+    let relay = RelayProc::start(&[]);
+    let (a, b, y) = (Agent::new(1), Agent::new(2), Agent::new(3));
+    assert!(a.bind(&relay, &[PARTY_X]).is_ok());
+    assert!(b.bind(&relay, &[PARTY_X]).is_ok());
+    assert!(y.bind(&relay, &[PARTY_Y]).is_ok());
+
+    // Every third datagram is for y, in another party.
+    let sends: Vec<Vec<u8>> = (0..30u8)
+        .map(|i| {
+            let to = if i % 3 == 1 { y.short() } else { b.short() };
+            RelayMsg::Send {
+                to,
+                payload: &[i; 100],
+            }
+            .to_vec()
+        })
+        .collect();
+    a.send_train(&relay, &sends);
+
+    for i in (0..30u8).filter(|i| i % 3 != 1) {
+        let got = b.recv().expect("b receives its datagrams");
+        assert_eq!(
+            RelayMsg::decode(&got),
+            Ok(RelayMsg::Deliver {
+                from: a.short(),
+                payload: &[i; 100]
+            })
+        );
+    }
+    assert_eq!(y.recv_within(Duration::from_millis(300)), None);
+    let m = relay.metrics();
+    assert_eq!(metric(&m, "rally_relay_packets_forwarded_total"), Some(20));
+    assert_eq!(
+        metric(&m, "rally_relay_drops_total{reason=\"no_shared_party\"}"),
+        Some(10)
+    );
+}
+
+#[test]
 fn member_of_party_x_cannot_reach_member_of_party_y() {
     let relay = RelayProc::start(&[]);
     let (x, y) = (Agent::new(1), Agent::new(2));
@@ -409,6 +484,29 @@ impl Agent {
             payload,
         };
         self.sock.send_to(&msg.to_vec(), relay.addr).expect("send");
+    }
+
+    /// Sends equal-sized datagrams in one UDP GSO `sendmsg`.
+    fn send_train(&self, relay: &RelayProc, datagrams: &[Vec<u8>]) {
+        let segment = datagrams.first().map_or(0, Vec::len);
+        assert!(datagrams.iter().all(|d| d.len() == segment));
+        let contents = datagrams.concat();
+        let state = quinn_udp::UdpSocketState::new((&self.sock).into()).expect("udp state");
+        assert!(state.max_gso_segments() >= datagrams.len(), "no GSO here");
+        // quinn-udp made the socket non-blocking; the helpers here wait on it.
+        self.sock.set_nonblocking(false).expect("blocking");
+        state
+            .send(
+                (&self.sock).into(),
+                &quinn_udp::Transmit {
+                    destination: relay.addr,
+                    ecn: None,
+                    contents: &contents,
+                    segment_size: Some(segment),
+                    src_ip: None,
+                },
+            )
+            .expect("a GSO send");
     }
 
     fn stun(&self, relay: &RelayProc, change_port: bool) -> BindingResponse {

@@ -189,7 +189,7 @@ fn client_endpoint() -> std::io::Result<quinn::Endpoint> {
     const BUFFER: usize = 2 * 1024 * 1024;
     let socket = std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0))
         .or_else(|_| std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))?;
-    crate::dataplane::engine::grow_socket_buffers(&socket, BUFFER);
+    rally_udp::grow_socket_buffers(&socket, BUFFER);
     quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         None,

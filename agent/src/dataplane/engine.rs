@@ -21,6 +21,7 @@ use rally_proto::probe::{peek_from, probe_key, Probe, ProbeKind};
 use rally_proto::relay::{short_id, write_send_header, RelayMsg, ShortId, DATA_HEADER_LEN};
 use rally_proto::stun::BindingResponse;
 use rally_proto::{Identity, Key32, PeerEvent, PeerInfo};
+use rally_udp::grow_socket_buffers;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
@@ -1105,55 +1106,6 @@ fn mark_connected(peer: &mut Peer) {
 
 fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
-}
-
-/// Asks for `bytes` of receive and send buffer (past `rmem_max`/`wmem_max` where the process
-/// may: root or CAP_NET_ADMIN); returns what the kernel granted.
-pub(crate) fn grow_socket_buffers(udp: &impl std::os::fd::AsRawFd, bytes: usize) -> (usize, usize) {
-    let fd = udp.as_raw_fd();
-    let set = |force: libc::c_int, plain: libc::c_int| {
-        let v = bytes as libc::c_int;
-        let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: setsockopt on our own socket with a pointer to a live c_int and its size.
-        let forced = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                force,
-                (&v as *const libc::c_int).cast(),
-                size,
-            )
-        };
-        if forced != 0 {
-            // SAFETY: as above.
-            unsafe {
-                libc::setsockopt(
-                    fd,
-                    libc::SOL_SOCKET,
-                    plain,
-                    (&v as *const libc::c_int).cast(),
-                    size,
-                )
-            };
-        }
-        let mut got: libc::c_int = 0;
-        let mut len = size;
-        // SAFETY: getsockopt into a live c_int with its size.
-        unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                plain,
-                (&mut got as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        got.max(0) as usize
-    };
-    (
-        set(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-        set(libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-    )
 }
 
 /// Sends what the GSO batch holds in one `sendmsg`.

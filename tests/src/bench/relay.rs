@@ -5,6 +5,11 @@
 //! UDP forwarder doing what the relay does minus the protocol checks, once with one
 //! `recvfrom`/`sendto` per packet (the relay's I/O pattern) and once batched with
 //! `recvmmsg`/`sendmmsg`.
+//!
+//! Then once more at 100 pairs with the offloads a real deployment has: GRO on the relay host's
+//! interface (on by default on physical and virtio NICs, off on veth) and `UDP_GRO` on the
+//! generator's receiving sockets (the agent's socket has it, through quinn-udp), so the
+//! relay's GSO trains reach the receivers whole instead of being split on the way in.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -33,6 +38,8 @@ use crate::{bins, Lab};
 pub const PACKET: usize = 1200;
 /// Peer-pair counts measured.
 pub const PAIRS: [usize; 3] = [1, 10, 100];
+/// Pair count measured again with GRO on the relay's interface and `UDP_GRO` on the receivers.
+pub const OFFLOAD_PAIRS: usize = 100;
 /// The plain forwarders' port on the relay host.
 const FORWARD_PORT: u16 = 4000;
 /// Datagrams per `sendmmsg` in the generator.
@@ -71,6 +78,9 @@ pub struct LoadArgs {
     /// The forwarding process, whose CPU time is read from /proc around each run.
     #[arg(long)]
     pub pid: u32,
+    /// Receive with `UDP_GRO` (as the agent does) and count the datagrams in each train.
+    #[arg(long)]
+    pub gro: bool,
 }
 
 /// One run of the generator (a JSON line on stdout).
@@ -274,6 +284,11 @@ pub fn load(args: &LoadArgs) -> Result<()> {
             list.push(agent);
         }
     }
+    if args.gro {
+        for r in &receivers {
+            set_udp_gro(r.sock.as_raw_fd())?;
+        }
+    }
     let (probe, _) = new_agent(args.to)?;
     // Each sender's datagram: a Send to its receiver, then zeros.
     let datagrams: Vec<Vec<u8>> = receivers
@@ -284,7 +299,7 @@ pub fn load(args: &LoadArgs) -> Result<()> {
             d
         })
         .collect();
-    let mut rx = RecvBatch::new(64, 2048);
+    let mut rx = RecvBatch::new(64, if args.gro { 65_536 } else { 2048 });
     for _ in 0..args.runs {
         // Keep the receivers' sessions alive (a relay forgets idle ones).
         if args.target == Target::Relay {
@@ -293,7 +308,7 @@ pub fn load(args: &LoadArgs) -> Result<()> {
             }
         }
         std::thread::sleep(Duration::from_millis(300));
-        drain(&receivers, &mut rx);
+        drain(&receivers, &mut rx, args.gro);
         let before = forwarded_so_far(args, &probe.sock)?;
         let cpu0 = tools::cpu_seconds(args.pid)?;
         let start = Instant::now();
@@ -306,11 +321,11 @@ pub fn load(args: &LoadArgs) -> Result<()> {
                     offered += n as u64;
                 }
             }
-            delivered += drain(&receivers, &mut rx);
+            delivered += drain(&receivers, &mut rx, args.gro);
         }
         let secs = start.elapsed().as_secs_f64();
         std::thread::sleep(Duration::from_millis(200));
-        delivered += drain(&receivers, &mut rx);
+        delivered += drain(&receivers, &mut rx, args.gro);
         let cpu_s = tools::cpu_seconds(args.pid)? - cpu0;
         let forwarded = forwarded_so_far(args, &probe.sock)?.saturating_sub(before);
         let run = LoadRun {
@@ -327,17 +342,44 @@ pub fn load(args: &LoadArgs) -> Result<()> {
 }
 
 /// Reads everything waiting on the receivers; returns how many datagrams (pongs included).
-fn drain(receivers: &[Agent], rx: &mut RecvBatch) -> u64 {
+/// With `gro`, a read may be a train of [`PACKET`]-byte datagrams: each counts.
+fn drain(receivers: &[Agent], rx: &mut RecvBatch, gro: bool) -> u64 {
     let mut n = 0u64;
     for r in receivers {
         while let Ok(k) = rx.recv(r.sock.as_raw_fd(), libc::MSG_DONTWAIT) {
-            n += k as u64;
+            n += if gro {
+                rx.lens[..k]
+                    .iter()
+                    .map(|len| len.div_ceil(PACKET).max(1) as u64)
+                    .sum()
+            } else {
+                k as u64
+            };
             if k < 64 {
                 break;
             }
         }
     }
     n
+}
+
+/// Turns on `UDP_GRO` on a socket: the kernel may hand over trains of same-sized datagrams.
+fn set_udp_gro(fd: std::os::fd::RawFd) -> Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on our own socket with a pointer to a live c_int and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_UDP,
+            libc::UDP_GRO,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("setting UDP_GRO");
+    }
+    Ok(())
 }
 
 /// The plain forwarder (the hidden `bench-udp-forward` subcommand): learns each source's
@@ -440,61 +482,84 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
     let metrics = SocketAddr::new(relay_host.ip().into(), RELAY_METRICS_PORT);
     let seed_hex = hex(&seed);
 
-    let generate =
-        |target: Target, to: SocketAddrV4, pid: u32, pairs: usize| -> Result<Vec<LoadRun>> {
-            let (to_s, pid_s, pairs_s, runs_s) = (
-                to.to_string(),
-                pid.to_string(),
-                pairs.to_string(),
-                opts.runs.to_string(),
-            );
-            let secs = opts.seconds.clamp(2, 5).to_string();
-            let metrics_s = metrics.to_string();
-            let mut args = vec![
-                lab_bin.as_str(),
-                "bench-relay-load",
-                "--to",
-                to_s.as_str(),
-                "--pid",
-                pid_s.as_str(),
-                "--pairs",
-                pairs_s.as_str(),
-                "--runs",
-                runs_s.as_str(),
-                "--seconds",
-                secs.as_str(),
-            ];
-            match target {
-                Target::Relay => args.extend([
-                    "--target",
-                    "relay",
-                    "--control-seed",
-                    seed_hex.as_str(),
-                    "--metrics",
-                    metrics_s.as_str(),
-                ]),
-                Target::Plain => args.extend(["--target", "plain"]),
-            }
-            let out = gen.run_timeout(&args, Duration::from_secs(300))?;
-            crate::host::check_success(&out, "rally-lab bench-relay-load")?;
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| l.starts_with('{'))
-                .map(|l| serde_json::from_str(l).context("reading a generator line"))
-                .collect()
-        };
+    let generate = |target: Target,
+                    to: SocketAddrV4,
+                    pid: u32,
+                    pairs: usize,
+                    gro: bool|
+     -> Result<Vec<LoadRun>> {
+        let (to_s, pid_s, pairs_s, runs_s) = (
+            to.to_string(),
+            pid.to_string(),
+            pairs.to_string(),
+            opts.runs.to_string(),
+        );
+        let secs = opts.seconds.clamp(2, 5).to_string();
+        let metrics_s = metrics.to_string();
+        let mut args = vec![
+            lab_bin.as_str(),
+            "bench-relay-load",
+            "--to",
+            to_s.as_str(),
+            "--pid",
+            pid_s.as_str(),
+            "--pairs",
+            pairs_s.as_str(),
+            "--runs",
+            runs_s.as_str(),
+            "--seconds",
+            secs.as_str(),
+        ];
+        match target {
+            Target::Relay => args.extend([
+                "--target",
+                "relay",
+                "--control-seed",
+                seed_hex.as_str(),
+                "--metrics",
+                metrics_s.as_str(),
+            ]),
+            Target::Plain => args.extend(["--target", "plain"]),
+        }
+        if gro {
+            args.push("--gro");
+        }
+        let out = gen.run_timeout(&args, Duration::from_secs(300))?;
+        crate::host::check_success(&out, "rally-lab bench-relay-load")?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).context("reading a generator line"))
+            .collect()
+    };
 
-    let mut results: Vec<(String, usize, Vec<LoadRun>)> = Vec::new();
-    for pairs in PAIRS {
-        println!("==> relay: {pairs} pair(s) through rally-relay");
-        let runs = generate(Target::Relay, relay_addr, relay.pid(), pairs)?;
+    // (subject, case, runs); a case is a pair count, with the offloads or without.
+    let mut results: Vec<(String, String, Vec<LoadRun>)> = Vec::new();
+    let mut cases: Vec<String> = Vec::new();
+    let plan = PAIRS
+        .iter()
+        .map(|&p| (p, false))
+        .chain(std::iter::once((OFFLOAD_PAIRS, true)));
+    for (pairs, offload) in plan {
+        let pl = if pairs == 1 { "pair" } else { "pairs" };
+        let case = if offload {
+            relay_host
+                .run_ok(&["ethtool", "-K", "eth0", "gro", "on"])
+                .context("turning GRO on on the relay host (is ethtool installed?)")?;
+            format!("{pairs} {pl}, GRO on")
+        } else {
+            format!("{pairs} {pl}")
+        };
+        cases.push(case.clone());
+        println!("==> relay: {case} through rally-relay");
+        let runs = generate(Target::Relay, relay_addr, relay.pid(), pairs, offload)?;
         report(&runs);
-        results.push(("rally-relay".into(), pairs, runs));
+        results.push(("rally-relay".into(), case.clone(), runs));
         for (label, batch) in [
             ("plain forwarder (recvfrom/sendto)", 1usize),
             ("batched forwarder (recvmmsg/sendmmsg)", 64),
         ] {
-            println!("==> relay: {pairs} pair(s) through the {label}");
+            println!("==> relay: {case} through the {label}");
             let batch_s = batch.to_string();
             let fwd_addr = forward_addr.to_string();
             let fwd = relay_host.spawn(
@@ -509,11 +574,11 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
                 relay_host.log_path(&format!("forward-{batch}")),
             )?;
             super::tunnels::wait_udp_bound(&relay_host, FORWARD_PORT, &fwd)?;
-            let runs = generate(Target::Plain, forward_addr, fwd.pid(), pairs);
+            let runs = generate(Target::Plain, forward_addr, fwd.pid(), pairs, offload);
             fwd.terminate(Duration::from_secs(2))?;
             let runs = runs?;
             report(&runs);
-            results.push((label.into(), pairs, runs));
+            results.push((label.into(), case.clone(), runs));
         }
     }
 
@@ -529,24 +594,23 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
             r.cpu_s / (r.forwarded as f64 / 1e6)
         }
     };
-    for pairs in PAIRS {
+    for case in &cases {
         let of = |label: &str| {
             results
                 .iter()
-                .find(|(l, p, _)| l == label && *p == pairs)
+                .find(|(l, c, _)| l == label && c == case)
                 .map(|(_, _, r)| r.as_slice())
                 .unwrap_or(&[])
         };
         let relay_runs = of("rally-relay");
         let plain = of("plain forwarder (recvfrom/sendto)");
         let batched = of("batched forwarder (recvmmsg/sendmmsg)");
-        let pl = if pairs == 1 { "pair" } else { "pairs" };
         for (metric, unit, f) in [
             ("forwarded pps", "pps", &pps as &dyn Fn(&LoadRun) -> f64),
             ("forwarded Mbit/s", "Mbit/s", &mbps),
             ("CPU per Mpkt", "CPU s", &cpu),
         ] {
-            let metric = format!("{metric}, {pairs} {pl}");
+            let metric = format!("{metric}, {case}");
             for (label, runs) in [
                 ("rally-relay", relay_runs),
                 ("plain forwarder (recvfrom/sendto)", plain),

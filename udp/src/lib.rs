@@ -1,0 +1,64 @@
+//! Batched UDP I/O shared by Rally's agent and relay.
+//!
+//! - [`GsoBatch`]: datagrams to one destination gathered for a single UDP GSO send.
+//! - [`grow_socket_buffers`]: deep socket buffers, so bursts are queued rather than dropped.
+//!
+//! The receive side (recvmmsg with UDP GRO) and the GSO send itself are quinn-udp's
+//! (`UdpSocketState`); both users drive it the same way.
+
+#![warn(missing_docs)]
+
+mod gso;
+
+use std::os::fd::AsRawFd;
+
+pub use gso::{GsoBatch, MAX_GSO_BYTES};
+
+/// Asks for `bytes` of receive and send buffer (past `rmem_max`/`wmem_max` where the process
+/// may: root or CAP_NET_ADMIN); returns what the kernel granted.
+pub fn grow_socket_buffers(socket: &impl AsRawFd, bytes: usize) -> (usize, usize) {
+    let fd = socket.as_raw_fd();
+    let set = |force: libc::c_int, plain: libc::c_int| {
+        let v = bytes as libc::c_int;
+        let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: setsockopt on our own socket with a pointer to a live c_int and its size.
+        let forced = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                force,
+                (&v as *const libc::c_int).cast(),
+                size,
+            )
+        };
+        if forced != 0 {
+            // SAFETY: as above.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    plain,
+                    (&v as *const libc::c_int).cast(),
+                    size,
+                )
+            };
+        }
+        let mut got: libc::c_int = 0;
+        let mut len = size;
+        // SAFETY: getsockopt into a live c_int with its size.
+        unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                plain,
+                (&mut got as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        got.max(0) as usize
+    };
+    (
+        set(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        set(libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    )
+}
