@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod netcheck;
 pub mod netinfo;
 pub mod netwatch;
+pub mod outputs;
 pub mod paths;
 pub mod relay_client;
 pub mod state;

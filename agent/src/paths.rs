@@ -163,6 +163,7 @@ impl PeerPaths {
                 if elapsed >= PUNCH_FOR {
                     self.punch = None;
                     self.retry_at = Some(now + PUNCH_RETRY);
+                    self.forget_pending();
                 } else {
                     p.next = now
                         + if elapsed < PUNCH_FAST_FOR {
@@ -190,11 +191,11 @@ impl PeerPaths {
     }
 
     pub fn poll_transmit(&mut self) -> Option<(Via, [u8; PROBE_LEN])> {
-        self.transmits.pop_front()
+        crate::outputs::pop(&mut self.transmits)
     }
 
     pub fn poll_event(&mut self) -> Option<PathEvent> {
-        self.events.pop_front()
+        crate::outputs::pop(&mut self.events)
     }
 
     fn prove(&mut self, addr: SocketAddr) {
@@ -204,7 +205,14 @@ impl PeerPaths {
         self.direct = Some(addr);
         self.punch = None;
         self.retry_at = None;
+        self.forget_pending();
         self.events.push_back(PathEvent::DirectUp(addr));
+    }
+
+    /// The probes still awaiting an ack are of no use once the punch is over (proven or given
+    /// up), and a hundred of them are 4 KiB per peer.
+    fn forget_pending(&mut self) {
+        self.pending = VecDeque::new();
     }
 
     fn add_candidate(&mut self, addr: SocketAddr) {
@@ -279,6 +287,23 @@ mod tests {
             Some(PathEvent::DirectUp(addr("203.0.113.2:51820")))
         );
         assert!(!p.is_punching());
+    }
+
+    #[test]
+    fn a_punch_that_gives_up_keeps_no_memory_of_its_probes() {
+        let t0 = Instant::now();
+        let mut p = paths();
+        p.start_punch(t0);
+        let mut t = t0;
+        while p.is_punching() {
+            p.handle_timeout(t);
+            drain(&mut p);
+            assert!(p.pending.len() <= 256);
+            t = p.poll_timeout().unwrap();
+        }
+        assert!(t - t0 >= PUNCH_FOR, "gave up after {:?}", t - t0);
+        assert_eq!(p.pending.capacity(), 0);
+        assert_eq!(p.transmits.capacity(), 0);
     }
 
     #[test]

@@ -177,11 +177,11 @@ impl RelayClient {
     }
 
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.transmits.pop_front()
+        crate::outputs::pop(&mut self.transmits)
     }
 
     pub fn poll_event(&mut self) -> Option<RelayEvent> {
-        self.events.pop_front()
+        crate::outputs::pop(&mut self.events)
     }
 
     pub fn poll_timeout(&self) -> Instant {

@@ -549,15 +549,15 @@ impl Connection {
     // ----- outputs -----
 
     pub fn poll_transmit(&mut self) -> Option<ProbeTransmit> {
-        self.transmits.pop_front()
+        crate::outputs::pop(&mut self.transmits)
     }
 
     pub fn poll_event(&mut self) -> Option<ConnEvent> {
-        self.events.pop_front()
+        crate::outputs::pop(&mut self.events)
     }
 
     pub fn poll_command(&mut self) -> Option<Command> {
-        self.commands.pop_front()
+        crate::outputs::pop(&mut self.commands)
     }
 
     /// The oldest queued packet, once there is a primary path to send it on. Drain this
