@@ -150,7 +150,7 @@ impl PeerOutbox {
                 self.version += 1;
                 Some(Push {
                     full: true,
-                    frame: full_frame(self.version, map.values()),
+                    frame: full_frame(self.version, &map),
                 })
             }
             Full::No if self.changes.is_empty() => None,
@@ -159,7 +159,7 @@ impl PeerOutbox {
                 let changes = std::mem::take(&mut self.changes);
                 Some(Push {
                     full: false,
-                    frame: delta_frame(self.version, changes.values()),
+                    frame: delta_frame(self.version, &changes),
                 })
             }
         }
@@ -172,10 +172,11 @@ impl PeerOutbox {
 }
 
 /// `{"type":"peer_map","version":V,"peers":[…]}` as one frame.
-fn full_frame<'a>(version: u64, peers: impl Iterator<Item = &'a Arc<EncodedPeer>>) -> Vec<u8> {
-    let mut out = Vec::new();
+fn full_frame(version: u64, peers: &BTreeMap<Key32, Arc<EncodedPeer>>) -> Vec<u8> {
+    let size: usize = peers.values().map(|p| p.json().len() + 1).sum();
+    let mut out = Vec::with_capacity(FRAME_OVERHEAD + size);
     start_frame(&mut out, "peer_map", version, "peers");
-    for (i, p) in peers.enumerate() {
+    for (i, p) in peers.values().enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -185,10 +186,17 @@ fn full_frame<'a>(version: u64, peers: impl Iterator<Item = &'a Arc<EncodedPeer>
 }
 
 /// `{"type":"peer_delta","version":V,"changes":[…]}` as one frame.
-fn delta_frame<'a>(version: u64, changes: impl Iterator<Item = &'a Change>) -> Vec<u8> {
-    let mut out = Vec::new();
+fn delta_frame(version: u64, changes: &BTreeMap<Key32, Change>) -> Vec<u8> {
+    let size: usize = changes
+        .values()
+        .map(|c| match c {
+            Change::Upsert(p) => p.json().len() + UPSERT_OVERHEAD,
+            Change::Remove(_) => REMOVE_LEN,
+        })
+        .sum();
+    let mut out = Vec::with_capacity(FRAME_OVERHEAD + size);
     start_frame(&mut out, "peer_delta", version, "changes");
-    for (i, c) in changes.enumerate() {
+    for (i, c) in changes.values().enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -206,6 +214,13 @@ fn delta_frame<'a>(version: u64, changes: impl Iterator<Item = &'a Change>) -> V
     }
     end_frame(out)
 }
+
+/// Room for a frame's length, type, version and brackets.
+const FRAME_OVERHEAD: usize = 64;
+/// `{"op":"upsert","peer":` … `},`
+const UPSERT_OVERHEAD: usize = 25;
+/// `{"op":"remove","peer_id":"<43>"},`
+const REMOVE_LEN: usize = 72;
 
 fn start_frame(out: &mut Vec<u8>, kind: &str, version: u64, list: &str) {
     out.extend_from_slice(&[0; 4]);
