@@ -24,15 +24,20 @@ use crate::store::{AgentRow, InviteRefusal, NewInvite, PartyRow, Snapshot, Store
 #[derive(Debug, PartialEq, Eq)]
 pub struct EncodedPeer {
     pub peer_id: Key32,
-    parties: Vec<String>,
+    /// The ids of the shared parties (what the encoding is cached by).
+    party_ids: Vec<[u8; 8]>,
     json: Box<[u8]>,
 }
 
 impl EncodedPeer {
     pub fn new(peer: &PeerInfo) -> Self {
+        Self::with_ids(peer, Vec::new())
+    }
+
+    fn with_ids(peer: &PeerInfo, party_ids: Vec<[u8; 8]>) -> Self {
         EncodedPeer {
             peer_id: peer.peer_id,
-            parties: peer.parties.clone(),
+            party_ids,
             // Our own types serialize infallibly (no maps with non-string keys).
             json: serde_json::to_vec(peer)
                 .expect("PeerInfo serializes")
@@ -59,7 +64,7 @@ struct Agent {
     row: AgentRow,
     /// The row's NAT report, parsed (`None` also when it does not parse, as before).
     nat: Option<NatReport>,
-    /// Encodings of this agent by shared party list (usually one); cleared when the row changes.
+    /// Encodings of this agent by shared party ids (usually one); cleared when the row changes.
     encoded: Vec<Arc<EncodedPeer>>,
 }
 
@@ -98,7 +103,7 @@ impl CachedStore {
     pub fn encoded_peers_of(&mut self, id: &Key32) -> Vec<Arc<EncodedPeer>> {
         self.shared_with(id)
             .into_iter()
-            .filter_map(|(peer, parties)| self.encoded(&peer, parties))
+            .filter_map(|(peer, parties)| self.encoded(&peer, &parties))
             .collect()
     }
 
@@ -110,10 +115,10 @@ impl CachedStore {
     ) -> Vec<(Key32, Arc<EncodedPeer>, Arc<EncodedPeer>)> {
         let mut out = Vec::new();
         for (peer, parties) in self.shared_with(subject) {
-            let Some(them) = self.encoded(&peer, parties.clone()) else {
+            let Some(them) = self.encoded(&peer, &parties) else {
                 continue;
             };
-            let Some(me) = self.encoded(subject, parties) else {
+            let Some(me) = self.encoded(subject, &parties) else {
                 return Vec::new();
             };
             out.push((peer, me, them));
@@ -134,9 +139,9 @@ impl CachedStore {
         }
     }
 
-    /// Agents sharing a party with `id`, with the names of the shared parties (sorted).
-    fn shared_with(&self, id: &Key32) -> BTreeMap<Key32, Vec<String>> {
-        let mut out: BTreeMap<Key32, Vec<String>> = BTreeMap::new();
+    /// Agents sharing a party with `id`, with the ids of the shared parties (in id order).
+    fn shared_with(&self, id: &Key32) -> BTreeMap<Key32, Vec<[u8; 8]>> {
+        let mut out: BTreeMap<Key32, Vec<[u8; 8]>> = BTreeMap::new();
         let Some(mine) = self.member_of.get(id) else {
             return out;
         };
@@ -146,22 +151,34 @@ impl CachedStore {
             };
             for m in &p.members {
                 if m != id && self.agents.contains_key(m) {
-                    out.entry(*m).or_default().push(p.name.clone());
+                    out.entry(*m).or_default().push(*pid);
                 }
             }
-        }
-        for names in out.values_mut() {
-            names.sort();
         }
         out
     }
 
-    fn encoded(&mut self, id: &Key32, parties: Vec<String>) -> Option<Arc<EncodedPeer>> {
-        let a = self.agents.get_mut(id)?;
-        if let Some(e) = a.encoded.iter().find(|e| e.parties == parties) {
+    /// The names of parties, sorted (as peer entries list them).
+    fn party_names(&self, ids: &[[u8; 8]]) -> Vec<String> {
+        let mut names: Vec<String> = ids
+            .iter()
+            .filter_map(|id| Some(self.parties.get(id)?.name.clone()))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn encoded(&mut self, id: &Key32, party_ids: &[[u8; 8]]) -> Option<Arc<EncodedPeer>> {
+        let a = self.agents.get(id)?;
+        if let Some(e) = a.encoded.iter().find(|e| e.party_ids == party_ids) {
             return Some(e.clone());
         }
-        let e = Arc::new(EncodedPeer::new(&peer_info(a, parties)));
+        let names = self.party_names(party_ids);
+        let a = self.agents.get_mut(id)?;
+        let e = Arc::new(EncodedPeer::with_ids(
+            &peer_info(a, names),
+            party_ids.to_vec(),
+        ));
         if a.encoded.len() >= ENCODINGS_PER_AGENT {
             a.encoded.remove(0);
         }
@@ -318,7 +335,12 @@ impl Store for CachedStore {
         Ok(self
             .shared_with(identity)
             .into_iter()
-            .filter_map(|(id, parties)| Some((self.agents.get(&id)?.row.clone(), parties)))
+            .filter_map(|(id, parties)| {
+                Some((
+                    self.agents.get(&id)?.row.clone(),
+                    self.party_names(&parties),
+                ))
+            })
             .collect())
     }
 
