@@ -1,5 +1,6 @@
 //! Rally's control plane: registers agents, keeps parties and invites, introduces peers.
 
+pub mod directory;
 pub mod keyfile;
 pub mod metrics;
 pub mod outbox;

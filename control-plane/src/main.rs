@@ -182,7 +182,8 @@ fn serve(
             ),
             None => None,
         };
-        let hub = Hub::new(Box::new(store), identity, settings);
+        let hub = Hub::new(Box::new(store), identity, settings)
+            .context("loading agents and parties from the database")?;
         if let Some(l) = metrics_listener {
             let h = hub.clone();
             tokio::spawn(rally_control::metrics::serve(l, move || h.render_metrics()));

@@ -7,14 +7,48 @@
 //! carries the next version, which is what lets the agent detect a gap
 //! ([`rally_proto::PeerView`]).
 //!
+//! Peers are held as shared [`EncodedPeer`]s (one JSON encoding per change, whatever the number
+//! of recipients), and messages come out as finished frames spliced from them: byte for byte
+//! what `frame::encode` makes of the equivalent [`rally_proto::ServerMsg`].
+//!
 //! Sans-IO: the tokio layer feeds changes in and drains messages out.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use rally_proto::{Key32, PeerChange, PeerInfo, ServerMsg};
+use rally_proto::{Key32, PeerChange};
+
+use crate::directory::EncodedPeer;
 
 /// Changes held for one session before they are replaced by a full map.
 pub const MAX_PENDING_CHANGES: usize = 256;
+
+/// One peer's latest state for a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// The peer as it is now (added, or changed in any field).
+    Upsert(Arc<EncodedPeer>),
+    /// The peer no longer shares a party with the session's agent.
+    Remove(Key32),
+}
+
+impl Change {
+    fn peer_id(&self) -> Key32 {
+        match self {
+            Change::Upsert(p) => p.peer_id,
+            Change::Remove(id) => *id,
+        }
+    }
+}
+
+/// A peer-map message ready for the wire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Push {
+    /// A full `peer_map` (else a `peer_delta`).
+    pub full: bool,
+    /// The whole frame: length prefix and JSON body.
+    pub frame: Vec<u8>,
+}
 
 #[derive(Debug)]
 enum Full {
@@ -23,7 +57,7 @@ enum Full {
     /// A full map is due and must be read from the store.
     Stale,
     /// A full map is due and is at hand (later changes are folded in).
-    Ready(BTreeMap<Key32, PeerInfo>),
+    Ready(BTreeMap<Key32, Arc<EncodedPeer>>),
 }
 
 /// The peer-map pushes pending for one session.
@@ -31,7 +65,7 @@ enum Full {
 pub struct PeerOutbox {
     version: u64,
     full: Full,
-    changes: BTreeMap<Key32, PeerChange>,
+    changes: BTreeMap<Key32, Change>,
     relays: bool,
 }
 
@@ -53,14 +87,14 @@ impl PeerOutbox {
     }
 
     /// One peer changed; keeps only its latest state.
-    pub fn handle_change(&mut self, change: PeerChange) {
+    pub fn handle_change(&mut self, change: Change) {
         match &mut self.full {
             Full::Stale => {}
             Full::Ready(map) => match change {
-                PeerChange::Upsert { peer } => {
+                Change::Upsert(peer) => {
                     map.insert(peer.peer_id, peer);
                 }
-                PeerChange::Remove { peer_id } => {
+                Change::Remove(peer_id) => {
                     map.remove(&peer_id);
                 }
             },
@@ -76,7 +110,7 @@ impl PeerOutbox {
 
     /// The session's complete peer list as the store holds it now; replaces whatever was
     /// pending.
-    pub fn handle_full(&mut self, peers: Vec<PeerInfo>) {
+    pub fn handle_full(&mut self, peers: Vec<Arc<EncodedPeer>>) {
         self.changes.clear();
         self.full = Full::Ready(peers.into_iter().map(|p| (p.peer_id, p)).collect());
     }
@@ -106,7 +140,7 @@ impl PeerOutbox {
     /// The next message to push: a full map if one is due, else one delta with every pending
     /// change, each carrying the next version. `None` if nothing is pending or the full map must
     /// be read first.
-    pub fn poll_message(&mut self) -> Option<ServerMsg> {
+    pub fn poll_message(&mut self) -> Option<Push> {
         match std::mem::replace(&mut self.full, Full::No) {
             Full::Stale => {
                 self.full = Full::Stale;
@@ -114,17 +148,18 @@ impl PeerOutbox {
             }
             Full::Ready(map) => {
                 self.version += 1;
-                Some(ServerMsg::PeerMap {
-                    version: self.version,
-                    peers: map.into_values().collect(),
+                Some(Push {
+                    full: true,
+                    frame: full_frame(self.version, &map),
                 })
             }
             Full::No if self.changes.is_empty() => None,
             Full::No => {
                 self.version += 1;
-                Some(ServerMsg::PeerDelta {
-                    version: self.version,
-                    changes: std::mem::take(&mut self.changes).into_values().collect(),
+                let changes = std::mem::take(&mut self.changes);
+                Some(Push {
+                    full: false,
+                    frame: delta_frame(self.version, &changes),
                 })
             }
         }
@@ -136,9 +171,76 @@ impl PeerOutbox {
     }
 }
 
+/// `{"type":"peer_map","version":V,"peers":[…]}` as one frame.
+fn full_frame(version: u64, peers: &BTreeMap<Key32, Arc<EncodedPeer>>) -> Vec<u8> {
+    let size: usize = peers.values().map(|p| p.json().len() + 1).sum();
+    let mut out = Vec::with_capacity(FRAME_OVERHEAD + size);
+    start_frame(&mut out, "peer_map", version, "peers");
+    for (i, p) in peers.values().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(p.json());
+    }
+    end_frame(out)
+}
+
+/// `{"type":"peer_delta","version":V,"changes":[…]}` as one frame.
+fn delta_frame(version: u64, changes: &BTreeMap<Key32, Change>) -> Vec<u8> {
+    let size: usize = changes
+        .values()
+        .map(|c| match c {
+            Change::Upsert(p) => p.json().len() + UPSERT_OVERHEAD,
+            Change::Remove(_) => REMOVE_LEN,
+        })
+        .sum();
+    let mut out = Vec::with_capacity(FRAME_OVERHEAD + size);
+    start_frame(&mut out, "peer_delta", version, "changes");
+    for (i, c) in changes.values().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        match c {
+            Change::Upsert(p) => {
+                out.extend_from_slice(br#"{"op":"upsert","peer":"#);
+                out.extend_from_slice(p.json());
+                out.push(b'}');
+            }
+            Change::Remove(peer_id) => {
+                let change = PeerChange::Remove { peer_id: *peer_id };
+                serde_json::to_writer(&mut out, &change).expect("PeerChange serializes");
+            }
+        }
+    }
+    end_frame(out)
+}
+
+/// Room for a frame's length, type, version and brackets.
+const FRAME_OVERHEAD: usize = 64;
+/// `{"op":"upsert","peer":` … `},`
+const UPSERT_OVERHEAD: usize = 25;
+/// `{"op":"remove","peer_id":"<43>"},`
+const REMOVE_LEN: usize = 72;
+
+fn start_frame(out: &mut Vec<u8>, kind: &str, version: u64, list: &str) {
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(
+        format!(r#"{{"type":"{kind}","version":{version},"{list}":["#).as_bytes(),
+    );
+}
+
+fn end_frame(mut out: Vec<u8>) -> Vec<u8> {
+    out.extend_from_slice(b"]}");
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
+
+    use rally_proto::{frame, PeerInfo, ServerMsg};
 
     use super::*;
 
@@ -147,10 +249,10 @@ mod tests {
         let mut o = PeerOutbox::new();
         o.handle_change(upsert(peer(1, "a")));
         assert!(o.needs_full_read());
-        assert_eq!(o.poll_message(), None);
-        o.handle_full(vec![peer(1, "a")]);
-        assert_eq!(o.poll_message(), Some(full(1, vec![peer(1, "a")])));
-        assert_eq!(o.poll_message(), None);
+        assert_eq!(poll(&mut o), None);
+        o.handle_full(vec![enc(peer(1, "a"))]);
+        assert_eq!(poll(&mut o), Some(full(1, vec![peer(1, "a")])));
+        assert_eq!(poll(&mut o), None);
     }
 
     #[test]
@@ -162,10 +264,10 @@ mod tests {
         o.handle_change(remove(3));
         assert_eq!(o.pending_changes(), 2);
         assert_eq!(
-            o.poll_message(),
-            Some(delta(2, vec![upsert(peer(2, "new")), remove(3)]))
+            poll(&mut o),
+            Some(delta(2, vec![wire_upsert(peer(2, "new")), wire_remove(3)]))
         );
-        assert_eq!(o.poll_message(), None);
+        assert_eq!(poll(&mut o), None);
     }
 
     #[test]
@@ -173,28 +275,28 @@ mod tests {
         let mut o = synced();
         for v in 2..5 {
             o.handle_change(upsert(peer(v as u8, "x")));
-            let Some(ServerMsg::PeerDelta { version, .. }) = o.poll_message() else {
+            let Some(ServerMsg::PeerDelta { version, .. }) = poll(&mut o) else {
                 panic!("no delta");
             };
             assert_eq!(version, v);
         }
         o.handle_resync();
         o.handle_full(vec![]);
-        assert_eq!(o.poll_message(), Some(full(5, vec![])));
+        assert_eq!(poll(&mut o), Some(full(5, vec![])));
     }
 
     #[test]
     fn a_pending_full_map_absorbs_later_changes() {
         let mut o = synced();
-        o.handle_full(vec![peer(1, "a"), peer(2, "b")]);
+        o.handle_full(vec![enc(peer(1, "a")), enc(peer(2, "b"))]);
         o.handle_change(remove(1));
         o.handle_change(upsert(peer(2, "b2")));
         o.handle_change(upsert(peer(3, "c")));
         assert_eq!(
-            o.poll_message(),
+            poll(&mut o),
             Some(full(2, vec![peer(2, "b2"), peer(3, "c")]))
         );
-        assert_eq!(o.poll_message(), None);
+        assert_eq!(poll(&mut o), None);
     }
 
     #[test]
@@ -207,9 +309,9 @@ mod tests {
         }
         assert_eq!(o.pending_changes(), 0);
         assert!(o.needs_full_read());
-        assert_eq!(o.poll_message(), None);
-        o.handle_full(vec![peer(1, "a")]);
-        assert_eq!(o.poll_message(), Some(full(2, vec![peer(1, "a")])));
+        assert_eq!(poll(&mut o), None);
+        o.handle_full(vec![enc(peer(1, "a"))]);
+        assert_eq!(poll(&mut o), Some(full(2, vec![peer(1, "a")])));
     }
 
     #[test]
@@ -234,7 +336,7 @@ mod tests {
     fn synced() -> PeerOutbox {
         let mut o = PeerOutbox::new();
         o.handle_full(vec![]);
-        assert!(o.poll_message().is_some());
+        assert!(poll(&mut o).is_some());
         o
     }
 
@@ -250,11 +352,49 @@ mod tests {
         }
     }
 
-    fn upsert(peer: PeerInfo) -> PeerChange {
+    #[test]
+    fn frames_carry_endpoints_nat_and_several_parties() {
+        let mut o = PeerOutbox::new();
+        let mut p = peer(4, "d");
+        p.endpoints = vec!["203.0.113.9:51820".parse().unwrap()];
+        p.parties = vec!["a".into(), "b\"q".into()];
+        p.nat = Some(rally_proto::NatReport::default());
+        o.handle_full(vec![enc(p.clone())]);
+        assert_eq!(poll(&mut o), Some(full(1, vec![p.clone()])));
+        o.handle_change(upsert(p.clone()));
+        o.handle_change(remove(5));
+        assert_eq!(
+            poll(&mut o),
+            Some(delta(2, vec![wire_upsert(p), wire_remove(5)]))
+        );
+    }
+
+    /// The next message, decoded; its frame must be exactly what `frame::encode` makes of it.
+    fn poll(o: &mut PeerOutbox) -> Option<ServerMsg> {
+        let push = o.poll_message()?;
+        let msg: ServerMsg = frame::decode(&push.frame).expect("a well-formed frame");
+        assert_eq!(push.frame, frame::encode(&msg), "{msg:?}");
+        assert_eq!(push.full, matches!(msg, ServerMsg::PeerMap { .. }));
+        Some(msg)
+    }
+
+    fn enc(peer: PeerInfo) -> Arc<EncodedPeer> {
+        Arc::new(EncodedPeer::new(&peer))
+    }
+
+    fn upsert(peer: PeerInfo) -> Change {
+        Change::Upsert(enc(peer))
+    }
+
+    fn remove(i: u8) -> Change {
+        Change::Remove(Key32([i; 32]))
+    }
+
+    fn wire_upsert(peer: PeerInfo) -> PeerChange {
         PeerChange::Upsert { peer }
     }
 
-    fn remove(i: u8) -> PeerChange {
+    fn wire_remove(i: u8) -> PeerChange {
         PeerChange::Remove {
             peer_id: Key32([i; 32]),
         }

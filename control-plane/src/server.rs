@@ -2,12 +2,14 @@
 //! answers requests, and pushes peer maps.
 //!
 //! Peer maps travel as deltas. A change to one agent (registration, join, leave, endpoints, NAT
-//! report) is read from the store once and put, as that agent's latest state, into the
-//! [`PeerOutbox`] of every connected agent that shares a party with it: O(peers) per change, not
-//! O(peers²). The agent that changed gets a full map (it may have gained many peers at once).
-//! Each session's writer drains its outbox [`FLUSH_DELAY`] after the first pending change, so a
-//! burst of joins becomes one delta per agent, and a slow agent accumulates a bounded latest
-//! state rather than a queue of stale maps.
+//! report) is encoded once (per distinct set of shared parties) and put, as that agent's latest
+//! state, into the [`PeerOutbox`] of every connected agent that shares a party with it: O(peers)
+//! per change, not O(peers²), and the recipients share one encoding. Agents and membership are
+//! read from memory ([`CachedStore`]; SQLite is written first and stays the source of truth).
+//! The agent that changed gets a full map (it may have gained many peers at once). Each
+//! session's writer drains its outbox [`FLUSH_DELAY`] after the first pending change, and no
+//! sooner than [`PUSH_PACE`] after its previous push, so a burst of joins becomes few deltas per
+//! agent, and a slow agent accumulates a bounded latest state rather than a queue of stale maps.
 //!
 //! Lock order: `store`, then `sessions`, then one outbox. Changes are read from the store and
 //! put into outboxes under the store lock, and a full map is read under it too, so an outbox
@@ -27,22 +29,26 @@ use rally_proto::control::{
 use rally_proto::identity::{register_transcript, verify, DOMAIN_REGISTER};
 use rally_proto::RelayToken;
 use rally_proto::{
-    frame, ClientMsg, ErrorCode, FrameDecoder, Identity, InviteCode, Key32, PeerChange, PeerInfo,
-    Response, ServerMsg, PROTOCOL_VERSION,
+    frame, ClientMsg, ErrorCode, FrameDecoder, Identity, InviteCode, Key32, Response, ServerMsg,
+    PROTOCOL_VERSION,
 };
 use rand_core::{OsRng, RngCore};
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
-use crate::outbox::PeerOutbox;
+use crate::directory::{CachedStore, EncodedPeer};
+use crate::outbox::{Change, PeerOutbox};
 use crate::ratelimit::RateLimiter;
-use crate::store::{AgentRow, InviteRefusal, NewInvite, PartyRow, Store, StoreError};
+use crate::store::{InviteRefusal, NewInvite, PartyRow, Store, StoreError};
 
 /// How long an invite lives when the creator does not say.
 pub const DEFAULT_INVITE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long after a session's first pending change its peer-map push is sent (changes within
 /// it are coalesced into one message).
 pub const FLUSH_DELAY: Duration = Duration::from_millis(20);
+/// While changes keep coming, a session gets at most one peer-map push per this interval (its
+/// changes meanwhile coalesce into the next one).
+pub const PUSH_PACE: Duration = Duration::from_millis(100);
 /// How long an agent has to finish registering.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Lifetime of a relay token. Agents renew at two thirds of it; a fresh one is also pushed
@@ -66,7 +72,7 @@ pub struct Settings {
 
 /// Shared state of the control plane.
 pub struct Hub {
-    store: Mutex<Box<dyn Store>>,
+    store: Mutex<CachedStore>,
     sessions: Mutex<HashMap<Key32, Session>>,
     identity: Identity,
     settings: Settings,
@@ -108,9 +114,15 @@ impl Outbox {
 }
 
 impl Hub {
-    pub fn new(store: Box<dyn Store>, identity: Identity, settings: Settings) -> Arc<Self> {
+    /// A hub over `store`, whose agents and memberships it loads into memory.
+    pub fn new(
+        store: Box<dyn Store>,
+        identity: Identity,
+        settings: Settings,
+    ) -> Result<Arc<Self>, StoreError> {
+        let store = CachedStore::load(store)?;
         let join_limiter = RateLimiter::new(settings.join_burst, settings.join_refill);
-        Arc::new(Hub {
+        Ok(Arc::new(Hub {
             store: Mutex::new(store),
             sessions: Mutex::new(HashMap::new()),
             identity,
@@ -121,7 +133,7 @@ impl Hub {
             joins_refused: Mutex::new(BTreeMap::new()),
             full_maps_sent: AtomicU64::new(0),
             deltas_sent: AtomicU64::new(0),
-        })
+        }))
     }
 
     /// Accepts connections until the endpoint is closed.
@@ -261,31 +273,22 @@ impl Hub {
     /// Puts `subject`'s current state into the outbox of every connected agent that shares a
     /// party with it, and returns the subject's own peers. Call with the store locked (see the
     /// lock order above).
-    fn announce(&self, store: &dyn Store, subject: &Key32) -> Result<Vec<PeerInfo>, StoreError> {
-        let rows = store.peers_of(subject)?;
-        let Some(me) = store.agent(subject)? else {
-            return Ok(Vec::new());
-        };
-        let me = peer_info(me, Vec::new());
+    fn announce(&self, store: &mut CachedStore, subject: &Key32) -> Vec<Arc<EncodedPeer>> {
+        let audience = store.audience(subject);
         let sessions = lock(&self.sessions);
-        Ok(rows
+        audience
             .into_iter()
-            .map(|(row, shared)| {
-                if let Some(s) = sessions.get(&row.identity) {
-                    let peer = PeerInfo {
-                        parties: shared.clone(),
-                        ..me.clone()
-                    };
-                    s.outbox
-                        .update(|o| o.handle_change(PeerChange::Upsert { peer }));
+            .map(|(peer, me, them)| {
+                if let Some(s) = sessions.get(&peer) {
+                    s.outbox.update(|o| o.handle_change(Change::Upsert(me)));
                 }
-                peer_info(row, shared)
+                them
             })
-            .collect())
+            .collect()
     }
 
     /// Tells `me`'s own session its full peer list and that its parties changed.
-    fn refresh_own(&self, me: &Key32, peers: Vec<PeerInfo>) {
+    fn refresh_own(&self, me: &Key32, peers: Vec<Arc<EncodedPeer>>) {
         if let Some(s) = lock(&self.sessions).get(me) {
             s.outbox.update(|o| {
                 o.handle_full(peers);
@@ -294,9 +297,9 @@ impl Hub {
         }
     }
 
-    /// What a session's writer should send now: a relay token if due, then its next peer-map
-    /// message (reading a full map from the store if one is due).
-    fn take_pushes(&self, outbox: &Outbox) -> Vec<ServerMsg> {
+    /// What a session's writer should send now, as frames: a relay token if due, then its next
+    /// peer-map message (reading a full map from the store if one is due).
+    fn take_pushes(&self, outbox: &Outbox) -> Vec<Vec<u8>> {
         let Some(id) = outbox.identity.get().copied() else {
             return Vec::new();
         };
@@ -307,27 +310,27 @@ impl Hub {
         };
         if relays {
             match self.relays_msg(&id) {
-                Ok(m) => out.push(m),
+                Ok(m) => out.push(frame::encode(&m)),
                 Err(e) => warn!(peer = %id.short(), "cannot sign a relay token: {e}"),
             }
         }
         if stale {
-            let store = lock(&self.store);
+            let mut store = lock(&self.store);
             let mut o = lock(&outbox.state);
             if o.needs_full_read() {
-                match peer_map(&**store, &id) {
-                    Ok(peers) => o.handle_full(peers),
-                    Err(e) => warn!(peer = %id.short(), "cannot build peer map: {e}"),
-                }
+                o.handle_full(store.encoded_peers_of(&id));
             }
         }
-        let msg = lock(&outbox.state).poll_message();
-        match &msg {
-            Some(ServerMsg::PeerMap { .. }) => self.full_maps_sent.fetch_add(1, Ordering::Relaxed),
-            Some(_) => self.deltas_sent.fetch_add(1, Ordering::Relaxed),
-            None => 0,
-        };
-        out.extend(msg);
+        let push = lock(&outbox.state).poll_message();
+        if let Some(push) = push {
+            let counter = if push.full {
+                &self.full_maps_sent
+            } else {
+                &self.deltas_sent
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            out.push(push.frame);
+        }
         out
     }
 
@@ -477,7 +480,7 @@ impl Hub {
                     }
                 })?;
                 info!(peer = %me.short(), party = %party.name, "joined party");
-                let peers = self.announce(&**store, me).map_err(internal)?;
+                let peers = self.announce(&mut store, me);
                 // Still under the store lock, so no later change is overwritten by this map.
                 self.refresh_own(me, peers);
                 drop(store);
@@ -512,20 +515,19 @@ impl Hub {
                     }
                 };
                 let mut store = lock(&self.store);
-                let before = store.peers_of(me).map_err(internal)?;
+                let before = store.peer_ids(me);
                 store.leave_party(p.id, me).map_err(internal)?;
-                let peers = self.announce(&**store, me).map_err(internal)?;
+                let peers = self.announce(&mut store, me);
                 {
                     // Peers that no longer share any party with `me` lose it.
                     let still: HashSet<Key32> = peers.iter().map(|q| q.peer_id).collect();
                     let sessions = lock(&self.sessions);
-                    for (row, _) in &before {
-                        if still.contains(&row.identity) {
+                    for id in &before {
+                        if still.contains(id) {
                             continue;
                         }
-                        if let Some(s) = sessions.get(&row.identity) {
-                            s.outbox
-                                .update(|o| o.handle_change(PeerChange::Remove { peer_id: *me }));
+                        if let Some(s) = sessions.get(id) {
+                            s.outbox.update(|o| o.handle_change(Change::Remove(*me)));
                         }
                     }
                 }
@@ -549,14 +551,14 @@ impl Hub {
                 validate_endpoints(&endpoints).map_err(bad_request)?;
                 let mut store = lock(&self.store);
                 store.set_endpoints(me, &endpoints).map_err(internal)?;
-                self.announce(&**store, me).map_err(internal)?;
+                self.announce(&mut store, me);
                 Ok(Response::Ok)
             }
             Request::ReportNat { nat } => {
                 let json = serde_json::to_string(&nat).map_err(bad_request)?;
                 let mut store = lock(&self.store);
                 store.set_nat(me, &json).map_err(internal)?;
-                self.announce(&**store, me).map_err(internal)?;
+                self.announce(&mut store, me);
                 Ok(Response::Ok)
             }
             Request::RelayToken => {
@@ -570,27 +572,28 @@ impl Hub {
                 Ok(Response::Ok)
             }
             Request::Punch { peer } => {
-                // Both rows come from the peers of `peer`, which proves they share a party.
-                let peers_of_peer = lock(&self.store).peers_of(&peer).map_err(internal)?;
-                let Some((mine, _)) = peers_of_peer.into_iter().find(|(a, _)| a.identity == *me)
-                else {
-                    return Err(ErrorReply::new(
-                        ErrorCode::NotFound,
-                        "no such peer in your parties",
-                    ));
+                let (mine, theirs) = {
+                    let store = lock(&self.store);
+                    if !store.share_party(me, &peer) {
+                        return Err(ErrorReply::new(
+                            ErrorCode::NotFound,
+                            "no such peer in your parties",
+                        ));
+                    }
+                    let endpoints = |id: &Key32| -> Result<Vec<SocketAddr>, ErrorReply> {
+                        Ok(store
+                            .agent(id)
+                            .map_err(internal)?
+                            .map(|a| a.endpoints)
+                            .unwrap_or_default())
+                    };
+                    (endpoints(me)?, endpoints(&peer)?)
                 };
-                let theirs = lock(&self.store)
-                    .peers_of(me)
-                    .map_err(internal)?
-                    .into_iter()
-                    .find(|(a, _)| a.identity == peer)
-                    .map(|(a, _)| a.endpoints)
-                    .unwrap_or_default();
                 let sessions = lock(&self.sessions);
                 if let Some(s) = sessions.get(&peer) {
                     let _ = s.tx.send(ServerMsg::Punch {
                         peer: *me,
-                        candidates: mine.endpoints,
+                        candidates: mine,
                         start_in_ms: PUNCH_START_MS,
                     });
                 }
@@ -739,7 +742,7 @@ impl AgentSession<'_> {
                     virtual_ip: row.virtual_ip,
                     observed: self.remote,
                 });
-                let peers = self.hub.announce(&**store, &identity).map_err(internal)?;
+                let peers = self.hub.announce(&mut store, &identity);
                 self.outbox.update(|o| {
                     o.handle_full(peers);
                     o.handle_parties_changed();
@@ -777,6 +780,7 @@ async fn write_frames(
     outbox: Arc<Outbox>,
 ) {
     let mut flush_at: Option<tokio::time::Instant> = None;
+    let mut last_push: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             msg = rx.recv() => {
@@ -790,12 +794,17 @@ async fn write_frames(
                 }
             }
             _ = outbox.wake.notified(), if flush_at.is_none() => {
-                flush_at = Some(tokio::time::Instant::now() + FLUSH_DELAY);
+                let soonest = tokio::time::Instant::now() + FLUSH_DELAY;
+                flush_at = Some(last_push.map_or(soonest, |t| soonest.max(t + PUSH_PACE)));
             }
             _ = sleep_until(flush_at), if flush_at.is_some() => {
                 flush_at = None;
-                for msg in hub.take_pushes(&outbox) {
-                    if send.write_all(&frame::encode(&msg)).await.is_err() {
+                let frames = hub.take_pushes(&outbox);
+                if !frames.is_empty() {
+                    last_push = Some(tokio::time::Instant::now());
+                }
+                for f in frames {
+                    if send.write_all(&f).await.is_err() {
                         return;
                     }
                 }
@@ -810,27 +819,6 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-/// The peers of `id` as the store holds them now.
-fn peer_map(store: &dyn Store, id: &Key32) -> Result<Vec<PeerInfo>, StoreError> {
-    Ok(store
-        .peers_of(id)?
-        .into_iter()
-        .map(|(a, parties)| peer_info(a, parties))
-        .collect())
-}
-
-fn peer_info(a: AgentRow, parties: Vec<String>) -> PeerInfo {
-    PeerInfo {
-        peer_id: a.identity,
-        name: a.name,
-        wg_key: a.wg_key,
-        virtual_ip: a.virtual_ip,
-        endpoints: a.endpoints,
-        parties,
-        nat: a.nat.and_then(|j| serde_json::from_str(&j).ok()),
     }
 }
 
@@ -857,7 +845,7 @@ fn unix_now() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use rally_proto::{Overlay, Sig64};
+    use rally_proto::{Overlay, PeerChange, Sig64};
 
     use super::*;
     use crate::store::SqliteStore;
@@ -1039,11 +1027,11 @@ mod tests {
         fn drain(&mut self) -> Vec<ServerMsg> {
             let mut out = Vec::new();
             loop {
-                let msgs = self.session.hub.take_pushes(&self.session.outbox);
-                if msgs.is_empty() {
+                let frames = self.session.hub.take_pushes(&self.session.outbox);
+                if frames.is_empty() {
                     return out;
                 }
-                out.extend(msgs);
+                out.extend(frames.iter().map(|f| frame::decode(f).expect("a frame")));
             }
         }
     }
@@ -1060,7 +1048,8 @@ mod tests {
                 join_burst: 100,
                 join_refill: Duration::from_secs(1),
             },
-        );
+        )
+        .unwrap();
         (dir, hub)
     }
 }

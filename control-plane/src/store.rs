@@ -103,6 +103,17 @@ pub trait Store: Send {
     /// Every agent that shares at least one party with `identity`, with the shared party names.
     fn peers_of(&self, identity: &Key32) -> Result<Vec<(AgentRow, Vec<String>)>, StoreError>;
     fn counts(&self) -> Result<(u64, u64), StoreError>;
+    /// Every agent, party and membership, for a control plane that keeps them in memory
+    /// ([`crate::directory::CachedStore`]).
+    fn snapshot(&self) -> Result<Snapshot, StoreError>;
+}
+
+/// Everything [`Store::snapshot`] returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub agents: Vec<AgentRow>,
+    /// Parties with their members (owners are members too).
+    pub parties: Vec<(PartyRow, Vec<Key32>)>,
 }
 
 pub struct SqliteStore {
@@ -459,6 +470,67 @@ impl Store for SqliteStore {
             .db
             .query_row("SELECT COUNT(*) FROM parties", [], |r| r.get(0))?;
         Ok((agents as u64, parties as u64))
+    }
+
+    fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let mut q = self
+            .db
+            .prepare("SELECT identity, name, wg_key, virtual_ip, endpoints, nat FROM agents")?;
+        let rows = q.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, u32>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, Option<String>>(5)?,
+            ))
+        })?;
+        let mut agents = Vec::new();
+        for row in rows {
+            let (id, name, wg, vip, eps, nat) = row?;
+            agents.push(AgentRow {
+                identity: Key32(blob(id, "agents.identity")?),
+                name,
+                wg_key: Key32(blob(wg, "agents.wg_key")?),
+                virtual_ip: Ipv4Addr::from(vip),
+                endpoints: endpoints_from_text(&eps)?,
+                nat,
+            });
+        }
+        let mut q = self.db.prepare(
+            "SELECT p.id, p.name, p.owner, m.agent FROM parties p
+             LEFT JOIN members m ON m.party = p.id ORDER BY p.id",
+        )?;
+        let rows = q.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, Option<Vec<u8>>>(3)?,
+            ))
+        })?;
+        let mut parties: Vec<(PartyRow, Vec<Key32>)> = Vec::new();
+        for row in rows {
+            let (id, name, owner, member) = row?;
+            let id: [u8; 8] = blob(id, "parties.id")?;
+            if parties.last().is_none_or(|(p, _)| p.id != id) {
+                parties.push((
+                    PartyRow {
+                        id,
+                        name,
+                        owner: Key32(blob(owner, "parties.owner")?),
+                        members: 0,
+                    },
+                    Vec::new(),
+                ));
+            }
+            if let (Some(m), Some((p, members))) = (member, parties.last_mut()) {
+                members.push(Key32(blob(m, "members.agent")?));
+                p.members += 1;
+            }
+        }
+        Ok(Snapshot { agents, parties })
     }
 }
 

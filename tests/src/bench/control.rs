@@ -65,6 +65,12 @@ pub struct LoadResult {
     pub converged_after_joins_ms: Option<f64>,
     /// How many agents held the full peer map when the wait ended.
     pub converged: usize,
+    /// Peer entries received by all agents together (full maps and deltas): N·(N−1) at best.
+    #[serde(default)]
+    pub entries: usize,
+    /// Peer-map messages (full maps and deltas) received by all agents together.
+    #[serde(default)]
+    pub messages: usize,
     pub join_errors: usize,
     /// The distinct join errors (at most a few), with counts.
     #[serde(default)]
@@ -76,6 +82,8 @@ pub struct LoadResult {
 struct Progress {
     registered: AtomicUsize,
     converged: AtomicUsize,
+    entries: AtomicUsize,
+    messages: AtomicUsize,
 }
 
 /// Runs the crowd and prints a [`LoadResult`].
@@ -136,9 +144,13 @@ async fn crowd(args: &LoadArgs) -> Result<LoadResult> {
                         progress.registered.fetch_add(1, Ordering::SeqCst);
                     }
                     ControlEvent::PeerMap { version, peers } => {
+                        progress.messages.fetch_add(1, Ordering::Relaxed);
+                        progress.entries.fetch_add(peers.len(), Ordering::Relaxed);
                         view.handle_full(version, peers);
                     }
                     ControlEvent::PeerDelta { version, changes } => {
+                        progress.messages.fetch_add(1, Ordering::Relaxed);
+                        progress.entries.fetch_add(changes.len(), Ordering::Relaxed);
                         if let Err(DeltaError::Gap { .. }) = view.handle_delta(version, changes) {
                             handle.sync_peers();
                         }
@@ -222,6 +234,8 @@ async fn crowd(args: &LoadArgs) -> Result<LoadResult> {
         converged_after_joins_ms: (converged >= args.n)
             .then(|| join_start.elapsed().as_secs_f64() * 1000.0),
         converged,
+        entries: progress.entries.load(Ordering::Relaxed),
+        messages: progress.messages.load(Ordering::Relaxed),
         join_errors,
         errors,
     })
@@ -314,8 +328,8 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
             let peak = tools::status_kib(control.proc.pid(), "VmHWM")? as f64;
             println!(
                 "    N={n} run {run}/{}: registered {:.0} ms, joins answered {:.0} ms, \
-                 converged {} ms ({} ms after the joins began; {}/{n}), join errors {:?}, \
-                 control VmHWM {:.1} MiB, agent RSS {:.1} → {:.1} MiB",
+                 converged {} ms ({} ms after the joins began; {}/{n}; {} messages, {} peer \
+                 entries), join errors {:?}, control VmHWM {:.1} MiB, agent RSS {:.1} → {:.1} MiB",
                 opts.runs,
                 result.registered_ms,
                 result.joined_ms,
@@ -326,6 +340,8 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
                     .converged_after_joins_ms
                     .map_or("-".into(), |v| format!("{v:.0}")),
                 result.converged,
+                result.messages,
+                result.entries,
                 result.errors,
                 peak / 1024.0,
                 rss0 / 1024.0,
