@@ -21,7 +21,8 @@
 //! responses, which are limited per source IP (the handshake budget) so the relay is a poor
 //! amplifier. Everything refused is counted by [`DropReason`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasherDefault;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -244,8 +245,11 @@ pub struct Relay {
     cookies: CookieJar,
     epoch: Instant,
     next_sweep: Instant,
-    sessions: BTreeMap<ShortId, Session>,
-    by_addr: BTreeMap<SocketAddr, ShortId>,
+    /// Sessions in slots; `by_id` and `by_addr` index them. A `Send` costs one lookup by
+    /// source address and one by destination id; everything else is slot indexing.
+    slots: Slots,
+    by_id: FastMap<ShortId, SlotId>,
+    by_addr: FastMap<SocketAddr, SlotId>,
     per_ip: BTreeMap<IpKey, usize>,
     /// `NotBound`/`PeerUnavailable` errors: one per second per source address.
     error_replies: KeyedLimiter<SocketAddr>,
@@ -266,8 +270,9 @@ impl Relay {
             cookies: CookieJar::new(&seed),
             epoch: now,
             next_sweep: now + SWEEP_INTERVAL,
-            sessions: BTreeMap::new(),
-            by_addr: BTreeMap::new(),
+            slots: Slots::default(),
+            by_id: FastMap::default(),
+            by_addr: FastMap::default(),
             per_ip: BTreeMap::new(),
             error_replies: KeyedLimiter::new(1.0, 1.0, MAX_LIMITER_KEYS),
             handshakes,
@@ -319,13 +324,14 @@ impl Relay {
         }
         self.next_sweep = now + SWEEP_INTERVAL;
         let idle = self.config.limits.idle_timeout;
-        let dead: Vec<(ShortId, &'static str)> = self
-            .sessions
+        // Slot order: deterministic for a given sequence of inputs.
+        let dead: Vec<(SlotId, &'static str)> = self
+            .slots
             .iter()
-            .filter_map(|(id, s)| s.death(now, now_unix, idle).map(|why| (*id, why)))
+            .filter_map(|(slot, s)| s.death(now, now_unix, idle).map(|why| (slot, why)))
             .collect();
-        for (id, why) in dead {
-            if let Some(s) = self.remove_session(&id) {
+        for (slot, why) in dead {
+            if let Some(s) = self.remove_slot(slot) {
                 tracing::info!(agent = %s.agent.short(), addr = %s.addr, why, "session expired");
             }
         }
@@ -336,7 +342,7 @@ impl Relay {
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
-        s.sessions_active = self.sessions.len() as u64;
+        s.sessions_active = self.by_id.len() as u64;
         s
     }
 
@@ -348,7 +354,8 @@ impl Relay {
     /// The address of the live session of the agent with this short id, if any (as of the last
     /// [`Relay::handle_timeout`]).
     pub fn session_addr(&self, id: &ShortId) -> Option<SocketAddr> {
-        self.sessions.get(id).map(|s| s.addr)
+        let slot = *self.by_id.get(id)?;
+        self.slots.get(slot).map(|s| s.addr)
     }
 
     // ---------------------------------------------------------------------------------------
@@ -450,16 +457,21 @@ impl Relay {
         now: Instant,
     ) -> Result<(), DropReason> {
         let id = short_id(&token.agent);
-        let existing = match self.sessions.get(&id) {
+        let existing = match self.by_id.get(&id).and_then(|&slot| self.slots.get(slot)) {
             Some(s) if s.agent != token.agent => return Err(DropReason::ShortIdTaken),
             Some(s) => Some((s.addr, s.ip)),
             None => None,
         };
         // Another agent's session at this very address is replaced: one address, one session.
-        let displaced = self.by_addr.get(&src).copied().filter(|other| *other != id);
+        let own = self.by_id.get(&id).copied();
+        let displaced = self
+            .by_addr
+            .get(&src)
+            .copied()
+            .filter(|other| Some(*other) != own);
 
         let removed = usize::from(existing.is_some()) + usize::from(displaced.is_some());
-        if self.sessions.len() + 1 - removed > self.config.limits.max_sessions {
+        if self.by_id.len() + 1 - removed > self.config.limits.max_sessions {
             return Err(DropReason::LimitSessions);
         }
         let removed_here = usize::from(existing.is_some_and(|(_, eip)| eip == ip))
@@ -470,12 +482,12 @@ impl Relay {
         }
 
         if let Some(other) = displaced {
-            if let Some(s) = self.remove_session(&other) {
+            if let Some(s) = self.remove_slot(other) {
                 tracing::info!(agent = %s.agent.short(), addr = %s.addr, "session replaced by another agent at its address");
             }
         }
         let (max_pps, max_bps) = (self.config.limits.max_pps, self.config.limits.max_bps);
-        let (pps, bps) = match self.remove_session(&id) {
+        let (pps, bps) = match own.and_then(|slot| self.remove_slot(slot)) {
             Some(old) => {
                 if old.addr != src {
                     tracing::info!(agent = %old.agent.short(), from = %old.addr, to = %src, "session moved");
@@ -492,21 +504,20 @@ impl Relay {
             }
         };
         tracing::info!(agent = %token.agent.short(), addr = %src, expires_at = token.expires_at, parties = token.parties.len(), "session bound");
-        self.by_addr.insert(src, id);
         *self.per_ip.entry(ip).or_insert(0) += 1;
-        self.sessions.insert(
+        let slot = self.slots.insert(Session {
+            agent: token.agent,
             id,
-            Session {
-                agent: token.agent,
-                addr: src,
-                via,
-                ip,
-                token,
-                last_seen: now,
-                pps,
-                bps,
-            },
-        );
+            addr: src,
+            via,
+            ip,
+            token,
+            last_seen: now,
+            pps,
+            bps,
+        });
+        self.by_addr.insert(src, slot);
+        self.by_id.insert(id, slot);
         self.stats.sessions_total += 1;
         Ok(())
     }
@@ -540,17 +551,17 @@ impl Relay {
             return self.not_bound(via, src, now);
         };
         let len = datagram.len();
-        {
-            let Some(sender) = self.sessions.get_mut(&from) else {
-                return self.not_bound(via, src, now);
-            };
-            sender.last_seen = now;
-            if !sender.spend(len, now) {
-                return dropped(DropReason::RateLimited);
-            }
+        let Some(sender) = self.slots.get_mut(from) else {
+            return self.not_bound(via, src, now);
+        };
+        sender.last_seen = now;
+        if !sender.spend(len, now) {
+            return dropped(DropReason::RateLimited);
         }
+        let from_id = sender.id;
         let idle = self.config.limits.idle_timeout;
-        let verdict = match (self.sessions.get(&from), self.sessions.get(&to)) {
+        let dest = self.by_id.get(&to).and_then(|&slot| self.slots.get(slot));
+        let verdict = match (self.slots.get(from), dest) {
             (Some(sender), Some(dest)) if !sender.token.shares_party(&dest.token) => {
                 Err(DropReason::NoSharedParty)
             }
@@ -562,7 +573,7 @@ impl Relay {
         };
         match verdict {
             Ok((dest_via, dest_addr)) => {
-                if send_to_deliver(datagram, &from).is_none() {
+                if send_to_deliver(datagram, &from_id).is_none() {
                     return dropped(DropReason::Garbage);
                 }
                 self.stats.packets_forwarded += 1;
@@ -593,10 +604,10 @@ impl Relay {
         now: Instant,
         now_unix: u64,
     ) -> Action {
-        let Some(id) = self.live_sender(src, now, now_unix) else {
+        let Some(slot) = self.live_sender(src, now, now_unix) else {
             return self.not_bound(via, src, now);
         };
-        let Some(session) = self.sessions.get_mut(&id) else {
+        let Some(session) = self.slots.get_mut(slot) else {
             return self.not_bound(via, src, now);
         };
         session.last_seen = now;
@@ -646,20 +657,20 @@ impl Relay {
         })
     }
 
-    /// The short id of the live session at `src`, removing it if it died since the last sweep.
-    fn live_sender(&mut self, src: SocketAddr, now: Instant, now_unix: u64) -> Option<ShortId> {
-        let id = *self.by_addr.get(&src)?;
-        let dead = self.sessions.get(&id).is_none_or(|s| {
+    /// The slot of the live session at `src`, removing it if it died since the last sweep.
+    fn live_sender(&mut self, src: SocketAddr, now: Instant, now_unix: u64) -> Option<SlotId> {
+        let slot = *self.by_addr.get(&src)?;
+        let dead = self.slots.get(slot).is_none_or(|s| {
             s.death(now, now_unix, self.config.limits.idle_timeout)
                 .is_some()
         });
         if dead {
-            if let Some(s) = self.remove_session(&id) {
+            if let Some(s) = self.remove_slot(slot) {
                 tracing::info!(agent = %s.agent.short(), addr = %s.addr, "session expired");
             }
             return None;
         }
-        Some(id)
+        Some(slot)
     }
 
     fn not_bound(&mut self, via: Via, src: SocketAddr, now: Instant) -> Action {
@@ -672,10 +683,13 @@ impl Relay {
         }
     }
 
-    fn remove_session(&mut self, id: &ShortId) -> Option<Session> {
-        let s = self.sessions.remove(id)?;
-        if self.by_addr.get(&s.addr) == Some(id) {
+    fn remove_slot(&mut self, slot: SlotId) -> Option<Session> {
+        let s = self.slots.remove(slot)?;
+        if self.by_addr.get(&s.addr) == Some(&slot) {
             self.by_addr.remove(&s.addr);
+        }
+        if self.by_id.get(&s.id) == Some(&slot) {
+            self.by_id.remove(&s.id);
         }
         if let Some(n) = self.per_ip.get_mut(&s.ip) {
             *n = n.saturating_sub(1);
@@ -697,6 +711,8 @@ const MAX_LIMITER_KEYS: usize = 65_536;
 #[derive(Debug)]
 struct Session {
     agent: Key32,
+    /// `short_id(&agent)`, written into every `Deliver` from this session.
+    id: ShortId,
     addr: SocketAddr,
     via: Via,
     ip: IpKey,
@@ -729,6 +745,59 @@ impl Session {
         self.pps.take(1.0);
         self.bps.take(bytes);
         true
+    }
+}
+
+/// A hash map with a fast, unkeyed hasher (FxHash). Unkeyed is safe here: every key in these
+/// maps belongs to an authenticated session (at most `max_sessions`), so a flood from an
+/// attacker can make lookups miss but cannot grow a map or lengthen its chains.
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<rustc_hash::FxHasher>>;
+
+/// Index of a session's slot in [`Slots`].
+type SlotId = usize;
+
+/// Sessions stored by slot; freed slots are reused, so the table never outgrows the most
+/// sessions ever alive at once.
+#[derive(Debug, Default)]
+struct Slots {
+    slots: Vec<Option<Session>>,
+    free: Vec<SlotId>,
+}
+
+impl Slots {
+    fn insert(&mut self, session: Session) -> SlotId {
+        match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some(session);
+                slot
+            }
+            None => {
+                self.slots.push(Some(session));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn get(&self, slot: SlotId) -> Option<&Session> {
+        self.slots.get(slot)?.as_ref()
+    }
+
+    fn get_mut(&mut self, slot: SlotId) -> Option<&mut Session> {
+        self.slots.get_mut(slot)?.as_mut()
+    }
+
+    fn remove(&mut self, slot: SlotId) -> Option<Session> {
+        let s = self.slots.get_mut(slot)?.take()?;
+        self.free.push(slot);
+        Some(s)
+    }
+
+    /// Live sessions in slot order.
+    fn iter(&self) -> impl Iterator<Item = (SlotId, &Session)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
     }
 }
 

@@ -1,16 +1,29 @@
-//! Prometheus text exposition (format 0.0.4) of the relay's [`Stats`].
+//! Prometheus text exposition (format 0.0.4) of the relay's [`Stats`] and its sockets' kernel
+//! drops.
 
 use std::fmt::Write;
 
 use crate::core::Stats;
+
+/// What the metrics endpoint shows: the core's counters and the driver's view of its sockets.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// The relay core's counters.
+    pub stats: Stats,
+    /// Per socket (`"primary"`, `"alt"`), datagrams the kernel dropped on its receive queue.
+    pub socket_drops: Vec<(&'static str, u64)>,
+}
 
 /// Renders every metric, drop reasons included even when zero:
 ///
 /// `rally_relay_sessions_active` (gauge), `rally_relay_sessions_total`,
 /// `rally_relay_sessions_refused_total`, `rally_relay_packets_forwarded_total`,
 /// `rally_relay_bytes_forwarded_total`, `rally_relay_stun_requests_total` and
-/// `rally_relay_drops_total{reason="…"}` (counters).
-pub fn render(stats: &Stats) -> String {
+/// `rally_relay_drops_total{reason="…"}` (counters); and for each socket in `socket_drops`
+/// (`"primary"`, `"alt"`), `rally_relay_socket_drops_total{socket="…"}`: datagrams the kernel
+/// dropped before the relay could read them (receive buffer full), which the relay's own drop
+/// counts never see.
+pub fn render(stats: &Stats, socket_drops: &[(&str, u64)]) -> String {
     let mut out = String::with_capacity(2048);
     let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -65,6 +78,19 @@ pub fn render(stats: &Stats) -> String {
             reason.as_str()
         );
     }
+    if !socket_drops.is_empty() {
+        let _ = writeln!(
+            out,
+            "# HELP rally_relay_socket_drops_total Datagrams the kernel dropped on the relay's socket before it read them (receive buffer full)."
+        );
+        let _ = writeln!(out, "# TYPE rally_relay_socket_drops_total counter");
+        for (socket, n) in socket_drops {
+            let _ = writeln!(
+                out,
+                "rally_relay_socket_drops_total{{socket=\"{socket}\"}} {n}"
+            );
+        }
+    }
     out
 }
 
@@ -75,7 +101,7 @@ mod tests {
 
     #[test]
     fn every_metric_and_every_drop_reason_is_exposed() {
-        let text = render(&Stats::default());
+        let text = render(&Stats::default(), &[("primary", 3)]);
         for name in [
             "rally_relay_sessions_active 0",
             "rally_relay_sessions_total 0",
@@ -93,5 +119,8 @@ mod tests {
             let line = format!("rally_relay_drops_total{{reason=\"{}\"}} 0", r.as_str());
             assert!(text.lines().any(|l| l == line), "missing {line:?}");
         }
+        assert!(text
+            .lines()
+            .any(|l| l == "rally_relay_socket_drops_total{socket=\"primary\"} 3"));
     }
 }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rally_proto::Key32;
-use rally_udp::{grow_socket_buffers, GsoBatch};
+use rally_udp::{grow_socket_buffers, skip_receive_metadata, socket_drops, GsoBatch};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::core::{Action, Config, Limits, Relay, Stats, Via};
 use crate::metrics;
+use crate::metrics::Snapshot;
 
 /// What `rally-relay serve` is asked to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,7 +156,7 @@ impl Server {
             metrics,
             mut relay,
         } = self;
-        let (stats_tx, mut stats_rx) = mpsc::channel::<oneshot::Sender<Stats>>(16);
+        let (stats_tx, mut stats_rx) = mpsc::channel::<oneshot::Sender<Snapshot>>(16);
         let metrics_task = metrics.map(|l| tokio::spawn(serve_metrics(l, stats_tx.clone())));
         let mut sockets = Sockets { primary, alt };
         let mut rx = RxBuffers::new();
@@ -177,7 +178,10 @@ impl Server {
                     Err(e) => tracing::warn!(error = %e, "alternate socket not readable"),
                 },
                 Some(reply) = stats_rx.recv() => {
-                    let _ = reply.send(relay.stats());
+                    let _ = reply.send(Snapshot {
+                        stats: relay.stats(),
+                        socket_drops: sockets.kernel_drops(),
+                    });
                 }
                 () = tokio::time::sleep_until(wake) => {
                     relay.handle_timeout(Instant::now().into_std(), unix_now());
@@ -204,6 +208,9 @@ impl Udp {
         let bind_error = |source| ServeError::BindUdp { addr, source };
         let socket = UdpSocket::bind(addr).await.map_err(bind_error)?;
         let state = quinn_udp::UdpSocketState::new((&socket).into()).map_err(bind_error)?;
+        // The relay reads neither ECN nor the destination address of a datagram: two control
+        // messages per read saved.
+        skip_receive_metadata(&socket);
         let (rcvbuf, sndbuf) = grow_socket_buffers(&socket, SOCKET_BUFFER);
         tracing::info!(
             %addr,
@@ -275,6 +282,22 @@ impl Sockets {
             Via::Alt => self.alt.as_mut().unwrap_or(&mut self.primary),
             Via::Primary => &mut self.primary,
         }
+    }
+
+    /// The kernel's receive drops per socket, for the metrics (read from `/proc`).
+    fn kernel_drops(&self) -> Vec<(&'static str, u64)> {
+        let alt = self.alt.as_ref().map(|a| ("alt", a));
+        std::iter::once(("primary", &self.primary))
+            .chain(alt)
+            .filter_map(|(name, udp)| match socket_drops(&udp.socket) {
+                Ok(Some(n)) => Some((name, n)),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read the socket's kernel drops");
+                    None
+                }
+            })
+            .collect()
     }
 
     async fn flush(&mut self) {
@@ -439,7 +462,7 @@ fn unix_now() -> u64 {
 
 // --- metrics over HTTP ------------------------------------------------------------------------
 
-async fn serve_metrics(listener: TcpListener, stats: mpsc::Sender<oneshot::Sender<Stats>>) {
+async fn serve_metrics(listener: TcpListener, stats: mpsc::Sender<oneshot::Sender<Snapshot>>) {
     let slots = Arc::new(Semaphore::new(METRICS_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -467,7 +490,7 @@ async fn serve_metrics(listener: TcpListener, stats: mpsc::Sender<oneshot::Sende
 
 async fn answer_metrics(
     mut stream: TcpStream,
-    stats: mpsc::Sender<oneshot::Sender<Stats>>,
+    stats: mpsc::Sender<oneshot::Sender<Snapshot>>,
 ) -> io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
@@ -487,8 +510,9 @@ async fn answer_metrics(
     } else {
         None
     };
-    let response =
-        rally_proto::http::metrics_response(&head, || snapshot.map(|s| metrics::render(&s)));
+    let response = rally_proto::http::metrics_response(&head, || {
+        snapshot.map(|s| metrics::render(&s.stats, &s.socket_drops))
+    });
     stream.write_all(&response).await?;
     stream.shutdown().await
 }

@@ -2,17 +2,51 @@
 //!
 //! - [`GsoBatch`]: datagrams to one destination gathered for a single UDP GSO send.
 //! - [`grow_socket_buffers`]: deep socket buffers, so bursts are queued rather than dropped.
+//! - [`skip_receive_metadata`]: no per-datagram TOS / packet-info control messages for a
+//!   socket that does not use them.
+//! - [`socket_drops`]: what the kernel dropped on a socket's receive queue.
 //!
 //! The receive side (recvmmsg with UDP GRO) and the GSO send itself are quinn-udp's
 //! (`UdpSocketState`); both users drive it the same way.
 
 #![warn(missing_docs)]
 
+mod drops;
 mod gso;
 
 use std::os::fd::AsRawFd;
 
+pub use drops::{parse_socket_drops, socket_drops};
 pub use gso::{GsoBatch, MAX_GSO_BYTES};
+
+/// Turns off the per-datagram control messages quinn-udp's `UdpSocketState::new` asks the
+/// kernel for besides GRO's segment size: the TOS/traffic class (ECN) and the packet info
+/// (destination address). A socket that reads neither `RecvMeta::ecn` nor `RecvMeta::dst_ip`
+/// saves building and parsing two control messages per datagram or GRO train. Call it after
+/// `UdpSocketState::new`; `RecvMeta::ecn` and `dst_ip` are then `None`. Best effort: an
+/// option the socket's family lacks is skipped.
+pub fn skip_receive_metadata(socket: &impl AsRawFd) {
+    let fd = socket.as_raw_fd();
+    let off: libc::c_int = 0;
+    for (level, name) in [
+        (libc::IPPROTO_IP, libc::IP_RECVTOS),
+        (libc::IPPROTO_IP, libc::IP_PKTINFO),
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS),
+        (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
+    ] {
+        // SAFETY: setsockopt on our own socket with a pointer to a live c_int and its size; an
+        // option the family does not have fails harmlessly.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&off as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    }
+}
 
 /// Asks for `bytes` of receive and send buffer (past `rmem_max`/`wmem_max` where the process
 /// may: root or CAP_NET_ADMIN); returns what the kernel granted.

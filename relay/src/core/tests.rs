@@ -211,6 +211,62 @@ fn same_party_packets_are_forwarded_in_place() {
 }
 
 #[test]
+fn a_reused_session_slot_answers_only_to_its_new_agent() {
+    let mut lab = Lab::new();
+    let (a, b, c) = (agent(1), agent(2), agent(3));
+    let (a_addr, b_addr, c_addr) = (
+        addr("192.0.2.1:1000"),
+        addr("192.0.2.2:1000"),
+        addr("192.0.2.3:1000"),
+    );
+    lab.bind(&a, a_addr, &[PARTY_X]);
+    lab.bind(&b, b_addr, &[PARTY_X]);
+    // B goes quiet and expires; C binds next and takes the freed slot.
+    lab.advance(Duration::from_secs(50));
+    assert!(matches!(lab.recv(a_addr, &ping(1)).0, Action::Reply(_)));
+    lab.advance(Duration::from_secs(15));
+    lab.relay.handle_timeout(lab.now, lab.unix);
+    lab.bind(&c, c_addr, &[PARTY_X]);
+
+    let (to_b, _) = lab.recv(a_addr, &send_to(&b, b"for b"));
+    let (from_b, _) = lab.recv(b_addr, &send_to(&a, b"from b"));
+    let (to_c, buf) = lab.recv(a_addr, &send_to(&c, b"for c"));
+
+    assert!(
+        matches!(
+            to_b,
+            Action::Drop {
+                reason: DropReason::PeerUnavailable,
+                ..
+            }
+        ),
+        "{to_b:?}"
+    );
+    assert!(
+        matches!(
+            from_b,
+            Action::Drop {
+                reason: DropReason::NotBound,
+                ..
+            }
+        ),
+        "{from_b:?}"
+    );
+    assert!(
+        matches!(to_c, Action::Forward { to, .. } if to == c_addr),
+        "{to_c:?}"
+    );
+    assert_eq!(
+        RelayMsg::decode(&buf),
+        Ok(RelayMsg::Deliver {
+            from: short_id(&a.public()),
+            payload: b"for c"
+        })
+    );
+    assert_eq!(lab.relay.stats().sessions_active, 2);
+}
+
+#[test]
 fn members_of_different_parties_cannot_reach_each_other() {
     let mut lab = Lab::new();
     let (x, y, both) = (agent(1), agent(2), agent(3));

@@ -81,6 +81,12 @@ pub struct LoadArgs {
     /// Receive with `UDP_GRO` (as the agent does) and count the datagrams in each train.
     #[arg(long)]
     pub gro: bool,
+    /// Sending threads (the pairs are split between them); one more thread reads. 0: one per
+    /// CPU but one, which is left to the forwarder under test (the lab runs both on this
+    /// machine: more senders than that overload it, and the kernel's work on the datagrams it
+    /// drops is then charged to the forwarder's CPU time).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 /// One run of the generator (a JSON line on stdout).
@@ -96,6 +102,13 @@ pub struct LoadRun {
     pub delivered: u64,
     /// CPU seconds the forwarder used.
     pub cpu_s: f64,
+    /// Datagrams the kernel dropped on the forwarder's socket (receive buffer full), from the
+    /// relay's `rally_relay_socket_drops_total` or the plain forwarder's `/proc/PID/net/udp`.
+    #[serde(default)]
+    pub kernel_drops: u64,
+    /// Sending threads.
+    #[serde(default)]
+    pub threads: usize,
 }
 
 /// Random bytes from the kernel.
@@ -226,8 +239,8 @@ fn hello(agent: &Agent) -> Result<()> {
     bail!("no answer from the plain forwarder")
 }
 
-/// What the forwarder has forwarded so far.
-fn forwarded_so_far(args: &LoadArgs, probe: &UdpSocket) -> Result<u64> {
+/// What the forwarder has forwarded so far, and what the kernel dropped on its socket.
+fn forwarded_so_far(args: &LoadArgs, probe: &UdpSocket) -> Result<(u64, u64)> {
     match args.target {
         Target::Relay => {
             let addr = args
@@ -238,11 +251,18 @@ fn forwarded_so_far(args: &LoadArgs, probe: &UdpSocket) -> Result<u64> {
             s.write_all(b"GET /metrics HTTP/1.0\r\nHost: relay\r\n\r\n")?;
             let mut text = String::new();
             s.read_to_string(&mut text)?;
-            text.lines()
+            let value = |l: &str| l.trim().parse::<f64>().ok().map(|v| v as u64);
+            let forwarded = text
+                .lines()
                 .find_map(|l| l.strip_prefix("rally_relay_packets_forwarded_total "))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .map(|v| v as u64)
-                .ok_or_else(|| anyhow!("no rally_relay_packets_forwarded_total in the metrics"))
+                .and_then(value)
+                .ok_or_else(|| anyhow!("no rally_relay_packets_forwarded_total in the metrics"))?;
+            let drops = text
+                .lines()
+                .filter(|l| l.starts_with("rally_relay_socket_drops_total{"))
+                .filter_map(|l| l.rsplit(' ').next().and_then(value))
+                .sum();
+            Ok((forwarded, drops))
         }
         Target::Plain => {
             probe.set_read_timeout(Some(Duration::from_millis(500)))?;
@@ -250,7 +270,9 @@ fn forwarded_so_far(args: &LoadArgs, probe: &UdpSocket) -> Result<u64> {
             for _ in 0..10 {
                 probe.send(STATS_QUERY)?;
                 if let Ok(8) = probe.recv(&mut buf) {
-                    return Ok(u64::from_le_bytes(buf[..8].try_into()?));
+                    let table = std::fs::read_to_string(format!("/proc/{}/net/udp", args.pid))?;
+                    let drops = port_drops(&table, args.to.port()).unwrap_or(0);
+                    return Ok((u64::from_le_bytes(buf[..8].try_into()?), drops));
                 }
             }
             bail!("the plain forwarder does not answer STATS?")
@@ -258,9 +280,20 @@ fn forwarded_so_far(args: &LoadArgs, probe: &UdpSocket) -> Result<u64> {
     }
 }
 
+/// The `drops` column of the socket bound to local `port` in a `/proc/net/udp` table.
+fn port_drops(table: &str, port: u16) -> Option<u64> {
+    let want = format!(":{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        cols.get(1)?
+            .ends_with(&want)
+            .then(|| cols.get(12)?.parse().ok())?
+    })
+}
+
 /// The generator: binds `pairs` pairs of agents, then for each run blasts `Send`s from every
-/// pair's first agent to its second for `seconds`, reading what arrives; prints a JSON
-/// [`LoadRun`] per run.
+/// pair's first agent to its second for `seconds` (the senders split between `threads`
+/// threads), reading what arrives on one more thread; prints a JSON [`LoadRun`] per run.
 pub fn load(args: &LoadArgs) -> Result<()> {
     let mut senders = Vec::new();
     let mut receivers = Vec::new();
@@ -300,6 +333,12 @@ pub fn load(args: &LoadArgs) -> Result<()> {
         })
         .collect();
     let mut rx = RecvBatch::new(64, if args.gro { 65_536 } else { 2048 });
+    let threads = match args.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1)),
+        n => n,
+    }
+    .clamp(1, senders.len().max(1));
+    let per_thread = senders.len().div_ceil(threads);
     for _ in 0..args.runs {
         // Keep the receivers' sessions alive (a relay forgets idle ones).
         if args.target == Target::Relay {
@@ -309,36 +348,65 @@ pub fn load(args: &LoadArgs) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(300));
         drain(&receivers, &mut rx, args.gro);
-        let before = forwarded_so_far(args, &probe.sock)?;
+        let (before, drops_before) = forwarded_so_far(args, &probe.sock)?;
         let cpu0 = tools::cpu_seconds(args.pid)?;
         let start = Instant::now();
         let deadline = start + Duration::from_secs_f64(args.seconds);
-        let (mut offered, mut delivered) = (0u64, 0u64);
-        while Instant::now() < deadline {
-            for (s, d) in senders.iter().zip(&datagrams) {
-                let batch: [&[u8]; GEN_BATCH] = [d.as_slice(); GEN_BATCH];
-                if let Ok(n) = send_batch(s.sock.as_raw_fd(), &batch, None, libc::MSG_DONTWAIT) {
-                    offered += n as u64;
+        let (offered, mut delivered) = std::thread::scope(|scope| {
+            let sending: Vec<_> = senders
+                .chunks(per_thread)
+                .zip(datagrams.chunks(per_thread))
+                .map(|(senders, datagrams)| {
+                    scope.spawn(move || blast(senders, datagrams, deadline))
+                })
+                .collect();
+            let mut delivered = 0u64;
+            while Instant::now() < deadline {
+                let n = drain(&receivers, &mut rx, args.gro);
+                delivered += n;
+                if n == 0 {
+                    // Sleep rather than spin: on a small machine a spinning reader takes CPU
+                    // from the forwarder under test. The receivers' 4 MiB buffers hold far
+                    // more than arrives in this pause.
+                    std::thread::sleep(Duration::from_micros(500));
                 }
             }
-            delivered += drain(&receivers, &mut rx, args.gro);
-        }
+            let offered: u64 = sending.into_iter().map(|t| t.join().unwrap_or(0)).sum();
+            (offered, delivered)
+        });
         let secs = start.elapsed().as_secs_f64();
         std::thread::sleep(Duration::from_millis(200));
         delivered += drain(&receivers, &mut rx, args.gro);
         let cpu_s = tools::cpu_seconds(args.pid)? - cpu0;
-        let forwarded = forwarded_so_far(args, &probe.sock)?.saturating_sub(before);
+        let (after, drops_after) = forwarded_so_far(args, &probe.sock)?;
         let run = LoadRun {
             pairs: args.pairs,
             secs,
             offered,
-            forwarded,
+            forwarded: after.saturating_sub(before),
             delivered,
             cpu_s,
+            kernel_drops: drops_after.saturating_sub(drops_before),
+            threads,
         };
         println!("{}", serde_json::to_string(&run)?);
     }
     Ok(())
+}
+
+/// Sends `Send`s from each of `senders` (its datagram from `datagrams`) in `sendmmsg` batches
+/// until `deadline`; returns how many the kernel accepted.
+fn blast(senders: &[Agent], datagrams: &[Vec<u8>], deadline: Instant) -> u64 {
+    let mut offered = 0u64;
+    while Instant::now() < deadline {
+        for (s, d) in senders.iter().zip(datagrams) {
+            let batch: [&[u8]; GEN_BATCH] = [d.as_slice(); GEN_BATCH];
+            if let Ok(n) = send_batch(s.sock.as_raw_fd(), &batch, None, libc::MSG_DONTWAIT) {
+                offered += n as u64;
+            }
+        }
+    }
+    offered
 }
 
 /// Reads everything waiting on the receivers; returns how many datagrams (pongs included).
@@ -462,6 +530,9 @@ pub fn forward(listen: SocketAddrV4, batch: usize) -> Result<()> {
 /// The driver: one lab, relay and generator hosts, every pair count against the relay and
 /// the two plain forwarders.
 pub fn run(opts: &Options) -> Result<Vec<Figure>> {
+    for line in tools::ensure(&[tools::Tool::Ethtool])? {
+        println!("    installed {line}");
+    }
     let lab = Lab::new()?;
     let r = measure(&lab, opts);
     if r.is_err() {
@@ -624,8 +695,9 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
                         let delivered: f64 = runs.iter().map(|r| r.delivered as f64).sum();
                         let offered: f64 = runs.iter().map(|r| r.offered as f64).sum();
                         let fwd: f64 = runs.iter().map(|r| r.forwarded as f64).sum();
+                        let drops: u64 = runs.iter().map(|r| r.kernel_drops).sum();
                         fig = fig.with_note(format!(
-                            "offered {:.0} pps, {:.0}% of offered forwarded, {:.0}% of forwarded delivered",
+                            "offered {:.0} pps, {:.0}% of offered forwarded, {:.0}% of forwarded delivered, {drops} kernel drops at the relay's socket",
                             offered / runs.iter().map(|r| r.secs).sum::<f64>().max(1e-9),
                             100.0 * fwd / offered.max(1.0),
                             100.0 * delivered / fwd.max(1.0)
@@ -642,11 +714,13 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
 fn report(runs: &[LoadRun]) {
     for r in runs {
         println!(
-            "    offered {:.0} pps, forwarded {:.0} pps, delivered {:.0} pps, {:.2} CPU s per Mpkt",
+            "    offered {:.0} pps ({} threads), forwarded {:.0} pps, delivered {:.0} pps, {:.2} CPU s per Mpkt, {} kernel drops at the forwarder",
             r.offered as f64 / r.secs,
+            r.threads,
             r.forwarded as f64 / r.secs,
             r.delivered as f64 / r.secs,
-            r.cpu_s / (r.forwarded.max(1) as f64 / 1e6)
+            r.cpu_s / (r.forwarded.max(1) as f64 / 1e6),
+            r.kernel_drops
         );
     }
 }
@@ -654,6 +728,17 @@ fn report(runs: &[LoadRun]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_drops_reads_the_row_bound_to_the_port() {
+        let table = "  sl local_address rem_address st tx_queue:rx_queue tr:tm retr uid timeout inode ref pointer drops
+  1: 0A000002:0D96 00000000:0000 07 00000000:00000000 00:00000000 00000000 0 0 111 2 0000000000000000 17
+  2: 0A000002:0FA0 00000000:0000 07 00000000:00000000 00:00000000 00000000 0 0 222 2 0000000000000000 5
+";
+        assert_eq!(port_drops(table, 3478), Some(17));
+        assert_eq!(port_drops(table, 4000), Some(5));
+        assert_eq!(port_drops(table, 4001), None);
+    }
 
     #[test]
     fn hex_round_trips() {

@@ -15,6 +15,8 @@ pub enum Tool {
     WireguardGo,
     BoringtunCli,
     Perf,
+    /// To turn GRO on on a lab interface (the relay benchmark's offload pass).
+    Ethtool,
 }
 
 impl Tool {
@@ -25,6 +27,7 @@ impl Tool {
             Tool::WireguardGo => "wireguard-go",
             Tool::BoringtunCli => "boringtun-cli",
             Tool::Perf => "perf",
+            Tool::Ethtool => "ethtool",
         }
     }
 
@@ -35,6 +38,7 @@ impl Tool {
             Tool::Wg => Some("wireguard-tools"),
             Tool::WireguardGo => Some("wireguard-go"),
             Tool::Perf => Some("linux-perf"),
+            Tool::Ethtool => Some("ethtool"),
             Tool::BoringtunCli => None,
         }
     }
