@@ -249,6 +249,9 @@ impl Engine {
             }
         };
         let udp_state = quinn_udp::UdpSocketState::new((&*cfg.udp).into())?;
+        // The engine reads neither the ECN bits nor the destination address of what it
+        // receives: two control messages per datagram (or GRO train) it need not pay for.
+        rally_udp::skip_receive_metadata(&*cfg.udp);
         let (rcvbuf, sndbuf) = grow_socket_buffers(&cfg.udp, SOCKET_BUFFER);
         info!(
             tun = %cfg.tun_name,
