@@ -373,10 +373,9 @@ impl Connection {
     pub fn handle_rx(&mut self, path: &PathId, now: Instant) -> bool {
         self.mark_busy(now);
         let soon = now + self.profile.probe_interval;
-        if !self.paths.contains_key(path) {
+        if !self.heard(path) {
             return false;
         }
-        self.heard(path);
         let Some(p) = self.paths.get_mut(path) else {
             return false;
         };
@@ -402,32 +401,19 @@ impl Connection {
         if self.state == ConnState::Disconnected {
             return;
         }
-        let lost: Vec<PathId> = self
-            .paths
-            .iter()
-            .filter(|(_, p)| p.outstanding.is_some_and(|o| now >= o.deadline))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in lost {
-            let Some(p) = self.paths.get_mut(&id) else {
-                continue;
-            };
-            p.late = p.outstanding.take();
-            let transition = p.health.on_failure(&self.profile);
-            self.note(&id, transition);
+        // Lost probes first, then failed silence checks (events in that order).
+        let (mut lost, mut silent) = (Vec::new(), Vec::new());
+        for (id, p) in self.paths.iter_mut() {
+            if p.outstanding.is_some_and(|o| now >= o.deadline) {
+                p.late = p.outstanding.take();
+                lost.push((id.clone(), p.health.on_failure(&self.profile)));
+            }
+            if let Some(c) = p.check.filter(|c| now >= c.deadline) {
+                p.check = None;
+                silent.push((id.clone(), p.health.on_silence(c.sent, &self.profile)));
+            }
         }
-        let silent: Vec<PathId> = self
-            .paths
-            .iter()
-            .filter(|(_, p)| p.check.is_some_and(|c| now >= c.deadline))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in silent {
-            let Some(p) = self.paths.get_mut(&id) else {
-                continue;
-            };
-            let lost = p.check.take().map_or(0, |c| c.sent);
-            let transition = p.health.on_silence(lost, &self.profile);
+        for (id, transition) in lost.into_iter().chain(silent) {
             self.note(&id, transition);
         }
         self.reselect(now);
@@ -922,13 +908,16 @@ impl Connection {
     }
 
     /// Something authenticated arrived on `path` (data or a probe ack): it is not silent.
-    fn heard(&mut self, path: &PathId) {
+    /// Returns false for an unknown path.
+    fn heard(&mut self, path: &PathId) -> bool {
         if self.primary.as_ref() == Some(path) {
             self.unanswered = None;
         }
-        if let Some(p) = self.paths.get_mut(path) {
-            p.check = None;
-        }
+        let Some(p) = self.paths.get_mut(path) else {
+            return false;
+        };
+        p.check = None;
+        true
     }
 
     /// When the primary, having carried data, has been silent long enough for a check: the
