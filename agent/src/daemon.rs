@@ -13,7 +13,7 @@ use rally_proto::control::{NatReport, PartyInfo, RelayEntry};
 use rally_proto::{
     DeltaError, Identity, InviteCode, Key32, Overlay, PeerEvent, PeerView, Request, Response,
 };
-use tokio::net::{UdpSocket, UnixListener};
+use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -73,7 +73,8 @@ struct Daemon {
     wg_secret: [u8; 32],
     wg_public: Key32,
     overlay: Overlay,
-    udp: Arc<UdpSocket>,
+    /// The agent's one UDP socket (the data plane gets a handle of it when it starts).
+    udp: std::net::UdpSocket,
     listen_port: u16,
     inner: Mutex<Inner>,
     connected: watch::Sender<bool>,
@@ -120,8 +121,8 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         ));
     }
     let _ = std::fs::remove_file(&socket_path);
-    let udp = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.listen_port)))
-        .await
+    let udp = std::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, cfg.listen_port)))
+        .and_then(|s| s.set_nonblocking(true).map(|()| s))
         .map_err(|source| DaemonError::Udp {
             port: cfg.listen_port,
             source,
@@ -153,7 +154,7 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
         wg_secret: keys.wireguard,
         wg_public,
         overlay: Overlay::default(),
-        udp: Arc::new(udp),
+        udp,
         listen_port,
         inner: Mutex::new(Inner::default()),
         connected: watch::channel(false).0,
@@ -247,9 +248,13 @@ impl Daemon {
             }
             return Ok(());
         }
+        let udp = self.udp.try_clone().map_err(|source| DaemonError::Udp {
+            port: self.listen_port,
+            source,
+        })?;
         let engine = Engine::start(
             EngineConfig {
-                udp: self.udp.clone(),
+                udp,
                 wg_secret: self.wg_secret,
                 identity: self.identity.clone(),
                 tun_name: self.cfg.tun_name.clone(),

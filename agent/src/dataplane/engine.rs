@@ -178,7 +178,7 @@ struct Peer {
 }
 
 pub struct Engine {
-    udp: Arc<UdpSocket>,
+    udp: UdpSocket,
     udp_state: quinn_udp::UdpSocketState,
     tun: tun_rs::AsyncDevice,
     /// Encrypted datagrams waiting for one GSO send.
@@ -211,11 +211,16 @@ pub struct Engine {
     next_index: u32,
     last_wg_timers: tokio::time::Instant,
     drops: Drops,
+    /// Peers touched by packets since the last flush (see [`Self::touch`]).
+    dirty: Vec<Key32>,
+    /// The next flush drains every peer (after timers, commands and relay bindings).
+    flush_all: bool,
 }
 
 /// What the engine needs to start.
 pub struct EngineConfig {
-    pub udp: Arc<UdpSocket>,
+    /// The agent's socket; the engine registers it with its own runtime.
+    pub udp: std::net::UdpSocket,
     pub wg_secret: [u8; 32],
     pub identity: Arc<Identity>,
     pub tun_name: String,
@@ -227,11 +232,56 @@ pub struct EngineConfig {
 }
 
 impl Engine {
-    /// Brings up the TUN device and starts the task.
+    /// Brings up the TUN device and starts the data plane on a thread of its own, with a
+    /// single-threaded runtime that owns the socket, the TUN device and their readiness: a
+    /// packet wakes exactly this thread, and no other task of the daemon runs between it and
+    /// its send.
     pub fn start(
         cfg: EngineConfig,
         events: mpsc::UnboundedSender<EngineEvent>,
     ) -> std::io::Result<EngineHandle> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("rally-dataplane".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match Engine::build(cfg, events) {
+                        Ok(engine) => {
+                            let _ = ready_tx.send(Ok(()));
+                            engine.run(rx).await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(EngineHandle { tx }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::Error::other(
+                "the data-plane thread stopped while starting",
+            )),
+        }
+    }
+
+    /// Creates the TUN device and registers both with the current (the data plane's) runtime.
+    fn build(
+        cfg: EngineConfig,
+        events: mpsc::UnboundedSender<EngineEvent>,
+    ) -> std::io::Result<Engine> {
+        let udp = UdpSocket::from_std(cfg.udp)?;
         let build = |offload: bool| {
             tun_rs::DeviceBuilder::new()
                 .name(&cfg.tun_name)
@@ -248,11 +298,11 @@ impl Engine {
                 (build(false)?, false)
             }
         };
-        let udp_state = quinn_udp::UdpSocketState::new((&*cfg.udp).into())?;
+        let udp_state = quinn_udp::UdpSocketState::new((&udp).into())?;
         // The engine reads neither the ECN bits nor the destination address of what it
         // receives: two control messages per datagram (or GRO train) it need not pay for.
-        rally_udp::skip_receive_metadata(&*cfg.udp);
-        let (rcvbuf, sndbuf) = grow_socket_buffers(&cfg.udp, SOCKET_BUFFER);
+        rally_udp::skip_receive_metadata(&udp);
+        let (rcvbuf, sndbuf) = grow_socket_buffers(&udp, SOCKET_BUFFER);
         info!(
             tun = %cfg.tun_name,
             virtual_ip = %cfg.virtual_ip,
@@ -265,13 +315,13 @@ impl Engine {
         );
         let secret = StaticSecret::from(cfg.wg_secret);
         let public = PublicKey::from(&secret);
-        let local_port = cfg.udp.local_addr().map(|a| a.port()).unwrap_or(0);
+        let local_port = udp.local_addr().map(|a| a.port()).unwrap_or(0);
         let engine = Engine {
             gso: GsoBatch::new(udp_state.max_gso_segments()),
             tun_tx: TunBatch::new(tun_rs::IDEAL_BATCH_SIZE, tun_rs::VIRTIO_NET_HDR_LEN),
             gro: tun_rs::GROTable::default(),
             udp_state,
-            udp: cfg.udp,
+            udp,
             tun,
             secret,
             public,
@@ -296,14 +346,14 @@ impl Engine {
             next_index: rand::thread_rng().next_u32() & 0x00ff_ffff,
             last_wg_timers: tokio::time::Instant::now(),
             drops: Drops::default(),
+            dirty: Vec::new(),
+            flush_all: false,
         };
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(engine.run(rx));
-        Ok(EngineHandle { tx })
+        Ok(engine)
     }
 
     async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<EngineCmd>) {
-        let mut rx: Vec<Vec<u8>> = (0..RX_BUFS).map(|_| vec![0u8; BUF_LEN]).collect();
+        let mut rx: [Vec<u8>; RX_BUFS] = std::array::from_fn(|_| vec![0u8; BUF_LEN]);
         let mut meta = vec![quinn_udp::RecvMeta::default(); RX_BUFS];
         let mut tun_raw = vec![0u8; tun_rs::VIRTIO_NET_HDR_LEN + 65_535];
         let mut tun_bufs = vec![vec![0u8; 2048]; tun_rs::IDEAL_BATCH_SIZE];
@@ -326,40 +376,60 @@ impl Engine {
                     }
                     Err(e) => debug!("tun receive: {e}"),
                 },
-                _ = tick.tick() => self.handle_timers(&mut out).await,
+                _ = tick.tick() => {
+                    self.handle_timers(&mut out).await;
+                    self.flush_all = true;
+                }
                 cmd = cmds.recv() => match cmd {
-                    Some(EngineCmd::PeerChanges(changes)) => self.apply_peer_changes(changes),
-                    Some(EngineCmd::SetRelays(relays, token)) => self.set_relays(relays, token),
-                    Some(EngineCmd::Punch { peer, candidates, start_in }) => {
-                        if let Some(p) = self.peers.get_mut(&peer) {
-                            p.paths.set_candidates(&candidates);
-                            p.paths.start_punch(now() + start_in);
-                        }
-                    }
-                    Some(EngineCmd::Netcheck(reply)) => self.start_netcheck(reply),
-                    Some(EngineCmd::Peers(reply)) => { let _ = reply.send(self.status()); }
-                    Some(EngineCmd::Reconnect(peer)) => {
-                        let t = now();
-                        for (id, p) in self.peers.iter_mut() {
-                            if peer.is_none_or(|want| want == *id) {
-                                p.conn.resume(t);
-                                p.paths.start_punch(t);
-                            }
-                        }
-                    }
-                    Some(EngineCmd::SetPrimary(peer, path, reply)) => {
-                        let r = match self.peers.get_mut(&peer) {
-                            Some(p) => p.conn.set_primary(&path).map_err(|e| e.to_string()),
-                            None => Err("no such peer".into()),
-                        };
-                        let _ = reply.send(r);
-                    }
                     Some(EngineCmd::Shutdown) | None => break,
+                    Some(cmd) => {
+                        self.handle_cmd(cmd);
+                        self.flush_all = true;
+                    }
                 },
             }
             self.flush(&mut out).await;
         }
         debug!(drops = ?self.drops, "data plane stopped");
+    }
+
+    /// One command from the daemon (all but `Shutdown`, which ends [`Self::run`]).
+    fn handle_cmd(&mut self, cmd: EngineCmd) {
+        match cmd {
+            EngineCmd::PeerChanges(changes) => self.apply_peer_changes(changes),
+            EngineCmd::SetRelays(relays, token) => self.set_relays(relays, token),
+            EngineCmd::Punch {
+                peer,
+                candidates,
+                start_in,
+            } => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.paths.set_candidates(&candidates);
+                    p.paths.start_punch(now() + start_in);
+                }
+            }
+            EngineCmd::Netcheck(reply) => self.start_netcheck(reply),
+            EngineCmd::Peers(reply) => {
+                let _ = reply.send(self.status());
+            }
+            EngineCmd::Reconnect(peer) => {
+                let t = now();
+                for (id, p) in self.peers.iter_mut() {
+                    if peer.is_none_or(|want| want == *id) {
+                        p.conn.resume(t);
+                        p.paths.start_punch(t);
+                    }
+                }
+            }
+            EngineCmd::SetPrimary(peer, path, reply) => {
+                let r = match self.peers.get_mut(&peer) {
+                    Some(p) => p.conn.set_primary(&path).map_err(|e| e.to_string()),
+                    None => Err("no such peer".into()),
+                };
+                let _ = reply.send(r);
+            }
+            EngineCmd::Shutdown => {}
+        }
     }
 
     fn apply_peer_changes(&mut self, changes: Vec<PeerEvent>) {
@@ -541,24 +611,34 @@ impl Engine {
     /// device in one batch.
     async fn receive_udp(
         &mut self,
-        rx: &mut [Vec<u8>],
+        rx: &mut [Vec<u8>; RX_BUFS],
         meta: &mut [quinn_udp::RecvMeta],
         out: &mut [u8],
     ) {
         for _ in 0..RX_ROUNDS {
-            let n = {
-                let mut iovs: Vec<std::io::IoSliceMut<'_>> =
-                    rx.iter_mut().map(|b| std::io::IoSliceMut::new(b)).collect();
+            let mut n = 0;
+            let drained = {
+                let mut iovs = rx.each_mut().map(|b| std::io::IoSliceMut::new(b));
                 let udp = &self.udp;
                 let state = &self.udp_state;
+                let wanted = iovs.len();
+                // A short batch means the queue was empty when the kernel filled it: report
+                // "would block" so the readiness is cleared now, instead of by one more
+                // `recvmmsg` that finds nothing. (A datagram arriving since then is a new
+                // edge on the epoll set and wakes the loop again.)
                 match udp.try_io(tokio::io::Interest::READABLE, || {
-                    state.recv((&**udp).into(), &mut iovs, meta)
+                    n = state.recv(udp.into(), &mut iovs, meta)?;
+                    if n < wanted {
+                        Err(std::io::ErrorKind::WouldBlock.into())
+                    } else {
+                        Ok(())
+                    }
                 }) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Ok(()) => false,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
                     Err(e) => {
                         debug!("udp receive: {e}");
-                        break;
+                        true
                     }
                 }
             };
@@ -571,6 +651,9 @@ impl Engine {
             // Deliver this round before reading the next: a lone packet reaches the TUN device
             // one system call sooner, and under load nothing waits behind later rounds.
             flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
+            if drained {
+                break;
+            }
         }
     }
 
@@ -626,6 +709,7 @@ impl Engine {
             self.drops.unknown_short_id += 1;
             return;
         };
+        self.touch(id);
         match classify(d) {
             Datagram::Probe => {
                 let path = self.path_id(via);
@@ -679,6 +763,7 @@ impl Engine {
     }
 
     async fn handle_wireguard(&mut self, id: Key32, via: Via, d: &[u8], out: &mut [u8]) {
+        self.touch(id);
         let t = now();
         let path = self.path_id(via);
         let mut datagram = d;
@@ -738,6 +823,7 @@ impl Engine {
             trace!(%dst, "no peer for destination");
             return;
         };
+        self.touch(id);
         let t = now();
         let route = self.route(&id);
         let Some(peer) = self.peers.get_mut(&id) else {
@@ -877,6 +963,7 @@ impl Engine {
                 match ev {
                     RelayEvent::Bound { observed } => {
                         info!(relay = %self.relays[i].name, %observed, "bound at relay");
+                        self.flush_all = true;
                         for p in self.peers.values_mut() {
                             p.conn.add_path(path.clone(), t);
                             // A rebind may carry a token naming new parties: probes sent
@@ -889,6 +976,7 @@ impl Engine {
                     }
                     RelayEvent::Lost { reason } => {
                         warn!(relay = %self.relays[i].name, "relay binding lost: {reason}");
+                        self.flush_all = true;
                         for p in self.peers.values_mut() {
                             p.conn.remove_path(&path, t);
                         }
@@ -909,9 +997,26 @@ impl Engine {
                 send(&self.udp, &b, to).await;
             }
         }
-        let ids: Vec<Key32> = self.peers.keys().copied().collect();
-        for id in ids {
+        // After a packet only the peers it touched can have output; after a timer tick, a
+        // command or a relay binding, any peer can.
+        let mut ids = std::mem::take(&mut self.dirty);
+        if std::mem::take(&mut self.flush_all) {
+            ids.clear();
+            ids.extend(self.peers.keys().copied());
+        }
+        for &id in &ids {
             self.drain_peer(id, out).await;
+        }
+        // Keep the allocation; anything touched while draining waits for the next flush.
+        ids.clear();
+        ids.append(&mut self.dirty);
+        self.dirty = ids;
+    }
+
+    /// Marks a peer whose machines may have queued output for the next [`Self::flush`].
+    fn touch(&mut self, id: Key32) {
+        if self.dirty.last() != Some(&id) {
+            self.dirty.push(id);
         }
     }
 
