@@ -10,7 +10,7 @@
 //! Forwarding rewrites each datagram in place, so consecutive `Deliver`s to one destination
 //! leave as one UDP GSO send: a GRO train whose datagrams all go to one session is sent
 //! straight from the receive buffer; others are gathered in a [`GsoBatch`] per socket, flushed
-//! when the destination changes and after every read. Buffers are allocated once: the
+//! when the destination changes and after the last read of a wake-up. Buffers are allocated once: the
 //! `Send` → `Deliver` path allocates nothing.
 
 use std::future::Future;
@@ -380,8 +380,11 @@ async fn drain(via: Via, sockets: &mut Sockets, relay: &mut Relay, rx: &mut RxBu
             )
             .await;
         }
-        sockets.flush().await;
     }
+    // Once per wake-up, not per read: a run of datagrams to one destination that straddles two
+    // reads still leaves as one GSO send (one `sendmsg`, and behind it one trip through the
+    // transmit path, instead of two).
+    sockets.flush().await;
 }
 
 /// Handles the datagrams of one read (`stride` bytes each, the last may be shorter) from `src`.

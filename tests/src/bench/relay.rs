@@ -4,13 +4,30 @@
 //! concurrent peer pairs. Baselines in the same run, on the same hosts and generator: a plain
 //! UDP forwarder doing what the relay does minus the protocol checks, once with one
 //! `recvfrom`/`sendto` per packet (the relay's I/O pattern) and once batched with
-//! `recvmmsg`/`sendmmsg`.
+//! `recvmmsg`/`sendmmsg`. Every pass measures the three the same way; CPU time is the
+//! forwarding process's (utime + stime from `/proc/PID/stat`) per million datagrams forwarded.
 //!
-//! Then once more at 100 pairs with the offloads a real deployment has: GRO on the relay host's
-//! interface (on by default on physical and virtio NICs, off on veth) and `UDP_GRO` on the
-//! generator's receiving sockets (the agent's socket has it, through quinn-udp), so the
-//! relay's GSO trains reach the receivers whole instead of being split on the way in.
-
+//! The passes:
+//!
+//! - **default** (`1 pair`, `10 pairs`, `100 pairs`): nothing pinned, the kernel's defaults.
+//!   Behind veth, a send runs the receiving side's softirq in the sender's context: the bridge,
+//!   the generator namespace's IP and UDP receive path and, when a GSO train reaches a socket
+//!   without `UDP_GRO`, its segmentation into datagrams are all charged to the forwarder's CPU
+//!   time (on a physical NIC that work happens on the receiving machines). The forwarder's own
+//!   receive path is charged to the generator the same way. The figure therefore overstates
+//!   what a relay host pays per packet; it is kept as the continuous series.
+//! - **GRO on** (`100 pairs, GRO on`): as default, with the offloads a real deployment has: GRO
+//!   on the relay host's interface (on by default on physical and virtio NICs, off on veth) and
+//!   `UDP_GRO` on the generator's receiving sockets (the agent's socket has it, through
+//!   quinn-udp), so the relay's GSO trains reach the receivers whole instead of being split
+//!   on the way in.
+//! - **pinned** (`100 pairs, pinned`, and `100 pairs, GRO on, pinned`): the forwarder under test
+//!   is pinned (`taskset`) to the last CPU, the generator to the others, and RPS (`rps_cpus`) on
+//!   every bridge port of the lab's internet namespace and on the generator's interface sends
+//!   the receiving side's work to the generator's CPUs. The forwarder's CPU time then holds its
+//!   own work down to the transmit of its interface (what a NIC driver would charge it) and not
+//!   the receivers' delivery. The forwarder's own receive path is still charged to the
+//!   generator, as in every pass. Needs two CPUs or more (skipped with a note otherwise).
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket};
@@ -38,7 +55,8 @@ use crate::{bins, Lab};
 pub const PACKET: usize = 1200;
 /// Peer-pair counts measured.
 pub const PAIRS: [usize; 3] = [1, 10, 100];
-/// Pair count measured again with GRO on the relay's interface and `UDP_GRO` on the receivers.
+/// Pair count measured again with GRO on the relay's interface and `UDP_GRO` on the receivers,
+/// and again pinned (with and without those offloads).
 pub const OFFLOAD_PAIRS: usize = 100;
 /// The plain forwarders' port on the relay host.
 const FORWARD_PORT: u16 = 4000;
@@ -557,7 +575,8 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
                     to: SocketAddrV4,
                     pid: u32,
                     pairs: usize,
-                    gro: bool|
+                    gro: bool,
+                    pin: Option<&Pinning>|
      -> Result<Vec<LoadRun>> {
         let (to_s, pid_s, pairs_s, runs_s) = (
             to.to_string(),
@@ -567,7 +586,11 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
         );
         let secs = opts.seconds.clamp(2, 5).to_string();
         let metrics_s = metrics.to_string();
-        let mut args = vec![
+        let mut args = Vec::new();
+        if let Some(pin) = pin {
+            args.extend(["taskset", "-c", pin.generator.as_str()]);
+        }
+        args.extend([
             lab_bin.as_str(),
             "bench-relay-load",
             "--to",
@@ -580,7 +603,7 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
             runs_s.as_str(),
             "--seconds",
             secs.as_str(),
-        ];
+        ]);
         match target {
             Target::Relay => args.extend([
                 "--target",
@@ -607,23 +630,38 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
     // (subject, case, runs); a case is a pair count, with the offloads or without.
     let mut results: Vec<(String, String, Vec<LoadRun>)> = Vec::new();
     let mut cases: Vec<String> = Vec::new();
+    let pinning = Pinning::plan();
+    if pinning.is_none() {
+        println!("    note: one CPU only: the pinned passes are skipped");
+    }
+    let pinned_cases = |offload: bool| {
+        pinning
+            .as_ref()
+            .map(move |p| (OFFLOAD_PAIRS, offload, Some(p)))
+    };
     let plan = PAIRS
         .iter()
-        .map(|&p| (p, false))
-        .chain(std::iter::once((OFFLOAD_PAIRS, true)));
-    for (pairs, offload) in plan {
+        .map(|&p| (p, false, None))
+        .chain(pinned_cases(false))
+        .chain(std::iter::once((OFFLOAD_PAIRS, true, None)))
+        .chain(pinned_cases(true));
+    for (pairs, offload, pin) in plan {
         let pl = if pairs == 1 { "pair" } else { "pairs" };
-        let case = if offload {
+        let mut case = format!("{pairs} {pl}");
+        if offload {
             relay_host
                 .run_ok(&["ethtool", "-K", "eth0", "gro", "on"])
                 .context("turning GRO on on the relay host (is ethtool installed?)")?;
-            format!("{pairs} {pl}, GRO on")
-        } else {
-            format!("{pairs} {pl}")
-        };
+            case.push_str(", GRO on");
+        }
+        if let Some(pin) = pin {
+            pin.steer(lab, &gen, true)?;
+            pin.pin(relay.pid())?;
+            case.push_str(", pinned");
+        }
         cases.push(case.clone());
         println!("==> relay: {case} through rally-relay");
-        let runs = generate(Target::Relay, relay_addr, relay.pid(), pairs, offload)?;
+        let runs = generate(Target::Relay, relay_addr, relay.pid(), pairs, offload, pin)?;
         report(&runs);
         results.push(("rally-relay".into(), case.clone(), runs));
         for (label, batch) in [
@@ -645,11 +683,19 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
                 relay_host.log_path(&format!("forward-{batch}")),
             )?;
             super::tunnels::wait_udp_bound(&relay_host, FORWARD_PORT, &fwd)?;
-            let runs = generate(Target::Plain, forward_addr, fwd.pid(), pairs, offload);
+            let runs = match pin {
+                Some(p) => p.pin(fwd.pid()),
+                None => Ok(()),
+            }
+            .and_then(|()| generate(Target::Plain, forward_addr, fwd.pid(), pairs, offload, pin));
             fwd.terminate(Duration::from_secs(2))?;
             let runs = runs?;
             report(&runs);
             results.push((label.into(), case.clone(), runs));
+        }
+        if let Some(pin) = pin {
+            pin.unpin(relay.pid())?;
+            pin.steer(lab, &gen, false)?;
         }
     }
 
@@ -709,6 +755,79 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
         }
     }
     Ok(figures)
+}
+
+/// Where the pinned passes put the forwarder under test and the generator.
+struct Pinning {
+    /// The forwarder's CPU (the last one), for `taskset -c`.
+    forwarder: String,
+    /// Every other CPU, for `taskset -c`.
+    generator: String,
+    /// The same CPUs as an `rps_cpus` hex mask.
+    generator_mask: String,
+    /// Every CPU, to undo the pinning.
+    all: String,
+}
+
+impl Pinning {
+    /// `None` on a one-CPU machine.
+    fn plan() -> Option<Pinning> {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if n < 2 {
+            return None;
+        }
+        let mask: u128 = (1u128 << (n - 1).min(127)) - 1;
+        Some(Pinning {
+            forwarder: (n - 1).to_string(),
+            generator: format!("0-{}", n - 2),
+            generator_mask: format!("{mask:x}"),
+            all: format!("0-{}", n - 1),
+        })
+    }
+
+    /// Pins every thread of `pid` to the forwarder's CPU.
+    fn pin(&self, pid: u32) -> Result<()> {
+        taskset(pid, &self.forwarder)
+    }
+
+    /// Lets every thread of `pid` run anywhere again.
+    fn unpin(&self, pid: u32) -> Result<()> {
+        taskset(pid, &self.all)
+    }
+
+    /// With `on`, steers what arrives on every bridge port of the internet namespace and on the
+    /// generator's interface to the generator's CPUs (RPS); without, back to the default (no
+    /// RPS: the softirq runs on the CPU that transmitted).
+    fn steer(&self, lab: &Lab, gen: &crate::Host, on: bool) -> Result<()> {
+        let mask = if on {
+            self.generator_mask.as_str()
+        } else {
+            "0"
+        };
+        let script = format!(
+            "for q in /sys/class/net/*/queues/rx-*/rps_cpus; do echo {mask} > $q || exit 1; done"
+        );
+        crate::netns::exec(lab.internet_ns(), &["sh", "-c", script.as_str()])
+            .context("setting rps_cpus in the internet namespace")?;
+        gen.run_ok(&["sh", "-c", script.as_str()])
+            .context("setting rps_cpus on the generator host")?;
+        Ok(())
+    }
+}
+
+fn taskset(pid: u32, cpus: &str) -> Result<()> {
+    let pid_s = pid.to_string();
+    let out = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, pid_s.as_str()])
+        .output()
+        .context("running taskset")?;
+    if !out.status.success() {
+        bail!(
+            "taskset -a -p -c {cpus} {pid}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 fn report(runs: &[LoadRun]) {
