@@ -196,7 +196,10 @@ mod tests {
         let events = v.handle_full(1, vec![peer(1), peer(2)]);
         assert_eq!(
             events,
-            vec![PeerEvent::Added(Arc::new(peer(1))), PeerEvent::Added(Arc::new(peer(2)))]
+            vec![
+                PeerEvent::Added(Arc::new(peer(1))),
+                PeerEvent::Added(Arc::new(peer(2)))
+            ]
         );
         assert_eq!(v.version(), Some(1));
         assert_eq!(v.len(), 2);
