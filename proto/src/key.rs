@@ -116,6 +116,18 @@ mod tests {
     }
 
     #[test]
+    fn non_canonical_text_is_refused() {
+        // 43 characters carry 258 bits; the two spare bits must be zero.
+        let text = format!("{}B", "A".repeat(42));
+        assert_eq!(text.parse::<Key32>(), Err(KeyParseError::Encoding));
+        let escaped = format!("\"\\u0041{}\"", "A".repeat(42));
+        assert_eq!(
+            serde_json::from_str::<Key32>(&escaped).unwrap(),
+            Key32([0; 32])
+        );
+    }
+
+    #[test]
     fn json_form_is_a_string() {
         let k = Key32([1; 32]);
         let j = serde_json::to_string(&k).unwrap();
