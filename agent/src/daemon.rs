@@ -276,7 +276,14 @@ impl Daemon {
             ))
         })?;
         // Peers learned before the engine existed.
-        engine.apply_peer_changes(inner.peers.peers().cloned().map(PeerEvent::Added).collect());
+        engine.apply_peer_changes(
+            inner
+                .peers
+                .shared_peers()
+                .cloned()
+                .map(PeerEvent::Added)
+                .collect(),
+        );
         inner.engine = Some(engine);
         inner.virtual_ip = Some(vip);
         Ok(())

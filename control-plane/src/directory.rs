@@ -19,7 +19,7 @@ use rally_proto::{Key32, NatReport, PeerInfo};
 
 use crate::store::{AgentRow, InviteRefusal, NewInvite, PartyRow, Snapshot, Store, StoreError};
 
-/// A peer's entry in peer maps and deltas (`{peer_id, name, …}` as JSON), for recipients that
+/// A peer's entry in peer maps and deltas (`[peer_id, name, …]` as JSON), for recipients that
 /// share exactly `parties` with it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct EncodedPeer {
@@ -39,13 +39,13 @@ impl EncodedPeer {
             peer_id: peer.peer_id,
             party_ids,
             // Our own types serialize infallibly (no maps with non-string keys).
-            json: serde_json::to_vec(peer)
+            json: serde_json::to_vec(&peer.wire())
                 .expect("PeerInfo serializes")
                 .into(),
         }
     }
 
-    /// The JSON object of the peer, exactly as `serde_json` writes a [`PeerInfo`].
+    /// The peer's JSON in its wire form, exactly as `serde_json` writes [`PeerInfo::wire`].
     pub fn json(&self) -> &[u8] {
         &self.json
     }
@@ -491,7 +491,7 @@ mod tests {
         };
         assert_eq!(
             audience[0].1.json(),
-            &serde_json::to_vec(&expected).unwrap()[..]
+            &serde_json::to_vec(&expected.wire()).unwrap()[..]
         );
     }
 

@@ -102,6 +102,7 @@ pub enum ServerMsg {
     /// Every peer the agent may see; replaces the agent's map and sets its version.
     PeerMap {
         version: u64,
+        #[serde(serialize_with = "wire_peers")]
         peers: Vec<PeerInfo>,
     },
     /// Changes to the agent's map; applies only on top of version `version - 1`.
@@ -204,6 +205,10 @@ pub struct PartyInfo {
 
 /// A peer as the control plane introduces it: only ever one that shares a party with the
 /// receiving agent.
+///
+/// Serialized (the agent's peer cache) as an object with the field names below. On the control
+/// channel it travels in the compact form of [`PeerInfo::wire`], an array of the fields in this
+/// order; reading accepts either form.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerInfo {
     pub peer_id: Key32,
@@ -218,12 +223,55 @@ pub struct PeerInfo {
     pub nat: Option<NatReport>,
 }
 
+impl PeerInfo {
+    /// The compact form used on the control channel (protocol 3): the array
+    /// `[peer_id, name, wg_key, virtual_ip, endpoints, parties]`, with `nat` as a seventh
+    /// element only when there is a report. No field names: a peer entry is about a third
+    /// shorter than the object, and a crowd's peer maps are mostly peer entries.
+    pub fn wire(&self) -> WirePeer<'_> {
+        WirePeer(self)
+    }
+}
+
+/// A [`PeerInfo`] serialized in its wire form; see [`PeerInfo::wire`].
+#[derive(Clone, Copy, Debug)]
+pub struct WirePeer<'a>(&'a PeerInfo);
+
+impl Serialize for WirePeer<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let p = self.0;
+        let mut t = s.serialize_tuple(if p.nat.is_some() { 7 } else { 6 })?;
+        t.serialize_element(&p.peer_id)?;
+        t.serialize_element(&p.name)?;
+        t.serialize_element(&p.wg_key)?;
+        t.serialize_element(&p.virtual_ip)?;
+        t.serialize_element(&p.endpoints)?;
+        t.serialize_element(&p.parties)?;
+        if let Some(nat) = &p.nat {
+            t.serialize_element(nat)?;
+        }
+        t.end()
+    }
+}
+
+fn wire_peer<S: Serializer>(peer: &PeerInfo, s: S) -> Result<S::Ok, S::Error> {
+    peer.wire().serialize(s)
+}
+
+fn wire_peers<S: Serializer>(peers: &[PeerInfo], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(peers.iter().map(PeerInfo::wire))
+}
+
 /// One change in a [`ServerMsg::PeerDelta`]: the latest state of one peer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(remote = "Self", tag = "op", rename_all = "snake_case")]
 pub enum PeerChange {
     /// The peer as it is now (added, or changed in any field).
-    Upsert { peer: PeerInfo },
+    Upsert {
+        #[serde(serialize_with = "wire_peer")]
+        peer: PeerInfo,
+    },
     /// The peer no longer shares a party with the agent.
     Remove { peer_id: Key32 },
 }
@@ -672,6 +720,51 @@ mod tests {
                 peers: vec![want]
             }
         );
+    }
+
+    #[test]
+    fn peers_travel_as_arrays_and_nat_only_when_reported() {
+        let mut peer = PeerInfo {
+            peer_id: Key32([1; 32]),
+            name: "a".into(),
+            wg_key: Key32([2; 32]),
+            virtual_ip: Ipv4Addr::new(10, 66, 0, 5),
+            endpoints: vec!["192.0.2.1:5".parse().unwrap()],
+            parties: vec!["x".into()],
+            nat: None,
+        };
+        let text = serde_json::to_string(&peer.wire()).unwrap();
+        assert_eq!(
+            text,
+            r#"["AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE","a","AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI","10.66.0.5",["192.0.2.1:5"],["x"]]"#
+        );
+        assert_eq!(serde_json::from_str::<PeerInfo>(&text).unwrap(), peer);
+        peer.nat = Some(NatReport {
+            mapping: NatBehavior::EndpointIndependent,
+            ..NatReport::default()
+        });
+        let text = serde_json::to_string(&peer.wire()).unwrap();
+        assert_eq!(serde_json::from_str::<PeerInfo>(&text).unwrap(), peer);
+        // The cache keeps the object form.
+        let object = serde_json::to_string(&peer).unwrap();
+        assert!(object.starts_with(r#"{"peer_id":"#));
+        assert_eq!(serde_json::from_str::<PeerInfo>(&object).unwrap(), peer);
+        let map = ServerMsg::PeerMap {
+            version: 1,
+            peers: vec![peer],
+        };
+        let body = serde_json::to_string(&map).unwrap();
+        assert!(body.contains(r#""peers":[["#), "{body}");
+    }
+
+    #[test]
+    fn short_or_long_peer_arrays_are_refused() {
+        for text in [
+            r#"["AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE","a"]"#,
+            r#"["AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE","a","AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI","10.66.0.5",[],[],null,1]"#,
+        ] {
+            assert!(serde_json::from_str::<PeerInfo>(text).is_err(), "{text}");
+        }
     }
 
     #[test]

@@ -53,11 +53,17 @@ impl FromStr for Key32 {
         if s.len() != 43 {
             return Err(KeyParseError::Length(s.len()));
         }
-        let bytes = URL_SAFE_NO_PAD
-            .decode(s)
-            .map_err(|_| KeyParseError::Encoding)?;
-        let arr: [u8; 32] = bytes.try_into().map_err(|_| KeyParseError::Encoding)?;
-        Ok(Key32(arr))
+        // 43 characters decode to 32 bytes and two spare bits; a 33-byte buffer takes the
+        // decoder's worst-case estimate without a heap copy.
+        let mut buf = [0u8; 33];
+        match URL_SAFE_NO_PAD.decode_slice(s, &mut buf) {
+            Ok(32) => {
+                let mut arr = [0u8; 32];
+                arr.copy_from_slice(&buf[..32]);
+                Ok(Key32(arr))
+            }
+            _ => Err(KeyParseError::Encoding),
+        }
     }
 }
 
@@ -69,8 +75,22 @@ impl Serialize for Key32 {
 
 impl<'de> Deserialize<'de> for Key32 {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Reads a key from a string slice, borrowed or not, without an owned copy of the text.
+struct KeyVisitor;
+
+impl serde::de::Visitor<'_> for KeyVisitor {
+    type Value = Key32;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a key: 43 characters of URL-safe base64")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Key32, E> {
+        s.parse().map_err(E::custom)
     }
 }
 
@@ -93,6 +113,18 @@ mod tests {
     fn non_base64_is_refused() {
         let bad = "!".repeat(43);
         assert_eq!(bad.parse::<Key32>(), Err(KeyParseError::Encoding));
+    }
+
+    #[test]
+    fn non_canonical_text_is_refused() {
+        // 43 characters carry 258 bits; the two spare bits must be zero.
+        let text = format!("{}B", "A".repeat(42));
+        assert_eq!(text.parse::<Key32>(), Err(KeyParseError::Encoding));
+        let escaped = format!("\"\\u0041{}\"", "A".repeat(42));
+        assert_eq!(
+            serde_json::from_str::<Key32>(&escaped).unwrap(),
+            Key32([0; 32])
+        );
     }
 
     #[test]

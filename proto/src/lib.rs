@@ -29,5 +29,6 @@ pub use peermap::{DeltaError, PeerEvent, PeerView};
 pub use token::{RelayToken, TokenError};
 pub use vip::{Overlay, OverlayError};
 
-/// Protocol version spoken on the control channel (2: versioned peer maps with deltas).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Protocol version spoken on the control channel (2: versioned peer maps with deltas; 3: peer
+/// entries as compact arrays, [`PeerInfo::wire`]).
+pub const PROTOCOL_VERSION: u16 = 3;

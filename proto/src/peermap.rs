@@ -9,9 +9,11 @@
 //!
 //! Applying a delta costs O(changes · log n); a full map is diffed against the view. Either way
 //! the caller learns only what changed, as [`PeerEvent`]s, so it never rebuilds per-peer state
-//! for peers that did not change.
+//! for peers that did not change. A peer is held once, behind an [`Arc`] the view and its events
+//! share: taking a change moves the decoded peer in, it never copies it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::control::{PeerChange, PeerInfo};
 use crate::key::Key32;
@@ -20,11 +22,11 @@ use crate::key::Key32;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerEvent {
     /// A peer the view did not hold.
-    Added(PeerInfo),
+    Added(Arc<PeerInfo>),
     /// A peer the view held, with at least one field changed; carries the new state.
-    Updated(PeerInfo),
+    Updated(Arc<PeerInfo>),
     /// A peer the view no longer holds; carries its last state.
-    Removed(PeerInfo),
+    Removed(Arc<PeerInfo>),
 }
 
 impl PeerEvent {
@@ -52,7 +54,7 @@ pub enum DeltaError {
 pub struct PeerView {
     version: Option<u64>,
     awaiting_full: bool,
-    peers: BTreeMap<Key32, PeerInfo>,
+    peers: BTreeMap<Key32, Arc<PeerInfo>>,
 }
 
 impl PeerView {
@@ -122,23 +124,30 @@ impl PeerView {
     }
 
     pub fn get(&self, id: &Key32) -> Option<&PeerInfo> {
-        self.peers.get(id)
+        self.peers.get(id).map(|p| &**p)
     }
 
     /// The peers in peer-id order.
     pub fn peers(&self) -> impl Iterator<Item = &PeerInfo> {
+        self.peers.values().map(|p| &**p)
+    }
+
+    /// The peers in peer-id order, as the shared handles events carry.
+    pub fn shared_peers(&self) -> impl Iterator<Item = &Arc<PeerInfo>> {
         self.peers.values()
     }
 
     fn apply(&mut self, change: PeerChange) -> Option<PeerEvent> {
         match change {
             PeerChange::Upsert { peer } => match self.peers.get_mut(&peer.peer_id) {
-                Some(old) if *old == peer => None,
+                Some(old) if **old == peer => None,
                 Some(old) => {
+                    let peer = Arc::new(peer);
                     *old = peer.clone();
                     Some(PeerEvent::Updated(peer))
                 }
                 None => {
+                    let peer = Arc::new(peer);
                     self.peers.insert(peer.peer_id, peer.clone());
                     Some(PeerEvent::Added(peer))
                 }
@@ -152,16 +161,22 @@ impl PeerView {
         let mut events = Vec::new();
         for peer in peers {
             let id = peer.peer_id;
-            match old.remove(&id) {
-                Some(prev) if prev == peer => {}
-                Some(_) => events.push(PeerEvent::Updated(peer.clone())),
+            let event = match old.remove(&id) {
+                // Unchanged: keep the handle the caller already has.
+                Some(prev) if *prev == peer => {
+                    self.peers.insert(id, prev);
+                    continue;
+                }
+                Some(_) => PeerEvent::Updated,
                 None if self.peers.contains_key(&id) => {
                     // A repeated id in one map: the later entry wins.
-                    events.retain(|e| e.peer_id() != id);
-                    events.push(PeerEvent::Added(peer.clone()));
+                    events.retain(|e: &PeerEvent| e.peer_id() != id);
+                    PeerEvent::Added
                 }
-                None => events.push(PeerEvent::Added(peer.clone())),
-            }
+                None => PeerEvent::Added,
+            };
+            let peer = Arc::new(peer);
+            events.push(event(peer.clone()));
             self.peers.insert(id, peer);
         }
         events.extend(old.into_values().map(PeerEvent::Removed));
@@ -181,7 +196,10 @@ mod tests {
         let events = v.handle_full(1, vec![peer(1), peer(2)]);
         assert_eq!(
             events,
-            vec![PeerEvent::Added(peer(1)), PeerEvent::Added(peer(2))]
+            vec![
+                PeerEvent::Added(Arc::new(peer(1))),
+                PeerEvent::Added(Arc::new(peer(2)))
+            ]
         );
         assert_eq!(v.version(), Some(1));
         assert_eq!(v.len(), 2);
@@ -191,7 +209,7 @@ mod tests {
     fn delta_adds_a_peer() {
         let mut v = view_at(1, &[1]);
         let events = v.handle_delta(2, vec![upsert(peer(2))]).unwrap();
-        assert_eq!(events, vec![PeerEvent::Added(peer(2))]);
+        assert_eq!(events, vec![PeerEvent::Added(Arc::new(peer(2)))]);
         assert_eq!(v.len(), 2);
         assert_eq!(v.version(), Some(2));
     }
@@ -202,7 +220,7 @@ mod tests {
         let mut moved = peer(2);
         moved.endpoints = vec!["203.0.113.9:4000".parse().unwrap()];
         let events = v.handle_delta(2, vec![upsert(moved.clone())]).unwrap();
-        assert_eq!(events, vec![PeerEvent::Updated(moved.clone())]);
+        assert_eq!(events, vec![PeerEvent::Updated(Arc::new(moved.clone()))]);
         assert_eq!(v.get(&moved.peer_id), Some(&moved));
     }
 
@@ -210,7 +228,7 @@ mod tests {
     fn delta_removes_a_peer() {
         let mut v = view_at(1, &[1, 2]);
         let events = v.handle_delta(2, vec![remove(1)]).unwrap();
-        assert_eq!(events, vec![PeerEvent::Removed(peer(1))]);
+        assert_eq!(events, vec![PeerEvent::Removed(Arc::new(peer(1)))]);
         assert_eq!(v.peers().cloned().collect::<Vec<_>>(), vec![peer(2)]);
     }
 
@@ -243,9 +261,9 @@ mod tests {
         assert_eq!(
             events,
             vec![
-                PeerEvent::Added(peer(2)),
-                PeerEvent::Added(peer(3)),
-                PeerEvent::Removed(peer(1))
+                PeerEvent::Added(Arc::new(peer(2))),
+                PeerEvent::Added(Arc::new(peer(3))),
+                PeerEvent::Removed(Arc::new(peer(1)))
             ]
         );
         assert!(!v.awaiting_full());
@@ -283,7 +301,7 @@ mod tests {
         // The full map reports only what differs from the cache.
         assert_eq!(
             v.handle_full(1, vec![peer(1), peer(2)]),
-            vec![PeerEvent::Added(peer(2))]
+            vec![PeerEvent::Added(Arc::new(peer(2)))]
         );
     }
 
@@ -296,9 +314,9 @@ mod tests {
         assert_eq!(
             events,
             vec![
-                PeerEvent::Updated(renamed),
-                PeerEvent::Added(peer(4)),
-                PeerEvent::Removed(peer(3))
+                PeerEvent::Updated(Arc::new(renamed)),
+                PeerEvent::Added(Arc::new(peer(4))),
+                PeerEvent::Removed(Arc::new(peer(3)))
             ]
         );
     }
@@ -309,7 +327,7 @@ mod tests {
         let mut second = peer(1);
         second.name = "second".into();
         let events = v.handle_full(1, vec![peer(1), second.clone()]);
-        assert_eq!(events, vec![PeerEvent::Added(second.clone())]);
+        assert_eq!(events, vec![PeerEvent::Added(Arc::new(second.clone()))]);
         assert_eq!(v.get(&second.peer_id), Some(&second));
     }
 

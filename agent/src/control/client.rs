@@ -338,7 +338,6 @@ async fn write(send: &mut quinn::SendStream, msg: &ClientMsg) -> Result<(), Stri
 struct Reader {
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
-    buf: Vec<u8>,
 }
 
 impl Reader {
@@ -346,7 +345,6 @@ impl Reader {
         Reader {
             recv,
             decoder: FrameDecoder::new(),
-            buf: vec![0; 64 * 1024],
         }
     }
 
@@ -360,8 +358,9 @@ impl Reader {
             {
                 return Ok(msg);
             }
-            match self.recv.read(&mut self.buf).await {
-                Ok(Some(n)) => self.decoder.extend(&self.buf[..n]),
+            // Chunks as quinn holds them: one copy into the decoder, no buffer of our own.
+            match self.recv.read_chunk(usize::MAX, true).await {
+                Ok(Some(chunk)) => self.decoder.extend(&chunk.bytes),
                 Ok(None) => return Err("control plane closed the stream".into()),
                 Err(e) => return Err(format!("connection lost: {e}")),
             }

@@ -165,7 +165,8 @@ enum Route {
 }
 
 struct Peer {
-    info: PeerInfo,
+    /// Shared with the daemon's peer view (never copied).
+    info: Arc<PeerInfo>,
     short: ShortId,
     tunnel: Tunnel,
     index: u32,
@@ -454,7 +455,7 @@ impl Engine {
     }
 
     /// Adds a peer, or brings an existing one up to date; a new WireGuard key starts afresh.
-    fn upsert_peer(&mut self, info: PeerInfo, t: std::time::Instant) {
+    fn upsert_peer(&mut self, info: Arc<PeerInfo>, t: std::time::Instant) {
         let id = info.peer_id;
         if self
             .peers
