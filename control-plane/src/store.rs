@@ -406,14 +406,7 @@ impl Store for SqliteStore {
         let Some((name, wg, vip, eps, nat)) = row else {
             return Ok(None);
         };
-        Ok(Some(AgentRow {
-            identity: *identity,
-            name,
-            wg_key: Key32(blob(wg, "agents.wg_key")?),
-            virtual_ip: Ipv4Addr::from(vip),
-            endpoints: endpoints_from_text(&eps)?,
-            nat,
-        }))
+        agent_row(*identity, name, wg, vip, &eps, nat).map(Some)
     }
 
     fn peers_of(&self, identity: &Key32) -> Result<Vec<(AgentRow, Vec<String>)>, StoreError> {
@@ -447,17 +440,7 @@ impl Store for SqliteStore {
                     continue;
                 }
             }
-            out.push((
-                AgentRow {
-                    identity: id,
-                    name,
-                    wg_key: Key32(blob(wg, "agents.wg_key")?),
-                    virtual_ip: Ipv4Addr::from(vip),
-                    endpoints: endpoints_from_text(&eps)?,
-                    nat,
-                },
-                vec![party],
-            ));
+            out.push((agent_row(id, name, wg, vip, &eps, nat)?, vec![party]));
         }
         Ok(out)
     }
@@ -489,14 +472,8 @@ impl Store for SqliteStore {
         let mut agents = Vec::new();
         for row in rows {
             let (id, name, wg, vip, eps, nat) = row?;
-            agents.push(AgentRow {
-                identity: Key32(blob(id, "agents.identity")?),
-                name,
-                wg_key: Key32(blob(wg, "agents.wg_key")?),
-                virtual_ip: Ipv4Addr::from(vip),
-                endpoints: endpoints_from_text(&eps)?,
-                nat,
-            });
+            let id = Key32(blob(id, "agents.identity")?);
+            agents.push(agent_row(id, name, wg, vip, &eps, nat)?);
         }
         let mut q = self.db.prepare(
             "SELECT p.id, p.name, p.owner, m.agent FROM parties p
@@ -558,6 +535,26 @@ fn endpoints_to_text(eps: &[SocketAddr]) -> String {
         .map(|e| e.to_string())
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// An `agents` row from its stored columns (`wg_key` as a blob, `virtual_ip` as an integer,
+/// `endpoints` as text).
+fn agent_row(
+    identity: Key32,
+    name: String,
+    wg_key: Vec<u8>,
+    virtual_ip: u32,
+    endpoints: &str,
+    nat: Option<String>,
+) -> Result<AgentRow, StoreError> {
+    Ok(AgentRow {
+        identity,
+        name,
+        wg_key: Key32(blob(wg_key, "agents.wg_key")?),
+        virtual_ip: Ipv4Addr::from(virtual_ip),
+        endpoints: endpoints_from_text(endpoints)?,
+        nat,
+    })
 }
 
 fn endpoints_from_text(s: &str) -> Result<Vec<SocketAddr>, StoreError> {
