@@ -20,8 +20,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rally_proto::Key32;
-use rally_udp::{grow_socket_buffers, skip_receive_metadata, socket_drops, GsoBatch};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use rally_udp::{
+    grow_socket_buffers, recv_batch, skip_receive_metadata, socket_drops, Drain, GsoBatch,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
@@ -161,12 +163,21 @@ impl Server {
         let mut sockets = Sockets { primary, alt };
         let mut rx = RxBuffers::new();
         tokio::pin!(shutdown);
-
-        loop {
-            let wake = relay
+        let next_wake = |relay: &Relay| {
+            relay
                 .poll_timeout()
                 .map(Instant::from_std)
-                .unwrap_or_else(|| Instant::now() + crate::core::SWEEP_INTERVAL);
+                .unwrap_or_else(|| Instant::now() + crate::core::SWEEP_INTERVAL)
+        };
+        // One timer, moved only when the relay's deadline moves: not a new timer per wake-up.
+        let timer = tokio::time::sleep_until(next_wake(&relay));
+        tokio::pin!(timer);
+
+        loop {
+            let wake = next_wake(&relay);
+            if timer.deadline() != wake {
+                timer.as_mut().reset(wake);
+            }
             tokio::select! {
                 () = &mut shutdown => break,
                 r = sockets.primary.socket.readable() => match r {
@@ -183,7 +194,7 @@ impl Server {
                         socket_drops: sockets.kernel_drops(),
                     });
                 }
-                () = tokio::time::sleep_until(wake) => {
+                () = &mut timer => {
                     relay.handle_timeout(Instant::now().into_std(), unix_now());
                 }
             }
@@ -234,23 +245,9 @@ impl Udp {
             segment_size,
             src_ip: None,
         };
-        loop {
-            match self.socket.try_io(Interest::WRITABLE, || {
-                self.state.send((&self.socket).into(), &transmit)
-            }) {
-                Ok(()) => return,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if let Err(e) = self.socket.writable().await {
-                        tracing::debug!(%to, error = %e, "socket not writable");
-                        return;
-                    }
-                }
-                Err(e) => {
-                    // E.g. an ICMP error for an earlier send: nothing to do but carry on.
-                    tracing::debug!(%to, error = %e, "send failed");
-                    return;
-                }
-            }
+        if let Err(e) = rally_udp::send(&self.socket, &self.state, &transmit).await {
+            // E.g. an ICMP error for an earlier send: nothing to do but carry on.
+            tracing::debug!(%to, error = %e, "send failed");
         }
     }
 
@@ -328,10 +325,13 @@ impl RxBuffers {
     }
 }
 
-/// Reads and handles what `via`'s socket holds, up to [`ROUNDS`] reads.
+/// Reads and handles what `via`'s socket holds: up to [`ROUNDS`] reads, until one finds nothing
+/// ([`Drain::WhenEmpty`]: under load the extra read often finds more).
 async fn drain(via: Via, sockets: &mut Sockets, relay: &mut Relay, rx: &mut RxBuffers) {
+    let now = Instant::now().into_std();
+    let now_unix = unix_now();
     for _ in 0..ROUNDS {
-        let n = {
+        let got = {
             let udp = sockets.get(via);
             let mut iovs: [io::IoSliceMut<'_>; quinn_udp::BATCH_SIZE] = {
                 let mut bufs = rx.bufs.iter_mut();
@@ -340,12 +340,14 @@ async fn drain(via: Via, sockets: &mut Sockets, relay: &mut Relay, rx: &mut RxBu
                     None => io::IoSliceMut::new(&mut []),
                 })
             };
-            match udp.socket.try_io(Interest::READABLE, || {
-                udp.state
-                    .recv((&udp.socket).into(), &mut iovs, &mut rx.meta)
-            }) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            match recv_batch(
+                &udp.socket,
+                &udp.state,
+                &mut iovs,
+                &mut rx.meta,
+                Drain::WhenEmpty,
+            ) {
+                Ok(got) => got,
                 Err(e) => {
                     // E.g. an ICMP error for an earlier send: nothing to do but carry on.
                     tracing::debug!(error = %e, "recv failed");
@@ -353,9 +355,7 @@ async fn drain(via: Via, sockets: &mut Sockets, relay: &mut Relay, rx: &mut RxBu
                 }
             }
         };
-        let now = Instant::now().into_std();
-        let now_unix = unix_now();
-        for i in 0..n {
+        for i in 0..got.count {
             let (Some(meta), Some(buf)) = (rx.meta.get(i), rx.bufs.get_mut(i)) else {
                 break;
             };
@@ -379,6 +379,9 @@ async fn drain(via: Via, sockets: &mut Sockets, relay: &mut Relay, rx: &mut RxBu
                 now_unix,
             )
             .await;
+        }
+        if got.drained {
+            break;
         }
     }
     // Once per wake-up, not per read: a run of datagrams to one destination that straddles two

@@ -617,29 +617,14 @@ impl Engine {
         out: &mut [u8],
     ) {
         for _ in 0..RX_ROUNDS {
-            let mut n = 0;
-            let drained = {
+            let (n, drained) = {
                 let mut iovs = rx.each_mut().map(|b| std::io::IoSliceMut::new(b));
-                let udp = &self.udp;
-                let state = &self.udp_state;
-                let wanted = iovs.len();
-                // A short batch means the queue was empty when the kernel filled it: report
-                // "would block" so the readiness is cleared now, instead of by one more
-                // `recvmmsg` that finds nothing. (A datagram arriving since then is a new
-                // edge on the epoll set and wakes the loop again.)
-                match udp.try_io(tokio::io::Interest::READABLE, || {
-                    n = state.recv(udp.into(), &mut iovs, meta)?;
-                    if n < wanted {
-                        Err(std::io::ErrorKind::WouldBlock.into())
-                    } else {
-                        Ok(())
-                    }
-                }) {
-                    Ok(()) => false,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+                let drain = rally_udp::Drain::WhenShort;
+                match rally_udp::recv_batch(&self.udp, &self.udp_state, &mut iovs, meta, drain) {
+                    Ok(got) => (got.count, got.drained),
                     Err(e) => {
                         debug!("udp receive: {e}");
-                        true
+                        (0, true)
                     }
                 }
             };
@@ -1229,20 +1214,8 @@ async fn flush_gso(udp: &UdpSocket, state: &quinn_udp::UdpSocketState, batch: &m
             segment_size,
             src_ip: None,
         };
-        loop {
-            if udp.writable().await.is_err() {
-                break;
-            }
-            match udp.try_io(tokio::io::Interest::WRITABLE, || {
-                state.send(udp.into(), &transmit)
-            }) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => {
-                    debug!(to = %destination, "udp send: {e}");
-                    break;
-                }
-            }
+        if let Err(e) = rally_udp::send(udp, state, &transmit).await {
+            debug!(to = %destination, "udp send: {e}");
         }
     }
     batch.clear();

@@ -121,7 +121,7 @@ pub fn run(which: Which, opts: &Options) -> Result<()> {
     }
     let all = which == Which::All;
     let datapath = all || matches!(which, Which::Throughput | Which::Latency | Which::Profile);
-    let mut tools_needed = vec![Tool::Iperf3];
+    let mut tools_needed = vec![Tool::Iperf3, Tool::Ping];
     if datapath {
         tools_needed.extend([Tool::Wg, Tool::WireguardGo, Tool::BoringtunCli]);
     }
@@ -130,7 +130,7 @@ pub fn run(which: Which, opts: &Options) -> Result<()> {
     }
     let installed = tools::ensure(&tools_needed)?;
     if installed.is_empty() {
-        say("reference programs already installed (iperf3, wg, wireguard-go, boringtun-cli)");
+        say("reference programs already installed (iperf3, ping, wg, wireguard-go, boringtun-cli)");
     } else {
         say(&format!("installed: {}", installed.join(", ")));
     }

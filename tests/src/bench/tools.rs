@@ -10,6 +10,8 @@ use anyhow::{anyhow, bail, Context, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tool {
     Iperf3,
+    /// iputils `ping`: the latency figures and every wait for a tunnel to carry traffic.
+    Ping,
     /// `wg` (wireguard-tools), to configure the userspace WireGuard daemons over UAPI.
     Wg,
     WireguardGo,
@@ -23,6 +25,7 @@ impl Tool {
     fn binary(self) -> &'static str {
         match self {
             Tool::Iperf3 => "iperf3",
+            Tool::Ping => "ping",
             Tool::Wg => "wg",
             Tool::WireguardGo => "wireguard-go",
             Tool::BoringtunCli => "boringtun-cli",
@@ -35,6 +38,7 @@ impl Tool {
     fn apt_package(self) -> Option<&'static str> {
         match self {
             Tool::Iperf3 => Some("iperf3"),
+            Tool::Ping => Some("iputils-ping"),
             Tool::Wg => Some("wireguard-tools"),
             Tool::WireguardGo => Some("wireguard-go"),
             Tool::Perf => Some("linux-perf"),
