@@ -2,7 +2,7 @@
 //!
 //! [`Relay`] takes datagrams with the time they arrived and returns what to do with each as an
 //! [`Action`]; it owns no socket, reads no clock and draws no randomness (the cookie secret is
-//! its seed). The tokio driver in [`crate::server`] performs the actions.
+//! its seed). The forwarding thread started by [`crate::server`] performs the actions.
 //!
 //! Rules, in the order they are applied:
 //! - `BindRequest` → `BindChallenge{cookie}`: the cookie is an HMAC of the source address and a

@@ -3,8 +3,9 @@
 //!
 //! - [`core`] is the protocol as a sans-IO state machine ([`Relay`]): datagrams and the time in,
 //!   [`Action`]s out. Everything the relay decides is decided there and tested there.
-//! - [`server`] is the thin tokio driver: it owns the sockets, the timer and the metrics
-//!   listener, and performs the actions.
+//! - [`server`] binds the sockets, runs the forwarding thread (`forwarder`: a `poll(2)` loop
+//!   that owns the sockets and the core and performs the actions) and serves the metrics from
+//!   the caller's tokio runtime.
 //! - [`metrics`] renders [`Stats`] as Prometheus text.
 
 #![warn(missing_docs)]
@@ -12,6 +13,8 @@
 pub mod core;
 pub mod metrics;
 pub mod server;
+
+mod forwarder;
 
 mod cookie;
 mod limit;

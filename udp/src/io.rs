@@ -1,5 +1,6 @@
-//! Batched reads and GSO sends through quinn-udp on a tokio socket: the one way the agent and
-//! the relay drive their sockets.
+//! Batched reads and GSO sends through quinn-udp on a tokio socket, as the agent's data plane
+//! drives its socket. (The relay's forwarding thread calls quinn-udp itself under a
+//! level-triggered `poll(2)`, where a short read needs no readiness bookkeeping.)
 
 use std::io::{self, IoSliceMut};
 
@@ -12,39 +13,26 @@ use tokio::net::UdpSocket;
 pub struct Received {
     /// Buffers filled (each a datagram or a GRO train), from the first.
     pub count: usize,
-    /// The socket's queue ran dry (see [`Drain`]): its readiness is cleared, and a datagram
-    /// arriving since is a new edge for the poller that wakes the reader again.
+    /// The socket's queue ran dry (the batch came back short): its readiness is cleared, and a
+    /// datagram arriving since is a new edge for the poller that wakes the reader again.
     pub drained: bool,
 }
 
-/// When a read counts as having emptied the socket's queue (and clears its readiness).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Drain {
-    /// A short batch: the reader goes back to waiting without one more read that would find
-    /// nothing. Best for latency, when a lone packet is the usual case (the agent).
-    WhenShort,
-    /// Only a read that finds nothing. Under a steady load the extra read often finds more, so
-    /// the reader sleeps (and is woken) less often between bursts (the relay; stopping at a
-    /// short batch showed no gain there in A/B runs on the lab VM).
-    WhenEmpty,
-}
-
 /// Reads up to `bufs.len()` datagrams or GRO trains (at most [`quinn_udp::BATCH_SIZE`]) with one
-/// `recvmmsg`, without waiting. A read that finds nothing reports `drained` (`count` 0), as does
-/// a short one with [`Drain::WhenShort`]; both clear the readiness. Errors are the socket's (e.g.
-/// an ICMP error for an earlier send).
+/// `recvmmsg`, without waiting. A short batch reports `drained` and clears the readiness, as an
+/// empty one does (`count` 0): the reader goes back to waiting without one more read that would
+/// find nothing. Errors are the socket's (e.g. an ICMP error for an earlier send).
 pub fn recv_batch(
     socket: &UdpSocket,
     state: &UdpSocketState,
     bufs: &mut [IoSliceMut<'_>],
     meta: &mut [RecvMeta],
-    drain: Drain,
 ) -> io::Result<Received> {
     let wanted = bufs.len().min(meta.len()).min(quinn_udp::BATCH_SIZE);
     let mut count = 0;
     let read = socket.try_io(Interest::READABLE, || {
         count = state.recv(socket.into(), bufs, meta)?;
-        if drain == Drain::WhenShort && count < wanted {
+        if count < wanted {
             // Reported as "would block" so tokio clears the readiness now.
             Err(io::ErrorKind::WouldBlock.into())
         } else {
@@ -107,8 +95,7 @@ mod tests {
         }
         rx.readable().await.expect("readable");
         let mut iovs: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-        let short = Drain::WhenShort;
-        let first = recv_batch(&rx, &state, &mut iovs, &mut meta, short).expect("read");
+        let first = recv_batch(&rx, &state, &mut iovs, &mut meta).expect("read");
         assert_eq!(
             first,
             Received {
@@ -117,7 +104,7 @@ mod tests {
             }
         );
         assert_eq!(meta[0].len, 10);
-        let second = recv_batch(&rx, &state, &mut iovs, &mut meta, short).expect("read");
+        let second = recv_batch(&rx, &state, &mut iovs, &mut meta).expect("read");
         assert_eq!(
             second,
             Received {
@@ -127,7 +114,7 @@ mod tests {
         );
         assert_eq!(meta[1].len, 15);
         // Empty is drained too; a new datagram makes the socket readable again.
-        let third = recv_batch(&rx, &state, &mut iovs, &mut meta, short).expect("read");
+        let third = recv_batch(&rx, &state, &mut iovs, &mut meta).expect("read");
         assert_eq!(
             third,
             Received {
@@ -137,39 +124,11 @@ mod tests {
         );
         tx.send(b"again").await.expect("send");
         rx.readable().await.expect("readable again");
-        let fourth = recv_batch(&rx, &state, &mut iovs, &mut meta, short).expect("read");
+        let fourth = recv_batch(&rx, &state, &mut iovs, &mut meta).expect("read");
         assert_eq!(
             fourth,
             Received {
                 count: 1,
-                drained: true
-            }
-        );
-    }
-
-    #[tokio::test]
-    async fn when_empty_a_short_batch_is_not_drained() {
-        let (rx, tx) = pair().await;
-        let state = UdpSocketState::new((&rx).into()).expect("state");
-        let mut bufs = vec![vec![0u8; 64]; 4];
-        let mut meta = vec![RecvMeta::default(); 4];
-        tx.send(b"one").await.expect("send");
-        rx.readable().await.expect("readable");
-        let mut iovs: Vec<IoSliceMut<'_>> = bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-        let empty = Drain::WhenEmpty;
-        let first = recv_batch(&rx, &state, &mut iovs, &mut meta, empty).expect("read");
-        assert_eq!(
-            first,
-            Received {
-                count: 1,
-                drained: false
-            }
-        );
-        let second = recv_batch(&rx, &state, &mut iovs, &mut meta, empty).expect("read");
-        assert_eq!(
-            second,
-            Received {
-                count: 0,
                 drained: true
             }
         );

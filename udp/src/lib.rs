@@ -6,7 +6,7 @@
 //!   socket that does not use them.
 //! - [`socket_drops`]: what the kernel dropped on a socket's receive queue.
 //! - [`recv_batch`] and [`send`]: one `recvmmsg` (with UDP GRO) that tells when the queue ran
-//!   dry ([`Drain`] says what counts), and a GSO send that waits out a full send buffer, through quinn-udp's
+//!   dry, and a GSO send that waits out a full send buffer, through quinn-udp's
 //!   `UdpSocketState` on a tokio socket.
 
 #![warn(missing_docs)]
@@ -19,7 +19,7 @@ use std::os::fd::AsRawFd;
 
 pub use drops::{parse_socket_drops, socket_drops};
 pub use gso::{GsoBatch, MAX_GSO_BYTES};
-pub use io::{recv_batch, send, Drain, Received};
+pub use io::{recv_batch, send, Received};
 
 /// Turns off the per-datagram control messages quinn-udp's `UdpSocketState::new` asks the
 /// kernel for besides GRO's segment size: the TOS/traffic class (ECN) and the packet info

@@ -619,8 +619,7 @@ impl Engine {
         for _ in 0..RX_ROUNDS {
             let (n, drained) = {
                 let mut iovs = rx.each_mut().map(|b| std::io::IoSliceMut::new(b));
-                let drain = rally_udp::Drain::WhenShort;
-                match rally_udp::recv_batch(&self.udp, &self.udp_state, &mut iovs, meta, drain) {
+                match rally_udp::recv_batch(&self.udp, &self.udp_state, &mut iovs, meta) {
                     Ok(got) => (got.count, got.drained),
                     Err(e) => {
                         debug!("udp receive: {e}");

@@ -182,7 +182,7 @@ pub fn run(which: Which, opts: &Options) -> Result<()> {
                     section("throughput", datapath::throughput(&dp, opts));
                 }
                 if all || which == Which::Latency {
-                    say("latency: 300 pings 10 ms apart, idle and under a one-stream load");
+                    say("latency: 300 pings 10 ms apart idle, 2 ms apart idle, and 10 ms apart under a one-stream load");
                     section("latency", datapath::latency(&dp, opts));
                 }
                 if which == Which::Profile {
