@@ -216,6 +216,14 @@ pub fn ruleset(kind: NatKind, lan: Subnet) -> String {
     chain learn {{
         type filter hook postrouting priority srcnat + 1; policy accept;
         oifname "{wan}" ct direction original ct original ip saddr {lan} meta l4proto udp update @fullcone {{ ct reply proto-dst : ct original ip saddr . ct original proto-src }}
+    }}
+    # Learnt again from replies: when two inside hosts send from the same port at once, the
+    # second's first packet can be given the same external port before the first's entry is
+    # confirmed, write the map, and then be dropped as a clash (it retries on another port).
+    # The first host's reply, which can only come after, puts its entry back.
+    chain relearn {{
+        type filter hook prerouting priority dstnat - 1; policy accept;
+        iifname "{wan}" ct direction reply ct original ip saddr {lan} meta l4proto udp update @fullcone {{ ct reply proto-dst : ct original ip saddr . ct original proto-src }}
     }}"#
         ),
         _ => String::new(),
