@@ -217,8 +217,7 @@ impl Forwarder {
                 });
             }
             let now = now();
-            let next = self.relay.poll_timeout();
-            if next.is_some_and(|t| t <= now) {
+            if self.relay.poll_timeout().is_some_and(|t| t <= now) {
                 self.relay.handle_timeout(now, unix_now());
             }
             let wait = self
@@ -372,9 +371,10 @@ fn handle_train(
     }
 }
 
-/// The monotonic clock, for the relay's timeouts and rate limits.
+/// The monotonic clock, for the relay's timeouts and rate limits (and its origin, read by
+/// `Server::bind`).
 #[allow(clippy::disallowed_methods)] // the driver is where the clock is read
-fn now() -> Instant {
+pub fn now() -> Instant {
     Instant::now()
 }
 

@@ -5,7 +5,7 @@ use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rally_proto::Key32;
 use rally_udp::{grow_socket_buffers, skip_receive_metadata};
@@ -14,7 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::core::{Config, Limits, Relay, Stats};
-use crate::forwarder::{Forwarder, Sockets, Udp};
+use crate::forwarder::{self, Forwarder, Sockets, Udp};
 use crate::metrics;
 use crate::metrics::Snapshot;
 
@@ -110,7 +110,7 @@ impl Server {
             alt: alt_addr,
             limits: opts.limits,
         };
-        let relay = Relay::new(config, seed, start_instant());
+        let relay = Relay::new(config, seed, forwarder::now());
         Ok(Server {
             sockets: Sockets { primary, alt },
             metrics,
@@ -197,12 +197,6 @@ fn bind_udp(addr: SocketAddr) -> Result<Udp, ServeError> {
         "udp socket ready"
     );
     Ok(Udp::new(socket, state))
-}
-
-/// The relay core's clock origin.
-#[allow(clippy::disallowed_methods)] // the driver is where the clock is read
-fn start_instant() -> Instant {
-    Instant::now()
 }
 
 // --- metrics over HTTP ------------------------------------------------------------------------
