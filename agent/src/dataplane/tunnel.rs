@@ -1,5 +1,7 @@
 //! Our wrapper around boringtun's `Tunn`: it keeps boringtun's buffer rules and its error type
-//! (which has no `Display`) at this edge.
+//! (which has no `Display`) at this edge, and creates the `Tunn` only when the peer is first
+//! talked to. A `Tunn` is about 11 KiB; in a party most pairs of members never exchange a
+//! packet, so an idle peer costs the few bytes needed to create one later.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -39,9 +41,14 @@ impl From<WireGuardError> for TunnelError {
     }
 }
 
-/// A WireGuard session with one peer.
+/// A WireGuard session with one peer; boringtun's state is boxed and created on first use
+/// (a packet to send, a datagram received, or an explicit handshake).
 pub struct Tunnel {
-    tunn: Tunn,
+    tunn: Option<Box<Tunn>>,
+    secret: StaticSecret,
+    peer: PublicKey,
+    keepalive: Option<u16>,
+    index: u32,
 }
 
 /// Counters boringtun keeps for a tunnel.
@@ -57,8 +64,30 @@ impl Tunnel {
     /// `index` must be unique among this agent's peers and fit in 24 bits.
     pub fn new(secret: StaticSecret, peer: PublicKey, keepalive: Option<u16>, index: u32) -> Self {
         Tunnel {
-            tunn: Tunn::new(secret, peer, None, keepalive, index & 0x00ff_ffff, None),
+            tunn: None,
+            secret,
+            peer,
+            keepalive,
+            index: index & 0x00ff_ffff,
         }
+    }
+
+    /// Whether boringtun's state exists yet (the peer has been talked to).
+    pub fn is_active(&self) -> bool {
+        self.tunn.is_some()
+    }
+
+    fn tunn(&mut self) -> &mut Tunn {
+        self.tunn.get_or_insert_with(|| {
+            Box::new(Tunn::new(
+                self.secret.clone(),
+                self.peer,
+                None,
+                self.keepalive,
+                self.index,
+                None,
+            ))
+        })
     }
 
     /// Encrypts a packet from the TUN device (or starts a handshake and queues it).
@@ -68,7 +97,7 @@ impl Tunnel {
         dst: &'a mut [u8],
     ) -> Result<Output<'a>, TunnelError> {
         debug_assert!(dst.len() >= (packet.len() + OVERHEAD).max(MIN_BUF));
-        convert(self.tunn.encapsulate(packet, dst))
+        convert(self.tunn().encapsulate(packet, dst))
     }
 
     /// Processes a datagram from the network. When the result is `Network`, call again with an
@@ -79,12 +108,16 @@ impl Tunnel {
         datagram: &[u8],
         dst: &'a mut [u8],
     ) -> Result<Output<'a>, TunnelError> {
-        convert(self.tunn.decapsulate(from, datagram, dst))
+        convert(self.tunn().decapsulate(from, datagram, dst))
     }
 
-    /// Runs WireGuard's timers: handshake retries, keepalives, session expiry.
+    /// Runs WireGuard's timers: handshake retries, keepalives, session expiry. A tunnel never
+    /// used has none to run.
     pub fn update_timers<'a>(&mut self, dst: &'a mut [u8]) -> Result<Output<'a>, TunnelError> {
-        convert(self.tunn.update_timers(dst))
+        match &mut self.tunn {
+            Some(t) => convert(t.update_timers(dst)),
+            None => Ok(Output::Done),
+        }
     }
 
     /// Starts a handshake now (unless one is already under way and `force` is false).
@@ -93,11 +126,14 @@ impl Tunnel {
         dst: &'a mut [u8],
         force: bool,
     ) -> Result<Output<'a>, TunnelError> {
-        convert(self.tunn.format_handshake_initiation(dst, force))
+        convert(self.tunn().format_handshake_initiation(dst, force))
     }
 
     pub fn stats(&self) -> TunnelStats {
-        let (since_handshake, tx_bytes, rx_bytes, _loss, rtt_ms) = self.tunn.stats();
+        let Some(tunn) = &self.tunn else {
+            return TunnelStats::default();
+        };
+        let (since_handshake, tx_bytes, rx_bytes, _loss, rtt_ms) = tunn.stats();
         TunnelStats {
             since_handshake,
             tx_bytes,
@@ -207,6 +243,33 @@ mod tests {
         };
         let who = initiator_key(&b_secret, &PublicKey::from(&b_secret), init).unwrap();
         assert_eq!(who, PublicKey::from(&stranger).to_bytes());
+    }
+
+    #[test]
+    fn boringtun_state_exists_only_once_the_peer_is_talked_to() {
+        let (mut a, mut b, ..) = pair();
+        assert!(
+            std::mem::size_of::<Tunnel>() < 256,
+            "an idle peer's tunnel stays small"
+        );
+        let mut buf = vec![0u8; 2048];
+        // Timers and counters of a tunnel never used: nothing to do, nothing created.
+        assert!(matches!(a.update_timers(&mut buf), Ok(Output::Done)));
+        assert_eq!(a.stats().tx_bytes, 0);
+        assert!(!a.is_active() && !b.is_active());
+        // A packet to send creates it (and starts a handshake); so does a datagram received.
+        let Ok(Output::Network(init)) =
+            a.encapsulate(&ipv4([10, 66, 0, 2], [10, 66, 0, 3]), &mut buf)
+        else {
+            panic!()
+        };
+        let init = init.to_vec();
+        assert!(a.is_active());
+        assert!(matches!(
+            b.decapsulate(None, &init, &mut buf),
+            Ok(Output::Network(_))
+        ));
+        assert!(b.is_active());
     }
 
     #[test]
