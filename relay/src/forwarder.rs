@@ -1,15 +1,17 @@
 //! The forwarding thread: the relay's UDP sockets and the sans-IO [`Relay`], driven by a plain
-//! `poll(2)` loop on a thread of its own.
+//! level-triggered `epoll` loop on a thread of its own.
 //!
 //! The loop waits for a socket to be readable (or the relay's next timeout), reads what it
 //! holds in batches (`recvmmsg` with UDP GRO, through quinn-udp: one read returns up to
 //! [`quinn_udp::BATCH_SIZE`] datagrams or trains of same-sized datagrams from one source), puts
 //! every datagram through [`Relay::handle_datagram`] and sends what it says. A read that comes
-//! back short means the queue ran dry: the loop goes back to `poll`, which is level-triggered,
+//! back short means the queue ran dry: the loop goes back to `epoll_wait`, level-triggered,
 //! so nothing that arrived meanwhile is missed and no read is spent finding the queue empty.
-//! Per wake-up that is one `poll` and one `recvmmsg` and the sends, with no async runtime
-//! between them (the tokio task this replaced also paid the runtime's waker and timer
-//! bookkeeping and a last `recvmmsg` that found nothing, on every wake-up).
+//! Per wake-up that is one `epoll_wait`, one clock read, one `recvmmsg` and the sends, with no
+//! async runtime between them (the tokio task this replaced also paid the runtime's waker and
+//! timer bookkeeping and a last `recvmmsg` that found nothing, on every wake-up). `epoll`
+//! rather than `poll(2)`: `poll` adds itself to each socket's wait queue and takes itself off
+//! again on every call (7.9 % of the relay's CPU at 100 pairs, against 5.0 % for `epoll_wait`).
 //!
 //! Forwarding rewrites each datagram in place, so consecutive `Deliver`s to one destination
 //! leave as one UDP GSO send: a GRO train whose datagrams all go to one session is sent
@@ -23,7 +25,7 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -111,6 +113,51 @@ fn wait_writable(socket: &UdpSocket, wait: Duration) -> bool {
     r > 0 && fd.revents & libc::POLLOUT != 0
 }
 
+/// Token of the alternate-port socket in epoll events (the primary's is 0).
+const ALT: u64 = 1;
+
+/// A level-triggered epoll instance watching the relay's sockets for input. Unlike `poll(2)`,
+/// which adds itself to every socket's wait queue and removes itself again on every call, the
+/// registration is made once; a call on a busy socket costs one readiness check.
+struct Poller {
+    epoll: OwnedFd,
+}
+
+impl Poller {
+    fn new(primary: RawFd, alt: Option<RawFd>) -> io::Result<Self> {
+        // SAFETY: epoll_create1 takes no pointers; a non-negative result is a new fd we own.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by epoll_create1 and is owned by nobody else.
+        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        for (socket, token) in std::iter::once((primary, 0)).chain(alt.map(|a| (a, ALT))) {
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: token,
+            };
+            // SAFETY: epoll_ctl on our epoll fd and a live socket, with a pointer to a live
+            // event for the duration of the call.
+            let r = unsafe { libc::epoll_ctl(fd, libc::EPOLL_CTL_ADD, socket, &mut ev) };
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(Poller { epoll })
+    }
+
+    /// Waits up to `wait` (rounded up to whole milliseconds: a timeout due in 0.4 ms must not
+    /// turn into a busy loop of 0 ms waits) for input; returns how many of `events` it filled.
+    fn wait(&self, events: &mut [libc::epoll_event], wait: Duration) -> io::Result<usize> {
+        let ms = libc::c_int::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(0);
+        let max = libc::c_int::try_from(events.len()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: epoll_wait on our epoll fd, writing at most `max` events into `events`.
+        let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), max, ms) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+}
+
 /// The relay's sockets: the primary one and the alternate-port one for RFC 5780.
 #[derive(Debug)]
 pub struct Sockets {
@@ -179,36 +226,40 @@ impl RxBuffers {
 
 /// Everything the forwarding thread owns.
 pub struct Forwarder {
-    pub sockets: Sockets,
-    pub relay: Relay,
+    sockets: Sockets,
+    relay: Relay,
+    poller: Poller,
     /// Stats requests from the metrics listener.
-    pub stats: mpsc::Receiver<oneshot::Sender<Snapshot>>,
+    stats: mpsc::Receiver<oneshot::Sender<Snapshot>>,
     /// Set by the server to stop the loop (seen within [`MAX_WAIT`]).
-    pub stop: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
 }
 
 impl Forwarder {
+    /// Registers the sockets for readiness; fails only if the kernel refuses an epoll
+    /// instance.
+    pub fn new(
+        sockets: Sockets,
+        relay: Relay,
+        stats: mpsc::Receiver<oneshot::Sender<Snapshot>>,
+        stop: Arc<AtomicBool>,
+    ) -> io::Result<Self> {
+        let alt = sockets.alt.as_ref().map(|a| a.socket.as_raw_fd());
+        let poller = Poller::new(sockets.primary.socket.as_raw_fd(), alt)?;
+        Ok(Forwarder {
+            sockets,
+            relay,
+            poller,
+            stats,
+            stop,
+        })
+    }
+
     /// Runs the loop until `stop` is set; returns the final counters.
     pub fn run(mut self) -> Stats {
         let mut rx = RxBuffers::new();
-        let alt_fd = self
-            .sockets
-            .alt
-            .as_ref()
-            .map_or(-1, |a| a.socket.as_raw_fd());
-        let mut fds = [
-            libc::pollfd {
-                fd: self.sockets.primary.socket.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            // A negative fd is ignored by poll(2).
-            libc::pollfd {
-                fd: alt_fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
+        let mut clock = Clock::new();
         while !self.stop.load(Ordering::Relaxed) {
             while let Ok(reply) = self.stats.try_recv() {
                 let _ = reply.send(Snapshot {
@@ -216,43 +267,43 @@ impl Forwarder {
                     socket_drops: self.sockets.kernel_drops(),
                 });
             }
-            let now = now();
-            if self.relay.poll_timeout().is_some_and(|t| t <= now) {
-                self.relay.handle_timeout(now, unix_now());
+            // `clock` was read when the last wait ended: late by at most one wake-up's work.
+            if self.relay.poll_timeout().is_some_and(|t| t <= clock.now) {
+                self.relay.handle_timeout(clock.now, clock.unix);
             }
             let wait = self
                 .relay
                 .poll_timeout()
-                .map_or(MAX_WAIT, |t| t.saturating_duration_since(now))
+                .map_or(MAX_WAIT, |t| t.saturating_duration_since(clock.now))
                 .min(MAX_WAIT);
-            // Round up: a timeout due in 0.4 ms must not turn into a busy loop of 0 ms polls.
-            let ms = libc::c_int::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(0);
-            // SAFETY: poll on an array of live pollfds we own, with its length.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    tracing::warn!(error = %e, "poll failed");
-                    std::thread::sleep(Duration::from_millis(10));
+            let ready = self.poller.wait(&mut events, wait);
+            clock.tick();
+            let ready = match ready {
+                Ok(ready) => ready,
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        tracing::warn!(error = %e, "epoll_wait failed");
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    continue;
                 }
-                continue;
-            }
-            let ready = libc::POLLIN | libc::POLLERR;
-            if fds[0].revents & ready != 0 {
-                self.drain(Via::Primary, &mut rx);
-            }
-            if fds[1].revents & ready != 0 {
-                self.drain(Via::Alt, &mut rx);
+            };
+            for ev in &events[..ready] {
+                let via = if ev.u64 == ALT {
+                    Via::Alt
+                } else {
+                    Via::Primary
+                };
+                self.drain(via, &mut rx, &clock);
             }
         }
         self.relay.stats()
     }
 
     /// Reads and handles what `via`'s socket holds: up to [`ROUNDS`] reads, until one comes
-    /// back short (the queue ran dry; `poll` tells when there is more).
-    fn drain(&mut self, via: Via, rx: &mut RxBuffers) {
-        let now = now();
-        let now_unix = unix_now();
+    /// back short (the queue ran dry; `epoll_wait` tells when there is more).
+    fn drain(&mut self, via: Via, rx: &mut RxBuffers, clock: &Clock) {
+        let (now, now_unix) = (clock.now, clock.unix);
         for _ in 0..ROUNDS {
             let n = {
                 let udp = self.sockets.get(via);
@@ -378,7 +429,35 @@ pub fn now() -> Instant {
     Instant::now()
 }
 
-/// Wall-clock unix seconds, for token expiry.
+/// The time as the loop sees it: read once per wake-up (a clock read costs as much as the
+/// relay's whole decision on a datagram), the wall clock at most once a second.
+struct Clock {
+    now: Instant,
+    /// Wall-clock unix seconds, for token expiry.
+    unix: u64,
+    unix_read_at: Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        let now = now();
+        Clock {
+            now,
+            unix: unix_now(),
+            unix_read_at: now,
+        }
+    }
+
+    fn tick(&mut self) {
+        self.now = now();
+        if self.now.saturating_duration_since(self.unix_read_at) >= Duration::from_secs(1) {
+            self.unix = unix_now();
+            self.unix_read_at = self.now;
+        }
+    }
+}
+
+/// Wall-clock unix seconds.
 #[allow(clippy::disallowed_methods)] // the driver is where the clock is read
 fn unix_now() -> u64 {
     std::time::SystemTime::now()

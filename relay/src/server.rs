@@ -58,6 +58,9 @@ pub enum ServeError {
     /// A bound socket could not report its address.
     #[error("cannot read a socket's local address")]
     LocalAddr(#[source] io::Error),
+    /// The kernel refused an epoll instance for the sockets.
+    #[error("cannot watch the sockets (epoll)")]
+    Epoll(#[source] io::Error),
     /// The forwarding thread could not be started.
     #[error("cannot start the forwarding thread")]
     Thread(#[source] io::Error),
@@ -145,14 +148,10 @@ impl Server {
             relay,
         } = self;
         let (stats_tx, stats_rx) = mpsc::channel::<oneshot::Sender<Snapshot>>(16);
-        let metrics_task = metrics.map(|l| tokio::spawn(serve_metrics(l, stats_tx)));
         let stop = Arc::new(AtomicBool::new(false));
-        let forwarder = Forwarder {
-            sockets,
-            relay,
-            stats: stats_rx,
-            stop: stop.clone(),
-        };
+        let forwarder =
+            Forwarder::new(sockets, relay, stats_rx, stop.clone()).map_err(ServeError::Epoll)?;
+        let metrics_task = metrics.map(|l| tokio::spawn(serve_metrics(l, stats_tx)));
         let (done_tx, mut done_rx) = oneshot::channel();
         std::thread::Builder::new()
             .name("rally-relay-fwd".into())
