@@ -3,7 +3,7 @@
 //!
 //! - [`core`] is the protocol as a sans-IO state machine ([`Relay`]): datagrams and the time in,
 //!   [`Action`]s out. Everything the relay decides is decided there and tested there.
-//! - [`server`] binds the sockets, runs the forwarding thread (`forwarder`: a `poll(2)` loop
+//! - [`server`] binds the sockets, runs the forwarding thread (`forwarder`: an `epoll` loop
 //!   that owns the sockets and the core and performs the actions) and serves the metrics from
 //!   the caller's tokio runtime.
 //! - [`metrics`] renders [`Stats`] as Prometheus text.

@@ -34,9 +34,10 @@ const BATCH: usize = 10;
 /// its last data, and WireGuard handshake messages count as data. Measuring starts this long
 /// after the pings that open every tunnel of the measured agent.
 const IDLE_AFTER: Duration = Duration::from_secs(32);
-/// In a mesh, the pairs that do not include the measured agent have their first handshake at
-/// their first keepalive, 25 s after connecting, and are busy for 30 s after it: measuring
-/// starts this long after every peer is connected, so that burst does not load the machine.
+/// In a mesh, the pairs that do not include the measured agent exchange no data (a WireGuard
+/// tunnel is created on its first packet, so they never handshake) but probe their paths while
+/// busy after connecting: measuring starts this long after every peer is connected, so that
+/// burst does not load the machine.
 const MESH_SETTLE: Duration = Duration::from_secs(60);
 /// Default measuring window.
 const MEASURE_DEFAULT_SECS: u64 = 30;
