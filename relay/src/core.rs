@@ -38,7 +38,7 @@ use crate::cookie::{CookieJar, COOKIE_BUCKET};
 use crate::limit::{KeyedLimiter, TokenBucket};
 
 /// How often [`Relay::handle_timeout`] wants to run to expire sessions.
-pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Tunables of a relay. [`Limits::default`] gives the documented CLI defaults.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -20,7 +20,5 @@ mod cookie;
 mod limit;
 
 pub use crate::cookie::COOKIE_BUCKET;
-pub use crate::core::{
-    Action, Config, DropReason, Limits, Relay, Stats, Transmit, Via, SWEEP_INTERVAL,
-};
+pub use crate::core::{Action, Config, DropReason, Limits, Relay, Stats, Transmit, Via};
 pub use crate::server::{Options, ServeError, Server};
