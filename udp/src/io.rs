@@ -1,6 +1,6 @@
 //! Batched reads and GSO sends through quinn-udp on a tokio socket, as the agent's data plane
 //! drives its socket. (The relay's forwarding thread calls quinn-udp itself under a
-//! level-triggered `poll(2)`, where a short read needs no readiness bookkeeping.)
+//! level-triggered `epoll`, where a short read needs no readiness bookkeeping.)
 
 use std::io::{self, IoSliceMut};
 

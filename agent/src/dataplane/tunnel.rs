@@ -73,7 +73,8 @@ impl Tunnel {
     }
 
     /// Whether boringtun's state exists yet (the peer has been talked to).
-    pub fn is_active(&self) -> bool {
+    #[cfg(test)]
+    fn is_active(&self) -> bool {
         self.tunn.is_some()
     }
 
