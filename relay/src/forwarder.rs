@@ -19,6 +19,9 @@
 //! when the destination changes and after the last read of a wake-up. Buffers are allocated
 //! once: the `Send` → `Deliver` path allocates nothing.
 //!
+//! When a wake-up was busy and emptied the sockets, the loop pauses briefly before it waits
+//! for input again, so the next wake-up finds a fuller batch ([`crate::coalesce`]).
+//!
 //! Stats requests from the metrics listener (another thread) arrive on a channel the loop
 //! looks at on every turn; the loop wakes at least every [`MAX_WAIT`] to look at them and at the
 //! stop flag.
@@ -33,6 +36,7 @@ use std::time::{Duration, Instant};
 use rally_udp::{socket_drops, GsoBatch};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::coalesce::{self, Wakeup};
 use crate::core::{Action, Relay, Stats, Via};
 use crate::metrics::Snapshot;
 
@@ -233,16 +237,19 @@ pub struct Forwarder {
     stats: mpsc::Receiver<oneshot::Sender<Snapshot>>,
     /// Set by the server to stop the loop (seen within [`MAX_WAIT`]).
     stop: Arc<AtomicBool>,
+    /// How long a busy wake-up puts off the next ([`coalesce::pause_after`]).
+    pause: Duration,
 }
 
 impl Forwarder {
     /// Registers the sockets for readiness; fails only if the kernel refuses an epoll
-    /// instance.
+    /// instance. `pause` is the receive coalescing pause (zero: none).
     pub fn new(
         sockets: Sockets,
         relay: Relay,
         stats: mpsc::Receiver<oneshot::Sender<Snapshot>>,
         stop: Arc<AtomicBool>,
+        pause: Duration,
     ) -> io::Result<Self> {
         let alt = sockets.alt.as_ref().map(|a| a.socket.as_raw_fd());
         let poller = Poller::new(sockets.primary.socket.as_raw_fd(), alt)?;
@@ -252,11 +259,15 @@ impl Forwarder {
             poller,
             stats,
             stop,
+            pause,
         })
     }
 
     /// Runs the loop until `stop` is set; returns the final counters.
     pub fn run(mut self) -> Stats {
+        if !self.pause.is_zero() {
+            precise_sleeps();
+        }
         let mut rx = RxBuffers::new();
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
         let mut clock = Clock::new();
@@ -288,22 +299,33 @@ impl Forwarder {
                     continue;
                 }
             };
+            let mut wakeup = Wakeup {
+                datagrams: 0,
+                drained: true,
+            };
             for ev in &events[..ready] {
                 let via = if ev.u64 == ALT {
                     Via::Alt
                 } else {
                     Via::Primary
                 };
-                self.drain(via, &mut rx, &clock);
+                let (datagrams, drained) = self.drain(via, &mut rx, &clock);
+                wakeup.datagrams += datagrams;
+                wakeup.drained &= drained;
+            }
+            if let Some(pause) = coalesce::pause_after(wakeup, self.pause) {
+                std::thread::sleep(pause);
             }
         }
         self.relay.stats()
     }
 
     /// Reads and handles what `via`'s socket holds: up to [`ROUNDS`] reads, until one comes
-    /// back short (the queue ran dry; `epoll_wait` tells when there is more).
-    fn drain(&mut self, via: Via, rx: &mut RxBuffers, clock: &Clock) {
+    /// back short (the queue ran dry; `epoll_wait` tells when there is more). Returns how many
+    /// datagrams it handled and whether the queue ran dry.
+    fn drain(&mut self, via: Via, rx: &mut RxBuffers, clock: &Clock) -> (usize, bool) {
         let (now, now_unix) = (clock.now, clock.unix);
+        let (mut datagrams, mut drained) = (0, false);
         for _ in 0..ROUNDS {
             let n = {
                 let udp = self.sockets.get(via);
@@ -319,7 +341,10 @@ impl Forwarder {
                     .recv((&udp.socket).into(), &mut iovs, &mut rx.meta)
                 {
                     Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        drained = true;
+                        break;
+                    }
                     Err(e) => {
                         // E.g. an ICMP error for an earlier send: nothing to do but carry on.
                         tracing::debug!(error = %e, "recv failed");
@@ -339,6 +364,7 @@ impl Forwarder {
                 } else {
                     meta.stride
                 };
+                datagrams += meta.len.div_ceil(stride.max(1)).max(1);
                 handle_train(
                     via,
                     meta.addr,
@@ -352,6 +378,7 @@ impl Forwarder {
                 );
             }
             if n < quinn_udp::BATCH_SIZE {
+                drained = true;
                 break;
             }
         }
@@ -359,6 +386,18 @@ impl Forwarder {
         // two reads still leaves as one GSO send (one `sendmsg`, and behind it one trip through
         // the transmit path, instead of two).
         self.sockets.flush();
+        (datagrams, drained)
+    }
+}
+
+/// Makes this thread's sleeps end when asked: the kernel's default timer slack (50 µs) would
+/// double a 50 µs coalescing pause. Best effort: without it pauses are longer, not wrong.
+fn precise_sleeps() {
+    const SLACK_NS: libc::c_ulong = 1_000;
+    // SAFETY: PR_SET_TIMERSLACK takes an integer and touches only this thread's slack.
+    let r = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, SLACK_NS, 0, 0, 0) };
+    if r != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "cannot set the timer slack");
     }
 }
 

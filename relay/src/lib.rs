@@ -6,10 +6,13 @@
 //! - [`server`] binds the sockets, runs the forwarding thread (`forwarder`: an `epoll` loop
 //!   that owns the sockets and the core and performs the actions) and serves the metrics from
 //!   the caller's tokio runtime.
+//! - [`coalesce`] decides when the forwarding thread puts off its next wake-up so that busy
+//!   traffic is read and sent in larger batches.
 //! - [`metrics`] renders [`Stats`] as Prometheus text.
 
 #![warn(missing_docs)]
 
+pub mod coalesce;
 pub mod core;
 pub mod metrics;
 pub mod server;

@@ -3,7 +3,7 @@
 //! ```text
 //! rally-relay serve --listen ADDR:PORT --control-key KEY [--max-sessions N]
 //!     [--max-sessions-per-ip N] [--metrics ADDR:PORT] [--alt-port PORT]
-//!     [--max-pps N] [--max-bps N] [--idle-timeout SECS]
+//!     [--max-pps N] [--max-bps N] [--idle-timeout SECS] [--coalesce-us MICROS]
 //! ```
 //!
 //! Exit status: 0 after SIGINT/SIGTERM, 1 on a runtime error (one `error: ...` line on stderr),
@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rally_proto::Key32;
-use rally_relay::{Limits, Options, Server};
+use rally_relay::{coalesce, Limits, Options, Server};
 use rand_core::{OsRng, RngCore};
 use tracing_subscriber::EnvFilter;
 
@@ -70,6 +70,13 @@ struct ServeArgs {
     #[arg(long, value_name = "SECS", default_value_t = Limits::default().idle_timeout.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..))]
     idle_timeout: u64,
+    /// Microseconds the forwarding thread waits, after a busy wake-up, before it reads again,
+    /// so that busy traffic is handled in larger batches (0: never wait). Quiet traffic never
+    /// waits.
+    #[arg(long, value_name = "MICROS",
+          default_value_t = coalesce::DEFAULT_PAUSE.as_micros() as u64,
+          value_parser = clap::value_parser!(u64).range(0..=coalesce::MAX_PAUSE.as_micros() as u64))]
+    coalesce_us: u64,
 }
 
 fn main() -> ExitCode {
@@ -113,6 +120,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             idle_timeout: Duration::from_secs(args.idle_timeout),
             ..Limits::default()
         },
+        coalesce: Duration::from_micros(args.coalesce_us),
     };
     let server = Server::bind(opts, seed).await?;
     tracing::info!("relay listening on {}", server.local_addr());

@@ -31,6 +31,9 @@ pub struct Options {
     pub control_key: Key32,
     /// Session limits and rates.
     pub limits: Limits,
+    /// Receive coalescing: how long the forwarding thread waits after a busy wake-up before it
+    /// looks for more input (zero: never). See [`crate::coalesce`].
+    pub coalesce: Duration,
 }
 
 /// Why the relay could not start or stopped.
@@ -75,6 +78,7 @@ pub struct Server {
     sockets: Sockets,
     metrics: Option<TcpListener>,
     relay: Relay,
+    coalesce: Duration,
 }
 
 /// Socket receive and send buffers asked for: deep enough that a burst arriving while the
@@ -118,6 +122,7 @@ impl Server {
             sockets: Sockets { primary, alt },
             metrics,
             relay,
+            coalesce: opts.coalesce,
         })
     }
 
@@ -146,11 +151,12 @@ impl Server {
             sockets,
             metrics,
             relay,
+            coalesce,
         } = self;
         let (stats_tx, stats_rx) = mpsc::channel::<oneshot::Sender<Snapshot>>(16);
         let stop = Arc::new(AtomicBool::new(false));
-        let forwarder =
-            Forwarder::new(sockets, relay, stats_rx, stop.clone()).map_err(ServeError::Epoll)?;
+        let forwarder = Forwarder::new(sockets, relay, stats_rx, stop.clone(), coalesce)
+            .map_err(ServeError::Epoll)?;
         let metrics_task = metrics.map(|l| tokio::spawn(serve_metrics(l, stats_tx)));
         let (done_tx, mut done_rx) = oneshot::channel();
         std::thread::Builder::new()

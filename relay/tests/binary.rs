@@ -259,6 +259,17 @@ fn bad_flags_are_a_usage_error() {
         .output()
         .expect("the binary runs");
     assert_eq!(out.status.code(), Some(2), "--listen is required");
+    let key = control().public().to_string();
+    for pause in ["5000", "-1", "soon"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_rally-relay"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--control-key", &key])
+            .arg(format!("--coalesce-us={pause}"))
+            .output()
+            .expect("the binary runs");
+        assert_eq!(out.status.code(), Some(2), "--coalesce-us {pause}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--coalesce-us"), "{stderr}");
+    }
 }
 
 #[test]

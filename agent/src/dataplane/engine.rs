@@ -787,13 +787,8 @@ impl Engine {
             mark_connected(peer);
             note_rx(peer, via, path.as_ref(), t);
             let short = peer.short;
-            self.send_framed(
-                Route::from_via(via),
-                short,
-                &mut out[..DATA_HEADER_LEN + n],
-                id,
-            )
-            .await;
+            self.send_framed(Route::from_via(via), short, &mut out[..DATA_HEADER_LEN + n])
+                .await;
             datagram = &[];
         }
     }
@@ -855,7 +850,7 @@ impl Engine {
             }
         };
         let short = peer.short;
-        self.send_framed(route, short, &mut out[..DATA_HEADER_LEN + n], id)
+        self.send_framed(route, short, &mut out[..DATA_HEADER_LEN + n])
             .await;
     }
 
@@ -928,7 +923,7 @@ impl Engine {
                 };
                 let short = peer.short;
                 if let Some(route) = self.route(&id) {
-                    self.send_framed(route, short, &mut out[..DATA_HEADER_LEN + n], id)
+                    self.send_framed(route, short, &mut out[..DATA_HEADER_LEN + n])
                         .await;
                 }
             }
@@ -1026,7 +1021,7 @@ impl Engine {
                 let n = probe.len();
                 out[DATA_HEADER_LEN..DATA_HEADER_LEN + n].copy_from_slice(&probe);
                 let route = Route::from_via(via);
-                self.send_framed(route, short, &mut out[..DATA_HEADER_LEN + n], id)
+                self.send_framed(route, short, &mut out[..DATA_HEADER_LEN + n])
                     .await;
                 continue;
             }
@@ -1043,7 +1038,7 @@ impl Engine {
                 };
                 let n = probe.len();
                 out[DATA_HEADER_LEN..DATA_HEADER_LEN + n].copy_from_slice(&probe);
-                self.send_framed(route, short, &mut out[..DATA_HEADER_LEN + n], id)
+                self.send_framed(route, short, &mut out[..DATA_HEADER_LEN + n])
                     .await;
                 continue;
             }
@@ -1102,7 +1097,7 @@ impl Engine {
     }
 
     /// Sends `frame[DATA_HEADER_LEN..]` on `route`; for a relay the header is written in front.
-    async fn send_framed(&self, route: Route, to_peer: ShortId, frame: &mut [u8], _id: Key32) {
+    async fn send_framed(&self, route: Route, to_peer: ShortId, frame: &mut [u8]) {
         match route {
             Route::Direct(a) => send(&self.udp, &frame[DATA_HEADER_LEN..], a).await,
             Route::Relay(i) => {

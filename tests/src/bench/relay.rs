@@ -1,11 +1,12 @@
 //! Relay forwarding capacity: a synthetic load generator speaking the relay protocol
 //! (`rally_proto::relay`, tokens signed with a control key made for the run) from real UDP
 //! sockets in one lab namespace, through `rally-relay` in another, for 1, 10 and 100
-//! concurrent peer pairs. Baselines in the same run, on the same hosts and generator: a plain
-//! UDP forwarder doing what the relay does minus the protocol checks, once with one
-//! `recvfrom`/`sendto` per packet (the relay's I/O pattern) and once batched with
-//! `recvmmsg`/`sendmmsg`. Every pass measures the three the same way; CPU time is the
-//! forwarding process's (utime + stime from `/proc/PID/stat`) per million datagrams forwarded.
+//! concurrent peer pairs. Baselines in the same run, on the same hosts and generator: the same
+//! relay without receive coalescing (`--coalesce-us 0`, what `rally_relay::coalesce` is
+//! worth), and a plain UDP forwarder doing what the relay does minus the protocol checks, once
+//! with one `recvfrom`/`sendto` per packet and once batched with `recvmmsg`/`sendmmsg`. Every
+//! pass measures the four the same way; CPU time is the forwarding process's (utime + stime
+//! from `/proc/PID/stat`) per million datagrams forwarded.
 //!
 //! The passes:
 //!
@@ -46,7 +47,7 @@ use serde::{Deserialize, Serialize};
 use super::mmsg::{self, send_batch, RecvBatch};
 use super::stats::Figure;
 use super::tools;
-use super::tunnels::{start_relay, RELAY_METRICS_PORT};
+use super::tunnels::{start_relay, start_relay_with, RELAY_METRICS_PORT};
 use super::Options;
 use crate::rally::RELAY_PORT;
 use crate::{bins, Lab};
@@ -60,6 +61,11 @@ pub const PAIRS: [usize; 3] = [1, 10, 100];
 pub const OFFLOAD_PAIRS: usize = 100;
 /// The plain forwarders' port on the relay host.
 const FORWARD_PORT: u16 = 4000;
+/// Where the relay without coalescing (`--coalesce-us 0`) serves its metrics.
+const UNCOALESCED_METRICS_PORT: u16 = 9101;
+/// The subject under test, and the same relay without receive coalescing.
+const RELAY: &str = "rally-relay";
+const UNCOALESCED: &str = "rally-relay --coalesce-us 0";
 /// Datagrams per `sendmmsg` in the generator.
 const GEN_BATCH: usize = 32;
 /// The query the plain forwarders answer with their count.
@@ -568,11 +574,12 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
     let lab_bin = bins::rally_lab()?.to_string_lossy().into_owned();
     let relay_addr = SocketAddrV4::new(relay_host.ip(), RELAY_PORT);
     let forward_addr = SocketAddrV4::new(relay_host.ip(), FORWARD_PORT);
-    let metrics = SocketAddr::new(relay_host.ip().into(), RELAY_METRICS_PORT);
     let seed_hex = hex(&seed);
 
+    // `metrics`: the relay's metrics listener, for `Target::Relay`.
     let generate = |target: Target,
                     to: SocketAddrV4,
+                    metrics: u16,
                     pid: u32,
                     pairs: usize,
                     gro: bool,
@@ -585,7 +592,7 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
             opts.runs.to_string(),
         );
         let secs = opts.seconds.clamp(2, 5).to_string();
-        let metrics_s = metrics.to_string();
+        let metrics_s = SocketAddr::new(relay_host.ip().into(), metrics).to_string();
         let mut args = Vec::new();
         if let Some(pin) = pin {
             args.extend(["taskset", "-c", pin.generator.as_str()]);
@@ -661,9 +668,47 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
         }
         cases.push(case.clone());
         println!("==> relay: {case} through rally-relay");
-        let runs = generate(Target::Relay, relay_addr, relay.pid(), pairs, offload, pin)?;
+        let runs = generate(
+            Target::Relay,
+            relay_addr,
+            RELAY_METRICS_PORT,
+            relay.pid(),
+            pairs,
+            offload,
+            pin,
+        )?;
         report(&runs);
-        results.push(("rally-relay".into(), case.clone(), runs));
+        results.push((RELAY.into(), case.clone(), runs));
+        // The same relay without receive coalescing, started for the case like the plain
+        // forwarders: what the pause after a busy wake-up is worth, in the same run.
+        println!("==> relay: {case} through {UNCOALESCED}");
+        let (uncoalesced, _) = start_relay_with(
+            &relay_host,
+            "uncoalesced",
+            &key,
+            true,
+            (FORWARD_PORT, UNCOALESCED_METRICS_PORT),
+            &["--coalesce-us", "0"],
+        )?;
+        let runs = match pin {
+            Some(p) => p.pin(uncoalesced.pid()),
+            None => Ok(()),
+        }
+        .and_then(|()| {
+            generate(
+                Target::Relay,
+                forward_addr,
+                UNCOALESCED_METRICS_PORT,
+                uncoalesced.pid(),
+                pairs,
+                offload,
+                pin,
+            )
+        });
+        uncoalesced.terminate(Duration::from_secs(2))?;
+        let runs = runs?;
+        report(&runs);
+        results.push((UNCOALESCED.into(), case.clone(), runs));
         for (label, batch) in [
             ("plain forwarder (recvfrom/sendto)", 1usize),
             ("batched forwarder (recvmmsg/sendmmsg)", 64),
@@ -687,7 +732,17 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
                 Some(p) => p.pin(fwd.pid()),
                 None => Ok(()),
             }
-            .and_then(|()| generate(Target::Plain, forward_addr, fwd.pid(), pairs, offload, pin));
+            .and_then(|()| {
+                generate(
+                    Target::Plain,
+                    forward_addr,
+                    0,
+                    fwd.pid(),
+                    pairs,
+                    offload,
+                    pin,
+                )
+            });
             fwd.terminate(Duration::from_secs(2))?;
             let runs = runs?;
             report(&runs);
@@ -719,7 +774,8 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
                 .map(|(_, _, r)| r.as_slice())
                 .unwrap_or(&[])
         };
-        let relay_runs = of("rally-relay");
+        let relay_runs = of(RELAY);
+        let uncoalesced = of(UNCOALESCED);
         let plain = of("plain forwarder (recvfrom/sendto)");
         let batched = of("batched forwarder (recvmmsg/sendmmsg)");
         for (metric, unit, f) in [
@@ -729,12 +785,14 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
         ] {
             let metric = format!("{metric}, {case}");
             for (label, runs) in [
-                ("rally-relay", relay_runs),
+                (RELAY, relay_runs),
+                (UNCOALESCED, uncoalesced),
                 ("plain forwarder (recvfrom/sendto)", plain),
                 ("batched forwarder (recvmmsg/sendmmsg)", batched),
             ] {
                 let mut fig = Figure::new("relay", &metric, label, unit, series(runs, f));
-                if label == "rally-relay" {
+                if label == RELAY {
+                    fig.ratio_to("no coalescing", &series(uncoalesced, f));
                     fig.ratio_to("plain forwarder", &series(plain, f));
                     fig.ratio_to("batched forwarder", &series(batched, f));
                     if metric.starts_with("forwarded pps") {

@@ -230,11 +230,30 @@ pub fn serve_control(
 /// can carry (the defaults, 20 kpps and 100 Mbit/s per session, would otherwise be what is
 /// measured), and any number of sessions may come from one address.
 pub fn start_relay(host: &Host, name: &str, key: &str, unlimited: bool) -> Result<(Proc, String)> {
+    start_relay_with(
+        host,
+        name,
+        key,
+        unlimited,
+        (RELAY_PORT, RELAY_METRICS_PORT),
+        &[],
+    )
+}
+
+/// [`start_relay`] on other ports (`(relay, metrics)`), with `extra` flags after the others.
+pub fn start_relay_with(
+    host: &Host,
+    name: &str,
+    key: &str,
+    unlimited: bool,
+    (port, metrics_port): (u16, u16),
+    extra: &[&str],
+) -> Result<(Proc, String)> {
     let bin = bins::bin_path("rally-relay")?
         .to_string_lossy()
         .into_owned();
-    let addr = format!("{}:{RELAY_PORT}", host.ip());
-    let metrics = format!("{}:{RELAY_METRICS_PORT}", host.ip());
+    let addr = format!("{}:{port}", host.ip());
+    let metrics = format!("{}:{metrics_port}", host.ip());
     let mut args: Vec<String> = vec![
         bin,
         "serve".into(),
@@ -260,8 +279,9 @@ pub fn start_relay(host: &Host, name: &str, key: &str, unlimited: bool) -> Resul
             .map(String::from),
         );
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     let proc = host.spawn(&args, host.log_path(&format!("rally-relay-{name}")))?;
-    wait_udp_bound(host, RELAY_PORT, &proc)?;
+    wait_udp_bound(host, port, &proc)?;
     Ok((proc, format!("{name}={addr}")))
 }
 
