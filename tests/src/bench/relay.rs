@@ -50,7 +50,7 @@ use super::tools;
 use super::tunnels::{start_relay, start_relay_with, RELAY_METRICS_PORT};
 use super::Options;
 use crate::rally::RELAY_PORT;
-use crate::{bins, Lab};
+use crate::{bins, Lab, Proc};
 
 /// Datagram size on the wire (relay header included): a full-size WireGuard packet is ~1450.
 pub const PACKET: usize = 1200;
@@ -679,6 +679,29 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
         )?;
         report(&runs);
         results.push((RELAY.into(), case.clone(), runs));
+        // Measures a forwarder started for this case on the forwarder port (pinned like the
+        // relay in the pinned passes), then stops it.
+        let measure_started = |proc: &Proc, target: Target, metrics: u16| {
+            let runs = match pin {
+                Some(p) => p.pin(proc.pid()),
+                None => Ok(()),
+            }
+            .and_then(|()| {
+                generate(
+                    target,
+                    forward_addr,
+                    metrics,
+                    proc.pid(),
+                    pairs,
+                    offload,
+                    pin,
+                )
+            });
+            proc.terminate(Duration::from_secs(2))?;
+            let runs = runs?;
+            report(&runs);
+            Ok::<_, anyhow::Error>(runs)
+        };
         // The same relay without receive coalescing, started for the case like the plain
         // forwarders: what the pause after a busy wake-up is worth, in the same run.
         println!("==> relay: {case} through {UNCOALESCED}");
@@ -690,24 +713,7 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
             (FORWARD_PORT, UNCOALESCED_METRICS_PORT),
             &["--coalesce-us", "0"],
         )?;
-        let runs = match pin {
-            Some(p) => p.pin(uncoalesced.pid()),
-            None => Ok(()),
-        }
-        .and_then(|()| {
-            generate(
-                Target::Relay,
-                forward_addr,
-                UNCOALESCED_METRICS_PORT,
-                uncoalesced.pid(),
-                pairs,
-                offload,
-                pin,
-            )
-        });
-        uncoalesced.terminate(Duration::from_secs(2))?;
-        let runs = runs?;
-        report(&runs);
+        let runs = measure_started(&uncoalesced, Target::Relay, UNCOALESCED_METRICS_PORT)?;
         results.push((UNCOALESCED.into(), case.clone(), runs));
         for (label, batch) in [
             ("plain forwarder (recvfrom/sendto)", 1usize),
@@ -728,24 +734,7 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
                 relay_host.log_path(&format!("forward-{batch}")),
             )?;
             super::tunnels::wait_udp_bound(&relay_host, FORWARD_PORT, &fwd)?;
-            let runs = match pin {
-                Some(p) => p.pin(fwd.pid()),
-                None => Ok(()),
-            }
-            .and_then(|()| {
-                generate(
-                    Target::Plain,
-                    forward_addr,
-                    0,
-                    fwd.pid(),
-                    pairs,
-                    offload,
-                    pin,
-                )
-            });
-            fwd.terminate(Duration::from_secs(2))?;
-            let runs = runs?;
-            report(&runs);
+            let runs = measure_started(&fwd, Target::Plain, 0)?;
             results.push((label.into(), case.clone(), runs));
         }
         if let Some(pin) = pin {
