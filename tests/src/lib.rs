@@ -41,7 +41,7 @@ pub use lab::Lab;
 pub use ping::{PingPath, PingSummary};
 pub use procs::Proc;
 pub use rally::{Agent, ControlPlane, Peer, Status};
-pub use router::{NatKind, Router};
+pub use router::{punchable, NatKind, Router};
 pub use wan::{WanProfile, WanStats};
 
 /// Fails, loudly, unless this process is root and `ip netns` works.

@@ -11,8 +11,11 @@ use clap::{Parser, Subcommand};
 use rally_lab::bench::{self, Which};
 use rally_lab::host::check_success;
 use rally_lab::ping::{parse_path, parse_rtt_ms, parse_summary};
+use rally_lab::scenario::{wait_view, World};
 use rally_lab::stun::{self, ProbeOptions};
-use rally_lab::{bins, install_interrupt_handler, interrupted, Agent, ControlPlane, Lab, PingPath};
+use rally_lab::{
+    bins, install_interrupt_handler, interrupted, punchable, Agent, Lab, NatKind, PingPath,
+};
 
 /// How long the demo waits for everyone to see everyone.
 const PEERS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -20,6 +23,17 @@ const PEERS_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Pings per pair.
 const PINGS: u32 = 3;
+/// How long a pair may take to settle on the route its two NATs allow.
+const ROUTE_TIMEOUT: Duration = Duration::from_secs(20);
+/// The demo's agents, each behind a NAT of its own. A home router and a carrier-grade NAT
+/// both map endpoint-independently, so alice and carol punch through to each other; bob's
+/// symmetric NAT gives every destination a fresh port that neither of their NATs lets in, so
+/// bob reaches both through a relay.
+const CAST: [(&str, NatKind); 3] = [
+    ("alice", NatKind::HomeRouter),
+    ("bob", NatKind::Symmetric),
+    ("carol", NatKind::Cgnat),
+];
 
 #[derive(Parser)]
 #[command(name = "rally-lab", about = "Rally's multi-host lab (needs root)")]
@@ -30,7 +44,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Control plane + alice, bob and carol on four hosts: one party, then every pair pings.
+    /// Control plane and two relays on the internet, alice, bob and carol behind three kinds
+    /// of NAT: one party, each pair on the route its NATs allow, then every pair pings.
     Demo,
     /// Answers STUN binding requests on ADDR:PORT until killed (run inside a lab namespace).
     StunServer {
@@ -196,8 +211,10 @@ fn demo() -> Result<bool> {
     say("checking binaries…");
     bins::rally()?;
     bins::rally_control()?;
+    bins::bin_path("rally-relay")?;
     say("building lab…");
     let lab = Lab::new()?;
+    println!("    namespaces {}*", lab.prefix());
     let result = run_demo(&lab);
     if matches!(result, Ok(false)) {
         lab.dump_logs();
@@ -209,22 +226,32 @@ fn demo() -> Result<bool> {
 
 /// The demo's steps, on a fresh lab.
 fn run_demo(lab: &Lab) -> Result<bool> {
-    let control = lab.add_host("control")?;
-    let hosts = [
-        lab.add_host("alice")?,
-        lab.add_host("bob")?,
-        lab.add_host("carol")?,
-    ];
-    for h in std::iter::once(&control).chain(&hosts) {
-        println!("    host {:<8} {} (namespace {})", h.name(), h.ip(), h.ns());
+    say("starting the control plane and two relays on the internet (20 ms uplinks)…");
+    let world = World::start(lab)?;
+    println!(
+        "    control plane {}, control key {}",
+        world.cp.addr(),
+        world.cp.key()
+    );
+    for r in &world.relays {
+        println!("    relay {} at {}", r.name(), r.addr());
+    }
+    say("putting alice, bob and carol behind NATs of their own…");
+    let mut hosts = Vec::new();
+    for (name, kind) in CAST {
+        let router = lab.add_router(&format!("{name}-nat"), kind)?;
+        let host = lab.add_host_behind(&router, name)?;
+        println!(
+            "    host {name:<6} {:<14} NAT {:<12} public address {}",
+            host.ip().to_string(),
+            kind.label(),
+            router.wan_ip()
+        );
+        hosts.push(host);
     }
 
-    say("starting control plane…");
-    let cp = ControlPlane::start(&control, lab)?;
-    println!("    listening on {}, control key {}", cp.addr(), cp.key());
-
     say("starting alice (with --control)…");
-    let alice = Agent::start(&hosts[0], "alice", cp.control())?;
+    let alice = Agent::start(&hosts[0], "alice", world.cp.control())?;
     alice.wait_control_connected(CONNECT_TIMEOUT)?;
     say("starting bob and carol (no --control: they learn it from the invite code)…");
     let bob = Agent::start(&hosts[1], "bob", None)?;
@@ -250,11 +277,49 @@ fn run_demo(lab: &Lab) -> Result<bool> {
             .collect();
         a.wait_for_peers(&others, PEERS_TIMEOUT)?;
     }
+    say("waiting for each pair's route (direct where the NATs let a punch through, else a relay)…");
+    let mut routes_ok = true;
+    for i in 0..agents.len() {
+        for j in i + 1..agents.len() {
+            let (a, b) = (agents[i], agents[j]);
+            let direct = punchable(Some(CAST[i].1), Some(CAST[j].1));
+            let want = if direct { "direct" } else { "relay" };
+            let settled = wait_view(a, b.name(), &format!("go {want}"), ROUTE_TIMEOUT, |v| {
+                if direct {
+                    v.is_direct()
+                } else {
+                    v.is_relayed()
+                }
+            });
+            let pair = format!(
+                "{} ({}) ↔ {} ({})",
+                a.name(),
+                CAST[i].1,
+                b.name(),
+                CAST[j].1
+            );
+            match settled {
+                Ok((took, v)) => println!(
+                    "    {pair}: {} after {:.1} s, as expected",
+                    v.route(),
+                    took.as_secs_f64()
+                ),
+                Err(e) => {
+                    routes_ok = false;
+                    println!("    {pair}: NOT {want} as expected: {e}");
+                }
+            }
+        }
+    }
     for a in agents {
         say(&format!("{}: rally peers", a.name()));
         print_indented(&a.rally_ok(&["peers"])?);
     }
-    ping_all_pairs(&agents)
+    let pings_ok = ping_all_pairs(&agents)?;
+    if !routes_ok {
+        say("SOME PAIRS DID NOT TAKE THE ROUTE THEIR NATS ALLOW");
+    }
+    Ok(pings_ok && routes_ok)
 }
 
 /// Kernel ping and `rally ping` for every ordered pair; prints results and a summary.

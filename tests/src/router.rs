@@ -46,6 +46,16 @@ impl NatKind {
         NatKind::UdpBlocked,
     ];
 
+    /// Whether the external port depends on the destination (a fresh port per peer).
+    pub fn maps_endpoint_dependently(self) -> bool {
+        self == NatKind::Symmetric
+    }
+
+    /// Whether packets from an address the inside host has not sent to are let in.
+    pub fn filters_endpoint_independently(self) -> bool {
+        self == NatKind::FullCone
+    }
+
     /// A short name: `home-router`, `symmetric`, `full-cone`, `cgnat`, `udp-blocked`.
     pub fn label(self) -> &'static str {
         match self {
@@ -61,6 +71,25 @@ impl NatKind {
 impl fmt::Display for NatKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.label())
+    }
+}
+
+/// Whether hole punching can join a host behind `a` and one behind `b` (`None`: a public
+/// address), which is where Rally should end up on the direct path rather than a relay. Two
+/// endpoint-independent mappings always meet (their probes cross); an endpoint-dependent side
+/// reaches only a peer that filters endpoint-independently (its fresh port is let in and
+/// answered). Nothing punches through a network that blocks UDP.
+pub fn punchable(a: Option<NatKind>, b: Option<NatKind>) -> bool {
+    if [a, b].contains(&Some(NatKind::UdpBlocked)) {
+        return false;
+    }
+    let dependent = |s: Option<NatKind>| s.is_some_and(NatKind::maps_endpoint_dependently);
+    let open = |s: Option<NatKind>| s.is_none_or(NatKind::filters_endpoint_independently);
+    match (dependent(a), dependent(b)) {
+        (false, false) => true,
+        (true, false) => open(b),
+        (false, true) => open(a),
+        (true, true) => false,
     }
 }
 
@@ -325,5 +354,32 @@ mod tests {
         let web = rules.find("tcp dport { 80, 443 } accept").expect("web");
         let drop = rules.find("oifname \"wan\" drop").expect("drop");
         assert!(dns < drop && web < drop, "{rules}");
+    }
+
+    #[test]
+    fn punchable_matches_the_expected_routes_table() {
+        use NatKind::*;
+        // docs/nat-traversal.md, "Expected routes": only these pairs need a relay.
+        let relayed = [
+            (Some(HomeRouter), Some(Symmetric)),
+            (Some(Symmetric), Some(Symmetric)),
+            (Some(Symmetric), Some(Cgnat)),
+        ];
+        let sites = [
+            None,
+            Some(FullCone),
+            Some(HomeRouter),
+            Some(Symmetric),
+            Some(Cgnat),
+        ];
+        for a in sites {
+            for b in sites {
+                let want = !relayed.contains(&(a, b)) && !relayed.contains(&(b, a));
+                assert_eq!(punchable(a, b), want, "{a:?} ↔ {b:?}");
+            }
+        }
+        for s in sites {
+            assert!(!punchable(s, Some(UdpBlocked)), "{s:?} ↔ udp-blocked");
+        }
     }
 }

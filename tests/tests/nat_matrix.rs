@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use rally_lab::rally::RelayServer;
-use rally_lab::{with_lab, Agent, ControlPlane, Host, Lab, NatKind};
+use rally_lab::{punchable, with_lab, Agent, ControlPlane, Host, Lab, NatKind};
 
 /// How long a cell may take to answer its first ping.
 const FIRST_REPLY: Duration = Duration::from_secs(30);
@@ -40,14 +40,12 @@ impl Site {
         }
     }
 
-    fn maps_endpoint_dependently(self) -> bool {
-        self == Site::Nat(NatKind::Symmetric)
-    }
-
-    /// Lets in packets from an address it has not sent to (so a symmetric peer's fresh port
-    /// gets through).
-    fn filters_endpoint_independently(self) -> bool {
-        matches!(self, Site::Public | Site::Nat(NatKind::FullCone))
+    /// The NAT in front of the site; `None` for a public address.
+    fn nat(self) -> Option<NatKind> {
+        match self {
+            Site::Public => None,
+            Site::Nat(kind) => Some(kind),
+        }
     }
 }
 
@@ -73,21 +71,11 @@ impl Pair {
         }
     }
 
-    /// Direct wherever at least one side maps endpoint-independently and the filtering lets
-    /// the punch in: two endpoint-independent mappings always meet (their probes cross); an
-    /// endpoint-dependent side reaches only a peer that filters endpoint-independently (its
-    /// fresh port is let in and answered). Relay otherwise.
+    /// Direct wherever the two NATs allow a punch ([`punchable`]), relay otherwise.
     fn expect_direct(self) -> bool {
         match self {
             Pair::SameLan => true,
-            Pair::Sites(a, b) => {
-                match (a.maps_endpoint_dependently(), b.maps_endpoint_dependently()) {
-                    (false, false) => true,
-                    (true, false) => b.filters_endpoint_independently(),
-                    (false, true) => a.filters_endpoint_independently(),
-                    (true, true) => false,
-                }
-            }
+            Pair::Sites(a, b) => punchable(a.nat(), b.nat()),
         }
     }
 }
