@@ -75,7 +75,8 @@ struct ServeArgs {
     /// waits.
     #[arg(long, value_name = "MICROS",
           default_value_t = coalesce::DEFAULT_PAUSE.as_micros() as u64,
-          value_parser = clap::value_parser!(u64).range(0..=coalesce::MAX_PAUSE.as_micros() as u64))]
+          value_parser = clap::value_parser!(u64)
+              .range(0..=coalesce::MAX_PAUSE.as_micros() as u64))]
     coalesce_us: u64,
 }
 
