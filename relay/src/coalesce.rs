@@ -28,7 +28,7 @@ pub const DEFAULT_PAUSE: Duration = Duration::from_micros(50);
 pub const MAX_PAUSE: Duration = Duration::from_millis(1);
 
 /// What one wake-up of the forwarding loop did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Wakeup {
     /// Datagrams handled (a GRO train counts each of its datagrams).
     pub datagrams: usize,

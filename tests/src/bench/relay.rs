@@ -667,7 +667,7 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
             case.push_str(", pinned");
         }
         cases.push(case.clone());
-        println!("==> relay: {case} through rally-relay");
+        println!("==> relay: {case} through {RELAY}");
         let runs = generate(
             Target::Relay,
             relay_addr,
