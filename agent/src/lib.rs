@@ -1,17 +1,14 @@
 //! Rally's agent: the engine behind `rally up` and the client side of the CLI.
 
-pub mod backoff;
-pub mod conn;
+// The sans-IO core, under the paths the rest of the agent has always used.
+pub use rally_agent_core::{backoff, conn, netcheck, node, outputs, paths, relay_client};
+
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod events;
 pub mod ipc;
 pub mod metrics;
-pub mod netcheck;
 pub mod netinfo;
 pub mod netwatch;
-pub mod outputs;
-pub mod paths;
-pub mod relay_client;
 pub mod state;

@@ -1,8 +1,13 @@
-//! The packet path: one UDP socket, one TUN device, a WireGuard tunnel per peer.
+//! The packet path: one UDP socket, one TUN device, a WireGuard tunnel per peer, driving the
+//! sans-IO [`crate::node::Node`].
 
 pub mod batch;
 pub mod demux;
 pub mod engine;
+mod rx;
+mod status;
+pub mod timers;
 pub mod tunnel;
+mod tx;
 
 pub use engine::{Engine, EngineCmd, EngineConfig, EngineEvent, EngineHandle, PeerStatus};

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use rally_proto::relay::{bind_transcript, RelayErrorCode, RelayMsg, DOMAIN_BIND};
 use rally_proto::Identity;
 
+use crate::conn::RelayId;
+
 /// Time between bind attempts while unbound.
 const BIND_RETRY: Duration = Duration::from_secs(1);
 /// Time between pings while bound (keeps the relay session and the NAT mapping open).
@@ -39,7 +41,7 @@ pub enum RelayEvent {
 }
 
 pub struct RelayClient {
-    pub name: String,
+    pub name: RelayId,
     pub addr: SocketAddr,
     identity: Arc<Identity>,
     token: Option<Vec<u8>>,
@@ -55,7 +57,7 @@ pub struct RelayClient {
 }
 
 impl RelayClient {
-    pub fn new(name: String, addr: SocketAddr, identity: Arc<Identity>, now: Instant) -> Self {
+    pub fn new(name: RelayId, addr: SocketAddr, identity: Arc<Identity>, now: Instant) -> Self {
         RelayClient {
             name,
             addr,
@@ -203,6 +205,7 @@ impl RelayClient {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
 mod tests {
     use super::*;
 

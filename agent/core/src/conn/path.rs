@@ -3,6 +3,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Serialize, Serializer};
@@ -16,7 +17,50 @@ pub enum PathId {
     /// A proven direct (punched or LAN) endpoint of the peer.
     Direct(SocketAddr),
     /// Through the relay with this name.
-    Relay(String),
+    Relay(RelayId),
+}
+
+/// A relay's identity everywhere in the agent: its name from the control plane. Cloning it is
+/// a reference count, not an allocation, so it can name the path of every relayed packet.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RelayId(Arc<str>);
+
+impl RelayId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for RelayId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for RelayId {
+    fn from(s: &str) -> Self {
+        RelayId(Arc::from(s))
+    }
+}
+
+impl From<String> for RelayId {
+    fn from(s: String) -> Self {
+        RelayId(Arc::from(s))
+    }
+}
+
+impl fmt::Display for RelayId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<str> for RelayId {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
 }
 
 /// The coarse priority of a path: direct before relay.
@@ -89,14 +133,14 @@ impl FromStr for PathId {
         }
         if let Some(name) = s.strip_prefix("relay:") {
             return valid_name(name)
-                .then(|| PathId::Relay(name.to_string()))
+                .then(|| PathId::Relay(name.into()))
                 .ok_or_else(invalid);
         }
         if let Ok(addr) = s.parse() {
             return Ok(PathId::Direct(addr));
         }
         valid_name(s)
-            .then(|| PathId::Relay(s.to_string()))
+            .then(|| PathId::Relay(s.into()))
             .ok_or_else(invalid)
     }
 }

@@ -235,6 +235,7 @@ impl Netcheck {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
 mod tests {
     use super::*;
 

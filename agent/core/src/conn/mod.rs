@@ -118,9 +118,10 @@ pub use manager::{
     ProbeTransmit, SetPrimaryError, Timer, Wake, CHECK_MARGIN, CHECK_MIN_WAIT, CHECK_PROBES,
     CHECK_SPACING, RELAY_REVERT_HOLD, RELAY_TRIAL_SAMPLES,
 };
-pub use path::{InvalidPath, Latency, PathId, PathKind, Rank};
+pub use path::{InvalidPath, Latency, PathId, PathKind, Rank, RelayId};
 pub use profile::{Profile, ProfileError, ProfileKind, UnknownProfile};
 pub use queue::PacketQueue;
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
 mod tests;

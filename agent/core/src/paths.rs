@@ -1,7 +1,11 @@
 //! Hole punching towards one peer (sans-IO): probes to every candidate until one is proven.
 //! Once a direct path is proven it belongs to the peer's connection manager (`conn`), which
-//! watches its health; when that manager gives the path up, [`PeerPaths::forget_direct`]
-//! starts punching again.
+//! watches its health; when that manager loses the path (the peer failed over to a relay, or
+//! lost every path), [`PeerPaths::forget_direct`] starts punching again, and a punch that
+//! gives up is retried on a backoff ladder ([`PUNCH_RETRY`]) for as long as no direct path is
+//! proven. [`PeerPaths::start_punch`] always starts over, even while a (possibly stale)
+//! direct address is known: new candidates, the control plane's `Punch` and
+//! `rally peer reconnect` all mean "try every candidate now".
 //!
 //! A direct path is proven by an acknowledged probe, or by authenticated traffic from an address
 //! (a WireGuard packet that decrypts). A probe from an unknown address (a peer-reflexive
@@ -14,22 +18,22 @@ use std::time::{Duration, Instant};
 use rally_proto::probe::{Probe, ProbeKind, LEN as PROBE_LEN};
 use rally_proto::relay::ShortId;
 
+use crate::conn::PathId;
+
 /// Probing schedule while punching: fast at first, then slower, then give up until retried.
 const PUNCH_FAST: Duration = Duration::from_millis(100);
 const PUNCH_FAST_FOR: Duration = Duration::from_secs(2);
 const PUNCH_SLOW: Duration = Duration::from_millis(500);
 const PUNCH_FOR: Duration = Duration::from_secs(10);
-/// After a punch fails, try again this much later.
-const PUNCH_RETRY: Duration = Duration::from_secs(30);
+/// After the n-th punch in a row fails, try again this much later (the last step repeats).
+pub const PUNCH_RETRY: [Duration; 4] = [
+    Duration::from_secs(2),
+    Duration::from_secs(5),
+    Duration::from_secs(15),
+    Duration::from_secs(30),
+];
 /// Most candidates (reported and peer-reflexive) kept.
 const MAX_CANDIDATES: usize = 24;
-
-/// Where a datagram came from or goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Via {
-    Direct(SocketAddr),
-    Relay(usize),
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathEvent {
@@ -49,11 +53,13 @@ pub struct PeerPaths {
     direct: Option<SocketAddr>,
     punch: Option<Punch>,
     retry_at: Option<Instant>,
+    /// Punches in a row that gave up (the step of [`PUNCH_RETRY`]).
+    failed: usize,
     /// Skip punching (both sides map endpoint-dependently): relay only.
     hopeless: bool,
     pending: VecDeque<(u64, SocketAddr)>,
     txid: u64,
-    transmits: VecDeque<(Via, [u8; PROBE_LEN])>,
+    transmits: VecDeque<(PathId, [u8; PROBE_LEN])>,
     events: VecDeque<PathEvent>,
 }
 
@@ -67,6 +73,7 @@ impl PeerPaths {
             direct: None,
             punch: None,
             retry_at: None,
+            failed: 0,
             hopeless: false,
             pending: VecDeque::new(),
             txid: txid_seed,
@@ -106,26 +113,39 @@ impl PeerPaths {
         }
     }
 
-    /// When both sides map endpoint-dependently, punching cannot work: don't try.
+    /// When both sides map endpoint-dependently, punching cannot work: don't try (a punch in
+    /// progress stops). Clearing it does not start a punch: the caller decides when.
     pub fn set_hopeless(&mut self, hopeless: bool) {
         self.hopeless = hopeless;
+        if hopeless {
+            self.punch = None;
+            self.retry_at = None;
+            self.forget_pending();
+        }
     }
 
-    /// Starts (or restarts) punching at `start`.
+    pub fn is_hopeless(&self) -> bool {
+        self.hopeless
+    }
+
+    /// Starts (or restarts) punching every candidate at `start`, with the retry ladder from
+    /// its first step. A known direct address does not stop it: it may be stale.
     pub fn start_punch(&mut self, start: Instant) {
-        if self.hopeless || self.direct.is_some() {
+        if self.hopeless {
             return;
         }
         self.punch = Some(Punch { start, next: start });
         self.retry_at = None;
+        self.failed = 0;
     }
 
     /// An authenticated probe from the peer, received via `via`.
-    pub fn handle_probe(&mut self, via: Via, probe: Probe, _now: Instant) {
+    pub fn handle_probe(&mut self, via: PathId, probe: Probe, _now: Instant) {
         match probe.kind {
             ProbeKind::Probe => {
+                let direct = via.addr();
                 self.queue(via, ProbeKind::Ack, probe.txid);
-                if let Via::Direct(addr) = via {
+                if let Some(addr) = direct {
                     if self.direct != Some(addr) {
                         // Peer-reflexive: probe it back to prove the way out too.
                         self.add_candidate(addr);
@@ -134,7 +154,7 @@ impl PeerPaths {
                 }
             }
             ProbeKind::Ack => {
-                let Via::Direct(addr) = via else { return };
+                let PathId::Direct(addr) = via else { return };
                 let Some(i) = self
                     .pending
                     .iter()
@@ -162,7 +182,9 @@ impl PeerPaths {
                 let elapsed = now.saturating_duration_since(p.start);
                 if elapsed >= PUNCH_FOR {
                     self.punch = None;
-                    self.retry_at = Some(now + PUNCH_RETRY);
+                    let step = PUNCH_RETRY[self.failed.min(PUNCH_RETRY.len() - 1)];
+                    self.failed += 1;
+                    self.retry_at = Some(now + step);
                     self.forget_pending();
                 } else {
                     p.next = now
@@ -177,9 +199,13 @@ impl PeerPaths {
                 }
             }
         }
-        if self.retry_at.is_some_and(|t| now >= t) {
+        if self.retry_at.is_some_and(|t| now >= t) && !self.hopeless {
             self.retry_at = None;
-            self.start_punch(now);
+            self.punch = Some(Punch {
+                start: now,
+                next: now,
+            });
+            self.handle_timeout(now);
         }
     }
 
@@ -190,7 +216,7 @@ impl PeerPaths {
             .min()
     }
 
-    pub fn poll_transmit(&mut self) -> Option<(Via, [u8; PROBE_LEN])> {
+    pub fn poll_transmit(&mut self) -> Option<(PathId, [u8; PROBE_LEN])> {
         crate::outputs::pop(&mut self.transmits)
     }
 
@@ -205,6 +231,7 @@ impl PeerPaths {
         self.direct = Some(addr);
         self.punch = None;
         self.retry_at = None;
+        self.failed = 0;
         self.forget_pending();
         self.events.push_back(PathEvent::DirectUp(addr));
     }
@@ -228,11 +255,11 @@ impl PeerPaths {
         while self.pending.len() > 256 {
             self.pending.pop_front();
         }
-        self.queue(Via::Direct(to), ProbeKind::Probe, txid);
+        self.queue(PathId::Direct(to), ProbeKind::Probe, txid);
         txid
     }
 
-    fn queue(&mut self, via: Via, kind: ProbeKind, txid: u64) {
+    fn queue(&mut self, via: PathId, kind: ProbeKind, txid: u64) {
         let p = Probe {
             kind,
             from: self.me,
@@ -243,6 +270,7 @@ impl PeerPaths {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
 mod tests {
     use super::*;
 
@@ -252,7 +280,7 @@ mod tests {
         s.parse().unwrap()
     }
 
-    fn drain(p: &mut PeerPaths) -> Vec<(Via, Probe)> {
+    fn drain(p: &mut PeerPaths) -> Vec<(PathId, Probe)> {
         std::iter::from_fn(|| p.poll_transmit())
             .map(|(v, b)| (v, Probe::decode(&b, &KEY).unwrap()))
             .collect()
@@ -275,7 +303,7 @@ mod tests {
         p.handle_timeout(t0);
         let sent = drain(&mut p);
         assert_eq!(sent.len(), 2);
-        let (via, probe) = sent[1];
+        let (via, probe) = sent[1].clone();
         let ack = Probe {
             kind: ProbeKind::Ack,
             ..probe
@@ -312,9 +340,9 @@ mod tests {
         let mut p = paths();
         p.start_punch(t0);
         p.handle_timeout(t0);
-        let (_, probe) = drain(&mut p)[0];
+        let (_, probe) = drain(&mut p)[0].clone();
         p.handle_probe(
-            Via::Direct(addr("198.51.100.66:1")),
+            PathId::Direct(addr("198.51.100.66:1")),
             Probe {
                 kind: ProbeKind::Ack,
                 ..probe
@@ -330,7 +358,7 @@ mod tests {
         let mut p = paths();
         let from = addr("203.0.113.2:40999");
         p.handle_probe(
-            Via::Direct(from),
+            PathId::Direct(from),
             Probe {
                 kind: ProbeKind::Probe,
                 from: [2; 8],
@@ -339,10 +367,10 @@ mod tests {
             t0,
         );
         let sent = drain(&mut p);
-        assert_eq!(sent[0].0, Via::Direct(from));
+        assert_eq!(sent[0].0, PathId::Direct(from));
         assert_eq!(sent[0].1.kind, ProbeKind::Ack);
         assert_eq!(sent[0].1.txid, 7);
-        assert_eq!(sent[1], (Via::Direct(from), sent[1].1));
+        assert_eq!(sent[1].0, PathId::Direct(from));
         assert_eq!(sent[1].1.kind, ProbeKind::Probe);
         assert!(p.candidates().contains(&from));
     }
@@ -352,7 +380,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = paths();
         p.handle_probe(
-            Via::Relay(1),
+            PathId::Relay("r1".into()),
             Probe {
                 kind: ProbeKind::Probe,
                 from: [2; 8],
@@ -362,7 +390,7 @@ mod tests {
         );
         let sent = drain(&mut p);
         assert_eq!(sent.len(), 1);
-        assert_eq!(sent[0].0, Via::Relay(1));
+        assert_eq!(sent[0].0, PathId::Relay("r1".into()));
     }
 
     #[test]
@@ -381,7 +409,7 @@ mod tests {
         // 2 s at 100 ms, then 8 s at 500 ms.
         assert!((35..=40).contains(&rounds), "{rounds} rounds");
         assert_eq!(p.poll_timeout(), Some(t));
-        assert!(t >= t0 + PUNCH_FOR + PUNCH_RETRY - Duration::from_millis(600));
+        assert!(t >= t0 + PUNCH_FOR + PUNCH_RETRY[0] - Duration::from_millis(600));
         p.handle_timeout(t);
         assert!(p.is_punching());
     }

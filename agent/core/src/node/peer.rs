@@ -1,0 +1,273 @@
+//! The peer table: adding, updating and removing peers, the hopeless rule, and draining each
+//! peer's machines into the node's outputs.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rally_proto::probe::{Probe, ProbeKind};
+use rally_proto::relay::{short_id, ShortId};
+use rally_proto::{Key32, PeerInfo};
+use tracing::info;
+
+use super::{Node, NodeEvent};
+use crate::conn::{Command, ConnEvent, Connection, PathHealth, PathId};
+use crate::paths::{PathEvent, PeerPaths};
+
+/// One peer: what the control plane says about it and the machines that reach it.
+pub struct PeerState {
+    pub(super) info: Arc<PeerInfo>,
+    pub(super) short: ShortId,
+    pub(super) paths: PeerPaths,
+    pub(super) conn: Connection,
+    /// The direct address the connection manager holds as a path (one at a time).
+    pub(super) direct: Option<SocketAddr>,
+}
+
+impl PeerState {
+    /// The peer as the control plane describes it (shared with the daemon's view).
+    pub fn info(&self) -> &Arc<PeerInfo> {
+        &self.info
+    }
+
+    pub fn short_id(&self) -> ShortId {
+        self.short
+    }
+
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Every address punched towards: reported and peer-reflexive.
+    pub fn candidates(&self) -> &[SocketAddr] {
+        self.paths.candidates()
+    }
+
+    pub fn is_punching(&self) -> bool {
+        self.paths.is_punching()
+    }
+
+    /// Both sides map endpoint-dependently: no punching, relays only.
+    pub fn is_hopeless(&self) -> bool {
+        self.paths.is_hopeless()
+    }
+}
+
+impl Node {
+    /// Adds a peer, or brings an existing one up to date; a new WireGuard key starts afresh.
+    pub(super) fn upsert_peer(&mut self, info: Arc<PeerInfo>, now: Instant) {
+        let id = info.peer_id;
+        if self
+            .peers
+            .get(&id)
+            .is_some_and(|p| p.info.wg_key != info.wg_key)
+        {
+            self.remove_peer(&id);
+        }
+        if let Some(p) = self.peers.get_mut(&id) {
+            if p.info.virtual_ip != info.virtual_ip {
+                self.by_vip.remove(&p.info.virtual_ip);
+                self.by_vip.insert(info.virtual_ip, id);
+            }
+            p.paths.set_candidates(&info.endpoints);
+            if p.info.endpoints != info.endpoints {
+                // New endpoints (the peer moved): retry its paths and punch every candidate.
+                p.conn.resume(now);
+                p.paths.start_punch(now);
+            } else if !p.paths.is_punching() && p.direct.is_none() {
+                p.paths.start_punch(now);
+            }
+            p.info = info;
+            self.refresh_hopeless(id, now);
+            self.touch(id);
+            return;
+        }
+        self.add_peer(info, now);
+    }
+
+    fn add_peer(&mut self, info: Arc<PeerInfo>, now: Instant) {
+        let id = info.peer_id;
+        let (paths, mut conn) = self.new_peer_machines(&info, now);
+        for relay in self.relays.bound() {
+            conn.add_path(PathId::Relay(relay), now);
+        }
+        info!(peer = %info.name, vip = %info.virtual_ip, endpoints = ?info.endpoints, "peer added");
+        let short = short_id(&id);
+        self.by_vip.insert(info.virtual_ip, id);
+        self.by_wg.insert(info.wg_key, id);
+        self.by_short.insert(short, id);
+        self.events.push_back(NodeEvent::PeerAdded {
+            peer: id,
+            wg_key: info.wg_key,
+        });
+        self.events.push_back(NodeEvent::WantPunch(id));
+        self.peers.insert(
+            id,
+            Box::new(PeerState {
+                info,
+                short,
+                paths,
+                conn,
+                direct: None,
+            }),
+        );
+        self.refresh_hopeless(id, now);
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.paths.start_punch(now);
+        }
+        self.touch(id);
+    }
+
+    pub(super) fn remove_peer(&mut self, id: &Key32) {
+        let Some(mut p) = self.peers.remove(id) else {
+            return;
+        };
+        p.conn.close();
+        info!(peer = %p.info.name, "peer removed");
+        self.by_vip.remove(&p.info.virtual_ip);
+        self.by_wg.remove(&p.info.wg_key);
+        self.by_short.remove(&p.short);
+        self.deadlines.set(*id, None);
+        self.dirty.retain(|d| d != id);
+        self.packets.retain(|(d, _)| d != id);
+        self.events.push_back(NodeEvent::PeerRemoved {
+            peer: *id,
+            wg_key: p.info.wg_key,
+        });
+    }
+
+    /// Recomputes whether punching `id` is hopeless from both NAT reports; a pair that stops
+    /// being hopeless punches at once.
+    pub(super) fn refresh_hopeless(&mut self, id: Key32, now: Instant) {
+        let mine = self.nat.as_ref().map(|n| n.mapping).unwrap_or_default();
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let theirs = p.info.nat.as_ref().map(|n| n.mapping).unwrap_or_default();
+        let hopeless = mine.is_endpoint_dependent() && theirs.is_endpoint_dependent();
+        if hopeless == p.paths.is_hopeless() {
+            return;
+        }
+        info!(peer = %p.info.name, hopeless, "punching {}", if hopeless { "stops: both sides map endpoint-dependently" } else { "is possible again" });
+        p.paths.set_hopeless(hopeless);
+        if !hopeless {
+            p.paths.start_punch(now);
+        }
+        self.touch(id);
+    }
+
+    /// Drains every peer given input since the last call, and reschedules it.
+    pub(super) fn flush(&mut self) {
+        self.drain_relays();
+        if self.dirty.is_empty() {
+            return;
+        }
+        let mut ids = std::mem::take(&mut self.dirty);
+        ids.sort_unstable();
+        ids.dedup();
+        for &id in &ids {
+            self.drain_peer(id);
+        }
+        // Keep the allocation.
+        ids.clear();
+        ids.append(&mut self.dirty);
+        self.dirty = ids;
+    }
+
+    /// Everything one peer's machines queued: punch results into the connection manager,
+    /// probes onto the wire, held packets out once there is a route, events out.
+    fn drain_peer(&mut self, id: Key32) {
+        let now = self.now;
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        loop {
+            if let Some(PathEvent::DirectUp(a)) = p.paths.poll_event() {
+                direct_up(p, a, now);
+                continue;
+            }
+            if let Some((path, probe)) = p.paths.poll_transmit() {
+                self.transmits
+                    .extend(Node::frame(&self.relays, &path, &p.short, &probe));
+                continue;
+            }
+            if let Some(tx) = p.conn.poll_transmit() {
+                let probe = Probe {
+                    kind: ProbeKind::Probe,
+                    from: self.me,
+                    txid: tx.txid,
+                }
+                .encode(&p.paths.key());
+                self.transmits
+                    .extend(Node::frame(&self.relays, &tx.path, &p.short, &probe));
+                continue;
+            }
+            if let Some(event) = p.conn.poll_event() {
+                on_conn_event(p, &event, now);
+                info!(peer = %p.info.name, event = ?event, "connection");
+                self.events.push_back(NodeEvent::Conn {
+                    peer: id,
+                    name: p.info.name.clone(),
+                    event,
+                });
+                continue;
+            }
+            if let Some(Command::Reconnect { attempt }) = p.conn.poll_command() {
+                info!(peer = %p.info.name, attempt, "reconnecting: punching again");
+                p.paths.forget_direct(now);
+                self.events.push_back(NodeEvent::WantPunch(id));
+                continue;
+            }
+            if p.conn.primary().is_some() {
+                if let Some(packet) = p.conn.poll_flush() {
+                    self.packets.push_back((id, packet));
+                    continue;
+                }
+            }
+            break;
+        }
+        let next = [p.paths.poll_timeout(), p.conn.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min();
+        self.deadlines.set(id, next);
+    }
+}
+
+/// The puncher proved `a`: it becomes (again) the connection manager's direct path. A path
+/// proven again after the manager lost it is re-added fresh: a path that never failed takes
+/// the primary role back as soon as its first probe is answered.
+fn direct_up(p: &mut PeerState, a: SocketAddr, now: Instant) {
+    info!(peer = %p.info.name, endpoint = %a, "direct path proven");
+    let path = PathId::Direct(a);
+    match p.direct.replace(a) {
+        Some(old) if old != a => {
+            p.conn.remove_path(&PathId::Direct(old), now);
+        }
+        _ => {}
+    }
+    if p.conn.path_health(&path) == Some(PathHealth::Down) {
+        p.conn.remove_path(&path, now);
+    }
+    p.conn.add_path(path, now);
+}
+
+/// The connection manager lost its direct path (it failed over to a relay, or the path went
+/// down as a standby): the address may be stale, so the puncher starts over on every
+/// candidate and keeps retrying on its backoff ladder until a direct path is proven again.
+fn on_conn_event(p: &mut PeerState, event: &ConnEvent, now: Instant) {
+    let lost = match event {
+        ConnEvent::PathDown {
+            path: PathId::Direct(a),
+        } => Some(*a),
+        ConnEvent::Failover {
+            from: PathId::Direct(a),
+            ..
+        } => Some(*a),
+        _ => None,
+    };
+    if let Some(a) = lost.filter(|a| p.direct == Some(*a)) {
+        info!(peer = %p.info.name, endpoint = %a, "direct path lost: punching again");
+        p.paths.forget_direct(now);
+    }
+}

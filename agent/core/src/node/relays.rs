@@ -1,0 +1,321 @@
+//! The relays: their clients, the datagrams from them, the netcheck that uses them as STUN
+//! servers, and this agent's NAT report.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rally_proto::probe::is_probe;
+use rally_proto::relay::RelayMsg;
+use rally_proto::stun::BindingResponse;
+use rally_proto::Identity;
+use rand::RngCore;
+use tracing::{info, warn};
+
+use super::{DropReason, NatCause, Node, NodeError, NodeEvent, Received, TimerReason};
+use crate::conn::{PathId, RelayId};
+use crate::netcheck::{Netcheck, StunServer};
+use crate::relay_client::{RelayClient, RelayEvent};
+
+/// One relay as the control plane hands it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayConfig {
+    pub name: RelayId,
+    /// `host:port` as configured (shown in the NAT report).
+    pub host: String,
+    /// The resolved address.
+    pub addr: SocketAddr,
+}
+
+/// The relay clients and the netcheck.
+pub(super) struct Relays {
+    identity: Arc<Identity>,
+    local_port: u16,
+    local_ips: Vec<IpAddr>,
+    clients: Vec<RelayClient>,
+    hosts: Vec<String>,
+    by_addr: HashMap<SocketAddr, usize>,
+    netcheck: Option<Netcheck>,
+}
+
+impl Relays {
+    pub(super) fn new(identity: Arc<Identity>, local_port: u16, local_ips: Vec<IpAddr>) -> Self {
+        Relays {
+            identity,
+            local_port,
+            local_ips,
+            clients: Vec::new(),
+            hosts: Vec::new(),
+            by_addr: HashMap::new(),
+            netcheck: None,
+        }
+    }
+
+    pub(super) fn addr(&self, relay: &RelayId) -> Option<SocketAddr> {
+        self.clients
+            .iter()
+            .find(|c| &c.name == relay)
+            .map(|c| c.addr)
+    }
+
+    /// The relays this agent is bound to.
+    pub(super) fn bound(&self) -> Vec<RelayId> {
+        self.clients
+            .iter()
+            .filter(|c| c.is_bound())
+            .map(|c| c.name.clone())
+            .collect()
+    }
+
+    pub(super) fn poll_timeout(&self) -> Option<(Instant, TimerReason)> {
+        let relay = self
+            .clients
+            .iter()
+            .map(|c| (c.poll_timeout(), TimerReason::Relay));
+        let netcheck = self
+            .netcheck
+            .as_ref()
+            .map(|n| (n.poll_timeout(), TimerReason::Netcheck));
+        relay.chain(netcheck).min_by_key(|(at, _)| *at)
+    }
+}
+
+impl Node {
+    /// The relays (name, `host:port`, resolved address) and this agent's token. A changed
+    /// set replaces every client and runs a netcheck; the token goes to every client.
+    pub fn handle_relays(&mut self, relays: Vec<RelayConfig>, token: Vec<u8>, now: Instant) {
+        self.now = now;
+        let same = relays.len() == self.relays.clients.len()
+            && relays
+                .iter()
+                .zip(&self.relays.clients)
+                .all(|(r, c)| r.name == c.name && r.addr == c.addr);
+        if !same {
+            info!(relays = ?relays.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), "relays");
+            let old: Vec<RelayId> = self.relays.clients.iter().map(|c| c.name.clone()).collect();
+            for name in old {
+                self.remove_relay_path(&PathId::Relay(name), now);
+            }
+            let identity = self.relays.identity.clone();
+            self.relays.clients = relays
+                .iter()
+                .map(|r| RelayClient::new(r.name.clone(), r.addr, identity.clone(), now))
+                .collect();
+            self.relays.hosts = relays.iter().map(|r| r.host.clone()).collect();
+            self.relays.by_addr = relays
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.addr, i))
+                .collect();
+            let _ = self.start_netcheck(now);
+        }
+        for c in &mut self.relays.clients {
+            c.set_token(token.clone(), now);
+        }
+    }
+
+    /// Starts a NAT check (unless one runs); its report comes as [`NodeEvent::Nat`].
+    pub fn start_netcheck(&mut self, now: Instant) -> Result<(), NodeError> {
+        self.now = now;
+        if self.relays.clients.is_empty() {
+            return Err(NodeError::NoRelays);
+        }
+        if self.relays.netcheck.is_some() {
+            return Ok(());
+        }
+        let servers = self
+            .relays
+            .clients
+            .iter()
+            .zip(&self.relays.hosts)
+            .map(|(c, host)| StunServer {
+                name: c.name.to_string(),
+                host: host.clone(),
+                addr: c.addr,
+            })
+            .collect();
+        let mut seed = [0u8; 32];
+        self.rng.fill_bytes(&mut seed);
+        self.relays.netcheck = Some(Netcheck::new(
+            servers,
+            self.relays.local_port,
+            self.relays.local_ips.clone(),
+            seed,
+            now,
+        ));
+        Ok(())
+    }
+
+    pub(super) fn handle_stun<'a>(&mut self, d: &[u8], now: Instant) -> Received<'a> {
+        let handled = match (&mut self.relays.netcheck, BindingResponse::decode(d)) {
+            (Some(n), Ok(resp)) => n.handle_response(resp, now),
+            _ => false,
+        };
+        if !handled {
+            return Received::Dropped(DropReason::StrayStun);
+        }
+        self.finish_netcheck(now);
+        Received::Handled
+    }
+
+    pub(super) fn handle_relay_datagram<'a>(
+        &mut self,
+        from: SocketAddr,
+        d: &'a [u8],
+        now: Instant,
+    ) -> Received<'a> {
+        let Some(&i) = self.relays.by_addr.get(&from) else {
+            return Received::Dropped(DropReason::RelayForeign);
+        };
+        match RelayMsg::decode(d) {
+            Ok(RelayMsg::Deliver { from: sid, payload }) => {
+                let path = PathId::Relay(self.relays.clients[i].name.clone());
+                if is_probe(payload) {
+                    return self.handle_probe(path, sid, payload, now);
+                }
+                match self.by_short.get(&sid) {
+                    Some(&peer) => Received::WireGuard {
+                        peer,
+                        path,
+                        payload,
+                    },
+                    None => Received::Dropped(DropReason::UnknownShortId),
+                }
+            }
+            Ok(msg) => {
+                self.relays.clients[i].handle_msg(&msg, now);
+                Received::Handled
+            }
+            Err(_) => Received::Dropped(DropReason::Malformed),
+        }
+    }
+
+    pub(super) fn relays_timeout(&mut self, now: Instant) {
+        for c in &mut self.relays.clients {
+            if now >= c.poll_timeout() {
+                c.handle_timeout(now);
+            }
+        }
+        if let Some(n) = &mut self.relays.netcheck {
+            if now >= n.poll_timeout() {
+                n.handle_timeout(now);
+            }
+        }
+        self.finish_netcheck(now);
+    }
+
+    /// A finished netcheck's report becomes this agent's.
+    fn finish_netcheck(&mut self, now: Instant) {
+        let Some(n) = &self.relays.netcheck else {
+            return;
+        };
+        if !n.is_done(now) {
+            return;
+        }
+        let report = n.report();
+        self.relays.netcheck = None;
+        info!(
+            udp = report.udp,
+            mapping = ?report.mapping,
+            filtering = ?report.filtering,
+            public = ?report.public_endpoint,
+            "netcheck"
+        );
+        self.handle_nat_report(report.clone(), now);
+        self.events.push_back(NodeEvent::Nat {
+            report,
+            cause: NatCause::Netcheck,
+        });
+    }
+
+    /// Relay and netcheck outputs into the node's; relay events into the peers' paths.
+    pub(super) fn drain_relays(&mut self) {
+        let now = self.now;
+        if let Some(n) = &mut self.relays.netcheck {
+            while let Some((to, payload)) = n.poll_transmit() {
+                self.transmits.push_back(super::Transmit { to, payload });
+            }
+        }
+        for i in 0..self.relays.clients.len() {
+            let c = &mut self.relays.clients[i];
+            while let Some(payload) = c.poll_transmit() {
+                self.transmits.push_back(super::Transmit {
+                    to: c.addr,
+                    payload,
+                });
+            }
+            while let Some(ev) = self.relays.clients[i].poll_event() {
+                let relay = self.relays.clients[i].name.clone();
+                match ev {
+                    RelayEvent::Bound { observed } => self.relay_bound(relay, observed, now),
+                    RelayEvent::Lost { reason } => {
+                        warn!(relay = %relay, "relay binding lost: {reason}");
+                        self.remove_relay_path(&PathId::Relay(relay.clone()), now);
+                        self.events
+                            .push_back(NodeEvent::RelayLost { relay, reason });
+                    }
+                }
+            }
+        }
+    }
+
+    /// A relay binding adds its path to every peer; a peer still waiting for its first path
+    /// probes again now (probes sent before a rebind with a new token were dropped).
+    fn relay_bound(&mut self, relay: RelayId, observed: SocketAddr, now: Instant) {
+        info!(relay = %relay, %observed, "bound at relay");
+        let path = PathId::Relay(relay.clone());
+        let ids: Vec<_> = self.peers.keys().copied().collect();
+        for id in ids {
+            if let Some(p) = self.peers.get_mut(&id) {
+                p.conn.add_path(path.clone(), now);
+                if p.conn.primary().is_none() {
+                    p.conn.resume(now);
+                }
+                self.dirty.push(id);
+            }
+        }
+        self.observed_public(observed);
+        self.events
+            .push_back(NodeEvent::RelayBound { relay, observed });
+    }
+
+    /// A relay saw this agent at `observed`: if that is a new public address (the router's
+    /// WAN address changed, or the host moved), the NAT report changes at once. With an
+    /// endpoint-dependent mapping each relay sees its own port, so only the address counts.
+    fn observed_public(&mut self, observed: SocketAddr) {
+        let Some(report) = &self.nat else {
+            return;
+        };
+        let Some(public) = report.public_endpoint else {
+            return;
+        };
+        let changed = if report.mapping.is_endpoint_dependent() {
+            public.ip() != observed.ip()
+        } else {
+            public != observed
+        };
+        if !changed {
+            return;
+        }
+        info!(old = %public, new = %observed, "public address changed");
+        let mut report = report.clone();
+        report.public_endpoint = Some(observed);
+        report.port_preserving = observed.port() == self.relays.local_port;
+        self.nat = Some(report.clone());
+        self.events.push_back(NodeEvent::Nat {
+            report,
+            cause: NatCause::Observed,
+        });
+    }
+
+    fn remove_relay_path(&mut self, path: &PathId, now: Instant) {
+        let ids: Vec<_> = self.peers.keys().copied().collect();
+        for id in ids {
+            if let Some(p) = self.peers.get_mut(&id) {
+                p.conn.remove_path(path, now);
+                self.dirty.push(id);
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! A simulated network for node tests.

@@ -1,0 +1,164 @@
+//! The receive side: datagrams from the UDP socket. WireGuard goes through the peer's tunnel
+//! here; everything else (STUN, relay control, probes, relayed datagrams) goes to the node,
+//! which hands relayed WireGuard back.
+
+use std::net::SocketAddr;
+
+use rally_proto::Key32;
+use tracing::{debug, trace};
+
+use super::demux::{classify, receiver_index, Datagram, WgKind};
+use super::engine::{Buffers, Engine, RX_BUFS};
+use super::timers::now;
+use super::tunnel::{initiator_key, Output};
+use crate::conn::PathId;
+use crate::node::{DropReason, Received};
+
+/// UDP reads per wake-up before the TUN side gets its turn.
+const RX_ROUNDS: usize = 8;
+
+impl Engine {
+    /// Reads what the UDP socket holds (a few rounds of up to [`RX_BUFS`] datagrams or GRO
+    /// trains each), handles every datagram, then writes the decrypted packets to the TUN
+    /// device in one batch.
+    pub(super) async fn receive_udp(&mut self, b: &mut Buffers) {
+        for _ in 0..RX_ROUNDS {
+            let (n, drained) = {
+                let mut iovs = b.rx.each_mut().map(|b| std::io::IoSliceMut::new(b));
+                match rally_udp::recv_batch(&self.udp, &self.udp_state, &mut iovs, &mut b.meta) {
+                    Ok(got) => (got.count, got.drained),
+                    Err(e) => {
+                        debug!("udp receive: {e}");
+                        (0, true)
+                    }
+                }
+            };
+            for (buf, m) in b.rx.iter().zip(b.meta.iter()).take(n.min(RX_BUFS)) {
+                let stride = if m.stride == 0 { m.len } else { m.stride };
+                for d in buf[..m.len].chunks(stride.max(1)) {
+                    self.handle_datagram(m.addr, d, &mut b.out).await;
+                }
+            }
+            // Deliver this round before reading the next: a lone packet reaches the TUN device
+            // one system call sooner, and under load nothing waits behind later rounds.
+            super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
+            if drained {
+                break;
+            }
+        }
+    }
+
+    async fn handle_datagram(&mut self, from: SocketAddr, d: &[u8], out: &mut [u8]) {
+        if let Datagram::WireGuard(kind) = classify(d) {
+            let Some(id) = self.wg_peer(kind, d) else {
+                return;
+            };
+            self.handle_wireguard(id, PathId::Direct(from), d, out)
+                .await;
+            return;
+        }
+        match self.node.handle_datagram(from, d, now()) {
+            Received::Handled => {}
+            Received::WireGuard {
+                peer,
+                path,
+                payload,
+            } => {
+                // The relay vouches for the sender's id; WireGuard still authenticates the bytes.
+                match classify(payload) {
+                    Datagram::WireGuard(kind) if self.wg_peer(kind, payload) == Some(peer) => {
+                        self.handle_wireguard(peer, path, payload, out).await;
+                    }
+                    Datagram::WireGuard(_) => {}
+                    _ => self.drops.unknown_datagram += 1,
+                }
+            }
+            Received::Dropped(why) => self.count_drop(why),
+        }
+    }
+
+    fn count_drop(&mut self, why: DropReason) {
+        let d = &mut self.drops;
+        match why {
+            DropReason::StrayStun => d.stray_stun += 1,
+            DropReason::RelayForeign => d.relay_foreign += 1,
+            DropReason::Malformed => d.unknown_datagram += 1,
+            DropReason::UnknownShortId => d.unknown_short_id += 1,
+            DropReason::BadProbe => d.bad_probe += 1,
+        }
+    }
+
+    fn wg_peer(&mut self, kind: WgKind, d: &[u8]) -> Option<Key32> {
+        if kind == WgKind::Initiation {
+            let Some(key) = initiator_key(&self.secret, &self.public, d) else {
+                self.drops.wireguard += 1;
+                return None;
+            };
+            let id = self.node.peer_by_wg_key(&Key32(key));
+            if id.is_none() {
+                self.drops.unknown_peer_key += 1;
+                debug!("handshake from a key outside our parties; dropped");
+            }
+            return id;
+        }
+        let idx = receiver_index(d).unwrap_or_default() >> 8;
+        let id = self.by_index.get(&idx).copied();
+        if id.is_none() {
+            self.drops.unknown_index += 1;
+        }
+        id
+    }
+
+    async fn handle_wireguard(&mut self, id: Key32, via: PathId, d: &[u8], out: &mut [u8]) {
+        let t = now();
+        let from_ip = via.addr().map(|a| a.ip());
+        let mut datagram = d;
+        self.mark_live(id);
+        loop {
+            let Some(peer) = self.peers.get_mut(&id) else {
+                return;
+            };
+            let n = match peer
+                .tunnel
+                .decapsulate(from_ip, datagram, &mut out[DATA_HEADER_LEN..])
+            {
+                Ok(Output::Done) => return,
+                Ok(Output::Network(b)) => b.len(),
+                Ok(Output::Tunnel(packet, src)) => {
+                    mark_connected(peer, &id);
+                    let vip = self.node.peer(&id).map(|p| p.info().virtual_ip);
+                    if vip != Some(src) {
+                        self.drops.spoofed_source += 1;
+                        debug!(peer = %id, %src, "inner source is not the peer's virtual IP");
+                    } else if self.tun_tx.push(packet) {
+                        super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
+                    }
+                    self.node.handle_tunnel_rx(&id, &via, t);
+                    return;
+                }
+                Err(e) => {
+                    self.drops.wireguard += 1;
+                    trace!(peer = %id, "decapsulate: {e}");
+                    return;
+                }
+            };
+            // A handshake message or queued data: answer on the path the datagram came by.
+            mark_connected(peer, &id);
+            self.node.handle_tunnel_rx(&id, &via, t);
+            if let Some(route) = self.node.route_for(&id, &via) {
+                self.send_framed(route, &mut out[..DATA_HEADER_LEN + n])
+                    .await;
+            }
+            datagram = &[];
+        }
+    }
+}
+
+use rally_proto::relay::DATA_HEADER_LEN;
+
+fn mark_connected(peer: &mut super::engine::Peer, id: &Key32) {
+    if peer.connected_at.is_none() {
+        peer.connected_at = Some(std::time::SystemTime::now());
+        tracing::info!(peer = %id, "tunnel up");
+    }
+}

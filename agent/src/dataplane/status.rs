@@ -1,0 +1,66 @@
+//! `rally peers`: one [`PeerStatus`] row per peer, from the node's view and the tunnel's
+//! counters.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rally_proto::Key32;
+
+use super::engine::{Engine, Peer, PeerStatus};
+use super::timers::route_kind;
+use crate::node::PeerState;
+
+impl Engine {
+    pub(super) fn status(&self) -> Vec<PeerStatus> {
+        let mut rows: Vec<PeerStatus> = self
+            .node
+            .peers()
+            .filter_map(|(id, p)| Some(self.peer_status(id, p, self.peers.get(id)?)))
+            .collect();
+        rows.sort_by(|a, b| a.name.cmp(&b.name).then(a.peer_id.cmp(&b.peer_id)));
+        rows
+    }
+
+    fn peer_status(&self, id: &Key32, p: &PeerState, tunnel: &Peer) -> PeerStatus {
+        let stats = tunnel.tunnel.stats();
+        let m = p.conn().metrics();
+        let route = self.node.route(id);
+        let relay = p
+            .conn()
+            .primary()
+            .and_then(|path| path.relay())
+            .map(str::to_string);
+        let primary = m.paths.iter().find(|x| x.is_primary);
+        let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).ok();
+        let info = p.info();
+        PeerStatus {
+            peer_id: id.to_string(),
+            name: info.name.clone(),
+            virtual_ip: info.virtual_ip,
+            strategy: route_kind(route).into(),
+            relay: relay.filter(|_| route.is_some()),
+            endpoint: route.map(|r| r.addr()),
+            state: p.conn().state().as_str().into(),
+            latency_ms: m.latency_ms.or(stats.rtt_ms.map(f64::from)),
+            bytes_sent: stats.tx_bytes as u64,
+            bytes_received: stats.rx_bytes as u64,
+            uptime_seconds: tunnel
+                .connected_at
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .map_or(0, |d| d.as_secs()),
+            is_primary: primary.is_some(),
+            priority: primary.map_or(0, |x| x.priority),
+            connected_at: tunnel.connected_at.and_then(unix).map(|d| d.as_secs()),
+            parties: info.parties.clone(),
+            candidates: p.candidates().to_vec(),
+            direct_since_ms: tunnel
+                .direct_since
+                .and_then(unix)
+                .map(|d| d.as_millis() as u64),
+            failovers: m.failovers,
+            relay_switches: m.relay_switches,
+            queued: m.queued,
+            queue_dropped: m.queue_dropped,
+            paths: m.paths,
+        }
+    }
+}

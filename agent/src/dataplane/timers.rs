@@ -1,0 +1,227 @@
+//! The engine's timers table and the draining of the node: one slot for the node's next
+//! deadline (itself the earliest of every peer's, relay's and the netcheck's), one for
+//! WireGuard's timers. The loop sleeps until the earliest; nothing runs on a fixed tick, and
+//! no idle peer is visited.
+//!
+//! boringtun's timers (handshake retries, keepalives, session expiry) are rounded to a second
+//! inside boringtun, so its slot comes round every [`WG_TIMERS`] while any tunnel has
+//! WireGuard state, and visits only those tunnels. A wake-up for the node runs WireGuard's
+//! timers too when their slot is due within [`WG_COALESCE`], so the two share wake-ups.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rally_proto::relay::DATA_HEADER_LEN;
+use rally_proto::Key32;
+use tracing::{info, trace};
+
+use super::engine::{Engine, EngineEvent, Peer, KEEPALIVE_SECS};
+use super::tunnel::{Output, Tunnel, TunnelError};
+use crate::conn::{ConnEvent, PathId};
+use crate::events::{Event, EventType};
+use crate::node::{NatCause, NodeEvent, Route, TimerReason};
+
+/// The cadence of WireGuard's timers while any tunnel has state.
+pub const WG_TIMERS: Duration = Duration::from_secs(1);
+/// A wake-up this close before WireGuard's slot runs it early.
+pub const WG_COALESCE: Duration = Duration::from_millis(500);
+/// How long the loop sleeps when nothing at all is scheduled.
+const IDLE_FOREVER: Duration = Duration::from_secs(3600);
+
+/// Why the loop wakes (logged at trace level).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    Node(TimerReason),
+    WireGuard,
+    Nothing,
+}
+
+/// The data plane's clock (tokio's, so paused-time tests work).
+pub fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Engine {
+    /// The earliest slot of the timers table.
+    pub(super) fn next_wake(&mut self) -> (tokio::time::Instant, Wake) {
+        let node = self
+            .node
+            .poll_timeout()
+            .map(|(at, why)| (tokio::time::Instant::from_std(at), Wake::Node(why)));
+        let wg = self.wg_due.map(|at| (at, Wake::WireGuard));
+        [node, wg]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(at, _)| *at)
+            .unwrap_or((tokio::time::Instant::now() + IDLE_FOREVER, Wake::Nothing))
+    }
+
+    /// A deadline passed: the node's due timers, and WireGuard's if their slot is (nearly) due.
+    pub(super) async fn handle_timers(&mut self, out: &mut [u8]) {
+        let t = tokio::time::Instant::now();
+        self.node.handle_timeout(t.into_std());
+        if self.wg_due.is_some_and(|due| t + WG_COALESCE >= due) {
+            self.wg_due = None;
+            self.wireguard_timers(out).await;
+        }
+    }
+
+    /// Notes that a tunnel has WireGuard state: its timers run from now on.
+    pub(super) fn mark_live(&mut self, id: Key32) {
+        if self.live.insert(id) && self.wg_due.is_none() {
+            self.wg_due = Some(tokio::time::Instant::now() + WG_TIMERS);
+        }
+    }
+
+    /// Runs WireGuard's timers of every tunnel with state; a tunnel whose session expired
+    /// leaves the slot until it is used again.
+    async fn wireguard_timers(&mut self, out: &mut [u8]) {
+        let ids: Vec<Key32> = self.live.iter().copied().collect();
+        for id in ids {
+            let Some(peer) = self.peers.get_mut(&id) else {
+                self.live.remove(&id);
+                continue;
+            };
+            let n = match peer.tunnel.update_timers(&mut out[DATA_HEADER_LEN..]) {
+                Ok(Output::Network(b)) => b.len(),
+                Ok(_) => continue,
+                Err(TunnelError::WireGuard(e)) if e == "ConnectionExpired" => {
+                    if peer.connected_at.take().is_some() {
+                        info!(peer = %id, "session expired");
+                    }
+                    self.live.remove(&id);
+                    continue;
+                }
+                Err(e) => {
+                    trace!(peer = %id, "timers: {e}");
+                    continue;
+                }
+            };
+            if let Some(route) = self.node.route(&id) {
+                self.send_framed(route, &mut out[..DATA_HEADER_LEN + n])
+                    .await;
+            }
+        }
+        if !self.live.is_empty() {
+            self.wg_due = Some(tokio::time::Instant::now() + WG_TIMERS);
+        }
+    }
+
+    /// Performs what the node queued: datagrams onto the wire, held packets onto their new
+    /// route, events to the daemon and the bus.
+    pub(super) async fn drain_node(&mut self, out: &mut [u8]) {
+        while let Some(tx) = self.node.poll_transmit() {
+            super::tx::send(&self.udp, &tx.payload, tx.to).await;
+        }
+        while let Some(ev) = self.node.poll_event() {
+            self.handle_node_event(ev);
+        }
+        while let Some((id, packet)) = self.node.poll_packet() {
+            if let Some(route) = self.node.route(&id) {
+                self.encrypt_and_send(id, route, &packet, out).await;
+            }
+        }
+        // Events may have queued transmits (a new peer's first probes).
+        while let Some(tx) = self.node.poll_transmit() {
+            super::tx::send(&self.udp, &tx.payload, tx.to).await;
+        }
+    }
+
+    fn handle_node_event(&mut self, ev: NodeEvent) {
+        match ev {
+            NodeEvent::PeerAdded { peer, wg_key } => self.add_tunnel(peer, wg_key),
+            NodeEvent::PeerRemoved { peer, .. } => {
+                if let Some(p) = self.peers.remove(&peer) {
+                    self.by_index.remove(&p.index);
+                }
+                self.live.remove(&peer);
+            }
+            NodeEvent::WantPunch(peer) => {
+                let _ = self.events.send(EngineEvent::WantPunch(peer));
+            }
+            NodeEvent::Nat { report, cause } => {
+                if cause == NatCause::Netcheck {
+                    self.publish(Event::new(
+                        unix_ms(),
+                        EventType::NatDetected,
+                        format!(
+                            "udp {}, mapping {:?}, filtering {:?}, public {}",
+                            report.udp,
+                            report.mapping,
+                            report.filtering,
+                            report.public_endpoint.map_or("-".into(), |e| e.to_string())
+                        ),
+                    ));
+                    for w in self.netcheck_waiters.drain(..) {
+                        let _ = w.send(Ok(report.clone()));
+                    }
+                }
+                let _ = self.events.send(EngineEvent::Nat(report));
+            }
+            NodeEvent::Conn { peer, name, event } => {
+                if let (ConnEvent::PrimaryChange { to, .. }, Some(p)) =
+                    (&event, self.peers.get_mut(&peer))
+                {
+                    p.direct_since = match to {
+                        Some(PathId::Direct(_)) => Some(SystemTime::now()),
+                        _ => None,
+                    };
+                }
+                if let Some(e) = Event::from_conn(unix_ms(), &name, &event) {
+                    self.publish(e);
+                }
+            }
+            NodeEvent::RelayBound { .. } => {}
+            NodeEvent::RelayLost { relay, reason } => {
+                self.publish(
+                    Event::new(
+                        unix_ms(),
+                        EventType::Error,
+                        format!("relay binding lost: {reason}"),
+                    )
+                    .with_path(PathId::Relay(relay)),
+                );
+            }
+        }
+    }
+
+    fn add_tunnel(&mut self, id: Key32, wg_key: Key32) {
+        let index = self.allocate_index();
+        let tunnel = Tunnel::new(
+            self.secret.clone(),
+            boringtun::x25519::PublicKey::from(wg_key.0),
+            Some(KEEPALIVE_SECS),
+            index,
+        );
+        self.by_index.insert(index, id);
+        self.peers.insert(
+            id,
+            Box::new(Peer {
+                tunnel,
+                index,
+                connected_at: None,
+                direct_since: None,
+            }),
+        );
+    }
+
+    pub(super) fn publish(&self, ev: Event) {
+        if let Ok(mut bus) = self.bus.lock() {
+            bus.publish(ev);
+        }
+    }
+}
+
+/// Where a route sends: used by status rows.
+pub(super) fn route_kind(route: Option<Route>) -> &'static str {
+    match route {
+        Some(Route::Direct(_)) => "direct",
+        Some(Route::Relay { .. }) => "relay",
+        None => "none",
+    }
+}

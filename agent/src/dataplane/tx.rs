@@ -1,0 +1,151 @@
+//! The send side: packets from the TUN device, encrypted for their peer and sent on its
+//! route (batched for one GSO send), or held by the node while the peer has no route.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use rally_proto::relay::{write_send_header, DATA_HEADER_LEN};
+use rally_proto::Key32;
+use tokio::net::UdpSocket;
+use tracing::{debug, trace};
+
+use super::batch::{GsoBatch, TunBatch};
+use super::engine::{Buffers, Engine};
+use super::timers::now;
+use super::tunnel::Output;
+use crate::node::Route;
+
+impl Engine {
+    /// A batch of packets read from the TUN device.
+    pub(super) async fn handle_tun_batch(&mut self, b: &mut Buffers, n: usize) {
+        for (buf, size) in b.tun_bufs.iter().zip(&b.tun_sizes).take(n) {
+            self.handle_tun_packet(&buf[..*size], &mut b.out).await;
+        }
+        flush_gso(&self.udp, &self.udp_state, &mut self.gso).await;
+    }
+
+    async fn handle_tun_packet(&mut self, packet: &[u8], out: &mut [u8]) {
+        let Some(dst) = ipv4_destination(packet) else {
+            self.drops.no_route += 1;
+            return;
+        };
+        let Some(id) = self.node.peer_by_vip(&dst) else {
+            self.drops.no_route += 1;
+            trace!(%dst, "no peer for destination");
+            return;
+        };
+        self.node.handle_tunnel_tx(&id, now());
+        let Some(route) = self.node.route(&id) else {
+            // No usable path: the node holds it until one comes up.
+            self.node.enqueue(&id, packet.to_vec());
+            return;
+        };
+        self.mark_live(id);
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let n = match peer.tunnel.encapsulate(packet, &mut out[DATA_HEADER_LEN..]) {
+            Ok(Output::Network(b)) => b.len(),
+            Ok(_) => return,
+            Err(e) => {
+                debug!(peer = %id, "encapsulate: {e}");
+                return;
+            }
+        };
+        let (dest, frame) = match route {
+            Route::Direct(a) => (a, &out[DATA_HEADER_LEN..DATA_HEADER_LEN + n]),
+            Route::Relay { relay, peer } => {
+                write_send_header(&mut out[..DATA_HEADER_LEN], &peer);
+                (relay, &out[..DATA_HEADER_LEN + n])
+            }
+        };
+        if !self.gso.fits(dest, frame.len()) {
+            flush_gso(&self.udp, &self.udp_state, &mut self.gso).await;
+        }
+        self.gso.push(dest, frame);
+    }
+
+    /// Encrypts one packet the node held and sends it on `route`.
+    pub(super) async fn encrypt_and_send(
+        &mut self,
+        id: Key32,
+        route: Route,
+        packet: &[u8],
+        out: &mut [u8],
+    ) {
+        self.mark_live(id);
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let n = match peer.tunnel.encapsulate(packet, &mut out[DATA_HEADER_LEN..]) {
+            Ok(Output::Network(b)) => b.len(),
+            Ok(_) => return,
+            Err(e) => {
+                debug!(peer = %id, "encapsulate: {e}");
+                return;
+            }
+        };
+        self.send_framed(route, &mut out[..DATA_HEADER_LEN + n])
+            .await;
+    }
+
+    /// Sends `frame[DATA_HEADER_LEN..]` on `route`; for a relay the header is written in front.
+    pub(super) async fn send_framed(&self, route: Route, frame: &mut [u8]) {
+        match route {
+            Route::Direct(a) => send(&self.udp, &frame[DATA_HEADER_LEN..], a).await,
+            Route::Relay { relay, peer } => {
+                write_send_header(frame, &peer);
+                send(&self.udp, frame, relay).await;
+            }
+        }
+    }
+}
+
+/// Sends what the GSO batch holds in one `sendmsg`.
+pub(super) async fn flush_gso(
+    udp: &UdpSocket,
+    state: &quinn_udp::UdpSocketState,
+    batch: &mut GsoBatch,
+) {
+    if let Some((destination, contents, segment_size)) = batch.pending() {
+        let transmit = quinn_udp::Transmit {
+            destination,
+            ecn: None,
+            contents,
+            segment_size,
+            src_ip: None,
+        };
+        if let Err(e) = rally_udp::send(udp, state, &transmit).await {
+            debug!(to = %destination, "udp send: {e}");
+        }
+    }
+    batch.clear();
+}
+
+/// Writes what the TUN batch holds (coalescing TCP segments when the device has offload).
+pub(super) async fn flush_tun(
+    tun: &tun_rs::AsyncDevice,
+    batch: &mut TunBatch,
+    gro: &mut tun_rs::GROTable,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let (bufs, offset) = batch.pending();
+    if let Err(e) = tun.send_multiple(gro, bufs, offset).await {
+        debug!("tun send: {e}");
+    }
+    batch.clear();
+}
+
+pub(super) async fn send(udp: &UdpSocket, bytes: &[u8], to: SocketAddr) {
+    if let Err(e) = udp.send_to(bytes, to).await {
+        debug!(%to, "udp send: {e}");
+    }
+}
+
+fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
+    match boringtun::noise::Tunn::dst_address(packet)? {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    }
+}
