@@ -22,6 +22,12 @@ pub const RELAY_REVERT_HOLD: Duration = Duration::from_secs(60);
 /// Probes in a silence check (see [`Timer::Silence`]), so that one lost probe or ack does not
 /// fail a path that carries data.
 pub const CHECK_PROBES: u32 = 3;
+/// While idle, paths other than the primary and the best standby are probed this many times
+/// more rarely than the idle interval.
+pub const IDLE_STANDBY_FACTOR: u32 = 4;
+/// While idle, a probe due takes along the peer's other probes due within the idle interval
+/// divided by this.
+pub const IDLE_COALESCE: u32 = 4;
 /// Time between the probes of a silence check.
 pub const CHECK_SPACING: Duration = Duration::from_millis(25);
 /// A silence check waits for an answer three times the path's smoothed RTT plus this...
@@ -435,6 +441,20 @@ impl Connection {
         }
 
         let cadence = self.cadence(now);
+        let fast = cadence == self.profile.probe_interval;
+        // While idle, a probe due on any path takes along the others due within a quarter of
+        // the idle interval (one wake-up per peer, not one per path); and only the primary
+        // and the best standby keep the idle interval, the rest probe four times as rarely.
+        let standby = (!fast).then(|| self.best_standby()).flatten();
+        let any_due = self
+            .paths
+            .iter()
+            .any(|(_, p)| p.outstanding.is_none() && now >= p.next_probe);
+        let horizon = match (fast, any_due) {
+            (false, true) => now + self.profile.idle_probe_interval / IDLE_COALESCE,
+            _ => now,
+        };
+        let primary = self.primary.clone();
         for (id, p) in self.paths.iter_mut() {
             while let Some(txid) = p.check.as_mut().and_then(|c| c.next_due(now)) {
                 p.health.probes_sent += 1;
@@ -443,7 +463,7 @@ impl Connection {
                     txid,
                 });
             }
-            if p.outstanding.is_some() || now < p.next_probe {
+            if p.outstanding.is_some() || horizon < p.next_probe {
                 continue;
             }
             let txid = self.next_txid;
@@ -453,7 +473,13 @@ impl Connection {
                 at: now,
                 deadline: now + self.profile.probe_timeout,
             });
-            p.next_probe = now + cadence;
+            let kept_warm = fast || primary.as_ref() == Some(id) || standby.as_ref() == Some(id);
+            p.next_probe = now
+                + if kept_warm {
+                    cadence
+                } else {
+                    cadence * IDLE_STANDBY_FACTOR
+                };
             p.health.probes_sent += 1;
             self.transmits.push_back(ProbeTransmit {
                 path: id.clone(),
@@ -985,6 +1011,21 @@ impl Connection {
         } else {
             self.profile.idle_probe_interval
         }
+    }
+
+    /// Whether the peer has a primary and no traffic lately (probes at the idle interval).
+    pub fn is_idle(&self, now: Instant) -> bool {
+        self.primary.is_some() && !self.is_busy(now)
+    }
+
+    /// The best up path other than the primary: the one failover would pick.
+    fn best_standby(&self) -> Option<PathId> {
+        self.paths
+            .iter()
+            .filter(|(id, p)| p.health.is_up() && self.primary.as_ref() != Some(*id))
+            .map(|(id, p)| Rank::new(id, p.health.rtt))
+            .min()
+            .map(|r| r.path.clone())
     }
 
     fn is_up(&self, path: &PathId) -> bool {

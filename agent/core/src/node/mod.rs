@@ -214,6 +214,8 @@ pub struct Node {
     dirty: Vec<Key32>,
     /// The latest `now` given to any input (outputs drained later are stamped with it).
     now: Instant,
+    /// When the node was created: the origin of the idle probe grid.
+    epoch: Instant,
     transmits: VecDeque<Transmit>,
     events: VecDeque<NodeEvent>,
     packets: VecDeque<(Key32, Vec<u8>)>,
@@ -237,6 +239,7 @@ impl Node {
             deadlines: Deadlines::default(),
             dirty: Vec::new(),
             now,
+            epoch: now,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             packets: VecDeque::new(),
@@ -469,8 +472,9 @@ impl Node {
         let Some(p) = self.peers.get(id) else {
             return TimerReason::Punch;
         };
-        match p.conn.next_wake() {
-            Some(w) if w.at == at => TimerReason::Conn(w.timer),
+        match (p.paths.poll_timeout(), p.conn.next_wake()) {
+            (Some(punch), _) if punch == at => TimerReason::Punch,
+            (_, Some(w)) => TimerReason::Conn(w.timer),
             _ => TimerReason::Punch,
         }
     }

@@ -48,8 +48,10 @@ pub struct Agent {
     pub events: Vec<(Instant, NodeEvent)>,
     /// Stand-in data messages received: (time, from peer, path).
     pub received: Vec<(Instant, Key32, PathId)>,
-    /// Times the agent's driver would have woken: a timer of its node, or a datagram.
+    /// Times the agent's driver would have woken: a timer of its node, or datagrams (those
+    /// arriving at the same instant are read in one wake-up).
     pub wakes: u64,
+    last_wake: Option<Instant>,
     /// Answers every data message with one of its own (a ping responder).
     pub echo: bool,
 }
@@ -188,7 +190,8 @@ impl Sim {
                 local_ips: vec![local.ip()],
             },
             [n; 32],
-            self.now,
+            // Agents started at different moments: their timers are not in step.
+            self.now - Duration::from_millis(137 * u64::from(n)),
         );
         self.agents.push(Agent {
             node,
@@ -201,6 +204,7 @@ impl Sim {
             events: Vec::new(),
             received: Vec::new(),
             wakes: 0,
+            last_wake: None,
             echo: false,
         });
         self.agents.len() - 1
@@ -375,7 +379,7 @@ impl Sim {
                 .poll_timeout()
                 .is_some_and(|(t, _)| t <= now)
             {
-                self.agents[a].wakes += 1;
+                self.agents[a].wake(now);
                 self.agents[a].node.handle_timeout(now);
                 self.drain(a);
             }
@@ -540,7 +544,7 @@ impl Sim {
                 _ => None,
             },
         };
-        self.agents[a].wakes += 1;
+        self.agents[a].wake(now);
         if let Some((peer, path)) = got {
             self.agents[a].node.handle_tunnel_rx(&peer, &path, now);
             self.agents[a].received.push((now, peer, path));
@@ -551,6 +555,15 @@ impl Sim {
             }
         }
         self.drain(a);
+    }
+}
+
+impl Agent {
+    fn wake(&mut self, now: Instant) {
+        if self.last_wake != Some(now) {
+            self.last_wake = Some(now);
+            self.wakes += 1;
+        }
     }
 }
 

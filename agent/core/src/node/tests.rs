@@ -182,7 +182,13 @@ fn a_router_with_a_new_public_address_is_direct_again_within_five_seconds() {
     let end = moved + Duration::from_secs(30);
     let failed_over = |sim: &Sim| {
         first_event_after(sim, 0, moved, |e| {
-            matches!(e, NodeEvent::Conn { event: ConnEvent::Failover { .. }, .. })
+            matches!(
+                e,
+                NodeEvent::Conn {
+                    event: ConnEvent::Failover { .. },
+                    ..
+                }
+            )
         })
         .is_some()
     };
@@ -231,25 +237,32 @@ fn three_agents_all_reach_each_other() {
 
 #[test]
 fn an_idle_agent_with_five_peers_wakes_rarely() {
+    let per_second = idle_wakes(5);
+    println!("idle agent, 5 peers: {per_second:.2} node wake-ups per second");
+    // The node's own share (its timers, and the datagrams it receives; those arriving at one
+    // instant count once). WireGuard's 1 s timer slot and keepalives come on top in the
+    // engine. (50 peers, same setup: 7.1 per second, too slow a simulation for a unit test.)
+    assert!(per_second <= 2.0, "{per_second:.2} wake-ups per second");
+}
+
+// ----- helpers -----
+
+/// Node wake-ups per second of agent 0 among `peers + 1` idle public agents, over the second
+/// minute (the first settles punching and the netcheck).
+fn idle_wakes(peers: usize) -> f64 {
     let t0 = origin();
     let mut sim = Sim::new(t0);
     sim.add_relay("r1");
     sim.add_relay("r2");
-    for _ in 0..6 {
+    for _ in 0..=peers {
         sim.add_agent(NatKind::Public);
     }
     sim.start();
     sim.run_for(Duration::from_secs(60));
     let before = sim.agents[0].wakes;
     sim.run_for(Duration::from_secs(60));
-    let per_second = (sim.agents[0].wakes - before) as f64 / 60.0;
-    println!("idle agent, 5 peers: {per_second:.2} node wake-ups per second");
-    // The node's own share (timers and the datagrams it gets); WireGuard's 1 s timer slot and
-    // keepalives come on top in the engine.
-    assert!(per_second <= 3.0, "{per_second:.2} wake-ups per second");
+    (sim.agents[0].wakes - before) as f64 / 60.0
 }
-
-// ----- helpers -----
 
 #[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
 fn origin() -> Instant {
