@@ -182,9 +182,13 @@ impl PeerPaths {
                 let elapsed = now.saturating_duration_since(p.start);
                 if elapsed >= PUNCH_FOR {
                     self.punch = None;
-                    let step = PUNCH_RETRY[self.failed.min(PUNCH_RETRY.len() - 1)];
-                    self.failed += 1;
-                    self.retry_at = Some(now + step);
+                    // With a direct path known, the punch only looked for a better one:
+                    // retrying is for peers without one.
+                    if self.direct.is_none() {
+                        let step = PUNCH_RETRY[self.failed.min(PUNCH_RETRY.len() - 1)];
+                        self.failed += 1;
+                        self.retry_at = Some(now + step);
+                    }
                     self.forget_pending();
                 } else {
                     p.next = now
@@ -224,16 +228,16 @@ impl PeerPaths {
         crate::outputs::pop(&mut self.events)
     }
 
+    /// `addr` answered: the punch is over; a new address is news for the connection manager.
     fn prove(&mut self, addr: SocketAddr) {
-        if self.direct == Some(addr) {
-            return;
-        }
-        self.direct = Some(addr);
         self.punch = None;
         self.retry_at = None;
         self.failed = 0;
         self.forget_pending();
-        self.events.push_back(PathEvent::DirectUp(addr));
+        if self.direct != Some(addr) {
+            self.direct = Some(addr);
+            self.events.push_back(PathEvent::DirectUp(addr));
+        }
     }
 
     /// The probes still awaiting an ack are of no use once the punch is over (proven or given
@@ -437,5 +441,41 @@ mod tests {
         assert!(p.is_punching());
         p.handle_timeout(t0);
         assert_eq!(drain(&mut p).len(), 2, "every candidate is probed again");
+    }
+
+    #[test]
+    fn a_punch_starts_over_while_a_possibly_stale_direct_address_is_known() {
+        let t0 = Instant::now();
+        let mut p = paths();
+        p.handle_direct_traffic(addr("203.0.113.2:51820"));
+        p.poll_event();
+        p.start_punch(t0);
+        assert!(p.is_punching());
+        p.handle_timeout(t0);
+        assert_eq!(drain(&mut p).len(), 2, "every candidate is probed");
+    }
+
+    #[test]
+    fn failed_punches_are_retried_on_the_ladder() {
+        let t0 = Instant::now();
+        let mut p = paths();
+        p.start_punch(t0);
+        let mut t = t0;
+        let mut retries = Vec::new();
+        while retries.len() < 5 {
+            let was = p.is_punching();
+            p.handle_timeout(t);
+            drain(&mut p);
+            if was && !p.is_punching() {
+                retries.push(p.poll_timeout().unwrap() - t);
+            }
+            t = p.poll_timeout().unwrap();
+        }
+        let want: Vec<Duration> = PUNCH_RETRY
+            .iter()
+            .copied()
+            .chain([PUNCH_RETRY[PUNCH_RETRY.len() - 1]])
+            .collect();
+        assert_eq!(retries, want);
     }
 }

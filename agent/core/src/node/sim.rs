@@ -96,6 +96,8 @@ pub struct Sim {
     pub loss: f64,
     /// Datagrams between these two public IPs vanish (both ways).
     pub cuts: Vec<(IpAddr, IpAddr)>,
+    /// Extra delay of everything leaving relay `i` (a slow relay).
+    pub relay_delay: HashMap<usize, Duration>,
     rng: ChaCha8Rng,
     control: Identity,
 }
@@ -115,6 +117,7 @@ impl Sim {
             latency: Duration::from_millis(10),
             loss: 0.0,
             cuts: Vec::new(),
+            relay_delay: HashMap::new(),
             rng: ChaCha8Rng::seed_from_u64(1),
             control: Identity::from_seed([99; 32]),
         }
@@ -457,6 +460,10 @@ impl Sim {
     }
 
     fn put(&mut self, from: SocketAddr, to: SocketAddr, payload: Vec<u8>) {
+        self.put_after(from, to, payload, Duration::ZERO);
+    }
+
+    fn put_after(&mut self, from: SocketAddr, to: SocketAddr, payload: Vec<u8>, extra: Duration) {
         let cut = self
             .cuts
             .iter()
@@ -466,7 +473,7 @@ impl Sim {
         }
         self.seq += 1;
         self.wire.push(Reverse(InFlight {
-            at: self.now + self.latency,
+            at: self.now + self.latency + extra,
             seq: self.seq,
             from,
             to,
@@ -519,7 +526,8 @@ impl Sim {
             Action::Drop { reply: None, .. } => None,
         };
         if let Some((from, to, payload)) = out {
-            self.put(from, to, payload);
+            let extra = self.relay_delay.get(&r).copied().unwrap_or_default();
+            self.put_after(from, to, payload, extra);
         }
     }
 

@@ -219,6 +219,52 @@ fn a_router_with_a_new_public_address_is_direct_again_within_five_seconds() {
 }
 
 #[test]
+fn a_relayed_pair_moves_off_a_relay_that_slows_down() {
+    let (mut sim, t0) = pair(NatKind::Symmetric, NatKind::Symmetric);
+    sim.agents[1].echo = true;
+    ping_until(&mut sim, t0 + Duration::from_secs(5));
+    let first = relay_of(&sim);
+    let slow = if first == "r1" { 0 } else { 1 };
+    let slowed = sim.now;
+    sim.relay_delay.insert(slow, Duration::from_millis(150));
+    ping_until(&mut sim, slowed + Duration::from_secs(20));
+
+    let switched = first_event_after(&sim, 0, slowed, |e| {
+        matches!(
+            e,
+            NodeEvent::Conn {
+                event: ConnEvent::RelaySwitch { revert: false, .. },
+                ..
+            }
+        )
+    });
+    assert!(switched.is_some(), "switched relays");
+    assert_ne!(relay_of(&sim), first, "traffic left the slow relay");
+}
+
+#[test]
+fn reconnect_and_new_endpoints_punch_again_even_while_direct() {
+    let (mut sim, t0) = pair(NatKind::Home, NatKind::Home);
+    assert!(sim.run_until(t0 + Duration::from_secs(5), |s| both_direct(s, 0, 1)));
+    let peer = sim.id(1);
+    assert!(!sim.agents[0].node.peer(&peer).unwrap().is_punching());
+
+    let now = sim.now;
+    sim.agents[0].node.handle_reconnect(Some(peer), now);
+    assert!(sim.agents[0].node.peer(&peer).unwrap().is_punching());
+
+    sim.run_for(Duration::from_secs(15));
+    assert!(!sim.agents[0].node.peer(&peer).unwrap().is_punching());
+    let mut moved = (*sim.info(1)).clone();
+    moved.endpoints.push("203.0.113.77:40001".parse().unwrap());
+    let now = sim.now;
+    sim.agents[0]
+        .node
+        .handle_peer_changes(vec![PeerEvent::Updated(Arc::new(moved))], now);
+    assert!(sim.agents[0].node.peer(&peer).unwrap().is_punching());
+}
+
+#[test]
 fn three_agents_all_reach_each_other() {
     let t0 = origin();
     let mut sim = Sim::new(t0);
@@ -278,6 +324,16 @@ fn pair(a: NatKind, b: NatKind) -> (Sim, Instant) {
     sim.add_agent(b);
     sim.start();
     (sim, t0)
+}
+
+/// The relay agent 0's primary path to agent 1 goes through.
+fn relay_of(sim: &Sim) -> String {
+    let peer = sim.id(1);
+    let p = sim.agents[0].node.peer(&peer).expect("peer known");
+    match p.conn().primary() {
+        Some(PathId::Relay(r)) => r.to_string(),
+        other => panic!("not relayed: {other:?}"),
+    }
 }
 
 fn both_direct(sim: &Sim, a: usize, b: usize) -> bool {
