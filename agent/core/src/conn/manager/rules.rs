@@ -364,4 +364,55 @@ impl Connection {
         ranks.sort();
         ranks
     }
+
+    /// Sends the probes due by `now`: a running silence check's, and each path's at its
+    /// cadence.
+    pub(super) fn send_due_probes(&mut self, now: Instant) {
+        let cadence = self.cadence(now);
+        let fast = cadence == self.profile.probe_interval;
+        // While idle, a probe due on any path takes along the others due within a quarter of
+        // the idle interval (one wake-up per peer, not one per path); and only the primary
+        // and the best standby keep the idle interval, the rest probe four times as rarely.
+        let standby = (!fast).then(|| self.best_standby()).flatten();
+        let any_due = self
+            .paths
+            .iter()
+            .any(|(_, p)| p.outstanding.is_none() && now >= p.next_probe);
+        let horizon = match (fast, any_due) {
+            (false, true) => now + self.profile.idle_probe_interval / IDLE_COALESCE,
+            _ => now,
+        };
+        let primary = self.primary.clone();
+        for (id, p) in self.paths.iter_mut() {
+            while let Some(txid) = p.check.as_mut().and_then(|c| c.next_due(now)) {
+                p.health.probes_sent += 1;
+                self.transmits.push_back(ProbeTransmit {
+                    path: id.clone(),
+                    txid,
+                });
+            }
+            if p.outstanding.is_some() || horizon < p.next_probe {
+                continue;
+            }
+            let txid = self.next_txid;
+            self.next_txid = self.next_txid.wrapping_add(1);
+            p.outstanding = Some(Outstanding {
+                txid,
+                at: now,
+                deadline: now + self.profile.probe_timeout,
+            });
+            let kept_warm = fast || primary.as_ref() == Some(id) || standby.as_ref() == Some(id);
+            p.next_probe = now
+                + if kept_warm {
+                    cadence
+                } else {
+                    cadence * IDLE_STANDBY_FACTOR
+                };
+            p.health.probes_sent += 1;
+            self.transmits.push_back(ProbeTransmit {
+                path: id.clone(),
+                txid,
+            });
+        }
+    }
 }
