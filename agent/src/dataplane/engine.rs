@@ -360,11 +360,17 @@ impl Engine {
             }
             tokio::select! {
                 r = self.udp.readable() => match r {
-                    Ok(()) => self.receive_udp(&mut b).await,
+                    Ok(()) => {
+                        trace!("woke for the socket");
+                        self.receive_udp(&mut b).await;
+                    }
                     Err(e) => debug!("udp receive: {e}"),
                 },
                 r = self.tun.recv_multiple(&mut b.tun_raw, &mut b.tun_bufs, &mut b.tun_sizes, 0) => match r {
-                    Ok(n) => self.handle_tun_batch(&mut b, n).await,
+                    Ok(n) => {
+                        trace!(packets = n, "woke for the TUN device");
+                        self.handle_tun_batch(&mut b, n).await;
+                    }
                     Err(e) => debug!("tun receive: {e}"),
                 },
                 () = &mut sleep => {
