@@ -11,7 +11,7 @@ use rally_proto::{Key32, PeerInfo};
 use tracing::info;
 
 use super::{Node, NodeEvent};
-use crate::conn::{Command, ConnEvent, Connection, PathHealth, PathId, Timer};
+use crate::conn::{Command, ConnEvent, Connection, PathId, Timer};
 use crate::paths::{PathEvent, PeerPaths};
 
 /// The grid idle peers' probe timers are rounded up to (from the node's creation).
@@ -252,8 +252,9 @@ impl Node {
 }
 
 /// The puncher proved `a`: it becomes (again) the connection manager's direct path. A path
-/// proven again after the manager lost it is re-added fresh: a path that never failed takes
-/// the primary role back as soon as its first probe is answered.
+/// proven again after the manager lost it is re-added fresh (even if the manager's own probes
+/// already saw it up again): a path that never failed takes the primary role back as soon as
+/// its first probe is answered.
 fn direct_up(p: &mut PeerState, a: SocketAddr, now: Instant) {
     info!(peer = %p.info.name, endpoint = %a, "direct path proven");
     let path = PathId::Direct(a);
@@ -263,7 +264,9 @@ fn direct_up(p: &mut PeerState, a: SocketAddr, now: Instant) {
         }
         _ => {}
     }
-    if p.conn.path_health(&path) == Some(PathHealth::Down) {
+    // Known but not primary: it failed earlier (down, or up again but still earning the role
+    // back over `recovery_threshold` probes). The punch just proved it: start it afresh.
+    if p.conn.path_health(&path).is_some() && p.conn.primary() != Some(&path) {
         p.conn.remove_path(&path, now);
     }
     p.conn.add_path(path, now);

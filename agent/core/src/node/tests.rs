@@ -171,6 +171,32 @@ fn a_direct_path_that_comes_back_is_primary_again_within_two_seconds() {
 }
 
 #[test]
+fn a_path_back_after_the_punch_gave_up_is_primary_again_at_the_next_retry() {
+    // Cut for 25 s: the punch started at the failover gives up after 10 s, is retried 2 s
+    // later for 10 s, and next 5 s after that (at ~27.4 s). The connection manager's own
+    // probes see the path up again first, which alone would take the recovery threshold (5
+    // answers a second apart); the punch's answer makes it a fresh path, primary at once.
+    let (mut sim, t0) = pair(NatKind::Home, NatKind::Home);
+    sim.agents[1].echo = true;
+    assert!(sim.run_until(t0 + Duration::from_secs(5), |s| both_direct(s, 0, 1)));
+    let cut = sim.now;
+    sim.cut(0, 1);
+    ping_until(&mut sim, cut + Duration::from_secs(25));
+    let healed = sim.now;
+    sim.heal();
+    while sim.now < healed + Duration::from_secs(10) && !both_direct(&sim, 0, 1) {
+        let next = sim.now + Duration::from_millis(10);
+        ping_until(&mut sim, next);
+    }
+    assert!(both_direct(&sim, 0, 1), "direct again");
+    assert!(
+        sim.now - healed < Duration::from_secs(3),
+        "direct again after {:?}",
+        sim.now - healed
+    );
+}
+
+#[test]
 fn a_router_with_a_new_public_address_is_direct_again_within_five_seconds() {
     let (mut sim, t0) = pair(NatKind::Home, NatKind::Home);
     sim.agents[1].echo = true;
