@@ -1,5 +1,6 @@
 //! Rally's agent: the engine behind `rally up` and the client side of the CLI.
 
+pub mod api;
 pub mod backoff;
 pub mod conn;
 pub mod control;

@@ -2,15 +2,16 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use rally_agent::api::{resolve_peer, IpcReply, IpcRequest, PeerStatus};
 use rally_agent::conn::Profile;
 use rally_agent::daemon::{self, Config};
-use rally_agent::dataplane::PeerStatus;
 use rally_agent::events::EventType;
-use rally_agent::ipc::{self, IpcReply, IpcRequest};
+use rally_agent::ipc::{self, unexpected};
 use rally_agent::state::{ControlTarget, DEFAULT_STATE_DIR};
 use rally_proto::control::{validate_name, PartyInfo};
 use rally_proto::Key32;
@@ -84,8 +85,8 @@ enum Cmd {
         /// Number of echo requests.
         #[arg(short = 'c', long = "count", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         count: u32,
-        /// Seconds between requests.
-        #[arg(short = 'i', long = "interval", default_value_t = 1.0)]
+        /// Seconds between requests (0.01 to 60).
+        #[arg(short = 'i', long = "interval", default_value_t = 1.0, value_parser = parse_interval)]
         interval: f64,
     },
 }
@@ -99,7 +100,7 @@ struct UpArgs {
     #[arg(long, requires = "control", allow_hyphen_values = true)]
     control_key: Option<Key32>,
     /// This machine's name in the party (default: the host name).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_name)]
     name: Option<String>,
     /// UDP port for tunnels (0: any free port).
     #[arg(long, default_value_t = 51820)]
@@ -117,6 +118,20 @@ struct UpArgs {
 
 fn parse_profile(s: &str) -> Result<Profile, String> {
     s.parse::<Profile>().map_err(|e| e.to_string())
+}
+
+/// A name for an agent or a party (1 to 64 letters, digits, '-', '_' or '.').
+fn parse_name(s: &str) -> Result<String, String> {
+    validate_name(s)
+        .map(|()| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.01..=60.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds from 0.01 to 60")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -142,6 +157,7 @@ fn parse_types(s: &str) -> Result<Vec<EventType>, String> {
 enum PartyCmd {
     /// Create a party; prints its invite code (last line of stdout).
     Create {
+        #[arg(value_parser = parse_name)]
         name: String,
         /// How many agents may join with the code (default: unlimited).
         #[arg(long)]
@@ -161,16 +177,45 @@ enum PartyCmd {
     },
 }
 
-fn main() {
-    let cli = Cli::parse();
+/// Exit status 1: a runtime error (DESIGN.md "CLI contract").
+const EXIT_RUNTIME: u8 = 1;
+/// Exit status 2: a usage error.
+const EXIT_USAGE: u8 = 2;
+
+/// The one way out: exit 0 on success, else one line on stderr and 1 (runtime) or 2 (usage;
+/// clap's own usage errors exit 2 as well).
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(EXIT_USAGE));
+        }
+    };
     let result = match cli.cmd {
         Cmd::Up(args) => up(&cli.state_dir, *args),
         cmd => client(&cli.state_dir, cmd),
     };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    let Err(e) = result else {
+        return ExitCode::SUCCESS;
+    };
+    let code = if e.is::<UsageError>() {
+        EXIT_USAGE
+    } else {
+        EXIT_RUNTIME
+    };
+    eprintln!("error: {}", one_line(&format!("{e:#}")));
+    ExitCode::from(code)
+}
+
+/// A usage error found after parsing (exit status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+/// `text` on one line: line breaks become spaces.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn up(state_dir: &Path, args: UpArgs) -> Result<()> {
@@ -187,8 +232,10 @@ fn up(state_dir: &Path, args: UpArgs) -> Result<()> {
         None => default_name(),
     };
     if validate_name(&name).is_err() {
-        eprintln!("error: invalid --name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.'");
-        std::process::exit(2);
+        return Err(UsageError(format!(
+            "invalid name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.' (--name)"
+        ))
+        .into());
     }
     let control = match (args.control, args.control_key) {
         (Some(addr), Some(key)) => Some(ControlTarget { addr, key }),
@@ -244,7 +291,7 @@ async fn call(state_dir: &Path, req: IpcRequest) -> Result<IpcReply> {
 
 async fn run_client(state_dir: &Path, cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Up(_) => unreachable!("handled in main"),
+        Cmd::Up(_) => bail!("`rally up` runs the daemon, not a client command"),
         Cmd::Down => {
             call(state_dir, IpcRequest::Down).await?;
             println!("rally stopped");
@@ -254,7 +301,6 @@ async fn run_client(state_dir: &Path, cmd: Cmd) -> Result<()> {
             max_uses,
             expires,
         }) => {
-            validate_name(&name).map_err(|e| anyhow!("invalid party name {name:?}: {e}"))?;
             let reply = call(
                 state_dir,
                 IpcRequest::PartyCreate {
@@ -269,31 +315,29 @@ async fn run_client(state_dir: &Path, cmd: Cmd) -> Result<()> {
                 invite: Some(invite),
             } = reply
             else {
-                bail!("unexpected reply from the daemon");
+                bail!(unexpected(&reply));
             };
             eprintln!("party {} created; share this invite code:", party.name);
             println!("{invite}");
         }
         Cmd::Party(PartyCmd::Join { code }) => {
-            let IpcReply::Party { party, .. } =
-                call(state_dir, IpcRequest::PartyJoin { code }).await?
-            else {
-                bail!("unexpected reply from the daemon");
+            let reply = call(state_dir, IpcRequest::PartyJoin { code }).await?;
+            let IpcReply::Party { party, .. } = reply else {
+                bail!(unexpected(&reply));
             };
             println!("joined party {} ({} members)", party.name, party.members);
         }
         Cmd::Party(PartyCmd::Leave { party }) => {
-            let IpcReply::Party { party, .. } =
-                call(state_dir, IpcRequest::PartyLeave { party }).await?
-            else {
-                bail!("unexpected reply from the daemon");
+            let reply = call(state_dir, IpcRequest::PartyLeave { party }).await?;
+            let IpcReply::Party { party, .. } = reply else {
+                bail!(unexpected(&reply));
             };
             println!("left party {}", party.name);
         }
         Cmd::Party(PartyCmd::List { json }) => {
-            let IpcReply::Parties { parties } = call(state_dir, IpcRequest::PartyList).await?
-            else {
-                bail!("unexpected reply from the daemon");
+            let reply = call(state_dir, IpcRequest::PartyList).await?;
+            let IpcReply::Parties { parties } = reply else {
+                bail!(unexpected(&reply));
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&parties)?);
@@ -302,8 +346,9 @@ async fn run_client(state_dir: &Path, cmd: Cmd) -> Result<()> {
             }
         }
         Cmd::Status { json } => {
-            let IpcReply::Status(s) = call(state_dir, IpcRequest::Status).await? else {
-                bail!("unexpected reply from the daemon");
+            let reply = call(state_dir, IpcRequest::Status).await?;
+            let IpcReply::Status(s) = reply else {
+                bail!(unexpected(&reply));
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -392,7 +437,7 @@ async fn run_client(state_dir: &Path, cmd: Cmd) -> Result<()> {
                         p.name,
                         p.virtual_ip,
                         p.state,
-                        path_label(p),
+                        p.path_label(),
                         p.failovers,
                         p.relay_switches,
                         p.queued,
@@ -427,8 +472,9 @@ async fn run_client(state_dir: &Path, cmd: Cmd) -> Result<()> {
             println!("{peer}: primary path pinned to {path}");
         }
         Cmd::Netcheck { json } => {
-            let IpcReply::Netcheck(nat) = call(state_dir, IpcRequest::Netcheck).await? else {
-                bail!("unexpected reply from the daemon");
+            let reply = call(state_dir, IpcRequest::Netcheck).await?;
+            let IpcReply::Netcheck(nat) = reply else {
+                bail!(unexpected(&reply));
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&nat)?);
@@ -474,8 +520,9 @@ async fn run_client(state_dir: &Path, cmd: Cmd) -> Result<()> {
 }
 
 async fn peers(state_dir: &Path) -> Result<Vec<PeerStatus>> {
-    let IpcReply::Peers { peers } = call(state_dir, IpcRequest::Peers).await? else {
-        bail!("unexpected reply from the daemon");
+    let reply = call(state_dir, IpcRequest::Peers).await?;
+    let IpcReply::Peers { peers } = reply else {
+        bail!(unexpected(&reply));
     };
     Ok(peers)
 }
@@ -506,19 +553,12 @@ fn print_peers(peers: &[PeerStatus]) {
             p.name,
             p.virtual_ip,
             p.state,
-            path_label(p),
+            p.path_label(),
             p.endpoint.map_or("-".into(), |e| e.to_string()),
             p.latency_ms.map_or("-".into(), |l| format!("{l:.0} ms")),
             bytes(p.bytes_sent),
             bytes(p.bytes_received),
         );
-    }
-}
-
-fn path_label(p: &PeerStatus) -> String {
-    match (&p.relay, p.strategy.as_str()) {
-        (Some(r), "relay") => format!("relay:{r}"),
-        _ => p.strategy.clone(),
     }
 }
 
@@ -532,14 +572,8 @@ fn bytes(n: u64) -> String {
 }
 
 async fn ping(state_dir: &Path, query: &str, count: u32, interval: f64) -> Result<()> {
-    if !(0.01..=60.0).contains(&interval) {
-        eprintln!("error: --interval must be between 0.01 and 60 seconds");
-        std::process::exit(2);
-    }
     let list = peers(state_dir).await?;
-    let peer = ipc::resolve_peer(&list, query)
-        .map_err(|e| anyhow!(e))?
-        .clone();
+    let peer = resolve_peer(&list, query).map_err(|e| anyhow!(e))?.clone();
     let client = surge_ping::Client::new(&surge_ping::Config::default())
         .context("opening an ICMP socket (needs root or CAP_NET_RAW)")?;
     let mut pinger = client
@@ -598,7 +632,7 @@ async fn ping(state_dir: &Path, query: &str, count: u32, interval: f64) -> Resul
 }
 
 fn describe_path(p: &PeerStatus) -> String {
-    let label = path_label(p);
+    let label = p.path_label();
     match p.endpoint {
         Some(SocketAddr::V4(e)) => format!("{label} {e}"),
         Some(e) => format!("{label} {e}"),

@@ -23,7 +23,6 @@ use rally_proto::stun::BindingResponse;
 use rally_proto::{Identity, Key32, PeerEvent, PeerInfo};
 use rally_udp::grow_socket_buffers;
 use rand::RngCore;
-use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, trace, warn};
@@ -31,7 +30,8 @@ use tracing::{debug, info, trace, warn};
 use super::batch::{GsoBatch, TunBatch};
 use super::demux::{classify, receiver_index, Datagram, WgKind};
 use super::tunnel::{initiator_key, Output, Tunnel, TunnelError};
-use crate::conn::{Command, Connection, PathId, PathMetrics, Profile};
+use crate::api::{PeerState, Strategy};
+use crate::conn::{Command, ConnState, Connection, PathId, Profile};
 use crate::events::{Event, EventBus, EventType};
 use crate::netcheck::{Netcheck, StunServer};
 use crate::paths::{PathEvent, PeerPaths, Via};
@@ -82,6 +82,8 @@ pub enum EngineEvent {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::UnboundedSender<EngineCmd>,
+    /// The data-plane thread, taken by the first [`EngineHandle::stop`].
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl EngineHandle {
@@ -110,37 +112,19 @@ impl EngineHandle {
     pub fn shutdown(&self) {
         self.send(EngineCmd::Shutdown);
     }
+
+    /// Shuts the data plane down and waits for its thread to end (the TUN device is gone
+    /// then). Blocks: call it from a blocking context. Later calls return at once.
+    pub fn stop(&self) {
+        self.shutdown();
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
 }
 
-/// One row of `rally peers`: the metrics fields of DESIGN.md.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct PeerStatus {
-    pub peer_id: String,
-    pub name: String,
-    pub virtual_ip: Ipv4Addr,
-    pub strategy: String,
-    pub relay: Option<String>,
-    pub endpoint: Option<SocketAddr>,
-    pub state: String,
-    pub latency_ms: Option<f64>,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub uptime_seconds: u64,
-    pub is_primary: bool,
-    pub priority: u32,
-    /// Unix seconds.
-    pub connected_at: Option<u64>,
-    pub parties: Vec<String>,
-    pub candidates: Vec<SocketAddr>,
-    /// Unix milliseconds when the direct path was proven (absent while relayed).
-    pub direct_since_ms: Option<u64>,
-    pub failovers: u64,
-    pub relay_switches: u64,
-    pub queued: usize,
-    pub queue_dropped: u64,
-    /// Every path with its health, latency and rank.
-    pub paths: Vec<PathMetrics>,
-}
+pub use crate::api::PeerStatus;
 
 /// Packets dropped, by reason.
 #[derive(Debug, Default, Clone, Copy)]
@@ -243,7 +227,7 @@ impl Engine {
     ) -> std::io::Result<EngineHandle> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("rally-dataplane".into())
             .spawn(move || {
                 let rt = match tokio::runtime::Builder::new_current_thread()
@@ -269,7 +253,10 @@ impl Engine {
                 });
             })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(EngineHandle { tx }),
+            Ok(Ok(())) => Ok(EngineHandle {
+                tx,
+                thread: Arc::new(Mutex::new(Some(thread))),
+            }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(std::io::Error::other(
                 "the data-plane thread stopped while starting",
@@ -1122,13 +1109,13 @@ impl Engine {
         let stats = p.tunnel.stats();
         let m = p.conn.metrics();
         let (strategy, relay, endpoint) = match self.route(id) {
-            Some(Route::Direct(a)) => ("direct", None, Some(a)),
+            Some(Route::Direct(a)) => (Strategy::Direct, None, Some(a)),
             Some(Route::Relay(i)) => (
-                "relay",
+                Strategy::Relay,
                 Some(self.relays[i].name.clone()),
                 Some(self.relays[i].addr),
             ),
-            None => ("none", None, None),
+            None => (Strategy::None, None, None),
         };
         let primary = m.paths.iter().find(|x| x.is_primary);
         let unix = |t: SystemTime| t.duration_since(UNIX_EPOCH).ok();
@@ -1136,10 +1123,17 @@ impl Engine {
             peer_id: id.to_string(),
             name: p.info.name.clone(),
             virtual_ip: p.info.virtual_ip,
-            strategy: strategy.into(),
+            strategy,
             relay,
             endpoint,
-            state: p.conn.state().as_str().into(),
+            state: match p.conn.state() {
+                ConnState::Connecting => PeerState::Connecting,
+                ConnState::Connected => PeerState::Connected,
+                ConnState::Degraded => PeerState::Degraded,
+                ConnState::Reconnecting => PeerState::Reconnecting,
+                ConnState::Failed => PeerState::Failed,
+                ConnState::Disconnected => PeerState::Disconnected,
+            },
             latency_ms: m.latency_ms.or(stats.rtt_ms.map(f64::from)),
             bytes_sent: stats.tx_bytes as u64,
             bytes_received: stats.rx_bytes as u64,
