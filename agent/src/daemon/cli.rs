@@ -172,3 +172,24 @@ pub(super) async fn ask(inbox: &mpsc::Sender<Msg>, req: IpcRequest) -> IpcResult
     rx.await
         .unwrap_or_else(|_| Err("the daemon is stopping".into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_control_socket_is_created_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rally.sock");
+        // SAFETY: umask(2) cannot fail; a permissive one shows the socket does not depend on it.
+        let old = unsafe { libc::umask(0) };
+        let bound = bind(&path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let _listener = bound.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+}
