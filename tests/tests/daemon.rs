@@ -134,7 +134,7 @@ fn a_stale_saved_virtual_ip_is_replaced_by_the_registered_one() -> Result<()> {
                     .run_ok(&["ip", "-4", "-o", "addr", "show", "dev", "rally0"])?;
                 Ok(addr.contains(&want)
                     && alice.virtual_ip()?.to_string() == vip
-                    && saved(&alice)?["virtual_ip"] == Value::from(vip.as_str()))
+                    && saved(&alice)?["virtual_ip"] == vip.as_str())
             },
         )?;
         let addr = alice
@@ -160,7 +160,7 @@ fn a_fresh_invite_moves_the_agent_to_its_control_address() -> Result<()> {
 
         bob.wait_control_connected(CONNECT)?;
         ensure!(
-            saved(&bob)?["control"]["addr"] == Value::from(cp.addr()),
+            saved(&bob)?["control"]["addr"] == cp.addr(),
             "agent.json keeps {}",
             saved(&bob)?["control"]
         );
