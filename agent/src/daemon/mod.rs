@@ -5,6 +5,7 @@
 //! starts to wait on the network, which answer with a message too.
 
 mod cli;
+mod network;
 mod owner;
 mod requests;
 

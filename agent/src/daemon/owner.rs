@@ -5,14 +5,13 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use rally_proto::control::{NatReport, PartyInfo, RelayEntry};
 use rally_proto::{DeltaError, Identity, Key32, Overlay, PeerEvent, PeerView, Request, Response};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::network::net_changed;
 use super::{Config, DaemonError};
 use crate::api::{IpcRequest, IpcResult};
 use crate::control::{self, ControlEvent, ControlHandle, Registration};
@@ -27,9 +26,6 @@ use crate::state::{ControlTarget, Keys, Saved, StateDir};
 const PEER_CACHE_DELAY: Duration = Duration::from_secs(1);
 /// How often a fresh relay token is asked for (well before the current one expires).
 const RENEW_EVERY: Duration = Duration::from_secs(300);
-/// A burst of network changes (address, then routes) is looked at once, this long after its
-/// first message.
-const NET_SETTLE: Duration = Duration::from_millis(100);
 /// Punch requests kept while the control plane is away (one per peer; more are dropped).
 const MAX_PENDING_PUNCHES: usize = 4096;
 
@@ -71,7 +67,7 @@ pub(super) struct Owner {
     pub(super) identity: Arc<Identity>,
     wg_secret: [u8; 32],
     wg_public: Key32,
-    overlay: Overlay,
+    pub(super) overlay: Overlay,
     /// The agent's one UDP socket (each data plane gets a handle of it when it starts).
     udp: std::net::UdpSocket,
     pub(super) listen_port: u16,
@@ -90,9 +86,9 @@ pub(super) struct Owner {
     /// every registration.
     pub(super) nat: Option<NatReport>,
     /// Relays as last handed out, kept to renew the token.
-    relays: Vec<RelayEntry>,
+    pub(super) relays: Vec<RelayEntry>,
     /// The relays as last given to the data plane, for a data plane that starts later.
-    resolved: Option<(Vec<ResolvedRelay>, Vec<u8>)>,
+    pub(super) resolved: Option<(Vec<ResolvedRelay>, Vec<u8>)>,
     /// The peer map, kept in step with the control plane's full maps and deltas.
     peers: PeerView,
     /// When `peers.json` is due to be rewritten.
@@ -100,10 +96,10 @@ pub(super) struct Owner {
     /// Peers the data plane wanted punched while the control plane was away.
     pending_punches: BTreeSet<Key32>,
     /// The host's addresses as last reported.
-    local: Vec<SocketAddr>,
-    netwatch: Option<NetWatch>,
+    pub(super) local: Vec<SocketAddr>,
+    pub(super) netwatch: Option<NetWatch>,
     /// When the current burst of network changes is looked at.
-    net_settle_at: Option<Instant>,
+    pub(super) net_settle_at: Option<Instant>,
     /// Set to end the loop, with the daemon's outcome.
     pub(super) stopping: Option<Result<(), DaemonError>>,
     /// `rally down` requests, answered once the daemon has stopped.
@@ -485,89 +481,6 @@ impl Owner {
         }
     }
 
-    /// Decodes the token and looks the relays up; the data plane gets them with
-    /// [`Msg::RelaysResolved`].
-    fn resolve_relays(&self, relays: Vec<RelayEntry>, token: String) {
-        let Ok(token) = URL_SAFE_NO_PAD.decode(token.as_bytes()) else {
-            warn!("the control plane sent a relay token that is not base64");
-            return;
-        };
-        let me = self.me.clone();
-        tokio::spawn(async move {
-            let mut resolved = Vec::new();
-            for r in relays {
-                match tokio::net::lookup_host(&r.addr)
-                    .await
-                    .map(|mut a| a.find(|a| a.is_ipv4()))
-                {
-                    Ok(Some(addr)) => resolved.push((r.name, r.addr, addr)),
-                    Ok(None) => warn!(relay = %r.name, "{} has no IPv4 address", r.addr),
-                    Err(e) => warn!(relay = %r.name, "cannot resolve {}: {e}", r.addr),
-                }
-            }
-            let _ = me.send(Msg::RelaysResolved(resolved, token)).await;
-        });
-    }
-
-    fn renew_relay_token(&self) {
-        if !self.link_state.borrow().connected {
-            return;
-        }
-        let Some(link) = &self.link else { return };
-        let handle = link.handle.clone();
-        let me = self.me.clone();
-        tokio::spawn(async move {
-            if let Ok(Response::RelayToken { token, .. }) =
-                handle.request(Request::RelayToken).await
-            {
-                let _ = me.send(Msg::RelayToken(token)).await;
-            }
-        });
-    }
-
-    /// Direct candidates: every local address, and the public endpoint netcheck found.
-    pub(super) fn endpoints(&self) -> Vec<SocketAddr> {
-        let mut eps = self.local.clone();
-        if let Some(public) = self.nat.as_ref().and_then(|n| n.public_endpoint) {
-            if !eps.contains(&public) {
-                eps.insert(0, public);
-            }
-        }
-        eps.truncate(rally_proto::control::MAX_ENDPOINTS);
-        eps
-    }
-
-    /// A netlink message: the burst it starts is looked at [`NET_SETTLE`] later.
-    fn handle_net_change(&mut self, changed: std::io::Result<()>) {
-        if let Err(e) = changed {
-            warn!("netlink: {e}; address changes will no longer be noticed");
-            self.netwatch = None;
-            return;
-        }
-        self.net_settle_at
-            .get_or_insert_with(|| Instant::now() + NET_SETTLE);
-    }
-
-    /// After a burst of network changes: if the host's addresses changed, the control plane
-    /// gets the new endpoints, netcheck runs again and every peer punches again at once.
-    fn network_settled(&mut self) {
-        self.net_settle_at = None;
-        let now = local_endpoints(self.listen_port, &self.overlay);
-        if now == self.local {
-            debug!("network change without an address change");
-            return;
-        }
-        info!(endpoints = ?now, "network changed");
-        self.local = now;
-        if let Some(link) = &self.link {
-            link.handle.set_endpoints(self.endpoints());
-        }
-        if let Some(engine) = &self.engine {
-            engine.send(EngineCmd::Netcheck(None));
-            engine.send(EngineCmd::Reconnect(None));
-        }
-    }
-
     fn remember_vip(&self, vip: Ipv4Addr) {
         let mut saved = match self.state.load_saved() {
             Ok(s) => s,
@@ -593,14 +506,6 @@ async fn next_event<T>(rx: Option<&mut mpsc::UnboundedReceiver<T>>) -> T {
         }
     }
     std::future::pending().await
-}
-
-/// The next network change (never, without a netlink subscription).
-async fn net_changed(watch: &mut Option<NetWatch>) -> std::io::Result<()> {
-    match watch {
-        Some(w) => w.changed().await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Sleeps until `at` (forever if `None`).
