@@ -4,6 +4,7 @@
 //! the metrics server are tasks that talk to it by messages; so are the short tasks the owner
 //! starts to wait on the network, which answer with a message too.
 
+mod backlog;
 mod cli;
 mod network;
 mod owner;

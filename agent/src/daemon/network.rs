@@ -63,7 +63,7 @@ impl Owner {
     /// Direct candidates: every local address, and the public endpoint netcheck found.
     pub(super) fn endpoints(&self) -> Vec<SocketAddr> {
         let mut eps = self.local.clone();
-        if let Some(public) = self.nat.as_ref().and_then(|n| n.public_endpoint) {
+        if let Some(public) = self.backlog.nat().and_then(|n| n.public_endpoint) {
             if !eps.contains(&public) {
                 eps.insert(0, public);
             }

@@ -1,16 +1,16 @@
 //! The owner: the agent's state and the one loop that changes it.
 
-use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rally_proto::control::{NatReport, PartyInfo, RelayEntry};
+use rally_proto::control::{PartyInfo, RelayEntry};
 use rally_proto::{DeltaError, Identity, Key32, Overlay, PeerEvent, PeerView, Request, Response};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::backlog::Backlog;
 use super::network::net_changed;
 use super::{Config, DaemonError};
 use crate::api::{IpcRequest, IpcResult};
@@ -26,8 +26,6 @@ use crate::state::{ControlTarget, Keys, Saved, StateDir};
 const PEER_CACHE_DELAY: Duration = Duration::from_secs(1);
 /// How often a fresh relay token is asked for (well before the current one expires).
 const RENEW_EVERY: Duration = Duration::from_secs(300);
-/// Punch requests kept while the control plane is away (one per peer; more are dropped).
-const MAX_PENDING_PUNCHES: usize = 4096;
 
 /// A relay with its resolved address: (name, `host:port`, address).
 pub(super) type ResolvedRelay = (String, String, SocketAddr);
@@ -82,9 +80,8 @@ pub(super) struct Owner {
     engine_tx: mpsc::UnboundedSender<EngineEvent>,
     engine_rx: mpsc::UnboundedReceiver<EngineEvent>,
     pub(super) parties: Vec<PartyInfo>,
-    /// This agent's latest NAT report, kept while the control plane is away and sent on
-    /// every registration.
-    pub(super) nat: Option<NatReport>,
+    /// This agent's latest NAT report and the wanted punches, for the control plane.
+    pub(super) backlog: Backlog,
     /// Relays as last handed out, kept to renew the token.
     pub(super) relays: Vec<RelayEntry>,
     /// The relays as last given to the data plane, for a data plane that starts later.
@@ -93,8 +90,6 @@ pub(super) struct Owner {
     peers: PeerView,
     /// When `peers.json` is due to be rewritten.
     peer_cache_at: Option<Instant>,
-    /// Peers the data plane wanted punched while the control plane was away.
-    pending_punches: BTreeSet<Key32>,
     /// The host's addresses as last reported.
     pub(super) local: Vec<SocketAddr>,
     pub(super) netwatch: Option<NetWatch>,
@@ -147,12 +142,11 @@ impl Owner {
             engine_tx,
             engine_rx,
             parties: Vec::new(),
-            nat: None,
+            backlog: Backlog::default(),
             relays: Vec::new(),
             resolved: None,
             peers: PeerView::default(),
             peer_cache_at: None,
-            pending_punches: BTreeSet::new(),
             netwatch,
             net_settle_at: None,
             stopping: None,
@@ -314,37 +308,24 @@ impl Owner {
     fn on_registered(&mut self) {
         let Some(link) = &self.link else { return };
         link.handle.set_endpoints(self.endpoints());
-        if let Some(nat) = self.nat.clone() {
-            self.tell_control(Request::ReportNat { nat });
-        }
-        for peer in std::mem::take(&mut self.pending_punches) {
-            self.tell_control(Request::Punch { peer });
+        for req in self.backlog.on_registered() {
+            self.tell_control(req);
         }
         self.refresh_parties();
     }
 
-    /// The data plane's news. Nothing is lost while the control plane is away: the latest
-    /// NAT report and the wanted punches go out on the next registration.
+    /// The data plane's news; kept in the backlog while the control plane is away.
     fn handle_engine(&mut self, ev: EngineEvent) {
         let connected = self.link_state.borrow().connected;
-        match ev {
-            EngineEvent::Nat(nat) => {
-                self.nat = Some(nat.clone());
-                if connected {
-                    if let Some(link) = &self.link {
-                        link.handle.set_endpoints(self.endpoints());
-                    }
-                    self.tell_control(Request::ReportNat { nat });
-                }
+        let nat = matches!(ev, EngineEvent::Nat(_));
+        let requests = self.backlog.handle_engine_event(ev, connected);
+        if nat && connected {
+            if let Some(link) = &self.link {
+                link.handle.set_endpoints(self.endpoints());
             }
-            EngineEvent::WantPunch(peer) if connected => {
-                self.tell_control(Request::Punch { peer });
-            }
-            EngineEvent::WantPunch(peer) => {
-                if self.pending_punches.len() < MAX_PENDING_PUNCHES {
-                    self.pending_punches.insert(peer);
-                }
-            }
+        }
+        for req in requests {
+            self.tell_control(req);
         }
     }
 

@@ -102,7 +102,7 @@ impl Owner {
                 addr: self.link.as_ref().map(|l| l.target.addr.clone()),
                 error: link.error.clone(),
             },
-            nat: self.nat.clone(),
+            nat: self.backlog.nat().cloned(),
             parties: self.parties.clone(),
             listen_port: self.listen_port,
         }
