@@ -2,8 +2,9 @@
 //! history, and subscribers with filters.
 //!
 //! Plain synchronous data, no clock and no tokio: the caller passes each event's time (unix
-//! milliseconds) and decides how subscribers are woken (e.g. the daemon holds the bus in a
-//! mutex next to a `Notify`). Publishing never blocks and never grows without bound: every
+//! milliseconds) and decides how subscribers are woken (the daemon shares the bus in a mutex
+//! with the data plane, which publishes; each `rally events --follow` connection polls its
+//! subscription every 100 ms). Publishing never blocks and never grows without bound: every
 //! subscriber has a bounded queue, and one that falls behind loses its oldest events and is
 //! told how many with [`Item::Lagged`].
 
