@@ -113,13 +113,16 @@ pub async fn write_frame(stream: &mut UnixStream, reply: &IpcResult) -> std::io:
     stream.write_all(&frame::encode(reply)).await
 }
 
-/// Whether the client of a streamed reply has hung up.
+/// Whether the client of a streamed reply has hung up. Anything it sent after its request is
+/// read and ignored.
 pub async fn peer_gone(stream: &UnixStream) -> bool {
-    let mut b = [0u8; 1];
-    match stream.try_read(&mut b) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    let mut buf = [0u8; 256];
+    loop {
+        match stream.try_read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return e.kind() != std::io::ErrorKind::WouldBlock,
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::{debug, warn};
 
 use super::owner::Msg;
@@ -17,8 +17,6 @@ use crate::ipc;
 
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often a follower of `rally events` is given what arrived.
-const EVENTS_EVERY: Duration = Duration::from_millis(100);
 /// Pause after a failed `accept` (e.g. out of descriptors) before the next one.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
@@ -43,6 +41,8 @@ pub(super) fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
 pub(super) struct Server {
     pub(super) inbox: mpsc::Sender<Msg>,
     pub(super) bus: Arc<Mutex<EventBus>>,
+    /// Notified after every publish that queued an event for a follower.
+    pub(super) published: Arc<Notify>,
     /// Becomes true when the daemon stops: followers of `rally events` end.
     pub(super) stopping: watch::Receiver<bool>,
 }
@@ -84,8 +84,9 @@ impl Server {
         }
     }
 
-    /// `rally events`: the history, then (following) new events as they come, one frame
-    /// each, until the client hangs up or the daemon stops.
+    /// `rally events`: the history, then (following) new events as they come, a frame for
+    /// what each wake-up finds, until the client hangs up or the daemon stops. A follower
+    /// sleeps until an event is published for it.
     async fn stream_events(
         mut self,
         stream: &mut UnixStream,
@@ -116,12 +117,9 @@ impl Server {
             let _ = tokio::io::AsyncWriteExt::shutdown(stream).await;
             return;
         };
-        let mut tick = tokio::time::interval(EVENTS_EVERY);
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = self.stopping.wait_for(|s| *s) => break,
-            }
+            // Registered before the bus is read, so a publish in between still wakes it.
+            let published = self.published.notified();
             let items = self
                 .bus
                 .lock()
@@ -136,16 +134,21 @@ impl Server {
                     Item::Lagged { missed: m } => missed += m,
                 }
             }
-            if events.is_empty() && missed == 0 {
-                // Notice a client that went away even while nothing happens.
-                if ipc::peer_gone(stream).await {
+            if !events.is_empty() || missed > 0 {
+                let frame: IpcResult = Ok(IpcReply::Events { events, missed });
+                if ipc::write_frame(stream, &frame).await.is_err() {
                     break;
                 }
-                continue;
             }
-            let frame: IpcResult = Ok(IpcReply::Events { events, missed });
-            if ipc::write_frame(stream, &frame).await.is_err() {
-                break;
+            tokio::select! {
+                () = published => {}
+                // The client sends nothing after its request: readable means it hung up.
+                _ = stream.readable() => {
+                    if ipc::peer_gone(stream).await {
+                        break;
+                    }
+                }
+                () = stopped(&mut self.stopping) => break,
             }
         }
         self.bus
@@ -161,6 +164,11 @@ impl Server {
         };
         resolve_peer(&peers, query).ok().map(|p| p.name.clone())
     }
+}
+
+/// Returns once the daemon is stopping.
+async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|s| *s).await;
 }
 
 /// Hands a request to the owner and waits for its answer.

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tracing::info;
 
 use crate::api::{IpcReply, IpcRequest};
@@ -97,12 +97,17 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
     let listener = cli::bind(&socket_path)?;
 
     let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
-    let bus = Arc::new(Mutex::new(EventBus::new(DEFAULT_HISTORY)));
+    let published = Arc::new(Notify::new());
+    let mut bus = EventBus::new(DEFAULT_HISTORY);
+    let waker = published.clone();
+    bus.set_waker(move || waker.notify_waiters());
+    let bus = Arc::new(Mutex::new(bus));
     let (stopping_tx, stopping_rx) = watch::channel(false);
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
     let server = cli::Server {
         inbox: inbox_tx.clone(),
         bus: bus.clone(),
+        published,
         stopping: stopping_rx,
     };
     let accept = tokio::spawn(server.serve(listener, alive_tx));
