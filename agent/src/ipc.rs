@@ -1,94 +1,16 @@
 //! The local control socket between the CLI and the daemon: one framed JSON request, one framed
 //! JSON reply, per connection.
 
-use std::net::Ipv4Addr;
 use std::path::Path;
 
-use rally_proto::control::{NatReport, PartyInfo};
 use rally_proto::{frame, FrameDecoder};
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-use crate::dataplane::PeerStatus;
+use crate::api::{IpcReply, IpcRequest, IpcResult};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum IpcRequest {
-    Status,
-    Peers,
-    PartyCreate {
-        name: String,
-        max_uses: Option<u32>,
-        expires_in_secs: Option<u64>,
-    },
-    PartyJoin {
-        code: String,
-    },
-    PartyLeave {
-        party: String,
-    },
-    PartyList,
-    Netcheck,
-    /// Event history; with `follow`, then every new event until the client hangs up.
-    Events {
-        follow: bool,
-        types: Option<Vec<crate::events::EventType>>,
-        peer: Option<String>,
-    },
-    PeerReconnect {
-        peer: String,
-    },
-    SetPrimary {
-        peer: String,
-        path: String,
-    },
-    Down,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "reply", rename_all = "snake_case")]
-pub enum IpcReply {
-    Status(StatusReport),
-    Peers {
-        peers: Vec<PeerStatus>,
-    },
-    Party {
-        party: PartyInfo,
-        invite: Option<String>,
-    },
-    Parties {
-        parties: Vec<PartyInfo>,
-    },
-    Netcheck(NatReport),
-    Events {
-        events: Vec<crate::events::Event>,
-        /// Events this follower missed because it read too slowly.
-        missed: u64,
-    },
-    Ok,
-}
-
-/// `rally status --json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StatusReport {
-    pub name: String,
-    pub peer_id: String,
-    pub virtual_ip: Option<Ipv4Addr>,
-    pub control: ControlStatus,
-    pub nat: serde_json::Value,
-    pub parties: Vec<PartyInfo>,
-    pub listen_port: u16,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ControlStatus {
-    pub connected: bool,
-    pub addr: Option<String>,
-    pub error: Option<String>,
-}
-
-pub type IpcResult = Result<IpcReply, String>;
+/// Bytes of a reply the daemon sent that are quoted when the reply cannot be read.
+const QUOTE_LEN: usize = 200;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpcError {
@@ -98,23 +20,67 @@ pub enum IpcError {
     Io(#[from] std::io::Error),
     #[error("bad reply from the daemon: {0}")]
     Frame(#[from] rally_proto::FrameError),
+    #[error("the daemon closed the connection without an answer (see its log)")]
+    NoReply,
+    /// A reply this CLI cannot read: shows what the daemon said.
+    #[error("bad reply from the daemon ({reason}; is it another version of rally?): {said}")]
+    Unreadable { reason: String, said: String },
 }
 
 /// Sends one request to the daemon listening at `socket` and returns its reply.
 pub async fn call(socket: &Path, req: &IpcRequest) -> Result<IpcResult, IpcError> {
-    let mut stream = UnixStream::connect(socket)
+    let mut stream = connect(socket).await?;
+    stream.write_all(&frame::encode(req)).await?;
+    stream.shutdown().await?;
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await?;
+    if buf.is_empty() {
+        return Err(IpcError::NoReply);
+    }
+    let value: serde_json::Value = frame::decode(&buf)?;
+    decode_reply(value)
+}
+
+/// Reads a reply frame's JSON: the daemon's own error as it is, a reply this CLI does not
+/// know with the daemon's words quoted.
+pub fn decode_reply(value: serde_json::Value) -> Result<IpcResult, IpcError> {
+    if let Some(err) = value.get("Err").and_then(serde_json::Value::as_str) {
+        return Ok(Err(err.to_owned()));
+    }
+    serde_json::from_value(value.clone()).map_err(|e| {
+        let mut said = value.to_string();
+        if said.len() > QUOTE_LEN {
+            let mut end = QUOTE_LEN;
+            while !said.is_char_boundary(end) {
+                end -= 1;
+            }
+            said.truncate(end);
+            said.push('…');
+        }
+        IpcError::Unreadable {
+            reason: e.to_string(),
+            said,
+        }
+    })
+}
+
+/// The error for a reply of the wrong kind (e.g. `ok` where a status was asked for).
+pub fn unexpected(reply: &IpcReply) -> String {
+    format!(
+        "unexpected {:?} reply from the daemon (is it another version of rally?)",
+        reply.kind()
+    )
+}
+
+async fn connect(socket: &Path) -> Result<UnixStream, IpcError> {
+    UnixStream::connect(socket)
         .await
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                 IpcError::NotRunning(socket.display().to_string())
             }
             _ => IpcError::Io(e),
-        })?;
-    stream.write_all(&frame::encode(req)).await?;
-    stream.shutdown().await?;
-    let mut buf = Vec::new();
-    stream.read_to_end(&mut buf).await?;
-    Ok(frame::decode(&buf)?)
+        })
 }
 
 /// Reads one request from a CLI connection.
@@ -147,13 +113,16 @@ pub async fn write_frame(stream: &mut UnixStream, reply: &IpcResult) -> std::io:
     stream.write_all(&frame::encode(reply)).await
 }
 
-/// Whether the client of a streamed reply has hung up.
+/// Whether the client of a streamed reply has hung up. Anything it sent after its request is
+/// read and ignored.
 pub async fn peer_gone(stream: &UnixStream) -> bool {
-    let mut b = [0u8; 1];
-    match stream.try_read(&mut b) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    let mut buf = [0u8; 256];
+    loop {
+        match stream.try_read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return e.kind() != std::io::ErrorKind::WouldBlock,
+        }
     }
 }
 
@@ -163,14 +132,7 @@ pub async fn call_stream(
     req: &IpcRequest,
     mut on_reply: impl FnMut(IpcResult) -> bool,
 ) -> Result<(), IpcError> {
-    let mut stream = UnixStream::connect(socket)
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                IpcError::NotRunning(socket.display().to_string())
-            }
-            _ => IpcError::Io(e),
-        })?;
+    let mut stream = connect(socket).await?;
     stream.write_all(&frame::encode(req)).await?;
     let mut decoder = FrameDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -191,27 +153,31 @@ pub async fn call_stream(
     }
 }
 
-/// Finds a peer by name, virtual IP, peer id, or a unique prefix of the id (4+ characters).
-pub fn resolve_peer<'a>(peers: &'a [PeerStatus], query: &str) -> Result<&'a PeerStatus, String> {
-    if let Some(p) = peers
-        .iter()
-        .find(|p| p.name == query || p.virtual_ip.to_string() == query || p.peer_id == query)
-    {
-        return Ok(p);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_daemons_own_error_is_shown() {
+        let said = serde_json::json!({"Err": "no peer named \"zed\""});
+        let shown = decode_reply(said).unwrap();
+        assert!(
+            matches!(&shown, Err(e) if e == "no peer named \"zed\""),
+            "{shown:?}"
+        );
     }
-    let by_prefix: Vec<&PeerStatus> = if query.len() >= 4 {
-        peers
-            .iter()
-            .filter(|p| p.peer_id.starts_with(query))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    match by_prefix.as_slice() {
-        [p] => Ok(p),
-        [] => Err(format!("no peer named {query:?} (see `rally peers`)")),
-        _ => Err(format!(
-            "{query:?} matches several peers; give more of the id"
-        )),
+
+    #[test]
+    fn an_unknown_reply_quotes_the_daemon() {
+        let said = serde_json::json!({"Ok": {"reply": "teleport", "to": "mars"}});
+        let err = decode_reply(said).unwrap_err().to_string();
+        assert!(err.contains("teleport") && err.contains("mars"), "{err}");
+        assert_eq!(err.lines().count(), 1);
+    }
+
+    #[test]
+    fn a_known_reply_decodes() {
+        let said = serde_json::to_value(IpcResult::Ok(IpcReply::Ok)).unwrap();
+        assert!(matches!(decode_reply(said), Ok(Ok(IpcReply::Ok))));
     }
 }

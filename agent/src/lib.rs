@@ -3,6 +3,7 @@
 // The sans-IO core, under the paths the rest of the agent has always used.
 pub use rally_agent_core::{backoff, conn, netcheck, node, outputs, paths, relay_client};
 
+pub mod api;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;

@@ -1,18 +1,18 @@
 //! `rally`: the agent daemon (`rally up`) and the commands that talk to it.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::ExitCode;
 
-use anyhow::{anyhow, bail, Context, Result};
+mod commands;
+
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use rally_agent::conn::Profile;
 use rally_agent::daemon::{self, Config};
-use rally_agent::dataplane::PeerStatus;
 use rally_agent::events::EventType;
-use rally_agent::ipc::{self, IpcReply, IpcRequest};
 use rally_agent::state::{ControlTarget, DEFAULT_STATE_DIR};
-use rally_proto::control::{validate_name, PartyInfo};
+use rally_proto::control::validate_name;
 use rally_proto::Key32;
 
 /// Rally: a virtual LAN for your party.
@@ -27,7 +27,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Cmd {
+pub(crate) enum Cmd {
     /// Run the agent in the foreground.
     Up(Box<UpArgs>),
     /// Stop the running agent.
@@ -84,8 +84,8 @@ enum Cmd {
         /// Number of echo requests.
         #[arg(short = 'c', long = "count", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         count: u32,
-        /// Seconds between requests.
-        #[arg(short = 'i', long = "interval", default_value_t = 1.0)]
+        /// Seconds between requests (0.01 to 60).
+        #[arg(short = 'i', long = "interval", default_value_t = 1.0, value_parser = parse_interval)]
         interval: f64,
     },
 }
@@ -99,7 +99,7 @@ struct UpArgs {
     #[arg(long, requires = "control", allow_hyphen_values = true)]
     control_key: Option<Key32>,
     /// This machine's name in the party (default: the host name).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_name)]
     name: Option<String>,
     /// UDP port for tunnels (0: any free port).
     #[arg(long, default_value_t = 51820)]
@@ -119,14 +119,28 @@ fn parse_profile(s: &str) -> Result<Profile, String> {
     s.parse::<Profile>().map_err(|e| e.to_string())
 }
 
+/// A name for an agent or a party (1 to 64 letters, digits, '-', '_' or '.').
+fn parse_name(s: &str) -> Result<String, String> {
+    validate_name(s)
+        .map(|()| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.01..=60.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds from 0.01 to 60")),
+    }
+}
+
 #[derive(Subcommand)]
-enum PeerCmd {
+pub(crate) enum PeerCmd {
     /// Retry every path to a peer now (after `failed`, or to force a new punch).
     Reconnect { peer: String },
 }
 
 #[derive(Subcommand)]
-enum PathCmd {
+pub(crate) enum PathCmd {
     /// Pin a peer's traffic to one path (`direct:IP:PORT`, `relay:NAME`, or `direct`) until
     /// that path fails.
     SetPrimary { peer: String, path: String },
@@ -139,9 +153,10 @@ fn parse_types(s: &str) -> Result<Vec<EventType>, String> {
 }
 
 #[derive(Subcommand)]
-enum PartyCmd {
+pub(crate) enum PartyCmd {
     /// Create a party; prints its invite code (last line of stdout).
     Create {
+        #[arg(value_parser = parse_name)]
         name: String,
         /// How many agents may join with the code (default: unlimited).
         #[arg(long)]
@@ -161,16 +176,45 @@ enum PartyCmd {
     },
 }
 
-fn main() {
-    let cli = Cli::parse();
+/// Exit status 1: a runtime error (DESIGN.md "CLI contract").
+const EXIT_RUNTIME: u8 = 1;
+/// Exit status 2: a usage error.
+const EXIT_USAGE: u8 = 2;
+
+/// The one way out: exit 0 on success, else one line on stderr and 1 (runtime) or 2 (usage;
+/// clap's own usage errors exit 2 as well).
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(EXIT_USAGE));
+        }
+    };
     let result = match cli.cmd {
         Cmd::Up(args) => up(&cli.state_dir, *args),
-        cmd => client(&cli.state_dir, cmd),
+        cmd => commands::run(&cli.state_dir, cmd),
     };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    let Err(e) = result else {
+        return ExitCode::SUCCESS;
+    };
+    let code = if e.is::<UsageError>() {
+        EXIT_USAGE
+    } else {
+        EXIT_RUNTIME
+    };
+    eprintln!("error: {}", one_line(&format!("{e:#}")));
+    ExitCode::from(code)
+}
+
+/// A usage error found after parsing (exit status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+/// `text` on one line: line breaks become spaces.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn up(state_dir: &Path, args: UpArgs) -> Result<()> {
@@ -187,8 +231,10 @@ fn up(state_dir: &Path, args: UpArgs) -> Result<()> {
         None => default_name(),
     };
     if validate_name(&name).is_err() {
-        eprintln!("error: invalid --name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.'");
-        std::process::exit(2);
+        return Err(UsageError(format!(
+            "invalid name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.' (--name)"
+        ))
+        .into());
     }
     let control = match (args.control, args.control_key) {
         (Some(addr), Some(key)) => Some(ControlTarget { addr, key }),
@@ -226,383 +272,6 @@ fn default_name() -> String {
         "rally".into()
     } else {
         name
-    }
-}
-
-fn client(state_dir: &Path, cmd: Cmd) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(run_client(state_dir, cmd))
-}
-
-async fn call(state_dir: &Path, req: IpcRequest) -> Result<IpcReply> {
-    let socket = state_dir.join("rally.sock");
-    ipc::call(&socket, &req).await?.map_err(|e| anyhow!(e))
-}
-
-async fn run_client(state_dir: &Path, cmd: Cmd) -> Result<()> {
-    match cmd {
-        Cmd::Up(_) => unreachable!("handled in main"),
-        Cmd::Down => {
-            call(state_dir, IpcRequest::Down).await?;
-            println!("rally stopped");
-        }
-        Cmd::Party(PartyCmd::Create {
-            name,
-            max_uses,
-            expires,
-        }) => {
-            validate_name(&name).map_err(|e| anyhow!("invalid party name {name:?}: {e}"))?;
-            let reply = call(
-                state_dir,
-                IpcRequest::PartyCreate {
-                    name,
-                    max_uses,
-                    expires_in_secs: expires,
-                },
-            )
-            .await?;
-            let IpcReply::Party {
-                party,
-                invite: Some(invite),
-            } = reply
-            else {
-                bail!("unexpected reply from the daemon");
-            };
-            eprintln!("party {} created; share this invite code:", party.name);
-            println!("{invite}");
-        }
-        Cmd::Party(PartyCmd::Join { code }) => {
-            let IpcReply::Party { party, .. } =
-                call(state_dir, IpcRequest::PartyJoin { code }).await?
-            else {
-                bail!("unexpected reply from the daemon");
-            };
-            println!("joined party {} ({} members)", party.name, party.members);
-        }
-        Cmd::Party(PartyCmd::Leave { party }) => {
-            let IpcReply::Party { party, .. } =
-                call(state_dir, IpcRequest::PartyLeave { party }).await?
-            else {
-                bail!("unexpected reply from the daemon");
-            };
-            println!("left party {}", party.name);
-        }
-        Cmd::Party(PartyCmd::List { json }) => {
-            let IpcReply::Parties { parties } = call(state_dir, IpcRequest::PartyList).await?
-            else {
-                bail!("unexpected reply from the daemon");
-            };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&parties)?);
-            } else {
-                print_parties(&parties);
-            }
-        }
-        Cmd::Status { json } => {
-            let IpcReply::Status(s) = call(state_dir, IpcRequest::Status).await? else {
-                bail!("unexpected reply from the daemon");
-            };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                println!("name:        {}", s.name);
-                println!("peer id:     {}", s.peer_id);
-                println!(
-                    "virtual IP:  {}",
-                    s.virtual_ip
-                        .map_or("(not assigned yet)".into(), |ip| ip.to_string())
-                );
-                println!("UDP port:    {}", s.listen_port);
-                let control = match (&s.control.addr, s.control.connected) {
-                    (None, _) => "none (join a party with an invite code)".to_string(),
-                    (Some(a), true) => format!("{a} (connected)"),
-                    (Some(a), false) => format!(
-                        "{a} (disconnected: {})",
-                        s.control.error.as_deref().unwrap_or("connecting")
-                    ),
-                };
-                println!("control:     {control}");
-                print_parties(&s.parties);
-            }
-        }
-        Cmd::Peers { json } => {
-            let peers = peers(state_dir).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&peers)?);
-            } else {
-                print_peers(&peers);
-            }
-        }
-        Cmd::Events {
-            follow,
-            types,
-            peer,
-            json,
-        } => {
-            let socket = state_dir.join("rally.sock");
-            let req = IpcRequest::Events {
-                follow,
-                types,
-                peer,
-            };
-            let mut failure = None;
-            ipc::call_stream(&socket, &req, |reply| match reply {
-                Ok(IpcReply::Events { events, missed }) => {
-                    if missed > 0 {
-                        eprintln!("({missed} events missed: reading too slowly)");
-                    }
-                    for e in events {
-                        if json {
-                            println!("{}", e.to_json_line());
-                        } else {
-                            println!(
-                                "{} {:<14} {:<12} {:<24} {}",
-                                e.time,
-                                e.kind.as_str(),
-                                e.peer.as_deref().unwrap_or("-"),
-                                e.path.as_deref().unwrap_or("-"),
-                                e.message
-                            );
-                        }
-                    }
-                    true
-                }
-                Ok(_) => true,
-                Err(e) => {
-                    failure = Some(e);
-                    false
-                }
-            })
-            .await?;
-            if let Some(e) = failure {
-                bail!(e);
-            }
-        }
-        Cmd::Metrics { json } => {
-            let peers = peers(state_dir).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&peers)?);
-            } else {
-                for p in &peers {
-                    println!(
-                        "{} ({}) {} via {}, {} failovers, {} relay switches, {} queued ({} dropped)",
-                        p.name,
-                        p.virtual_ip,
-                        p.state,
-                        path_label(p),
-                        p.failovers,
-                        p.relay_switches,
-                        p.queued,
-                        p.queue_dropped
-                    );
-                    for m in &p.paths {
-                        println!(
-                            "  {:<28} {:<8} {:>9} priority {}{}",
-                            m.path.to_string(),
-                            format!("{:?}", m.health).to_lowercase(),
-                            m.latency_ms.map_or("-".into(), |l| format!("{l:.1} ms")),
-                            m.priority,
-                            if m.is_primary { "  (primary)" } else { "" }
-                        );
-                    }
-                }
-            }
-        }
-        Cmd::Peer(PeerCmd::Reconnect { peer }) => {
-            call(state_dir, IpcRequest::PeerReconnect { peer: peer.clone() }).await?;
-            println!("reconnecting to {peer}");
-        }
-        Cmd::Path(PathCmd::SetPrimary { peer, path }) => {
-            call(
-                state_dir,
-                IpcRequest::SetPrimary {
-                    peer: peer.clone(),
-                    path: path.clone(),
-                },
-            )
-            .await?;
-            println!("{peer}: primary path pinned to {path}");
-        }
-        Cmd::Netcheck { json } => {
-            let IpcReply::Netcheck(nat) = call(state_dir, IpcRequest::Netcheck).await? else {
-                bail!("unexpected reply from the daemon");
-            };
-            if json {
-                println!("{}", serde_json::to_string_pretty(&nat)?);
-            } else {
-                let behavior = |b| {
-                    serde_json::to_value(b)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default()
-                };
-                println!(
-                    "UDP:             {}",
-                    if nat.udp { "yes" } else { "blocked" }
-                );
-                println!("mapping:         {}", behavior(nat.mapping));
-                println!("filtering:       {}", behavior(nat.filtering));
-                println!(
-                    "port preserving: {}",
-                    if nat.port_preserving { "yes" } else { "no" }
-                );
-                println!(
-                    "public endpoint: {}",
-                    nat.public_endpoint.map_or("-".into(), |e| e.to_string())
-                );
-                for r in &nat.relays {
-                    println!(
-                        "relay {:<10} {:<22} {}",
-                        r.name,
-                        r.addr,
-                        r.latency_ms
-                            .map_or("no answer".into(), |l| format!("{l:.1} ms"))
-                    );
-                }
-            }
-        }
-        Cmd::Ping {
-            peer,
-            count,
-            interval,
-        } => ping(state_dir, &peer, count, interval).await?,
-    }
-    Ok(())
-}
-
-async fn peers(state_dir: &Path) -> Result<Vec<PeerStatus>> {
-    let IpcReply::Peers { peers } = call(state_dir, IpcRequest::Peers).await? else {
-        bail!("unexpected reply from the daemon");
-    };
-    Ok(peers)
-}
-
-fn print_parties(parties: &[PartyInfo]) {
-    if parties.is_empty() {
-        println!("parties:     none");
-        return;
-    }
-    println!("parties:");
-    for p in parties {
-        println!("  {:<20} {:>3} members  id {}", p.name, p.members, p.id);
-    }
-}
-
-fn print_peers(peers: &[PeerStatus]) {
-    if peers.is_empty() {
-        println!("no peers yet: create a party (`rally party create NAME`) or join one");
-        return;
-    }
-    println!(
-        "{:<16} {:<15} {:<12} {:<8} {:<22} {:>9} {:>10} {:>10}",
-        "NAME", "VIRTUAL IP", "STATE", "PATH", "ENDPOINT", "LATENCY", "SENT", "RECEIVED"
-    );
-    for p in peers {
-        println!(
-            "{:<16} {:<15} {:<12} {:<8} {:<22} {:>9} {:>10} {:>10}",
-            p.name,
-            p.virtual_ip,
-            p.state,
-            path_label(p),
-            p.endpoint.map_or("-".into(), |e| e.to_string()),
-            p.latency_ms.map_or("-".into(), |l| format!("{l:.0} ms")),
-            bytes(p.bytes_sent),
-            bytes(p.bytes_received),
-        );
-    }
-}
-
-fn path_label(p: &PeerStatus) -> String {
-    match (&p.relay, p.strategy.as_str()) {
-        (Some(r), "relay") => format!("relay:{r}"),
-        _ => p.strategy.clone(),
-    }
-}
-
-fn bytes(n: u64) -> String {
-    match n {
-        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
-        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
-        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
-        n => format!("{n} B"),
-    }
-}
-
-async fn ping(state_dir: &Path, query: &str, count: u32, interval: f64) -> Result<()> {
-    if !(0.01..=60.0).contains(&interval) {
-        eprintln!("error: --interval must be between 0.01 and 60 seconds");
-        std::process::exit(2);
-    }
-    let list = peers(state_dir).await?;
-    let peer = ipc::resolve_peer(&list, query)
-        .map_err(|e| anyhow!(e))?
-        .clone();
-    let client = surge_ping::Client::new(&surge_ping::Config::default())
-        .context("opening an ICMP socket (needs root or CAP_NET_RAW)")?;
-    let mut pinger = client
-        .pinger(
-            IpAddr::V4(peer.virtual_ip),
-            surge_ping::PingIdentifier(std::process::id() as u16),
-        )
-        .await;
-    pinger.timeout(Duration::from_secs(1));
-    let payload = [0u8; 56];
-    let mut rtts = Vec::new();
-    println!("PING {} ({})", peer.name, peer.virtual_ip);
-    for seq in 0..count {
-        if seq > 0 {
-            tokio::time::sleep(Duration::from_secs_f64(interval)).await;
-        }
-        match pinger
-            .ping(surge_ping::PingSequence(seq as u16), &payload)
-            .await
-        {
-            Ok((_, rtt)) => {
-                let path = peers(state_dir)
-                    .await
-                    .ok()
-                    .and_then(|ps| ps.into_iter().find(|p| p.peer_id == peer.peer_id))
-                    .map(|p| describe_path(&p))
-                    .unwrap_or_else(|| "unknown path".into());
-                let ms = rtt.as_secs_f64() * 1000.0;
-                println!(
-                    "reply from {} ({}) via {path}: seq={seq} time={ms:.2} ms",
-                    peer.name, peer.virtual_ip
-                );
-                rtts.push(ms);
-            }
-            Err(e) => println!(
-                "no reply from {} ({}): seq={seq} {e}",
-                peer.name, peer.virtual_ip
-            ),
-        }
-    }
-    let lost = count as usize - rtts.len();
-    print!(
-        "{count} sent, {} received, {:.0}% loss",
-        rtts.len(),
-        lost as f64 * 100.0 / count as f64
-    );
-    if rtts.is_empty() {
-        println!();
-        bail!("no reply from {} ({})", peer.name, peer.virtual_ip);
-    }
-    let min = rtts.iter().cloned().fold(f64::INFINITY, f64::min);
-    let max = rtts.iter().cloned().fold(0.0, f64::max);
-    let avg = rtts.iter().sum::<f64>() / rtts.len() as f64;
-    println!("; rtt min/avg/max = {min:.2}/{avg:.2}/{max:.2} ms");
-    Ok(())
-}
-
-fn describe_path(p: &PeerStatus) -> String {
-    let label = path_label(p);
-    match p.endpoint {
-        Some(SocketAddr::V4(e)) => format!("{label} {e}"),
-        Some(e) => format!("{label} {e}"),
-        None => label,
     }
 }
 

@@ -8,7 +8,7 @@ use rally_proto::http::{head_complete, label_value, metrics_response, write_metr
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::dataplane::PeerStatus;
+use crate::api::PeerStatus;
 
 /// Renders per-peer metrics, labelled by peer, path type and relay.
 pub fn render(peers: &[PeerStatus]) -> String {
@@ -140,10 +140,10 @@ mod tests {
             peer_id: "id".into(),
             name: "bob".into(),
             virtual_ip: "10.66.1.2".parse().unwrap(),
-            strategy: "relay".into(),
+            strategy: crate::api::Strategy::Relay,
             relay: Some("r1".into()),
             endpoint: None,
-            state: "connected".into(),
+            state: crate::api::PeerState::Connected,
             latency_ms: Some(12.5),
             bytes_sent: 10,
             bytes_received: 20,

@@ -28,14 +28,13 @@ use rally_proto::relay::DATA_HEADER_LEN;
 use rally_proto::{Identity, Key32, PeerEvent};
 use rally_udp::grow_socket_buffers;
 use rand::RngCore;
-use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, trace, warn};
 
 use super::batch::{GsoBatch, TunBatch};
 use super::tunnel::Tunnel;
-use crate::conn::{PathId, PathMetrics, Profile};
+use crate::conn::{PathId, Profile};
 use crate::events::EventBus;
 use crate::node::{Node, NodeConfig};
 
@@ -78,6 +77,8 @@ pub enum EngineEvent {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::UnboundedSender<EngineCmd>,
+    /// The data-plane thread, taken by the first [`EngineHandle::stop`].
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl EngineHandle {
@@ -106,37 +107,19 @@ impl EngineHandle {
     pub fn shutdown(&self) {
         self.send(EngineCmd::Shutdown);
     }
+
+    /// Shuts the data plane down and waits for its thread to end (the TUN device is gone
+    /// then). Blocks: call it from a blocking context. Later calls return at once.
+    pub fn stop(&self) {
+        self.shutdown();
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
 }
 
-/// One row of `rally peers`: the metrics fields of DESIGN.md.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct PeerStatus {
-    pub peer_id: String,
-    pub name: String,
-    pub virtual_ip: Ipv4Addr,
-    pub strategy: String,
-    pub relay: Option<String>,
-    pub endpoint: Option<SocketAddr>,
-    pub state: String,
-    pub latency_ms: Option<f64>,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub uptime_seconds: u64,
-    pub is_primary: bool,
-    pub priority: u32,
-    /// Unix seconds.
-    pub connected_at: Option<u64>,
-    pub parties: Vec<String>,
-    pub candidates: Vec<SocketAddr>,
-    /// Unix milliseconds when the direct path was proven (absent while relayed).
-    pub direct_since_ms: Option<u64>,
-    pub failovers: u64,
-    pub relay_switches: u64,
-    pub queued: usize,
-    pub queue_dropped: u64,
-    /// Every path with its health, latency and rank.
-    pub paths: Vec<PathMetrics>,
-}
+pub use crate::api::PeerStatus;
 
 /// Packets dropped, by reason.
 #[derive(Debug, Default, Clone, Copy)]
@@ -237,7 +220,7 @@ impl Engine {
     ) -> std::io::Result<EngineHandle> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("rally-dataplane".into())
             .spawn(move || {
                 let rt = match tokio::runtime::Builder::new_current_thread()
@@ -263,7 +246,10 @@ impl Engine {
                 });
             })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(EngineHandle { tx }),
+            Ok(Ok(())) => Ok(EngineHandle {
+                tx,
+                thread: Arc::new(Mutex::new(Some(thread))),
+            }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(std::io::Error::other(
                 "the data-plane thread stopped while starting",

@@ -7,6 +7,8 @@ use rally_proto::Key32;
 
 use super::engine::{Engine, Peer, PeerStatus};
 use super::timers::route_kind;
+use crate::api::PeerState as Row;
+use crate::conn::ConnState;
 use crate::node::PeerState;
 
 impl Engine {
@@ -36,10 +38,10 @@ impl Engine {
             peer_id: id.to_string(),
             name: info.name.clone(),
             virtual_ip: info.virtual_ip,
-            strategy: route_kind(route).into(),
+            strategy: route_kind(route),
             relay: relay.filter(|_| route.is_some()),
             endpoint: route.map(|r| r.addr()),
-            state: p.conn().state().as_str().into(),
+            state: peer_state(p.conn().state()),
             latency_ms: m.latency_ms.or(stats.rtt_ms.map(f64::from)),
             bytes_sent: stats.tx_bytes as u64,
             bytes_received: stats.rx_bytes as u64,
@@ -62,5 +64,17 @@ impl Engine {
             queue_dropped: m.queue_dropped,
             paths: m.paths,
         }
+    }
+}
+
+/// The connection manager's state as `rally peers` spells it.
+fn peer_state(state: ConnState) -> Row {
+    match state {
+        ConnState::Connecting => Row::Connecting,
+        ConnState::Connected => Row::Connected,
+        ConnState::Degraded => Row::Degraded,
+        ConnState::Reconnecting => Row::Reconnecting,
+        ConnState::Failed => Row::Failed,
+        ConnState::Disconnected => Row::Disconnected,
     }
 }

@@ -218,10 +218,11 @@ impl Engine {
 }
 
 /// Where a route sends: used by status rows.
-pub(super) fn route_kind(route: Option<Route>) -> &'static str {
+pub(super) fn route_kind(route: Option<Route>) -> crate::api::Strategy {
+    use crate::api::Strategy;
     match route {
-        Some(Route::Direct(_)) => "direct",
-        Some(Route::Relay { .. }) => "relay",
-        None => "none",
+        Some(Route::Direct(_)) => Strategy::Direct,
+        Some(Route::Relay { .. }) => Strategy::Relay,
+        None => Strategy::None,
     }
 }

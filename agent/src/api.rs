@@ -1,0 +1,246 @@
+//! The types the CLI and the daemon exchange over the control socket, and the JSON the CLI
+//! prints from them (`rally status|peers|netcheck --json`, DESIGN.md "JSON shapes").
+//!
+//! Plain data: no IO. The transport (framing over the Unix socket) is in [`crate::ipc`].
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+
+use rally_proto::control::{NatReport, PartyInfo};
+use serde::{Deserialize, Serialize};
+
+use crate::conn::PathMetrics;
+use crate::events::{Event, EventType};
+
+/// A peer's connection state, as `rally peers` shows it (DESIGN.md "States").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeerState {
+    Connecting,
+    Connected,
+    Degraded,
+    Reconnecting,
+    Failed,
+    Disconnected,
+}
+
+impl PeerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::Connecting => "connecting",
+            PeerState::Connected => "connected",
+            PeerState::Degraded => "degraded",
+            PeerState::Reconnecting => "reconnecting",
+            PeerState::Failed => "failed",
+            PeerState::Disconnected => "disconnected",
+        }
+    }
+}
+
+impl fmt::Display for PeerState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// How a peer's traffic goes now: the `strategy` field of `rally peers --json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Straight to the peer's endpoint.
+    Direct,
+    /// Through a relay (named in `relay`).
+    Relay,
+    /// No usable path yet (connecting, reconnecting or failed).
+    None,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Direct => "direct",
+            Strategy::Relay => "relay",
+            Strategy::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// One row of `rally peers`: the metrics fields of DESIGN.md.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerStatus {
+    pub peer_id: String,
+    pub name: String,
+    pub virtual_ip: Ipv4Addr,
+    pub strategy: Strategy,
+    pub relay: Option<String>,
+    pub endpoint: Option<SocketAddr>,
+    pub state: PeerState,
+    pub latency_ms: Option<f64>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub uptime_seconds: u64,
+    pub is_primary: bool,
+    pub priority: u32,
+    /// Unix seconds.
+    pub connected_at: Option<u64>,
+    pub parties: Vec<String>,
+    pub candidates: Vec<SocketAddr>,
+    /// Unix milliseconds when the direct path was proven (absent while relayed).
+    pub direct_since_ms: Option<u64>,
+    pub failovers: u64,
+    pub relay_switches: u64,
+    pub queued: usize,
+    pub queue_dropped: u64,
+    /// Every path with its health, latency and rank.
+    pub paths: Vec<PathMetrics>,
+}
+
+impl PeerStatus {
+    /// `relay:NAME` on a relay, else the strategy (`direct`, `none`).
+    pub fn path_label(&self) -> String {
+        match (&self.relay, self.strategy) {
+            (Some(r), Strategy::Relay) => format!("relay:{r}"),
+            (_, s) => s.to_string(),
+        }
+    }
+}
+
+/// `rally status --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusReport {
+    pub name: String,
+    pub peer_id: String,
+    pub virtual_ip: Option<Ipv4Addr>,
+    pub control: ControlStatus,
+    /// This agent's last NAT report; `null` until the first netcheck finished. Its keys are
+    /// written sorted, as they always were in `rally status --json`.
+    #[serde(serialize_with = "sorted_keys")]
+    pub nat: Option<NatReport>,
+    pub parties: Vec<PartyInfo>,
+    pub listen_port: u16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ControlStatus {
+    pub connected: bool,
+    pub addr: Option<String>,
+    pub error: Option<String>,
+}
+
+/// What the CLI asks of the daemon: one per connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum IpcRequest {
+    Status,
+    Peers,
+    PartyCreate {
+        name: String,
+        max_uses: Option<u32>,
+        expires_in_secs: Option<u64>,
+    },
+    PartyJoin {
+        code: String,
+    },
+    PartyLeave {
+        party: String,
+    },
+    PartyList,
+    Netcheck,
+    /// Event history; with `follow`, then every new event until the client hangs up.
+    Events {
+        follow: bool,
+        types: Option<Vec<EventType>>,
+        peer: Option<String>,
+    },
+    PeerReconnect {
+        peer: String,
+    },
+    SetPrimary {
+        peer: String,
+        path: String,
+    },
+    Down,
+}
+
+/// The daemon's answer (inside an [`IpcResult`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum IpcReply {
+    Status(StatusReport),
+    Peers {
+        peers: Vec<PeerStatus>,
+    },
+    Party {
+        party: PartyInfo,
+        invite: Option<String>,
+    },
+    Parties {
+        parties: Vec<PartyInfo>,
+    },
+    Netcheck(NatReport),
+    Events {
+        events: Vec<Event>,
+        /// Events this follower missed because it read too slowly.
+        missed: u64,
+    },
+    Ok,
+}
+
+impl IpcReply {
+    /// The reply's name (its `reply` tag), for "unexpected reply" messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            IpcReply::Status(_) => "status",
+            IpcReply::Peers { .. } => "peers",
+            IpcReply::Party { .. } => "party",
+            IpcReply::Parties { .. } => "parties",
+            IpcReply::Netcheck(_) => "netcheck",
+            IpcReply::Events { .. } => "events",
+            IpcReply::Ok => "ok",
+        }
+    }
+}
+
+/// A reply, or the daemon's one-line error.
+pub type IpcResult = Result<IpcReply, String>;
+
+/// Writes `value` with the keys of every object sorted (serde_json's own map order).
+fn sorted_keys<T: Serialize, S: serde::Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+    serde_json::to_value(value)
+        .map_err(serde::ser::Error::custom)?
+        .serialize(s)
+}
+
+/// Finds a peer by name, virtual IP, peer id, or a unique prefix of the id (4+ characters).
+pub fn resolve_peer<'a>(peers: &'a [PeerStatus], query: &str) -> Result<&'a PeerStatus, String> {
+    if let Some(p) = peers
+        .iter()
+        .find(|p| p.name == query || p.virtual_ip.to_string() == query || p.peer_id == query)
+    {
+        return Ok(p);
+    }
+    let by_prefix: Vec<&PeerStatus> = if query.len() >= 4 {
+        peers
+            .iter()
+            .filter(|p| p.peer_id.starts_with(query))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    match by_prefix.as_slice() {
+        [p] => Ok(p),
+        [] => Err(format!("no peer named {query:?} (see `rally peers`)")),
+        _ => Err(format!(
+            "{query:?} matches several peers; give more of the id"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests;
