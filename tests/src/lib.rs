@@ -25,6 +25,7 @@ pub mod netns;
 pub mod ping;
 pub mod procs;
 pub mod rally;
+pub mod roam;
 pub mod router;
 pub mod scenario;
 pub mod stun;
