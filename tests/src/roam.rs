@@ -36,10 +36,13 @@ pub fn renumber_wan(lab: &Lab, router: &Router) -> Result<Renumbered> {
     let host = router.host();
     let old = match ipv4_addrs(host, WAN_DEV)?.as_slice() {
         [one] => *one,
-        other => bail!("{} has {other:?} on {WAN_DEV}, not one address", router.name()),
+        other => bail!(
+            "{} has {other:?} on {WAN_DEV}, not one address",
+            router.name()
+        ),
     };
-    let gateway = default_gateway(host)?
-        .ok_or_else(|| anyhow!("{} has no default route", router.name()))?;
+    let gateway =
+        default_gateway(host)?.ok_or_else(|| anyhow!("{} has no default route", router.name()))?;
     let new = lab.reserve_router_ip()?;
     let conntrack_before = conntrack_count(host)?;
     let (new_cidr, gw) = (format!("{new}/24"), gateway.to_string());
@@ -53,7 +56,11 @@ pub fn renumber_wan(lab: &Lab, router: &Router) -> Result<Renumbered> {
     let conntrack_after = conntrack_count(host)?;
 
     let now = ipv4_addrs(host, WAN_DEV)?;
-    ensure!(now == [new], "{}'s {WAN_DEV} holds {now:?}, not {new}", router.name());
+    ensure!(
+        now == [new],
+        "{}'s {WAN_DEV} holds {now:?}, not {new}",
+        router.name()
+    );
     ensure!(
         default_gateway(host)? == Some(gateway),
         "{} lost its default route via {gateway}",
@@ -127,7 +134,11 @@ pub fn move_host(lab: &Lab, host: &Host, from: &Router, to: &Router) -> Result<M
     ])?;
 
     let now = ipv4_addrs(host, "eth0")?;
-    ensure!(now == [new_ip], "{}'s eth0 holds {now:?}, not {new_ip}", host.name());
+    ensure!(
+        now == [new_ip],
+        "{}'s eth0 holds {now:?}, not {new_ip}",
+        host.name()
+    );
     ensure!(
         default_gateway(host)? == Some(gateway),
         "{}'s default route is not via {gateway}",
@@ -167,7 +178,11 @@ pub fn ipv4_addrs(host: &Host, dev: &str) -> Result<Vec<Ipv4Addr>> {
         let local = info["local"]
             .as_str()
             .ok_or_else(|| anyhow!("an address without `local` on {dev}: {out}"))?;
-        addrs.push(local.parse().with_context(|| format!("address {local:?}"))?);
+        addrs.push(
+            local
+                .parse()
+                .with_context(|| format!("address {local:?}"))?,
+        );
     }
     Ok(addrs)
 }

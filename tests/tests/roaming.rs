@@ -139,17 +139,12 @@ fn roam_once(lab: &Lab, change: Change) -> Result<()> {
     // Direct again: both sides `direct`, and `b`'s primary path to `a` on the new address.
     let new_path = format!("direct:{public_ip}:");
     let mut last = String::new();
-    let seen = wait_until(
-        "the pair to be direct again",
-        OBSERVE,
-        VIEW_POLL,
-        || {
-            let (va, vb) = (pair.a_view()?, pair.b_view()?);
-            let ok = va.is_direct() && vb.is_direct() && primary(&vb).starts_with(&new_path);
-            last = format!("a: {}; b: {}", va.describe(), vb.describe());
-            Ok(ok)
-        },
-    );
+    let seen = wait_until("the pair to be direct again", OBSERVE, VIEW_POLL, || {
+        let (va, vb) = (pair.a_view()?, pair.b_view()?);
+        let ok = va.is_direct() && vb.is_direct() && primary(&vb).starts_with(&new_path);
+        last = format!("a: {}; b: {}", va.describe(), vb.describe());
+        Ok(ok)
+    });
     let direct_again = seen.is_ok().then(|| changed_at.elapsed());
     std::thread::sleep(AFTER);
     let t_end = unix_now();
@@ -172,7 +167,7 @@ fn roam_once(lab: &Lab, change: Change) -> Result<()> {
     };
     println!(
         "roaming {}: {step} in {}; stream (one datagram every {} ms): longest silence {}, lost \
-         {}, RTT before {} after {}; direct again (both sides, b's primary {new_path}…) after {}; \
+         {}, RTT before {} after {}; direct again (both sides, b's primary {new_path}…): {}; \
          a's public endpoint: status {} before, {} after; netcheck {}; b's primary path to a \
          before: {primary_before}; last seen {last}; check: relays map a's host to {mapped:?}, \
          {flows_new} UDP flows on {} translated to {public_ip}",
@@ -190,7 +185,10 @@ fn roam_once(lab: &Lab, change: Change) -> Result<()> {
             .map_or("-".into(), |v| format!("{v:.0} ms")),
         figures
             .direct_again
-            .map_or(format!("never within {}", ms(OBSERVE)), ms),
+            .map_or(format!("never within {}", ms(OBSERVE)), |t| format!(
+                "after {}",
+                ms(t)
+            )),
         public_before.as_deref().unwrap_or("-"),
         public_after.as_deref().unwrap_or("-"),
         netcheck["public_endpoint"],
