@@ -28,6 +28,7 @@ pub mod rally;
 pub mod roam;
 pub mod router;
 pub mod scenario;
+pub mod star;
 pub mod stun;
 pub mod wan;
 
