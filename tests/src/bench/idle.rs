@@ -14,8 +14,9 @@
 //!
 //! Per window (`WINDOW`, one per `--runs`) and measured process: **wake-ups per second** (the
 //! context switches of all its threads, voluntary and not, from `/proc/PID/task/*/status`)
-//! and **CPU milliseconds per second** (utime + stime from `/proc/PID/stat`, in clock ticks of
-//! 10 ms: ±0.33 ms/s over 30 s).
+//! and **CPU milliseconds per second** (the threads' run time in `/proc/PID/task/*/schedstat`,
+//! to the nanosecond; utime + stime of `/proc/PID/stat` count 10 ms clock ticks, ±0.33 ms/s
+//! over 30 s, which reads 0 for the baselines).
 
 use std::net::{Ipv4Addr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -159,9 +160,12 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
     Ok(figures(&measured, &wake, &cpu))
 }
 
-/// Context switches (all threads) and CPU seconds of `pid` now.
+/// Context switches and CPU seconds (all threads) of `pid` now.
 fn sample(pid: u32) -> Result<(u64, f64)> {
-    Ok((tools::context_switches(pid)?, tools::cpu_seconds(pid)?))
+    Ok((
+        tools::context_switches(pid)?,
+        tools::thread_cpu_seconds(pid)?,
+    ))
 }
 
 /// One wake-ups and one CPU figure per measured daemon; Rally's with ratios to both baselines

@@ -200,6 +200,27 @@ pub fn context_switches(pid: u32) -> Result<u64> {
     Ok(total)
 }
 
+/// CPU time of every thread of process `pid` so far, in seconds, to the nanosecond: the sum of
+/// the first field of `/proc/PID/task/*/schedstat` (`cpu_seconds` counts in clock ticks of
+/// 10 ms, too coarse for a process that is nearly idle; a thread that exits takes its time
+/// with it here).
+pub fn thread_cpu_seconds(pid: u32) -> Result<f64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut ns: u64 = 0;
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let Ok(task) = task else { continue };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(ns as f64 / 1e9)
+}
+
 /// `voluntary_ctxt_switches` + `nonvoluntary_ctxt_switches` of one `/proc/…/status`.
 fn switches_in_status(status: &str) -> u64 {
     status
@@ -260,6 +281,7 @@ mod tests {
         assert!(status_kib(me, "VmRSS").expect("rss") > 0);
         assert!(status_kib(me, "VmHWM").expect("hwm") > 0);
         assert!(context_switches(me).expect("switches") > 0);
+        assert!(thread_cpu_seconds(me).expect("schedstat") > 0.0);
     }
 
     #[test]
