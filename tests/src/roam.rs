@@ -4,7 +4,7 @@
 //! host, [`mapped_ips`]), never by what an agent does: the scenarios measure the agent.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::Value;
@@ -25,6 +25,9 @@ pub struct Renumbered {
     /// Conntrack entries on the router before the flush, and right after it.
     pub conntrack_before: usize,
     pub conntrack_after: usize,
+    /// When the first command of the change ran, and how long the change took.
+    pub at: Instant,
+    pub took: Duration,
 }
 
 /// Gives `router`'s WAN interface the next free public address instead of its own (flush, add,
@@ -47,12 +50,19 @@ pub fn renumber_wan(lab: &Lab, router: &Router) -> Result<Renumbered> {
     let conntrack_before = conntrack_count(host)?;
     let (new_cidr, gw) = (format!("{new}/24"), gateway.to_string());
     let ns = router.ns();
-    netns::ip(&["-n", ns, "-4", "addr", "flush", "dev", WAN_DEV])?;
-    netns::ip(&["-n", ns, "addr", "add", &new_cidr, "dev", WAN_DEV])?;
-    netns::ip(&[
-        "-n", ns, "route", "replace", "default", "via", &gw, "dev", WAN_DEV,
-    ])?;
+    let at = Instant::now();
+    ip_batch(
+        lab,
+        ns,
+        &format!("renumber-{}", router.name()),
+        &[
+            format!("addr flush dev {WAN_DEV} scope global"),
+            format!("addr add {new_cidr} dev {WAN_DEV}"),
+            format!("route replace default via {gw} dev {WAN_DEV}"),
+        ],
+    )?;
     netns::exec(ns, &["conntrack", "-F"]).context("conntrack -F (apt-get install conntrack)")?;
+    let took = at.elapsed();
     let conntrack_after = conntrack_count(host)?;
 
     let now = ipv4_addrs(host, WAN_DEV)?;
@@ -77,6 +87,8 @@ pub fn renumber_wan(lab: &Lab, router: &Router) -> Result<Renumbered> {
         new,
         conntrack_before,
         conntrack_after,
+        at,
+        took,
     })
 }
 
@@ -88,6 +100,9 @@ pub struct Moved {
     pub new_ip: Ipv4Addr,
     /// The new gateway (the new router's LAN address).
     pub gateway: Ipv4Addr,
+    /// When the first command of the move ran, and how long the move took.
+    pub at: Instant,
+    pub took: Duration,
 }
 
 /// Moves `host` (on `from`'s LAN) to `to`'s LAN as a laptop moves between networks: the outer
@@ -111,27 +126,38 @@ pub fn move_host(lab: &Lab, host: &Host, from: &Router, to: &Router) -> Result<M
         .ok_or_else(|| anyhow!("{}'s eth0 has no peer on {}", host.name(), from.name()))?;
     let (member, new_ip) = lab.reserve_lan_member(to)?;
     let moved = format!("mv{member}");
-    let (fns, tns) = (from.ns(), to.ns());
-    netns::ip(&["-n", fns, "link", "set", &outer, "nomaster"])?;
-    netns::ip(&["-n", fns, "link", "set", &outer, "down"])?;
-    netns::ip(&["-n", fns, "link", "set", &outer, "name", &moved])?;
-    netns::ip(&["-n", fns, "link", "set", &moved, "netns", tns])?;
-    netns::ip(&["-n", tns, "link", "set", &moved, "master", LAN_DEV, "up"])?;
     let (cidr, gateway) = (format!("{new_ip}/24"), to.lan_ip());
-    let gw = gateway.to_string();
-    netns::ip(&["-n", host.ns(), "-4", "addr", "flush", "dev", "eth0"])?;
-    netns::ip(&["-n", host.ns(), "addr", "add", &cidr, "dev", "eth0"])?;
-    netns::ip(&[
-        "-n",
+    let label = format!("move-{}-{}", host.name(), to.name());
+    // One `ip -batch` per namespace, so the step takes as little time as the lab can make it.
+    let at = Instant::now();
+    ip_batch(
+        lab,
+        from.ns(),
+        &format!("{label}-from"),
+        &[
+            format!("link set {outer} nomaster"),
+            format!("link set {outer} down"),
+            format!("link set {outer} name {moved}"),
+            format!("link set {moved} netns {}", to.ns()),
+        ],
+    )?;
+    ip_batch(
+        lab,
+        to.ns(),
+        &format!("{label}-to"),
+        &[format!("link set {moved} master {LAN_DEV} up")],
+    )?;
+    ip_batch(
+        lab,
         host.ns(),
-        "route",
-        "replace",
-        "default",
-        "via",
-        &gw,
-        "dev",
-        "eth0",
-    ])?;
+        &format!("{label}-host"),
+        &[
+            "addr flush dev eth0 scope global".to_owned(),
+            format!("addr add {cidr} dev eth0"),
+            format!("route replace default via {gateway} dev eth0"),
+        ],
+    )?;
+    let took = at.elapsed();
 
     let now = ipv4_addrs(host, "eth0")?;
     ensure!(
@@ -166,7 +192,22 @@ pub fn move_host(lab: &Lab, host: &Host, from: &Router, to: &Router) -> Result<M
         old_ip,
         new_ip,
         gateway,
+        at,
+        took,
     })
+}
+
+/// Runs `lines` as one `ip -n NS -batch FILE` (the file written to the lab's directory as
+/// `roam/<name>.batch`).
+fn ip_batch(lab: &Lab, ns: &str, name: &str, lines: &[String]) -> Result<()> {
+    let dir = lab.dir().join("roam");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let file = dir.join(format!("{name}.batch"));
+    std::fs::write(&file, lines.join("\n") + "\n")
+        .with_context(|| format!("writing {}", file.display()))?;
+    netns::ip(&["-n", ns, "-batch", &file.to_string_lossy()])
+        .with_context(|| format!("ip -batch {}:\n{}", file.display(), lines.join("\n")))?;
+    Ok(())
 }
 
 /// The IPv4 addresses on `dev` in `host`'s namespace (`ip -j -4 addr show dev DEV`).

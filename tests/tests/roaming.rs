@@ -21,7 +21,7 @@
 //! `cargo build --workspace --bins`.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use rally_lab::roam::{self, mapped_ips};
@@ -103,8 +103,7 @@ fn roam_once(lab: &Lab, change: Change) -> Result<()> {
     )?;
 
     let t_change = unix_now();
-    let changed_at = Instant::now();
-    let (step, public_ip) = match (change, &other) {
+    let (step, public_ip, changed_at, step_took) = match (change, &other) {
         (Change::Renumber, _) => {
             let r = roam::renumber_wan(lab, &pair.router_a)?;
             let step = format!(
@@ -115,7 +114,7 @@ fn roam_once(lab: &Lab, change: Change) -> Result<()> {
                 r.conntrack_before,
                 r.conntrack_after
             );
-            (step, r.new)
+            (step, r.new, r.at, r.took)
         }
         (Change::Move, Some(to)) => {
             let m = roam::move_host(lab, pair.a.host(), &pair.router_a, to)?;
@@ -130,13 +129,12 @@ fn roam_once(lab: &Lab, change: Change) -> Result<()> {
                 m.gateway,
                 to.wan_ip()
             );
-            (step, to.wan_ip())
+            (step, to.wan_ip(), m.at, m.took)
         }
         (Change::Move, None) => unreachable!("the second router is made above"),
     };
-    let step_took = changed_at.elapsed();
 
-    // Direct again: both sides `direct`, and `b`'s primary path to `a` on the new address.
+    // Direct again (timed from the change's first command): both sides `direct`, and `b`'s primary path to `a` on the new address.
     let new_path = format!("direct:{public_ip}:");
     let mut last = String::new();
     let seen = wait_until("the pair to be direct again", OBSERVE, VIEW_POLL, || {
