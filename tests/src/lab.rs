@@ -343,6 +343,23 @@ impl Lab {
         Ok(())
     }
 
+    /// Reserves the next free router WAN address on the internet (198.51.100.100, .101, …):
+    /// the new address of a router whose WAN is renumbered (`roam::renumber_wan`).
+    pub fn reserve_router_ip(&self) -> Result<Ipv4Addr> {
+        let mut topo = self.topo();
+        let ip = router_ip(topo.public_routers)?;
+        topo.public_routers += 1;
+        Ok(ip)
+    }
+
+    /// Reserves the next member slot on `router`'s LAN (its number and address): where a host
+    /// moved onto that LAN goes (`roam::move_host`).
+    pub fn reserve_lan_member(&self, router: &Router) -> Result<(usize, Ipv4Addr)> {
+        let mut topo = self.topo();
+        self.check_router(&topo, router)?;
+        next_lan_member(&mut topo, router)
+    }
+
     /// The hosts added so far, public and behind routers.
     pub fn host_list(&self) -> Vec<Host> {
         self.topo().hosts.clone()

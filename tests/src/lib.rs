@@ -25,8 +25,10 @@ pub mod netns;
 pub mod ping;
 pub mod procs;
 pub mod rally;
+pub mod roam;
 pub mod router;
 pub mod scenario;
+pub mod star;
 pub mod stun;
 pub mod wan;
 

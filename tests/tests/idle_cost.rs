@@ -19,21 +19,13 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Context, Result};
-use rally_lab::scenario::{
-    agent_pid, cpu_time, link_bytes, probes_sent, view, vm_rss_kib, wait_netcheck, World,
-    CONTROL_TIMEOUT,
-};
+use rally_lab::scenario::{agent_pid, cpu_time, link_bytes, probes_sent, view, vm_rss_kib, World};
+use rally_lab::star::{self, IDLE_AFTER};
 use rally_lab::{with_lab, Agent};
 
 /// Peers of the measured agent (the party has one agent more); `RALLY_LAB_IDLE_PEERS`
 /// overrides it.
 const PEERS_DEFAULT: usize = 50;
-/// Agents started (or joined) at a time.
-const BATCH: usize = 10;
-/// A peer is busy (its paths probed every second) for `idle after` (30 s, profile stable) after
-/// its last data, and WireGuard handshake messages count as data. Measuring starts this long
-/// after the pings that open every tunnel of the measured agent.
-const IDLE_AFTER: Duration = Duration::from_secs(32);
 /// In a mesh, the pairs that do not include the measured agent exchange no data (a WireGuard
 /// tunnel is created on its first packet, so they never handshake) but probe their paths while
 /// busy after connecting: measuring starts this long after every peer is connected, so that
@@ -71,27 +63,7 @@ fn fifty_idle_peers_cost_little_bandwidth_and_memory() -> Result<()> {
             .iter()
             .map(|n| lab.add_wan_host(n))
             .collect::<Result<Vec<_>>>()?;
-        let mut agents: Vec<Agent> = Vec::new();
-        for chunk in hosts.chunks(BATCH) {
-            let started: Vec<Result<Agent>> = std::thread::scope(|s| {
-                let handles: Vec<_> = chunk
-                    .iter()
-                    .map(|h| {
-                        let world = &world;
-                        s.spawn(move || {
-                            let a = Agent::start(h, h.name(), world.cp.control())?;
-                            a.wait_control_connected(CONTROL_TIMEOUT)?;
-                            wait_netcheck(&a, CONTROL_TIMEOUT)?;
-                            Ok(a)
-                        })
-                    })
-                    .collect();
-                join_all(handles)
-            });
-            for a in started {
-                agents.push(a?);
-            }
-        }
+        let mut agents = star::start_agents(&hosts, world.cp.control())?;
         let solo = agents.pop().ok_or_else(|| anyhow!("no lone agent"))?;
         let owner = &agents[0];
         // Star (default): the measured agent creates one party per peer and each peer joins
@@ -100,41 +72,10 @@ fn fifty_idle_peers_cost_little_bandwidth_and_memory() -> Result<()> {
         let codes: Vec<String> = if mesh {
             vec![owner.party_create("idle", &[])?; PEERS]
         } else {
-            let mut codes = Vec::new();
-            for chunk in (1..=PEERS).collect::<Vec<_>>().chunks(BATCH) {
-                let made: Vec<Result<String>> = std::thread::scope(|s| {
-                    let handles: Vec<_> = chunk
-                        .iter()
-                        .map(|i| s.spawn(move || owner.party_create(&format!("idle{i}"), &[])))
-                        .collect();
-                    join_all(handles)
-                });
-                codes.extend(made.into_iter().collect::<Result<Vec<_>>>()?);
-            }
-            codes
+            star::party_codes(owner, "idle", PEERS)?
         };
         let spokes: Vec<(&Agent, &String)> = agents[1..].iter().zip(&codes).collect();
-        for chunk in spokes.chunks(BATCH) {
-            let joined: Vec<Result<()>> = std::thread::scope(|s| {
-                let handles: Vec<_> = chunk
-                    .iter()
-                    .map(|&(a, code)| {
-                        s.spawn(move || {
-                            let out = a.party_join(code)?;
-                            ensure!(
-                                out.status.success(),
-                                "{} could not join: {}",
-                                a.name(),
-                                String::from_utf8_lossy(&out.stderr).trim()
-                            );
-                            Ok(())
-                        })
-                    })
-                    .collect();
-                join_all(handles)
-            });
-            joined.into_iter().collect::<Result<Vec<()>>>()?;
-        }
+        star::join_parties(&spokes)?;
         let joined_at = started.elapsed();
 
         // The measured agent lists all its peers, and each peer the measured agent (in a mesh,
@@ -149,49 +90,10 @@ fn fifty_idle_peers_cost_little_bandwidth_and_memory() -> Result<()> {
                 .collect();
             a.wait_for_peers(&others, FORM)?;
         }
-        let mut routes = String::new();
-        lab.wait_until(
-            "the measured agent to reach its 50 peers",
-            FORM,
-            Duration::from_secs(1),
-            || {
-                let peers = owner.peers_json()?;
-                let list = peers.as_array().cloned().unwrap_or_default();
-                let connected = list
-                    .iter()
-                    .filter(|p| p["state"] == "connected" || p["state"] == "degraded")
-                    .count();
-                let direct = list.iter().filter(|p| p["strategy"] == "direct").count();
-                routes = format!("{connected} of {} connected, {direct} direct", list.len());
-                Ok(list.len() == PEERS && connected == PEERS)
-            },
-        )
-        .with_context(|| format!("last seen {routes}"))?;
+        star::wait_connected(lab, owner, PEERS, FORM)?;
         let connected_at = started.elapsed();
         let connected = Instant::now();
-        // Every peer answers a ping over the overlay (which also makes the WireGuard handshakes
-        // happen now rather than at the first keepalive, 25 s in).
-        let vips: Vec<String> = owner.peers()?.into_iter().map(|p| p.virtual_ip).collect();
-        for chunk in vips.chunks(BATCH) {
-            let pinged: Vec<Result<()>> = std::thread::scope(|s| {
-                let handles: Vec<_> = chunk
-                    .iter()
-                    .map(|vip| {
-                        s.spawn(move || {
-                            let out = owner.kernel_ping(vip, 3)?;
-                            ensure!(
-                                out.status.success(),
-                                "{} got no ping answered by {vip}",
-                                owner.name()
-                            );
-                            Ok(())
-                        })
-                    })
-                    .collect();
-                join_all(handles)
-            });
-            pinged.into_iter().collect::<Result<Vec<()>>>()?;
-        }
+        star::ping_all(owner)?;
         // Let every peer go idle: no data for `idle after` since those pings.
         std::thread::sleep(IDLE_AFTER);
         if mesh {
@@ -272,15 +174,4 @@ fn fifty_idle_peers_cost_little_bandwidth_and_memory() -> Result<()> {
         );
         Ok(())
     })
-}
-
-/// Joins scoped threads, turning a panic into an error.
-fn join_all<T>(handles: Vec<std::thread::ScopedJoinHandle<'_, Result<T>>>) -> Vec<Result<T>> {
-    handles
-        .into_iter()
-        .map(|h| {
-            h.join()
-                .unwrap_or_else(|_| Err(anyhow!("a thread panicked")))
-        })
-        .collect()
 }

@@ -7,6 +7,8 @@
 //! - `setup`: party join → first ping reply and → direct path, across two home routers.
 //! - `relay`: forwarding capacity of `rally-relay` under a synthetic protocol load.
 //! - `control`: N synthetic agents registering and joining one party; an agent's memory per peer.
+//! - `idle`: wake-ups and CPU per second of an idle agent with 5 and 50 peers, beside
+//!   boringtun-cli and wireguard-go with as many peers.
 //! - `profile` (not part of `all`): `perf` on the data paths under load.
 //!
 //! Every figure is printed as `name: median [min–max] unit (ratio vs baseline, …)` and all of
@@ -14,6 +16,7 @@
 
 pub mod control;
 pub mod datapath;
+pub mod idle;
 pub mod mmsg;
 pub mod profile;
 pub mod relay;
@@ -39,6 +42,8 @@ pub enum Which {
     Setup,
     Relay,
     Control,
+    /// Idle agents with 5 and 50 peers beside idle boringtun-cli and wireguard-go.
+    Idle,
     /// `perf` on the data paths under load (not part of `all`).
     Profile,
     All,
@@ -122,7 +127,7 @@ pub fn run(which: Which, opts: &Options) -> Result<()> {
     let all = which == Which::All;
     let datapath = all || matches!(which, Which::Throughput | Which::Latency | Which::Profile);
     let mut tools_needed = vec![Tool::Iperf3, Tool::Ping];
-    if datapath {
+    if datapath || all || which == Which::Idle {
         tools_needed.extend([Tool::Wg, Tool::WireguardGo, Tool::BoringtunCli]);
     }
     if which == Which::Profile {
@@ -205,6 +210,15 @@ pub fn run(which: Which, opts: &Options) -> Result<()> {
     if all || which == Which::Control {
         say("control: N synthetic QUIC agents register and join one party");
         section("control", control::run(opts));
+    }
+
+    if all || which == Which::Idle {
+        say(&format!(
+            "idle: wake-ups and CPU per second, {} s windows, rally / boringtun-cli / wireguard-go \
+             with 5 and 50 peers (keepalive 25 s)",
+            idle::WINDOW.as_secs()
+        ));
+        section("idle", idle::run(opts));
     }
 
     say("all figures: name: median [min–max] unit (ratios vs baselines of the same run)");

@@ -184,6 +184,55 @@ pub fn cpu_seconds(pid: u32) -> Result<f64> {
     Ok((utime + stime) / ticks_per_sec())
 }
 
+/// Context switches (voluntary and not) of every thread of process `pid` so far: how often it
+/// was woken, from `/proc/PID/task/*/status` (a thread that exits takes its count with it).
+pub fn context_switches(pid: u32) -> Result<u64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = 0;
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let Ok(task) = task else { continue };
+        // A thread may end between the listing and the read.
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        total += switches_in_status(&status);
+    }
+    Ok(total)
+}
+
+/// CPU time of every thread of process `pid` so far, in seconds, to the nanosecond: the sum of
+/// the first field of `/proc/PID/task/*/schedstat` (`cpu_seconds` counts in clock ticks of
+/// 10 ms, too coarse for a process that is nearly idle; a thread that exits takes its time
+/// with it here).
+pub fn thread_cpu_seconds(pid: u32) -> Result<f64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut ns: u64 = 0;
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let Ok(task) = task else { continue };
+        let Ok(stat) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        ns += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(ns as f64 / 1e9)
+}
+
+/// `voluntary_ctxt_switches` + `nonvoluntary_ctxt_switches` of one `/proc/…/status`.
+fn switches_in_status(status: &str) -> u64 {
+    status
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+        })
+        .filter_map(|v| v.trim().parse::<u64>().ok())
+        .sum()
+}
+
 /// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`, …), in KiB.
 pub fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -231,5 +280,13 @@ mod tests {
         assert!(cpu_seconds(me).expect("stat") >= 0.0);
         assert!(status_kib(me, "VmRSS").expect("rss") > 0);
         assert!(status_kib(me, "VmHWM").expect("hwm") > 0);
+        assert!(context_switches(me).expect("switches") > 0);
+        assert!(thread_cpu_seconds(me).expect("schedstat") > 0.0);
+    }
+
+    #[test]
+    fn both_kinds_of_context_switch_are_summed() {
+        let status = "Name:\tx\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(switches_in_status(status), 127);
     }
 }

@@ -385,44 +385,19 @@ fn wireguard_pair(
     net: u8,
     port: u16,
 ) -> Result<Path> {
-    let (tag, tool) = match subject {
-        Subject::Boringtun => ("bt", Tool::BoringtunCli),
-        Subject::WireguardGo => ("wg", Tool::WireguardGo),
+    let tag = match subject {
+        Subject::Boringtun => "bt",
+        Subject::WireguardGo => "wg",
         _ => bail!("{} is not a reference WireGuard", subject.label()),
     };
-    let bin = tools::path(tool)?.to_string_lossy().into_owned();
     let keys = [tools::wg_keypair()?, tools::wg_keypair()?];
     let hosts = [a, b];
     let mut pids = Vec::new();
     for (i, host) in hosts.iter().enumerate() {
         // Interface names are global to the UAPI directory: keep them unique per process.
         let ifname = ifname(tag, i);
-        let _ = std::fs::remove_file(uapi_socket(&ifname));
-        let mut args = vec![bin.clone()];
-        match subject {
-            Subject::Boringtun => args.extend(
-                ["--foreground", "--disable-drop-privileges"]
-                    .iter()
-                    .map(|s| s.to_string()),
-            ),
-            _ => args.push("-f".into()),
-        }
-        args.push(ifname.clone());
-        let proc = host.spawn(&args, host.log_path(&format!("{tag}-{ifname}")))?;
+        let proc = start_wireguard(host, subject, &ifname)?;
         pids.push(proc.pid());
-        let sock = uapi_socket(&ifname);
-        wait_until(
-            &format!("{} to open {}", subject.label(), sock.display()),
-            READY,
-            POLL,
-            || {
-                if let Some(status) = proc.try_status()? {
-                    return Err(anyhow!("{} exited ({status})", proc.label()).context(crate::Abort));
-                }
-                Ok(sock.exists())
-            },
-        )
-        .map_err(|e| crate::with_logs(e, &host.logs_tail()))?;
         let key_file = write_key(lab, &ifname, &keys[i].0)?;
         let other = hosts[1 - i];
         let port_s = port.to_string();
@@ -470,6 +445,44 @@ fn wireguard_pair(
     })
 }
 
+/// Starts a userspace WireGuard daemon (`subject`: boringtun-cli or wireguard-go) on `host`
+/// with TUN interface `ifname` (unique on the machine: the UAPI directory is shared) and waits
+/// until its UAPI socket is there; configure it with `wg set`.
+pub fn start_wireguard(host: &Host, subject: Subject, ifname: &str) -> Result<Proc> {
+    let (tag, tool) = match subject {
+        Subject::Boringtun => ("bt", Tool::BoringtunCli),
+        Subject::WireguardGo => ("wg", Tool::WireguardGo),
+        _ => bail!("{} is not a reference WireGuard", subject.label()),
+    };
+    let bin = tools::path(tool)?.to_string_lossy().into_owned();
+    let _ = std::fs::remove_file(uapi_socket(ifname));
+    let mut args = vec![bin];
+    match subject {
+        Subject::Boringtun => args.extend(
+            ["--foreground", "--disable-drop-privileges"]
+                .iter()
+                .map(|s| s.to_string()),
+        ),
+        _ => args.push("-f".into()),
+    }
+    args.push(ifname.to_owned());
+    let proc = host.spawn(&args, host.log_path(&format!("{tag}-{ifname}")))?;
+    let sock = uapi_socket(ifname);
+    wait_until(
+        &format!("{} to open {}", subject.label(), sock.display()),
+        READY,
+        POLL,
+        || {
+            if let Some(status) = proc.try_status()? {
+                return Err(anyhow!("{} exited ({status})", proc.label()).context(crate::Abort));
+            }
+            Ok(sock.exists())
+        },
+    )
+    .map_err(|e| crate::with_logs(e, &host.logs_tail()))?;
+    Ok(proc)
+}
+
 /// `rb<tag><side><pid mod 1000>`: at most 15 characters, unique per process.
 fn ifname(tag: &str, side: usize) -> String {
     format!(
@@ -480,7 +493,7 @@ fn ifname(tag: &str, side: usize) -> String {
 }
 
 /// Writes a WireGuard private key to a 0600 file in the lab's directory.
-fn write_key(lab: &Lab, name: &str, key: &str) -> Result<PathBuf> {
+pub fn write_key(lab: &Lab, name: &str, key: &str) -> Result<PathBuf> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = lab.dir().join("wg-keys");
     std::fs::create_dir_all(&dir)?;
