@@ -40,7 +40,10 @@
 //!
 //! Probing cadence: every `probe_interval` while the peer is busy (data sent or received in
 //! the last `idle_after`) or has no primary; every `idle_probe_interval` while idle (and
-//! after `failed`). Data arriving on an up path pulls its next probe to at most one
+//! after `failed`). While idle only the primary and the best standby keep that interval;
+//! other paths are probed [`IDLE_STANDBY_FACTOR`] times as rarely, and a probe due takes along
+//! the peer's other probes due within `idle_probe_interval / `[`IDLE_COALESCE`], so an idle
+//! peer costs one wake-up per round, not one per path. Data arriving on an up path pulls its next probe to at most one
 //! `probe_interval` later, so when a busy path goes silent a probe follows within one
 //! interval and its loss counts.
 //!
@@ -91,8 +94,9 @@
 //!
 //! # Driving a connection
 //!
-//! * Paths: `add_path(Direct(addr))` when the punch proves an endpoint, `add_path(Relay(name))`
-//!   for each bound relay, `remove_path` when either goes away.
+//! * Paths: `add_path(Direct(addr))` when the punch proves an endpoint, `add_path(Relay(id))`
+//!   for each bound relay ([`RelayId`]: the relay's name), `remove_path` when either goes away.
+//!   [`crate::node::Node`] does all of this for every peer.
 //! * Probes: for each [`ProbeTransmit`] `{ path, txid }`, encode
 //!   `Probe { kind: Probe, from: me, txid }` with the peer's probe key and send it on `path`.
 //!   Decode authenticated acks and call `handle_probe_ack(path, txid, now)`; it returns false
@@ -116,7 +120,7 @@ pub use health::PathHealth;
 pub use manager::{
     Command, ConnEvent, ConnMetrics, ConnState, Connection, PathMetrics, PrimaryReason,
     ProbeTransmit, SetPrimaryError, Timer, Wake, CHECK_MARGIN, CHECK_MIN_WAIT, CHECK_PROBES,
-    CHECK_SPACING, RELAY_REVERT_HOLD, RELAY_TRIAL_SAMPLES,
+    CHECK_SPACING, IDLE_COALESCE, IDLE_STANDBY_FACTOR, RELAY_REVERT_HOLD, RELAY_TRIAL_SAMPLES,
 };
 pub use path::{InvalidPath, Latency, PathId, PathKind, Rank, RelayId};
 pub use profile::{Profile, ProfileError, ProfileKind, UnknownProfile};

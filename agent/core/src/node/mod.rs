@@ -2,8 +2,8 @@
 //! relays and the wire, with no clock, socket or RNG (time is `now`, randomness a seed).
 //!
 //! A [`Node`] owns, per peer, a connection manager ([`Connection`]: paths, primary, failover)
-//! and a hole puncher ([`PeerPaths`]); and for the agent, one [`RelayClient`] per relay and
-//! the NAT check ([`Netcheck`]). It applies the rules that join them:
+//! and a hole puncher ([`PeerPaths`]); and for the agent, one [`RelayClient`](crate::relay_client::RelayClient) per relay and
+//! the NAT check ([`Netcheck`](crate::netcheck::Netcheck)). It applies the rules that join them:
 //!
 //! - a relay binding adds a relayed path to every peer; losing it removes that path;
 //! - a probe ack belongs to the connection manager if it owns the txid, else to the puncher;

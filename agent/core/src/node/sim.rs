@@ -54,6 +54,8 @@ pub struct Agent {
     last_wake: Option<Instant>,
     /// Answers every data message with one of its own (a ping responder).
     pub echo: bool,
+    /// Probes the agent sent on a direct path: (time, destination).
+    pub direct_probes: Vec<(Instant, SocketAddr)>,
 }
 
 struct Router {
@@ -209,6 +211,7 @@ impl Sim {
             wakes: 0,
             last_wake: None,
             echo: false,
+            direct_probes: Vec::new(),
         });
         self.agents.len() - 1
     }
@@ -442,6 +445,10 @@ impl Sim {
 
     /// A datagram from agent `a`'s socket to `to`, through its NAT.
     fn send_from(&mut self, a: usize, to: SocketAddr, payload: Vec<u8>) {
+        if rally_proto::probe::is_probe(&payload) {
+            let now = self.now;
+            self.agents[a].direct_probes.push((now, to));
+        }
         let local = self.agents[a].local;
         let from = match self.agents[a].router {
             None => local,

@@ -137,6 +137,15 @@ fn a_cut_direct_path_fails_over_to_a_relay_on_the_silence_check() {
     // stable profile's silence timeout, above 2 RTTs of 20 ms); its deadline is 3 RTTs +
     // 100 ms = 160 ms later.
     assert_eq!(failover - cut, Duration::from_millis(360));
+    // The check's probes left at their computed times: 200 ms after the cut, 25 ms apart.
+    let to = sim.agents[1].local;
+    let check: Vec<Duration> = sim.agents[0]
+        .direct_probes
+        .iter()
+        .filter(|(t, a)| *a == to && *t >= cut && *t < failover)
+        .map(|(t, _)| *t - cut)
+        .collect();
+    assert_eq!(check, [200, 225, 250].map(Duration::from_millis));
     assert!(matches!(sim.route(0, 1), Some(Route::Relay { .. })));
     let last = sim.agents[0].received.last().expect("pings answered");
     assert!(

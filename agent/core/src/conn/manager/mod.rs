@@ -116,7 +116,7 @@ impl PrimaryReason {
     }
 }
 
-/// What happened, for logs and the event bus (see [`crate::events::Event::from_conn`]).
+/// What happened, for logs and the event bus (the agent turns them into its event bus's `Event::from_conn`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnEvent {
     StateChange {
