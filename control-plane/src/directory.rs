@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 use rally_proto::{Key32, NatReport, PeerInfo};
 
-use crate::store::{AgentRow, InviteRefusal, NewInvite, PartyRow, Snapshot, Store, StoreError};
+use crate::invites::{Admission, InviteKey, StoredInvite};
+use crate::store::{AgentRow, NewInvite, PartyRow, Snapshot, Store, StoreError};
 
 /// A peer's entry in peer maps and deltas (`[peer_id, name, …]` as JSON), for recipients that
 /// share exactly `parties` with it.
@@ -58,6 +59,8 @@ pub struct CachedStore {
     parties: HashMap<[u8; 8], Party>,
     /// The parties each agent belongs to.
     member_of: HashMap<Key32, BTreeSet<[u8; 8]>>,
+    /// Which agent holds each WireGuard key.
+    wg_keys: HashMap<Key32, Key32>,
 }
 
 struct Agent {
@@ -86,6 +89,7 @@ impl CachedStore {
             agents: HashMap::with_capacity(agents.len()),
             parties: HashMap::with_capacity(parties.len()),
             member_of: HashMap::new(),
+            wg_keys: HashMap::new(),
         };
         for row in agents {
             s.put_agent(row);
@@ -139,6 +143,36 @@ impl CachedStore {
         }
     }
 
+    /// The names of the members of `party` other than `except`.
+    pub fn member_names(&self, party: &[u8; 8], except: &Key32) -> BTreeSet<String> {
+        let Some(p) = self.parties.get(party) else {
+            return BTreeSet::new();
+        };
+        p.members
+            .iter()
+            .filter(|m| *m != except)
+            .filter_map(|m| Some(self.agents.get(m)?.row.name.clone()))
+            .collect()
+    }
+
+    /// The names of the agents sharing a party with `id`.
+    pub fn peer_names(&self, id: &Key32) -> BTreeSet<String> {
+        self.shared_with(id)
+            .keys()
+            .filter_map(|m| Some(self.agents.get(m)?.row.name.clone()))
+            .collect()
+    }
+
+    /// How many parties `id` belongs to.
+    pub fn party_count(&self, id: &Key32) -> usize {
+        self.member_of.get(id).map_or(0, BTreeSet::len)
+    }
+
+    /// Whether `id` belongs to `party`.
+    pub fn is_member(&self, id: &Key32, party: &[u8; 8]) -> bool {
+        self.member_of.get(id).is_some_and(|s| s.contains(party))
+    }
+
     /// Agents sharing a party with `id`, with the ids of the shared parties (in id order).
     fn shared_with(&self, id: &Key32) -> BTreeMap<Key32, Vec<[u8; 8]>> {
         let mut out: BTreeMap<Key32, Vec<[u8; 8]>> = BTreeMap::new();
@@ -187,6 +221,12 @@ impl CachedStore {
     }
 
     fn put_agent(&mut self, row: AgentRow) {
+        if let Some(old) = self.agents.get(&row.identity) {
+            if self.wg_keys.get(&old.row.wg_key) == Some(&row.identity) {
+                self.wg_keys.remove(&old.row.wg_key);
+            }
+        }
+        self.wg_keys.insert(row.wg_key, row.identity);
         let nat = row
             .nat
             .as_deref()
@@ -287,24 +327,63 @@ impl Store for CachedStore {
         Ok(row)
     }
 
-    fn redeem_invite(
-        &mut self,
-        party: [u8; 8],
-        secret: &[u8; 16],
+    fn invite(
+        &self,
+        key: &InviteKey,
         identity: &Key32,
+    ) -> Result<Option<StoredInvite>, StoreError> {
+        self.inner.invite(key, identity)
+    }
+
+    fn admit(
+        &mut self,
+        key: &InviteKey,
+        identity: &Key32,
+        admission: Admission,
         now: u64,
-    ) -> Result<Result<PartyRow, InviteRefusal>, StoreError> {
-        let outcome = self.inner.redeem_invite(party, secret, identity, now)?;
-        if let Ok(row) = &outcome {
-            self.add_member(row, *identity);
-        }
-        Ok(outcome)
+    ) -> Result<PartyRow, StoreError> {
+        let row = self.inner.admit(key, identity, admission, now)?;
+        self.add_member(&row, *identity);
+        Ok(row)
     }
 
     fn leave_party(&mut self, party: [u8; 8], identity: &Key32) -> Result<(), StoreError> {
         self.inner.leave_party(party, identity)?;
         self.remove_member(party, identity);
         Ok(())
+    }
+
+    fn rename_agent(&mut self, identity: &Key32, name: &str) -> Result<(), StoreError> {
+        self.inner.rename_agent(identity, name)?;
+        if let Some(a) = self.agents.get_mut(identity) {
+            a.row.name = name.to_owned();
+            a.encoded.clear();
+        }
+        Ok(())
+    }
+
+    fn wg_key_holder(&self, wg_key: &Key32) -> Result<Option<Key32>, StoreError> {
+        Ok(self.wg_keys.get(wg_key).copied())
+    }
+
+    fn touch_agent(&mut self, identity: &Key32, now: u64) -> Result<(), StoreError> {
+        self.inner.touch_agent(identity, now)
+    }
+
+    fn unjoined_before(&self, before: u64) -> Result<Vec<Key32>, StoreError> {
+        self.inner.unjoined_before(before)
+    }
+
+    fn remove_unjoined(&mut self, identity: &Key32) -> Result<bool, StoreError> {
+        if !self.inner.remove_unjoined(identity)? {
+            return Ok(false);
+        }
+        if let Some(a) = self.agents.remove(identity) {
+            if self.wg_keys.get(&a.row.wg_key) == Some(identity) {
+                self.wg_keys.remove(&a.row.wg_key);
+            }
+        }
+        Ok(true)
     }
 
     fn parties_of(&self, identity: &Key32) -> Result<Vec<PartyRow>, StoreError> {
@@ -368,7 +447,7 @@ fn peer_info(a: &Agent, parties: Vec<String>) -> PeerInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::SqliteStore;
+    use crate::store::{InviteRefusal, SqliteStore};
     use rally_proto::Overlay;
 
     #[test]

@@ -45,13 +45,8 @@ pub struct PartyRow {
     pub members: u32,
 }
 
-/// Why an invite was not redeemed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InviteRefusal {
-    Unknown,
-    Expired,
-    UsedUp { max_uses: u32 },
-}
+pub use crate::invites::InviteRefusal;
+use crate::invites::{Admission, InviteKey, StoredInvite};
 
 /// A new invite for a party.
 #[derive(Debug, Clone, Copy)]
@@ -87,16 +82,52 @@ pub trait Store: Send {
         invite: NewInvite,
         now: u64,
     ) -> Result<PartyRow, StoreError>;
-    /// Checks an invite and, if it is good, makes `identity` a member (using one use of the
-    /// invite unless the agent already was a member).
+    /// The invite with this party and secret hash as `identity` would redeem it, if it exists.
+    fn invite(
+        &self,
+        key: &InviteKey,
+        identity: &Key32,
+    ) -> Result<Option<StoredInvite>, StoreError>;
+    /// Persists what [`crate::invites::check`] decided: for [`Admission::UseOne`], one use of
+    /// the invite and the membership. Returns the party.
+    fn admit(
+        &mut self,
+        key: &InviteKey,
+        identity: &Key32,
+        admission: Admission,
+        now: u64,
+    ) -> Result<PartyRow, StoreError>;
+    /// Checks an invite by party and secret with [`crate::invites::admit`] and persists the
+    /// outcome: `identity` becomes a member, using one use of the invite unless it already was.
     fn redeem_invite(
         &mut self,
         party: [u8; 8],
         secret: &[u8; 16],
         identity: &Key32,
         now: u64,
-    ) -> Result<Result<PartyRow, InviteRefusal>, StoreError>;
+    ) -> Result<Result<PartyRow, InviteRefusal>, StoreError> {
+        let key = InviteKey {
+            party,
+            secret_hash: secret_hash(&party, secret),
+        };
+        let stored = self.invite(&key, identity)?;
+        match crate::invites::admit(stored, now) {
+            Ok(admission) => self.admit(&key, identity, admission, now).map(Ok),
+            Err(refusal) => Ok(Err(refusal)),
+        }
+    }
     fn leave_party(&mut self, party: [u8; 8], identity: &Key32) -> Result<(), StoreError>;
+    /// Renames an agent (a name disambiguated within its parties).
+    fn rename_agent(&mut self, identity: &Key32, name: &str) -> Result<(), StoreError>;
+    /// The agent registered with this WireGuard key, if any.
+    fn wg_key_holder(&self, wg_key: &Key32) -> Result<Option<Key32>, StoreError>;
+    /// Records that the agent was last connected at `now`.
+    fn touch_agent(&mut self, identity: &Key32, now: u64) -> Result<(), StoreError>;
+    /// Agents in no party, owning no party, last seen before `before`.
+    fn unjoined_before(&self, before: u64) -> Result<Vec<Key32>, StoreError>;
+    /// Removes an agent in no party and owning none (its virtual IP becomes free); `false` if
+    /// it is a member or owner after all.
+    fn remove_unjoined(&mut self, identity: &Key32) -> Result<bool, StoreError>;
     fn parties_of(&self, identity: &Key32) -> Result<Vec<PartyRow>, StoreError>;
     /// The agent, if it ever registered.
     fn agent(&self, identity: &Key32) -> Result<Option<AgentRow>, StoreError>;
@@ -155,6 +186,9 @@ const MIGRATIONS: &[&str] = &[
      );",
     // 2: the agent's last NAT report (JSON).
     "ALTER TABLE agents ADD COLUMN nat TEXT;",
+    // 3: WireGuard keys are looked up to keep them unique (not a UNIQUE index: a database
+    // written before the rule may hold duplicates, and must still open).
+    "CREATE INDEX agents_by_wg_key ON agents(wg_key);",
 ];
 
 impl SqliteStore {
@@ -309,49 +343,57 @@ impl Store for SqliteStore {
         })
     }
 
-    fn redeem_invite(
-        &mut self,
-        party: [u8; 8],
-        secret: &[u8; 16],
+    fn invite(
+        &self,
+        key: &InviteKey,
         identity: &Key32,
-        now: u64,
-    ) -> Result<Result<PartyRow, InviteRefusal>, StoreError> {
-        let hash = secret_hash(&party, secret);
-        let tx = self
+    ) -> Result<Option<StoredInvite>, StoreError> {
+        let invite: Option<(Option<i64>, Option<u32>, u32)> = self
             .db
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let invite: Option<(Option<i64>, Option<u32>, u32)> = tx
             .query_row(
                 "SELECT expires_at, max_uses, uses FROM invites WHERE secret_hash = ?1 AND party = ?2",
-                params![&hash[..], &party[..]],
+                params![&key.secret_hash[..], &key.party[..]],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
         let Some((expires_at, max_uses, uses)) = invite else {
-            return Ok(Err(InviteRefusal::Unknown));
+            return Ok(None);
         };
-        let already: bool = tx
-            .prepare("SELECT 1 FROM members WHERE party = ?1 AND agent = ?2")?
-            .exists(params![&party[..], &identity.0[..]])?;
-        if !already {
-            if expires_at.is_some_and(|t| t <= now as i64) {
-                return Ok(Err(InviteRefusal::Expired));
-            }
-            if let Some(max) = max_uses.filter(|max| uses >= *max) {
-                return Ok(Err(InviteRefusal::UsedUp { max_uses: max }));
-            }
+        let already_member = self
+            .db
+            .prepare_cached("SELECT 1 FROM members WHERE party = ?1 AND agent = ?2")?
+            .exists(params![&key.party[..], &identity.0[..]])?;
+        Ok(Some(StoredInvite {
+            expires_at: expires_at.map(|t| t.max(0) as u64),
+            max_uses,
+            uses,
+            already_member,
+        }))
+    }
+
+    fn admit(
+        &mut self,
+        key: &InviteKey,
+        identity: &Key32,
+        admission: Admission,
+        now: u64,
+    ) -> Result<PartyRow, StoreError> {
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if admission == Admission::UseOne {
             tx.execute(
                 "UPDATE invites SET uses = uses + 1 WHERE secret_hash = ?1",
-                [&hash[..]],
+                [&key.secret_hash[..]],
             )?;
             tx.execute(
-                "INSERT INTO members (party, agent, joined_at) VALUES (?1, ?2, ?3)",
-                params![&party[..], &identity.0[..], now as i64],
+                "INSERT OR IGNORE INTO members (party, agent, joined_at) VALUES (?1, ?2, ?3)",
+                params![&key.party[..], &identity.0[..], now as i64],
             )?;
         }
-        let row = party_row(&tx, party)?;
+        let row = party_row(&tx, key.party)?;
         tx.commit()?;
-        Ok(Ok(row))
+        Ok(row)
     }
 
     fn leave_party(&mut self, party: [u8; 8], identity: &Key32) -> Result<(), StoreError> {
@@ -360,6 +402,56 @@ impl Store for SqliteStore {
             params![&party[..], &identity.0[..]],
         )?;
         Ok(())
+    }
+
+    fn rename_agent(&mut self, identity: &Key32, name: &str) -> Result<(), StoreError> {
+        self.db.execute(
+            "UPDATE agents SET name = ?2 WHERE identity = ?1",
+            params![&identity.0[..], name],
+        )?;
+        Ok(())
+    }
+
+    fn wg_key_holder(&self, wg_key: &Key32) -> Result<Option<Key32>, StoreError> {
+        let id: Option<Vec<u8>> = self
+            .db
+            .query_row(
+                "SELECT identity FROM agents WHERE wg_key = ?1 LIMIT 1",
+                [&wg_key.0[..]],
+                |r| r.get(0),
+            )
+            .optional()?;
+        id.map(|b| blob(b, "agents.identity").map(Key32))
+            .transpose()
+    }
+
+    fn touch_agent(&mut self, identity: &Key32, now: u64) -> Result<(), StoreError> {
+        self.db.execute(
+            "UPDATE agents SET seen_at = ?2 WHERE identity = ?1",
+            params![&identity.0[..], now as i64],
+        )?;
+        Ok(())
+    }
+
+    fn unjoined_before(&self, before: u64) -> Result<Vec<Key32>, StoreError> {
+        let mut q = self.db.prepare_cached(
+            "SELECT a.identity FROM agents a WHERE a.seen_at < ?1
+             AND NOT EXISTS (SELECT 1 FROM members m WHERE m.agent = a.identity)
+             AND NOT EXISTS (SELECT 1 FROM parties p WHERE p.owner = a.identity)",
+        )?;
+        let rows = q.query_map([before as i64], |r| r.get::<_, Vec<u8>>(0))?;
+        rows.map(|r| Ok(Key32(blob(r?, "agents.identity")?)))
+            .collect()
+    }
+
+    fn remove_unjoined(&mut self, identity: &Key32) -> Result<bool, StoreError> {
+        let n = self.db.execute(
+            "DELETE FROM agents WHERE identity = ?1
+             AND NOT EXISTS (SELECT 1 FROM members m WHERE m.agent = ?1)
+             AND NOT EXISTS (SELECT 1 FROM parties p WHERE p.owner = ?1)",
+            [&identity.0[..]],
+        )?;
+        Ok(n > 0)
     }
 
     fn parties_of(&self, identity: &Key32) -> Result<Vec<PartyRow>, StoreError> {
@@ -652,6 +744,43 @@ mod tests {
         assert!(s.peers_of(&stranger.identity).unwrap().is_empty());
         s.leave_party([1; 8], &b.identity).unwrap();
         assert!(s.peers_of(&a.identity).unwrap().is_empty());
+    }
+
+    #[test]
+    fn unjoined_agents_are_found_and_removed_but_members_and_owners_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store(&dir);
+        let owner = register(&mut s, 1);
+        let member = register(&mut s, 2);
+        let idle = register(&mut s, 3);
+        s.create_party([1; 8], "x", &owner.identity, invite(1), 1)
+            .unwrap();
+        s.redeem_invite([1; 8], &[1; 16], &member.identity, 1)
+            .unwrap()
+            .unwrap();
+        // The owner leaves its party but still owns it.
+        s.leave_party([1; 8], &owner.identity).unwrap();
+        assert_eq!(s.unjoined_before(2).unwrap(), vec![idle.identity]);
+        assert!(s.unjoined_before(1).unwrap().is_empty(), "seen at 1");
+        s.touch_agent(&idle.identity, 10).unwrap();
+        assert!(s.unjoined_before(5).unwrap().is_empty());
+        assert!(!s.remove_unjoined(&member.identity).unwrap());
+        assert!(!s.remove_unjoined(&owner.identity).unwrap());
+        assert!(s.remove_unjoined(&idle.identity).unwrap());
+        assert_eq!(s.agent(&idle.identity).unwrap(), None);
+        // Its virtual IP is free again: the same identity gets it back.
+        assert_eq!(register(&mut s, 3).virtual_ip, idle.virtual_ip);
+    }
+
+    #[test]
+    fn wg_key_holder_and_rename() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = store(&dir);
+        let a = register(&mut s, 1);
+        assert_eq!(s.wg_key_holder(&a.wg_key).unwrap(), Some(a.identity));
+        assert_eq!(s.wg_key_holder(&Key32([7; 32])).unwrap(), None);
+        s.rename_agent(&a.identity, "a-2").unwrap();
+        assert_eq!(s.agent(&a.identity).unwrap().unwrap().name, "a-2");
     }
 
     #[test]
