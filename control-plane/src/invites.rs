@@ -141,7 +141,9 @@ mod tests {
     }
 
     /// A store holding one invite: party 1, secret 2, in the state given.
-    fn lookup(state: StoredInvite) -> impl FnOnce(&InviteKey) -> Result<Option<StoredInvite>, Infallible> {
+    fn lookup(
+        state: StoredInvite,
+    ) -> impl FnOnce(&InviteKey) -> Result<Option<StoredInvite>, Infallible> {
         move |k| {
             let ours = k.party == [1; 8] && k.secret_hash == secret_hash(&[1; 8], &[2; 16]);
             Ok(ours.then_some(state))
@@ -180,10 +182,7 @@ mod tests {
             refused(&code(9, 1, 2), fresh(), 100),
             Err(InviteRefusal::Expired)
         );
-        let used = StoredInvite {
-            uses: 2,
-            ..fresh()
-        };
+        let used = StoredInvite { uses: 2, ..fresh() };
         assert_eq!(
             refused(&code(9, 1, 2), used, 10),
             Err(InviteRefusal::UsedUp { max_uses: 2 })

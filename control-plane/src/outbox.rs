@@ -450,7 +450,10 @@ mod tests {
         let mut version = 1;
         while let Some(push) = o.poll_message() {
             assert!(push.frame.len() - 4 <= 600);
-            let Ok(ServerMsg::PeerDelta { version: v, changes }) = frame::decode(&push.frame)
+            let Ok(ServerMsg::PeerDelta {
+                version: v,
+                changes,
+            }) = frame::decode(&push.frame)
             else {
                 panic!("not a delta");
             };
@@ -461,7 +464,9 @@ mod tests {
         assert!(version > 2, "split into several deltas");
         assert_eq!(
             seen,
-            (1..=20).map(|i| wire_upsert(peer(i, "p"))).collect::<Vec<_>>()
+            (1..=20)
+                .map(|i| wire_upsert(peer(i, "p")))
+                .collect::<Vec<_>>()
         );
     }
 

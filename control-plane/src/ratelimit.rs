@@ -63,6 +63,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // an arbitrary start for the fake clock
     fn burst_then_refused_then_refilled() {
         let t0 = Instant::now();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
@@ -77,6 +78,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // an arbitrary start for the fake clock
     fn addresses_are_limited_separately() {
         let t0 = Instant::now();
         let mut r: RateLimiter = RateLimiter::new(1, Duration::from_secs(60));

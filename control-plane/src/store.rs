@@ -83,11 +83,8 @@ pub trait Store: Send {
         now: u64,
     ) -> Result<PartyRow, StoreError>;
     /// The invite with this party and secret hash as `identity` would redeem it, if it exists.
-    fn invite(
-        &self,
-        key: &InviteKey,
-        identity: &Key32,
-    ) -> Result<Option<StoredInvite>, StoreError>;
+    fn invite(&self, key: &InviteKey, identity: &Key32)
+        -> Result<Option<StoredInvite>, StoreError>;
     /// Persists what [`crate::invites::check`] decided: for [`Admission::UseOne`], one use of
     /// the invite and the membership. Returns the party.
     fn admit(

@@ -656,7 +656,9 @@ impl Request {
             Request::JoinParty { code } if code.len() > crate::invite::MAX_CODE_LEN => {
                 Err(ValidationError::CodeTooLong)
             }
-            Request::LeaveParty { party } if party.is_empty() || party.len() > MAX_PARTY_ARG_LEN => {
+            Request::LeaveParty { party }
+                if party.is_empty() || party.len() > MAX_PARTY_ARG_LEN =>
+            {
                 Err(ValidationError::PartyArg)
             }
             Request::UpdateEndpoints { endpoints } => validate_endpoints(endpoints),
@@ -680,8 +682,7 @@ pub fn validate_nat(nat: &NatReport) -> Result<(), ValidationError> {
         if !addr_ok {
             return Err(ValidationError::RelayAddr);
         }
-        if r
-            .latency_ms
+        if r.latency_ms
             .is_some_and(|l| !l.is_finite() || !(0.0..=1e6).contains(&l))
         {
             return Err(ValidationError::Latency);

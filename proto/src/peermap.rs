@@ -106,7 +106,10 @@ impl MapPages {
             return Ok(peers);
         };
         if v != version {
-            return Err(PageError::Version { have: v, got: version });
+            return Err(PageError::Version {
+                have: v,
+                got: version,
+            });
         }
         if held.len().saturating_add(peers.len()) > MAX_MAP_PEERS {
             return Err(PageError::TooManyPeers);

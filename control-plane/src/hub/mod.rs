@@ -249,7 +249,8 @@ impl Hub {
                 }
             }
             (&Stage::Registered { identity }, ClientMsg::Request { id, body }) => {
-                let result = self.handle_request(&identity, session.remote, body, now, rng, &mut fx);
+                let result =
+                    self.handle_request(&identity, session.remote, body, now, rng, &mut fx);
                 fx.insert(0, Effect::Reply(ServerMsg::Response { id, result }));
             }
             (_, ClientMsg::Request { id, .. }) => {
@@ -290,7 +291,9 @@ impl Hub {
         if self.settings.open_registration {
             return 0;
         }
-        let before = now.unix.saturating_sub(self.settings.unjoined_ttl.as_secs());
+        let before = now
+            .unix
+            .saturating_sub(self.settings.unjoined_ttl.as_secs());
         let candidates = match self.store.unjoined_before(before) {
             Ok(c) => c,
             Err(e) => {
@@ -323,7 +326,11 @@ impl Hub {
         let Some(id) = session.identity() else {
             return Vec::new();
         };
-        let Some(reg) = self.sessions.get_mut(&id).filter(|r| r.session == session.id) else {
+        let Some(reg) = self
+            .sessions
+            .get_mut(&id)
+            .filter(|r| r.session == session.id)
+        else {
             return Vec::new();
         };
         let mut out = Vec::new();
@@ -366,7 +373,10 @@ impl Hub {
         } = reg;
         let transcript = register_transcript(&nonce, &identity, &wg_key, &name);
         verify(&identity, DOMAIN_REGISTER, &transcript, &signature.0).map_err(|_| {
-            ErrorReply::new(ErrorCode::AuthFailed, "registration signature does not verify")
+            ErrorReply::new(
+                ErrorCode::AuthFailed,
+                "registration signature does not verify",
+            )
         })?;
         if self
             .store
@@ -437,7 +447,11 @@ impl Hub {
 
     /// Puts `subject`'s current state into the outbox of every connected agent that shares a
     /// party with it, and returns the subject's own peers.
-    fn announce(&mut self, subject: &Key32, fx: &mut Vec<Effect>) -> Vec<std::sync::Arc<EncodedPeer>> {
+    fn announce(
+        &mut self,
+        subject: &Key32,
+        fx: &mut Vec<Effect>,
+    ) -> Vec<std::sync::Arc<EncodedPeer>> {
         let audience = self.store.audience(subject);
         audience
             .into_iter()

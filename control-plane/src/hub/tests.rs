@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use rally_proto::control::{NatReport, RelayLatency, MAX_NAT_RELAYS, MAX_PARTIES_PER_AGENT};
-use rally_proto::{MapPages, Overlay, PeerChange, PeerView, Request, Response, Sig64};
+use rally_proto::{InviteCode, MapPages, Overlay, PeerChange, PeerView, Request, Response, Sig64};
 use rand::SeedableRng;
 
 use super::*;
@@ -58,7 +58,12 @@ fn leaving_removes_the_agent_from_its_former_peers() {
     t.join(&mut bob, &code);
     t.drain(&owner);
     t.drain(&bob);
-    t.ok(&mut bob, Request::LeaveParty { party: "lan".into() });
+    t.ok(
+        &mut bob,
+        Request::LeaveParty {
+            party: "lan".into(),
+        },
+    );
     assert_eq!(
         t.drain(&owner),
         vec![ServerMsg::PeerDelta {
@@ -84,7 +89,12 @@ fn endpoint_update_is_one_upsert_and_sync_peers_sends_a_full_map() {
     t.drain(&owner);
     t.drain(&bob);
     let eps: Vec<SocketAddr> = vec!["203.0.113.7:4000".parse().unwrap()];
-    t.ok(&mut bob, Request::UpdateEndpoints { endpoints: eps.clone() });
+    t.ok(
+        &mut bob,
+        Request::UpdateEndpoints {
+            endpoints: eps.clone(),
+        },
+    );
     let msgs = t.drain(&owner);
     let [ServerMsg::PeerDelta { changes, .. }] = &msgs[..] else {
         panic!("expected one delta, got {msgs:?}");
@@ -113,7 +123,10 @@ fn an_oversized_nat_report_is_refused_and_never_reaches_the_party() {
     assert_eq!(e.code, ErrorCode::TooLarge, "{e:?}");
     let mut nat = max_nat();
     nat.relays[0].addr = "x".repeat(10_000);
-    assert_eq!(t.refused(&mut bob, Request::ReportNat { nat }).code, ErrorCode::TooLarge);
+    assert_eq!(
+        t.refused(&mut bob, Request::ReportNat { nat }).code,
+        ErrorCode::TooLarge
+    );
     assert!(t.drain(&owner).is_empty(), "nothing announced");
     // The largest report allowed goes through.
     t.ok(&mut bob, Request::ReportNat { nat: max_nat() });
@@ -133,23 +146,34 @@ fn a_registration_over_a_bound_closes_the_session() {
 fn a_party_too_large_for_one_frame_arrives_as_pages_the_agent_assembles() {
     // Members with the largest NAT report allowed: ~6 KB each on the wire, so 800 of them make
     // a full map over the 4 MiB frame limit.
+    // Members are written to the store directly (registration is tested elsewhere).
     let mut t = TestHub::new();
-    t.hub.settings.open_registration = true;
     let mut owner = t.register(0);
     let code = t.create_party(&mut owner, "big");
+    let party = InviteCode::decode(&code).unwrap();
+    let nat = serde_json::to_string(&max_nat()).unwrap();
     for i in 1..=800u32 {
-        let mut a = t.register_n(i);
-        t.join(&mut a, &code);
-        t.ok(&mut a, Request::ReportNat { nat: max_nat() });
-        if i % 100 == 0 {
-            t.drain(&owner);
-        }
+        let mut id = [7u8; 32];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        let id = Key32(id);
+        let store = &mut t.hub.store;
+        store
+            .register_agent(&id, &format!("n{i}"), &id, &[], 1)
+            .unwrap();
+        store.set_nat(&id, &nat).unwrap();
+        store
+            .redeem_invite(party.party_id, &party.secret, &id, 1)
+            .unwrap()
+            .unwrap();
     }
     t.drain(&owner);
     t.ok(&mut owner, Request::SyncPeers);
     let frames = t.frames(&owner);
     let total: usize = frames.iter().map(Vec::len).sum();
-    assert!(total > rally_proto::MAX_FRAME_LEN, "the map is {total} bytes");
+    assert!(
+        total > rally_proto::MAX_FRAME_LEN,
+        "the map is {total} bytes"
+    );
     assert!(frames.len() > 1);
     let mut pages = MapPages::new();
     let mut view = PeerView::new();
@@ -207,7 +231,12 @@ fn a_name_taken_in_the_party_is_numbered_and_kept_across_restarts() {
     let (_, name) = t.register_named(2, "laptop", [2; 32]).unwrap();
     assert_eq!(name, "laptop-2");
     // Alice leaves: the name is free and bob gets it back on his next registration.
-    t.ok(&mut a, Request::LeaveParty { party: "home".into() });
+    t.ok(
+        &mut a,
+        Request::LeaveParty {
+            party: "home".into(),
+        },
+    );
     assert_eq!(t.register_named(2, "laptop", [2; 32]).unwrap().1, "laptop");
 }
 
@@ -219,9 +248,15 @@ fn an_agent_in_no_party_gets_no_relay_token() {
         .drain(&a)
         .iter()
         .all(|m| !matches!(m, ServerMsg::Relays { .. })));
-    assert_eq!(t.refused(&mut a, Request::RelayToken).code, ErrorCode::NotFound);
+    assert_eq!(
+        t.refused(&mut a, Request::RelayToken).code,
+        ErrorCode::NotFound
+    );
     t.create_party(&mut a, "x");
-    assert!(matches!(t.request(&mut a, Request::RelayToken), Ok(Response::RelayToken { .. })));
+    assert!(matches!(
+        t.request(&mut a, Request::RelayToken),
+        Ok(Response::RelayToken { .. })
+    ));
 }
 
 #[test]
@@ -280,7 +315,10 @@ fn punch_requests_are_rate_limited_per_agent() {
     for _ in 0..t.hub.settings.punch_burst {
         t.ok(&mut a, punch.clone());
     }
-    assert_eq!(t.refused(&mut a, punch.clone()).code, ErrorCode::RateLimited);
+    assert_eq!(
+        t.refused(&mut a, punch.clone()).code,
+        ErrorCode::RateLimited
+    );
     t.now.mono += t.hub.settings.punch_refill;
     t.ok(&mut a, punch);
 }
@@ -353,6 +391,7 @@ struct TestHub {
 }
 
 impl TestHub {
+    #[allow(clippy::disallowed_methods)] // an arbitrary start for the fake clock
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("c.db"), Overlay::default()).unwrap();
