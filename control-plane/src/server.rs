@@ -120,11 +120,13 @@ impl Server {
                 incoming.refuse();
                 continue;
             };
-            if slot.total > self.limits.retry_above && !incoming.remote_address_validated() {
+            if slot.total > self.limits.retry_above && incoming.may_retry() {
+                // Over the threshold, an address not yet validated must answer a Retry first
+                // (its second attempt comes back validated, and is let in).
                 self.retries.fetch_add(1, Ordering::Relaxed);
                 drop(slot);
                 if let Err(e) = incoming.retry() {
-                    debug!(%ip, "retry impossible: {e}");
+                    e.into_incoming().refuse();
                 }
                 continue;
             }
