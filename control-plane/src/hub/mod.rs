@@ -319,8 +319,8 @@ impl Hub {
         removed
     }
 
-    /// What `session`'s writer should send now, as frames: a relay token if due (only for an
-    /// agent in at least one party), then its next peer-map frames (reading a full map from the
+    /// What `session`'s writer should send now, as frames: the relays and a token if due (the
+    /// token only for an agent in at least one party), then its next peer-map frames (reading a full map from the
     /// store if one is due). Empty for a session that is not (or no longer) the agent's.
     pub fn poll_pushes(&mut self, session: &Session, now: Now) -> Vec<Vec<u8>> {
         let Some(id) = session.identity() else {
@@ -348,8 +348,7 @@ impl Hub {
         }
         if relays {
             match self.relays_msg(&id, now) {
-                Ok(Some(m)) => out.insert(0, frame::encode(&m)),
-                Ok(None) => {}
+                Ok(m) => out.insert(0, frame::encode(&m)),
                 Err(e) => warn!(peer = %id.short(), "cannot sign a relay token: {e}"),
             }
         }
@@ -479,17 +478,16 @@ impl Hub {
         }
     }
 
-    /// The relay list with a fresh token naming the agent's current parties; `None` for an
-    /// agent in no party (a relay forwards only within parties).
-    fn relays_msg(&self, id: &Key32, now: Now) -> Result<Option<ServerMsg>, ErrorReply> {
-        let Some((token, expires_at)) = self.relay_token(id, now)? else {
-            return Ok(None);
-        };
-        Ok(Some(ServerMsg::Relays {
+    /// The relay list with a fresh token naming the agent's current parties. An agent in no
+    /// party gets the list (it measures its NAT against the relays) with an empty token and
+    /// `expires_at` 0: a relay forwards only within parties, so it has nothing to bind for.
+    fn relays_msg(&self, id: &Key32, now: Now) -> Result<ServerMsg, ErrorReply> {
+        let (token, expires_at) = self.relay_token(id, now)?.unwrap_or_default();
+        Ok(ServerMsg::Relays {
             relays: self.settings.relays.clone(),
             token,
             expires_at,
-        }))
+        })
     }
 
     fn relay_token(&self, id: &Key32, now: Now) -> Result<Option<(String, u64)>, ErrorReply> {

@@ -71,10 +71,10 @@ fn leaving_removes_the_agent_from_its_former_peers() {
             changes: vec![PeerChange::Remove { peer_id: bob.id }]
         }]
     );
-    // Bob is in no party now: no relay token, an empty map.
+    // Bob is in no party now: relays without a token, an empty map.
     let msgs = t.drain(&bob);
     assert!(
-        matches!(&msgs[..], [ServerMsg::PeerMap { peers, .. }] if peers.is_empty()),
+        matches!(&msgs[..], [ServerMsg::Relays { token, .. }, ServerMsg::PeerMap { peers, .. }] if token.is_empty() && peers.is_empty()),
         "{msgs:?}"
     );
 }
@@ -241,13 +241,16 @@ fn a_name_taken_in_the_party_is_numbered_and_kept_across_restarts() {
 }
 
 #[test]
-fn an_agent_in_no_party_gets_no_relay_token() {
+fn an_agent_in_no_party_gets_the_relays_but_no_token() {
     let mut t = TestHub::new();
     let mut a = t.register(1);
-    assert!(t
-        .drain(&a)
-        .iter()
-        .all(|m| !matches!(m, ServerMsg::Relays { .. })));
+    let msgs = t.drain(&a);
+    assert!(
+        msgs.iter().any(
+            |m| matches!(m, ServerMsg::Relays { token, expires_at: 0, .. } if token.is_empty())
+        ),
+        "{msgs:?}"
+    );
     assert_eq!(
         t.refused(&mut a, Request::RelayToken).code,
         ErrorCode::NotFound
@@ -257,6 +260,12 @@ fn an_agent_in_no_party_gets_no_relay_token() {
         t.request(&mut a, Request::RelayToken),
         Ok(Response::RelayToken { .. })
     ));
+    let msgs = t.drain(&a);
+    assert!(
+        msgs.iter()
+            .any(|m| matches!(m, ServerMsg::Relays { token, .. } if !token.is_empty())),
+        "{msgs:?}"
+    );
 }
 
 #[test]
