@@ -83,30 +83,14 @@ impl Hub {
             "Identities removed for never joining a party.",
             c.expired as f64,
         );
-        gauge(
-            "rally_control_connections",
-            "gauge",
-            "QUIC connections open.",
-            driver.connections as f64,
-        );
-        gauge(
-            "rally_control_connections_refused_total",
-            "counter",
-            "Connection attempts refused by the total or per-address cap.",
-            driver.connections_refused as f64,
-        );
-        gauge(
-            "rally_control_retries_total",
-            "counter",
-            "Connection attempts answered with a QUIC Retry (address validation under load).",
-            driver.retries as f64,
-        );
-        gauge(
-            "rally_control_deliveries_dropped_total",
-            "counter",
-            "Messages for another session dropped because its queue was full.",
-            driver.deliveries_dropped as f64,
-        );
+        render_driver(&mut out, driver);
+        self.render_labelled(&mut out);
+        out
+    }
+
+    /// Join refusals by reason and pushes by kind.
+    fn render_labelled(&self, out: &mut String) {
+        let c = &self.counters;
         let by_reason: Vec<(String, f64)> = JOIN_REFUSALS
             .iter()
             .map(|code| {
@@ -115,14 +99,14 @@ impl Hub {
             })
             .collect();
         write_metric(
-            &mut out,
+            out,
             "rally_control_joins_refused_total",
             "counter",
             "Join attempts refused, by reason.",
             &by_reason,
         );
         write_metric(
-            &mut out,
+            out,
             "rally_control_peer_pushes_total",
             "counter",
             "Peer-map frames pushed, by kind (full map or one of its pages, or delta).",
@@ -131,6 +115,36 @@ impl Hub {
                 ("kind=\"delta\"".to_string(), c.deltas as f64),
             ],
         );
-        out
     }
+}
+
+/// The driver's connection and queue figures.
+fn render_driver(out: &mut String, driver: DriverFigures) {
+    let mut gauge = |name: &str, kind: &str, help: &str, v: f64| {
+        write_metric(out, name, kind, help, &[(String::new(), v)]);
+    };
+    gauge(
+        "rally_control_connections",
+        "gauge",
+        "QUIC connections open.",
+        driver.connections as f64,
+    );
+    gauge(
+        "rally_control_connections_refused_total",
+        "counter",
+        "Connection attempts refused by the total or per-address cap.",
+        driver.connections_refused as f64,
+    );
+    gauge(
+        "rally_control_retries_total",
+        "counter",
+        "Connection attempts answered with a QUIC Retry (address validation under load).",
+        driver.retries as f64,
+    );
+    gauge(
+        "rally_control_deliveries_dropped_total",
+        "counter",
+        "Messages for another session dropped because its queue was full.",
+        driver.deliveries_dropped as f64,
+    );
 }

@@ -377,33 +377,7 @@ impl Hub {
                 "registration signature does not verify",
             )
         })?;
-        if self
-            .store
-            .wg_key_holder(&wg_key)
-            .map_err(internal)?
-            .is_some_and(|holder| holder != identity)
-        {
-            self.counters.registrations_refused += 1;
-            info!(peer = %identity.short(), remote = %session.remote, "registration refused: WireGuard key in use");
-            return Err(ErrorReply::new(
-                ErrorCode::KeyInUse,
-                "this WireGuard key is registered by another agent",
-            ));
-        }
-        let current = self.store.agent(&identity).map_err(internal)?;
-        if current.is_none() && !self.settings.open_registration {
-            if let Err(wait) = self.register_limiter.check(session.remote.ip(), now.mono) {
-                self.counters.registrations_refused += 1;
-                return Err(ErrorReply::new(
-                    ErrorCode::RegistrationRefused,
-                    format!(
-                        "too many new agents from {}; try again in {} s",
-                        session.remote.ip(),
-                        wait.as_secs().max(1)
-                    ),
-                ));
-            }
-        }
+        let current = self.check_registration(session, &identity, &wg_key, now)?;
         let taken = self.store.peer_names(&identity);
         let name = crate::names::pick(&name, current.as_ref().map(|a| a.name.as_str()), &taken);
         let row = self
@@ -442,6 +416,41 @@ impl Hub {
         let peers = self.announce(&identity, fx);
         self.refresh_own(&identity, peers, fx);
         Ok(())
+    }
+
+    /// Refuses a registration that claims another agent's WireGuard key, or a new identity over
+    /// the per-address limit; returns the identity's stored row, if any.
+    fn check_registration(
+        &mut self,
+        session: &Session,
+        identity: &Key32,
+        wg_key: &Key32,
+        now: Now,
+    ) -> Result<Option<crate::store::AgentRow>, ErrorReply> {
+        let holder = self.store.wg_key_holder(wg_key).map_err(internal)?;
+        if holder.is_some_and(|h| h != *identity) {
+            self.counters.registrations_refused += 1;
+            info!(peer = %identity.short(), remote = %session.remote, "registration refused: WireGuard key in use");
+            return Err(ErrorReply::new(
+                ErrorCode::KeyInUse,
+                "this WireGuard key is registered by another agent",
+            ));
+        }
+        let current = self.store.agent(identity).map_err(internal)?;
+        if current.is_none() && !self.settings.open_registration {
+            if let Err(wait) = self.register_limiter.check(session.remote.ip(), now.mono) {
+                self.counters.registrations_refused += 1;
+                return Err(ErrorReply::new(
+                    ErrorCode::RegistrationRefused,
+                    format!(
+                        "too many new agents from {}; try again in {} s",
+                        session.remote.ip(),
+                        wait.as_secs().max(1)
+                    ),
+                ));
+            }
+        }
+        Ok(current)
     }
 
     /// Puts `subject`'s current state into the outbox of every connected agent that shares a
