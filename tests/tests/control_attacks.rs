@@ -210,6 +210,47 @@ fn connections_beyond_the_per_address_cap_are_refused() -> Result<()> {
 }
 
 #[test]
+fn a_client_that_never_reads_is_stopped_being_read() -> Result<()> {
+    // Every request gets a reply; a client that never reads them fills its own receive window,
+    // then the session's bounded queue, and from then on the control plane stops reading its
+    // requests: its writes stall for good instead of the control plane's memory growing. (With
+    // an unbounded queue the writes only pause while a slow debug build catches up, and reach
+    // MAX; the stall window is long enough to tell the two apart.)
+    const MAX: usize = 200_000;
+    with_lab(|lab| {
+        let cp = ControlPlane::start(&lab.add_host("control")?, lab)?;
+        let (addr, key) = target(&cp)?;
+        let attacker = lab.add_host("attacker")?;
+        let pid = cp.pid().context("control plane pid")?;
+        let rss0 = rally_lab::bench::tools::status_kib(pid, "VmRSS")?;
+        let sent = in_ns(attacker.ns(), move || {
+            Box::pin(async move {
+                let mut c = ControlClient::connect(addr, key).await?;
+                c.register(&identity(1), "mallory", wg_key(1))
+                    .await?
+                    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+                let request = rally_proto::frame::encode(&rally_proto::ClientMsg::Request {
+                    id: 1,
+                    body: Request::ListParties,
+                });
+                c.flood_without_reading(&request, MAX, Duration::from_secs(10))
+                    .await
+            })
+        })?;
+        ensure!(
+            sent < MAX,
+            "the control plane kept reading {MAX} requests whose replies were never read"
+        );
+        let rss1 = rally_lab::bench::tools::status_kib(pid, "VmRSS")?;
+        println!("writes stalled after {sent} requests; control plane VmRSS {rss0} -> {rss1} KiB");
+        // Others are served meanwhile.
+        let alice = Agent::start(&lab.add_host("alice")?, "alice", cp.control())?;
+        alice.wait_control_connected(CONNECT)?;
+        Ok(())
+    })
+}
+
+#[test]
 fn a_second_control_plane_on_the_same_data_directory_is_refused() -> Result<()> {
     with_lab(|lab| {
         let host = lab.add_host("control")?;

@@ -83,6 +83,24 @@ impl ControlClient {
         Ok(())
     }
 
+    /// Writes `frame` over and over without reading anything, until a write makes no progress
+    /// for `stall` (the control plane stopped reading) or `max` frames went out. Returns how
+    /// many went out.
+    pub async fn flood_without_reading(
+        &mut self,
+        frame: &[u8],
+        max: usize,
+        stall: Duration,
+    ) -> Result<usize> {
+        for sent in 0..max {
+            match tokio::time::timeout(stall, self.send.write_all(frame)).await {
+                Ok(r) => r.context("writing")?,
+                Err(_) => return Ok(sent),
+            }
+        }
+        Ok(max)
+    }
+
     /// The next message from the control plane.
     pub async fn recv(&mut self) -> Result<ServerMsg> {
         loop {
