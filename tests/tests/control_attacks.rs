@@ -251,6 +251,33 @@ fn a_client_that_never_reads_is_stopped_being_read() -> Result<()> {
 }
 
 #[test]
+fn above_the_retry_threshold_clients_prove_their_address_first() -> Result<()> {
+    // `--retry-above 0`: every new connection gets a QUIC Retry; a real client answers it and
+    // connects, and the control plane counts the retries.
+    with_lab(|lab| {
+        let host = lab.add_host("control")?;
+        let metrics = format!("{}:9100", host.ip());
+        let cp = ControlPlane::start_with(
+            &host,
+            lab,
+            &[],
+            &["--retry-above", "0", "--metrics", &metrics],
+        )?;
+        let alice = Agent::start(&lab.add_host("alice")?, "alice", cp.control())?;
+        alice.wait_control_connected(CONNECT)?;
+        let text = http_get(&host, &metrics)?;
+        let retries = text
+            .lines()
+            .find_map(|l| l.strip_prefix("rally_control_retries_total "))
+            .context("no rally_control_retries_total")?
+            .trim()
+            .parse::<f64>()?;
+        ensure!(retries >= 1.0, "no retry counted:\n{text}");
+        Ok(())
+    })
+}
+
+#[test]
 fn a_second_control_plane_on_the_same_data_directory_is_refused() -> Result<()> {
     with_lab(|lab| {
         let host = lab.add_host("control")?;
@@ -286,4 +313,18 @@ fn second_serve(lab: &rally_lab::Lab, host: &Host) -> Result<std::process::Outpu
         ],
         Duration::from_secs(20),
     )
+}
+
+/// `GET /metrics` from `host` (bash's /dev/tcp: no HTTP client needed in the namespace).
+fn http_get(host: &Host, addr: &str) -> Result<String> {
+    let (ip, port) = addr.split_once(':').context("addr")?;
+    let script = format!(
+        "exec 3<>/dev/tcp/{ip}/{port}; printf 'GET /metrics HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n' >&3; cat <&3"
+    );
+    let out = host.run_ok(&["bash", "-c", &script])?;
+    ensure!(
+        out.starts_with("HTTP/1.1 200"),
+        "bad answer from {addr}: {out}"
+    );
+    Ok(out)
 }
