@@ -547,7 +547,7 @@ fn internal(e: StoreError) -> ErrorReply {
 }
 
 /// Reasons a join may be refused, for the metrics.
-const JOIN_REFUSALS: [ErrorCode; 9] = [
+const JOIN_REFUSALS: [ErrorCode; 8] = [
     ErrorCode::InviteInvalid,
     ErrorCode::InviteUnknown,
     ErrorCode::InviteExpired,
@@ -555,6 +555,5 @@ const JOIN_REFUSALS: [ErrorCode; 9] = [
     ErrorCode::WrongControlPlane,
     ErrorCode::RateLimited,
     ErrorCode::TooManyParties,
-    ErrorCode::TooLarge,
     ErrorCode::Internal,
 ];
