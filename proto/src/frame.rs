@@ -256,9 +256,11 @@ mod tests {
         fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode::<ClientMsg>(&b);
             let _ = decode::<crate::control::ServerMsg>(&b);
-            let mut d = FrameDecoder::new();
+            let mut d = FrameDecoder::with_limit(crate::control::MAX_CLIENT_FRAME_LEN);
             d.extend(&b);
-            while let Ok(Some(_)) = d.next_msg::<ClientMsg>() {}
+            while let Ok(Some(m)) = d.next_msg::<ClientMsg>() {
+                let _ = m.validate();
+            }
         }
     }
 }

@@ -467,6 +467,41 @@ mod tests {
         assert_eq!(pages.held(), 0);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_sequence_of_pages_maps_and_deltas_is_handled(
+            ops in proptest::collection::vec((0u8..3, 0u64..4, 0u8..6), 0..40)
+        ) {
+            let mut pages = MapPages::new();
+            let mut view = PeerView::new();
+            for (kind, version, n) in ops {
+                let peers: Vec<PeerInfo> = (0..n).map(peer).collect();
+                match kind {
+                    0 => {
+                        let before = pages.held();
+                        match pages.handle_page(version, peers) {
+                            Ok(()) => proptest::prop_assert_eq!(pages.held(), before + n as usize),
+                            Err(_) => proptest::prop_assert_eq!(pages.held(), 0),
+                        }
+                    }
+                    1 => {
+                        if let Ok(all) = pages.handle_map(version, peers) {
+                            view.handle_full(version, all);
+                            proptest::prop_assert_eq!(view.version(), Some(version));
+                        }
+                        proptest::prop_assert_eq!(pages.held(), 0);
+                    }
+                    _ => {
+                        if pages.handle_delta(version).is_ok() {
+                            let _ = view.handle_delta(version, vec![]);
+                        }
+                        proptest::prop_assert_eq!(pages.held(), 0);
+                    }
+                }
+            }
+        }
+    }
+
     fn view_at(version: u64, ids: &[u8]) -> PeerView {
         let mut v = PeerView::new();
         v.handle_full(version, ids.iter().map(|&i| peer(i)).collect());
