@@ -175,6 +175,40 @@ fn claiming_another_members_wireguard_key_is_refused() -> Result<()> {
 }
 
 #[test]
+fn a_second_member_with_a_taken_name_is_listed_as_name_2_for_everyone() -> Result<()> {
+    // Two agents both called "laptop" join alice's party: the second is "laptop-2" for everyone,
+    // so a name resolved by the CLI (`rally ping laptop`) cannot land on the impostor.
+    with_lab(|lab| {
+        let cp = ControlPlane::start(&lab.add_host("control")?, lab)?;
+        let alice = Agent::start(&lab.add_host("alice")?, "alice", cp.control())?;
+        alice.wait_control_connected(CONNECT)?;
+        let code = alice.party_create("home", &[])?;
+        let first = Agent::start(&lab.add_host("lap1")?, "laptop", None)?;
+        rally_lab::host::check_success(&first.party_join(&code)?, "first laptop joins")?;
+        alice.wait_for_peers(&["laptop"], CONNECT)?;
+        let second = Agent::start(&lab.add_host("lap2")?, "laptop", None)?;
+        rally_lab::host::check_success(&second.party_join(&code)?, "second laptop joins")?;
+        let peers = alice.wait_for_peers(&["laptop", "laptop-2"], CONNECT)?;
+        let vip_of = |name: &str| {
+            peers
+                .iter()
+                .find(|p| p.name == name)
+                .map(|p| p.virtual_ip.clone())
+                .context("peer listed")
+        };
+        ensure!(
+            vip_of("laptop")? == first.virtual_ip()?.to_string(),
+            "\"laptop\" is not the first laptop: {peers:?}"
+        );
+        ensure!(
+            vip_of("laptop-2")? == second.virtual_ip()?.to_string(),
+            "\"laptop-2\" is not the second laptop: {peers:?}"
+        );
+        Ok(())
+    })
+}
+
+#[test]
 fn connections_beyond_the_per_address_cap_are_refused() -> Result<()> {
     with_lab(|lab| {
         let cp = ControlPlane::start_with(
