@@ -1,8 +1,12 @@
 //! Rally's control plane: registers agents, keeps parties and invites, introduces peers.
 
 pub mod directory;
+pub mod hub;
+pub mod invites;
 pub mod keyfile;
+pub mod lock;
 pub mod metrics;
+pub mod names;
 pub mod outbox;
 pub mod ratelimit;
 pub mod server;

@@ -4,12 +4,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use rally_control::server::{Hub, Settings};
+use rally_control::hub::{Hub, Settings};
+use rally_control::lock::DataDirLock;
+use rally_control::server::{Limits, Server};
 use rally_control::store::SqliteStore;
 use rally_control::{db_path, key_path, keyfile, tls};
 use rally_proto::control::validate_name;
 use rally_proto::{Identity, Overlay, RelayEntry};
-use rand_core::{OsRng, RngCore};
+use rand_core::RngCore;
 use tracing::info;
 
 /// Rally control plane: registers agents, keeps parties and invites, introduces peers.
@@ -49,6 +51,28 @@ enum Cmd {
         /// Seconds to regain one join attempt.
         #[arg(long, default_value_t = 3)]
         join_refill_secs: u64,
+        /// Let any new identity register and stay: no per-address limit on new identities and
+        /// no expiry of identities that never join a party.
+        #[arg(long)]
+        open_registration: bool,
+        /// New identities allowed at once per source address.
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+        register_burst: u32,
+        /// Seconds to regain one new identity per source address.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        register_refill_secs: u64,
+        /// Seconds after which an identity in no party, not connected, is removed.
+        #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+        unjoined_ttl_secs: u64,
+        /// Connections allowed in all (further attempts are refused).
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+        max_connections: u64,
+        /// Connections allowed per source address.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+        max_connections_per_ip: u64,
+        /// Above this many connections, clients must first answer a QUIC Retry.
+        #[arg(long, default_value_t = 1_000)]
+        retry_above: u64,
     },
 }
 
@@ -72,6 +96,13 @@ fn main() {
             metrics,
             join_burst,
             join_refill_secs,
+            open_registration,
+            register_burst,
+            register_refill_secs,
+            unjoined_ttl_secs,
+            max_connections,
+            max_connections_per_ip,
+            retry_above,
         } => {
             let relays = match relays
                 .iter()
@@ -93,12 +124,21 @@ fn main() {
                 std::process::exit(2);
             }
             let settings = Settings {
-                relays,
-                public_addr,
                 join_burst: join_burst.max(1),
                 join_refill: Duration::from_secs(join_refill_secs.max(1)),
+                open_registration,
+                register_burst,
+                register_refill: Duration::from_secs(register_refill_secs),
+                unjoined_ttl: Duration::from_secs(unjoined_ttl_secs),
+                ..Settings::new(public_addr, relays)
             };
-            serve(&data_dir, listen, metrics, settings)
+            let limits = Limits {
+                max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+                max_connections_per_ip: usize::try_from(max_connections_per_ip)
+                    .unwrap_or(usize::MAX),
+                retry_above: usize::try_from(retry_above).unwrap_or(usize::MAX),
+            };
+            serve(&data_dir, listen, metrics, settings, limits)
         }
     };
     if let Err(e) = result {
@@ -125,6 +165,7 @@ fn parse_relay(s: &str) -> Result<RelayEntry, String> {
     })
 }
 
+#[allow(clippy::disallowed_types)]
 fn init(data_dir: &Path) -> Result<()> {
     keyfile::private_dir(data_dir)?;
     let path = key_path(data_dir);
@@ -133,7 +174,7 @@ fn init(data_dir: &Path) -> Result<()> {
         Identity::from_seed(keyfile::read(&path)?)
     } else {
         let mut seed = [0u8; 32];
-        OsRng.fill_bytes(&mut seed);
+        rand_core::OsRng.fill_bytes(&mut seed);
         keyfile::write(&path, &seed)?;
         Identity::from_seed(seed)
     };
@@ -149,6 +190,7 @@ fn serve(
     listen: SocketAddr,
     metrics: Option<SocketAddr>,
     settings: Settings,
+    limits: Limits,
 ) -> Result<()> {
     let path = key_path(data_dir);
     if !path.exists() {
@@ -158,6 +200,7 @@ fn serve(
             data_dir.display()
         );
     }
+    let _lock = DataDirLock::acquire(data_dir)?;
     let identity = Identity::from_seed(keyfile::read(&path)?);
     let store = SqliteStore::open(&db_path(data_dir), Overlay::default())
         .with_context(|| format!("opening {}", db_path(data_dir).display()))?;
@@ -184,11 +227,12 @@ fn serve(
         };
         let hub = Hub::new(Box::new(store), identity, settings)
             .context("loading agents and parties from the database")?;
+        let server = Server::new(hub, limits);
         if let Some(l) = metrics_listener {
-            let h = hub.clone();
-            tokio::spawn(rally_control::metrics::serve(l, move || h.render_metrics()));
+            let s = server.clone();
+            tokio::spawn(rally_control::metrics::serve(l, move || s.render_metrics()));
         }
-        let serving = tokio::spawn(hub.serve(endpoint.clone()));
+        let serving = tokio::spawn(server.serve(endpoint.clone()));
         shutdown_signal().await;
         info!("shutting down");
         endpoint.close(0u32.into(), b"control plane shutting down");

@@ -11,9 +11,14 @@
 //! of recipients), and messages come out as finished frames spliced from them: byte for byte
 //! what `frame::encode` makes of the equivalent [`rally_proto::ServerMsg`].
 //!
+//! No frame exceeds the page budget ([`PAGE_BUDGET`], a quarter of the agents' frame limit):
+//! a larger full map goes out as `peer_page`s closed by a `peer_map` of the same version, and a
+//! larger batch of changes as several deltas of consecutive versions. One peer entry is bounded
+//! by the request checks (name, endpoints, NAT report, parties), far below the budget.
+//!
 //! Sans-IO: the tokio layer feeds changes in and drains messages out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use rally_proto::{Key32, PeerChange};
@@ -22,6 +27,9 @@ use crate::directory::EncodedPeer;
 
 /// Changes held for one session before they are replaced by a full map.
 pub const MAX_PENDING_CHANGES: usize = 256;
+/// Largest frame body the outbox builds when it can split (every frame holds at least one
+/// entry): a quarter of [`rally_proto::MAX_FRAME_LEN`].
+pub const PAGE_BUDGET: usize = rally_proto::MAX_FRAME_LEN / 4;
 
 /// One peer's latest state for a session.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,7 +52,7 @@ impl Change {
 /// A peer-map message ready for the wire.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Push {
-    /// A full `peer_map` (else a `peer_delta`).
+    /// A full `peer_map` or one of its `peer_page`s (else a `peer_delta`).
     pub full: bool,
     /// The whole frame: length prefix and JSON body.
     pub frame: Vec<u8>,
@@ -67,6 +75,9 @@ pub struct PeerOutbox {
     full: Full,
     changes: BTreeMap<Key32, Change>,
     relays: bool,
+    /// Frames of the last message built, not yet taken (pages of a map, parts of a delta).
+    ready: VecDeque<Push>,
+    page_budget: usize,
 }
 
 impl Default for PeerOutbox {
@@ -78,11 +89,18 @@ impl Default for PeerOutbox {
 impl PeerOutbox {
     /// A new session's outbox: its first message will be a full map.
     pub fn new() -> Self {
+        Self::with_page_budget(PAGE_BUDGET)
+    }
+
+    /// An outbox whose frames stay within `budget` bytes of body where they can be split.
+    pub fn with_page_budget(budget: usize) -> Self {
         PeerOutbox {
             version: 0,
             full: Full::Stale,
             changes: BTreeMap::new(),
             relays: false,
+            ready: VecDeque::new(),
+            page_budget: budget,
         }
     }
 
@@ -137,32 +155,38 @@ impl PeerOutbox {
         std::mem::take(&mut self.relays)
     }
 
-    /// The next message to push: a full map if one is due, else one delta with every pending
-    /// change, each carrying the next version. `None` if nothing is pending or the full map must
-    /// be read first.
+    /// The next frame to push: the rest of a message already built, else a full map if one is
+    /// due (as pages if it is large), else the pending changes (as several deltas if they are
+    /// many). Each message carries the next version; the pages of one map share it. `None` if
+    /// nothing is pending or the full map must be read first.
     pub fn poll_message(&mut self) -> Option<Push> {
+        if let Some(p) = self.ready.pop_front() {
+            return Some(p);
+        }
         match std::mem::replace(&mut self.full, Full::No) {
             Full::Stale => {
                 self.full = Full::Stale;
-                None
+                return None;
             }
             Full::Ready(map) => {
                 self.version += 1;
-                Some(Push {
-                    full: true,
-                    frame: full_frame(self.version, &map),
-                })
+                let frames = full_frames(self.version, &map, self.page_budget);
+                self.ready
+                    .extend(frames.into_iter().map(|frame| Push { full: true, frame }));
             }
-            Full::No if self.changes.is_empty() => None,
+            Full::No if self.changes.is_empty() => return None,
             Full::No => {
-                self.version += 1;
                 let changes = std::mem::take(&mut self.changes);
-                Some(Push {
-                    full: false,
-                    frame: delta_frame(self.version, &changes),
-                })
+                for part in split_changes(changes.into_values(), self.page_budget) {
+                    self.version += 1;
+                    self.ready.push_back(Push {
+                        full: false,
+                        frame: delta_frame(self.version, &part),
+                    });
+                }
             }
         }
+        self.ready.pop_front()
     }
 
     /// Changes held for the next delta.
@@ -171,24 +195,68 @@ impl PeerOutbox {
     }
 }
 
-/// `{"type":"peer_map","version":V,"peers":[…]}` as one frame.
-fn full_frame(version: u64, peers: &BTreeMap<Key32, Arc<EncodedPeer>>) -> Vec<u8> {
-    let size: usize = peers.values().map(|p| p.json().len() + 1).sum();
-    let mut out = Vec::with_capacity(FRAME_OVERHEAD + size);
-    start_frame(&mut out, "peer_map", version, "peers");
-    for (i, p) in peers.values().enumerate() {
-        if i > 0 {
-            out.push(b',');
+/// `{"type":"peer_page","version":V,"peers":[…]}` frames, each within `budget` bytes where
+/// it holds more than one peer, closed by `{"type":"peer_map","version":V,"peers":[…]}`.
+fn full_frames(
+    version: u64,
+    peers: &BTreeMap<Key32, Arc<EncodedPeer>>,
+    budget: usize,
+) -> Vec<Vec<u8>> {
+    let mut pages: Vec<Vec<&EncodedPeer>> = vec![Vec::new()];
+    let mut size = FRAME_OVERHEAD;
+    for p in peers.values() {
+        let len = p.json().len() + 1;
+        let page = pages.last_mut().expect("one page at least");
+        if !page.is_empty() && size + len > budget {
+            pages.push(Vec::new());
+            size = FRAME_OVERHEAD;
         }
-        out.extend_from_slice(p.json());
+        size += len;
+        pages.last_mut().expect("one page at least").push(p);
     }
-    end_frame(out)
+    let last = pages.len() - 1;
+    pages
+        .iter()
+        .enumerate()
+        .map(|(i, page)| {
+            let kind = if i == last { "peer_map" } else { "peer_page" };
+            let size: usize = page.iter().map(|p| p.json().len() + 1).sum();
+            let mut out = Vec::with_capacity(FRAME_OVERHEAD + size);
+            start_frame(&mut out, kind, version, "peers");
+            for (i, p) in page.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(p.json());
+            }
+            end_frame(out)
+        })
+        .collect()
+}
+
+/// Changes in peer-id order, cut into parts whose deltas stay within `budget` bytes.
+fn split_changes(changes: impl Iterator<Item = Change>, budget: usize) -> Vec<Vec<Change>> {
+    let mut parts: Vec<Vec<Change>> = vec![Vec::new()];
+    let mut size = FRAME_OVERHEAD;
+    for c in changes {
+        let len = match &c {
+            Change::Upsert(p) => p.json().len() + UPSERT_OVERHEAD,
+            Change::Remove(_) => REMOVE_LEN,
+        };
+        if parts.last().is_some_and(|p| !p.is_empty()) && size + len > budget {
+            parts.push(Vec::new());
+            size = FRAME_OVERHEAD;
+        }
+        size += len;
+        parts.last_mut().expect("one part at least").push(c);
+    }
+    parts
 }
 
 /// `{"type":"peer_delta","version":V,"changes":[…]}` as one frame.
-fn delta_frame(version: u64, changes: &BTreeMap<Key32, Change>) -> Vec<u8> {
+fn delta_frame(version: u64, changes: &[Change]) -> Vec<u8> {
     let size: usize = changes
-        .values()
+        .iter()
         .map(|c| match c {
             Change::Upsert(p) => p.json().len() + UPSERT_OVERHEAD,
             Change::Remove(_) => REMOVE_LEN,
@@ -196,7 +264,7 @@ fn delta_frame(version: u64, changes: &BTreeMap<Key32, Change>) -> Vec<u8> {
         .sum();
     let mut out = Vec::with_capacity(FRAME_OVERHEAD + size);
     start_frame(&mut out, "peer_delta", version, "changes");
-    for (i, c) in changes.values().enumerate() {
+    for (i, c) in changes.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
@@ -330,6 +398,76 @@ mod tests {
         o.handle_parties_changed();
         assert!(o.poll_relays());
         assert!(!o.poll_relays());
+    }
+
+    #[test]
+    fn a_map_larger_than_a_page_goes_out_as_pages_of_one_version() {
+        let mut o = PeerOutbox::with_page_budget(600);
+        let peers: Vec<PeerInfo> = (1..=20).map(|i| peer(i, "p")).collect();
+        o.handle_full(peers.iter().cloned().map(enc).collect());
+        let mut pages = Vec::new();
+        let mut last = None;
+        while let Some(push) = o.poll_message() {
+            assert!(push.full);
+            assert!(push.frame.len() - 4 <= 600, "{} bytes", push.frame.len());
+            let msg: ServerMsg = frame::decode(&push.frame).unwrap();
+            assert_eq!(push.frame, frame::encode(&msg));
+            match msg {
+                ServerMsg::PeerPage { version, peers } => {
+                    assert_eq!(version, 1);
+                    pages.extend(peers);
+                }
+                ServerMsg::PeerMap { version, peers } => {
+                    assert_eq!(version, 1);
+                    last = Some(peers);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let last = last.expect("a closing map");
+        assert!(!pages.is_empty() && !last.is_empty());
+        let mut assembled = rally_proto::MapPages::new();
+        let mut all = Vec::new();
+        for p in pages.chunks(1) {
+            assembled.handle_page(1, p.to_vec()).unwrap();
+        }
+        all.extend(assembled.handle_map(1, last).unwrap());
+        assert_eq!(all, peers);
+        // The next message follows the map's version.
+        o.handle_change(remove(1));
+        assert_eq!(poll(&mut o), Some(delta(2, vec![wire_remove(1)])));
+    }
+
+    #[test]
+    fn many_changes_go_out_as_consecutive_deltas_within_the_budget() {
+        let mut o = PeerOutbox::with_page_budget(600);
+        o.handle_full(vec![]);
+        assert!(poll(&mut o).is_some());
+        for i in 1..=20 {
+            o.handle_change(upsert(peer(i, "p")));
+        }
+        let mut seen = Vec::new();
+        let mut version = 1;
+        while let Some(push) = o.poll_message() {
+            assert!(push.frame.len() - 4 <= 600);
+            let Ok(ServerMsg::PeerDelta {
+                version: v,
+                changes,
+            }) = frame::decode(&push.frame)
+            else {
+                panic!("not a delta");
+            };
+            version += 1;
+            assert_eq!(v, version);
+            seen.extend(changes);
+        }
+        assert!(version > 2, "split into several deltas");
+        assert_eq!(
+            seen,
+            (1..=20)
+                .map(|i| wire_upsert(peer(i, "p")))
+                .collect::<Vec<_>>()
+        );
     }
 
     /// An outbox that has sent its first full map (version 1).

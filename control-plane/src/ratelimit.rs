@@ -1,15 +1,16 @@
-//! Per-source-address token buckets (sans-IO: the caller passes `now`).
+//! Token buckets per key (a source address, an agent; sans-IO: the caller passes `now`).
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-/// Allows `burst` attempts at once per address, refilled at one per `refill`.
+/// Allows `burst` attempts at once per key, refilled at one per `refill`.
 #[derive(Debug)]
-pub struct RateLimiter {
+pub struct RateLimiter<K = IpAddr> {
     burst: u32,
     refill: Duration,
-    buckets: HashMap<IpAddr, Bucket>,
+    buckets: HashMap<K, Bucket>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -18,7 +19,7 @@ struct Bucket {
     updated: Instant,
 }
 
-impl RateLimiter {
+impl<K: Hash + Eq> RateLimiter<K> {
     pub fn new(burst: u32, refill: Duration) -> Self {
         RateLimiter {
             burst,
@@ -27,14 +28,14 @@ impl RateLimiter {
         }
     }
 
-    /// Takes one token for `ip`: `Ok(())`, or `Err(wait)` with the time until one is free.
-    pub fn check(&mut self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+    /// Takes one token for `key`: `Ok(())`, or `Err(wait)` with the time until one is free.
+    pub fn check(&mut self, key: K, now: Instant) -> Result<(), Duration> {
         if self.buckets.len() > 100_000 {
             self.forget_full(now);
         }
         let burst = f64::from(self.burst);
         let per_sec = 1.0 / self.refill.as_secs_f64();
-        let b = self.buckets.entry(ip).or_insert(Bucket {
+        let b = self.buckets.entry(key).or_insert(Bucket {
             tokens: burst,
             updated: now,
         });
@@ -62,10 +63,11 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // an arbitrary start for the fake clock
     fn burst_then_refused_then_refilled() {
         let t0 = Instant::now();
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        let mut r = RateLimiter::new(3, Duration::from_secs(2));
+        let mut r: RateLimiter = RateLimiter::new(3, Duration::from_secs(2));
         for _ in 0..3 {
             assert_eq!(r.check(ip, t0), Ok(()));
         }
@@ -76,9 +78,10 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // an arbitrary start for the fake clock
     fn addresses_are_limited_separately() {
         let t0 = Instant::now();
-        let mut r = RateLimiter::new(1, Duration::from_secs(60));
+        let mut r: RateLimiter = RateLimiter::new(1, Duration::from_secs(60));
         assert!(r.check("192.0.2.1".parse().unwrap(), t0).is_ok());
         assert!(r.check("192.0.2.1".parse().unwrap(), t0).is_err());
         assert!(r.check("192.0.2.2".parse().unwrap(), t0).is_ok());

@@ -6,7 +6,13 @@
 //! one full `PeerMap` after registration (and whenever the agent asks with `SyncPeers`), then a
 //! `PeerDelta` for each batch of changes. Both carry a version that grows by one per message of
 //! the session, so a delta that does not follow the agent's version is detected
-//! ([`crate::peermap::PeerView`]).
+//! ([`crate::peermap::PeerView`]). A full map larger than one page travels as `PeerPage`s of the
+//! same version followed by the `PeerMap` that ends it ([`crate::peermap::MapPages`]); a large
+//! batch of changes travels as several deltas. No message the control plane sends exceeds
+//! [`crate::frame::MAX_FRAME_LEN`], whatever the size of a party.
+//!
+//! Every size and count an agent sends is bounded ([`ClientMsg::validate`]); the control plane
+//! refuses a message over a bound with [`ErrorCode::TooLarge`] instead of storing it.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -20,6 +26,17 @@ use crate::key::Key32;
 pub const MAX_NAME_LEN: usize = 64;
 /// Most endpoints an agent may report.
 pub const MAX_ENDPOINTS: usize = 16;
+/// Most relays a NAT report may list.
+pub const MAX_NAT_RELAYS: usize = 16;
+/// Longest relay address (`host:port`) in a NAT report, in bytes.
+pub const MAX_RELAY_ADDR_LEN: usize = 255;
+/// Most parties one agent may belong to (a relay token names them all).
+pub const MAX_PARTIES_PER_AGENT: usize = crate::token::MAX_TOKEN_PARTIES;
+/// Largest frame an agent may send: requests are small, only peer maps are big (and only the
+/// control plane sends those).
+pub const MAX_CLIENT_FRAME_LEN: usize = 64 * 1024;
+/// Longest `party` argument of `leave_party` (a name, or an id in 16 hex digits).
+const MAX_PARTY_ARG_LEN: usize = MAX_NAME_LEN;
 
 /// Agent → control plane.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,7 +116,15 @@ pub enum ServerMsg {
         id: u64,
         result: Result<Response, ErrorReply>,
     },
-    /// Every peer the agent may see; replaces the agent's map and sets its version.
+    /// A first part of a full map too large for one frame: the agent keeps it until the
+    /// [`ServerMsg::PeerMap`] of the same version, which carries the last part.
+    PeerPage {
+        version: u64,
+        #[serde(serialize_with = "wire_peers")]
+        peers: Vec<PeerInfo>,
+    },
+    /// Every peer the agent may see (with the pages before it of the same version); replaces
+    /// the agent's map and sets its version.
     PeerMap {
         version: u64,
         #[serde(serialize_with = "wire_peers")]
@@ -172,6 +197,17 @@ pub enum ErrorCode {
     NotFound,
     AddressSpaceFull,
     Internal,
+    /// A size or count over its bound (names, endpoints, NAT report, frame).
+    TooLarge,
+    /// The WireGuard key is registered by another agent.
+    KeyInUse,
+    /// The agent already belongs to [`MAX_PARTIES_PER_AGENT`] parties.
+    TooManyParties,
+    /// Registration refused: too many new identities from this address, or registration closed.
+    RegistrationRefused,
+    /// A code this version does not know (sent by a newer control plane).
+    #[serde(other)]
+    Unknown,
 }
 
 impl ErrorCode {
@@ -190,6 +226,11 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::AddressSpaceFull => "address_space_full",
             ErrorCode::Internal => "internal",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::KeyInUse => "key_in_use",
+            ErrorCode::TooManyParties => "too_many_parties",
+            ErrorCode::RegistrationRefused => "registration_refused",
+            ErrorCode::Unknown => "unknown",
         }
     }
 }
@@ -352,6 +393,8 @@ mod fast_tagged {
             match tag {
                 "peer_map" => Ok(two_fields(&mut map, "version", "peers")
                     .map(|(version, peers)| ServerMsg::PeerMap { version, peers })),
+                "peer_page" => Ok(two_fields(&mut map, "version", "peers")
+                    .map(|(version, peers)| ServerMsg::PeerPage { version, peers })),
                 "peer_delta" => Ok(two_fields(&mut map, "version", "changes")
                     .map(|(version, changes)| ServerMsg::PeerDelta { version, changes })),
                 _ => Err(map),
@@ -558,6 +601,94 @@ pub enum ValidationError {
     Name,
     #[error("at most {MAX_ENDPOINTS} endpoints may be reported")]
     TooManyEndpoints,
+    #[error("a NAT report may list at most {MAX_NAT_RELAYS} relays")]
+    TooManyRelays,
+    #[error("a relay address in a NAT report must be 1 to {MAX_RELAY_ADDR_LEN} printable bytes")]
+    RelayAddr,
+    #[error("a relay latency must be a finite number of milliseconds from 0 to 1e6")]
+    Latency,
+    #[error("an invite code is at most {} characters", crate::invite::MAX_CODE_LEN)]
+    CodeTooLong,
+    #[error("a party is named by 1 to {MAX_PARTY_ARG_LEN} bytes (its name or id)")]
+    PartyArg,
+}
+
+impl ValidationError {
+    /// The error code a refusal carries: [`ErrorCode::TooLarge`] for a bound exceeded,
+    /// [`ErrorCode::BadRequest`] for a malformed value.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ValidationError::Name | ValidationError::Latency => ErrorCode::BadRequest,
+            _ => ErrorCode::TooLarge,
+        }
+    }
+}
+
+impl From<ValidationError> for ErrorReply {
+    fn from(e: ValidationError) -> Self {
+        ErrorReply::new(e.code(), e.to_string())
+    }
+}
+
+impl ClientMsg {
+    /// Checks every size and count in the message against its bound (names, endpoints, NAT
+    /// report, invite code, party argument). The signature of a registration is checked
+    /// separately.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            ClientMsg::Hello { .. } => Ok(()),
+            ClientMsg::Register {
+                name, endpoints, ..
+            } => {
+                validate_name(name)?;
+                validate_endpoints(endpoints)
+            }
+            ClientMsg::Request { body, .. } => body.validate(),
+        }
+    }
+}
+
+impl Request {
+    /// Checks every size and count in the request against its bound.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        match self {
+            Request::CreateParty { name, .. } => validate_name(name),
+            Request::JoinParty { code } if code.len() > crate::invite::MAX_CODE_LEN => {
+                Err(ValidationError::CodeTooLong)
+            }
+            Request::LeaveParty { party }
+                if party.is_empty() || party.len() > MAX_PARTY_ARG_LEN =>
+            {
+                Err(ValidationError::PartyArg)
+            }
+            Request::UpdateEndpoints { endpoints } => validate_endpoints(endpoints),
+            Request::ReportNat { nat } => validate_nat(nat),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A NAT report's bounds: at most [`MAX_NAT_RELAYS`] relays, each with a valid name, an
+/// address of printable ASCII up to [`MAX_RELAY_ADDR_LEN`] bytes, and a finite latency.
+pub fn validate_nat(nat: &NatReport) -> Result<(), ValidationError> {
+    if nat.relays.len() > MAX_NAT_RELAYS {
+        return Err(ValidationError::TooManyRelays);
+    }
+    for r in &nat.relays {
+        validate_name(&r.name)?;
+        let addr_ok = !r.addr.is_empty()
+            && r.addr.len() <= MAX_RELAY_ADDR_LEN
+            && r.addr.bytes().all(|c| c.is_ascii_graphic());
+        if !addr_ok {
+            return Err(ValidationError::RelayAddr);
+        }
+        if r.latency_ms
+            .is_some_and(|l| !l.is_finite() || !(0.0..=1e6).contains(&l))
+        {
+            return Err(ValidationError::Latency);
+        }
+    }
+    Ok(())
 }
 
 /// A name for an agent or party: 1..=64 bytes of ASCII letters, digits, `-`, `_`, `.`.

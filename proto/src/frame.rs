@@ -12,8 +12,8 @@ pub const MAX_FRAME_LEN: usize = 4 * 1024 * 1024;
 pub enum FrameError {
     #[error("frame truncated: need {need} bytes, have {have}")]
     Truncated { need: usize, have: usize },
-    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME_LEN}")]
-    Oversized(usize),
+    #[error("frame of {0} bytes exceeds the limit of {1}")]
+    Oversized(usize, usize),
     #[error("malformed message: {0}")]
     Malformed(#[from] serde_json::Error),
 }
@@ -45,7 +45,15 @@ pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<T, FrameError> {
 /// Decodes the first frame in `buf` if it is complete: `Ok(None)` when more bytes are needed,
 /// otherwise the message and how many bytes it used.
 pub fn decode_prefix<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>, FrameError> {
-    let Some(len) = body_len(buf)? else {
+    decode_prefix_within(buf, MAX_FRAME_LEN)
+}
+
+/// [`decode_prefix`] with a smaller limit on the body length.
+pub fn decode_prefix_within<T: DeserializeOwned>(
+    buf: &[u8],
+    limit: usize,
+) -> Result<Option<(T, usize)>, FrameError> {
+    let Some(len) = body_len_within(buf, limit)? else {
         return Ok(None);
     };
     if buf.len() < 4 + len {
@@ -57,25 +65,46 @@ pub fn decode_prefix<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize
 
 /// The declared body length, checked against the limit, once four bytes are there.
 pub fn body_len(buf: &[u8]) -> Result<Option<usize>, FrameError> {
+    body_len_within(buf, MAX_FRAME_LEN)
+}
+
+fn body_len_within(buf: &[u8], limit: usize) -> Result<Option<usize>, FrameError> {
     let Some(head) = buf.get(..4) else {
         return Ok(None);
     };
     let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-    if len > MAX_FRAME_LEN {
-        return Err(FrameError::Oversized(len));
+    if len > limit.min(MAX_FRAME_LEN) {
+        return Err(FrameError::Oversized(len, limit.min(MAX_FRAME_LEN)));
     }
     Ok(Some(len))
 }
 
 /// Accumulates stream bytes and yields whole messages.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    limit: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl FrameDecoder {
+    /// A decoder for frames up to [`MAX_FRAME_LEN`].
     pub fn new() -> Self {
-        Self::default()
+        Self::with_limit(MAX_FRAME_LEN)
+    }
+
+    /// A decoder that refuses a frame whose declared body exceeds `limit` bytes (at most
+    /// [`MAX_FRAME_LEN`]) as soon as its length prefix arrives, before buffering the body.
+    pub fn with_limit(limit: usize) -> Self {
+        FrameDecoder {
+            buf: Vec::new(),
+            limit: limit.min(MAX_FRAME_LEN),
+        }
     }
 
     /// Appends bytes read from the stream.
@@ -86,7 +115,7 @@ impl FrameDecoder {
     /// The next complete message, `Ok(None)` if more bytes are needed. After an error the stream
     /// is out of step and must be closed.
     pub fn next_msg<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
-        match decode_prefix(&self.buf)? {
+        match decode_prefix_within(&self.buf, self.limit)? {
             Some((msg, used)) => {
                 self.buf.drain(..used);
                 Ok(Some(msg))
@@ -102,7 +131,7 @@ impl FrameDecoder {
 
     /// If the stream ended now, the error for what is left over (`None` if nothing is).
     pub fn finish(&self) -> Option<FrameError> {
-        let need = match body_len(&self.buf) {
+        let need = match body_len_within(&self.buf, self.limit) {
             Err(e) => return Some(e),
             Ok(Some(len)) => 4 + len,
             Ok(None) => 4,
@@ -151,14 +180,27 @@ mod tests {
         let head = ((MAX_FRAME_LEN + 1) as u32).to_be_bytes();
         assert!(matches!(
             decode::<ClientMsg>(&head),
-            Err(FrameError::Oversized(_))
+            Err(FrameError::Oversized(..))
         ));
         let mut d = FrameDecoder::new();
         d.extend(&head);
         assert!(matches!(
             d.next_msg::<ClientMsg>(),
-            Err(FrameError::Oversized(_))
+            Err(FrameError::Oversized(..))
         ));
+    }
+
+    #[test]
+    fn a_decoder_with_a_limit_refuses_a_larger_frame_from_its_prefix() {
+        let mut d = FrameDecoder::with_limit(100);
+        d.extend(&101u32.to_be_bytes());
+        assert!(matches!(
+            d.next_msg::<ClientMsg>(),
+            Err(FrameError::Oversized(101, 100))
+        ));
+        let mut d = FrameDecoder::with_limit(1000);
+        d.extend(&encode(&sample()));
+        assert_eq!(d.next_msg::<ClientMsg>().unwrap(), Some(sample()));
     }
 
     #[test]
@@ -214,9 +256,11 @@ mod tests {
         fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode::<ClientMsg>(&b);
             let _ = decode::<crate::control::ServerMsg>(&b);
-            let mut d = FrameDecoder::new();
+            let mut d = FrameDecoder::with_limit(crate::control::MAX_CLIENT_FRAME_LEN);
             d.extend(&b);
-            while let Ok(Some(_)) = d.next_msg::<ClientMsg>() {}
+            while let Ok(Some(m)) = d.next_msg::<ClientMsg>() {
+                let _ = m.validate();
+            }
         }
     }
 }

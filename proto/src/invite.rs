@@ -35,7 +35,7 @@ pub struct InviteCode {
 }
 
 /// Why text was not accepted as an invite code.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum InviteError {
     #[error("not a Rally invite code (it should start with \"rally-\")")]
     Prefix,

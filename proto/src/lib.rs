@@ -25,7 +25,7 @@ pub use frame::{FrameDecoder, FrameError, MAX_FRAME_LEN};
 pub use identity::{Identity, SignatureError};
 pub use invite::{InviteCode, InviteError};
 pub use key::{Key32, KeyParseError};
-pub use peermap::{DeltaError, PeerEvent, PeerView};
+pub use peermap::{DeltaError, MapPages, PageError, PeerEvent, PeerView};
 pub use token::{RelayToken, TokenError};
 pub use vip::{Overlay, OverlayError};
 

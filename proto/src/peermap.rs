@@ -49,6 +49,94 @@ pub enum DeltaError {
     AwaitingFull { got: u64 },
 }
 
+/// Most peers one full map may hold: the overlay (a /16) has no room for more agents.
+pub const MAX_MAP_PEERS: usize = 1 << 16;
+
+/// Why the pages of a full map were not assembled. Either way the pages held so far are
+/// dropped; the session is out of step and the caller reconnects (or asks for a full map).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PageError {
+    /// A page (or the closing map) of another version than the pages before it.
+    #[error("peer-map page of version {got} inside the pages of version {have}")]
+    Version { have: u64, got: u64 },
+    /// A delta arrived between the pages of a full map.
+    #[error("peer-map delta {got} inside the pages of full map {have}")]
+    DeltaInside { have: u64, got: u64 },
+    /// More peers than any map may hold.
+    #[error("a paged peer map of more than {MAX_MAP_PEERS} peers")]
+    TooManyPeers,
+}
+
+/// Assembles a full map sent as pages ([`crate::ServerMsg::PeerPage`]s followed by the
+/// [`crate::ServerMsg::PeerMap`] of the same version) into one, for [`PeerView::handle_full`].
+/// Holds at most [`MAX_MAP_PEERS`] peers.
+#[derive(Clone, Debug, Default)]
+pub struct MapPages {
+    pending: Option<(u64, Vec<PeerInfo>)>,
+}
+
+impl MapPages {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A page that is not the last: kept until the map that closes it.
+    pub fn handle_page(&mut self, version: u64, peers: Vec<PeerInfo>) -> Result<(), PageError> {
+        let (v, held) = self.pending.get_or_insert_with(|| (version, Vec::new()));
+        if *v != version {
+            let have = *v;
+            self.pending = None;
+            return Err(PageError::Version { have, got: version });
+        }
+        if held.len().saturating_add(peers.len()) > MAX_MAP_PEERS {
+            self.pending = None;
+            return Err(PageError::TooManyPeers);
+        }
+        held.extend(peers);
+        Ok(())
+    }
+
+    /// The map that closes the pages (or a map sent whole): every peer of the map.
+    pub fn handle_map(
+        &mut self,
+        version: u64,
+        peers: Vec<PeerInfo>,
+    ) -> Result<Vec<PeerInfo>, PageError> {
+        let Some((v, mut held)) = self.pending.take() else {
+            return Ok(peers);
+        };
+        if v != version {
+            return Err(PageError::Version {
+                have: v,
+                got: version,
+            });
+        }
+        if held.len().saturating_add(peers.len()) > MAX_MAP_PEERS {
+            return Err(PageError::TooManyPeers);
+        }
+        held.extend(peers);
+        Ok(held)
+    }
+
+    /// A delta: refused while pages are held (the control plane never sends one there).
+    pub fn handle_delta(&mut self, version: u64) -> Result<(), PageError> {
+        match self.pending.take() {
+            Some((have, _)) => Err(PageError::DeltaInside { have, got: version }),
+            None => Ok(()),
+        }
+    }
+
+    /// Drops held pages (the session ended).
+    pub fn reset(&mut self) {
+        self.pending = None;
+    }
+
+    /// Peers held from pages not yet closed.
+    pub fn held(&self) -> usize {
+        self.pending.as_ref().map_or(0, |(_, p)| p.len())
+    }
+}
+
 /// A versioned peer map, ordered by peer id.
 #[derive(Clone, Debug, Default)]
 pub struct PeerView {
@@ -329,6 +417,89 @@ mod tests {
         let events = v.handle_full(1, vec![peer(1), second.clone()]);
         assert_eq!(events, vec![PeerEvent::Added(Arc::new(second.clone()))]);
         assert_eq!(v.get(&second.peer_id), Some(&second));
+    }
+
+    #[test]
+    fn pages_are_assembled_into_the_closing_map() {
+        let mut pages = MapPages::new();
+        pages.handle_page(4, vec![peer(1), peer(2)]).unwrap();
+        pages.handle_page(4, vec![peer(3)]).unwrap();
+        assert_eq!(pages.held(), 3);
+        let all = pages.handle_map(4, vec![peer(4)]).unwrap();
+        assert_eq!(all, vec![peer(1), peer(2), peer(3), peer(4)]);
+        assert_eq!(pages.held(), 0);
+        // A map sent whole passes through.
+        assert_eq!(pages.handle_map(5, vec![peer(9)]).unwrap(), vec![peer(9)]);
+        assert_eq!(pages.handle_delta(6), Ok(()));
+    }
+
+    #[test]
+    fn pages_of_another_version_or_a_delta_inside_are_refused() {
+        let mut pages = MapPages::new();
+        pages.handle_page(4, vec![peer(1)]).unwrap();
+        assert_eq!(
+            pages.handle_page(5, vec![peer(2)]),
+            Err(PageError::Version { have: 4, got: 5 })
+        );
+        assert_eq!(pages.held(), 0);
+        pages.handle_page(6, vec![peer(1)]).unwrap();
+        assert_eq!(
+            pages.handle_map(7, vec![]),
+            Err(PageError::Version { have: 6, got: 7 })
+        );
+        pages.handle_page(8, vec![peer(1)]).unwrap();
+        assert_eq!(
+            pages.handle_delta(9),
+            Err(PageError::DeltaInside { have: 8, got: 9 })
+        );
+        assert_eq!(pages.held(), 0);
+    }
+
+    #[test]
+    fn pages_beyond_the_largest_map_are_refused() {
+        let mut pages = MapPages::new();
+        let many: Vec<PeerInfo> = (0..MAX_MAP_PEERS).map(|_| peer(1)).collect();
+        pages.handle_page(1, many).unwrap();
+        assert_eq!(
+            pages.handle_page(1, vec![peer(2)]),
+            Err(PageError::TooManyPeers)
+        );
+        assert_eq!(pages.held(), 0);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_sequence_of_pages_maps_and_deltas_is_handled(
+            ops in proptest::collection::vec((0u8..3, 0u64..4, 0u8..6), 0..40)
+        ) {
+            let mut pages = MapPages::new();
+            let mut view = PeerView::new();
+            for (kind, version, n) in ops {
+                let peers: Vec<PeerInfo> = (0..n).map(peer).collect();
+                match kind {
+                    0 => {
+                        let before = pages.held();
+                        match pages.handle_page(version, peers) {
+                            Ok(()) => proptest::prop_assert_eq!(pages.held(), before + n as usize),
+                            Err(_) => proptest::prop_assert_eq!(pages.held(), 0),
+                        }
+                    }
+                    1 => {
+                        if let Ok(all) = pages.handle_map(version, peers) {
+                            view.handle_full(version, all);
+                            proptest::prop_assert_eq!(view.version(), Some(version));
+                        }
+                        proptest::prop_assert_eq!(pages.held(), 0);
+                    }
+                    _ => {
+                        if pages.handle_delta(version).is_ok() {
+                            let _ = view.handle_delta(version, vec![]);
+                        }
+                        proptest::prop_assert_eq!(pages.held(), 0);
+                    }
+                }
+            }
+        }
     }
 
     fn view_at(version: u64, ids: &[u8]) -> PeerView {

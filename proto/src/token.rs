@@ -55,8 +55,21 @@ impl RelayToken {
         b
     }
 
-    /// Signs the token with the control plane's key; returns the encoded token.
+    /// Signs the token with the control plane's key; returns the encoded token, or
+    /// [`TokenError::TooManyParties`] if it names more than [`MAX_TOKEN_PARTIES`] (never cut
+    /// silently: the control plane bounds an agent's parties to that number).
+    pub fn try_sign(&self, control: &Identity) -> Result<Vec<u8>, TokenError> {
+        if self.parties.len() > MAX_TOKEN_PARTIES {
+            return Err(TokenError::TooManyParties(self.parties.len()));
+        }
+        Ok(self.sign(control))
+    }
+
+    /// Signs the token with the control plane's key; returns the encoded token. For tokens
+    /// known to name at most [`MAX_TOKEN_PARTIES`] parties (tests, tools); the control plane
+    /// uses [`RelayToken::try_sign`].
     pub fn sign(&self, control: &Identity) -> Vec<u8> {
+        debug_assert!(self.parties.len() <= MAX_TOKEN_PARTIES);
         let mut b = self.body();
         let sig = control.sign(DOMAIN_TOKEN, &b);
         b.extend_from_slice(&sig);
@@ -195,6 +208,19 @@ mod tests {
             RelayToken::verify(&many, &control().public(), 1),
             Err(TokenError::TooManyParties(200))
         );
+    }
+
+    #[test]
+    fn a_token_naming_more_parties_than_fit_is_refused_not_cut() {
+        let mut t = token();
+        t.parties = (0..=MAX_TOKEN_PARTIES as u8).map(|i| [i; 8]).collect();
+        assert_eq!(
+            t.try_sign(&control()),
+            Err(TokenError::TooManyParties(MAX_TOKEN_PARTIES + 1))
+        );
+        t.parties.pop();
+        let b = t.try_sign(&control()).unwrap();
+        assert_eq!(RelayToken::verify(&b, &control().public(), 1), Ok(t));
     }
 
     #[test]

@@ -154,6 +154,11 @@ impl ControlPlane {
         &self.key
     }
 
+    /// The running `serve` process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     /// `(addr, key)` for `Agent::start`.
     pub fn control(&self) -> Option<(&str, &str)> {
         Some((&self.addr, &self.key))

@@ -1,7 +1,8 @@
 //! A task that keeps the agent registered with its control plane: connects, answers the
 //! challenge, forwards peer maps and deltas, carries requests, and reconnects with backoff and
 //! jitter. Keeping the peer map itself (and asking for a full one after a gap) is the caller's
-//! job, with [`rally_proto::PeerView`].
+//! job, with [`rally_proto::PeerView`]; a full map sent as pages is assembled here
+//! ([`rally_proto::MapPages`]) and reported as one [`ControlEvent::PeerMap`].
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -11,8 +12,8 @@ use std::time::Duration;
 use rally_proto::control::{ErrorReply, RelayEntry};
 use rally_proto::identity::{register_transcript, DOMAIN_REGISTER};
 use rally_proto::{
-    frame, ClientMsg, FrameDecoder, Identity, Key32, PeerChange, PeerInfo, Request, Response,
-    ServerMsg, Sig64, PROTOCOL_VERSION,
+    frame, ClientMsg, FrameDecoder, Identity, Key32, MapPages, PeerChange, PeerInfo, Request,
+    Response, ServerMsg, Sig64, PROTOCOL_VERSION,
 };
 use rand_core::{OsRng, RngCore};
 use tokio::sync::{mpsc, oneshot};
@@ -52,7 +53,8 @@ pub enum ControlEvent {
     Disconnected {
         reason: String,
     },
-    /// A full peer map at `version` (the first after every registration).
+    /// A full peer map at `version` (the first after every registration), whole even when it
+    /// arrived in pages.
     PeerMap {
         version: u64,
         peers: Vec<PeerInfo>,
@@ -276,13 +278,25 @@ impl Session<'_> {
         let mut pending: HashMap<u64, oneshot::Sender<Result<Response, ControlError>>> =
             HashMap::new();
         let mut next_id = 1u64;
+        let mut pages = MapPages::new();
         let result = loop {
             tokio::select! {
                 msg = reader.next() => match msg {
-                    Ok(ServerMsg::PeerMap { version, peers }) => {
-                        let _ = self.events.send(ControlEvent::PeerMap { version, peers });
+                    Ok(ServerMsg::PeerPage { version, peers }) => {
+                        if let Err(e) = pages.handle_page(version, peers) {
+                            break Err(format!("bad peer map from the control plane: {e}"));
+                        }
                     }
+                    Ok(ServerMsg::PeerMap { version, peers }) => match pages.handle_map(version, peers) {
+                        Ok(peers) => {
+                            let _ = self.events.send(ControlEvent::PeerMap { version, peers });
+                        }
+                        Err(e) => break Err(format!("bad peer map from the control plane: {e}")),
+                    },
                     Ok(ServerMsg::PeerDelta { version, changes }) => {
+                        if let Err(e) = pages.handle_delta(version) {
+                            break Err(format!("bad peer map from the control plane: {e}"));
+                        }
                         let _ = self.events.send(ControlEvent::PeerDelta { version, changes });
                     }
                     Ok(ServerMsg::Relays { relays, token, .. }) => {

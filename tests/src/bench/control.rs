@@ -283,7 +283,17 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
                 &tag,
                 key,
                 &[],
-                &["--join-burst", "1000000", "--join-refill-secs", "1"],
+                // A crowd from one host: no per-address limits on joins, new identities
+                // or connections.
+                &[
+                    "--join-burst",
+                    "1000000",
+                    "--join-refill-secs",
+                    "1",
+                    "--open-registration",
+                    "--max-connections-per-ip",
+                    "10000",
+                ],
             )?;
             let mut agent = Agent::start(&m, &format!("m{tag}"), control.target())?;
             agent.wait_control_connected(Duration::from_secs(30))?;

@@ -1,127 +1,21 @@
-//! Durable state of the control plane behind a trait, with the SQLite implementation.
-//!
-//! SQLite runs in WAL mode; the schema is versioned with `PRAGMA user_version` and migrated
-//! forward on open. Times are unix seconds passed in by the caller.
+//! The SQLite implementation of [`Store`].
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 
-use rally_proto::invite::secret_hash;
 use rally_proto::{Key32, Overlay};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-/// How many virtual-IP candidates are tried before the overlay counts as full.
-const VIP_ATTEMPTS: u32 = 4096;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database: {0}")]
-    Db(#[from] rusqlite::Error),
-    #[error("database holds a corrupt value in {0}")]
-    Corrupt(&'static str),
-    #[error("database schema version {0} is newer than this rally-control understands")]
-    TooNew(i64),
-    #[error("no free virtual IP left in the overlay")]
-    AddressSpaceFull,
-}
-
-/// A registered agent.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AgentRow {
-    pub identity: Key32,
-    pub name: String,
-    pub wg_key: Key32,
-    pub virtual_ip: Ipv4Addr,
-    pub endpoints: Vec<SocketAddr>,
-    /// The agent's last NAT report, as JSON.
-    pub nat: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PartyRow {
-    pub id: [u8; 8],
-    pub name: String,
-    pub owner: Key32,
-    pub members: u32,
-}
-
-/// Why an invite was not redeemed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InviteRefusal {
-    Unknown,
-    Expired,
-    UsedUp { max_uses: u32 },
-}
-
-/// A new invite for a party.
-#[derive(Debug, Clone, Copy)]
-pub struct NewInvite {
-    pub secret: [u8; 16],
-    pub expires_at: Option<u64>,
-    pub max_uses: Option<u32>,
-}
-
-/// What the control plane needs from durable storage. One implementation (SQLite) today; the
-/// trait is the seam for a shared PostgreSQL backend.
-pub trait Store: Send {
-    /// Creates or updates an agent, keeping its virtual IP once given.
-    fn register_agent(
-        &mut self,
-        identity: &Key32,
-        name: &str,
-        wg_key: &Key32,
-        endpoints: &[SocketAddr],
-        now: u64,
-    ) -> Result<AgentRow, StoreError>;
-    fn set_endpoints(
-        &mut self,
-        identity: &Key32,
-        endpoints: &[SocketAddr],
-    ) -> Result<(), StoreError>;
-    fn set_nat(&mut self, identity: &Key32, nat_json: &str) -> Result<(), StoreError>;
-    fn create_party(
-        &mut self,
-        id: [u8; 8],
-        name: &str,
-        owner: &Key32,
-        invite: NewInvite,
-        now: u64,
-    ) -> Result<PartyRow, StoreError>;
-    /// Checks an invite and, if it is good, makes `identity` a member (using one use of the
-    /// invite unless the agent already was a member).
-    fn redeem_invite(
-        &mut self,
-        party: [u8; 8],
-        secret: &[u8; 16],
-        identity: &Key32,
-        now: u64,
-    ) -> Result<Result<PartyRow, InviteRefusal>, StoreError>;
-    fn leave_party(&mut self, party: [u8; 8], identity: &Key32) -> Result<(), StoreError>;
-    fn parties_of(&self, identity: &Key32) -> Result<Vec<PartyRow>, StoreError>;
-    /// The agent, if it ever registered.
-    fn agent(&self, identity: &Key32) -> Result<Option<AgentRow>, StoreError>;
-    /// Every agent that shares at least one party with `identity`, with the shared party names.
-    fn peers_of(&self, identity: &Key32) -> Result<Vec<(AgentRow, Vec<String>)>, StoreError>;
-    fn counts(&self) -> Result<(u64, u64), StoreError>;
-    /// Every agent, party and membership, for a control plane that keeps them in memory
-    /// ([`crate::directory::CachedStore`]).
-    fn snapshot(&self) -> Result<Snapshot, StoreError>;
-}
-
-/// Everything [`Store::snapshot`] returns.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Snapshot {
-    pub agents: Vec<AgentRow>,
-    /// Parties with their members (owners are members too).
-    pub parties: Vec<(PartyRow, Vec<Key32>)>,
-}
+use super::{AgentRow, NewInvite, PartyRow, Snapshot, Store, StoreError, VIP_ATTEMPTS};
+use crate::invites::{Admission, InviteKey, StoredInvite};
+use rally_proto::invite::secret_hash;
 
 pub struct SqliteStore {
     db: Connection,
     overlay: Overlay,
 }
 
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     // 1: agents, parties, members, invites.
     "CREATE TABLE agents (
         identity    BLOB PRIMARY KEY,
@@ -155,6 +49,9 @@ const MIGRATIONS: &[&str] = &[
      );",
     // 2: the agent's last NAT report (JSON).
     "ALTER TABLE agents ADD COLUMN nat TEXT;",
+    // 3: WireGuard keys are looked up to keep them unique (not a UNIQUE index: a database
+    // written before the rule may hold duplicates, and must still open).
+    "CREATE INDEX agents_by_wg_key ON agents(wg_key);",
 ];
 
 impl SqliteStore {
@@ -309,49 +206,57 @@ impl Store for SqliteStore {
         })
     }
 
-    fn redeem_invite(
-        &mut self,
-        party: [u8; 8],
-        secret: &[u8; 16],
+    fn invite(
+        &self,
+        key: &InviteKey,
         identity: &Key32,
-        now: u64,
-    ) -> Result<Result<PartyRow, InviteRefusal>, StoreError> {
-        let hash = secret_hash(&party, secret);
-        let tx = self
+    ) -> Result<Option<StoredInvite>, StoreError> {
+        let invite: Option<(Option<i64>, Option<u32>, u32)> = self
             .db
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let invite: Option<(Option<i64>, Option<u32>, u32)> = tx
             .query_row(
                 "SELECT expires_at, max_uses, uses FROM invites WHERE secret_hash = ?1 AND party = ?2",
-                params![&hash[..], &party[..]],
+                params![&key.secret_hash[..], &key.party[..]],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
         let Some((expires_at, max_uses, uses)) = invite else {
-            return Ok(Err(InviteRefusal::Unknown));
+            return Ok(None);
         };
-        let already: bool = tx
-            .prepare("SELECT 1 FROM members WHERE party = ?1 AND agent = ?2")?
-            .exists(params![&party[..], &identity.0[..]])?;
-        if !already {
-            if expires_at.is_some_and(|t| t <= now as i64) {
-                return Ok(Err(InviteRefusal::Expired));
-            }
-            if let Some(max) = max_uses.filter(|max| uses >= *max) {
-                return Ok(Err(InviteRefusal::UsedUp { max_uses: max }));
-            }
+        let already_member = self
+            .db
+            .prepare_cached("SELECT 1 FROM members WHERE party = ?1 AND agent = ?2")?
+            .exists(params![&key.party[..], &identity.0[..]])?;
+        Ok(Some(StoredInvite {
+            expires_at: expires_at.map(|t| t.max(0) as u64),
+            max_uses,
+            uses,
+            already_member,
+        }))
+    }
+
+    fn admit(
+        &mut self,
+        key: &InviteKey,
+        identity: &Key32,
+        admission: Admission,
+        now: u64,
+    ) -> Result<PartyRow, StoreError> {
+        let tx = self
+            .db
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if admission == Admission::UseOne {
             tx.execute(
                 "UPDATE invites SET uses = uses + 1 WHERE secret_hash = ?1",
-                [&hash[..]],
+                [&key.secret_hash[..]],
             )?;
             tx.execute(
-                "INSERT INTO members (party, agent, joined_at) VALUES (?1, ?2, ?3)",
-                params![&party[..], &identity.0[..], now as i64],
+                "INSERT OR IGNORE INTO members (party, agent, joined_at) VALUES (?1, ?2, ?3)",
+                params![&key.party[..], &identity.0[..], now as i64],
             )?;
         }
-        let row = party_row(&tx, party)?;
+        let row = party_row(&tx, key.party)?;
         tx.commit()?;
-        Ok(Ok(row))
+        Ok(row)
     }
 
     fn leave_party(&mut self, party: [u8; 8], identity: &Key32) -> Result<(), StoreError> {
@@ -360,6 +265,56 @@ impl Store for SqliteStore {
             params![&party[..], &identity.0[..]],
         )?;
         Ok(())
+    }
+
+    fn rename_agent(&mut self, identity: &Key32, name: &str) -> Result<(), StoreError> {
+        self.db.execute(
+            "UPDATE agents SET name = ?2 WHERE identity = ?1",
+            params![&identity.0[..], name],
+        )?;
+        Ok(())
+    }
+
+    fn wg_key_holder(&self, wg_key: &Key32) -> Result<Option<Key32>, StoreError> {
+        let id: Option<Vec<u8>> = self
+            .db
+            .query_row(
+                "SELECT identity FROM agents WHERE wg_key = ?1 LIMIT 1",
+                [&wg_key.0[..]],
+                |r| r.get(0),
+            )
+            .optional()?;
+        id.map(|b| blob(b, "agents.identity").map(Key32))
+            .transpose()
+    }
+
+    fn touch_agent(&mut self, identity: &Key32, now: u64) -> Result<(), StoreError> {
+        self.db.execute(
+            "UPDATE agents SET seen_at = ?2 WHERE identity = ?1",
+            params![&identity.0[..], now as i64],
+        )?;
+        Ok(())
+    }
+
+    fn unjoined_before(&self, before: u64) -> Result<Vec<Key32>, StoreError> {
+        let mut q = self.db.prepare_cached(
+            "SELECT a.identity FROM agents a WHERE a.seen_at < ?1
+             AND NOT EXISTS (SELECT 1 FROM members m WHERE m.agent = a.identity)
+             AND NOT EXISTS (SELECT 1 FROM parties p WHERE p.owner = a.identity)",
+        )?;
+        let rows = q.query_map([before as i64], |r| r.get::<_, Vec<u8>>(0))?;
+        rows.map(|r| Ok(Key32(blob(r?, "agents.identity")?)))
+            .collect()
+    }
+
+    fn remove_unjoined(&mut self, identity: &Key32) -> Result<bool, StoreError> {
+        let n = self.db.execute(
+            "DELETE FROM agents WHERE identity = ?1
+             AND NOT EXISTS (SELECT 1 FROM members m WHERE m.agent = ?1)
+             AND NOT EXISTS (SELECT 1 FROM parties p WHERE p.owner = ?1)",
+            [&identity.0[..]],
+        )?;
+        Ok(n > 0)
     }
 
     fn parties_of(&self, identity: &Key32) -> Result<Vec<PartyRow>, StoreError> {
@@ -565,113 +520,4 @@ fn endpoints_from_text(s: &str) -> Result<Vec<SocketAddr>, StoreError> {
                 .map_err(|_| StoreError::Corrupt("agents.endpoints"))
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn store(dir: &tempfile::TempDir) -> SqliteStore {
-        SqliteStore::open(&dir.path().join("c.db"), Overlay::default()).unwrap()
-    }
-
-    fn invite(secret: u8) -> NewInvite {
-        NewInvite {
-            secret: [secret; 16],
-            expires_at: Some(1000),
-            max_uses: Some(2),
-        }
-    }
-
-    fn register(s: &mut SqliteStore, k: u8) -> AgentRow {
-        s.register_agent(
-            &Key32([k; 32]),
-            &format!("a{k}"),
-            &Key32([k + 100; 32]),
-            &[],
-            1,
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn virtual_ip_survives_reopen_and_reregistration() {
-        let dir = tempfile::tempdir().unwrap();
-        let ip = register(&mut store(&dir), 1).virtual_ip;
-        let mut s = store(&dir);
-        assert_eq!(register(&mut s, 1).virtual_ip, ip);
-        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as i64);
-    }
-
-    #[test]
-    fn invite_is_refused_when_expired_used_up_or_unknown() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = store(&dir);
-        let owner = register(&mut s, 1);
-        for k in 2..=5 {
-            register(&mut s, k);
-        }
-        s.create_party([9; 8], "lan", &owner.identity, invite(7), 1)
-            .unwrap();
-        let join = |s: &mut SqliteStore, k: u8, secret: u8, now| {
-            s.redeem_invite([9; 8], &[secret; 16], &Key32([k; 32]), now)
-                .unwrap()
-        };
-        assert_eq!(join(&mut s, 2, 8, 10), Err(InviteRefusal::Unknown));
-        assert_eq!(join(&mut s, 2, 7, 1000), Err(InviteRefusal::Expired));
-        assert_eq!(join(&mut s, 2, 7, 10).unwrap().members, 2);
-        assert_eq!(join(&mut s, 3, 7, 10).unwrap().members, 3);
-        assert_eq!(
-            join(&mut s, 4, 7, 10),
-            Err(InviteRefusal::UsedUp { max_uses: 2 })
-        );
-        // A member joining again uses nothing and is not refused.
-        assert_eq!(join(&mut s, 3, 7, 10).unwrap().members, 3);
-    }
-
-    #[test]
-    fn peers_are_only_those_sharing_a_party() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = store(&dir);
-        let a = register(&mut s, 1);
-        let b = register(&mut s, 2);
-        let c = register(&mut s, 3);
-        let stranger = register(&mut s, 4);
-        s.create_party([1; 8], "x", &a.identity, invite(1), 1)
-            .unwrap();
-        s.create_party([2; 8], "y", &c.identity, invite(2), 1)
-            .unwrap();
-        s.redeem_invite([1; 8], &[1; 16], &b.identity, 1)
-            .unwrap()
-            .unwrap();
-        let peers_of_a: Vec<_> = s.peers_of(&a.identity).unwrap();
-        assert_eq!(peers_of_a.len(), 1);
-        assert_eq!(peers_of_a[0].0, b);
-        assert_eq!(peers_of_a[0].1, vec!["x".to_string()]);
-        assert!(s.peers_of(&c.identity).unwrap().is_empty());
-        assert!(s.peers_of(&stranger.identity).unwrap().is_empty());
-        s.leave_party([1; 8], &b.identity).unwrap();
-        assert!(s.peers_of(&a.identity).unwrap().is_empty());
-    }
-
-    #[test]
-    fn endpoints_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = store(&dir);
-        let a = register(&mut s, 1);
-        let b = register(&mut s, 2);
-        s.create_party([1; 8], "x", &a.identity, invite(1), 1)
-            .unwrap();
-        s.redeem_invite([1; 8], &[1; 16], &b.identity, 1)
-            .unwrap()
-            .unwrap();
-        let eps: Vec<SocketAddr> = vec![
-            "198.51.100.2:51820".parse().unwrap(),
-            "[2001:db8::1]:5".parse().unwrap(),
-        ];
-        s.set_endpoints(&b.identity, &eps).unwrap();
-        assert_eq!(s.peers_of(&a.identity).unwrap()[0].0.endpoints, eps);
-        assert_eq!(s.agent(&b.identity).unwrap().unwrap().endpoints, eps);
-        assert_eq!(s.agent(&Key32([9; 32])).unwrap(), None);
-    }
 }
