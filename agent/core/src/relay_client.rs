@@ -85,8 +85,14 @@ impl RelayClient {
     }
 
     /// A new token: bind again with it at once (the relay replaces our session).
+    /// An empty token (an agent in no party gets none) means none: nothing to bind with, so
+    /// no bind requests the relay would only refuse.
     pub fn set_token(&mut self, token: Vec<u8>, now: Instant) {
         if self.token.as_ref() == Some(&token) {
+            return;
+        }
+        if token.is_empty() {
+            self.token = None;
             return;
         }
         self.token = Some(token);
@@ -330,5 +336,15 @@ mod tests {
         assert!(!c.is_bound());
         c.handle_timeout(t0);
         assert!(drain(&mut c).contains(&RelayMsg::BindRequest.to_vec()));
+    }
+
+    #[test]
+    fn an_empty_token_sends_no_bind_requests() {
+        let t0 = Instant::now();
+        let mut c = client(t0);
+        c.set_token(Vec::new(), t0);
+        c.handle_timeout(t0 + Duration::from_secs(60));
+        assert_eq!(c.poll_transmit(), None);
+        assert_eq!(c.poll_timeout(), t0 + Duration::from_secs(60) + BIND_RETRY);
     }
 }
