@@ -133,18 +133,25 @@ async fn run(
     status: watch::Sender<Option<PortMappingStatus>>,
 ) {
     let mut held: Option<client::Held> = None;
-    // Set once shutting down (`done`: who waits for the removal, if anyone).
-    let mut stopping = false;
-    let mut done: Option<oneshot::Sender<()>> = None;
+    // Set once shutting down, with who waits for the removal (if anyone).
+    let mut stop: Option<Option<oneshot::Sender<()>>> = None;
     loop {
         while let Some(action) = schedule.poll_action() {
-            perform(action, port, &mut held, &mut schedule).await;
+            let came = if action == Action::Map && stop.is_none() {
+                map_unless_stopped(port, &mut held, &mut schedule, &mut cmds).await
+            } else {
+                perform(action, port, &mut held, &mut schedule).await;
+                Vec::new()
+            };
             status.send_if_modified(|s| {
                 let now = held.as_ref().map(client::Held::status);
                 let changed = *s != now;
                 *s = now;
                 changed
             });
+            for cmd in came {
+                apply(cmd, &mut schedule, &mut stop);
+            }
         }
         while let Some(event) = schedule.poll_event() {
             match event {
@@ -164,8 +171,8 @@ async fn run(
                 }
             }
         }
-        if stopping {
-            if let Some(done) = done.take() {
+        if let Some(done) = stop {
+            if let Some(done) = done {
                 let _ = done.send(());
             }
             return;
@@ -178,24 +185,58 @@ async fn run(
             }
         };
         tokio::select! {
-            cmd = cmds.recv() => match cmd {
-                Some(Cmd::NetworkChanged) => schedule.handle_network_change(now()),
-                Some(Cmd::Shutdown(tx)) => {
-                    schedule.handle_shutdown();
-                    stopping = true;
-                    done = Some(tx);
-                }
-                // The daemon dropped its handle: remove the mapping and end.
-                None => {
-                    schedule.handle_shutdown();
-                    stopping = true;
-                }
-            },
+            cmd = cmds.recv() => apply(cmd, &mut schedule, &mut stop),
             () = sleep => {
                 if let Some((_, timer)) = deadline {
                     debug!(?timer, "port mapping timer");
                 }
                 schedule.handle_timeout(now());
+            }
+        }
+    }
+}
+
+/// A command from the daemon (`None`: it dropped its handle, which stops the mapper too).
+fn apply(
+    cmd: Option<Cmd>,
+    schedule: &mut Schedule,
+    stop: &mut Option<Option<oneshot::Sender<()>>>,
+) {
+    match cmd {
+        Some(Cmd::NetworkChanged) => schedule.handle_network_change(now()),
+        Some(Cmd::Shutdown(tx)) => {
+            schedule.handle_shutdown();
+            *stop = Some(Some(tx));
+        }
+        None => {
+            schedule.handle_shutdown();
+            *stop = Some(None);
+        }
+    }
+}
+
+/// A `Map`, which can wait seconds on a gateway that never answers, gives way to a shutdown
+/// so `rally down` does not wait for it (a mapping the gateway grants after that is not known
+/// here and ends with its lease, as when the agent is killed). Returns the commands that came
+/// meanwhile, in order: network changes are applied after the map's outcome.
+async fn map_unless_stopped(
+    port: u16,
+    held: &mut Option<client::Held>,
+    schedule: &mut Schedule,
+    cmds: &mut mpsc::UnboundedReceiver<Cmd>,
+) -> Vec<Option<Cmd>> {
+    let mut came = Vec::new();
+    let work = perform(Action::Map, port, held, schedule);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            () = &mut work => return came,
+            cmd = cmds.recv() => {
+                let stops = !matches!(cmd, Some(Cmd::NetworkChanged));
+                came.push(cmd);
+                if stops {
+                    return came;
+                }
             }
         }
     }
