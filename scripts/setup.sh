@@ -7,6 +7,9 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v conntrack >/dev/null 2>&1 || need+=(conntrack)
 command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
+# The lab's port-mapping router (PCP, NAT-PMP and UPnP IGD on nftables).
+dpkg-query -W -f='${Status}' miniupnpd-nftables 2>/dev/null | grep -q 'ok installed' ||
+  need+=(miniupnpd-nftables)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing ${need[*]} and not root; install them or run as root" >&2

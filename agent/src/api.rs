@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::conn::PathMetrics;
 use crate::events::{Event, EventType};
+use crate::portmap::PortMappingStatus;
 
 /// A peer's connection state, as `rally peers` shows it (DESIGN.md "States").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -124,6 +125,18 @@ pub struct StatusReport {
     pub nat: Option<NatReport>,
     pub parties: Vec<PartyInfo>,
     pub listen_port: u16,
+    /// The gateway port mapping in effect (`null`: none).
+    #[serde(default)]
+    pub port_mapping: Option<PortMappingStatus>,
+}
+
+/// `rally netcheck --json`: the NAT findings, and the gateway port mapping in effect (`null`:
+/// none).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NetcheckReport {
+    #[serde(flatten)]
+    pub nat: NatReport,
+    pub port_mapping: Option<PortMappingStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -183,7 +196,7 @@ pub enum IpcReply {
     Parties {
         parties: Vec<PartyInfo>,
     },
-    Netcheck(NatReport),
+    Netcheck(NetcheckReport),
     Events {
         events: Vec<Event>,
         /// Events this follower missed because it read too slowly.

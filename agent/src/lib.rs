@@ -12,4 +12,5 @@ pub mod ipc;
 pub mod metrics;
 pub mod netinfo;
 pub mod netwatch;
+pub mod portmap;
 pub mod state;

@@ -583,6 +583,12 @@ pub struct NatReport {
     pub port_preserving: bool,
     pub public_endpoint: Option<SocketAddr>,
     pub relays: Vec<RelayLatency>,
+    /// The external endpoint of the gateway port mapping (PCP, NAT-PMP or UPnP IGD) the agent
+    /// holds for its UDP port: reachable from anyone, even when `mapping` is
+    /// endpoint-dependent. Absent on the wire when there is none (older peers ignore it).
+    /// IPv4 only: the agent maps its IPv4 port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mapped_endpoint: Option<std::net::SocketAddrV4>,
 }
 
 impl Eq for NatReport {}
@@ -886,6 +892,27 @@ mod tests {
         };
         let body = serde_json::to_string(&map).unwrap();
         assert!(body.contains(r#""peers":[["#), "{body}");
+    }
+
+    #[test]
+    fn a_mapped_endpoint_is_optional_on_the_wire() {
+        let plain = NatReport::default();
+        let text = serde_json::to_string(&plain).unwrap();
+        assert!(!text.contains("mapped_endpoint"), "{text}");
+        assert_eq!(serde_json::from_str::<NatReport>(&text).unwrap(), plain);
+        let mapped = NatReport {
+            mapped_endpoint: Some("198.51.100.7:51820".parse().unwrap()),
+            ..NatReport::default()
+        };
+        let text = serde_json::to_string(&mapped).unwrap();
+        assert!(
+            text.contains(r#""mapped_endpoint":"198.51.100.7:51820""#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<NatReport>(&text).unwrap(), mapped);
+        // Not an IPv4 endpoint: refused.
+        let bad = text.replace("198.51.100.7:51820", "[2001:db8::1]:1");
+        assert!(serde_json::from_str::<NatReport>(&bad).is_err());
     }
 
     #[test]

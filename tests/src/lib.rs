@@ -24,6 +24,7 @@ pub mod host;
 pub mod lab;
 pub mod netns;
 pub mod ping;
+pub mod portmap;
 pub mod procs;
 pub mod rally;
 pub mod roam;

@@ -230,6 +230,7 @@ impl Netcheck {
             port_preserving,
             public_endpoint,
             relays,
+            mapped_endpoint: None,
         }
     }
 }

@@ -48,6 +48,14 @@ fn peer(state: PeerState, strategy: Strategy) -> PeerStatus {
     }
 }
 
+fn mapping() -> PortMappingStatus {
+    PortMappingStatus {
+        protocol: crate::portmap::Protocol::Pcp,
+        external: "198.51.100.7:51820".parse().unwrap(),
+        lifetime_s: 7200,
+    }
+}
+
 fn nat() -> NatReport {
     NatReport {
         udp: true,
@@ -60,6 +68,7 @@ fn nat() -> NatReport {
             addr: "198.51.100.2:3478".into(),
             latency_ms: Some(1.5),
         }],
+        mapped_endpoint: None,
     }
 }
 
@@ -170,6 +179,7 @@ fn status_json_is_pinned() {
             members: 2,
         }],
         listen_port: 51820,
+        port_mapping: Some(mapping()),
     };
     let expected = format!(
         r#"{{
@@ -203,7 +213,12 @@ fn status_json_is_pinned() {
       "members": 2
     }}
   ],
-  "listen_port": 51820
+  "listen_port": 51820,
+  "port_mapping": {{
+    "protocol": "pcp",
+    "external": "198.51.100.7:51820",
+    "lifetime_s": 7200
+  }}
 }}"#
     );
     assert_eq!(serde_json::to_string_pretty(&report).unwrap(), expected);
@@ -223,10 +238,11 @@ fn status_without_a_nat_report_says_null() {
         nat: None,
         parties: vec![],
         listen_port: 0,
+        port_mapping: None,
     };
     assert_eq!(
         serde_json::to_string(&report).unwrap(),
-        r#"{"name":"alice","peer_id":"p1","virtual_ip":null,"control":{"connected":false,"addr":null,"error":"no answer"},"nat":null,"parties":[],"listen_port":0}"#
+        r#"{"name":"alice","peer_id":"p1","virtual_ip":null,"control":{"connected":false,"addr":null,"error":"no answer"},"nat":null,"parties":[],"listen_port":0,"port_mapping":null}"#
     );
 }
 
@@ -247,6 +263,52 @@ fn netcheck_json_is_pinned() {
   ]
 }"#;
     assert_eq!(serde_json::to_string_pretty(&nat()).unwrap(), expected);
+}
+
+/// `rally netcheck --json`: the NAT report's fields, then the port mapping (`null`: none);
+/// with a mapping the report names its external endpoint too.
+#[test]
+fn netcheck_reply_json_is_pinned() {
+    let none = NetcheckReport {
+        nat: nat(),
+        port_mapping: None,
+    };
+    let text = serde_json::to_string(&none).unwrap();
+    assert_eq!(
+        text,
+        r#"{"udp":true,"mapping":"endpoint-independent","filtering":"address-and-port-dependent","port_preserving":true,"public_endpoint":"203.0.113.7:51820","relays":[{"name":"r1","addr":"198.51.100.2:3478","latency_ms":1.5}],"port_mapping":null}"#
+    );
+    let mapped = NetcheckReport {
+        nat: NatReport {
+            mapped_endpoint: Some(mapping().external),
+            ..nat()
+        },
+        port_mapping: Some(mapping()),
+    };
+    let text = serde_json::to_string(&mapped).unwrap();
+    assert!(
+        text.ends_with(
+            r#""mapped_endpoint":"198.51.100.7:51820","port_mapping":{"protocol":"pcp","external":"198.51.100.7:51820","lifetime_s":7200}}"#
+        ),
+        "{text}"
+    );
+    // Through the socket format and back, inside the tagged reply.
+    for report in [none, mapped] {
+        let bytes =
+            rally_proto::frame::encode(&Ok::<_, String>(IpcReply::Netcheck(report.clone())));
+        let back: IpcResult = rally_proto::frame::decode(&bytes).unwrap();
+        let Ok(IpcReply::Netcheck(back)) = back else {
+            panic!("netcheck reply expected, got {back:?}");
+        };
+        assert_eq!(back, report);
+    }
+}
+
+#[test]
+fn a_status_from_before_port_mapping_reads_as_none() {
+    let text = r#"{"name":"alice","peer_id":"p1","virtual_ip":null,"control":{"connected":false,"addr":null,"error":null},"nat":null,"parties":[],"listen_port":0}"#;
+    let report: StatusReport = serde_json::from_str(text).unwrap();
+    assert_eq!(report.port_mapping, None);
 }
 
 #[test]

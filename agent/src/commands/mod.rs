@@ -149,6 +149,10 @@ async fn status(state_dir: &Path, json: bool) -> Result<()> {
                 .map_or("(not assigned yet)".into(), |ip| ip.to_string())
         );
         println!("UDP port:    {}", s.listen_port);
+        println!(
+            "port mapping: {}",
+            rally_agent::portmap::describe(s.port_mapping.as_ref())
+        );
         let control = match (&s.control.addr, s.control.connected) {
             (None, _) => "none (join a party with an invite code)".to_string(),
             (Some(a), true) => format!("{a} (connected)"),
@@ -258,11 +262,12 @@ async fn set_primary(state_dir: &Path, peer: String, path: String) -> Result<()>
 
 async fn netcheck(state_dir: &Path, json: bool) -> Result<()> {
     let reply = call(state_dir, IpcRequest::Netcheck).await?;
-    let IpcReply::Netcheck(nat) = reply else {
+    let IpcReply::Netcheck(report) = reply else {
         bail!(unexpected(&reply));
     };
+    let nat = &report.nat;
     if json {
-        println!("{}", serde_json::to_string_pretty(&nat)?);
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         let behavior = |b| {
             serde_json::to_value(b)
@@ -283,6 +288,10 @@ async fn netcheck(state_dir: &Path, json: bool) -> Result<()> {
         println!(
             "public endpoint: {}",
             nat.public_endpoint.map_or("-".into(), |e| e.to_string())
+        );
+        println!(
+            "port mapping:    {}",
+            rally_agent::portmap::describe(report.port_mapping.as_ref())
         );
         for r in &nat.relays {
             println!(

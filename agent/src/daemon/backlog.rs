@@ -1,8 +1,10 @@
 //! What the control plane must hear from the data plane, kept while it is away: this agent's
 //! latest NAT report and the peers the data plane wants punched. Nothing the engine says is
-//! dropped for want of a control connection; it goes out on the next registration.
+//! dropped for want of a control connection; it goes out on the next registration. The NAT
+//! report carries the gateway port mapping's external endpoint, whichever of the two changes.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddrV4;
 
 use rally_proto::control::NatReport;
 use rally_proto::{Key32, Request};
@@ -16,6 +18,8 @@ pub(super) const MAX_PENDING_PUNCHES: usize = 4096;
 pub(super) struct Backlog {
     nat: Option<NatReport>,
     punches: BTreeSet<Key32>,
+    /// The external endpoint of the gateway port mapping, if any.
+    mapped: Option<SocketAddrV4>,
 }
 
 impl Backlog {
@@ -23,7 +27,8 @@ impl Backlog {
     /// otherwise it is kept (the latest NAT report, each wanted punch once).
     pub(super) fn handle_engine_event(&mut self, ev: EngineEvent, connected: bool) -> Vec<Request> {
         match ev {
-            EngineEvent::Nat(nat) => {
+            EngineEvent::Nat(mut nat) => {
+                nat.mapped_endpoint = self.mapped;
                 self.nat = Some(nat.clone());
                 if connected {
                     vec![Request::ReportNat { nat }]
@@ -38,6 +43,28 @@ impl Backlog {
                 }
                 Vec::new()
             }
+        }
+    }
+
+    /// The gateway port mapping appeared, changed or went: the NAT report carries it from now
+    /// on, and goes out again at once if the control plane is `connected` (and there is one).
+    pub(super) fn handle_mapped_endpoint(
+        &mut self,
+        mapped: Option<SocketAddrV4>,
+        connected: bool,
+    ) -> Vec<Request> {
+        self.mapped = mapped;
+        let Some(nat) = self.nat.as_mut() else {
+            return Vec::new();
+        };
+        if nat.mapped_endpoint == mapped {
+            return Vec::new();
+        }
+        nat.mapped_endpoint = mapped;
+        if connected {
+            vec![Request::ReportNat { nat: nat.clone() }]
+        } else {
+            Vec::new()
         }
     }
 
@@ -109,6 +136,31 @@ mod tests {
             [Request::Punch { peer: p }, Request::Punch { peer: q }]
         );
         assert!(b.on_registered().is_empty());
+    }
+
+    #[test]
+    fn the_nat_report_carries_the_port_mapping_whichever_comes_first() {
+        let mapped: SocketAddrV4 = "198.51.100.7:51820".parse().unwrap();
+        let with = |port| NatReport {
+            mapped_endpoint: Some(mapped),
+            ..report(port)
+        };
+        // The mapping before any report: nothing to send; the first report carries it.
+        let mut b = Backlog::default();
+        assert!(b.handle_mapped_endpoint(Some(mapped), true).is_empty());
+        let out = b.handle_engine_event(EngineEvent::Nat(report(1)), true);
+        assert_eq!(out, [Request::ReportNat { nat: with(1) }]);
+        // The same mapping again changes nothing.
+        assert!(b.handle_mapped_endpoint(Some(mapped), true).is_empty());
+
+        // A report, then the mapping: the report goes out again with it.
+        let mut b = Backlog::default();
+        b.handle_engine_event(EngineEvent::Nat(report(2)), true);
+        let out = b.handle_mapped_endpoint(Some(mapped), true);
+        assert_eq!(out, [Request::ReportNat { nat: with(2) }]);
+        // The mapping goes while the control plane is away: kept for the registration.
+        assert!(b.handle_mapped_endpoint(None, false).is_empty());
+        assert_eq!(b.on_registered(), [Request::ReportNat { nat: report(2) }]);
     }
 
     #[test]

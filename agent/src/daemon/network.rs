@@ -1,5 +1,5 @@
-//! The owner's view of the network: the host's addresses from netlink, the endpoints the
-//! control plane is told, and the relays handed to the data plane.
+//! The owner's view of the network: the host's addresses from netlink, the gateway port
+//! mapping, the endpoints the control plane is told, and the relays handed to the data plane.
 
 use std::net::SocketAddr;
 
@@ -7,6 +7,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use rally_proto::control::RelayEntry;
 use rally_proto::{Request, Response};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -14,6 +15,7 @@ use super::owner::{Msg, Owner};
 use crate::dataplane::EngineCmd;
 use crate::netinfo::local_endpoints;
 use crate::netwatch::NetWatch;
+use crate::portmap::PortMappingStatus;
 
 /// A burst of network changes (address, then routes) is looked at once, this long after its
 /// first message.
@@ -60,7 +62,8 @@ impl Owner {
         });
     }
 
-    /// Direct candidates: every local address, and the public endpoint netcheck found.
+    /// Direct candidates: every local address, the public endpoint netcheck found, and the
+    /// gateway's port mapping (first: behind a symmetric NAT it is the only way in).
     pub(super) fn endpoints(&self) -> Vec<SocketAddr> {
         let mut eps = self.local.clone();
         if let Some(public) = self.backlog.nat().and_then(|n| n.public_endpoint) {
@@ -68,8 +71,41 @@ impl Owner {
                 eps.insert(0, public);
             }
         }
+        if let Some(mapped) = self.mapping.map(|m| SocketAddr::V4(m.external)) {
+            eps.retain(|e| *e != mapped);
+            eps.insert(0, mapped);
+        }
         eps.truncate(rally_proto::control::MAX_ENDPOINTS);
         eps
+    }
+
+    /// The port mapping appeared, changed or went (`None`: the mapper ended): the control
+    /// plane gets the endpoints (the mapping first) and the NAT report carrying it again.
+    pub(super) fn handle_port_mapping(&mut self, news: Option<Option<PortMappingStatus>>) {
+        let mapping = news.flatten();
+        if news.is_none() {
+            self.mapping_rx = None;
+        }
+        if mapping == self.mapping {
+            return;
+        }
+        info!(
+            mapping = %crate::portmap::describe(mapping.as_ref()),
+            "port mapping changed"
+        );
+        self.mapping = mapping;
+        let connected = self.link_state.borrow().connected;
+        let requests = self
+            .backlog
+            .handle_mapped_endpoint(mapping.map(|m| m.external), connected);
+        if connected {
+            if let Some(link) = &self.link {
+                link.handle.set_endpoints(self.endpoints());
+            }
+        }
+        for req in requests {
+            self.tell_control(req);
+        }
     }
 
     /// A netlink message: the burst it starts is looked at [`NET_SETTLE`] later.
@@ -94,6 +130,7 @@ impl Owner {
         }
         info!(endpoints = ?now, "network changed");
         self.local = now;
+        self.portmap.network_changed();
         if let Some(link) = &self.link {
             link.handle.set_endpoints(self.endpoints());
         }
@@ -101,6 +138,20 @@ impl Owner {
             engine.send(EngineCmd::Netcheck(None));
             engine.send(EngineCmd::Reconnect(None));
         }
+    }
+}
+
+/// The next news of the port mapper: `Some(mapping)` when it changed, `None` once the mapper
+/// has ended (then the receiver is dropped: never again).
+pub(super) async fn mapping_changed(
+    rx: &mut Option<watch::Receiver<Option<PortMappingStatus>>>,
+) -> Option<Option<PortMappingStatus>> {
+    let Some(r) = rx else {
+        return std::future::pending().await;
+    };
+    match r.changed().await {
+        Ok(()) => Some(*r.borrow_and_update()),
+        Err(_) => None,
     }
 }
 

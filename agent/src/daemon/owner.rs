@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::backlog::Backlog;
-use super::network::net_changed;
+use super::network::{mapping_changed, net_changed};
 use super::{Config, DaemonError};
 use crate::api::{IpcRequest, IpcResult};
 use crate::control::{self, ControlEvent, ControlHandle, Registration};
@@ -19,6 +19,7 @@ use crate::dataplane::{Engine, EngineCmd, EngineConfig, EngineEvent, EngineHandl
 use crate::events::EventBus;
 use crate::netinfo::local_endpoints;
 use crate::netwatch::NetWatch;
+use crate::portmap::{PortMapper, PortMappingStatus};
 use crate::state::{ControlTarget, Keys, Saved, StateDir};
 
 /// How long after a peer-map change the on-disk cache is rewritten (changes within it share
@@ -26,6 +27,8 @@ use crate::state::{ControlTarget, Keys, Saved, StateDir};
 const PEER_CACHE_DELAY: Duration = Duration::from_secs(1);
 /// How often a fresh relay token is asked for (well before the current one expires).
 const RENEW_EVERY: Duration = Duration::from_secs(300);
+/// How long shutdown waits for the gateway to confirm the port mapping's removal.
+const PORTMAP_REMOVE_WAIT: Duration = Duration::from_secs(3);
 
 /// A relay with its resolved address: (name, `host:port`, address).
 pub(super) type ResolvedRelay = (String, String, SocketAddr);
@@ -95,6 +98,12 @@ pub(super) struct Owner {
     pub(super) netwatch: Option<NetWatch>,
     /// When the current burst of network changes is looked at.
     pub(super) net_settle_at: Option<Instant>,
+    /// The gateway port mapping of `listen_port` (src/portmap), running beside the owner.
+    pub(super) portmap: PortMapper,
+    /// The mapper's news (`None` once it has ended).
+    pub(super) mapping_rx: Option<watch::Receiver<Option<PortMappingStatus>>>,
+    /// The port mapping in effect, as the mapper last reported it.
+    pub(super) mapping: Option<PortMappingStatus>,
     /// Set to end the loop, with the daemon's outcome.
     pub(super) stopping: Option<Result<(), DaemonError>>,
     /// `rally down` requests, answered once the daemon has stopped.
@@ -124,6 +133,7 @@ impl Owner {
             }
         };
         let (engine_tx, engine_rx) = mpsc::unbounded_channel();
+        let portmap = PortMapper::start(listen_port, rand::random());
         Owner {
             wg_public: keys.wg_public(),
             wg_secret: keys.wireguard,
@@ -149,6 +159,9 @@ impl Owner {
             peer_cache_at: None,
             netwatch,
             net_settle_at: None,
+            mapping_rx: Some(portmap.subscribe()),
+            mapping: None,
+            portmap,
             stopping: None,
             down: Vec::new(),
             state,
@@ -182,6 +195,7 @@ impl Owner {
                 Some(ev) = self.engine_rx.recv() => self.handle_engine(ev),
                 changed = net_changed(&mut self.netwatch) => self.handle_net_change(changed),
                 () = sleep_until(self.net_settle_at) => self.network_settled(),
+                mapping = mapping_changed(&mut self.mapping_rx) => self.handle_port_mapping(mapping),
                 () = sleep_until(self.peer_cache_at) => self.write_peer_cache(),
                 _ = renew.tick() => self.renew_relay_token(),
                 () = &mut stop_signal => self.stopping = Some(Ok(())),
@@ -189,6 +203,7 @@ impl Owner {
         }
         info!("rally agent stopping");
         let outcome = self.stopping.take().unwrap_or(Ok(()));
+        self.portmap.shutdown(PORTMAP_REMOVE_WAIT).await;
         self.stop_engine().await;
         if self.peer_cache_at.is_some() {
             self.write_peer_cache();
@@ -330,7 +345,7 @@ impl Owner {
     }
 
     /// Sends a request whose answer nobody waits for.
-    fn tell_control(&self, req: Request) {
+    pub(super) fn tell_control(&self, req: Request) {
         let Some(link) = &self.link else { return };
         let handle = link.handle.clone();
         tokio::spawn(async move {

@@ -9,7 +9,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::info;
 
 use super::owner::{Msg, Owner};
-use crate::api::{resolve_peer, ControlStatus, IpcReply, IpcRequest, IpcResult, StatusReport};
+use crate::api::{
+    resolve_peer, ControlStatus, IpcReply, IpcRequest, IpcResult, NetcheckReport, StatusReport,
+};
 use crate::conn::PathId;
 use crate::control::{ControlError, ControlHandle};
 use crate::dataplane::{EngineCmd, EngineHandle};
@@ -63,9 +65,14 @@ impl Owner {
                 Err(e) => answer(reply, Err(e)),
             },
             IpcRequest::Netcheck => match self.engine.clone() {
-                Some(engine) => respond(reply, async move {
-                    Ok(IpcReply::Netcheck(engine.netcheck().await?))
-                }),
+                Some(engine) => {
+                    let port_mapping = self.mapping;
+                    respond(reply, async move {
+                        let mut nat = engine.netcheck().await?;
+                        nat.mapped_endpoint = port_mapping.map(|m| m.external);
+                        Ok(IpcReply::Netcheck(NetcheckReport { nat, port_mapping }))
+                    })
+                }
                 None => answer(
                     reply,
                     Err("not connected yet: the agent has no virtual IP".into()),
@@ -105,6 +112,7 @@ impl Owner {
             nat: self.backlog.nat().cloned(),
             parties: self.parties.clone(),
             listen_port: self.listen_port,
+            port_mapping: self.mapping,
         }
     }
 

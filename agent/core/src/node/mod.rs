@@ -10,8 +10,9 @@
 //! - a direct path proven by the puncher becomes a path of the connection manager; when the
 //!   manager loses it (failover to a relay, or every path), punching starts again, and a direct
 //!   path proven again after a loss is re-added fresh so it takes the role back at once;
-//! - punching is **hopeless** when both this agent and the peer map endpoint-dependently; that
-//!   is recomputed whenever either NAT report changes ([`Node::handle_nat_report`], the
+//! - punching is **hopeless** when both this agent and the peer map endpoint-dependently and
+//!   the peer holds no gateway port mapping (`mapped_endpoint` in its report); that is
+//!   recomputed whenever either NAT report changes ([`Node::handle_nat_report`], the
 //!   netcheck, a peer update);
 //! - a public address seen changed (a relay's bind answer, or STUN) updates the NAT report at
 //!   once ([`NodeEvent::Nat`]);

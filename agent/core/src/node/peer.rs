@@ -155,8 +155,12 @@ impl Node {
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        let theirs = p.info.nat.as_ref().map(|n| n.mapping).unwrap_or_default();
-        let hopeless = mine.is_endpoint_dependent() && theirs.is_endpoint_dependent();
+        // A peer with a gateway port mapping is reachable at its mapped endpoint whatever its
+        // NAT does; it answers our probes (and probes back) even when it does not punch itself.
+        let theirs = p.info.nat.as_ref();
+        let hopeless = mine.is_endpoint_dependent()
+            && theirs
+                .is_some_and(|n| n.mapping.is_endpoint_dependent() && n.mapped_endpoint.is_none());
         if hopeless == p.paths.is_hopeless() {
             return;
         }

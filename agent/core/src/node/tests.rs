@@ -112,6 +112,38 @@ fn hopeless_is_recomputed_when_the_peers_report_changes() {
 }
 
 #[test]
+fn a_peer_with_a_port_mapping_is_never_hopeless() {
+    // Both sides endpoint-dependent, but the peer holds a gateway port mapping: its mapped
+    // endpoint answers anyone, so punching it is worth it.
+    let t0 = origin();
+    let mut node = lone_node(t0);
+    node.handle_nat_report(report(NatBehavior::AddressAndPortDependent), t0);
+    let mut mapped = (*peer_info(NatBehavior::AddressAndPortDependent)).clone();
+    let mut nat = report(NatBehavior::AddressAndPortDependent);
+    nat.mapped_endpoint = Some("198.51.100.9:51820".parse().unwrap());
+    mapped.nat = Some(nat);
+    let id = mapped.peer_id;
+    node.handle_peer_changes(vec![PeerEvent::Added(Arc::new(mapped.clone()))], t0);
+    let p = node.peer(&id).unwrap();
+    assert!(!p.is_hopeless());
+    assert!(p.is_punching());
+
+    // The mapping goes: now the pair is hopeless.
+    mapped.nat = Some(report(NatBehavior::AddressAndPortDependent));
+    node.handle_peer_changes(vec![PeerEvent::Updated(Arc::new(mapped.clone()))], t0);
+    assert!(node.peer(&id).unwrap().is_hopeless());
+
+    // And back: punching again at once.
+    let mut nat = report(NatBehavior::AddressAndPortDependent);
+    nat.mapped_endpoint = Some("198.51.100.9:51820".parse().unwrap());
+    mapped.nat = Some(nat);
+    node.handle_peer_changes(vec![PeerEvent::Updated(Arc::new(mapped))], t0);
+    let p = node.peer(&id).unwrap();
+    assert!(!p.is_hopeless());
+    assert!(p.is_punching());
+}
+
+#[test]
 fn a_cut_direct_path_fails_over_to_a_relay_on_the_silence_check() {
     let (mut sim, t0) = pair(NatKind::Public, NatKind::Public);
     sim.agents[1].echo = true;
@@ -444,5 +476,6 @@ fn report(mapping: NatBehavior) -> NatReport {
         port_preserving: false,
         public_endpoint: Some("198.51.100.77:40001".parse().unwrap()),
         relays: Vec::new(),
+        mapped_endpoint: None,
     }
 }
