@@ -69,6 +69,18 @@ pub enum Drop {
     /// A multicast for a group nobody here listens to.
     Unsubscribed,
     Malformed,
+    /// Read from the TUN device with a source other than our virtual IP: the kernel sent back
+    /// something that came from a peer. Never forwarded again.
+    Foreign,
+}
+
+/// Where a local packet was seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Routed into the TUN device by the kernel: its source must be our virtual IP.
+    Tun,
+    /// Captured leaving the physical default-route interface: its LAN source is rewritten.
+    Capture,
 }
 
 /// Where a packet from a local program goes.
@@ -155,8 +167,15 @@ impl Discovery {
     /// A packet a local program sent (read from the TUN device, or captured leaving the
     /// physical interface). Its source is rewritten to our virtual IP with right checksums,
     /// so the peers deliver it as coming from us and replies come back over the overlay.
-    pub fn handle_local(&mut self, packet: &mut [u8], now: Instant) -> Outbound {
+    pub fn handle_local(&mut self, packet: &mut [u8], origin: Origin, now: Instant) -> Outbound {
         let kind = classify(packet, self.directed);
+        if origin == Origin::Tun
+            && kind != Kind::Other
+            && packet::parse_ipv4(packet).is_some_and(|ip| ip.src != self.own_vip)
+        {
+            self.counters.dropped_foreign += 1;
+            return Outbound::Dropped(Drop::Foreign);
+        }
         let (port, target) = match kind {
             Kind::Igmp => return Outbound::Membership,
             Kind::Other => return Outbound::NotDiscovery,
@@ -207,12 +226,14 @@ impl Discovery {
     }
 
     /// A packet decrypted from `peer` (whose inner source the engine already checked is the
-    /// peer's virtual IP), sharing `parties` with us.
+    /// peer's virtual IP), sharing `parties` with us. A directed broadcast to deliver is
+    /// rewritten to the limited broadcast: the kernel delivers that on any device and never
+    /// routes it back out, whatever broadcast address the TUN device has.
     pub fn handle_peer_packet(
         &mut self,
         peer: &Key32,
         parties: &[String],
-        p: &[u8],
+        p: &mut [u8],
         now: Instant,
     ) -> Inbound {
         if p.get(9) == Some(&packet::SUBSCRIPTION_PROTO) {
@@ -228,6 +249,9 @@ impl Discovery {
         let flow = self.flows.get(kind, now);
         match verdict {
             None => {
+                if matches!(kind, Kind::Broadcast { dst, .. } if dst == self.directed) {
+                    packet::rewrite_destination(p, Ipv4Addr::BROADCAST);
+                }
                 flow.received += 1;
                 flow.last_sender = Some(src);
                 flow.count(now);
@@ -243,6 +267,7 @@ impl Discovery {
                     Drop::Duplicate => c.dropped_duplicate += 1,
                     Drop::Unsubscribed => c.dropped_unsubscribed += 1,
                     Drop::Malformed => c.dropped_malformed += 1,
+                    Drop::Foreign => c.dropped_foreign += 1,
                 }
                 Inbound::Dropped(why)
             }

@@ -168,6 +168,19 @@ pub fn rewrite_source(p: &mut [u8], src: Ipv4Addr) -> bool {
     true
 }
 
+/// Rewrites the destination address of an IPv4/UDP packet and recomputes both checksums.
+pub fn rewrite_destination(p: &mut [u8], dst: Ipv4Addr) -> bool {
+    let Some(ip) = parse_ipv4(p).filter(|ip| ip.proto == UDP && !ip.fragment) else {
+        return false;
+    };
+    if ip.total_len < ip.header_len + 8 {
+        return false;
+    }
+    p[16..20].copy_from_slice(&dst.octets());
+    fix_checksums(&mut p[..ip.total_len], ip.header_len);
+    true
+}
+
 /// Recomputes the IPv4 header checksum and the UDP checksum of a whole packet.
 fn fix_checksums(p: &mut [u8], h: usize) {
     p[10] = 0;

@@ -26,6 +26,8 @@ pub struct Counters {
     pub dropped_disabled: u64,
     pub dropped_unsubscribed: u64,
     pub dropped_malformed: u64,
+    /// Broadcasts read back from the TUN device with a foreign source (loop prevention).
+    pub dropped_foreign: u64,
     pub subscription_messages: u64,
 }
 

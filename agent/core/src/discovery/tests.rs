@@ -34,14 +34,14 @@ fn a_captured_broadcast_goes_to_every_peer_from_our_virtual_ip() {
         b"ping",
     );
     assert_eq!(
-        d.handle_local(&mut p, t),
+        d.handle_local(&mut p, Origin::Capture, t),
         Outbound::Forward(Targets::AllPeers)
     );
     assert_eq!(parse_ipv4(&p).map(|ip| ip.src), Some(ME));
     assert!(checksums_ok(&p));
     // Unicast is not discovery's.
     let mut u = udp_packet(ME, BOB, 1, 2, b"");
-    assert_eq!(d.handle_local(&mut u, t), Outbound::NotDiscovery);
+    assert_eq!(d.handle_local(&mut u, Origin::Tun, t), Outbound::NotDiscovery);
 }
 
 #[test]
@@ -52,12 +52,12 @@ fn multicast_goes_only_to_subscribers() {
     let carol = Key32([4; 32]);
     let msg = subscription_packet(BOB, ME, &[GROUP]);
     assert_eq!(
-        d.handle_peer_packet(&bob, &parties(), &msg, t),
+        d.handle_peer_packet(&bob, &parties(), &mut msg.clone(), t),
         Inbound::Subscribed(vec![GROUP])
     );
     let mut m = udp_packet(ME, GROUP, 1, 4445, b"[MOTD]w[/MOTD][AD]25565[/AD]");
     assert_eq!(
-        d.handle_local(&mut m, t),
+        d.handle_local(&mut m, Origin::Tun, t),
         Outbound::Forward(Targets::Subscribers(GROUP))
     );
     let subs: Vec<_> = d.subscribers(GROUP).copied().collect();
@@ -65,7 +65,7 @@ fn multicast_goes_only_to_subscribers() {
     assert!(!subs.contains(&carol));
     // An empty set unsubscribes.
     let msg = subscription_packet(BOB, ME, &[]);
-    d.handle_peer_packet(&bob, &parties(), &msg, t);
+    d.handle_peer_packet(&bob, &parties(), &mut msg.clone(), t);
     assert_eq!(d.subscribers(GROUP).count(), 0);
 }
 
@@ -76,7 +76,7 @@ fn inbound_multicast_needs_a_local_listener() {
     let bob = Key32([3; 32]);
     let m = udp_packet(BOB, GROUP, 1, 4445, b"a");
     assert_eq!(
-        d.handle_peer_packet(&bob, &parties(), &m, t),
+        d.handle_peer_packet(&bob, &parties(), &mut m.clone(), t),
         Inbound::Dropped(Drop::Unsubscribed)
     );
     assert!(d.set_local_groups(BTreeSet::from([GROUP, Ipv4Addr::new(224, 0, 0, 251)])));
@@ -84,7 +84,7 @@ fn inbound_multicast_needs_a_local_listener() {
     assert_eq!(d.local_groups().len(), 1);
     assert!(!d.set_local_groups(BTreeSet::from([GROUP])));
     assert_eq!(
-        d.handle_peer_packet(&bob, &parties(), &m, t),
+        d.handle_peer_packet(&bob, &parties(), &mut m.clone(), t),
         Inbound::Deliver
     );
     assert_eq!(d.counters().delivered, 1);
@@ -98,16 +98,16 @@ fn duplicates_are_delivered_once_and_repeats_later_pass() {
     let bob = Key32([3; 32]);
     let b = udp_packet(BOB, Ipv4Addr::BROADCAST, 1, 7777, b"hello");
     assert_eq!(
-        d.handle_peer_packet(&bob, &parties(), &b, t),
+        d.handle_peer_packet(&bob, &parties(), &mut b.clone(), t),
         Inbound::Deliver
     );
     assert_eq!(
-        d.handle_peer_packet(&bob, &parties(), &b, t + Duration::from_millis(10)),
+        d.handle_peer_packet(&bob, &parties(), &mut b.clone(), t + Duration::from_millis(10)),
         Inbound::Dropped(Drop::Duplicate)
     );
     // The same announcement a second later (as games repeat them) passes.
     assert_eq!(
-        d.handle_peer_packet(&bob, &parties(), &b, t + Duration::from_secs(1)),
+        d.handle_peer_packet(&bob, &parties(), &mut b.clone(), t + Duration::from_secs(1)),
         Inbound::Deliver
     );
 }
@@ -126,11 +126,11 @@ fn a_flood_is_capped_both_ways_and_counted() {
     for i in 0..20_000u32 {
         let now = t + Duration::from_micros(u64::from(i) * 100);
         let b = udp_packet(BOB, Ipv4Addr::BROADCAST, 1, 7777, &i.to_be_bytes());
-        if d.handle_peer_packet(&bob, &parties(), &b, now) == Inbound::Deliver {
+        if d.handle_peer_packet(&bob, &parties(), &mut b.clone(), now) == Inbound::Deliver {
             delivered += 1;
         }
         let mut o = udp_packet(ME, Ipv4Addr::BROADCAST, 1, 7777, &i.to_be_bytes());
-        if d.handle_local(&mut o, now) == Outbound::Forward(Targets::AllPeers) {
+        if d.handle_local(&mut o, Origin::Tun, now) == Outbound::Forward(Targets::AllPeers) {
             sent += 1;
         }
     }
@@ -150,10 +150,10 @@ fn turned_off_globally_per_port_and_per_party() {
         enabled: false,
         ..DiscoveryConfig::default()
     });
-    let mut o = b.clone();
-    assert_eq!(off.handle_local(&mut o, t), Outbound::Dropped(Drop::Disabled));
+    let mut o = udp_packet(ME, Ipv4Addr::BROADCAST, 1, 7777, b"x");
+    assert_eq!(off.handle_local(&mut o, Origin::Tun, t), Outbound::Dropped(Drop::Disabled));
     assert_eq!(
-        off.handle_peer_packet(&bob, &parties(), &b, t),
+        off.handle_peer_packet(&bob, &parties(), &mut b.clone(), t),
         Inbound::Dropped(Drop::Disabled)
     );
 
@@ -162,7 +162,7 @@ fn turned_off_globally_per_port_and_per_party() {
         ..DiscoveryConfig::default()
     });
     assert_eq!(
-        port.handle_peer_packet(&bob, &parties(), &b, t),
+        port.handle_peer_packet(&bob, &parties(), &mut b.clone(), t),
         Inbound::Dropped(Drop::Disabled)
     );
 
@@ -180,7 +180,7 @@ fn status_names_flows_and_last_sender() {
     let t = Instant::now();
     let bob = Key32([3; 32]);
     let b = udp_packet(BOB, Ipv4Addr::BROADCAST, 1, 7777, b"x");
-    d.handle_peer_packet(&bob, &parties(), &b, t);
+    d.handle_peer_packet(&bob, &parties(), &mut b.clone(), t);
     let s = d.status(t + Duration::from_millis(1500), |_| "bob".into());
     assert_eq!(s.flows.len(), 1);
     assert_eq!(s.flows[0].port, 7777);
@@ -188,4 +188,24 @@ fn status_names_flows_and_last_sender() {
     assert_eq!(s.flows[0].rate_pps, 1);
     assert_eq!(s.flows[0].last_sender, Some(BOB));
     assert_eq!(s.flows[0].last_seen_ms_ago, 1500);
+}
+
+#[test]
+fn a_directed_broadcast_is_delivered_as_limited_and_never_sent_back() {
+    let mut d = disc(DiscoveryConfig::default());
+    let t = Instant::now();
+    let bob = Key32([3; 32]);
+    let mut b = udp_packet(BOB, d.directed_broadcast(), 1, 7777, b"x");
+    assert_eq!(
+        d.handle_peer_packet(&bob, &parties(), &mut b, t),
+        Inbound::Deliver
+    );
+    assert_eq!(parse_ipv4(&b).map(|ip| ip.dst), Some(Ipv4Addr::BROADCAST));
+    assert!(checksums_ok(&b));
+    // Were the kernel to route it back into the TUN device, its source is a peer's: dropped.
+    assert_eq!(
+        d.handle_local(&mut b, Origin::Tun, t),
+        Outbound::Dropped(Drop::Foreign)
+    );
+    assert_eq!(d.counters().dropped_foreign, 1);
 }
