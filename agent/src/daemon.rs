@@ -42,6 +42,8 @@ pub struct Config {
     pub profile: Profile,
     /// Serve Prometheus text on this address.
     pub metrics: Option<SocketAddr>,
+    /// LAN game discovery (`rally up --discovery …`).
+    pub discovery: crate::discovery::DiscoveryConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,11 +208,15 @@ pub async fn run(cfg: Config) -> Result<(), DaemonError> {
             let d = d.clone();
             async move {
                 let engine = d.lock().engine.clone();
-                let peers = match engine {
-                    Some(e) => e.peers().await,
-                    None => Vec::new(),
+                let (peers, discovery) = match engine {
+                    Some(e) => (e.peers().await, e.discovery().await),
+                    None => (Vec::new(), None),
                 };
-                crate::metrics::render(&peers)
+                let mut text = crate::metrics::render(&peers);
+                if let Some(d) = discovery {
+                    crate::metrics::render_discovery(&mut text, &d.counters);
+                }
+                text
             }
         }));
     }
@@ -266,6 +272,7 @@ impl Daemon {
                     .collect(),
                 profile: self.cfg.profile.clone(),
                 bus: self.bus.clone(),
+                discovery: self.cfg.discovery.clone(),
             },
             self.engine_events.clone(),
         )
@@ -725,6 +732,17 @@ impl Daemon {
                 rx.await
                     .map_err(|_| "the data plane stopped".to_string())??;
                 Ok(IpcReply::Ok)
+            }
+            IpcRequest::Discovery => {
+                let engine = self.lock().engine.clone();
+                match engine {
+                    Some(e) => e
+                        .discovery()
+                        .await
+                        .map(|d| IpcReply::Discovery(Box::new(d)))
+                        .ok_or_else(|| "the data plane stopped".into()),
+                    None => Err("no virtual IP yet: join or create a party first".into()),
+                }
             }
             IpcRequest::Events { .. } => Err("events are streamed".into()),
             IpcRequest::Down => {

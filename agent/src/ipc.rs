@@ -43,6 +43,8 @@ pub enum IpcRequest {
         peer: String,
         path: String,
     },
+    /// `rally discovery`.
+    Discovery,
     Down,
 }
 
@@ -61,6 +63,7 @@ pub enum IpcReply {
         parties: Vec<PartyInfo>,
     },
     Netcheck(NatReport),
+    Discovery(Box<crate::discovery::DiscoveryStatus>),
     Events {
         events: Vec<crate::events::Event>,
         /// Events this follower missed because it read too slowly.

@@ -6,6 +6,7 @@ pub use rally_agent_core::{backoff, conn, netcheck, node, outputs, paths, relay_
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod discovery;
 pub mod events;
 pub mod ipc;
 pub mod metrics;

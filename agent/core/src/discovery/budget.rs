@@ -54,7 +54,12 @@ impl Budgets {
     }
 
     fn evict_idlest(&mut self) {
-        if let Some(k) = self.buckets.iter().min_by_key(|(_, b)| b.at).map(|(k, _)| *k) {
+        if let Some(k) = self
+            .buckets
+            .iter()
+            .min_by_key(|(_, b)| b.at)
+            .map(|(k, _)| *k)
+        {
             self.buckets.remove(&k);
         }
     }

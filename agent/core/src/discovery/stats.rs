@@ -113,7 +113,12 @@ impl Flows {
             Kind::Igmp | Kind::Other => (Ipv4Addr::UNSPECIFIED, 0),
         };
         if !self.0.contains_key(&key) && self.0.len() >= MAX_FLOWS {
-            if let Some(k) = self.0.iter().min_by_key(|(_, f)| f.last_at).map(|(k, _)| *k) {
+            if let Some(k) = self
+                .0
+                .iter()
+                .min_by_key(|(_, f)| f.last_at)
+                .map(|(k, _)| *k)
+            {
                 self.0.remove(&k);
             }
         }

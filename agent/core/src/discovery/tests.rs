@@ -41,7 +41,10 @@ fn a_captured_broadcast_goes_to_every_peer_from_our_virtual_ip() {
     assert!(checksums_ok(&p));
     // Unicast is not discovery's.
     let mut u = udp_packet(ME, BOB, 1, 2, b"");
-    assert_eq!(d.handle_local(&mut u, Origin::Tun, t), Outbound::NotDiscovery);
+    assert_eq!(
+        d.handle_local(&mut u, Origin::Tun, t),
+        Outbound::NotDiscovery
+    );
 }
 
 #[test]
@@ -102,7 +105,12 @@ fn duplicates_are_delivered_once_and_repeats_later_pass() {
         Inbound::Deliver
     );
     assert_eq!(
-        d.handle_peer_packet(&bob, &parties(), &mut b.clone(), t + Duration::from_millis(10)),
+        d.handle_peer_packet(
+            &bob,
+            &parties(),
+            &mut b.clone(),
+            t + Duration::from_millis(10)
+        ),
         Inbound::Dropped(Drop::Duplicate)
     );
     // The same announcement a second later (as games repeat them) passes.
@@ -151,7 +159,10 @@ fn turned_off_globally_per_port_and_per_party() {
         ..DiscoveryConfig::default()
     });
     let mut o = udp_packet(ME, Ipv4Addr::BROADCAST, 1, 7777, b"x");
-    assert_eq!(off.handle_local(&mut o, Origin::Tun, t), Outbound::Dropped(Drop::Disabled));
+    assert_eq!(
+        off.handle_local(&mut o, Origin::Tun, t),
+        Outbound::Dropped(Drop::Disabled)
+    );
     assert_eq!(
         off.handle_peer_packet(&bob, &parties(), &mut b.clone(), t),
         Inbound::Dropped(Drop::Disabled)
