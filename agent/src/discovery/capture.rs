@@ -11,6 +11,10 @@ use tokio::io::unix::AsyncFd;
 
 /// `SKF_AD_OFF + SKF_AD_PKTTYPE`: the BPF load of the packet's type.
 const LOAD_PKTTYPE: u32 = (-0x1000i32 + 4) as u32;
+/// `SKF_AD_OFF + SKF_AD_PROTOCOL`: the BPF load of the frame's ethertype.
+const LOAD_PROTOCOL: u32 = (-0x1000i32) as u32;
+/// Only `ETH_P_ALL` sockets see outgoing frames (the filter keeps IPv4).
+const ETH_P_ALL: u16 = 0x0003;
 const PACKET_OUTGOING: u32 = 4;
 const ETH_P_IP: u16 = 0x0800;
 
@@ -26,23 +30,26 @@ fn op(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
 
-/// The filter, run on the IP header (a `SOCK_DGRAM` packet socket sees no link header).
+/// The filter, run on the IP header (a `SOCK_DGRAM` packet socket sees no link header); the
+/// ethertype and direction come from the kernel's ancillary loads.
 fn program() -> Vec<libc::sock_filter> {
     const ACCEPT: u32 = 65_535;
     vec![
-        /* 0 */ op(BPF_LD_W_ABS, 0, 0, LOAD_PKTTYPE),
-        /* 1 */ op(BPF_JEQ_K, 0, 10, PACKET_OUTGOING), // → 12 reject
-        /* 2 */ op(BPF_LD_B_ABS, 0, 0, 9),
-        /* 3 */ op(BPF_JEQ_K, 7, 0, 2), // IGMP → 11 accept
-        /* 4 */ op(BPF_JEQ_K, 0, 7, 17), // not UDP → 12
-        /* 5 */ op(BPF_LD_H_ABS, 0, 0, 6),
-        /* 6 */ op(BPF_JSET_K, 5, 0, 0x3fff), // a fragment → 12
-        /* 7 */ op(BPF_LD_W_ABS, 0, 0, 16),
-        /* 8 */ op(BPF_JEQ_K, 2, 0, 0xffff_ffff), // limited broadcast → 11
-        /* 9 */ op(BPF_AND_K, 0, 0, 0xf000_0000),
-        /* 10 */ op(BPF_JEQ_K, 0, 1, 0xe000_0000), // multicast → 11, else 12
-        /* 11 */ op(BPF_RET_K, 0, 0, ACCEPT),
-        /* 12 */ op(BPF_RET_K, 0, 0, 0),
+        /* 0 */ op(BPF_LD_H_ABS, 0, 0, LOAD_PROTOCOL),
+        /* 1 */ op(BPF_JEQ_K, 0, 12, u32::from(ETH_P_IP)), // → 14 reject
+        /* 2 */ op(BPF_LD_W_ABS, 0, 0, LOAD_PKTTYPE),
+        /* 3 */ op(BPF_JEQ_K, 0, 10, PACKET_OUTGOING), // → 14
+        /* 4 */ op(BPF_LD_B_ABS, 0, 0, 9),
+        /* 5 */ op(BPF_JEQ_K, 7, 0, 2), // IGMP → 13 accept
+        /* 6 */ op(BPF_JEQ_K, 0, 7, 17), // not UDP → 14
+        /* 7 */ op(BPF_LD_H_ABS, 0, 0, 6),
+        /* 8 */ op(BPF_JSET_K, 5, 0, 0x3fff), // a fragment → 14
+        /* 9 */ op(BPF_LD_W_ABS, 0, 0, 16),
+        /* 10 */ op(BPF_JEQ_K, 2, 0, 0xffff_ffff), // limited broadcast → 13
+        /* 11 */ op(BPF_AND_K, 0, 0, 0xf000_0000),
+        /* 12 */ op(BPF_JEQ_K, 0, 1, 0xe000_0000), // multicast → 13, else 14
+        /* 13 */ op(BPF_RET_K, 0, 0, ACCEPT),
+        /* 14 */ op(BPF_RET_K, 0, 0, 0),
     ]
 }
 
@@ -91,7 +98,7 @@ impl Capture {
         // SAFETY: an all-zero sockaddr_ll is valid; the fields set below are plain integers.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = ETH_P_IP.to_be();
+        sll.sll_protocol = ETH_P_ALL.to_be();
         sll.sll_ifindex = index as i32;
         // SAFETY: `sll` is a valid sockaddr_ll of the given length.
         let r = unsafe {
