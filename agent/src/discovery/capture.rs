@@ -18,12 +18,20 @@ const ETH_P_ALL: u16 = 0x0003;
 const PACKET_OUTGOING: u32 = 4;
 const ETH_P_IP: u16 = 0x0800;
 
-const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
-const BPF_LD_H_ABS: u16 = 0x00 | 0x08 | 0x20;
-const BPF_LD_B_ABS: u16 = 0x00 | 0x10 | 0x20;
-const BPF_JEQ_K: u16 = 0x05 | 0x10;
-const BPF_JSET_K: u16 = 0x05 | 0x40;
-const BPF_AND_K: u16 = 0x04 | 0x50;
+// Classic BPF opcodes (linux/bpf_common.h): class | size | mode, or class | op | source.
+/// `BPF_LD | BPF_W | BPF_ABS`
+const BPF_LD_W_ABS: u16 = 0x20;
+/// `BPF_LD | BPF_H | BPF_ABS`
+const BPF_LD_H_ABS: u16 = 0x28;
+/// `BPF_LD | BPF_B | BPF_ABS`
+const BPF_LD_B_ABS: u16 = 0x30;
+/// `BPF_JMP | BPF_JEQ | BPF_K`
+const BPF_JEQ_K: u16 = 0x15;
+/// `BPF_JMP | BPF_JSET | BPF_K`
+const BPF_JSET_K: u16 = 0x45;
+/// `BPF_ALU | BPF_AND | BPF_K`
+const BPF_AND_K: u16 = 0x54;
+/// `BPF_RET | BPF_K`
 const BPF_RET_K: u16 = 0x06;
 
 fn op(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
