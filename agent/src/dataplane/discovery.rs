@@ -3,6 +3,7 @@
 //! [`rally_agent_core::discovery`] pick; what peers send is delivered by the same rules; the
 //! groups programs here listen to are joined on the TUN device and told to the peers.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rally_agent_core::discovery::{Inbound, Origin, Outbound, Targets};
@@ -84,12 +85,17 @@ impl Engine {
     /// other destination is accepted here (a destination filter for unicast belongs in this
     /// function too). A directed broadcast is rewritten in place to the limited broadcast.
     pub(super) fn accept_inbound_destination(&mut self, peer: &Key32, packet: &mut [u8]) -> bool {
-        let parties = self
-            .node
-            .peer(peer)
-            .map(|s| s.info().parties.clone())
-            .unwrap_or_default();
-        match self.disc.handle_peer_packet(peer, &parties, packet, now()) {
+        // The common case, unicast to us, costs two byte comparisons.
+        if !self.disc.is_discovery_packet(packet) {
+            return true;
+        }
+        let Some(info) = self.node.peer(peer).map(|s| Arc::clone(s.info())) else {
+            return false;
+        };
+        match self
+            .disc
+            .handle_peer_packet(peer, &info.parties, packet, now())
+        {
             Inbound::Deliver | Inbound::NotDiscovery => true,
             Inbound::Subscribed(groups) => {
                 debug!(%peer, ?groups, "peer's multicast subscriptions");

@@ -164,6 +164,18 @@ impl Discovery {
         dst == Ipv4Addr::BROADCAST || dst == self.directed || dst.is_multicast()
     }
 
+    /// Whether a packet from a peer is discovery's at all (a broadcast, a multicast or a
+    /// subscription message): a cheap look at two header fields, for the receive path.
+    pub fn is_discovery_packet(&self, p: &[u8]) -> bool {
+        match (p.get(9), p.get(16..20)) {
+            (Some(&proto), Some(d)) => {
+                proto == packet::SUBSCRIPTION_PROTO
+                    || self.is_discovery_destination(Ipv4Addr::new(d[0], d[1], d[2], d[3]))
+            }
+            _ => false,
+        }
+    }
+
     /// A packet a local program sent (read from the TUN device, or captured leaving the
     /// physical interface). Its source is rewritten to our virtual IP with right checksums,
     /// so the peers deliver it as coming from us and replies come back over the overlay.
