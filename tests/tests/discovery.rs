@@ -56,10 +56,10 @@ fn join(agent: &Agent, code: &str) -> Result<()> {
 
 /// alice (home router), bob (full cone), carol (carrier NAT) in `lan`; dave (home router)
 /// shares `side` with carol only. Every pair of `lan` has exchanged a ping, so tunnels are up.
-fn party(lab: &Lab, alice_extra: &[&str]) -> Result<Party> {
+fn party(lab: &Lab, alice_extra: &[&str], bob_extra: &[&str]) -> Result<Party> {
     let world = World::start(lab)?;
     let alice = start_agent(lab, &world, "alice", NatKind::HomeRouter, alice_extra)?;
-    let bob = start_agent(lab, &world, "bob", NatKind::FullCone, &[])?;
+    let bob = start_agent(lab, &world, "bob", NatKind::FullCone, bob_extra)?;
     let carol = start_agent(lab, &world, "carol", NatKind::Cgnat, &[])?;
     let dave = start_agent(lab, &world, "dave", NatKind::HomeRouter, &[])?;
     let lan = alice.party_create("lan", &[])?;
@@ -189,7 +189,7 @@ fn tun_rx_packets(host: &Host) -> Result<u64> {
 #[test]
 fn broadcasts_and_multicasts_reach_the_party_and_only_it() -> Result<()> {
     with_lab(|lab| {
-        let p = party(lab, &[])?;
+        let p = party(lab, &[], &[])?;
         let (a, b, c, d) = (p.alice.host(), p.bob.host(), p.carol.host(), p.dave.host());
         let listeners = [
             socat_listener(a, PORT)?,
@@ -353,8 +353,13 @@ fn broadcasts_and_multicasts_reach_the_party_and_only_it() -> Result<()> {
 #[test]
 fn a_broadcast_flood_is_capped_at_every_receiver() -> Result<()> {
     with_lab(|lab| {
-        // Alice may send 1000/s; bob and carol take the default 20/s from each sender.
-        let p = party(lab, &["--discovery-rate", "1000"])?;
+        // Alice may send 1000/s; bob and carol take the default 20/s from each sender. Bob
+        // turned port 7791 off.
+        let p = party(
+            lab,
+            &["--discovery-rate", "1000"],
+            &["--discovery-ports-off", "7791"],
+        )?;
         let listeners = [
             game(p.bob.host(), &["listen", "7790"], "flood-bob")?,
             game(p.carol.host(), &["listen", "7790"], "flood-carol")?,
@@ -416,6 +421,34 @@ fn a_broadcast_flood_is_capped_at_every_receiver() -> Result<()> {
             );
             println!("{}: {n} of {sent} broadcasts in {secs:.2} s", agent.name());
         }
+
+        // A port turned off at bob: carol gets the broadcasts, bob's listener nothing.
+        let off = [
+            game(p.bob.host(), &["listen", "7791"], "off-bob")?,
+            game(p.carol.host(), &["listen", "7791"], "off-carol")?,
+        ];
+        for l in &off {
+            wait_listening(lab, l)?;
+        }
+        let before = counter(&discovery(&p.bob)?, "dropped_disabled");
+        p.alice.host().run_timeout(
+            &["python3", GAME, "flood", "7791", "5", "1"],
+            Duration::from_secs(10),
+        )?;
+        lab.wait_until(
+            "carol to get port 7791",
+            Duration::from_secs(2),
+            POLL,
+            || Ok(received(&off[1])?.len() >= 4),
+        )?;
+        lab.wait_until(
+            "bob to refuse port 7791",
+            Duration::from_secs(2),
+            POLL,
+            || Ok(counter(&discovery(&p.bob)?, "dropped_disabled") >= before + 4),
+        )?;
+        let at_bob = received(&off[0])?;
+        ensure!(at_bob.is_empty(), "bob turned 7791 off yet got {at_bob:?}");
         Ok(())
     })
 }
