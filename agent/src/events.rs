@@ -34,10 +34,12 @@ pub enum EventType {
     NatDetected,
     MetricsUpdate,
     Error,
+    /// A sender of LAN game discovery went over its budget (once per episode).
+    DiscoveryCapped,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 10] = [
+    pub const ALL: [EventType; 11] = [
         EventType::Connected,
         EventType::Disconnected,
         EventType::Reconnecting,
@@ -48,6 +50,7 @@ impl EventType {
         EventType::NatDetected,
         EventType::MetricsUpdate,
         EventType::Error,
+        EventType::DiscoveryCapped,
     ];
 
     /// The name in JSON and on the command line (`--type relay_switch`).
@@ -63,6 +66,7 @@ impl EventType {
             EventType::NatDetected => "nat_detected",
             EventType::MetricsUpdate => "metrics_update",
             EventType::Error => "error",
+            EventType::DiscoveryCapped => "discovery_capped",
         }
     }
 

@@ -441,6 +441,17 @@ fn a_broadcast_flood_is_capped_at_every_receiver() -> Result<()> {
                 "{} received {n} of {sent} in {secs:.2} s; the cap allows at most {cap}",
                 agent.name()
             );
+            // One event for the episode, naming the sender.
+            let events = agent.rally_ok(&["events", "--json", "--type", "discovery_capped"])?;
+            let events: Vec<Value> = events
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            ensure!(
+                events.len() == 1 && events[0]["peer"] == "alice",
+                "{}: discovery_capped events {events:?}",
+                agent.name()
+            );
             println!("{}: {n} of {sent} broadcasts in {secs:.2} s", agent.name());
         }
 

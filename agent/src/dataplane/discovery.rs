@@ -6,12 +6,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rally_agent_core::discovery::{Inbound, Origin, Outbound, Targets};
+use rally_agent_core::discovery::{DiscoveryEvent, Inbound, Origin, Outbound, Targets};
 use rally_proto::Key32;
 use tracing::{debug, trace};
 
 use super::engine::{Buffers, Engine};
-use super::timers::now;
+use super::timers::{now, unix_ms};
+use crate::events::{Event, EventType};
 
 /// How often the groups programs listen to are read again and the capture follows the default
 /// route (IGMP reports wake it sooner).
@@ -146,8 +147,22 @@ impl Engine {
         }
     }
 
-    /// Sends the subscription messages due.
+    /// Sends the subscription messages due and publishes discovery's events.
     pub(super) async fn discovery_flush(&mut self, out: &mut [u8]) {
+        while let Some(DiscoveryEvent::Capped { source, port }) = self.disc.poll_event() {
+            let rate = self.disc.config().rate;
+            let mut ev = Event::new(
+                unix_ms(),
+                EventType::DiscoveryCapped,
+                format!("{source} sends more than {rate} broadcasts/multicasts per second (port {port}); the rest are dropped"),
+            );
+            if let Some(id) = self.node.peer_by_vip(&source) {
+                if let Some(p) = self.node.peer(&id) {
+                    ev = ev.with_peer(p.info().name.clone());
+                }
+            }
+            self.publish(ev);
+        }
         for id in std::mem::take(&mut self.disc_pending) {
             let Some(vip) = self
                 .node

@@ -34,6 +34,10 @@ pub const DEFAULT_RATE: u32 = 20;
 const DEDUP_WINDOW: Duration = Duration::from_millis(250);
 /// Packets remembered for duplicate suppression.
 const DEDUP_MAX: usize = 4096;
+/// A source capped again after this long without a capped packet is a new episode (event).
+const CAP_EPISODE: Duration = Duration::from_secs(10);
+/// Sources whose last capped packet is remembered.
+const CAPPED_MAX: usize = 1024;
 
 /// What the user set (`rally up --discovery …`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +119,14 @@ pub enum Inbound {
     NotDiscovery,
 }
 
+/// What `rally events` hears of discovery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoveryEvent {
+    /// A sender went over its budget (once per episode: after [`CAP_EPISODE`] without a
+    /// capped packet it is news again). `source` is our own virtual IP for our programs.
+    Capped { source: Ipv4Addr, port: u16 },
+}
+
 /// The discovery state of one agent.
 #[derive(Debug)]
 pub struct Discovery {
@@ -129,6 +141,8 @@ pub struct Discovery {
     peer_groups: HashMap<Key32, BTreeSet<Ipv4Addr>>,
     flows: Flows,
     counters: Counters,
+    capped_at: HashMap<Ipv4Addr, Instant>,
+    events: VecDeque<DiscoveryEvent>,
 }
 
 impl Discovery {
@@ -148,6 +162,8 @@ impl Discovery {
             peer_groups: HashMap::new(),
             flows: Flows::default(),
             counters: Counters::default(),
+            capped_at: HashMap::new(),
+            events: VecDeque::new(),
         }
     }
 
@@ -203,6 +219,7 @@ impl Discovery {
         if !self.send_budget.take(self.own_vip, now) {
             flow.dropped += 1;
             self.counters.dropped_capped += 1;
+            self.note_capped(self.own_vip, port, now);
             return Outbound::Dropped(Drop::Capped);
         }
         if !packet::rewrite_source(packet, self.own_vip) {
@@ -258,6 +275,11 @@ impl Discovery {
             _ => return Inbound::NotDiscovery,
         };
         let verdict = self.check_inbound(kind, parties, src, group, p, now);
+        if let (Some(Drop::Capped), Kind::Broadcast { port, .. } | Kind::Multicast { port, .. }) =
+            (verdict, kind)
+        {
+            self.note_capped(src, port, now);
+        }
         let flow = self.flows.get(kind, now);
         match verdict {
             None => {
@@ -331,6 +353,22 @@ impl Discovery {
                 Inbound::Dropped(Drop::Malformed)
             }
         }
+    }
+
+    fn note_capped(&mut self, source: Ipv4Addr, port: u16, now: Instant) {
+        if self.capped_at.len() >= CAPPED_MAX && !self.capped_at.contains_key(&source) {
+            self.capped_at.clear();
+        }
+        let last = self.capped_at.insert(source, now);
+        if last.is_none_or(|t| now.saturating_duration_since(t) >= CAP_EPISODE) {
+            self.events
+                .push_back(DiscoveryEvent::Capped { source, port });
+        }
+    }
+
+    /// The next event for `rally events`.
+    pub fn poll_event(&mut self) -> Option<DiscoveryEvent> {
+        self.events.pop_front()
     }
 
     /// Duplicate suppression: the same source, destination and payload within

@@ -146,6 +146,21 @@ fn a_flood_is_capped_both_ways_and_counted() {
     assert!((59..=61).contains(&delivered), "{delivered}");
     assert!((59..=61).contains(&sent), "{sent}");
     assert_eq!(d.counters().dropped_capped, 2 * 20_000 - delivered - sent);
+    // One event per capped sender for the whole flood, not one per packet.
+    let events: Vec<_> = std::iter::from_fn(|| d.poll_event()).collect();
+    assert_eq!(
+        events,
+        vec![
+            DiscoveryEvent::Capped {
+                source: BOB,
+                port: 7777
+            },
+            DiscoveryEvent::Capped {
+                source: ME,
+                port: 7777
+            }
+        ]
+    );
 }
 
 #[test]
