@@ -210,166 +210,194 @@ fn broadcasts_and_multicasts_reach_the_party_and_only_it() -> Result<()> {
             })?;
         }
 
-        // 1. A limited broadcast from alice reaches bob and carol within 1 s, from alice's
-        // virtual IP; a unicast reply to that source comes back over the overlay.
-        for i in 1..=5 {
-            let msg = format!("msg{i}");
-            let sent = Instant::now();
-            broadcast(a, &msg)?;
-            for l in &listeners[1..3] {
-                lab.wait_until(
-                    &format!("{msg} to arrive within 1 s"),
-                    Duration::from_secs(1).saturating_sub(sent.elapsed()),
-                    POLL,
-                    || Ok(!from_with(l, &msg)?.is_empty()),
-                )
-                .with_context(|| shown_discovery(&[&p.alice, &p.bob, &p.carol]))?;
-            }
-        }
-        for (name, l) in [("bob", &listeners[1]), ("carol", &listeners[2])] {
-            for i in 1..=5 {
-                let srcs = from_with(l, &format!("msg{i}"))?;
-                ensure!(
-                    srcs == vec![p.alice_vip.clone()],
-                    "{name} got msg{i} from {srcs:?}, wanted once from {}",
-                    p.alice_vip
-                );
-            }
-        }
-        b.run_ok(&[
-            "sh",
-            "-c",
-            &format!(
-                "echo reply | socat -u STDIN UDP-SENDTO:{}:{REPLY_PORT}",
-                p.alice_vip
-            ),
-        ])?;
-        lab.wait_until("the reply to arrive", Duration::from_secs(2), POLL, || {
-            Ok(from_with(&reply_listener, "reply")? == vec![p.bob_vip.clone()])
-        })?;
+        limited_and_directed_broadcasts(lab, &p, &listeners, &reply_listener)?;
+        party_scope_and_no_loop(lab, &p, &listeners)?;
+        minecraft_announcement(lab, &p)?;
+        Ok(())
+    })
+}
 
-        // The overlay's directed broadcast too (routed into the TUN device, not captured).
-        a.run_ok(&[
-            "sh",
-            "-c",
-            &format!("echo directed | socat -u STDIN UDP-DATAGRAM:10.66.255.255:{PORT},broadcast"),
-        ])?;
+/// Step 1: a limited broadcast from alice reaches bob and carol within 1 s from her virtual IP
+/// (each once), a unicast reply comes back over the overlay, and so does a directed broadcast.
+fn limited_and_directed_broadcasts(
+    lab: &Lab,
+    p: &Party,
+    listeners: &[Proc; 4],
+    reply_listener: &Proc,
+) -> Result<()> {
+    let (a, b) = (p.alice.host(), p.bob.host());
+    // A limited broadcast from alice reaches bob and carol within 1 s, from alice's
+    // virtual IP; a unicast reply to that source comes back over the overlay.
+    for i in 1..=5 {
+        let msg = format!("msg{i}");
+        let sent = Instant::now();
+        broadcast(a, &msg)?;
         for l in &listeners[1..3] {
             lab.wait_until(
-                "the directed broadcast",
-                Duration::from_secs(1),
+                &format!("{msg} to arrive within 1 s"),
+                Duration::from_secs(1).saturating_sub(sent.elapsed()),
                 POLL,
-                || Ok(from_with(l, "directed")? == vec![p.alice_vip.clone()]),
+                || Ok(!from_with(l, &msg)?.is_empty()),
             )
             .with_context(|| shown_discovery(&[&p.alice, &p.bob, &p.carol]))?;
         }
-
-        // 2. Carol's broadcast reaches bob and alice (party lan) and dave (party side).
-        broadcast(c, "fromcarol")?;
-        for (name, l) in [
-            ("alice", &listeners[0]),
-            ("bob", &listeners[1]),
-            ("dave", &listeners[3]),
-        ] {
-            lab.wait_until(
-                &format!("carol's broadcast at {name}"),
-                Duration::from_secs(1),
-                POLL,
-                || Ok(from_with(l, "fromcarol")? == vec![p.carol_vip.clone()]),
-            )?;
+    }
+    for (name, l) in [("bob", &listeners[1]), ("carol", &listeners[2])] {
+        for i in 1..=5 {
+            let srcs = from_with(l, &format!("msg{i}"))?;
+            ensure!(
+                srcs == vec![p.alice_vip.clone()],
+                "{name} got msg{i} from {srcs:?}, wanted once from {}",
+                p.alice_vip
+            );
         }
-        // Dave shares no party with alice: none of hers reached him, though carol has both.
-        let at_dave = received(&listeners[3])?;
-        ensure!(
-            !at_dave
-                .iter()
-                .any(|(ip, m)| m.starts_with("msg") || *ip == p.alice_vip),
-            "dave got alice's broadcasts: {at_dave:?}"
-        );
-        // Nothing came back to alice from the overlay: no loop. (Her own directed broadcast
-        // reaches her once, from her kernel, as any broadcast does its sender's host.)
-        let at_alice = received(&listeners[0])?;
-        let looped: Vec<&String> = at_alice
+    }
+    b.run_ok(&[
+        "sh",
+        "-c",
+        &format!(
+            "echo reply | socat -u STDIN UDP-SENDTO:{}:{REPLY_PORT}",
+            p.alice_vip
+        ),
+    ])?;
+    lab.wait_until("the reply to arrive", Duration::from_secs(2), POLL, || {
+        Ok(from_with(reply_listener, "reply")? == vec![p.bob_vip.clone()])
+    })?;
+
+    // The overlay's directed broadcast too (routed into the TUN device, not captured).
+    a.run_ok(&[
+        "sh",
+        "-c",
+        &format!("echo directed | socat -u STDIN UDP-DATAGRAM:10.66.255.255:{PORT},broadcast"),
+    ])?;
+    for l in &listeners[1..3] {
+        lab.wait_until(
+            "the directed broadcast",
+            Duration::from_secs(1),
+            POLL,
+            || Ok(from_with(l, "directed")? == vec![p.alice_vip.clone()]),
+        )
+        .with_context(|| shown_discovery(&[&p.alice, &p.bob, &p.carol]))?;
+    }
+
+    Ok(())
+}
+
+/// Step 2: carol's broadcast reaches both her parties; alice's never reached dave; nothing came
+/// back to alice.
+fn party_scope_and_no_loop(lab: &Lab, p: &Party, listeners: &[Proc; 4]) -> Result<()> {
+    let c = p.carol.host();
+    // Carol's broadcast reaches bob and alice (party lan) and dave (party side).
+    broadcast(c, "fromcarol")?;
+    for (name, l) in [
+        ("alice", &listeners[0]),
+        ("bob", &listeners[1]),
+        ("dave", &listeners[3]),
+    ] {
+        lab.wait_until(
+            &format!("carol's broadcast at {name}"),
+            Duration::from_secs(1),
+            POLL,
+            || Ok(from_with(l, "fromcarol")? == vec![p.carol_vip.clone()]),
+        )?;
+    }
+    // Dave shares no party with alice: none of hers reached him, though carol has both.
+    let at_dave = received(&listeners[3])?;
+    ensure!(
+        !at_dave
             .iter()
-            .filter(|(ip, _)| *ip == p.alice_vip)
-            .map(|(_, m)| m)
-            .collect();
-        ensure!(
-            looped.len() <= 1 && looped.iter().all(|m| *m == "directed"),
-            "alice's broadcasts came back to her over the overlay: {at_alice:?}"
-        );
-        for agent in [&p.bob, &p.carol] {
-            let v = discovery(agent)?;
-            ensure!(counter(&v, "dropped_duplicate") == 0, "{v}");
-        }
+            .any(|(ip, m)| m.starts_with("msg") || *ip == p.alice_vip),
+        "dave got alice's broadcasts: {at_dave:?}"
+    );
+    // Nothing came back to alice from the overlay: no loop. (Her own directed broadcast
+    // reaches her once, from her kernel, as any broadcast does its sender's host.)
+    let at_alice = received(&listeners[0])?;
+    let looped: Vec<&String> = at_alice
+        .iter()
+        .filter(|(ip, _)| *ip == p.alice_vip)
+        .map(|(_, m)| m)
+        .collect();
+    ensure!(
+        looped.len() <= 1 && looped.iter().all(|m| *m == "directed"),
+        "alice's broadcasts came back to her over the overlay: {at_alice:?}"
+    );
+    for agent in [&p.bob, &p.carol] {
+        let v = discovery(agent)?;
+        ensure!(counter(&v, "dropped_duplicate") == 0, "{v}");
+    }
 
-        // 3. Minecraft: bob's LAN scan joins 224.0.2.60 on its default interface; alice's
-        // announcement reaches it within 3 s. Carol and dave have no listener: no copy.
-        let scan = game(b, &["listen", "4445", "224.0.2.60"], "mc-scan-bob")?;
-        wait_listening(lab, &scan)?;
-        lab.wait_until(
-            "alice to learn bob's group",
-            Duration::from_secs(5),
-            POLL,
-            || {
-                let v = discovery(&p.alice)?;
-                Ok(v["peer_groups"].as_array().is_some_and(|g| {
-                    g.iter().any(|g| {
-                        g["peer"] == "bob" && g["groups"].to_string().contains("224.0.2.60")
-                    })
-                }))
-            },
-        )?;
-        let carol_before = tun_rx_packets(c)?;
-        let bob_before = tun_rx_packets(b)?;
-        let started = Instant::now();
-        let _announcer = game(
-            a,
-            &["announce", "Alice's world", "25565"],
-            "mc-announce-alice",
-        )?;
-        let want = "[MOTD]Alice's world[/MOTD][AD]25565[/AD]";
-        lab.wait_until(
-            "bob's scan to see the world within 3 s",
-            Duration::from_secs(3),
-            POLL,
-            || Ok(from_with(&scan, want)?.contains(&p.alice_vip)),
-        )?;
-        let took = started.elapsed();
-        // Two more announcements (1.5 s apart) while carol's TUN device stays silent.
-        lab.wait_until(
-            "two more announcements",
-            Duration::from_secs(5),
-            POLL,
-            || Ok(from_with(&scan, want)?.len() >= 3),
-        )?;
-        ensure!(
-            tun_rx_packets(b)? > bob_before,
-            "bob's TUN device got nothing"
-        );
-        let carol_after = tun_rx_packets(c)?;
-        ensure!(
-            carol_after == carol_before,
-            "carol has no listener yet her TUN device got {} packets",
-            carol_after - carol_before
-        );
-        let v = discovery(&p.carol)?;
-        ensure!(
-            counter(&v, "dropped_unsubscribed") == 0,
-            "copies were sent to carol: {v}"
-        );
-        let v = discovery(&p.bob)?;
-        ensure!(
-            v["flows"].as_array().is_some_and(|f| f
-                .iter()
-                .any(|f| f["address"] == "224.0.2.60" && f["last_sender"] == p.alice_vip.as_str())),
-            "bob's rally discovery does not show the flow: {v}"
-        );
-        let text = p.bob.rally_ok(&["discovery"])?;
-        ensure!(text.contains("224.0.2.60:4445"), "{text}");
-        println!("announcement seen after {} ms", took.as_millis());
-        Ok(())
-    })
+    Ok(())
+}
+
+/// Step 3: the Minecraft LAN announcement reaches a scan joined on its default interface; a
+/// member without a listener gets no copy.
+fn minecraft_announcement(lab: &Lab, p: &Party) -> Result<()> {
+    let (a, b, c) = (p.alice.host(), p.bob.host(), p.carol.host());
+    // Minecraft: bob's LAN scan joins 224.0.2.60 on its default interface; alice's
+    // announcement reaches it within 3 s. Carol and dave have no listener: no copy.
+    let scan = game(b, &["listen", "4445", "224.0.2.60"], "mc-scan-bob")?;
+    wait_listening(lab, &scan)?;
+    lab.wait_until(
+        "alice to learn bob's group",
+        Duration::from_secs(5),
+        POLL,
+        || {
+            let v = discovery(&p.alice)?;
+            Ok(v["peer_groups"].as_array().is_some_and(|g| {
+                g.iter()
+                    .any(|g| g["peer"] == "bob" && g["groups"].to_string().contains("224.0.2.60"))
+            }))
+        },
+    )?;
+    let carol_before = tun_rx_packets(c)?;
+    let bob_before = tun_rx_packets(b)?;
+    let started = Instant::now();
+    let _announcer = game(
+        a,
+        &["announce", "Alice's world", "25565"],
+        "mc-announce-alice",
+    )?;
+    let want = "[MOTD]Alice's world[/MOTD][AD]25565[/AD]";
+    lab.wait_until(
+        "bob's scan to see the world within 3 s",
+        Duration::from_secs(3),
+        POLL,
+        || Ok(from_with(&scan, want)?.contains(&p.alice_vip)),
+    )?;
+    let took = started.elapsed();
+    // Two more announcements (1.5 s apart) while carol's TUN device stays silent.
+    lab.wait_until(
+        "two more announcements",
+        Duration::from_secs(5),
+        POLL,
+        || Ok(from_with(&scan, want)?.len() >= 3),
+    )?;
+    ensure!(
+        tun_rx_packets(b)? > bob_before,
+        "bob's TUN device got nothing"
+    );
+    let carol_after = tun_rx_packets(c)?;
+    ensure!(
+        carol_after == carol_before,
+        "carol has no listener yet her TUN device got {} packets",
+        carol_after - carol_before
+    );
+    let v = discovery(&p.carol)?;
+    ensure!(
+        counter(&v, "dropped_unsubscribed") == 0,
+        "copies were sent to carol: {v}"
+    );
+    let v = discovery(&p.bob)?;
+    ensure!(
+        v["flows"].as_array().is_some_and(|f| f
+            .iter()
+            .any(|f| f["address"] == "224.0.2.60" && f["last_sender"] == p.alice_vip.as_str())),
+        "bob's rally discovery does not show the flow: {v}"
+    );
+    let text = p.bob.rally_ok(&["discovery"])?;
+    ensure!(text.contains("224.0.2.60:4445"), "{text}");
+    println!("announcement seen after {} ms", took.as_millis());
+    Ok(())
 }
 
 #[test]
@@ -455,33 +483,37 @@ fn a_broadcast_flood_is_capped_at_every_receiver() -> Result<()> {
             println!("{}: {n} of {sent} broadcasts in {secs:.2} s", agent.name());
         }
 
-        // A port turned off at bob: carol gets the broadcasts, bob's listener nothing.
-        let off = [
-            game(p.bob.host(), &["listen", "7791"], "off-bob")?,
-            game(p.carol.host(), &["listen", "7791"], "off-carol")?,
-        ];
-        for l in &off {
-            wait_listening(lab, l)?;
-        }
-        let before = counter(&discovery(&p.bob)?, "dropped_disabled");
-        p.alice.host().run_timeout(
-            &["python3", GAME, "flood", "7791", "5", "1"],
-            Duration::from_secs(10),
-        )?;
-        lab.wait_until(
-            "carol to get port 7791",
-            Duration::from_secs(2),
-            POLL,
-            || Ok(received(&off[1])?.len() >= 4),
-        )?;
-        lab.wait_until(
-            "bob to refuse port 7791",
-            Duration::from_secs(2),
-            POLL,
-            || Ok(counter(&discovery(&p.bob)?, "dropped_disabled") >= before + 4),
-        )?;
-        let at_bob = received(&off[0])?;
-        ensure!(at_bob.is_empty(), "bob turned 7791 off yet got {at_bob:?}");
-        Ok(())
+        port_turned_off(lab, &p)
     })
+}
+
+/// A port turned off at bob: carol gets the broadcasts, bob's listener nothing.
+fn port_turned_off(lab: &Lab, p: &Party) -> Result<()> {
+    let off = [
+        game(p.bob.host(), &["listen", "7791"], "off-bob")?,
+        game(p.carol.host(), &["listen", "7791"], "off-carol")?,
+    ];
+    for l in &off {
+        wait_listening(lab, l)?;
+    }
+    let before = counter(&discovery(&p.bob)?, "dropped_disabled");
+    p.alice.host().run_timeout(
+        &["python3", GAME, "flood", "7791", "5", "1"],
+        Duration::from_secs(10),
+    )?;
+    lab.wait_until(
+        "carol to get port 7791",
+        Duration::from_secs(2),
+        POLL,
+        || Ok(received(&off[1])?.len() >= 4),
+    )?;
+    lab.wait_until(
+        "bob to refuse port 7791",
+        Duration::from_secs(2),
+        POLL,
+        || Ok(counter(&discovery(&p.bob)?, "dropped_disabled") >= before + 4),
+    )?;
+    let at_bob = received(&off[0])?;
+    ensure!(at_bob.is_empty(), "bob turned 7791 off yet got {at_bob:?}");
+    Ok(())
 }
