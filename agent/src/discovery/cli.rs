@@ -10,13 +10,14 @@ use super::{parse_ports, DiscoveryConfig, DiscoveryStatus, DEFAULT_RATE};
 #[derive(Args, Debug, Clone)]
 pub struct DiscoveryArgs {
     /// LAN game discovery: forward broadcasts and multicasts to the party (`on` or `off`).
-    #[arg(long = "discovery", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long = "discovery", value_name = "on|off", default_value = "on",
+          action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub enabled: bool,
     /// Ports never forwarded, comma-separated (e.g. 1900,5353).
-    #[arg(long = "discovery-ports-off", value_parser = parse_ports, default_value = "")]
-    pub ports_off: BTreeSet<u16>,
+    #[arg(long = "discovery-ports-off", value_name = "PORTS", value_parser = parse_ports)]
+    pub ports_off: Option<BTreeSet<u16>>,
     /// A party whose members get no discovery traffic from us and none to us (repeatable).
-    #[arg(long = "discovery-party-off")]
+    #[arg(long = "discovery-party-off", value_name = "PARTY")]
     pub parties_off: Vec<String>,
     /// Per-sender cap in packets per second, both ways.
     #[arg(long = "discovery-rate", default_value_t = DEFAULT_RATE,
@@ -37,7 +38,7 @@ impl DiscoveryArgs {
         DiscoveryConfig {
             enabled: self.enabled,
             rate: self.rate,
-            blocked_ports: self.ports_off.clone(),
+            blocked_ports: self.ports_off.clone().unwrap_or_default(),
             blocked_parties: self.parties_off.iter().cloned().collect(),
         }
     }
@@ -107,4 +108,47 @@ pub fn print_counters(s: &DiscoveryStatus) {
         c.dropped_malformed,
         c.dropped_foreign
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Up {
+        #[command(flatten)]
+        d: DiscoveryArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<DiscoveryConfig, clap::Error> {
+        Up::try_parse_from(std::iter::once("up").chain(args.iter().copied())).map(|u| u.d.config())
+    }
+
+    #[test]
+    fn flags_and_defaults() {
+        assert_eq!(parse(&[]).ok(), Some(DiscoveryConfig::default()));
+        let c = parse(&[
+            "--discovery",
+            "off",
+            "--discovery-ports-off",
+            "1900,5353",
+            "--discovery-party-off",
+            "work",
+            "--discovery-rate",
+            "50",
+        ])
+        .expect("valid flags");
+        assert!(!c.enabled);
+        assert_eq!(c.blocked_ports, BTreeSet::from([1900, 5353]));
+        assert!(c.blocked_parties.contains("work"));
+        assert_eq!(c.rate, 50);
+        for bad in [
+            &["--discovery", "maybe"][..],
+            &["--discovery-ports-off", "0"],
+            &["--discovery-rate", "0"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }
