@@ -22,6 +22,8 @@ struct Party {
     bob: Agent,
     carol: Agent,
     dave: Agent,
+    /// In `lan` with `--discovery off`.
+    erin: Agent,
     alice_vip: String,
     bob_vip: String,
     carol_vip: String,
@@ -62,14 +64,23 @@ fn party(lab: &Lab, alice_extra: &[&str], bob_extra: &[&str]) -> Result<Party> {
     let bob = start_agent(lab, &world, "bob", NatKind::FullCone, bob_extra)?;
     let carol = start_agent(lab, &world, "carol", NatKind::Cgnat, &[])?;
     let dave = start_agent(lab, &world, "dave", NatKind::HomeRouter, &[])?;
+    let erin = start_agent(
+        lab,
+        &world,
+        "erin",
+        NatKind::HomeRouter,
+        &["--discovery", "off"],
+    )?;
     let lan = alice.party_create("lan", &[])?;
     join(&bob, &lan)?;
     join(&carol, &lan)?;
+    join(&erin, &lan)?;
     let side = dave.party_create("side", &[])?;
     join(&carol, &side)?;
-    alice.wait_for_peers(&["bob", "carol"], CONTROL_TIMEOUT)?;
-    bob.wait_for_peers(&["alice", "carol"], CONTROL_TIMEOUT)?;
-    carol.wait_for_peers(&["alice", "bob", "dave"], CONTROL_TIMEOUT)?;
+    alice.wait_for_peers(&["bob", "carol", "erin"], CONTROL_TIMEOUT)?;
+    bob.wait_for_peers(&["alice", "carol", "erin"], CONTROL_TIMEOUT)?;
+    carol.wait_for_peers(&["alice", "bob", "dave", "erin"], CONTROL_TIMEOUT)?;
+    erin.wait_for_peers(&["alice", "bob", "carol"], CONTROL_TIMEOUT)?;
     dave.wait_for_peers(&["carol"], CONTROL_TIMEOUT)?;
     let (alice_vip, bob_vip, carol_vip) = (
         alice.virtual_ip()?.to_string(),
@@ -81,6 +92,7 @@ fn party(lab: &Lab, alice_extra: &[&str], bob_extra: &[&str]) -> Result<Party> {
         (&alice, &carol_vip),
         (&bob, &carol_vip),
         (&dave, &carol_vip),
+        (&erin, &carol_vip),
     ] {
         ensure!(
             from.kernel_ping(to, 3)?.status.success(),
@@ -93,6 +105,7 @@ fn party(lab: &Lab, alice_extra: &[&str], bob_extra: &[&str]) -> Result<Party> {
         bob,
         carol,
         dave,
+        erin,
         alice_vip,
         bob_vip,
         carol_vip,
@@ -113,6 +126,18 @@ fn socat_listener(host: &Host, port: &str) -> Result<Proc> {
         host.log_path(&format!("socat-{port}")),
     )?;
     Ok(p)
+}
+
+/// socat has no "ready" line: a local datagram shows the listener on [`PORT`] is bound.
+fn wait_socat(lab: &Lab, host: &Host, l: &Proc) -> Result<()> {
+    lab.wait_until("socat to listen", Duration::from_secs(5), POLL, || {
+        host.run_ok(&[
+            "sh",
+            "-c",
+            &format!("echo ready | socat -u STDIN UDP-SENDTO:127.0.0.1:{PORT}"),
+        ])?;
+        Ok(!from_with(l, "ready")?.is_empty())
+    })
 }
 
 fn game(host: &Host, args: &[&str], label: &str) -> Result<Proc> {
@@ -198,16 +223,8 @@ fn broadcasts_and_multicasts_reach_the_party_and_only_it() -> Result<()> {
             socat_listener(d, PORT)?,
         ];
         let reply_listener = socat_listener(a, REPLY_PORT)?;
-        // socat has no "ready" line: a local datagram shows each listener is bound.
         for (host, l) in [a, b, c, d].into_iter().zip(&listeners) {
-            lab.wait_until("socat to listen", Duration::from_secs(5), POLL, || {
-                host.run_ok(&[
-                    "sh",
-                    "-c",
-                    &format!("echo ready | socat -u STDIN UDP-SENDTO:127.0.0.1:{PORT}"),
-                ])?;
-                Ok(!from_with(l, "ready")?.is_empty())
-            })?;
+            wait_socat(lab, host, l)?;
         }
 
         limited_and_directed_broadcasts(lab, &p, &listeners, &reply_listener)?;
@@ -226,6 +243,8 @@ fn limited_and_directed_broadcasts(
     reply_listener: &Proc,
 ) -> Result<()> {
     let (a, b) = (p.alice.host(), p.bob.host());
+    let at_erin = socat_listener(p.erin.host(), PORT)?;
+    wait_socat(lab, p.erin.host(), &at_erin)?;
     // A limited broadcast from alice reaches bob and carol within 1 s, from alice's
     // virtual IP; a unicast reply to that source comes back over the overlay.
     for i in 1..=5 {
@@ -252,6 +271,18 @@ fn limited_and_directed_broadcasts(
             );
         }
     }
+    // Erin turned discovery off: alice's copies to her were refused, none delivered.
+    lab.wait_until(
+        "erin to refuse alice's broadcasts",
+        Duration::from_secs(2),
+        POLL,
+        || Ok(counter(&discovery(&p.erin)?, "dropped_disabled") >= 5),
+    )?;
+    let got: Vec<_> = received(&at_erin)?
+        .into_iter()
+        .filter(|(_, m)| m != "ready")
+        .collect();
+    ensure!(got.is_empty(), "erin has discovery off yet got {got:?}");
     b.run_ok(&[
         "sh",
         "-c",
