@@ -10,6 +10,8 @@ command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 # The lab's port-mapping router (PCP, NAT-PMP and UPnP IGD on nftables).
 dpkg-query -W -f='${Status}' miniupnpd-nftables 2>/dev/null | grep -q 'ok installed' ||
   need+=(miniupnpd-nftables)
+command -v socat >/dev/null 2>&1 || need+=(socat)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "setup: missing ${need[*]} and not root; install them or run as root" >&2

@@ -178,6 +178,8 @@ pub enum IpcRequest {
         peer: String,
         path: String,
     },
+    /// `rally discovery`.
+    Discovery,
     Down,
 }
 
@@ -197,6 +199,7 @@ pub enum IpcReply {
         parties: Vec<PartyInfo>,
     },
     Netcheck(NetcheckReport),
+    Discovery(Box<crate::discovery::DiscoveryStatus>),
     Events {
         events: Vec<Event>,
         /// Events this follower missed because it read too slowly.
@@ -214,6 +217,7 @@ impl IpcReply {
             IpcReply::Party { .. } => "party",
             IpcReply::Parties { .. } => "parties",
             IpcReply::Netcheck(_) => "netcheck",
+            IpcReply::Discovery(_) => "discovery",
             IpcReply::Events { .. } => "events",
             IpcReply::Ok => "ok",
         }

@@ -35,10 +35,12 @@ pub enum EventType {
     NatDetected,
     MetricsUpdate,
     Error,
+    /// A sender of LAN game discovery went over its budget (once per episode).
+    DiscoveryCapped,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 10] = [
+    pub const ALL: [EventType; 11] = [
         EventType::Connected,
         EventType::Disconnected,
         EventType::Reconnecting,
@@ -49,6 +51,7 @@ impl EventType {
         EventType::NatDetected,
         EventType::MetricsUpdate,
         EventType::Error,
+        EventType::DiscoveryCapped,
     ];
 
     /// The name in JSON and on the command line (`--type relay_switch`).
@@ -64,6 +67,7 @@ impl EventType {
             EventType::NatDetected => "nat_detected",
             EventType::MetricsUpdate => "metrics_update",
             EventType::Error => "error",
+            EventType::DiscoveryCapped => "discovery_capped",
         }
     }
 

@@ -7,6 +7,7 @@ pub mod api;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod discovery;
 pub mod events;
 pub mod ipc;
 pub mod metrics;

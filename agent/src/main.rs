@@ -77,6 +77,11 @@ pub(crate) enum Cmd {
     /// Path commands.
     #[command(subcommand)]
     Path(PathCmd),
+    /// LAN game discovery: groups, ports, rates and last senders of what is forwarded.
+    Discovery {
+        #[arg(long)]
+        json: bool,
+    },
     /// Ping a peer over the overlay.
     Ping {
         /// Name, virtual IP or peer id.
@@ -113,6 +118,8 @@ struct UpArgs {
     /// Serve Prometheus metrics on this HTTP address (e.g. 127.0.0.1:9101).
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    #[command(flatten)]
+    discovery: rally_agent::discovery::cli::DiscoveryArgs,
 }
 
 fn parse_profile(s: &str) -> Result<Profile, String> {
@@ -248,6 +255,7 @@ fn up(state_dir: &Path, args: UpArgs) -> Result<()> {
         tun_name: args.tun,
         profile: args.profile,
         metrics: args.metrics,
+        discovery: args.discovery.config(),
     };
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(daemon::run(cfg))?;

@@ -91,6 +91,48 @@ pub fn render(peers: &[PeerStatus]) -> String {
     out
 }
 
+/// Appends discovery's counters.
+pub fn render_discovery(out: &mut String, c: &rally_agent_core::discovery::Counters) {
+    let one = |v: u64| [(String::new(), v as f64)];
+    write_metric(
+        out,
+        "rally_discovery_forwarded_total",
+        "counter",
+        "Local broadcasts and multicasts forwarded to the party.",
+        &one(c.forwarded),
+    );
+    write_metric(
+        out,
+        "rally_discovery_copies_sent_total",
+        "counter",
+        "Encrypted copies of them sent to peers.",
+        &one(c.copies_sent),
+    );
+    write_metric(
+        out,
+        "rally_discovery_delivered_total",
+        "counter",
+        "Broadcasts and multicasts from peers delivered here.",
+        &one(c.delivered),
+    );
+    let drops = [
+        ("capped", c.dropped_capped),
+        ("duplicate", c.dropped_duplicate),
+        ("disabled", c.dropped_disabled),
+        ("unsubscribed", c.dropped_unsubscribed),
+        ("malformed", c.dropped_malformed),
+        ("looped", c.dropped_foreign),
+    ]
+    .map(|(why, v)| (format!("reason=\"{why}\""), v as f64));
+    write_metric(
+        out,
+        "rally_discovery_dropped_total",
+        "counter",
+        "Discovery packets dropped, by reason.",
+        &drops,
+    );
+}
+
 /// Serves `GET /metrics` on `listener`, rendering each answer from `snapshot()`.
 pub async fn serve<F, Fut>(listener: TcpListener, snapshot: F)
 where

@@ -42,6 +42,8 @@ fn metrics_endpoints_serve_prometheus_text() -> Result<()> {
             "rally_peer_bytes_sent_total{peer=\"bob\"",
             "rally_peer_state{peer=\"bob\"",
             "path=\"direct\"",
+            "rally_discovery_forwarded_total 0",
+            "rally_discovery_dropped_total{reason=\"capped\"} 0",
         ] {
             ensure!(
                 agent_text.contains(needle),

@@ -6,6 +6,7 @@
 
 pub mod backoff;
 pub mod conn;
+pub mod discovery;
 pub mod netcheck;
 pub mod node;
 pub mod outputs;

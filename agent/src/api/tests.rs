@@ -349,3 +349,61 @@ fn peers_resolve_by_name_ip_id_and_unique_prefix() {
     assert!(resolve_peer(&peers, "abc").is_err());
     assert!(resolve_peer(&peers, "zed").is_err());
 }
+
+/// `rally discovery --json` and its tagged reply through the socket format.
+#[test]
+fn discovery_reply_json_is_pinned() {
+    use rally_agent_core::discovery::{Counters, DiscoveryStatus, FlowStatus, PeerGroups};
+    let status = DiscoveryStatus {
+        enabled: true,
+        rate_limit: 20,
+        blocked_ports: vec![27015],
+        blocked_parties: vec!["work".into()],
+        local_groups: vec![Ipv4Addr::new(239, 255, 0, 1)],
+        peer_groups: vec![PeerGroups {
+            peer: "bob".into(),
+            groups: vec![Ipv4Addr::new(239, 255, 0, 1)],
+        }],
+        flows: vec![FlowStatus {
+            kind: "broadcast".into(),
+            address: Ipv4Addr::BROADCAST,
+            port: 4445,
+            sent: 3,
+            received: 2,
+            dropped: 1,
+            rate_pps: 1,
+            last_sender: Some(Ipv4Addr::new(100, 64, 0, 2)),
+            last_seen_ms_ago: 250,
+        }],
+        counters: Counters {
+            forwarded: 3,
+            copies_sent: 6,
+            delivered: 2,
+            dropped_capped: 1,
+            ..Counters::default()
+        },
+    };
+    assert_eq!(
+        serde_json::to_string(&status).unwrap(),
+        r#"{"enabled":true,"rate_limit":20,"blocked_ports":[27015],"blocked_parties":["work"],"local_groups":["239.255.0.1"],"peer_groups":[{"peer":"bob","groups":["239.255.0.1"]}],"flows":[{"kind":"broadcast","address":"255.255.255.255","port":4445,"sent":3,"received":2,"dropped":1,"rate_pps":1,"last_sender":"100.64.0.2","last_seen_ms_ago":250}],"counters":{"forwarded":3,"copies_sent":6,"delivered":2,"dropped_capped":1,"dropped_duplicate":0,"dropped_disabled":0,"dropped_unsubscribed":0,"dropped_malformed":0,"dropped_foreign":0,"subscription_messages":0}}"#
+    );
+    let reply: IpcResult = Ok(IpcReply::Discovery(Box::new(status.clone())));
+    let text = serde_json::to_string(&reply).unwrap();
+    assert!(
+        text.starts_with(r#"{"Ok":{"reply":"discovery","enabled":true,"#),
+        "{text}"
+    );
+    let back: IpcResult = rally_proto::frame::decode(&rally_proto::frame::encode(&reply)).unwrap();
+    let Ok(IpcReply::Discovery(back)) = back else {
+        panic!("discovery reply expected, got {back:?}");
+    };
+    assert_eq!(*back, status);
+}
+
+#[test]
+fn the_discovery_request_is_spelled_discovery() {
+    assert_eq!(
+        serde_json::to_string(&IpcRequest::Discovery).unwrap(),
+        r#"{"cmd":"discovery"}"#
+    );
+}

@@ -61,6 +61,7 @@ async fn dispatch(state_dir: &Path, cmd: Cmd) -> Result<()> {
         }
         Cmd::Path(PathCmd::SetPrimary { peer, path }) => set_primary(state_dir, peer, path).await?,
         Cmd::Netcheck { json } => netcheck(state_dir, json).await?,
+        Cmd::Discovery { json } => discovery(state_dir, json).await?,
         Cmd::Ping {
             peer,
             count,
@@ -243,7 +244,20 @@ async fn metrics(state_dir: &Path, json: bool) -> Result<()> {
                 );
             }
         }
+        if let Ok(IpcReply::Discovery(d)) = call(state_dir, IpcRequest::Discovery).await {
+            rally_agent::discovery::cli::print_counters(&d);
+        }
     }
+    Ok(())
+}
+
+/// `rally discovery [--json]`.
+async fn discovery(state_dir: &Path, json: bool) -> Result<()> {
+    let reply = call(state_dir, IpcRequest::Discovery).await?;
+    let IpcReply::Discovery(d) = reply else {
+        bail!(unexpected(&reply));
+    };
+    rally_agent::discovery::cli::print(&d, json)?;
     Ok(())
 }
 

@@ -40,6 +40,8 @@ pub struct Config {
     pub profile: Profile,
     /// Serve Prometheus text on this address.
     pub metrics: Option<SocketAddr>,
+    /// LAN game discovery (`rally up --discovery …`).
+    pub discovery: crate::discovery::DiscoveryConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,15 +140,20 @@ fn bind_udp(port: u16) -> Result<std::net::UdpSocket, DaemonError> {
         .map_err(|source| DaemonError::Udp { port, source })
 }
 
-/// The Prometheus endpoint: each scrape asks the owner for the peers, like `rally peers`.
+/// The Prometheus endpoint: each scrape asks the owner for the peers and discovery's
+/// counters, like `rally peers` and `rally discovery`.
 async fn serve_metrics(listener: tokio::net::TcpListener, inbox: mpsc::Sender<Msg>) {
     crate::metrics::serve(listener, move || {
         let inbox = inbox.clone();
         async move {
-            match cli::ask(&inbox, IpcRequest::Peers).await {
+            let mut text = match cli::ask(&inbox, IpcRequest::Peers).await {
                 Ok(IpcReply::Peers { peers }) => crate::metrics::render(&peers),
                 _ => crate::metrics::render(&[]),
+            };
+            if let Ok(IpcReply::Discovery(d)) = cli::ask(&inbox, IpcRequest::Discovery).await {
+                crate::metrics::render_discovery(&mut text, &d.counters);
             }
+            text
         }
     })
     .await

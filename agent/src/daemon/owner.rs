@@ -399,6 +399,7 @@ impl Owner {
             local_ips: self.local.iter().map(|e| e.ip()).collect(),
             profile: self.cfg.profile.clone(),
             bus: self.bus.clone(),
+            discovery: self.cfg.discovery.clone(),
         };
         let engine =
             Engine::start(config, self.engine_tx.clone()).map_err(|e| DaemonError::Tun {

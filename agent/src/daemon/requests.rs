@@ -90,6 +90,19 @@ impl Owner {
                 Ok(engine) => respond(reply, set_primary(engine, peer, path)),
                 Err(e) => answer(reply, Err(e)),
             },
+            IpcRequest::Discovery => match self.engine.clone() {
+                Some(engine) => respond(reply, async move {
+                    engine
+                        .discovery()
+                        .await
+                        .map(|d| IpcReply::Discovery(Box::new(d)))
+                        .ok_or_else(|| "the data plane stopped".into())
+                }),
+                None => answer(
+                    reply,
+                    Err("no virtual IP yet: join or create a party first".into()),
+                ),
+            },
             IpcRequest::Events { .. } => answer(reply, Err("events are streamed".into())),
             IpcRequest::Down => {
                 self.down.push(reply);

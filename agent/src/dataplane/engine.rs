@@ -35,8 +35,10 @@ use tracing::{debug, info, trace, warn};
 use super::batch::{GsoBatch, TunBatch};
 use super::tunnel::Tunnel;
 use crate::conn::{PathId, Profile};
+use crate::discovery::{DiscoveryConfig, DiscoveryIo, DiscoveryStatus};
 use crate::events::EventBus;
 use crate::node::{Node, NodeConfig};
+use rally_agent_core::discovery::Discovery;
 
 /// Keepalive towards every peer, which also keeps NAT mappings open.
 pub(super) const KEEPALIVE_SECS: u16 = 25;
@@ -64,6 +66,8 @@ pub enum EngineCmd {
     Reconnect(Option<Key32>),
     /// Pin a path (`rally path set-primary`).
     SetPrimary(Key32, PathId, oneshot::Sender<Result<(), String>>),
+    /// `rally discovery`.
+    Discovery(oneshot::Sender<DiscoveryStatus>),
     Shutdown,
 }
 
@@ -102,6 +106,13 @@ impl EngineHandle {
         let (tx, rx) = oneshot::channel();
         self.send(EngineCmd::Netcheck(Some(tx)));
         rx.await.map_err(|_| "the data plane stopped".to_string())?
+    }
+
+    /// Discovery's settings, groups, flows and counters; `None` once the data plane stopped.
+    pub async fn discovery(&self) -> Option<DiscoveryStatus> {
+        let (tx, rx) = oneshot::channel();
+        self.send(EngineCmd::Discovery(tx));
+        rx.await.ok()
     }
 
     pub fn shutdown(&self) {
@@ -170,6 +181,12 @@ pub struct Engine {
     pub(super) bus: Arc<Mutex<EventBus>>,
     pub(super) next_index: u32,
     pub(super) drops: Drops,
+    /// LAN game discovery: its rules, its IO, its timer slot and the peers owed our groups.
+    pub(super) disc: Discovery,
+    pub(super) disc_io: DiscoveryIo,
+    pub(super) disc_due: tokio::time::Instant,
+    pub(super) disc_ticks: u32,
+    pub(super) disc_pending: Vec<Key32>,
 }
 
 /// What the engine needs to start.
@@ -184,6 +201,7 @@ pub struct EngineConfig {
     pub local_ips: Vec<IpAddr>,
     pub profile: Profile,
     pub bus: Arc<Mutex<EventBus>>,
+    pub discovery: DiscoveryConfig,
 }
 
 /// Buffers the loop reuses for every packet.
@@ -299,6 +317,8 @@ impl Engine {
         let local_port = udp.local_addr().map(|a| a.port()).unwrap_or(0);
         let mut seed = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut seed);
+        let disc_io = DiscoveryIo::open(&cfg.tun_name, cfg.discovery.enabled);
+        let disc = Discovery::new(cfg.discovery, cfg.virtual_ip, cfg.prefix);
         let node = Node::new(
             NodeConfig {
                 identity: cfg.identity,
@@ -329,6 +349,11 @@ impl Engine {
             bus: cfg.bus,
             next_index: rand::thread_rng().next_u32() & 0x00ff_ffff,
             drops: Drops::default(),
+            disc,
+            disc_io,
+            disc_due: tokio::time::Instant::now(),
+            disc_ticks: 0,
+            disc_pending: Vec::new(),
         })
     }
 
@@ -359,6 +384,10 @@ impl Engine {
                     }
                     Err(e) => debug!("tun receive: {e}"),
                 },
+                r = self.disc_io.readable() => match r {
+                    Ok(()) => self.discovery_capture(&mut b).await,
+                    Err(e) => debug!("discovery capture: {e}"),
+                },
                 () = &mut sleep => {
                     trace!(reason = ?wake, "woke for a timer");
                     self.handle_timers(&mut b.out).await;
@@ -371,6 +400,8 @@ impl Engine {
                     }
                 },
             }
+            self.drain_node(&mut b.out).await;
+            self.discovery_flush(&mut b.out).await;
             self.drain_node(&mut b.out).await;
         }
         debug!(drops = ?self.drops, "data plane stopped");
@@ -415,6 +446,9 @@ impl Engine {
                         .set_primary(&peer, &path)
                         .map_err(|e| e.to_string()),
                 );
+            }
+            EngineCmd::Discovery(reply) => {
+                let _ = reply.send(self.discovery_status());
             }
             EngineCmd::Shutdown => {}
         }

@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod demux;
+mod discovery;
 pub mod engine;
 mod rx;
 mod status;

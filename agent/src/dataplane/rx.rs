@@ -125,11 +125,15 @@ impl Engine {
                 Ok(Output::Done) => return,
                 Ok(Output::Network(b)) => b.len(),
                 Ok(Output::Tunnel(packet, src)) => {
+                    let len = packet.len();
                     mark_connected(peer, &id);
                     let vip = self.node.peer(&id).map(|p| p.info().virtual_ip);
+                    let packet = &mut out[DATA_HEADER_LEN..DATA_HEADER_LEN + len];
                     if vip != Some(src) {
                         self.drops.spoofed_source += 1;
                         debug!(peer = %id, %src, "inner source is not the peer's virtual IP");
+                    } else if !self.accept_inbound_destination(&id, packet) {
+                        // Discovery's (a subscription message, or a broadcast it refused).
                     } else if self.tun_tx.push(packet) {
                         super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
                     }

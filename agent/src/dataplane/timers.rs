@@ -32,6 +32,7 @@ const IDLE_FOREVER: Duration = Duration::from_secs(3600);
 pub enum Wake {
     Node(TimerReason),
     WireGuard,
+    Discovery,
     Nothing,
 }
 
@@ -54,7 +55,8 @@ impl Engine {
             .poll_timeout()
             .map(|(at, why)| (tokio::time::Instant::from_std(at), Wake::Node(why)));
         let wg = self.wg_due.map(|at| (at, Wake::WireGuard));
-        [node, wg]
+        let disc = Some((self.disc_due, Wake::Discovery));
+        [node, wg, disc]
             .into_iter()
             .flatten()
             .min_by_key(|(at, _)| *at)
@@ -68,6 +70,9 @@ impl Engine {
         if self.wg_due.is_some_and(|due| t + WG_COALESCE >= due) {
             self.wg_due = None;
             self.wireguard_timers(out).await;
+        }
+        if t >= self.disc_due {
+            self.discovery_tick();
         }
     }
 
@@ -134,12 +139,16 @@ impl Engine {
 
     fn handle_node_event(&mut self, ev: NodeEvent) {
         match ev {
-            NodeEvent::PeerAdded { peer, wg_key } => self.add_tunnel(peer, wg_key),
+            NodeEvent::PeerAdded { peer, wg_key } => {
+                self.add_tunnel(peer, wg_key);
+                self.discovery_peer_added(peer);
+            }
             NodeEvent::PeerRemoved { peer, .. } => {
                 if let Some(p) = self.peers.remove(&peer) {
                     self.by_index.remove(&p.index);
                 }
                 self.live.remove(&peer);
+                self.disc.remove_peer(&peer);
             }
             NodeEvent::WantPunch(peer) => {
                 let _ = self.events.send(EngineEvent::WantPunch(peer));

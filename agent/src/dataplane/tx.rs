@@ -28,6 +28,10 @@ impl Engine {
             self.drops.no_route += 1;
             return;
         };
+        if self.disc.is_discovery_destination(dst) {
+            self.discovery_from_tun(packet, out).await;
+            return;
+        }
         let Some(id) = self.node.peer_by_vip(&dst) else {
             self.drops.no_route += 1;
             trace!(%dst, "no peer for destination");
