@@ -45,6 +45,7 @@ fn peer(state: PeerState, strategy: Strategy) -> PeerStatus {
             probes_sent: 10,
             probes_failed: 1,
         }],
+        relay_reason: None,
     }
 }
 
@@ -348,4 +349,29 @@ fn peers_resolve_by_name_ip_id_and_unique_prefix() {
     assert_eq!(resolve_peer(&peers, "abcd").unwrap().name, "bob");
     assert!(resolve_peer(&peers, "abc").is_err());
     assert!(resolve_peer(&peers, "zed").is_err());
+}
+
+#[test]
+fn a_relayed_peer_ends_with_its_relay_reason() {
+    let mut p = peer(PeerState::Connected, Strategy::Relay);
+    p.relay = Some("r1".into());
+    p.paths.clear();
+    p.relay_reason = Some("both-symmetric".into());
+    let json = serde_json::to_string(&p).unwrap();
+    assert!(
+        json.ends_with(r#""queue_dropped":7,"paths":[],"relay_reason":"both-symmetric"}"#),
+        "{json}"
+    );
+    let back: PeerStatus = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, p);
+}
+
+#[test]
+fn a_peers_row_from_before_relay_reason_reads_as_none() {
+    let mut p = peer(PeerState::Connected, Strategy::Direct);
+    p.relay_reason = Some("x".into());
+    let mut v = serde_json::to_value(&p).unwrap();
+    v.as_object_mut().unwrap().remove("relay_reason");
+    let back: PeerStatus = serde_json::from_value(v).unwrap();
+    assert_eq!(back.relay_reason, None);
 }
