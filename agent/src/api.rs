@@ -104,6 +104,9 @@ pub struct PeerStatus {
     /// `punching`, `pinned`, `nat-unknown`); absent when it is not a relay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_reason: Option<String>,
+    /// The peer's NAT findings as it reported them (absent until it has).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_nat: Option<rally_proto::control::NatReport>,
 }
 
 impl PeerStatus {

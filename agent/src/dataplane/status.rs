@@ -68,6 +68,7 @@ impl Engine {
                 .relay_reason(id)
                 .filter(|_| route.is_some())
                 .map(|r| r.as_str().to_string()),
+            peer_nat: info.nat.clone(),
         }
     }
 }
