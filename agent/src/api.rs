@@ -100,6 +100,13 @@ pub struct PeerStatus {
     pub queue_dropped: u64,
     /// Every path with its health, latency and rank.
     pub paths: Vec<PathMetrics>,
+    /// Why the primary path is a relay (`both-symmetric`, `udp-blocked`, `punch-timed-out`,
+    /// `punching`, `pinned`, `nat-unknown`); absent when it is not a relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_reason: Option<String>,
+    /// The peer's NAT findings as it reported them (absent until it has).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_nat: Option<rally_proto::control::NatReport>,
 }
 
 impl PeerStatus {

@@ -144,6 +144,9 @@ fn parse_interval(s: &str) -> Result<f64, String> {
 pub(crate) enum PeerCmd {
     /// Retry every path to a peer now (after `failed`, or to force a new punch).
     Reconnect { peer: String },
+    /// Why a peer goes the way it goes: both sides' NAT findings, the relay reason, every
+    /// path's metrics and what could be changed.
+    Why { peer: String },
 }
 
 #[derive(Subcommand)]

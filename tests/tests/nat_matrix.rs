@@ -80,9 +80,34 @@ impl Pair {
     }
 }
 
+impl Pair {
+    /// The `relay_reason` a relayed cell must end with: decided from both NAT types.
+    fn expected_relay_reason(self) -> &'static str {
+        let Pair::Sites(a, b) = self else {
+            return "punch-timed-out";
+        };
+        let (a, b) = (a.nat(), b.nat());
+        if [a, b].contains(&Some(NatKind::UdpBlocked)) {
+            "udp-blocked"
+        } else if [a, b]
+            .iter()
+            .all(|s| s.is_some_and(NatKind::maps_endpoint_dependently))
+        {
+            "both-symmetric"
+        } else {
+            "punch-timed-out"
+        }
+    }
+}
+
+/// How long a relayed cell may take to settle on its relay reason (a punch runs 10 s).
+const REASON: Duration = Duration::from_secs(20);
+
 struct Outcome {
     pair: Pair,
     route: String,
+    /// The `relay_reason` a relayed cell settled on.
+    relay_reason: Option<String>,
     first_reply: Duration,
     direct_after: Option<Duration>,
 }
@@ -148,6 +173,14 @@ fn nat_matrix_connects_every_pair_on_the_expected_route() -> Result<()> {
                             "{}: took {} where {want} was expected",
                             pair.label(),
                             o.route
+                        ));
+                    }
+                    let reason = pair.expected_relay_reason();
+                    if !pair.expect_direct() && o.relay_reason.as_deref() != Some(reason) {
+                        failures.push(format!(
+                            "{}: relay_reason {:?} where {reason} was expected",
+                            pair.label(),
+                            o.relay_reason
                         ));
                     }
                 }
@@ -230,6 +263,31 @@ fn run_cell(lab: &Lab, cp: &ControlPlane, cell: usize, pair: Pair) -> Result<Out
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A relayed cell says why, once its punch has run out.
+    let mut relay_reason = None;
+    if route.starts_with("relay") {
+        let until = Instant::now() + REASON;
+        let want = pair.expected_relay_reason();
+        loop {
+            relay_reason = peer_row(&a, &b_name)?["relay_reason"]
+                .as_str()
+                .map(str::to_owned);
+            if relay_reason.as_deref() == Some(want) || Instant::now() >= until {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // `rally peer why` says the same, with both sides' NAT findings.
+        let why = a.rally_ok(&["peer", "why", &b_name])?;
+        for line in [
+            format!("relayed:     {want}"),
+            "the peer:    mapping".into(),
+        ] {
+            if !why.contains(&line) {
+                bail!("`rally peer why {b_name}` lacks {line:?}:\n{why}");
+            }
+        }
+    }
     // Both ways, on whatever path they settled on.
     let a_vip = a.virtual_ip()?.to_string();
     for (from, to) in [(&a, &b_vip), (&b, &a_vip)] {
@@ -241,18 +299,25 @@ fn run_cell(lab: &Lab, cp: &ControlPlane, cell: usize, pair: Pair) -> Result<Out
     Ok(Outcome {
         pair,
         route,
+        relay_reason,
         first_reply,
         direct_after,
     })
 }
 
-/// `direct` or `relay:NAME`, as agent `a` sees its path to peer `name`.
-fn route_to(a: &Agent, name: &str) -> Result<String> {
+/// Agent `a`'s `rally peers --json` row for peer `name`.
+fn peer_row(a: &Agent, name: &str) -> Result<serde_json::Value> {
     let peers = a.peers_json()?;
-    let peer = peers
+    peers
         .as_array()
         .and_then(|ps| ps.iter().find(|p| p["name"] == name))
-        .ok_or_else(|| anyhow!("{} does not list {name}", a.name()))?;
+        .cloned()
+        .ok_or_else(|| anyhow!("{} does not list {name}", a.name()))
+}
+
+/// `direct` or `relay:NAME`, as agent `a` sees its path to peer `name`.
+fn route_to(a: &Agent, name: &str) -> Result<String> {
+    let peer = peer_row(a, name)?;
     Ok(match peer["strategy"].as_str() {
         Some("relay") => format!("relay:{}", peer["relay"].as_str().unwrap_or("?")),
         Some(s) => s.to_owned(),
@@ -280,7 +345,10 @@ fn render(pairs: &[Pair], outcomes: &[Result<Outcome>]) -> String {
                     t,
                     "| {} | {expected} | {} | {} | {} |",
                     o.pair.label(),
-                    o.route,
+                    match &o.relay_reason {
+                        Some(r) => format!("{} ({r})", o.route),
+                        None => o.route.clone(),
+                    },
                     ms(o.first_reply),
                     o.direct_after.map_or("-".into(), ms)
                 );

@@ -128,6 +128,11 @@ impl PeerPaths {
         self.hopeless
     }
 
+    /// How many punch attempts in a row timed out without a proven direct path.
+    pub fn punches_failed(&self) -> usize {
+        self.failed
+    }
+
     /// Starts (or restarts) punching every candidate at `start`, with the retry ladder from
     /// its first step. A known direct address does not stop it: it may be stale.
     pub fn start_punch(&mut self, start: Instant) {

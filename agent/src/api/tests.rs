@@ -45,6 +45,8 @@ fn peer(state: PeerState, strategy: Strategy) -> PeerStatus {
             probes_sent: 10,
             probes_failed: 1,
         }],
+        relay_reason: None,
+        peer_nat: None,
     }
 }
 
@@ -406,4 +408,29 @@ fn the_discovery_request_is_spelled_discovery() {
         serde_json::to_string(&IpcRequest::Discovery).unwrap(),
         r#"{"cmd":"discovery"}"#
     );
+}
+
+#[test]
+fn a_relayed_peer_ends_with_its_relay_reason() {
+    let mut p = peer(PeerState::Connected, Strategy::Relay);
+    p.relay = Some("r1".into());
+    p.paths.clear();
+    p.relay_reason = Some("both-symmetric".into());
+    let json = serde_json::to_string(&p).unwrap();
+    assert!(
+        json.ends_with(r#""queue_dropped":7,"paths":[],"relay_reason":"both-symmetric"}"#),
+        "{json}"
+    );
+    let back: PeerStatus = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, p);
+}
+
+#[test]
+fn a_peers_row_from_before_relay_reason_reads_as_none() {
+    let mut p = peer(PeerState::Connected, Strategy::Direct);
+    p.relay_reason = Some("x".into());
+    let mut v = serde_json::to_value(&p).unwrap();
+    v.as_object_mut().unwrap().remove("relay_reason");
+    let back: PeerStatus = serde_json::from_value(v).unwrap();
+    assert_eq!(back.relay_reason, None);
 }

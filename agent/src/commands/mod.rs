@@ -2,6 +2,7 @@
 //! each sends one request to the daemon over its control socket and prints the answer.
 
 mod print;
+mod why;
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -59,6 +60,7 @@ async fn dispatch(state_dir: &Path, cmd: Cmd) -> Result<()> {
             call(state_dir, IpcRequest::PeerReconnect { peer: peer.clone() }).await?;
             println!("reconnecting to {peer}");
         }
+        Cmd::Peer(PeerCmd::Why { peer }) => why::peer_why(state_dir, &peer).await?,
         Cmd::Path(PathCmd::SetPrimary { peer, path }) => set_primary(state_dir, peer, path).await?,
         Cmd::Netcheck { json } => netcheck(state_dir, json).await?,
         Cmd::Discovery { json } => discovery(state_dir, json).await?,

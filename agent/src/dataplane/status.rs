@@ -63,6 +63,12 @@ impl Engine {
             queued: m.queued,
             queue_dropped: m.queue_dropped,
             paths: m.paths,
+            relay_reason: self
+                .node
+                .relay_reason(id)
+                .filter(|_| route.is_some())
+                .map(|r| r.as_str().to_string()),
+            peer_nat: info.nat.clone(),
         }
     }
 }

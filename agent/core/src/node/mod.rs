@@ -27,6 +27,7 @@
 //! [`Node::poll_timeout`] and then calls [`Node::handle_timeout`].
 
 mod peer;
+mod reason;
 mod relays;
 mod schedule;
 #[cfg(test)]
@@ -53,6 +54,7 @@ use crate::conn::{ConnEvent, Connection, PathId, Profile, RelayId, SetPrimaryErr
 use crate::paths::PeerPaths;
 
 pub use peer::PeerState;
+pub use reason::RelayReason;
 pub use relays::RelayConfig;
 use relays::Relays;
 use schedule::Deadlines;
