@@ -170,6 +170,7 @@ fn status_json_is_pinned() {
             connected: true,
             addr: Some("198.51.100.1:7443".into()),
             error: None,
+            transport: None,
         },
         nat: Some(nat()),
         parties: vec![PartyInfo {
@@ -234,6 +235,7 @@ fn status_without_a_nat_report_says_null() {
             connected: false,
             addr: None,
             error: Some("no answer".into()),
+            transport: None,
         },
         nat: None,
         parties: vec![],
@@ -272,6 +274,7 @@ fn netcheck_reply_json_is_pinned() {
     let none = NetcheckReport {
         nat: nat(),
         port_mapping: None,
+        control_transport: None,
     };
     let text = serde_json::to_string(&none).unwrap();
     assert_eq!(
@@ -284,6 +287,7 @@ fn netcheck_reply_json_is_pinned() {
             ..nat()
         },
         port_mapping: Some(mapping()),
+        control_transport: None,
     };
     let text = serde_json::to_string(&mapped).unwrap();
     assert!(
@@ -348,4 +352,25 @@ fn peers_resolve_by_name_ip_id_and_unique_prefix() {
     assert_eq!(resolve_peer(&peers, "abcd").unwrap().name, "bob");
     assert!(resolve_peer(&peers, "abc").is_err());
     assert!(resolve_peer(&peers, "zed").is_err());
+}
+
+/// The control transport appears in `netcheck --json` and `status --json` once known.
+#[test]
+fn control_transport_is_reported_when_known() {
+    let report = NetcheckReport {
+        nat: NatReport {
+            udp: false,
+            ..nat()
+        },
+        port_mapping: None,
+        control_transport: Some("tcp".into()),
+    };
+    let text = serde_json::to_string(&report).unwrap();
+    assert!(text.starts_with(r#"{"udp":false,"#), "{text}");
+    assert!(
+        text.ends_with(r#""port_mapping":null,"control_transport":"tcp"}"#),
+        "{text}"
+    );
+    let back: NetcheckReport = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, report);
 }

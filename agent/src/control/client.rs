@@ -1,6 +1,8 @@
 //! A task that keeps the agent registered with its control plane: connects, answers the
 //! challenge, forwards peer maps and deltas, carries requests, and reconnects with backoff and
-//! jitter. Keeping the peer map itself (and asking for a full one after a gap) is the caller's
+//! jitter. Each connection races QUIC against TLS 1.3 over TCP ([`Link::connect`]): QUIC
+//! first, TCP after a short head start, the first handshake wins; while on TCP, QUIC is tried
+//! again now and then and the session moves back to it when it answers. Keeping the peer map itself (and asking for a full one after a gap) is the caller's
 //! job, with [`rally_proto::PeerView`]; a full map sent as pages is assembled here
 //! ([`rally_proto::MapPages`]) and reported as one [`ControlEvent::PeerMap`].
 
@@ -16,6 +18,7 @@ use rally_proto::{
     Response, ServerMsg, Sig64, PROTOCOL_VERSION,
 };
 use rand_core::{OsRng, RngCore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -30,6 +33,28 @@ pub const RECONNECT: BackoffPolicy = BackoffPolicy {
     attempts: None,
 };
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long QUIC has to itself before TLS over TCP is dialled too.
+pub const TCP_HEAD_START: Duration = Duration::from_millis(300);
+/// While on TCP, how often QUIC is tried again.
+pub const UDP_RETRY: Duration = Duration::from_secs(5);
+/// How long one background QUIC attempt may take.
+const UDP_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Which transport carries the control channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlTransport {
+    Quic,
+    Tcp,
+}
+
+impl ControlTransport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControlTransport::Quic => "quic",
+            ControlTransport::Tcp => "tcp",
+        }
+    }
+}
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ControlError {
@@ -49,6 +74,8 @@ pub enum ControlEvent {
         name: String,
         virtual_ip: Ipv4Addr,
         observed: SocketAddr,
+        /// The transport that won the race.
+        transport: ControlTransport,
     },
     Disconnected {
         reason: String,
@@ -154,7 +181,11 @@ async fn run(
             backoff: &mut backoff,
         };
         let reason = match session.run(&endpoint, &mut cmds).await {
-            Ok(()) => return,
+            Ok(Ended::DaemonGone) => return,
+            Ok(Ended::UdpBack) => {
+                info!(control = %target.addr, "UDP answers again: moving the control channel to QUIC");
+                continue;
+            }
             Err(reason) => reason,
         };
         warn!(control = %target.addr, "control plane: {reason}");
@@ -208,27 +239,22 @@ struct Session<'a> {
 }
 
 impl Session<'_> {
-    /// Runs one connection. `Ok` means the daemon is gone; `Err` says why the connection ended.
+    /// Runs one connection. `Ok` says why it ended without an error; `Err` says what failed.
     async fn run(
         &mut self,
         endpoint: &quinn::Endpoint,
         cmds: &mut mpsc::UnboundedReceiver<ControlCmd>,
-    ) -> Result<(), String> {
+    ) -> Result<Ended, String> {
         let addr = tokio::net::lookup_host(&self.target.addr)
             .await
             .map_err(|e| format!("cannot resolve {}: {e}", self.target.addr))?
             .next()
             .ok_or_else(|| format!("{} resolves to no address", self.target.addr))?;
-        let config = super::tls::client_config(self.target.key).map_err(|e| e.to_string())?;
-        let connecting = endpoint
-            .connect_with(config, addr, super::tls::SERVER_NAME)
-            .map_err(|e| e.to_string())?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| format!("no answer from {addr}"))?
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        let mut reader = Reader::new(recv);
+        let link = Link::connect(endpoint, addr, self.target.key).await?;
+        let transport = link.transport;
+        let quic = link.quic.clone();
+        let mut send = link.send;
+        let mut reader = Reader::new(link.recv);
         let identity = self.reg.identity.public();
         write(
             &mut send,
@@ -262,13 +288,14 @@ impl Session<'_> {
                 virtual_ip,
                 observed,
             } => {
-                info!(control = %addr, %virtual_ip, "registered with the control plane");
+                info!(control = %addr, %virtual_ip, transport = transport.as_str(), "registered with the control plane");
                 self.backoff.reset();
                 let _ = self.events.send(ControlEvent::Registered {
                     peer_id,
                     name,
                     virtual_ip,
                     observed,
+                    transport,
                 });
             }
             ServerMsg::Error(e) => return Err(format!("registration refused: {}", e.message)),
@@ -279,8 +306,15 @@ impl Session<'_> {
             HashMap::new();
         let mut next_id = 1u64;
         let mut pages = MapPages::new();
+        let mut udp_retry =
+            tokio::time::interval_at(tokio::time::Instant::now() + UDP_RETRY, UDP_RETRY);
         let result = loop {
             tokio::select! {
+                _ = udp_retry.tick(), if transport == ControlTransport::Tcp => {
+                    if quic_answers(endpoint, addr, self.target.key).await {
+                        break Ok(Ended::UdpBack);
+                    }
+                }
                 msg = reader.next() => match msg {
                     Ok(ServerMsg::PeerPage { version, peers }) => {
                         if let Err(e) = pages.handle_page(version, peers) {
@@ -316,7 +350,7 @@ impl Session<'_> {
                 },
                 cmd = cmds.recv() => {
                     let (req, reply) = match cmd {
-                        None => break Ok(()),
+                        None => break Ok(Ended::DaemonGone),
                         Some(ControlCmd::SetEndpoints(eps)) => {
                             self.reg.endpoints = eps.clone();
                             (Request::UpdateEndpoints { endpoints: eps }, None)
@@ -338,27 +372,162 @@ impl Session<'_> {
         for (_, reply) in pending {
             let _ = reply.send(Err(ControlError::Lost));
         }
-        conn.close(0u32.into(), b"");
+        if let Some(conn) = quic {
+            conn.close(0u32.into(), b"");
+        }
         result
     }
 }
 
-async fn write(send: &mut quinn::SendStream, msg: &ClientMsg) -> Result<(), String> {
+/// Why a session ended without an error.
+enum Ended {
+    /// Every handle was dropped.
+    DaemonGone,
+    /// The session ran over TCP and QUIC answers again.
+    UdpBack,
+}
+
+type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// One connected control channel: a byte stream each way, over QUIC or TLS/TCP.
+struct Link {
+    transport: ControlTransport,
+    recv: BoxRead,
+    send: BoxWrite,
+    /// The QUIC connection, to close it when the session ends.
+    quic: Option<quinn::Connection>,
+}
+
+impl Link {
+    /// Races QUIC against TLS over TCP (dialled [`TCP_HEAD_START`] later, or at once when QUIC
+    /// fails first); the first to connect wins. Errors name both causes.
+    async fn connect(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        key: Key32,
+    ) -> Result<Link, String> {
+        let quic = Link::quic(endpoint, addr, key);
+        let (quic_failed_tx, quic_failed) = oneshot::channel::<()>();
+        let tcp = async {
+            let _ = tokio::time::timeout(TCP_HEAD_START, quic_failed).await;
+            Link::tcp(addr, key).await
+        };
+        tokio::pin!(quic, tcp);
+        let mut quic_failed_tx = Some(quic_failed_tx);
+        let mut quic_err: Option<String> = None;
+        let mut tcp_err: Option<String> = None;
+        loop {
+            tokio::select! {
+                r = &mut quic, if quic_err.is_none() => match r {
+                    Ok(link) => return Ok(link),
+                    Err(e) => {
+                        if let Some(tx) = quic_failed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                        quic_err = Some(e);
+                    }
+                },
+                r = &mut tcp, if tcp_err.is_none() => match r {
+                    Ok(link) => {
+                        warn!(control = %addr, "UDP seems blocked: using TCP for the control plane");
+                        return Ok(link);
+                    }
+                    Err(e) => tcp_err = Some(e),
+                },
+            }
+            if let (Some(q), Some(t)) = (&quic_err, &tcp_err) {
+                return Err(format!("QUIC: {q}; TLS over TCP: {t}"));
+            }
+        }
+    }
+
+    async fn quic(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        key: Key32,
+    ) -> Result<Link, String> {
+        let config = super::tls::client_config(key).map_err(|e| e.to_string())?;
+        let connecting = endpoint
+            .connect_with(config, addr, super::tls::SERVER_NAME)
+            .map_err(|e| e.to_string())?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| format!("no answer from {addr}"))?
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        Ok(Link {
+            transport: ControlTransport::Quic,
+            recv: Box::new(recv),
+            send: Box::new(send),
+            quic: Some(conn),
+        })
+    }
+
+    async fn tcp(addr: SocketAddr, key: Key32) -> Result<Link, String> {
+        let config = super::tls::rustls_config(key).map_err(|e| e.to_string())?;
+        let name = rustls::pki_types::ServerName::try_from(super::tls::SERVER_NAME)
+            .map_err(|e| e.to_string())?;
+        let connect = async {
+            let stream = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("cannot connect to tcp {addr}: {e}"))?;
+            let _ = stream.set_nodelay(true);
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, stream)
+                .await
+                .map_err(|e| format!("tls with tcp {addr}: {e}"))
+        };
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| format!("no answer from tcp {addr}"))??;
+        let (recv, send) = tokio::io::split(tls);
+        Ok(Link {
+            transport: ControlTransport::Tcp,
+            recv: Box::new(recv),
+            send: Box::new(send),
+            quic: None,
+        })
+    }
+}
+
+/// Whether a QUIC handshake with the control plane completes now (the connection is closed
+/// again at once).
+async fn quic_answers(endpoint: &quinn::Endpoint, addr: SocketAddr, key: Key32) -> bool {
+    let Ok(config) = super::tls::client_config(key) else {
+        return false;
+    };
+    let Ok(connecting) = endpoint.connect_with(config, addr, super::tls::SERVER_NAME) else {
+        return false;
+    };
+    match tokio::time::timeout(UDP_PROBE_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => {
+            conn.close(0u32.into(), b"probe");
+            true
+        }
+        _ => false,
+    }
+}
+
+async fn write(send: &mut BoxWrite, msg: &ClientMsg) -> Result<(), String> {
     send.write_all(&frame::encode(msg))
         .await
-        .map_err(|e| format!("send failed: {e}"))
+        .map_err(|e| format!("send failed: {e}"))?;
+    send.flush().await.map_err(|e| format!("send failed: {e}"))
 }
 
 struct Reader {
-    recv: quinn::RecvStream,
+    recv: BoxRead,
     decoder: FrameDecoder,
+    buf: Vec<u8>,
 }
 
 impl Reader {
-    fn new(recv: quinn::RecvStream) -> Self {
+    fn new(recv: BoxRead) -> Self {
         Reader {
             recv,
             decoder: FrameDecoder::new(),
+            buf: vec![0u8; 64 * 1024],
         }
     }
 
@@ -372,10 +541,9 @@ impl Reader {
             {
                 return Ok(msg);
             }
-            // Chunks as quinn holds them: one copy into the decoder, no buffer of our own.
-            match self.recv.read_chunk(usize::MAX, true).await {
-                Ok(Some(chunk)) => self.decoder.extend(&chunk.bytes),
-                Ok(None) => return Err("control plane closed the stream".into()),
+            match self.recv.read(&mut self.buf).await {
+                Ok(0) => return Err("control plane closed the stream".into()),
+                Ok(n) => self.decoder.extend(&self.buf[..n]),
                 Err(e) => return Err(format!("connection lost: {e}")),
             }
         }

@@ -3,4 +3,6 @@
 pub mod client;
 pub mod tls;
 
-pub use client::{spawn, ControlCmd, ControlError, ControlEvent, ControlHandle, Registration};
+pub use client::{
+    spawn, ControlCmd, ControlError, ControlEvent, ControlHandle, ControlTransport, Registration,
+};

@@ -14,7 +14,7 @@ use super::backlog::Backlog;
 use super::network::{mapping_changed, net_changed};
 use super::{Config, DaemonError};
 use crate::api::{IpcRequest, IpcResult};
-use crate::control::{self, ControlEvent, ControlHandle, Registration};
+use crate::control::{self, ControlEvent, ControlHandle, ControlTransport, Registration};
 use crate::dataplane::{Engine, EngineCmd, EngineConfig, EngineEvent, EngineHandle};
 use crate::events::EventBus;
 use crate::netinfo::local_endpoints;
@@ -59,6 +59,8 @@ pub(super) struct LinkState {
     pub(super) generation: u64,
     pub(super) connected: bool,
     pub(super) error: Option<String>,
+    /// What carries the control channel while connected.
+    pub(super) transport: Option<ControlTransport>,
 }
 
 /// The agent's state. Only [`Owner::run`] (and what it calls) touches it.
@@ -253,20 +255,38 @@ impl Owner {
 
     async fn handle_control(&mut self, ev: ControlEvent) {
         match ev {
-            ControlEvent::Registered { virtual_ip, .. } => {
+            ControlEvent::Registered {
+                virtual_ip,
+                transport,
+                ..
+            } => {
                 if let Err(e) = self.apply_virtual_ip(virtual_ip).await {
                     self.stopping = Some(Err(e));
                     return;
                 }
+                let before = self.link_state.borrow().transport;
+                if before.is_some_and(|b| b != transport) || transport == ControlTransport::Tcp {
+                    info!(
+                        transport = transport.as_str(),
+                        "control channel transport: {}",
+                        if transport == ControlTransport::Tcp {
+                            "TLS over TCP (UDP seems blocked)"
+                        } else {
+                            "QUIC"
+                        }
+                    );
+                }
                 self.link_state.send_modify(|s| {
                     s.connected = true;
                     s.error = None;
+                    s.transport = Some(transport);
                 });
                 self.on_registered();
             }
             ControlEvent::Disconnected { reason } => self.link_state.send_modify(|s| {
                 s.connected = false;
                 s.error = Some(reason);
+                s.transport = None;
             }),
             ControlEvent::Relays { relays, token } => {
                 self.relays = relays.clone();
