@@ -1,0 +1,74 @@
+//! Reach where UDP is blocked: an agent behind a router that lets out only TCP 80/443 and DNS
+//! (`NatKind::UdpBlocked`, with the 20 ms WAN uplink) reaches the control plane over TLS on TCP,
+//! joins a party and registers; the same on an open network is the baseline, measured in the
+//! same run.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Result};
+use rally_lab::{with_lab, Agent, ControlPlane, NatKind};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+#[test]
+fn udp_blocked_agent_joins_a_party_over_tcp() -> Result<()> {
+    with_lab(|lab| {
+        let cp_host = lab.add_wan_host("control")?;
+        // Port 443: the only one (with 80) the blocked network lets out, on TCP.
+        let cp = ControlPlane::start_on_port(&cp_host, lab, &[], &[], 443)?;
+
+        let open_gw = lab.add_router("open-gw", NatKind::HomeRouter)?;
+        let owner = Agent::start(&lab.add_host_behind(&open_gw, "owner")?, "owner", cp.control())?;
+        owner.wait_control_connected(TIMEOUT)?;
+        let code = owner.party_create("tcp", &[])?;
+
+        // Both joiners start with no control plane: `party join` dials the invite's.
+        let open = Agent::start(&lab.add_host_behind(&open_gw, "open")?, "open", None)?;
+        let blocked_gw = lab.add_router("blocked-gw", NatKind::UdpBlocked)?;
+        let blocked = Agent::start(
+            &lab.add_host_behind(&blocked_gw, "blocked")?,
+            "blocked",
+            None,
+        )?;
+
+        let mut figures = Vec::new();
+        for (agent, want) in [(&open, "quic"), (&blocked, "tcp")] {
+            let started = Instant::now();
+            let out = agent.party_join(&code)?;
+            let took = started.elapsed();
+            ensure!(
+                out.status.success(),
+                "{} could not join: {}",
+                agent.name(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            let status = agent.status()?;
+            ensure!(status.control.connected, "{} not connected", agent.name());
+            ensure!(
+                status.control.transport.as_deref() == Some(want),
+                "{}: control over {:?}, expected {want}",
+                agent.name(),
+                status.control.transport
+            );
+            ensure!(
+                status.party_names().contains(&"tcp".to_string()),
+                "{}: parties {:?}",
+                agent.name(),
+                status.party_names()
+            );
+            figures.push((agent.name().to_owned(), want, took));
+        }
+        owner.wait_for_peers(&["open", "blocked"], TIMEOUT)?;
+        blocked.wait_for_peers(&["owner", "open"], TIMEOUT)?;
+
+        for (name, transport, took) in &figures {
+            println!(
+                "party join → registered and joined: {name} over {transport}: {} ms",
+                took.as_millis()
+            );
+        }
+        let ratio = figures[1].2.as_secs_f64() / figures[0].2.as_secs_f64().max(1e-3);
+        println!("udp-blocked / open: {ratio:.2}×");
+        Ok(())
+    })
+}
