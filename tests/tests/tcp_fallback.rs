@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
+use rally_lab::rally::RelayServer;
 use rally_lab::{with_lab, Agent, ControlPlane, NatKind};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -15,7 +16,9 @@ fn udp_blocked_agent_joins_a_party_over_tcp() -> Result<()> {
     with_lab(|lab| {
         let cp_host = lab.add_wan_host("control")?;
         // Port 443: the only one (with 80) the blocked network lets out, on TCP.
-        let cp = ControlPlane::start_on_port(&cp_host, lab, &[], &[], 443)?;
+        let (key, _) = ControlPlane::init(&cp_host, lab)?;
+        let r1 = RelayServer::start(&lab.add_wan_host("relay1")?, "r1", &key)?;
+        let cp = ControlPlane::start_on_port(&cp_host, lab, &[r1.spec()], &[], 443)?;
 
         let open_gw = lab.add_router("open-gw", NatKind::HomeRouter)?;
         let owner = Agent::start(&lab.add_host_behind(&open_gw, "owner")?, "owner", cp.control())?;
@@ -60,6 +63,16 @@ fn udp_blocked_agent_joins_a_party_over_tcp() -> Result<()> {
         }
         owner.wait_for_peers(&["open", "blocked"], TIMEOUT)?;
         blocked.wait_for_peers(&["owner", "open"], TIMEOUT)?;
+
+        let report: serde_json::Value =
+            serde_json::from_str(&blocked.rally_ok(&["netcheck", "--json"])?)?;
+        println!("blocked: netcheck {report}");
+        ensure!(report["udp"] == false, "netcheck: udp {}", report["udp"]);
+        ensure!(
+            report["control_transport"] == "tcp",
+            "netcheck: control_transport {}",
+            report["control_transport"]
+        );
 
         for (name, transport, took) in &figures {
             println!(
