@@ -21,7 +21,11 @@ fn udp_blocked_agent_joins_a_party_over_tcp() -> Result<()> {
         let cp = ControlPlane::start_on_port(&cp_host, lab, &[r1.spec()], &[], 443)?;
 
         let open_gw = lab.add_router("open-gw", NatKind::HomeRouter)?;
-        let owner = Agent::start(&lab.add_host_behind(&open_gw, "owner")?, "owner", cp.control())?;
+        let owner = Agent::start(
+            &lab.add_host_behind(&open_gw, "owner")?,
+            "owner",
+            cp.control(),
+        )?;
         owner.wait_control_connected(TIMEOUT)?;
         let code = owner.party_create("tcp", &[])?;
 
@@ -82,6 +86,41 @@ fn udp_blocked_agent_joins_a_party_over_tcp() -> Result<()> {
         }
         let ratio = figures[1].2.as_secs_f64() / figures[0].2.as_secs_f64().max(1e-3);
         println!("udp-blocked / open: {ratio:.2}×");
+        Ok(())
+    })
+}
+
+/// A network that blocks UDP, then stops blocking it: the agent starts on TCP and moves its
+/// control channel back to QUIC on its own.
+#[test]
+fn control_moves_back_to_quic_when_udp_returns() -> Result<()> {
+    with_lab(|lab| {
+        let cp_host = lab.add_wan_host("control")?;
+        let cp = ControlPlane::start_on_port(&cp_host, lab, &[], &[], 443)?;
+        let gw = lab.add_router("gw", NatKind::HomeRouter)?;
+        gw.set_udp_blocked(true)?;
+        let agent = Agent::start(&lab.add_host_behind(&gw, "a")?, "a", cp.control())?;
+        agent.wait_control_connected(TIMEOUT)?;
+        let transport =
+            |agent: &Agent| -> Result<Option<String>> { Ok(agent.status()?.control.transport) };
+        ensure!(
+            transport(&agent)?.as_deref() == Some("tcp"),
+            "control over {:?} while UDP is blocked",
+            transport(&agent)?
+        );
+
+        gw.set_udp_blocked(false)?;
+        let unblocked = Instant::now();
+        lab.wait_until(
+            "the control channel back on QUIC",
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+            || Ok(transport(&agent)?.as_deref() == Some("quic")),
+        )?;
+        println!(
+            "UDP unblocked → control back on QUIC in {} ms",
+            unblocked.elapsed().as_millis()
+        );
         Ok(())
     })
 }
