@@ -113,6 +113,13 @@ struct UpArgs {
     /// Serve Prometheus metrics on this HTTP address (e.g. 127.0.0.1:9101).
     #[arg(long)]
     metrics: Option<SocketAddr>,
+    /// HTTP CONNECT proxy for TCP dials, http://HOST:PORT (QUIC is still tried directly).
+    #[arg(long, env = "HTTPS_PROXY", value_parser = parse_proxy)]
+    proxy: Option<String>,
+}
+
+fn parse_proxy(s: &str) -> Result<String, String> {
+    rally_agent::control::proxy::parse_proxy(s).map_err(|e| e.to_string())
 }
 
 fn parse_profile(s: &str) -> Result<Profile, String> {
@@ -248,6 +255,7 @@ fn up(state_dir: &Path, args: UpArgs) -> Result<()> {
         tun_name: args.tun,
         profile: args.profile,
         metrics: args.metrics,
+        proxy: args.proxy,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(daemon::run(cfg))?;

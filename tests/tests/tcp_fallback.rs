@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
+use rally_lab::proxy::ConnectProxy;
 use rally_lab::rally::RelayServer;
 use rally_lab::{with_lab, Agent, ControlPlane, NatKind};
 
@@ -121,6 +122,40 @@ fn control_moves_back_to_quic_when_udp_returns() -> Result<()> {
             "UDP unblocked → control back on QUIC in {} ms",
             unblocked.elapsed().as_millis()
         );
+        Ok(())
+    })
+}
+
+/// A network that lets out only TCP 443, with the control plane on 7443: the agent reaches it
+/// through an HTTP CONNECT proxy on 443 (`--proxy`).
+#[test]
+fn agent_reaches_the_control_plane_through_a_connect_proxy() -> Result<()> {
+    with_lab(|lab| {
+        let cp_host = lab.add_wan_host("control")?;
+        let cp = ControlPlane::start(&cp_host, lab)?;
+        let proxy = ConnectProxy::start(&lab.add_wan_host("proxy")?, 443)?;
+        let gw = lab.add_router("gw", NatKind::UdpBlocked)?;
+        let url = proxy.url();
+        let agent = Agent::start_with(
+            &lab.add_host_behind(&gw, "a")?,
+            "a",
+            cp.control(),
+            &["--proxy", url.as_str()],
+        )?;
+        agent.wait_control_connected(TIMEOUT)?;
+        let status = agent.status()?;
+        ensure!(
+            status.control.transport.as_deref() == Some("tcp"),
+            "control over {:?}",
+            status.control.transport
+        );
+        let tunnels = proxy.tunnels()?;
+        ensure!(
+            tunnels.contains(&cp.addr().to_string()),
+            "the proxy opened {tunnels:?}, not one to {}",
+            cp.addr()
+        );
+        println!("through {url}: tunnels {tunnels:?}");
         Ok(())
     })
 }

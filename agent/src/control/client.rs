@@ -116,6 +116,8 @@ pub struct Registration {
     pub wg_key: Key32,
     pub name: String,
     pub endpoints: Vec<SocketAddr>,
+    /// An HTTP CONNECT proxy (`HOST:PORT`) for the TLS-over-TCP dial.
+    pub proxy: Option<String>,
 }
 
 #[derive(Clone)]
@@ -250,7 +252,8 @@ impl Session<'_> {
             .map_err(|e| format!("cannot resolve {}: {e}", self.target.addr))?
             .next()
             .ok_or_else(|| format!("{} resolves to no address", self.target.addr))?;
-        let link = Link::connect(endpoint, addr, self.target.key).await?;
+        let link =
+            Link::connect(endpoint, addr, self.target.key, self.reg.proxy.as_deref()).await?;
         let transport = link.transport;
         let quic = link.quic.clone();
         let mut send = link.send;
@@ -406,12 +409,13 @@ impl Link {
         endpoint: &quinn::Endpoint,
         addr: SocketAddr,
         key: Key32,
+        proxy: Option<&str>,
     ) -> Result<Link, String> {
         let quic = Link::quic(endpoint, addr, key);
         let (quic_failed_tx, quic_failed) = oneshot::channel::<()>();
         let tcp = async {
             let _ = tokio::time::timeout(TCP_HEAD_START, quic_failed).await;
-            Link::tcp(addr, key).await
+            Link::tcp(addr, key, proxy).await
         };
         tokio::pin!(quic, tcp);
         let mut quic_failed_tx = Some(quic_failed_tx);
@@ -464,14 +468,17 @@ impl Link {
         })
     }
 
-    async fn tcp(addr: SocketAddr, key: Key32) -> Result<Link, String> {
+    async fn tcp(addr: SocketAddr, key: Key32, proxy: Option<&str>) -> Result<Link, String> {
         let config = super::tls::rustls_config(key).map_err(|e| e.to_string())?;
         let name = rustls::pki_types::ServerName::try_from(super::tls::SERVER_NAME)
             .map_err(|e| e.to_string())?;
         let connect = async {
-            let stream = tokio::net::TcpStream::connect(addr)
-                .await
-                .map_err(|e| format!("cannot connect to tcp {addr}: {e}"))?;
+            let stream = match proxy {
+                Some(proxy) => super::proxy::connect(proxy, addr).await?,
+                None => tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| format!("cannot connect to tcp {addr}: {e}"))?,
+            };
             let _ = stream.set_nodelay(true);
             tokio_rustls::TlsConnector::from(Arc::new(config))
                 .connect(name, stream)

@@ -40,6 +40,8 @@ pub struct Config {
     pub profile: Profile,
     /// Serve Prometheus text on this address.
     pub metrics: Option<SocketAddr>,
+    /// An HTTP CONNECT proxy (`HOST:PORT`) for the control plane's TLS-over-TCP dial.
+    pub proxy: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -458,6 +458,7 @@ impl Owner {
             wg_key: self.wg_public,
             name: self.cfg.name.clone(),
             endpoints: self.endpoints(),
+            proxy: self.cfg.proxy.clone(),
         };
         info!(control = %target.addr, "connecting to the control plane");
         let (tx, events) = mpsc::unbounded_channel();
