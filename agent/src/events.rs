@@ -35,10 +35,12 @@ pub enum EventType {
     NatDetected,
     MetricsUpdate,
     Error,
+    /// The control channel moved between QUIC and TLS over TCP.
+    TransportChange,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 10] = [
+    pub const ALL: [EventType; 11] = [
         EventType::Connected,
         EventType::Disconnected,
         EventType::Reconnecting,
@@ -49,6 +51,7 @@ impl EventType {
         EventType::NatDetected,
         EventType::MetricsUpdate,
         EventType::Error,
+        EventType::TransportChange,
     ];
 
     /// The name in JSON and on the command line (`--type relay_switch`).
@@ -64,6 +67,7 @@ impl EventType {
             EventType::NatDetected => "nat_detected",
             EventType::MetricsUpdate => "metrics_update",
             EventType::Error => "error",
+            EventType::TransportChange => "transport_change",
         }
     }
 
@@ -85,7 +89,7 @@ impl fmt::Display for EventType {
 
 /// An event type name that is not one of ours.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown event type {0:?}: expected one of connected, disconnected, reconnecting, failover, relay_switch, primary_change, state_change, nat_detected, metrics_update, error")]
+#[error("unknown event type {0:?}: expected one of connected, disconnected, reconnecting, failover, relay_switch, primary_change, state_change, nat_detected, metrics_update, error, transport_change")]
 pub struct UnknownEventType(pub String);
 
 impl FromStr for EventType {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Result};
 use rally_lab::proxy::ConnectProxy;
 use rally_lab::rally::RelayServer;
+use rally_lab::scenario::json_lines;
 use rally_lab::{with_lab, Agent, ControlPlane, NatKind};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -121,6 +122,17 @@ fn control_moves_back_to_quic_when_udp_returns() -> Result<()> {
         println!(
             "UDP unblocked → control back on QUIC in {} ms",
             unblocked.elapsed().as_millis()
+        );
+        let out = agent.rally_ok(&["events", "--json", "--type", "transport_change"])?;
+        let messages: Vec<String> = json_lines(&out)
+            .iter()
+            .filter_map(|e| e["message"].as_str().map(str::to_owned))
+            .collect();
+        ensure!(
+            messages.len() == 2
+                && messages[0].contains("TLS/TCP")
+                && messages[1].contains("back on QUIC"),
+            "transport_change events: {messages:?}"
         );
         Ok(())
     })

@@ -16,7 +16,7 @@ use super::{Config, DaemonError};
 use crate::api::{IpcRequest, IpcResult};
 use crate::control::{self, ControlEvent, ControlHandle, ControlTransport, Registration};
 use crate::dataplane::{Engine, EngineCmd, EngineConfig, EngineEvent, EngineHandle};
-use crate::events::EventBus;
+use crate::events::{Event, EventBus, EventType};
 use crate::netinfo::local_endpoints;
 use crate::netwatch::NetWatch;
 use crate::portmap::{PortMapper, PortMappingStatus};
@@ -265,17 +265,7 @@ impl Owner {
                     return;
                 }
                 let before = self.link_state.borrow().transport;
-                if before.is_some_and(|b| b != transport) || transport == ControlTransport::Tcp {
-                    info!(
-                        transport = transport.as_str(),
-                        "control channel transport: {}",
-                        if transport == ControlTransport::Tcp {
-                            "TLS over TCP (UDP seems blocked)"
-                        } else {
-                            "QUIC"
-                        }
-                    );
-                }
+                self.publish_transport(before, transport);
                 self.link_state.send_modify(|s| {
                     s.connected = true;
                     s.error = None;
@@ -449,6 +439,26 @@ impl Owner {
         self.virtual_ip = None;
         if let Err(e) = tokio::task::spawn_blocking(move || engine.stop()).await {
             warn!("the data plane did not stop cleanly: {e}");
+        }
+    }
+
+    /// A `transport_change` event when the control channel comes up over TLS/TCP, or moves
+    /// between it and QUIC.
+    fn publish_transport(&self, before: Option<ControlTransport>, now: ControlTransport) {
+        let message = match (before, now) {
+            (Some(b), n) if b == n => return,
+            (None, ControlTransport::Quic) => return,
+            (_, ControlTransport::Tcp) => "control plane over TLS/TCP: UDP seems blocked",
+            (_, ControlTransport::Quic) => "control plane back on QUIC: UDP works again",
+        };
+        info!(transport = now.as_str(), "{message}");
+        let event = Event::new(
+            crate::dataplane::timers::unix_ms(),
+            EventType::TransportChange,
+            message,
+        );
+        if let Ok(mut bus) = self.bus.lock() {
+            bus.publish(event);
         }
     }
 
