@@ -3,13 +3,16 @@
 //! joins a party and registers; the same on an open network is the baseline, measured in the
 //! same run.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
+use anyhow::{anyhow, ensure, Result};
+use rally_lab::attack::control::{identity, in_ns, wg_key, ControlClient};
 use rally_lab::proxy::ConnectProxy;
 use rally_lab::rally::RelayServer;
 use rally_lab::scenario::json_lines;
 use rally_lab::{with_lab, Agent, ControlPlane, NatKind};
+use rally_proto::{ErrorCode, Key32, ServerMsg};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -168,6 +171,47 @@ fn agent_reaches_the_control_plane_through_a_connect_proxy() -> Result<()> {
             cp.addr()
         );
         println!("through {url}: tunnels {tunnels:?}");
+        Ok(())
+    })
+}
+
+/// Over TLS/TCP the control plane checks what it checks over QUIC: a client pinning another key
+/// gets no session, a registered client's oversized frame is refused from its length prefix.
+#[test]
+fn tcp_sessions_get_the_same_checks_as_quic() -> Result<()> {
+    with_lab(|lab| {
+        let cp = ControlPlane::start(&lab.add_wan_host("control")?, lab)?;
+        let addr: SocketAddr = cp.addr().parse()?;
+        let key: Key32 = cp
+            .key()
+            .parse()
+            .map_err(|e| anyhow!("control key: {e:?}"))?;
+        let attacker = lab.add_wan_host("attacker")?;
+        let (wrong_key, registered, frame) = in_ns(attacker.ns(), move || {
+            Box::pin(async move {
+                let wrong = ControlClient::connect_tcp(addr, Key32([7; 32])).await;
+                let mut c = ControlClient::connect_tcp(addr, key).await?;
+                let registered = c
+                    .register(&identity(1), "mallory", wg_key(1))
+                    .await?
+                    .map_err(|e| anyhow!("{e:?}"))?;
+                c.send_raw(&(1u32 << 20).to_be_bytes()).await?;
+                let frame = loop {
+                    match c.recv().await? {
+                        ServerMsg::Error(e) => break e.code,
+                        _ => continue,
+                    }
+                };
+                Ok((wrong.err().map(|e| format!("{e:#}")), registered, frame))
+            })
+        })?;
+        ensure!(
+            wrong_key.is_some(),
+            "a client pinning another key got a TLS session"
+        );
+        println!("wrong key over tcp: {}", wrong_key.unwrap_or_default());
+        println!("registered over tcp: {registered:?}");
+        ensure!(frame == ErrorCode::TooLarge, "oversized frame: {frame:?}");
         Ok(())
     })
 }
