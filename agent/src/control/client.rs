@@ -166,6 +166,7 @@ async fn run(
     let mut seed = [0u8; 32];
     OsRng.fill_bytes(&mut seed);
     let mut backoff = Backoff::new(RECONNECT, seed);
+    let mut last = None;
     let endpoint = match client_endpoint() {
         Ok(e) => e,
         Err(e) => {
@@ -181,6 +182,7 @@ async fn run(
             reg: &mut reg,
             events: &events,
             backoff: &mut backoff,
+            last: &mut last,
         };
         let reason = match session.run(&endpoint, &mut cmds).await {
             Ok(Ended::DaemonGone) => return,
@@ -238,6 +240,9 @@ struct Session<'a> {
     reg: &'a mut Registration,
     events: &'a mpsc::UnboundedSender<ControlEvent>,
     backoff: &'a mut Backoff,
+    /// The transport the last connection used: after one over TCP, the next race dials TCP
+    /// at once (UDP was blocked a moment ago; QUIC still gets tried, and retried later).
+    last: &'a mut Option<ControlTransport>,
 }
 
 impl Session<'_> {
@@ -252,9 +257,20 @@ impl Session<'_> {
             .map_err(|e| format!("cannot resolve {}: {e}", self.target.addr))?
             .next()
             .ok_or_else(|| format!("{} resolves to no address", self.target.addr))?;
-        let link =
-            Link::connect(endpoint, addr, self.target.key, self.reg.proxy.as_deref()).await?;
+        let head_start = match self.last {
+            Some(ControlTransport::Tcp) => Duration::ZERO,
+            _ => TCP_HEAD_START,
+        };
+        let link = Link::connect(
+            endpoint,
+            addr,
+            self.target.key,
+            self.reg.proxy.as_deref(),
+            head_start,
+        )
+        .await?;
         let transport = link.transport;
+        *self.last = Some(transport);
         let quic = link.quic.clone();
         let mut send = link.send;
         let mut reader = Reader::new(link.recv);
@@ -315,6 +331,7 @@ impl Session<'_> {
             tokio::select! {
                 _ = udp_retry.tick(), if transport == ControlTransport::Tcp => {
                     if quic_answers(endpoint, addr, self.target.key).await {
+                        *self.last = Some(ControlTransport::Quic);
                         break Ok(Ended::UdpBack);
                     }
                 }
@@ -403,18 +420,19 @@ struct Link {
 }
 
 impl Link {
-    /// Races QUIC against TLS over TCP (dialled [`TCP_HEAD_START`] later, or at once when QUIC
-    /// fails first); the first to connect wins. Errors name both causes.
+    /// Races QUIC against TLS over TCP (dialled `head_start` later, or at once when QUIC fails
+    /// first); the first to connect wins. Errors name both causes.
     async fn connect(
         endpoint: &quinn::Endpoint,
         addr: SocketAddr,
         key: Key32,
         proxy: Option<&str>,
+        head_start: Duration,
     ) -> Result<Link, String> {
         let quic = Link::quic(endpoint, addr, key);
         let (quic_failed_tx, quic_failed) = oneshot::channel::<()>();
         let tcp = async {
-            let _ = tokio::time::timeout(TCP_HEAD_START, quic_failed).await;
+            let _ = tokio::time::timeout(head_start, quic_failed).await;
             Link::tcp(addr, key, proxy).await
         };
         tokio::pin!(quic, tcp);
