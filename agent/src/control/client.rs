@@ -1,6 +1,6 @@
 //! A task that keeps the agent registered with its control plane: connects, answers the
 //! challenge, forwards peer maps and deltas, carries requests, and reconnects with backoff and
-//! jitter. Each connection races QUIC against TLS 1.3 over TCP ([`Link::connect`]): QUIC
+//! jitter. Each connection races QUIC against TLS 1.3 over TCP (`link.rs`): QUIC
 //! first, TCP after a short head start, the first handshake wins; while on TCP, QUIC is tried
 //! again now and then and the session moves back to it when it answers. Keeping the peer map itself (and asking for a full one after a gap) is the caller's
 //! job, with [`rally_proto::PeerView`]; a full map sent as pages is assembled here
@@ -18,10 +18,11 @@ use rally_proto::{
     Response, ServerMsg, Sig64, PROTOCOL_VERSION,
 };
 use rand_core::{OsRng, RngCore};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use super::link::{quic_answers, BoxRead, BoxWrite, Link};
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::state::ControlTarget;
 
@@ -32,13 +33,11 @@ pub const RECONNECT: BackoffPolicy = BackoffPolicy {
     jitter: 0.3,
     attempts: None,
 };
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long QUIC has to itself before TLS over TCP is dialled too.
 pub const TCP_HEAD_START: Duration = Duration::from_millis(300);
 /// While on TCP, how often QUIC is tried again.
 pub const UDP_RETRY: Duration = Duration::from_secs(5);
-/// How long one background QUIC attempt may take.
-const UDP_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Which transport carries the control channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -405,133 +404,6 @@ enum Ended {
     DaemonGone,
     /// The session ran over TCP and QUIC answers again.
     UdpBack,
-}
-
-type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
-type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
-
-/// One connected control channel: a byte stream each way, over QUIC or TLS/TCP.
-struct Link {
-    transport: ControlTransport,
-    recv: BoxRead,
-    send: BoxWrite,
-    /// The QUIC connection, to close it when the session ends.
-    quic: Option<quinn::Connection>,
-}
-
-impl Link {
-    /// Races QUIC against TLS over TCP (dialled `head_start` later, or at once when QUIC fails
-    /// first); the first to connect wins. Errors name both causes.
-    async fn connect(
-        endpoint: &quinn::Endpoint,
-        addr: SocketAddr,
-        key: Key32,
-        proxy: Option<&str>,
-        head_start: Duration,
-    ) -> Result<Link, String> {
-        let quic = Link::quic(endpoint, addr, key);
-        let (quic_failed_tx, quic_failed) = oneshot::channel::<()>();
-        let tcp = async {
-            let _ = tokio::time::timeout(head_start, quic_failed).await;
-            Link::tcp(addr, key, proxy).await
-        };
-        tokio::pin!(quic, tcp);
-        let mut quic_failed_tx = Some(quic_failed_tx);
-        let mut quic_err: Option<String> = None;
-        let mut tcp_err: Option<String> = None;
-        loop {
-            tokio::select! {
-                r = &mut quic, if quic_err.is_none() => match r {
-                    Ok(link) => return Ok(link),
-                    Err(e) => {
-                        if let Some(tx) = quic_failed_tx.take() {
-                            let _ = tx.send(());
-                        }
-                        quic_err = Some(e);
-                    }
-                },
-                r = &mut tcp, if tcp_err.is_none() => match r {
-                    Ok(link) => {
-                        warn!(control = %addr, "UDP seems blocked: using TCP for the control plane");
-                        return Ok(link);
-                    }
-                    Err(e) => tcp_err = Some(e),
-                },
-            }
-            if let (Some(q), Some(t)) = (&quic_err, &tcp_err) {
-                return Err(format!("QUIC: {q}; TLS over TCP: {t}"));
-            }
-        }
-    }
-
-    async fn quic(
-        endpoint: &quinn::Endpoint,
-        addr: SocketAddr,
-        key: Key32,
-    ) -> Result<Link, String> {
-        let config = super::tls::client_config(key).map_err(|e| e.to_string())?;
-        let connecting = endpoint
-            .connect_with(config, addr, super::tls::SERVER_NAME)
-            .map_err(|e| e.to_string())?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| format!("no answer from {addr}"))?
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        Ok(Link {
-            transport: ControlTransport::Quic,
-            recv: Box::new(recv),
-            send: Box::new(send),
-            quic: Some(conn),
-        })
-    }
-
-    async fn tcp(addr: SocketAddr, key: Key32, proxy: Option<&str>) -> Result<Link, String> {
-        let config = super::tls::rustls_config(key).map_err(|e| e.to_string())?;
-        let name = rustls::pki_types::ServerName::try_from(super::tls::SERVER_NAME)
-            .map_err(|e| e.to_string())?;
-        let connect = async {
-            let stream = match proxy {
-                Some(proxy) => super::proxy::connect(proxy, addr).await?,
-                None => tokio::net::TcpStream::connect(addr)
-                    .await
-                    .map_err(|e| format!("cannot connect to tcp {addr}: {e}"))?,
-            };
-            let _ = stream.set_nodelay(true);
-            tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect(name, stream)
-                .await
-                .map_err(|e| format!("tls with tcp {addr}: {e}"))
-        };
-        let tls = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-            .await
-            .map_err(|_| format!("no answer from tcp {addr}"))??;
-        let (recv, send) = tokio::io::split(tls);
-        Ok(Link {
-            transport: ControlTransport::Tcp,
-            recv: Box::new(recv),
-            send: Box::new(send),
-            quic: None,
-        })
-    }
-}
-
-/// Whether a QUIC handshake with the control plane completes now (the connection is closed
-/// again at once).
-async fn quic_answers(endpoint: &quinn::Endpoint, addr: SocketAddr, key: Key32) -> bool {
-    let Ok(config) = super::tls::client_config(key) else {
-        return false;
-    };
-    let Ok(connecting) = endpoint.connect_with(config, addr, super::tls::SERVER_NAME) else {
-        return false;
-    };
-    match tokio::time::timeout(UDP_PROBE_TIMEOUT, connecting).await {
-        Ok(Ok(conn)) => {
-            conn.close(0u32.into(), b"probe");
-            true
-        }
-        _ => false,
-    }
 }
 
 async fn write(send: &mut BoxWrite, msg: &ClientMsg) -> Result<(), String> {

@@ -1,6 +1,7 @@
 //! The agent's side of the control channel.
 
 pub mod client;
+mod link;
 pub mod proxy;
 pub mod tls;
 
