@@ -144,6 +144,9 @@ pub struct NetcheckReport {
     #[serde(flatten)]
     pub nat: NatReport,
     pub port_mapping: Option<PortMappingStatus>,
+    /// What carries the control channel: `quic`, or `tcp` (TLS over TCP) where UDP is blocked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_transport: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -151,6 +154,9 @@ pub struct ControlStatus {
     pub connected: bool,
     pub addr: Option<String>,
     pub error: Option<String>,
+    /// `quic`, or `tcp` (TLS over TCP) where UDP is blocked; absent while not connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 /// What the CLI asks of the daemon: one per connection.

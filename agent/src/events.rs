@@ -37,6 +37,8 @@ pub enum EventType {
     Error,
     /// A sender of LAN game discovery went over its budget (once per episode).
     DiscoveryCapped,
+    /// The control channel moved between QUIC and TLS over TCP.
+    TransportChange,
 }
 
 impl EventType {
@@ -52,6 +54,7 @@ impl EventType {
         EventType::MetricsUpdate,
         EventType::Error,
         EventType::DiscoveryCapped,
+        EventType::TransportChange,
     ];
 
     /// The name in JSON and on the command line (`--type relay_switch`).
@@ -68,6 +71,7 @@ impl EventType {
             EventType::MetricsUpdate => "metrics_update",
             EventType::Error => "error",
             EventType::DiscoveryCapped => "discovery_capped",
+            EventType::TransportChange => "transport_change",
         }
     }
 
@@ -89,7 +93,7 @@ impl fmt::Display for EventType {
 
 /// An event type name that is not one of ours.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown event type {0:?}: expected one of connected, disconnected, reconnecting, failover, relay_switch, primary_change, state_change, nat_detected, metrics_update, error")]
+#[error("unknown event type {0:?}: expected one of connected, disconnected, reconnecting, failover, relay_switch, primary_change, state_change, nat_detected, metrics_update, error, transport_change")]
 pub struct UnknownEventType(pub String);
 
 impl FromStr for EventType {

@@ -120,6 +120,13 @@ struct UpArgs {
     metrics: Option<SocketAddr>,
     #[command(flatten)]
     discovery: rally_agent::discovery::cli::DiscoveryArgs,
+    /// HTTP CONNECT proxy for TCP dials, http://HOST:PORT (QUIC is still tried directly).
+    #[arg(long, env = "HTTPS_PROXY", value_parser = parse_proxy)]
+    proxy: Option<String>,
+}
+
+fn parse_proxy(s: &str) -> Result<String, String> {
+    rally_agent::control::proxy::parse_proxy(s).map_err(|e| e.to_string())
 }
 
 fn parse_profile(s: &str) -> Result<Profile, String> {
@@ -259,6 +266,7 @@ fn up(state_dir: &Path, args: UpArgs) -> Result<()> {
         profile: args.profile,
         metrics: args.metrics,
         discovery: args.discovery.config(),
+        proxy: args.proxy,
     };
     let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
     rt.block_on(daemon::run(cfg))?;

@@ -11,6 +11,7 @@ pub mod outbox;
 pub mod ratelimit;
 pub mod server;
 pub mod store;
+pub mod tcp;
 pub mod tls;
 pub mod udp;
 

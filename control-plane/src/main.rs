@@ -22,6 +22,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at startup: the size of the larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Create the data directory and key; print the control key (last line of stdout).
@@ -29,13 +31,17 @@ enum Cmd {
         #[arg(long)]
         data_dir: PathBuf,
     },
-    /// Serve agents over QUIC.
+    /// Serve agents over QUIC, and over TLS on TCP for networks that block UDP.
     Serve {
         #[arg(long)]
         data_dir: PathBuf,
         /// Address to listen on (UDP, QUIC).
         #[arg(long, default_value = "0.0.0.0:7443")]
         listen: SocketAddr,
+        /// Address to listen on for the same protocol over TLS 1.3 on TCP (default: the
+        /// address of --listen, on TCP).
+        #[arg(long)]
+        listen_tcp: Option<SocketAddr>,
         /// Address agents dial, written into invite codes (default: --listen).
         #[arg(long)]
         public_addr: Option<String>,
@@ -91,6 +97,7 @@ fn main() {
         Cmd::Serve {
             data_dir,
             listen,
+            listen_tcp,
             public_addr,
             relays,
             metrics,
@@ -138,7 +145,8 @@ fn main() {
                     .unwrap_or(usize::MAX),
                 retry_above: usize::try_from(retry_above).unwrap_or(usize::MAX),
             };
-            serve(&data_dir, listen, metrics, settings, limits)
+            let listen_tcp = listen_tcp.unwrap_or(listen);
+            serve(&data_dir, (listen, listen_tcp), metrics, settings, limits)
         }
     };
     if let Err(e) = result {
@@ -187,7 +195,7 @@ fn init(data_dir: &Path) -> Result<()> {
 
 fn serve(
     data_dir: &Path,
-    listen: SocketAddr,
+    (listen, listen_tcp): (SocketAddr, SocketAddr),
     metrics: Option<SocketAddr>,
     settings: Settings,
     limits: Limits,
@@ -205,6 +213,7 @@ fn serve(
     let store = SqliteStore::open(&db_path(data_dir), Overlay::default())
         .with_context(|| format!("opening {}", db_path(data_dir).display()))?;
     let server_config = tls::server_config(&identity)?;
+    let tcp_config = tls::rustls_config(&identity)?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let socket = rally_control::udp::bind(listen, rally_control::udp::SOCKET_BUFFER)
@@ -216,7 +225,10 @@ fn serve(
             std::sync::Arc::new(quinn::TokioRuntime),
         )
         .with_context(|| format!("listening on {listen}"))?;
-        info!(%listen, key = %identity.public(), "control plane serving");
+        let tcp_listener = tokio::net::TcpListener::bind(listen_tcp)
+            .await
+            .with_context(|| format!("listening on tcp {listen_tcp}"))?;
+        info!(%listen, %listen_tcp, key = %identity.public(), "control plane serving");
         let metrics_listener = match metrics {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
@@ -232,12 +244,14 @@ fn serve(
             let s = server.clone();
             tokio::spawn(rally_control::metrics::serve(l, move || s.render_metrics()));
         }
+        let serving_tcp = tokio::spawn(server.clone().serve_tcp(tcp_listener, tcp_config));
         let serving = tokio::spawn(server.serve(endpoint.clone()));
         shutdown_signal().await;
         info!("shutting down");
         endpoint.close(0u32.into(), b"control plane shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         serving.abort();
+        serving_tcp.abort();
         Ok::<_, anyhow::Error>(())
     })?;
     Ok(())

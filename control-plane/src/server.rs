@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rally_proto::control::MAX_CLIENT_FRAME_LEN;
 use rally_proto::{frame, ClientMsg, ErrorCode, ErrorReply, FrameDecoder, FrameError, ServerMsg};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tracing::debug;
 
@@ -74,7 +75,7 @@ pub struct Server {
     /// Connections open (or handshaking) per source address.
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     next_session: AtomicU64,
-    connections_refused: AtomicU64,
+    pub(crate) connections_refused: AtomicU64,
     retries: AtomicU64,
     deliveries_dropped: AtomicU64,
 }
@@ -145,7 +146,7 @@ impl Server {
     }
 
     /// A connection slot for `ip` if the caps allow one.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
         let mut per_ip = lock(&self.per_ip);
         let total: usize = per_ip.values().sum();
         let here = per_ip.get(&ip).copied().unwrap_or(0);
@@ -182,6 +183,24 @@ impl Server {
                 return;
             }
         };
+        let mut send = self.serve_session(remote, recv, send).await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+        conn.close(0u32.into(), b"bye");
+    }
+
+    /// Runs one session over a byte stream pair, whichever transport carries it (a QUIC
+    /// stream or TLS over TCP); gives the write half back for the transport to close.
+    pub(crate) async fn serve_session<R, W>(
+        self: &Arc<Self>,
+        remote: std::net::SocketAddr,
+        recv: R,
+        send: W,
+    ) -> W
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         let wake = Arc::new(Notify::new());
@@ -193,27 +212,28 @@ impl Server {
             },
         );
         let session = Arc::new(Mutex::new(Session::new(id, remote)));
-        let writer = tokio::spawn(self.clone().write_frames(send, rx, wake, session.clone()));
-        let outcome = self.read_messages(recv, &tx, &session).await;
-        {
-            let s = lock(&session);
-            lock(&self.hub).handle_disconnect(&s, now());
-        }
-        lock(&self.sessions).remove(&id);
-        if let Err(reply) = outcome {
-            debug!(%remote, "closing session: {}", reply.message);
-            let _ = tx.send(ServerMsg::Error(reply)).await;
-        }
-        drop(tx);
-        let _ = writer.await;
-        conn.close(0u32.into(), b"bye");
+        let writer = self.clone().write_frames(send, rx, wake, session.clone());
+        let reader = async {
+            let outcome = self.read_messages(recv, &tx, &session).await;
+            {
+                let s = lock(&session);
+                lock(&self.hub).handle_disconnect(&s, now());
+            }
+            lock(&self.sessions).remove(&id);
+            if let Err(reply) = outcome {
+                debug!(%remote, "closing session: {}", reply.message);
+                let _ = tx.send(ServerMsg::Error(reply)).await;
+            }
+            drop(tx);
+        };
+        tokio::join!(reader, writer).1
     }
 
     /// Reads and handles messages until the stream ends, an effect closes the session, or
     /// registration takes too long.
     async fn read_messages(
         &self,
-        mut recv: quinn::RecvStream,
+        mut recv: impl AsyncRead + Unpin,
         tx: &mpsc::Sender<ServerMsg>,
         session: &Mutex<Session>,
     ) -> Result<(), ErrorReply> {
@@ -230,8 +250,8 @@ impl Server {
                     .map_err(|_| ErrorReply::new(ErrorCode::AuthFailed, "registration timed out"))?
             };
             let n = match read {
-                Ok(Some(n)) => n,
-                Ok(None) | Err(_) => return Ok(()),
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(n) => n,
             };
             decoder.extend(&buf[..n]);
             loop {
@@ -282,13 +302,13 @@ impl Server {
 
     /// Writes a session's frames: replies and punches as they come, and peer-map pushes
     /// [`FLUSH_DELAY`] after the outbox was first woken.
-    async fn write_frames(
+    async fn write_frames<W: AsyncWrite + Unpin>(
         self: Arc<Self>,
-        mut send: quinn::SendStream,
+        mut send: W,
         mut rx: mpsc::Receiver<ServerMsg>,
         wake: Arc<Notify>,
         session: Arc<Mutex<Session>>,
-    ) {
+    ) -> W {
         let mut flush_at: Option<tokio::time::Instant> = None;
         let mut last_push: Option<tokio::time::Instant> = None;
         loop {
@@ -315,19 +335,18 @@ impl Server {
                     }
                     for f in frames {
                         if !write(&mut send, &f).await {
-                            return;
+                            return send;
                         }
                     }
                 }
             }
         }
-        let _ = send.finish();
-        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+        send
     }
 }
 
 /// A connection counted against the caps until dropped.
-struct Slot {
+pub(crate) struct Slot {
     server: Arc<Server>,
     ip: IpAddr,
     /// Connections in all, this one included, when it was admitted.
@@ -347,9 +366,13 @@ impl Drop for Slot {
 }
 
 /// Writes one frame within [`WRITE_TIMEOUT`]; `false` if the session must end.
-async fn write(send: &mut quinn::SendStream, frame: &[u8]) -> bool {
+async fn write(send: &mut (impl AsyncWrite + Unpin), frame: &[u8]) -> bool {
     matches!(
-        tokio::time::timeout(WRITE_TIMEOUT, send.write_all(frame)).await,
+        tokio::time::timeout(WRITE_TIMEOUT, async {
+            send.write_all(frame).await?;
+            send.flush().await
+        })
+        .await,
         Ok(Ok(()))
     )
 }
@@ -381,7 +404,7 @@ fn now() -> Now {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks leaves plain data behind; keep serving.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -20,8 +20,9 @@ pub enum TlsError {
     Quic,
 }
 
-/// A QUIC server configuration presenting a certificate for `identity`.
-pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, TlsError> {
+/// The TLS 1.3 configuration presenting a certificate for `identity`: the same for QUIC and
+/// for TLS over TCP, so agents pin the same key on both.
+pub fn rustls_config(identity: &Identity) -> Result<rustls::ServerConfig, TlsError> {
     let pkcs8 = PrivatePkcs8KeyDer::from(identity.pkcs8_der());
     let key_pair = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_ED25519)?;
     let cert =
@@ -35,6 +36,12 @@ pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, TlsErro
             PrivateKeyDer::Pkcs8(pkcs8),
         )?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(tls)
+}
+
+/// A QUIC server configuration presenting a certificate for `identity`.
+pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, TlsError> {
+    let tls = rustls_config(identity)?;
     let crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(|_| TlsError::Quic)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));

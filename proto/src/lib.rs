@@ -12,6 +12,7 @@ pub mod invite;
 pub mod key;
 pub mod peermap;
 pub mod probe;
+pub mod proxy;
 pub mod relay;
 pub mod stun;
 pub mod token;

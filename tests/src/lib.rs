@@ -26,6 +26,7 @@ pub mod netns;
 pub mod ping;
 pub mod portmap;
 pub mod procs;
+pub mod proxy;
 pub mod rally;
 pub mod roam;
 pub mod router;

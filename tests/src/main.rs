@@ -52,6 +52,11 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// An HTTP CONNECT proxy on ADDR:PORT until killed (run inside a lab namespace).
+    ConnectProxy {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Sends binding requests to every server from one local socket and prints JSON lines: the
     /// mapped addresses, then any datagram received while listening, then `done`.
     StunProbe {
@@ -147,6 +152,9 @@ fn main() -> ExitCode {
         })
         .with_context(|| format!("serving STUN on {listen}"))
         .map(|()| true),
+        Cmd::ConnectProxy { listen } => rally_lab::proxy::serve(listen)
+            .with_context(|| format!("serving CONNECT on {listen}"))
+            .map(|()| true),
         Cmd::StunProbe {
             servers,
             local_port,

@@ -56,6 +56,8 @@ pub struct ControlPlane {
     bin: PathBuf,
     data_dir: PathBuf,
     addr: String,
+    /// The port it listens on, UDP (QUIC) and TCP (TLS).
+    port: u16,
     key: String,
     log: PathBuf,
     proc: Option<Proc>,
@@ -84,10 +86,23 @@ impl ControlPlane {
         relays: &[String],
         extra: &[&str],
     ) -> Result<ControlPlane> {
+        Self::start_on_port(host, lab, relays, extra, CONTROL_PORT)
+    }
+
+    /// Like `start_with`, listening on `port` (UDP for QUIC and TCP for TLS) instead of 7443:
+    /// 443 reaches agents behind a network that lets out only TCP 80/443.
+    pub fn start_on_port(
+        host: &Host,
+        lab: &Lab,
+        relays: &[String],
+        extra: &[&str],
+        port: u16,
+    ) -> Result<ControlPlane> {
         let (key, data_dir) = Self::init(host, lab)?;
         let bin = bins::rally_control()?;
         let mut cp = ControlPlane {
-            addr: format!("{}:{CONTROL_PORT}", host.ip()),
+            addr: format!("{}:{port}", host.ip()),
+            port,
             key,
             log: host.log_path("rally-control"),
             host: host.clone(),
@@ -139,7 +154,8 @@ impl ControlPlane {
         let proc = self.host.spawn(&args, &self.log)?;
         self.proc = Some(proc.clone());
         let host = self.host.clone();
-        let check = || udp_port_bound(&host, CONTROL_PORT, &proc);
+        let port = self.port;
+        let check = || udp_port_bound(&host, port, &proc);
         wait_until("rally-control to listen", READY_TIMEOUT, READY_POLL, check)
             .map_err(|e| crate::with_logs(e, &self.host.logs_tail()))
     }
@@ -218,6 +234,9 @@ fn abort(e: anyhow::Error) -> anyhow::Error {
 #[derive(Clone, Debug, Deserialize)]
 pub struct ControlStatus {
     pub connected: bool,
+    /// `quic` or `tcp` while connected.
+    #[serde(default)]
+    pub transport: Option<String>,
 }
 
 /// `rally status --json` (fields relied on by the tests; more are ignored).

@@ -193,6 +193,29 @@ impl Router {
     }
 }
 
+/// The nftables table [`Router::set_udp_blocked`] adds.
+const UDP_BLOCK_TABLE: &str = "rally_udp_block";
+
+impl Router {
+    /// Blocks (or lets through again) outbound UDP but DNS at run time, as a
+    /// [`NatKind::UdpBlocked`] router does, on top of this router's own rules: a network that
+    /// starts or stops blocking UDP mid-session.
+    pub fn set_udp_blocked(&self, blocked: bool) -> Result<()> {
+        let script = if blocked {
+            format!(
+                "nft add table inet {UDP_BLOCK_TABLE} && \
+                 nft 'add chain inet {UDP_BLOCK_TABLE} forward {{ type filter hook forward priority filter - 1; policy accept; }}' && \
+                 nft add rule inet {UDP_BLOCK_TABLE} forward oifname {WAN_DEV} udp dport != 53 drop"
+            )
+        } else {
+            format!("nft delete table inet {UDP_BLOCK_TABLE}")
+        };
+        netns::exec(self.ns(), &["sh", "-c", &script])
+            .with_context(|| format!("setting UDP blocked={blocked} on router {}", self.name))?;
+        Ok(())
+    }
+}
+
 impl Site for Router {
     fn site_name(&self) -> &str {
         &self.name

@@ -172,6 +172,7 @@ fn status_json_is_pinned() {
             connected: true,
             addr: Some("198.51.100.1:7443".into()),
             error: None,
+            transport: None,
         },
         nat: Some(nat()),
         parties: vec![PartyInfo {
@@ -236,6 +237,7 @@ fn status_without_a_nat_report_says_null() {
             connected: false,
             addr: None,
             error: Some("no answer".into()),
+            transport: None,
         },
         nat: None,
         parties: vec![],
@@ -274,6 +276,7 @@ fn netcheck_reply_json_is_pinned() {
     let none = NetcheckReport {
         nat: nat(),
         port_mapping: None,
+        control_transport: None,
     };
     let text = serde_json::to_string(&none).unwrap();
     assert_eq!(
@@ -286,6 +289,7 @@ fn netcheck_reply_json_is_pinned() {
             ..nat()
         },
         port_mapping: Some(mapping()),
+        control_transport: None,
     };
     let text = serde_json::to_string(&mapped).unwrap();
     assert!(
@@ -433,4 +437,25 @@ fn a_peers_row_from_before_relay_reason_reads_as_none() {
     v.as_object_mut().unwrap().remove("relay_reason");
     let back: PeerStatus = serde_json::from_value(v).unwrap();
     assert_eq!(back.relay_reason, None);
+}
+
+/// The control transport appears in `netcheck --json` and `status --json` once known.
+#[test]
+fn control_transport_is_reported_when_known() {
+    let report = NetcheckReport {
+        nat: NatReport {
+            udp: false,
+            ..nat()
+        },
+        port_mapping: None,
+        control_transport: Some("tcp".into()),
+    };
+    let text = serde_json::to_string(&report).unwrap();
+    assert!(text.starts_with(r#"{"udp":false,"#), "{text}");
+    assert!(
+        text.ends_with(r#""port_mapping":null,"control_transport":"tcp"}"#),
+        "{text}"
+    );
+    let back: NetcheckReport = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, report);
 }

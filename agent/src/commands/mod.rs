@@ -295,6 +295,9 @@ async fn netcheck(state_dir: &Path, json: bool) -> Result<()> {
             "UDP:             {}",
             if nat.udp { "yes" } else { "blocked" }
         );
+        if let Some(t) = &report.control_transport {
+            println!("control over:    {t}");
+        }
         println!("mapping:         {}", behavior(nat.mapping));
         println!("filtering:       {}", behavior(nat.filtering));
         println!(

@@ -1,6 +1,8 @@
 //! A task that keeps the agent registered with its control plane: connects, answers the
 //! challenge, forwards peer maps and deltas, carries requests, and reconnects with backoff and
-//! jitter. Keeping the peer map itself (and asking for a full one after a gap) is the caller's
+//! jitter. Each connection races QUIC against TLS 1.3 over TCP (`link.rs`): QUIC
+//! first, TCP after a short head start, the first handshake wins; while on TCP, QUIC is tried
+//! again now and then and the session moves back to it when it answers. Keeping the peer map itself (and asking for a full one after a gap) is the caller's
 //! job, with [`rally_proto::PeerView`]; a full map sent as pages is assembled here
 //! ([`rally_proto::MapPages`]) and reported as one [`ControlEvent::PeerMap`].
 
@@ -16,9 +18,11 @@ use rally_proto::{
     Response, ServerMsg, Sig64, PROTOCOL_VERSION,
 };
 use rand_core::{OsRng, RngCore};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use super::link::{quic_answers, BoxRead, BoxWrite, Link};
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::state::ControlTarget;
 
@@ -29,7 +33,27 @@ pub const RECONNECT: BackoffPolicy = BackoffPolicy {
     jitter: 0.3,
     attempts: None,
 };
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long QUIC has to itself before TLS over TCP is dialled too.
+pub const TCP_HEAD_START: Duration = Duration::from_millis(300);
+/// While on TCP, how often QUIC is tried again.
+pub const UDP_RETRY: Duration = Duration::from_secs(5);
+
+/// Which transport carries the control channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlTransport {
+    Quic,
+    Tcp,
+}
+
+impl ControlTransport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControlTransport::Quic => "quic",
+            ControlTransport::Tcp => "tcp",
+        }
+    }
+}
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ControlError {
@@ -49,6 +73,8 @@ pub enum ControlEvent {
         name: String,
         virtual_ip: Ipv4Addr,
         observed: SocketAddr,
+        /// The transport that won the race.
+        transport: ControlTransport,
     },
     Disconnected {
         reason: String,
@@ -89,6 +115,8 @@ pub struct Registration {
     pub wg_key: Key32,
     pub name: String,
     pub endpoints: Vec<SocketAddr>,
+    /// An HTTP CONNECT proxy (`HOST:PORT`) for the TLS-over-TCP dial.
+    pub proxy: Option<String>,
 }
 
 #[derive(Clone)]
@@ -137,6 +165,7 @@ async fn run(
     let mut seed = [0u8; 32];
     OsRng.fill_bytes(&mut seed);
     let mut backoff = Backoff::new(RECONNECT, seed);
+    let mut last = None;
     let endpoint = match client_endpoint() {
         Ok(e) => e,
         Err(e) => {
@@ -152,9 +181,14 @@ async fn run(
             reg: &mut reg,
             events: &events,
             backoff: &mut backoff,
+            last: &mut last,
         };
         let reason = match session.run(&endpoint, &mut cmds).await {
-            Ok(()) => return,
+            Ok(Ended::DaemonGone) => return,
+            Ok(Ended::UdpBack) => {
+                info!(control = %target.addr, "UDP answers again: moving the control channel to QUIC");
+                continue;
+            }
             Err(reason) => reason,
         };
         warn!(control = %target.addr, "control plane: {reason}");
@@ -205,30 +239,40 @@ struct Session<'a> {
     reg: &'a mut Registration,
     events: &'a mpsc::UnboundedSender<ControlEvent>,
     backoff: &'a mut Backoff,
+    /// The transport the last connection used: after one over TCP, the next race dials TCP
+    /// at once (UDP was blocked a moment ago; QUIC still gets tried, and retried later).
+    last: &'a mut Option<ControlTransport>,
 }
 
 impl Session<'_> {
-    /// Runs one connection. `Ok` means the daemon is gone; `Err` says why the connection ended.
+    /// Runs one connection. `Ok` says why it ended without an error; `Err` says what failed.
     async fn run(
         &mut self,
         endpoint: &quinn::Endpoint,
         cmds: &mut mpsc::UnboundedReceiver<ControlCmd>,
-    ) -> Result<(), String> {
+    ) -> Result<Ended, String> {
         let addr = tokio::net::lookup_host(&self.target.addr)
             .await
             .map_err(|e| format!("cannot resolve {}: {e}", self.target.addr))?
             .next()
             .ok_or_else(|| format!("{} resolves to no address", self.target.addr))?;
-        let config = super::tls::client_config(self.target.key).map_err(|e| e.to_string())?;
-        let connecting = endpoint
-            .connect_with(config, addr, super::tls::SERVER_NAME)
-            .map_err(|e| e.to_string())?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| format!("no answer from {addr}"))?
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        let mut reader = Reader::new(recv);
+        let head_start = match self.last {
+            Some(ControlTransport::Tcp) => Duration::ZERO,
+            _ => TCP_HEAD_START,
+        };
+        let link = Link::connect(
+            endpoint,
+            addr,
+            self.target.key,
+            self.reg.proxy.as_deref(),
+            head_start,
+        )
+        .await?;
+        let transport = link.transport;
+        *self.last = Some(transport);
+        let quic = link.quic.clone();
+        let mut send = link.send;
+        let mut reader = Reader::new(link.recv);
         let identity = self.reg.identity.public();
         write(
             &mut send,
@@ -262,13 +306,14 @@ impl Session<'_> {
                 virtual_ip,
                 observed,
             } => {
-                info!(control = %addr, %virtual_ip, "registered with the control plane");
+                info!(control = %addr, %virtual_ip, transport = transport.as_str(), "registered with the control plane");
                 self.backoff.reset();
                 let _ = self.events.send(ControlEvent::Registered {
                     peer_id,
                     name,
                     virtual_ip,
                     observed,
+                    transport,
                 });
             }
             ServerMsg::Error(e) => return Err(format!("registration refused: {}", e.message)),
@@ -279,8 +324,16 @@ impl Session<'_> {
             HashMap::new();
         let mut next_id = 1u64;
         let mut pages = MapPages::new();
+        let mut udp_retry =
+            tokio::time::interval_at(tokio::time::Instant::now() + UDP_RETRY, UDP_RETRY);
         let result = loop {
             tokio::select! {
+                _ = udp_retry.tick(), if transport == ControlTransport::Tcp => {
+                    if quic_answers(endpoint, addr, self.target.key).await {
+                        *self.last = Some(ControlTransport::Quic);
+                        break Ok(Ended::UdpBack);
+                    }
+                }
                 msg = reader.next() => match msg {
                     Ok(ServerMsg::PeerPage { version, peers }) => {
                         if let Err(e) = pages.handle_page(version, peers) {
@@ -316,7 +369,7 @@ impl Session<'_> {
                 },
                 cmd = cmds.recv() => {
                     let (req, reply) = match cmd {
-                        None => break Ok(()),
+                        None => break Ok(Ended::DaemonGone),
                         Some(ControlCmd::SetEndpoints(eps)) => {
                             self.reg.endpoints = eps.clone();
                             (Request::UpdateEndpoints { endpoints: eps }, None)
@@ -338,27 +391,40 @@ impl Session<'_> {
         for (_, reply) in pending {
             let _ = reply.send(Err(ControlError::Lost));
         }
-        conn.close(0u32.into(), b"");
+        if let Some(conn) = quic {
+            conn.close(0u32.into(), b"");
+        }
         result
     }
 }
 
-async fn write(send: &mut quinn::SendStream, msg: &ClientMsg) -> Result<(), String> {
+/// Why a session ended without an error.
+enum Ended {
+    /// Every handle was dropped.
+    DaemonGone,
+    /// The session ran over TCP and QUIC answers again.
+    UdpBack,
+}
+
+async fn write(send: &mut BoxWrite, msg: &ClientMsg) -> Result<(), String> {
     send.write_all(&frame::encode(msg))
         .await
-        .map_err(|e| format!("send failed: {e}"))
+        .map_err(|e| format!("send failed: {e}"))?;
+    send.flush().await.map_err(|e| format!("send failed: {e}"))
 }
 
 struct Reader {
-    recv: quinn::RecvStream,
+    recv: BoxRead,
     decoder: FrameDecoder,
+    buf: Vec<u8>,
 }
 
 impl Reader {
-    fn new(recv: quinn::RecvStream) -> Self {
+    fn new(recv: BoxRead) -> Self {
         Reader {
             recv,
             decoder: FrameDecoder::new(),
+            buf: vec![0u8; 64 * 1024],
         }
     }
 
@@ -372,10 +438,9 @@ impl Reader {
             {
                 return Ok(msg);
             }
-            // Chunks as quinn holds them: one copy into the decoder, no buffer of our own.
-            match self.recv.read_chunk(usize::MAX, true).await {
-                Ok(Some(chunk)) => self.decoder.extend(&chunk.bytes),
-                Ok(None) => return Err("control plane closed the stream".into()),
+            match self.recv.read(&mut self.buf).await {
+                Ok(0) => return Err("control plane closed the stream".into()),
+                Ok(n) => self.decoder.extend(&self.buf[..n]),
                 Err(e) => return Err(format!("connection lost: {e}")),
             }
         }

@@ -63,8 +63,9 @@ impl ServerCertVerifier for PinnedKey {
     }
 }
 
-/// A QUIC client configuration that accepts only a server holding `key`.
-pub fn client_config(key: Key32) -> Result<quinn::ClientConfig, rustls::Error> {
+/// A TLS 1.3 client configuration that accepts only a server holding `key` (for QUIC and
+/// for TLS over TCP alike).
+pub fn rustls_config(key: Key32) -> Result<rustls::ClientConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -72,6 +73,12 @@ pub fn client_config(key: Key32) -> Result<quinn::ClientConfig, rustls::Error> {
         .with_custom_certificate_verifier(Arc::new(PinnedKey(key)))
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(tls)
+}
+
+/// A QUIC client configuration that accepts only a server holding `key`.
+pub fn client_config(key: Key32) -> Result<quinn::ClientConfig, rustls::Error> {
+    let tls = rustls_config(key)?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|_| rustls::Error::General("no QUIC cipher suite".into()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));

@@ -42,6 +42,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// LAN game discovery (`rally up --discovery …`).
     pub discovery: crate::discovery::DiscoveryConfig,
+    /// An HTTP CONNECT proxy (`HOST:PORT`) for the control plane's TLS-over-TCP dial.
+    pub proxy: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -14,9 +14,9 @@ use super::backlog::Backlog;
 use super::network::{mapping_changed, net_changed};
 use super::{Config, DaemonError};
 use crate::api::{IpcRequest, IpcResult};
-use crate::control::{self, ControlEvent, ControlHandle, Registration};
+use crate::control::{self, ControlEvent, ControlHandle, ControlTransport, Registration};
 use crate::dataplane::{Engine, EngineCmd, EngineConfig, EngineEvent, EngineHandle};
-use crate::events::EventBus;
+use crate::events::{Event, EventBus, EventType};
 use crate::netinfo::local_endpoints;
 use crate::netwatch::NetWatch;
 use crate::portmap::{PortMapper, PortMappingStatus};
@@ -59,6 +59,8 @@ pub(super) struct LinkState {
     pub(super) generation: u64,
     pub(super) connected: bool,
     pub(super) error: Option<String>,
+    /// What carries the control channel while connected.
+    pub(super) transport: Option<ControlTransport>,
 }
 
 /// The agent's state. Only [`Owner::run`] (and what it calls) touches it.
@@ -253,20 +255,28 @@ impl Owner {
 
     async fn handle_control(&mut self, ev: ControlEvent) {
         match ev {
-            ControlEvent::Registered { virtual_ip, .. } => {
+            ControlEvent::Registered {
+                virtual_ip,
+                transport,
+                ..
+            } => {
                 if let Err(e) = self.apply_virtual_ip(virtual_ip).await {
                     self.stopping = Some(Err(e));
                     return;
                 }
+                let before = self.link_state.borrow().transport;
+                self.publish_transport(before, transport);
                 self.link_state.send_modify(|s| {
                     s.connected = true;
                     s.error = None;
+                    s.transport = Some(transport);
                 });
                 self.on_registered();
             }
             ControlEvent::Disconnected { reason } => self.link_state.send_modify(|s| {
                 s.connected = false;
                 s.error = Some(reason);
+                s.transport = None;
             }),
             ControlEvent::Relays { relays, token } => {
                 self.relays = relays.clone();
@@ -433,12 +443,33 @@ impl Owner {
         }
     }
 
+    /// A `transport_change` event when the control channel comes up over TLS/TCP, or moves
+    /// between it and QUIC.
+    fn publish_transport(&self, before: Option<ControlTransport>, now: ControlTransport) {
+        let message = match (before, now) {
+            (Some(b), n) if b == n => return,
+            (None, ControlTransport::Quic) => return,
+            (_, ControlTransport::Tcp) => "control plane over TLS/TCP: UDP seems blocked",
+            (_, ControlTransport::Quic) => "control plane back on QUIC: UDP works again",
+        };
+        info!(transport = now.as_str(), "{message}");
+        let event = Event::new(
+            crate::dataplane::timers::unix_ms(),
+            EventType::TransportChange,
+            message,
+        );
+        if let Ok(mut bus) = self.bus.lock() {
+            bus.publish(event);
+        }
+    }
+
     pub(super) fn connect_control(&mut self, target: ControlTarget) {
         let reg = Registration {
             identity: self.identity.clone(),
             wg_key: self.wg_public,
             name: self.cfg.name.clone(),
             endpoints: self.endpoints(),
+            proxy: self.cfg.proxy.clone(),
         };
         info!(control = %target.addr, "connecting to the control plane");
         let (tx, events) = mpsc::unbounded_channel();

@@ -67,10 +67,19 @@ impl Owner {
             IpcRequest::Netcheck => match self.engine.clone() {
                 Some(engine) => {
                     let port_mapping = self.mapping;
+                    let control_transport = self
+                        .link_state
+                        .borrow()
+                        .transport
+                        .map(|t| t.as_str().to_owned());
                     respond(reply, async move {
                         let mut nat = engine.netcheck().await?;
                         nat.mapped_endpoint = port_mapping.map(|m| m.external);
-                        Ok(IpcReply::Netcheck(NetcheckReport { nat, port_mapping }))
+                        Ok(IpcReply::Netcheck(NetcheckReport {
+                            nat,
+                            port_mapping,
+                            control_transport,
+                        }))
                     })
                 }
                 None => answer(
@@ -121,6 +130,7 @@ impl Owner {
                 connected: link.connected,
                 addr: self.link.as_ref().map(|l| l.target.addr.clone()),
                 error: link.error.clone(),
+                transport: link.transport.map(|t| t.as_str().to_owned()),
             },
             nat: self.backlog.nat().cloned(),
             parties: self.parties.clone(),

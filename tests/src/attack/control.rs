@@ -1,7 +1,8 @@
 //! A control-protocol client that does what a real agent would not: registers throwaway
 //! identities, claims other agents' WireGuard keys, sends oversized reports and frames, holds
-//! connections open. It speaks the real protocol: QUIC with the agent's own key pinning
-//! ([`rally_agent::control::tls`]), length-prefixed JSON frames ([`rally_proto::frame`]).
+//! connections open. It speaks the real protocol: QUIC (or TLS over TCP) with the agent's own
+//! key pinning ([`rally_agent::control::tls`]), length-prefixed JSON frames
+//! ([`rally_proto::frame`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -14,16 +15,17 @@ use rally_proto::{
     frame, ClientMsg, ErrorReply, FrameDecoder, Identity, Key32, PeerInfo, Request, Response,
     ServerMsg, Sig64, PROTOCOL_VERSION,
 };
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// How long the client waits for any one answer.
 pub const ANSWER: Duration = Duration::from_secs(10);
 
-/// One QUIC connection to the control plane with its control stream.
+/// One connection to the control plane with its control stream: a QUIC stream, or TLS over
+/// TCP.
 pub struct ControlClient {
-    endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    quic: Option<(quinn::Endpoint, quinn::Connection)>,
+    send: Box<dyn AsyncWrite + Unpin + Send>,
+    recv: Box<dyn AsyncRead + Unpin + Send>,
     decoder: FrameDecoder,
     next_id: u64,
 }
@@ -42,10 +44,33 @@ impl ControlClient {
         let (endpoint, conn) = conn_and_endpoint;
         let (send, recv) = conn.open_bi().await.context("opening the control stream")?;
         Ok(ControlClient {
-            endpoint,
-            conn,
-            send,
-            recv,
+            quic: Some((endpoint, conn)),
+            send: Box::new(send),
+            recv: Box::new(recv),
+            decoder: FrameDecoder::new(),
+            next_id: 1,
+        })
+    }
+
+    /// Connects over TLS 1.3 on TCP (pinning `key`), as an agent on a UDP-blocked network does.
+    pub async fn connect_tcp(addr: SocketAddr, key: Key32) -> Result<ControlClient> {
+        let config = tls::rustls_config(key).map_err(|e| anyhow!("tls: {e}"))?;
+        let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME)?;
+        let connect = async {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, stream)
+                .await
+        };
+        let stream = tokio::time::timeout(ANSWER, connect)
+            .await
+            .map_err(|_| anyhow!("no TLS handshake with tcp {addr} within {ANSWER:?}"))?
+            .with_context(|| format!("connecting to tcp {addr}"))?;
+        let (recv, send) = tokio::io::split(stream);
+        Ok(ControlClient {
+            quic: None,
+            send: Box::new(send),
+            recv: Box::new(recv),
             decoder: FrameDecoder::new(),
             next_id: 1,
         })
@@ -80,6 +105,7 @@ impl ControlClient {
     /// Sends bytes as they are (e.g. a frame header announcing a huge body).
     pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<()> {
         self.send.write_all(bytes).await.context("writing")?;
+        self.send.flush().await.context("writing")?;
         Ok(())
     }
 
@@ -107,12 +133,15 @@ impl ControlClient {
             if let Some(m) = self.decoder.next_msg::<ServerMsg>()? {
                 return Ok(m);
             }
-            let chunk = tokio::time::timeout(ANSWER, self.recv.read_chunk(usize::MAX, true))
+            let mut buf = [0u8; 16 * 1024];
+            let n = tokio::time::timeout(ANSWER, self.recv.read(&mut buf))
                 .await
                 .map_err(|_| anyhow!("no message within {ANSWER:?}"))?
-                .context("reading")?
-                .ok_or_else(|| anyhow!("the control plane closed the stream"))?;
-            self.decoder.extend(&chunk.bytes);
+                .context("reading")?;
+            if n == 0 {
+                bail!("the control plane closed the stream");
+            }
+            self.decoder.extend(&buf[..n]);
         }
     }
 
@@ -180,9 +209,16 @@ impl ControlClient {
     }
 
     /// Closes the connection.
-    pub async fn close(self) {
-        self.conn.close(0u32.into(), b"done");
-        self.endpoint.wait_idle().await;
+    pub async fn close(mut self) {
+        match self.quic {
+            Some((endpoint, conn)) => {
+                conn.close(0u32.into(), b"done");
+                endpoint.wait_idle().await;
+            }
+            None => {
+                let _ = self.send.shutdown().await;
+            }
+        }
     }
 }
 

@@ -130,6 +130,7 @@ async fn crowd(args: &LoadArgs) -> Result<LoadResult> {
             wg_key: Key32(random32()),
             name: format!("syn{i}"),
             endpoints: Vec::new(),
+            proxy: None,
         };
         let handle = control::spawn(target.clone(), reg, tx);
         handles.push(handle.clone());

@@ -1,0 +1,143 @@
+//! One control channel connection, over QUIC or TLS 1.3 on TCP: the race between them, and
+//! the background check that QUIC answers again.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rally_proto::Key32;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
+use tracing::warn;
+
+use super::client::{ControlTransport, CONNECT_TIMEOUT};
+
+/// How long one background QUIC attempt may take.
+const UDP_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub(super) type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+pub(super) type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// One connected control channel: a byte stream each way, over QUIC or TLS/TCP.
+pub(super) struct Link {
+    pub(super) transport: ControlTransport,
+    pub(super) recv: BoxRead,
+    pub(super) send: BoxWrite,
+    /// The QUIC connection, to close it when the session ends.
+    pub(super) quic: Option<quinn::Connection>,
+}
+
+impl Link {
+    /// Races QUIC against TLS over TCP (dialled `head_start` later, or at once when QUIC fails
+    /// first); the first to connect wins. Errors name both causes.
+    pub(super) async fn connect(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        key: Key32,
+        proxy: Option<&str>,
+        head_start: Duration,
+    ) -> Result<Link, String> {
+        let quic = Link::quic(endpoint, addr, key);
+        let (quic_failed_tx, quic_failed) = oneshot::channel::<()>();
+        let tcp = async {
+            let _ = tokio::time::timeout(head_start, quic_failed).await;
+            Link::tcp(addr, key, proxy).await
+        };
+        tokio::pin!(quic, tcp);
+        let mut quic_failed_tx = Some(quic_failed_tx);
+        let mut quic_err: Option<String> = None;
+        let mut tcp_err: Option<String> = None;
+        loop {
+            tokio::select! {
+                r = &mut quic, if quic_err.is_none() => match r {
+                    Ok(link) => return Ok(link),
+                    Err(e) => {
+                        if let Some(tx) = quic_failed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                        quic_err = Some(e);
+                    }
+                },
+                r = &mut tcp, if tcp_err.is_none() => match r {
+                    Ok(link) => {
+                        warn!(control = %addr, "UDP seems blocked: using TCP for the control plane");
+                        return Ok(link);
+                    }
+                    Err(e) => tcp_err = Some(e),
+                },
+            }
+            if let (Some(q), Some(t)) = (&quic_err, &tcp_err) {
+                return Err(format!("QUIC: {q}; TLS over TCP: {t}"));
+            }
+        }
+    }
+
+    async fn quic(
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        key: Key32,
+    ) -> Result<Link, String> {
+        let config = super::tls::client_config(key).map_err(|e| e.to_string())?;
+        let connecting = endpoint
+            .connect_with(config, addr, super::tls::SERVER_NAME)
+            .map_err(|e| e.to_string())?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| format!("no answer from {addr}"))?
+            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        Ok(Link {
+            transport: ControlTransport::Quic,
+            recv: Box::new(recv),
+            send: Box::new(send),
+            quic: Some(conn),
+        })
+    }
+
+    async fn tcp(addr: SocketAddr, key: Key32, proxy: Option<&str>) -> Result<Link, String> {
+        let config = super::tls::rustls_config(key).map_err(|e| e.to_string())?;
+        let name = rustls::pki_types::ServerName::try_from(super::tls::SERVER_NAME)
+            .map_err(|e| e.to_string())?;
+        let connect = async {
+            let stream = match proxy {
+                Some(proxy) => super::proxy::connect(proxy, addr).await?,
+                None => tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| format!("cannot connect to tcp {addr}: {e}"))?,
+            };
+            let _ = stream.set_nodelay(true);
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, stream)
+                .await
+                .map_err(|e| format!("tls with tcp {addr}: {e}"))
+        };
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| format!("no answer from tcp {addr}"))??;
+        let (recv, send) = tokio::io::split(tls);
+        Ok(Link {
+            transport: ControlTransport::Tcp,
+            recv: Box::new(recv),
+            send: Box::new(send),
+            quic: None,
+        })
+    }
+}
+
+/// Whether a QUIC handshake with the control plane completes now (the connection is closed
+/// again at once).
+pub(super) async fn quic_answers(endpoint: &quinn::Endpoint, addr: SocketAddr, key: Key32) -> bool {
+    let Ok(config) = super::tls::client_config(key) else {
+        return false;
+    };
+    let Ok(connecting) = endpoint.connect_with(config, addr, super::tls::SERVER_NAME) else {
+        return false;
+    };
+    match tokio::time::timeout(UDP_PROBE_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => {
+            conn.close(0u32.into(), b"probe");
+            true
+        }
+        _ => false,
+    }
+}
