@@ -42,7 +42,7 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 11] = [
+    pub const ALL: [EventType; 12] = [
         EventType::Connected,
         EventType::Disconnected,
         EventType::Reconnecting,
