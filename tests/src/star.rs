@@ -1,7 +1,8 @@
 //! One agent with many idle peers (the idle-cost test, `tests/tests/idle_cost.rs`, and `bench
-//! idle`): agents started in batches, a star of parties (the measured agent creates one party
-//! per peer and each peer joins its own, so the measured agent has N peers and each of them
-//! one), and the waits until every peer is connected and has carried a ping.
+//! idle`): agents started in batches, a star of parties (the measured agent creates up to
+//! [`MAX_PARTIES`] parties and each peer joins one, so the measured agent has N peers and each
+//! of them the measured agent and the few peers sharing its party), and the waits until every
+//! peer is connected and has carried a ping.
 
 use std::thread::ScopedJoinHandle;
 use std::time::Duration;
@@ -45,10 +46,16 @@ pub fn start_agents(hosts: &[Host], control: Option<(&str, &str)>) -> Result<Vec
     Ok(agents)
 }
 
-/// `n` new parties created by `owner` (`<prefix>1` … `<prefix>n`); their invite codes.
+/// Parties one owner creates for a star: the control plane lets an agent belong to at most 32,
+/// so spokes beyond this share parties (a few spokes each, which see each other too but never
+/// exchange data).
+pub const MAX_PARTIES: usize = 16;
+
+/// Invite codes for `n` spokes: `min(n, MAX_PARTIES)` new parties created by `owner`
+/// (`<prefix>1` …), spoke `i` getting party `i % MAX_PARTIES`.
 pub fn party_codes(owner: &Agent, prefix: &str, n: usize) -> Result<Vec<String>> {
     let mut codes = Vec::new();
-    for chunk in (1..=n).collect::<Vec<_>>().chunks(BATCH) {
+    for chunk in (1..=n.min(MAX_PARTIES)).collect::<Vec<_>>().chunks(BATCH) {
         let made: Vec<Result<String>> = std::thread::scope(|s| {
             let handles: Vec<_> = chunk
                 .iter()
@@ -58,7 +65,7 @@ pub fn party_codes(owner: &Agent, prefix: &str, n: usize) -> Result<Vec<String>>
         });
         codes.extend(made.into_iter().collect::<Result<Vec<_>>>()?);
     }
-    Ok(codes)
+    Ok((0..n).map(|i| codes[i % codes.len()].clone()).collect())
 }
 
 /// Each agent joins the party of its code, `BATCH` at a time.

@@ -66,8 +66,8 @@ fn fifty_idle_peers_cost_little_bandwidth_and_memory() -> Result<()> {
         let mut agents = star::start_agents(&hosts, world.cp.control())?;
         let solo = agents.pop().ok_or_else(|| anyhow!("no lone agent"))?;
         let owner = &agents[0];
-        // Star (default): the measured agent creates one party per peer and each peer joins
-        // its own, so the measured agent has 50 peers and each of them one. Mesh
+        // Star (default): the measured agent creates up to `star::MAX_PARTIES` parties and
+        // each peer joins one, so the measured agent has 50 peers and each of them a few. Mesh
         // (`RALLY_LAB_IDLE_MESH=1`): one party for all, 1275 pairs.
         let codes: Vec<String> = if mesh {
             vec![owner.party_create("idle", &[])?; PEERS]
