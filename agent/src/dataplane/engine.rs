@@ -30,6 +30,8 @@ use tracing::{debug, info, trace, warn};
 
 use super::batch::{GsoBatch, TunBatch};
 use super::demux::{classify, receiver_index, Datagram, WgKind};
+use super::handshake_guard::{HandshakeGuard, Source, Verdict};
+use super::inbound::InboundFilter;
 use super::tunnel::{initiator_key, Output, Tunnel, TunnelError};
 use crate::conn::{Command, Connection, PathId, PathMetrics, Profile};
 use crate::events::{Event, EventBus, EventType};
@@ -216,6 +218,10 @@ pub struct Engine {
     dirty: Vec<Key32>,
     /// The next flush drains every peer (after timers, commands and relay bindings).
     flush_all: bool,
+    /// mac1, cookies and budgets before any handshake's Diffie-Hellman.
+    guard: HandshakeGuard,
+    /// Decrypted packets go to the TUN device only if addressed to us.
+    inbound: InboundFilter,
 }
 
 /// What the engine needs to start.
@@ -349,6 +355,8 @@ impl Engine {
             drops: Drops::default(),
             dirty: Vec::new(),
             flush_all: false,
+            guard: HandshakeGuard::new(&public, now()),
+            inbound: InboundFilter::new(cfg.virtual_ip),
         };
         Ok(engine)
     }
@@ -671,6 +679,12 @@ impl Engine {
                 Err(_) => self.drops.bad_probe += 1,
             },
             Datagram::WireGuard(kind) => {
+                if !self
+                    .guard_admits(Source::Addr(from.ip()), Via::Direct(from), d, out)
+                    .await
+                {
+                    return;
+                }
                 let Some(id) = self.wg_peer(kind, d) else {
                     return;
                 };
@@ -718,11 +732,36 @@ impl Engine {
             }
             Datagram::WireGuard(kind) => {
                 // The relay vouches for the sender's id; WireGuard still authenticates the bytes.
+                if !self.guard_admits(Source::Relayed(sid), via, d, out).await {
+                    return;
+                }
                 if self.wg_peer(kind, d) == Some(id) {
                     self.handle_wireguard(id, via, d, out).await;
                 }
             }
             _ => self.drops.unknown_datagram += 1,
+        }
+    }
+
+    /// The handshake guard's verdict on a WireGuard datagram; a cookie reply is sent back on
+    /// the way it came.
+    async fn guard_admits(&mut self, source: Source, via: Via, d: &[u8], out: &mut [u8]) -> bool {
+        match self
+            .guard
+            .check(source, d, now(), &mut out[DATA_HEADER_LEN..])
+        {
+            Verdict::Pass => true,
+            Verdict::CookieReply(reply) => {
+                let n = reply.len();
+                if let Via::Direct(to) = via {
+                    send(&self.udp, &out[DATA_HEADER_LEN..DATA_HEADER_LEN + n], to).await;
+                }
+                false
+            }
+            Verdict::Drop(why) => {
+                trace!(?source, ?why, "handshake dropped");
+                false
+            }
         }
     }
 
@@ -772,6 +811,8 @@ impl Engine {
                     if src != peer.info.virtual_ip {
                         self.drops.spoofed_source += 1;
                         debug!(peer = %peer.info.name, %src, "inner source is not the peer's virtual IP");
+                    } else if !self.inbound.admits(packet) {
+                        debug!(peer = %peer.info.name, "decrypted packet not addressed to us; dropped");
                     } else if self.tun_tx.push(packet) {
                         flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
                     }
@@ -899,6 +940,13 @@ impl Engine {
                 let _ = self.events.send(EngineEvent::Nat(report));
             }
         }
+        self.guard.handle_timeout(t);
+        let relay_unauthenticated = self.relays.iter().map(|r| r.unauthenticated()).sum();
+        super::security::COUNTERS.publish(
+            self.guard.stats(),
+            self.inbound.dropped(),
+            relay_unauthenticated,
+        );
         let wg_due = tokio::time::Instant::now() >= self.last_wg_timers + WG_TIMERS;
         if wg_due {
             self.last_wg_timers = tokio::time::Instant::now();

@@ -3,6 +3,9 @@
 pub mod batch;
 pub mod demux;
 pub mod engine;
+pub mod handshake_guard;
+pub mod inbound;
+pub mod security;
 pub mod tunnel;
 
 pub use engine::{Engine, EngineCmd, EngineConfig, EngineEvent, EngineHandle, PeerStatus};
