@@ -17,6 +17,7 @@
 //! The lab needs root and `ip netns`; [`require_root`] says so loudly when they are missing —
 //! tests fail rather than skip. Traffic only ever flows between the lab's own namespaces.
 
+pub mod attack;
 pub mod bench;
 pub mod bins;
 pub mod host;

@@ -7,6 +7,8 @@
 //! - `setup`: party join → first ping reply and → direct path, across two home routers.
 //! - `relay`: forwarding capacity of `rally-relay` under a synthetic protocol load.
 //! - `control`: N synthetic agents registering and joining one party; an agent's memory per peer.
+//! - `flood`: the longest overlay ping gap under handshake, garbage and forged-probe floods,
+//!   against no flood.
 //! - `profile` (not part of `all`): `perf` on the data paths under load.
 //!
 //! Every figure is printed as `name: median [min–max] unit (ratio vs baseline, …)` and all of
@@ -14,6 +16,7 @@
 
 pub mod control;
 pub mod datapath;
+pub mod flood;
 pub mod mmsg;
 pub mod profile;
 pub mod relay;
@@ -39,6 +42,8 @@ pub enum Which {
     Setup,
     Relay,
     Control,
+    /// Longest ping gap under floods at the agent's port, against no flood.
+    Flood,
     /// `perf` on the data paths under load (not part of `all`).
     Profile,
     All,
@@ -201,6 +206,10 @@ pub fn run(which: Which, opts: &Options) -> Result<()> {
     if all || which == Which::Relay {
         say("relay: synthetic relay-protocol load, 1/10/100 pairs");
         section("relay", relay::run(opts));
+    }
+    if all || which == Which::Flood {
+        say("flood: longest gap of pings 10 ms apart while 100k datagrams/s hit the agent");
+        section("flood", flood::run(opts));
     }
     if all || which == Which::Control {
         say("control: N synthetic QUIC agents register and join one party");
