@@ -355,7 +355,7 @@ impl Engine {
             drops: Drops::default(),
             dirty: Vec::new(),
             flush_all: false,
-            guard: HandshakeGuard::new(&public, now()),
+            guard: HandshakeGuard::new(&public, rand::random(), now()),
             inbound: InboundFilter::new(cfg.virtual_ip),
         };
         Ok(engine)
@@ -680,7 +680,7 @@ impl Engine {
             },
             Datagram::WireGuard(kind) => {
                 if !self
-                    .guard_admits(Source::Addr(from.ip()), Via::Direct(from), d, out)
+                    .guard_admits(Source::Addr(from), Via::Direct(from), d, out)
                     .await
                 {
                     return;

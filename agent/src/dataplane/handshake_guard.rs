@@ -15,18 +15,18 @@
 //! 4. **Global budget** ([`GLOBAL_RATE`] per second): however many sources, the data plane
 //!    never computes more handshakes than that in a second, a bounded share of its time.
 //!
-//! mac1, mac2 and the cookie reply are boringtun's own ([`RateLimiter`]): one instance that
-//! only checks mac1, one that always demands mac2. boringtun keeps the cookie secret (rotated
-//! every two minutes by its own clock); every budget here runs on the caller's `now`.
+//! mac1, mac2 and the cookie reply are WireGuard's ([`Cookies`]; boringtun's initiator takes
+//! our cookie replies), and every budget is the shared token bucket ([`rally_proto::limit`]),
+//! all on the caller's `now`.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::TunnResult;
 use boringtun::x25519::PublicKey;
 use rally_proto::limit::{KeyedLimiter, TokenBucket};
 use rally_proto::relay::ShortId;
+
+use super::wg_cookie::Cookies;
 
 /// Handshake messages per second before mac2 (a cookie) is required.
 pub const LOAD_RATE: f64 = 50.0;
@@ -45,9 +45,25 @@ const MAX_SOURCES: usize = 4096;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Source {
     /// Directly, from this address (which a cookie can prove).
-    Addr(IpAddr),
+    Addr(SocketAddr),
     /// Through a relay, which vouches for the sender's short id.
     Relayed(ShortId),
+}
+
+/// What a source's budget is kept under: its IP (all ports of a host share one budget).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum BudgetKey {
+    Ip(IpAddr),
+    Relayed(ShortId),
+}
+
+impl Source {
+    fn budget_key(self) -> BudgetKey {
+        match self {
+            Source::Addr(a) => BudgetKey::Ip(a.ip().to_canonical()),
+            Source::Relayed(id) => BudgetKey::Relayed(id),
+        }
+    }
 }
 
 /// What to do with a datagram.
@@ -93,21 +109,19 @@ impl GuardStats {
 }
 
 pub struct HandshakeGuard {
-    mac1: RateLimiter,
-    mac2: RateLimiter,
+    cookies: Cookies,
     load: TokenBucket,
-    sources: KeyedLimiter<Source>,
+    sources: KeyedLimiter<BudgetKey>,
     global: TokenBucket,
     cookie_replies: TokenBucket,
     stats: GuardStats,
 }
 
 impl HandshakeGuard {
-    /// A guard for the agent whose WireGuard public key is `public`.
-    pub fn new(public: &PublicKey, now: Instant) -> Self {
+    /// A guard for the agent whose WireGuard public key is `public`; `seed` is random.
+    pub fn new(public: &PublicKey, seed: [u8; 32], now: Instant) -> Self {
         HandshakeGuard {
-            mac1: RateLimiter::new(public, u64::MAX),
-            mac2: RateLimiter::new(public, 0),
+            cookies: Cookies::new(public.as_bytes(), seed, now),
             load: TokenBucket::new(LOAD_RATE, LOAD_RATE, now),
             sources: KeyedLimiter::new(SOURCE_RATE, SOURCE_BURST, MAX_SOURCES),
             global: TokenBucket::new(GLOBAL_RATE, GLOBAL_RATE, now),
@@ -152,38 +166,23 @@ impl HandshakeGuard {
         dst: &'a mut [u8],
     ) -> Verdict<'a> {
         // 1. mac1 (one BLAKE2s), before anything else.
-        if self.mac1.verify_packet(None, datagram, dst).is_err() {
+        if !self.cookies.mac1_ok(datagram) {
             return Verdict::Drop(GuardDrop::BadMac1);
         }
         // 2. Under load, an address must prove itself with mac2. (A relayed sender is one the
         // relay has authenticated, and a cookie could not reach it: budgets only.)
-        if let Source::Addr(ip) = source {
-            if !self.load.try_take(1.0, now) {
-                self.cookie_replies.refill(now);
-                if !self.cookie_replies.has(1.0) {
-                    // No cookie to give: check mac2 without the chance of an answer.
-                    let mut scratch = [0u8; 64];
-                    if self
-                        .mac2
-                        .verify_packet(Some(ip), datagram, &mut scratch)
-                        .is_err()
-                    {
-                        return Verdict::Drop(GuardDrop::UnderLoad);
-                    }
-                } else {
-                    match self.mac2.verify_packet(Some(ip), datagram, dst) {
-                        Ok(_) => {}
-                        Err(TunnResult::WriteToNetwork(reply)) => {
-                            self.cookie_replies.take(1.0);
-                            return Verdict::CookieReply(reply);
-                        }
-                        Err(_) => return Verdict::Drop(GuardDrop::UnderLoad),
+        if let Source::Addr(from) = source {
+            if !self.load.try_take(1.0, now) && !self.cookies.mac2_ok(datagram, from, now) {
+                if self.cookie_replies.try_take(1.0, now) {
+                    if let Some(n) = self.cookies.reply(datagram, from, now, dst) {
+                        return Verdict::CookieReply(&dst[..n]);
                     }
                 }
+                return Verdict::Drop(GuardDrop::UnderLoad);
             }
         }
         // 3. and 4. Budgets.
-        if !self.sources.allow(source, now) {
+        if !self.sources.allow(source.budget_key(), now) {
             return Verdict::Drop(GuardDrop::SourceBudget);
         }
         if !self.global.try_take(1.0, now) {
@@ -235,7 +234,11 @@ mod tests {
     }
 
     fn addr(last: u8) -> Source {
-        Source::Addr(IpAddr::from([192, 0, 2, last]))
+        Source::Addr(SocketAddr::from(([192, 0, 2, last], 51820)))
+    }
+
+    fn guard(public: &PublicKey, t0: Instant) -> HandshakeGuard {
+        HandshakeGuard::new(public, [6; 32], t0)
     }
 
     #[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
@@ -247,7 +250,7 @@ mod tests {
     fn random_bytes_shaped_like_an_initiation_are_dropped_on_mac1() {
         let t0 = origin();
         let (_, public) = me();
-        let mut g = HandshakeGuard::new(&public, t0);
+        let mut g = guard(&public, t0);
         let mut d = vec![0x5au8; 148];
         d[..4].copy_from_slice(&[1, 0, 0, 0]);
         let mut dst = [0u8; 148];
@@ -270,7 +273,7 @@ mod tests {
     fn an_initiation_for_another_key_fails_mac1() {
         let t0 = origin();
         let other = PublicKey::from(&StaticSecret::from([3; 32]));
-        let mut g = HandshakeGuard::new(&other, t0);
+        let mut g = guard(&other, t0);
         let mut dst = [0u8; 148];
         assert_eq!(
             g.check(addr(1), &initiation(7), t0, &mut dst),
@@ -282,13 +285,16 @@ mod tests {
     fn under_load_an_address_gets_a_cookie_reply_instead() {
         let t0 = origin();
         let (secret, public) = me();
-        let mut g = HandshakeGuard::new(&public, t0);
+        let mut g = guard(&public, t0);
         let mut dst = [0u8; 148];
         let init = initiation(9);
         // Spoofed sources, each within its own budget, use up the load budget.
         let mut passed = 0;
         for i in 0..LOAD_RATE as u32 {
-            let src = Source::Addr(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)));
+            let src = Source::Addr(SocketAddr::from((
+                std::net::Ipv4Addr::from(0x0a00_0000 + i),
+                1,
+            )));
             passed += u32::from(g.check(src, &init, t0, &mut dst) == Verdict::Pass);
         }
         assert_eq!(passed, LOAD_RATE as u32);
@@ -305,10 +311,13 @@ mod tests {
     fn the_initiator_that_takes_the_cookie_gets_through_under_load() {
         let t0 = origin();
         let (secret, public) = me();
-        let mut g = HandshakeGuard::new(&public, t0);
+        let mut g = guard(&public, t0);
         let mut dst = [0u8; 148];
         for i in 0..LOAD_RATE as u32 {
-            let src = Source::Addr(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)));
+            let src = Source::Addr(SocketAddr::from((
+                std::net::Ipv4Addr::from(0x0a00_0000 + i),
+                1,
+            )));
             g.check(src, &initiation(9), t0, &mut dst);
         }
         // A real peer (boringtun) takes the cookie reply and retries with mac2.
@@ -336,7 +345,7 @@ mod tests {
     fn one_source_is_held_to_its_budget() {
         let t0 = origin();
         let (_, public) = me();
-        let mut g = HandshakeGuard::new(&public, t0);
+        let mut g = guard(&public, t0);
         let mut dst = [0u8; 148];
         let init = initiation(9);
         let src = Source::Relayed([4; 8]);
@@ -358,7 +367,7 @@ mod tests {
     fn handshakes_per_second_are_bounded_whatever_the_sources() {
         let t0 = origin();
         let (_, public) = me();
-        let mut g = HandshakeGuard::new(&public, t0);
+        let mut g = guard(&public, t0);
         let mut dst = [0u8; 148];
         let init = initiation(9);
         // 100,000 mac1-valid messages in one second from 10,000 relayed senders (which no
@@ -381,7 +390,7 @@ mod tests {
     fn data_and_cookie_replies_are_not_handshakes() {
         let t0 = origin();
         let (_, public) = me();
-        let mut g = HandshakeGuard::new(&public, t0);
+        let mut g = guard(&public, t0);
         let mut dst = [0u8; 148];
         let mut data = vec![0u8; 80];
         data[0] = 4;

@@ -7,5 +7,6 @@ pub mod handshake_guard;
 pub mod inbound;
 pub mod security;
 pub mod tunnel;
+pub mod wg_cookie;
 
 pub use engine::{Engine, EngineCmd, EngineConfig, EngineEvent, EngineHandle, PeerStatus};

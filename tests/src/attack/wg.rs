@@ -60,7 +60,10 @@ pub fn run(args: &WgArgs) -> Result<()> {
     );
     let handshake = handshake(&mut tunn, &sock, args.to)?;
     if !handshake {
-        println!("{}", serde_json::to_string(&WgReport { handshake, sent: 0 })?);
+        println!(
+            "{}",
+            serde_json::to_string(&WgReport { handshake, sent: 0 })?
+        );
         bail!("no handshake with {}", args.to);
     }
     let mut sent = 0;
@@ -69,7 +72,12 @@ pub fn run(args: &WgArgs) -> Result<()> {
     for dst in &args.dst {
         for i in 0..args.count {
             let payload = format!("rally-attack {i}");
-            write_ipv4_udp(&mut packet, SocketAddrV4::new(args.src, 40_000), *dst, payload.as_bytes());
+            write_ipv4_udp(
+                &mut packet,
+                SocketAddrV4::new(args.src, 40_000),
+                *dst,
+                payload.as_bytes(),
+            );
             if let TunnResult::WriteToNetwork(b) = tunn.encapsulate(&packet, &mut out) {
                 sock.send_to(b, args.to)?;
                 sent += 1;

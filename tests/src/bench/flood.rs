@@ -137,7 +137,10 @@ impl FloodLab {
             "bob to reach alice on a direct path",
             READY,
             Duration::from_millis(250),
-            || Ok(strategy(&bob, "alice")? == "direct" && bob.kernel_ping(&vip, 1)?.status.success()),
+            || {
+                Ok(strategy(&bob, "alice")? == "direct"
+                    && bob.kernel_ping(&vip, 1)?.status.success())
+            },
         )
         .map_err(|e| crate::with_logs(e, &lab.logs_tail()))?;
         Ok(FloodLab {
@@ -157,7 +160,16 @@ impl FloodLab {
         let window = format!("{}", (seconds + 1.5).ceil() as u64);
         let log = self.bob.host().log_path(&format!("flood-ping-{flood:?}"));
         let pinger = self.bob.host().spawn(
-            &["ping", "-n", "-D", "-i", "0.01", "-w", window.as_str(), vip.as_str()],
+            &[
+                "ping",
+                "-n",
+                "-D",
+                "-i",
+                "0.01",
+                "-w",
+                window.as_str(),
+                vip.as_str(),
+            ],
             &log,
         )?;
         std::thread::sleep(Duration::from_millis(500));
@@ -168,7 +180,9 @@ impl FloodLab {
                 (None, None)
             }
             Some(kind) => {
-                let observer = (flood == Flood::Probe).then(|| self.listen(seconds + 1.0)).transpose()?;
+                let observer = (flood == Flood::Probe)
+                    .then(|| self.listen(seconds + 1.0))
+                    .transpose()?;
                 let report = self.attack(kind, seconds, rate)?;
                 let reflected = match observer {
                     Some(p) => Some(listen_report(&p)?.bytes),
@@ -217,9 +231,8 @@ impl FloodLab {
             "handshake-mac1" => {
                 args.extend(["--victim-key".into(), hex::encode(wg_public(&self.alice)?)]);
                 // Forged sources on the lab's internet, each a new one.
-                let spoof: Vec<String> = (200..=250u8)
-                    .map(|h| format!("198.51.100.{h}:0"))
-                    .collect();
+                let spoof: Vec<String> =
+                    (200..=250u8).map(|h| format!("198.51.100.{h}:0")).collect();
                 args.extend(["--spoof".into(), spoof.join(",")]);
             }
             "probe" => {
@@ -263,9 +276,12 @@ impl FloodLab {
             ],
             &log,
         )?;
-        wait_until("the observer to listen", READY, Duration::from_millis(50), || {
-            Ok(p.log_text()?.contains("listening"))
-        })?;
+        wait_until(
+            "the observer to listen",
+            READY,
+            Duration::from_millis(50),
+            || Ok(p.log_text()?.contains("listening")),
+        )?;
         Ok(p)
     }
 }
