@@ -5,12 +5,15 @@
 //!
 //! A direct path is proven by an acknowledged probe, or by authenticated traffic from an address
 //! (a WireGuard packet that decrypts). A probe from an unknown address (a peer-reflexive
-//! candidate, e.g. a symmetric NAT's fresh port) is answered and probed back.
+//! candidate, e.g. a symmetric NAT's fresh port) is answered with an ack of its own size and
+//! probed back at most [`REFLEXIVE_RATE`] times a second: a member forging probes from someone
+//! else's address gets no more bytes sent there than it sent.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use rally_proto::limit::TokenBucket;
 use rally_proto::probe::{Probe, ProbeKind, LEN as PROBE_LEN};
 use rally_proto::relay::ShortId;
 
@@ -23,6 +26,9 @@ const PUNCH_FOR: Duration = Duration::from_secs(10);
 const PUNCH_RETRY: Duration = Duration::from_secs(30);
 /// Most candidates (reported and peer-reflexive) kept.
 const MAX_CANDIDATES: usize = 24;
+/// Probes sent back to the address a probe came from, per second (burst 2): that address is
+/// not proven to be the peer's.
+pub const REFLEXIVE_RATE: f64 = 1.0;
 
 /// Where a datagram came from or goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -55,6 +61,8 @@ pub struct PeerPaths {
     txid: u64,
     transmits: VecDeque<(Via, [u8; PROBE_LEN])>,
     events: VecDeque<PathEvent>,
+    /// Budget for probing back new addresses (created on first use).
+    reflexive: Option<TokenBucket>,
 }
 
 impl PeerPaths {
@@ -72,6 +80,7 @@ impl PeerPaths {
             txid: txid_seed,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            reflexive: None,
         }
     }
 
@@ -121,12 +130,12 @@ impl PeerPaths {
     }
 
     /// An authenticated probe from the peer, received via `via`.
-    pub fn handle_probe(&mut self, via: Via, probe: Probe, _now: Instant) {
+    pub fn handle_probe(&mut self, via: Via, probe: Probe, now: Instant) {
         match probe.kind {
             ProbeKind::Probe => {
                 self.queue(via, ProbeKind::Ack, probe.txid);
                 if let Via::Direct(addr) = via {
-                    if self.direct != Some(addr) {
+                    if self.direct != Some(addr) && self.may_probe_back(now) {
                         // Peer-reflexive: probe it back to prove the way out too.
                         self.add_candidate(addr);
                         self.send_probe(addr);
@@ -196,6 +205,14 @@ impl PeerPaths {
 
     pub fn poll_event(&mut self) -> Option<PathEvent> {
         crate::outputs::pop(&mut self.events)
+    }
+
+    /// Whether to probe `addr` back now, within [`REFLEXIVE_RATE`] (the punch itself probes
+    /// every candidate on its own schedule).
+    fn may_probe_back(&mut self, now: Instant) -> bool {
+        self.reflexive
+            .get_or_insert_with(|| TokenBucket::new(REFLEXIVE_RATE, 2.0, now))
+            .try_take(1.0, now)
     }
 
     fn prove(&mut self, addr: SocketAddr) {
@@ -345,6 +362,36 @@ mod tests {
         assert_eq!(sent[1], (Via::Direct(from), sent[1].1));
         assert_eq!(sent[1].1.kind, ProbeKind::Probe);
         assert!(p.candidates().contains(&from));
+    }
+
+    #[test]
+    fn forged_probes_from_new_addresses_get_no_more_bytes_than_they_carry() {
+        let t0 = Instant::now();
+        let mut p = paths();
+        let victim = addr("198.51.100.99:7777");
+        let mut sent_there = 0;
+        for i in 0..1000u64 {
+            let t = t0 + Duration::from_millis(i);
+            p.handle_probe(
+                Via::Direct(victim),
+                Probe {
+                    kind: ProbeKind::Probe,
+                    from: [2; 8],
+                    txid: i,
+                },
+                t,
+            );
+            sent_there += drain(&mut p)
+                .iter()
+                .filter(|(v, _)| *v == Via::Direct(victim))
+                .count();
+        }
+        // 1000 acks (one per probe, the same size) and at most 3 probes back in one second.
+        assert!(
+            sent_there <= 1003,
+            "{sent_there} probes for 1000 forged ones"
+        );
+        assert!(sent_there >= 1000, "every probe is still acked");
     }
 
     #[test]
