@@ -32,6 +32,7 @@ use super::batch::{GsoBatch, TunBatch};
 use super::demux::{classify, receiver_index, Datagram, WgKind};
 use super::handshake_guard::{HandshakeGuard, Source, Verdict};
 use super::inbound::InboundFilter;
+use super::restart::RestartHints;
 use super::tunnel::{initiator_key, Output, Tunnel, TunnelError};
 use crate::conn::{Command, Connection, PathId, PathMetrics, Profile};
 use crate::events::{Event, EventBus, EventType};
@@ -222,6 +223,8 @@ pub struct Engine {
     guard: HandshakeGuard,
     /// Decrypted packets go to the TUN device only if addressed to us.
     inbound: InboundFilter,
+    /// Handshakes started when a peer's data shows it kept a session we lost.
+    restart: RestartHints,
 }
 
 /// What the engine needs to start.
@@ -357,6 +360,7 @@ impl Engine {
             flush_all: false,
             guard: HandshakeGuard::new(&public, rand::random(), now()),
             inbound: InboundFilter::new(cfg.virtual_ip),
+            restart: RestartHints::new(now()),
         };
         Ok(engine)
     }
@@ -686,6 +690,9 @@ impl Engine {
                     return;
                 }
                 let Some(id) = self.wg_peer(kind, d) else {
+                    if kind == WgKind::Data {
+                        self.rehandshake(None, Via::Direct(from), out).await;
+                    }
                     return;
                 };
                 self.handle_wireguard(id, Via::Direct(from), d, out).await;
@@ -735,8 +742,10 @@ impl Engine {
                 if !self.guard_admits(Source::Relayed(sid), via, d, out).await {
                     return;
                 }
-                if self.wg_peer(kind, d) == Some(id) {
-                    self.handle_wireguard(id, via, d, out).await;
+                match self.wg_peer(kind, d) {
+                    Some(x) if x == id => self.handle_wireguard(id, via, d, out).await,
+                    None if kind == WgKind::Data => self.rehandshake(Some(id), via, out).await,
+                    _ => {}
                 }
             }
             _ => self.drops.unknown_datagram += 1,
@@ -763,6 +772,42 @@ impl Engine {
                 false
             }
         }
+    }
+
+    /// Data for a session we do not have, on a path a peer is known by (`known`: the relay
+    /// vouched for it): that peer kept a session we lost, so handshake at once on that path
+    /// (see [`RestartHints`]).
+    async fn rehandshake(&mut self, known: Option<Key32>, via: Via, out: &mut [u8]) {
+        let t = now();
+        let id = match (known, via) {
+            (Some(id), _) => id,
+            (None, Via::Direct(from)) => {
+                let peers = self
+                    .peers
+                    .iter()
+                    .map(|(id, p)| (id, p.direct, p.paths.candidates()));
+                let Some(id) = self.restart.peer_at(from, peers, t) else {
+                    return;
+                };
+                id
+            }
+            (None, Via::Relay(_)) => return,
+        };
+        if !self.restart.may_handshake(id, t) {
+            return;
+        }
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let Ok(Output::Network(b)) = peer.tunnel.handshake(&mut out[DATA_HEADER_LEN..], true)
+        else {
+            return;
+        };
+        let n = b.len();
+        info!(peer = %peer.info.name, "data for a session we do not have: handshaking again");
+        let short = peer.short;
+        self.send_framed(Route::from_via(via), short, &mut out[..DATA_HEADER_LEN + n])
+            .await;
     }
 
     fn wg_peer(&mut self, kind: WgKind, d: &[u8]) -> Option<Key32> {

@@ -5,6 +5,7 @@ pub mod demux;
 pub mod engine;
 pub mod handshake_guard;
 pub mod inbound;
+pub mod restart;
 pub mod security;
 pub mod tunnel;
 pub mod wg_cookie;
