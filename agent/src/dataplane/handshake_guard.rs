@@ -400,4 +400,27 @@ mod tests {
         assert_eq!(g.check(addr(1), &cookie, t0, &mut dst), Verdict::Pass);
         assert_eq!(g.stats(), GuardStats::default());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_datagrams_never_panic(
+            d in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            kind in 0u8..6,
+            len in proptest::prop_oneof![proptest::strategy::Just(148usize), proptest::strategy::Just(92usize), 0usize..200],
+        ) {
+            let t0 = origin();
+            let (_, public) = me();
+            let mut g = guard(&public, t0);
+            let mut shaped = d.clone();
+            shaped.resize(len, 0);
+            if let Some(b) = shaped.first_mut() {
+                *b = kind;
+            }
+            let mut dst = [0u8; 64];
+            for src in [addr(1), Source::Relayed([1; 8])] {
+                let _ = g.check(src, &d, t0, &mut dst);
+                let _ = g.check(src, &shaped, t0, &mut dst);
+            }
+        }
+    }
 }
