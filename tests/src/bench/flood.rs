@@ -80,6 +80,8 @@ pub struct FloodLab {
     pub bob: Agent,
     pub mallory: Agent,
     pub observer: Host,
+    /// Measurements so far (each gets log files of its own).
+    runs: std::sync::atomic::AtomicU32,
 }
 
 /// One measurement.
@@ -150,6 +152,7 @@ impl FloodLab {
             bob,
             mallory,
             observer,
+            runs: std::sync::atomic::AtomicU32::new(0),
         })
     }
 
@@ -158,7 +161,11 @@ impl FloodLab {
     pub fn measure(&self, flood: Flood, seconds: f64, rate: u64) -> Result<Outcome> {
         let vip = self.alice.virtual_ip()?.to_string();
         let window = format!("{}", (seconds + 1.5).ceil() as u64);
-        let log = self.bob.host().log_path(&format!("flood-ping-{flood:?}"));
+        let n = self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = self
+            .bob
+            .host()
+            .log_path(&format!("flood-ping-{flood:?}-{n}"));
         let pinger = self.bob.host().spawn(
             &[
                 "ping",
@@ -263,7 +270,8 @@ impl FloodLab {
     fn listen(&self, seconds: f64) -> Result<Proc> {
         let lab_bin = bins::rally_lab()?.to_string_lossy().into_owned();
         let bind = SocketAddrV4::new(self.observer.ip(), OBSERVER_PORT).to_string();
-        let log = self.observer.log_path("observer");
+        let n = self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = self.observer.log_path(&format!("observer-{n}"));
         let p = self.observer.spawn(
             &[
                 lab_bin.as_str(),
