@@ -102,10 +102,15 @@ fn forged_relay_errors_do_not_break_the_binding() -> Result<()> {
         rally_lab::host::check_success(&out, "rally-lab attack flood")?;
         println!("attack: {}", String::from_utf8_lossy(&out.stdout).trim());
 
-        let ignored = metric(
-            &alice,
-            "rally_dataplane_drops_total{reason=\"relay_unauthenticated\"}",
-        )?;
+        // The counters are published on the data plane's next tick: wait for all 50.
+        let series = "rally_dataplane_drops_total{reason=\"relay_unauthenticated\"}";
+        let _ = wait_until(
+            "the forged errors to be counted",
+            Duration::from_secs(5),
+            POLL,
+            || Ok(metric(&alice, series)? >= 50.0),
+        );
+        let ignored = metric(&alice, series)?;
         let lost = relay_errors_lost(&alice)? - lost_before;
         println!("forged relay errors: {ignored} ignored as unauthenticated, {lost} bindings lost");
         ensure!(lost == 0, "{lost} relay bindings lost to forged errors");
