@@ -2,8 +2,6 @@
 //! floods at an agent's port, a member's modified WireGuard client, forged relay errors, and a
 //! crashed agent coming back.
 
-use std::time::Duration;
-
 use anyhow::{ensure, Result};
 use rally_lab::bench::flood::{Flood, FloodLab};
 use rally_lab::with_lab;
@@ -45,7 +43,13 @@ fn handshake_floods_do_not_stall_the_tunnel() -> Result<()> {
                 "{}: the handshake guard dropped nothing",
                 flood.label()
             );
-            ensure!(o.replies > 0, "no ping reply at all");
+            ensure!(
+                o.replies * 10 >= o.pings_sent * 9,
+                "{}: only {} of {} pings answered",
+                flood.label(),
+                o.replies,
+                o.pings_sent
+            );
         }
         Ok(())
     })
@@ -73,7 +77,6 @@ fn forged_probes_reflect_no_more_bytes_than_they_carry() -> Result<()> {
             reflection <= 1.05,
             "the victim sent {reflection:.2}× the forged bytes to the spoofed address"
         );
-        let _ = Duration::ZERO;
         Ok(())
     })
 }

@@ -88,7 +88,8 @@ pub struct FloodLab {
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub flood: Flood,
-    /// Longest time between two consecutive ping replies, in ms (the whole window if none).
+    /// Longest time without a ping reply (from the ping's start, through each reply, to its
+    /// end), in ms.
     pub longest_gap_ms: f64,
     pub pings_sent: u32,
     pub replies: u32,
@@ -166,6 +167,7 @@ impl FloodLab {
             .bob
             .host()
             .log_path(&format!("flood-ping-{flood:?}-{n}"));
+        let started = unix_now();
         let pinger = self.bob.host().spawn(
             &[
                 "ping",
@@ -200,8 +202,10 @@ impl FloodLab {
         };
         let status = pinger.wait_timeout(Duration::from_secs_f64(seconds + 10.0))?;
         status.ok_or_else(|| anyhow!("the ping did not end"))?;
+        // ping stops at its deadline (`-w`), measured from a moment after `started`.
+        let ended = unix_now().min(started + (seconds + 1.5).ceil());
         let text = std::fs::read_to_string(&log)?;
-        let (longest_gap_ms, pings_sent, replies) = ping_gaps(&text, (seconds + 1.5) * 1000.0);
+        let (longest_gap_ms, pings_sent, replies) = ping_gaps(&text, started, ended);
         Ok(Outcome {
             flood,
             longest_gap_ms,
@@ -307,24 +311,33 @@ fn listen_report(p: &Proc) -> Result<ListenReport> {
     Ok(serde_json::from_str(line)?)
 }
 
-/// The longest gap between consecutive replies in `ping -D` output (ms; the whole `window` if
-/// fewer than two replies), the pings sent and the replies.
-pub fn ping_gaps(text: &str, window_ms: f64) -> (f64, u32, u32) {
-    let times: Vec<f64> = text
+/// The longest time without a reply in `ping -D` output, from the ping's start (unix seconds)
+/// through every reply to its end, in ms; the pings sent and the replies.
+pub fn ping_gaps(text: &str, started: f64, ended: f64) -> (f64, u32, u32) {
+    let replies: Vec<f64> = text
         .lines()
         .filter(|l| l.contains("bytes from"))
         .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse::<f64>().ok())
         .collect();
+    let times: Vec<f64> = std::iter::once(started)
+        .chain(replies.iter().copied())
+        .chain(std::iter::once(ended))
+        .collect();
     let longest = times
         .windows(2)
         .map(|w| (w[1] - w[0]) * 1000.0)
-        .fold(None, |m: Option<f64>, g| Some(m.map_or(g, |m| m.max(g))))
-        .unwrap_or(window_ms);
+        .fold(0.0, f64::max);
     let sent = text
         .lines()
         .find_map(|l| l.split(" packets transmitted").next()?.trim().parse().ok())
         .unwrap_or(0);
-    (longest, sent, times.len() as u32)
+    (longest, sent, replies.len() as u32)
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// alice's handshake drops so far (every `handshake_*` reason), from its metrics endpoint.
