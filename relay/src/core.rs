@@ -626,10 +626,11 @@ impl Relay {
             // The same answer for both, so a sender cannot probe who is bound outside its parties.
             Err(reason) => Action::Drop {
                 reason,
-                reply: self
-                    .error_replies
-                    .allow(src, now)
-                    .then(|| error(via, src, RelayErrorCode::PeerUnavailable, Some(&sender_key))),
+                reply: self.error_replies.allow(src, now).then(|| {
+                    // Sealed unless that would answer with more bytes than came in.
+                    let key = (len >= SEALED_ERROR_LEN).then_some(&sender_key);
+                    error(via, src, RelayErrorCode::PeerUnavailable, key)
+                }),
             },
         }
     }
@@ -747,6 +748,9 @@ impl Relay {
         now.saturating_duration_since(self.epoch).as_secs() / COOKIE_BUCKET.as_secs()
     }
 }
+
+/// Length of a sealed `Error`: header, code, tag.
+const SEALED_ERROR_LEN: usize = rally_proto::relay::HEADER_LEN + 1 + TAG_LEN;
 
 /// Most keys each reply limiter remembers (see [`KeyedLimiter`]).
 const MAX_LIMITER_KEYS: usize = 65_536;

@@ -86,7 +86,7 @@ fn what_the_relay_says_about_a_session_is_sealed_with_its_key() {
     };
     assert!(RelayMsg::decode(&pong.payload).unwrap().is_sealed_by(&key));
     // An error about this session (its peer is not here) is sealed too.
-    let (unavailable, _) = lab.recv(src, &send_to(&b, b"x"));
+    let (unavailable, _) = lab.recv(src, &send_to(&b, &[0; 32]));
     let Action::Drop {
         reply: Some(reply), ..
     } = unavailable
@@ -127,6 +127,30 @@ fn what_the_relay_says_about_a_session_is_sealed_with_its_key() {
             code: RelayErrorCode::NotBound,
             tag: None
         })
+    );
+}
+
+#[test]
+fn an_error_is_never_longer_than_what_it_answers() {
+    let mut lab = Lab::new();
+    let src = addr("192.0.2.1:1000");
+    lab.bind(&agent(1), src, &[PARTY_X]);
+    // A Send with no payload to someone absent: 12 bytes in.
+    let tiny = send_to(&agent(2), b"");
+
+    let (action, _) = lab.recv(src, &tiny);
+
+    let Action::Drop {
+        reply: Some(reply), ..
+    } = action
+    else {
+        panic!("{action:?}")
+    };
+    assert!(
+        reply.payload.len() <= tiny.len(),
+        "{} bytes for {}",
+        reply.payload.len(),
+        tiny.len()
     );
 }
 
