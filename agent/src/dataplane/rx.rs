@@ -98,7 +98,13 @@ impl Engine {
 
     /// The handshake guard's verdict on a WireGuard datagram; a cookie reply is sent back on
     /// the way it came (only to a direct address: that is what a cookie proves).
-    async fn guard_admits(&mut self, source: Source, via: &PathId, d: &[u8], out: &mut [u8]) -> bool {
+    async fn guard_admits(
+        &mut self,
+        source: Source,
+        via: &PathId,
+        d: &[u8],
+        out: &mut [u8],
+    ) -> bool {
         match self
             .guard
             .check(source, d, now(), &mut out[DATA_HEADER_LEN..])

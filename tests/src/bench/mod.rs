@@ -18,8 +18,8 @@
 
 pub mod control;
 pub mod datapath;
-pub mod idle;
 pub mod flood;
+pub mod idle;
 pub mod mmsg;
 pub mod profile;
 pub mod relay;
