@@ -88,6 +88,7 @@ pub fn render(peers: &[PeerStatus]) -> String {
         "The peer's connection state (1 for the current one).",
         &states,
     );
+    crate::dataplane::security::COUNTERS.render(&mut out);
     out
 }
 

@@ -10,6 +10,7 @@ pub mod http;
 pub mod identity;
 pub mod invite;
 pub mod key;
+pub mod limit;
 pub mod peermap;
 pub mod probe;
 pub mod proxy;

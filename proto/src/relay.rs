@@ -8,9 +8,20 @@
 //! forwards by rewriting 12 header bytes in place.
 //!
 //! No unauthenticated request is smaller than its answer: `BindRequest` carries
-//! [`BIND_REQUEST_PADDING`] zero bytes so that the 36-byte challenge amplifies nothing.
+//! [`BIND_REQUEST_PADDING`] zero bytes so that the 36-byte challenge amplifies nothing, and
+//! `Ping` carries [`TAG_LEN`] zero bytes so that its `Pong` is no larger.
+//!
+//! What the relay says to an agent about its session (`BindOk`, `Pong`, and `Error` whenever
+//! the relay can) is sealed: a [`TAG_LEN`]-byte HMAC-SHA256 over the message with the session
+//! key, [`session_key`], that both sides derive from the bind (the relay's cookie, sent only to
+//! the agent's address, and the agent's signature). A datagram spoofed from the relay's address
+//! by anyone off the path cannot carry a valid tag. `Bind` is type 10 since the tags came in;
+//! the relay refuses the old type 3 with `Error{Outdated}` and counts it.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
 
 use crate::key::Key32;
 
@@ -22,6 +33,21 @@ pub const DATA_HEADER_LEN: usize = HEADER_LEN + 8;
 pub const BIND_REQUEST_PADDING: usize = 32;
 /// Tag of the agent's bind signature.
 pub const DOMAIN_BIND: &[u8] = b"rally/relay-bind/v1";
+/// Length of the tag that seals the relay's messages to an agent.
+pub const TAG_LEN: usize = 16;
+
+/// The tag sealing a relay message (see [`RelayMsg::sealed`]).
+pub type Tag = [u8; TAG_LEN];
+
+/// The key that seals a session's messages: derived by the agent when it signs the bind and by
+/// the relay when it checks it, from the relay's cookie and the agent's signature.
+pub fn session_key(cookie: &[u8; 32], signature: &[u8; 64]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"rally/relay-session/v1\0");
+    h.update(cookie);
+    h.update(signature);
+    h.finalize().into()
+}
 
 /// The first 8 bytes of an agent's identity key: how agents name each other at a relay.
 pub type ShortId = [u8; 8];
@@ -35,7 +61,9 @@ pub fn short_id(key: &Key32) -> ShortId {
 mod kind {
     pub const BIND_REQUEST: u8 = 1;
     pub const BIND_CHALLENGE: u8 = 2;
-    pub const BIND: u8 = 3;
+    /// The bind of agents before sealed replies: refused with `Error{Outdated}`.
+    pub const BIND_V1: u8 = 3;
+    pub const BIND: u8 = 10;
     pub const BIND_OK: u8 = 4;
     pub const SEND: u8 = 5;
     pub const DELIVER: u8 = 6;
@@ -55,6 +83,8 @@ pub enum RelayErrorCode {
     BadCookie = 5,
     LimitReached = 6,
     PeerUnavailable = 7,
+    /// The agent speaks an older version of this protocol (an unsealed bind).
+    Outdated = 8,
 }
 
 impl RelayErrorCode {
@@ -68,6 +98,7 @@ impl RelayErrorCode {
             5 => BadCookie,
             6 => LimitReached,
             7 => PeerUnavailable,
+            8 => Outdated,
             _ => return None,
         })
     }
@@ -81,6 +112,7 @@ impl RelayErrorCode {
             RelayErrorCode::BadCookie => "bad_cookie",
             RelayErrorCode::LimitReached => "limit_reached",
             RelayErrorCode::PeerUnavailable => "peer_unavailable",
+            RelayErrorCode::Outdated => "outdated_agent",
         }
     }
 }
@@ -97,9 +129,11 @@ pub enum RelayMsg<'a> {
         signature: [u8; 64],
         token: &'a [u8],
     },
+    /// Sealed with the session key.
     BindOk {
         observed: SocketAddr,
         expires_at: u64,
+        tag: Tag,
     },
     Send {
         to: ShortId,
@@ -112,11 +146,16 @@ pub enum RelayMsg<'a> {
     Ping {
         nonce: u64,
     },
+    /// Sealed with the session key.
     Pong {
         nonce: u64,
+        tag: Tag,
     },
+    /// Sealed when the relay has a key for the agent (a live session, or a bind whose cookie
+    /// checked); `NotBound` and `BadCookie` cannot be, and an agent takes them only as a hint.
     Error {
         code: RelayErrorCode,
+        tag: Option<Tag>,
     },
 }
 
@@ -132,6 +171,8 @@ pub enum RelayDecodeError {
     UnknownType(u8),
     #[error("bad field in relay message")]
     BadField,
+    #[error("a bind from an agent older than sealed relay replies")]
+    OutdatedBind,
 }
 
 /// Whether a datagram is a relay message (by its header alone).
@@ -172,18 +213,20 @@ impl<'a> RelayMsg<'a> {
                     token: &body[96..],
                 }
             }
+            kind::BIND_V1 => return Err(RelayDecodeError::OutdatedBind),
             kind::BIND_OK => {
-                if body.len() < 8 {
+                if body.len() < 8 + TAG_LEN {
                     return Err(RelayDecodeError::Truncated);
                 }
                 let expires_at = u64::from_be_bytes(arr(&body[..8]));
                 let (observed, used) = decode_addr(&body[8..])?;
-                if 8 + used != body.len() {
+                if 8 + used + TAG_LEN != body.len() {
                     return Err(RelayDecodeError::Trailing);
                 }
                 RelayMsg::BindOk {
                     observed,
                     expires_at,
+                    tag: arr(&body[8 + used..]),
                 }
             }
             kind::SEND | kind::DELIVER => {
@@ -198,15 +241,34 @@ impl<'a> RelayMsg<'a> {
                     RelayMsg::Deliver { from: id, payload }
                 }
             }
-            kind::PING => RelayMsg::Ping {
-                nonce: u64::from_be_bytes(arr(exact(8)?)),
-            },
-            kind::PONG => RelayMsg::Pong {
-                nonce: u64::from_be_bytes(arr(exact(8)?)),
-            },
-            kind::ERROR => RelayMsg::Error {
-                code: RelayErrorCode::from_u8(exact(1)?[0]).ok_or(RelayDecodeError::BadField)?,
-            },
+            kind::PING => {
+                let b = exact(8 + TAG_LEN)?;
+                if b[8..].iter().any(|&x| x != 0) {
+                    return Err(RelayDecodeError::BadField);
+                }
+                RelayMsg::Ping {
+                    nonce: u64::from_be_bytes(arr(b)),
+                }
+            }
+            kind::PONG => {
+                let b = exact(8 + TAG_LEN)?;
+                RelayMsg::Pong {
+                    nonce: u64::from_be_bytes(arr(b)),
+                    tag: arr(&b[8..]),
+                }
+            }
+            kind::ERROR => {
+                let tag = match body.len() {
+                    1 => None,
+                    n if n == 1 + TAG_LEN => Some(arr(&body[1..])),
+                    0 => return Err(RelayDecodeError::Truncated),
+                    _ => return Err(RelayDecodeError::Trailing),
+                };
+                RelayMsg::Error {
+                    code: RelayErrorCode::from_u8(body[0]).ok_or(RelayDecodeError::BadField)?,
+                    tag,
+                }
+            }
             t => return Err(RelayDecodeError::UnknownType(t)),
         })
     }
@@ -240,18 +302,76 @@ impl<'a> RelayMsg<'a> {
             RelayMsg::BindOk {
                 observed,
                 expires_at,
+                tag,
             } => {
                 out.extend_from_slice(&expires_at.to_be_bytes());
                 encode_addr(observed, out);
+                out.extend_from_slice(tag);
             }
             RelayMsg::Send { to: id, payload } | RelayMsg::Deliver { from: id, payload } => {
                 out.extend_from_slice(id);
                 out.extend_from_slice(payload);
             }
-            RelayMsg::Ping { nonce } | RelayMsg::Pong { nonce } => {
-                out.extend_from_slice(&nonce.to_be_bytes())
+            RelayMsg::Ping { nonce } => {
+                out.extend_from_slice(&nonce.to_be_bytes());
+                out.extend_from_slice(&[0; TAG_LEN]);
             }
-            RelayMsg::Error { code } => out.push(*code as u8),
+            RelayMsg::Pong { nonce, tag } => {
+                out.extend_from_slice(&nonce.to_be_bytes());
+                out.extend_from_slice(tag);
+            }
+            RelayMsg::Error { code, tag } => {
+                out.push(*code as u8);
+                if let Some(tag) = tag {
+                    out.extend_from_slice(tag);
+                }
+            }
+        }
+    }
+
+    /// The message encoded and sealed with `key`: its tag (for `Error`, a tag even if it had
+    /// none) replaced by the HMAC of everything before it. Other messages are only encoded.
+    pub fn sealed(&self, key: &[u8; 32]) -> Vec<u8> {
+        let mut v = match self {
+            RelayMsg::Error { code, .. } => RelayMsg::Error {
+                code: *code,
+                tag: Some([0; TAG_LEN]),
+            }
+            .to_vec(),
+            m => m.to_vec(),
+        };
+        let sealable = matches!(
+            self,
+            RelayMsg::BindOk { .. } | RelayMsg::Pong { .. } | RelayMsg::Error { .. }
+        );
+        if sealable {
+            let n = v.len() - TAG_LEN;
+            let t = seal_tag(key, &v[..n]);
+            v[n..].copy_from_slice(&t);
+        }
+        v
+    }
+
+    /// Whether this message carries a tag made with `key` (constant time). A message that
+    /// cannot be sealed, or an `Error` without a tag, is never authentic.
+    pub fn is_sealed_by(&self, key: &[u8; 32]) -> bool {
+        let Some(tag) = self.tag() else {
+            return false;
+        };
+        let v = self.to_vec();
+        let n = v.len() - TAG_LEN;
+        let Ok(mut m) = <Hmac<Sha256> as Mac>::new_from_slice(key) else {
+            return false;
+        };
+        m.update(&v[..n]);
+        m.verify_truncated_left(&tag).is_ok()
+    }
+
+    fn tag(&self) -> Option<Tag> {
+        match self {
+            RelayMsg::BindOk { tag, .. } | RelayMsg::Pong { tag, .. } => Some(*tag),
+            RelayMsg::Error { tag, .. } => *tag,
+            _ => None,
         }
     }
 
@@ -287,6 +407,13 @@ pub fn bind_transcript(cookie: &[u8; 32], token: &[u8]) -> Vec<u8> {
     m.extend_from_slice(cookie);
     m.extend_from_slice(token);
     m
+}
+
+fn seal_tag(key: &[u8; 32], data: &[u8]) -> Tag {
+    // HMAC accepts keys of any length; a 32-byte key cannot fail.
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    m.update(data);
+    arr(&m.finalize().into_bytes())
 }
 
 fn encode_addr(a: &SocketAddr, out: &mut Vec<u8>) {
@@ -343,10 +470,12 @@ mod tests {
             RelayMsg::BindOk {
                 observed: "203.0.113.5:40000".parse().unwrap(),
                 expires_at: 77,
+                tag: [8; TAG_LEN],
             },
             RelayMsg::BindOk {
                 observed: "[2001:db8::1]:5".parse().unwrap(),
                 expires_at: 78,
+                tag: [9; TAG_LEN],
             },
             RelayMsg::Send {
                 to: [5; 8],
@@ -357,9 +486,17 @@ mod tests {
                 payload: b"",
             },
             RelayMsg::Ping { nonce: 9 },
-            RelayMsg::Pong { nonce: 10 },
+            RelayMsg::Pong {
+                nonce: 10,
+                tag: [1; TAG_LEN],
+            },
             RelayMsg::Error {
                 code: RelayErrorCode::PeerUnavailable,
+                tag: None,
+            },
+            RelayMsg::Error {
+                code: RelayErrorCode::Outdated,
+                tag: Some([2; TAG_LEN]),
             },
         ]
     }
@@ -407,6 +544,55 @@ mod tests {
     }
 
     #[test]
+    fn sealed_messages_verify_only_with_their_key() {
+        let key = session_key(&[1; 32], &[2; 64]);
+        let other = session_key(&[1; 32], &[3; 64]);
+        assert_ne!(key, other);
+        for m in [
+            RelayMsg::BindOk {
+                observed: "203.0.113.5:40000".parse().unwrap(),
+                expires_at: 77,
+                tag: [0; TAG_LEN],
+            },
+            RelayMsg::Pong {
+                nonce: 5,
+                tag: [0; TAG_LEN],
+            },
+            RelayMsg::Error {
+                code: RelayErrorCode::NotBound,
+                tag: None,
+            },
+        ] {
+            assert!(!m.is_sealed_by(&key), "{m:?} unsealed");
+            let b = m.sealed(&key);
+            let d = RelayMsg::decode(&b).unwrap();
+            assert!(d.is_sealed_by(&key), "{m:?} sealed");
+            assert!(!d.is_sealed_by(&other), "{m:?} with another key");
+            // Any flipped bit breaks the seal (or the decoding).
+            for i in HEADER_LEN..b.len() {
+                let mut x = b.clone();
+                x[i] ^= 0x40;
+                if let Ok(d) = RelayMsg::decode(&x) {
+                    assert!(!d.is_sealed_by(&key), "{m:?} altered at {i}");
+                }
+            }
+        }
+        assert!(!RelayMsg::Ping { nonce: 1 }.is_sealed_by(&key));
+    }
+
+    #[test]
+    fn the_old_bind_is_recognised_as_outdated() {
+        let mut old = RelayMsg::Bind {
+            cookie: [2; 32],
+            signature: [3; 64],
+            token: &[4; 50],
+        }
+        .to_vec();
+        old[2] = 3;
+        assert_eq!(RelayMsg::decode(&old), Err(RelayDecodeError::OutdatedBind));
+    }
+
+    #[test]
     fn unknown_type_and_foreign_datagrams_are_refused() {
         assert_eq!(
             RelayMsg::decode(&[0x52, 0x4c, 99, 0]),
@@ -427,6 +613,13 @@ mod tests {
         let request = RelayMsg::BindRequest.to_vec();
         let challenge = RelayMsg::BindChallenge { cookie: [0; 32] }.to_vec();
         assert!(request.len() >= challenge.len());
+        let ping = RelayMsg::Ping { nonce: 1 }.to_vec();
+        let pong = RelayMsg::Pong {
+            nonce: 1,
+            tag: [0; TAG_LEN],
+        }
+        .sealed(&[1; 32]);
+        assert!(ping.len() >= pong.len());
         assert_eq!(
             RelayMsg::decode(&[0x52, 0x4c, 1, 0]),
             Err(RelayDecodeError::Truncated)

@@ -9,8 +9,13 @@
 //!   30-second time bucket, so binding costs the relay no state until it succeeds.
 //! - `Bind{cookie, signature, token}`: the cookie must be this source's; the token must be signed
 //!   by the control plane and unexpired; the signature must be by the key the token names, over
-//!   the cookie and the token. Then the agent gets one session (replacing any it had, wherever
-//!   from), subject to the global and per-IP session limits, and `BindOk`.
+//!   the cookie and the token; the token must name at least one party (a session that can reach
+//!   no one is refused). Then the agent gets one session (replacing any it had, wherever from:
+//!   one session per identity), subject to the global and per-IP session limits, and `BindOk`.
+//!   From the cookie and the signature both sides derive the session key
+//!   ([`rally_proto::relay::session_key`]) that seals `BindOk`, `Pong` and every `Error` the
+//!   relay can seal (all but `NotBound` and `BadCookie`, which have no key behind them).
+//! - A `Bind` of the old type (before sealed replies) is refused with `Error{Outdated}`.
 //! - `Send{to}` from a bound source within its packet and byte budgets is rewritten in place to
 //!   `Deliver{from}` and forwarded to `to`'s session, but only when the two tokens share a party.
 //! - `Ping` from a bound source → `Pong`, and the session stays alive.
@@ -28,14 +33,14 @@ use std::time::{Duration, Instant};
 
 use rally_proto::identity;
 use rally_proto::relay::{
-    bind_transcript, is_relay, send_to_deliver, short_id, RelayErrorCode, RelayMsg, ShortId,
-    DOMAIN_BIND,
+    bind_transcript, is_relay, send_to_deliver, session_key, short_id, RelayDecodeError,
+    RelayErrorCode, RelayMsg, ShortId, DOMAIN_BIND, TAG_LEN,
 };
 use rally_proto::stun::{self, BindingRequest, BindingResponse, StunError};
 use rally_proto::{Key32, RelayToken, TokenError};
 
 use crate::cookie::{CookieJar, COOKIE_BUCKET};
-use crate::limit::{KeyedLimiter, TokenBucket};
+use rally_proto::limit::{KeyedLimiter, TokenBucket};
 
 /// How often [`Relay::handle_timeout`] wants to run to expire sessions.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -45,7 +50,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Limits {
     /// Most sessions at once (default 10000).
     pub max_sessions: usize,
-    /// Most sessions from one source IP; IPv6 sources count per /64 (default 16).
+    /// Most sessions from one source IP; IPv6 sources count per /64 (default 1024: a carrier
+    /// NAT puts many users behind one address, and each identity holds one session anyway).
     pub max_sessions_per_ip: usize,
     /// Packets per second one session may send, with a one-second burst (default 20000).
     pub max_pps: u64,
@@ -64,7 +70,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_sessions: 10_000,
-            max_sessions_per_ip: 16,
+            max_sessions_per_ip: 1024,
             max_pps: 20_000,
             max_bps: 100_000_000,
             idle_timeout: Duration::from_secs(60),
@@ -177,6 +183,10 @@ drop_reasons! {
     BadCookie => "bad_cookie",
     /// `Bind` with a token that is malformed or not signed by the control plane.
     BadToken => "bad_token",
+    /// `Bind` with a token that names no party (the session could reach no one).
+    NoParty => "no_party",
+    /// `Bind` of the old type, from an agent older than sealed relay replies.
+    OutdatedAgent => "outdated_agent",
     /// `Bind` with an expired token.
     TokenExpired => "token_expired",
     /// `Bind` whose signature is not by the key the token names.
@@ -370,6 +380,7 @@ impl Relay {
     ) -> Action {
         let msg = match RelayMsg::decode(datagram) {
             Ok(m) => m,
+            Err(RelayDecodeError::OutdatedBind) => return self.refuse_outdated(via, src, now),
             Err(_) => return dropped(DropReason::Garbage),
         };
         match msg {
@@ -388,6 +399,19 @@ impl Relay {
             | RelayMsg::Deliver { .. }
             | RelayMsg::Pong { .. }
             | RelayMsg::Error { .. } => dropped(DropReason::Unexpected),
+        }
+    }
+
+    fn refuse_outdated(&mut self, via: Via, src: SocketAddr, now: Instant) -> Action {
+        self.stats.sessions_refused += 1;
+        let reply = self
+            .handshakes
+            .allow(IpKey::of(src.ip()), now)
+            .then(|| error(via, src, RelayErrorCode::Outdated, None));
+        tracing::debug!(%src, "bind from an outdated agent refused");
+        Action::Drop {
+            reason: DropReason::OutdatedAgent,
+            reply,
         }
     }
 
@@ -419,22 +443,27 @@ impl Relay {
             return dropped(DropReason::HandshakeRateLimited);
         }
         if !self.cookies.check(cookie, src, self.bucket(now)) {
-            return self.refuse_bind(via, src, DropReason::BadCookie);
+            return self.refuse_bind(via, src, DropReason::BadCookie, None);
         }
+        // The cookie was this source's: from here on every answer is sealed.
+        let key = session_key(cookie, signature);
         let token = match RelayToken::verify(token_bytes, &self.config.control_key, now_unix) {
             Ok(t) => t,
             Err(TokenError::Expired) => {
-                return self.refuse_bind(via, src, DropReason::TokenExpired)
+                return self.refuse_bind(via, src, DropReason::TokenExpired, Some(&key))
             }
-            Err(_) => return self.refuse_bind(via, src, DropReason::BadToken),
+            Err(_) => return self.refuse_bind(via, src, DropReason::BadToken, Some(&key)),
         };
         let transcript = bind_transcript(cookie, token_bytes);
         if identity::verify(&token.agent, DOMAIN_BIND, &transcript, signature).is_err() {
-            return self.refuse_bind(via, src, DropReason::BadSignature);
+            return self.refuse_bind(via, src, DropReason::BadSignature, Some(&key));
+        }
+        if token.parties.is_empty() {
+            return self.refuse_bind(via, src, DropReason::NoParty, Some(&key));
         }
         let expires_at = token.expires_at;
-        if let Err(reason) = self.admit(via, src, ip, token, now) {
-            return self.refuse_bind(via, src, reason);
+        if let Err(reason) = self.admit(via, src, ip, token, key, now) {
+            return self.refuse_bind(via, src, reason, Some(&key));
         }
         Action::Reply(Transmit {
             via,
@@ -442,8 +471,9 @@ impl Relay {
             payload: RelayMsg::BindOk {
                 observed: src,
                 expires_at,
+                tag: [0; TAG_LEN],
             }
-            .to_vec(),
+            .sealed(&key),
         })
     }
 
@@ -454,6 +484,7 @@ impl Relay {
         src: SocketAddr,
         ip: IpKey,
         token: RelayToken,
+        key: [u8; 32],
         now: Instant,
     ) -> Result<(), DropReason> {
         let id = short_id(&token.agent);
@@ -512,6 +543,7 @@ impl Relay {
             via,
             ip,
             token,
+            key,
             last_seen: now,
             pps,
             bps,
@@ -522,19 +554,25 @@ impl Relay {
         Ok(())
     }
 
-    fn refuse_bind(&mut self, via: Via, src: SocketAddr, reason: DropReason) -> Action {
+    fn refuse_bind(
+        &mut self,
+        via: Via,
+        src: SocketAddr,
+        reason: DropReason,
+        key: Option<&[u8; 32]>,
+    ) -> Action {
         self.stats.sessions_refused += 1;
         tracing::debug!(%src, reason = reason.as_str(), "bind refused");
         let code = match reason {
             DropReason::BadCookie => RelayErrorCode::BadCookie,
-            DropReason::BadToken => RelayErrorCode::BadToken,
+            DropReason::BadToken | DropReason::NoParty => RelayErrorCode::BadToken,
             DropReason::TokenExpired => RelayErrorCode::TokenExpired,
             DropReason::BadSignature => RelayErrorCode::BadSignature,
             _ => RelayErrorCode::LimitReached,
         };
         Action::Drop {
             reason,
-            reply: Some(error(via, src, code)),
+            reply: Some(error(via, src, code, key)),
         }
     }
 
@@ -559,6 +597,7 @@ impl Relay {
             return dropped(DropReason::RateLimited);
         }
         let from_id = sender.id;
+        let sender_key = sender.key;
         let idle = self.config.limits.idle_timeout;
         let dest = self.by_id.get(&to).and_then(|&slot| self.slots.get(slot));
         let verdict = match (self.slots.get(from), dest) {
@@ -587,10 +626,11 @@ impl Relay {
             // The same answer for both, so a sender cannot probe who is bound outside its parties.
             Err(reason) => Action::Drop {
                 reason,
-                reply: self
-                    .error_replies
-                    .allow(src, now)
-                    .then(|| error(via, src, RelayErrorCode::PeerUnavailable)),
+                reply: self.error_replies.allow(src, now).then(|| {
+                    // Sealed unless that would answer with more bytes than came in.
+                    let key = (len >= SEALED_ERROR_LEN).then_some(&sender_key);
+                    error(via, src, RelayErrorCode::PeerUnavailable, key)
+                }),
             },
         }
     }
@@ -617,7 +657,11 @@ impl Relay {
         Action::Reply(Transmit {
             via,
             to: src,
-            payload: RelayMsg::Pong { nonce }.to_vec(),
+            payload: RelayMsg::Pong {
+                nonce,
+                tag: [0; TAG_LEN],
+            }
+            .sealed(&session.key),
         })
     }
 
@@ -679,7 +723,7 @@ impl Relay {
             reply: self
                 .error_replies
                 .allow(src, now)
-                .then(|| error(via, src, RelayErrorCode::NotBound)),
+                .then(|| error(via, src, RelayErrorCode::NotBound, None)),
         }
     }
 
@@ -705,6 +749,9 @@ impl Relay {
     }
 }
 
+/// Length of a sealed `Error`: header, code, tag.
+const SEALED_ERROR_LEN: usize = rally_proto::relay::HEADER_LEN + 1 + TAG_LEN;
+
 /// Most keys each reply limiter remembers (see [`KeyedLimiter`]).
 const MAX_LIMITER_KEYS: usize = 65_536;
 
@@ -717,6 +764,8 @@ struct Session {
     via: Via,
     ip: IpKey,
     token: RelayToken,
+    /// Seals what the relay says to this session's agent.
+    key: [u8; 32],
     last_seen: Instant,
     pps: TokenBucket,
     bps: TokenBucket,
@@ -829,11 +878,16 @@ fn dropped(reason: DropReason) -> Action {
     }
 }
 
-fn error(via: Via, to: SocketAddr, code: RelayErrorCode) -> Transmit {
+/// An error for `to`, sealed with `key` when there is one.
+fn error(via: Via, to: SocketAddr, code: RelayErrorCode, key: Option<&[u8; 32]>) -> Transmit {
+    let msg = RelayMsg::Error { code, tag: None };
     Transmit {
         via,
         to,
-        payload: RelayMsg::Error { code }.to_vec(),
+        payload: match key {
+            Some(k) => msg.sealed(k),
+            None => msg.to_vec(),
+        },
     }
 }
 

@@ -20,8 +20,6 @@ pub mod server;
 mod forwarder;
 
 mod cookie;
-mod limit;
-
 pub use crate::cookie::COOKIE_BUCKET;
 pub use crate::core::{Action, Config, DropReason, Limits, Relay, Stats, Transmit, Via};
 pub use crate::server::{Options, ServeError, Server};

@@ -484,7 +484,7 @@ impl Agent {
         let reply = self.recv().expect("a bind answer");
         match RelayMsg::decode(&reply) {
             Ok(RelayMsg::BindOk { observed, .. }) => Ok(observed),
-            Ok(RelayMsg::Error { code }) => Err(code),
+            Ok(RelayMsg::Error { code, .. }) => Err(code),
             other => panic!("unexpected bind answer {other:?}"),
         }
     }
@@ -544,7 +544,7 @@ impl Agent {
 
     fn recv_relay_error(&self) -> Option<RelayErrorCode> {
         match RelayMsg::decode(&self.recv()?) {
-            Ok(RelayMsg::Error { code }) => Some(code),
+            Ok(RelayMsg::Error { code, .. }) => Some(code),
             _ => None,
         }
     }

@@ -117,6 +117,9 @@ enum Cmd {
     /// Control-plane crowd of synthetic agents (run by `bench control` inside a lab namespace).
     #[command(hide = true)]
     BenchControlLoad(bench::control::LoadArgs),
+    /// Attack clients (run by `bench flood` and the attack tests inside lab namespaces).
+    #[command(hide = true, subcommand)]
+    Attack(rally_lab::attack::AttackCmd),
 }
 
 fn main() -> ExitCode {
@@ -147,6 +150,7 @@ fn main() -> ExitCode {
             bench::relay::forward(listen, batch).map(|()| true)
         }
         Cmd::BenchControlLoad(args) => bench::control::load(&args).map(|()| true),
+        Cmd::Attack(cmd) => rally_lab::attack::run(&cmd).map(|()| true),
         Cmd::StunServer { listen } => stun::serve(listen, |local| {
             println!("{}", stun::listening_line(local));
         })

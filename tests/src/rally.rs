@@ -549,6 +549,20 @@ impl Agent {
         self.stop()?;
         self.up()
     }
+
+    /// Kills the daemon with SIGKILL (a crash: no cleanup) and waits until it is gone.
+    pub fn crash(&mut self) -> Result<()> {
+        if let Some(proc) = self.proc.take() {
+            proc.signal(libc::SIGKILL)?;
+            proc.wait_timeout(STOP_GRACE)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the daemon again after [`Agent::crash`] (or [`Agent::stop`]).
+    pub fn start_again(&mut self) -> Result<()> {
+        self.up()
+    }
 }
 
 /// Parses `text` as JSON, naming `what` on failure.

@@ -9,12 +9,16 @@
 //!
 //! A direct path is proven by an acknowledged probe, or by authenticated traffic from an address
 //! (a WireGuard packet that decrypts). A probe from an unknown address (a peer-reflexive
-//! candidate, e.g. a symmetric NAT's fresh port) is answered and probed back.
+//! candidate, e.g. a symmetric NAT's fresh port) is answered with an ack of its own size (at
+//! most [`ACK_RATE`] a second) and probed back at most [`REFLEXIVE_RATE`] times a second: a
+//! member forging probes from someone else's address gets no more bytes sent there than it
+//! sent, and a probe flood costs the data plane an HMAC per probe, not a send.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use rally_proto::limit::TokenBucket;
 use rally_proto::probe::{Probe, ProbeKind, LEN as PROBE_LEN};
 use rally_proto::relay::ShortId;
 
@@ -34,6 +38,12 @@ pub const PUNCH_RETRY: [Duration; 4] = [
 ];
 /// Most candidates (reported and peer-reflexive) kept.
 const MAX_CANDIDATES: usize = 24;
+/// Probes sent back to the address a probe came from, per second (burst 2): that address is
+/// not proven to be the peer's.
+pub const REFLEXIVE_RATE: f64 = 1.0;
+/// Probes from the peer answered per second (burst as many): far above what its punching and
+/// path checks send, low enough that a member flooding probes costs a few syscalls a second.
+pub const ACK_RATE: f64 = 100.0;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathEvent {
@@ -61,6 +71,10 @@ pub struct PeerPaths {
     txid: u64,
     transmits: VecDeque<(PathId, [u8; PROBE_LEN])>,
     events: VecDeque<PathEvent>,
+    /// Budget for probing back new addresses (created on first use).
+    reflexive: Option<TokenBucket>,
+    /// Budget for acks (created on first use).
+    acks: Option<TokenBucket>,
 }
 
 impl PeerPaths {
@@ -79,6 +93,8 @@ impl PeerPaths {
             txid: txid_seed,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            reflexive: None,
+            acks: None,
         }
     }
 
@@ -145,13 +161,19 @@ impl PeerPaths {
     }
 
     /// An authenticated probe from the peer, received via `via`.
-    pub fn handle_probe(&mut self, via: PathId, probe: Probe, _now: Instant) {
+    pub fn handle_probe(&mut self, via: PathId, probe: Probe, now: Instant) {
         match probe.kind {
             ProbeKind::Probe => {
+                let acks = self
+                    .acks
+                    .get_or_insert_with(|| TokenBucket::new(ACK_RATE, ACK_RATE, now));
+                if !acks.try_take(1.0, now) {
+                    return;
+                }
                 let direct = via.addr();
                 self.queue(via, ProbeKind::Ack, probe.txid);
                 if let Some(addr) = direct {
-                    if self.direct != Some(addr) {
+                    if self.direct != Some(addr) && self.may_probe_back(now) {
                         // Peer-reflexive: probe it back to prove the way out too.
                         self.add_candidate(addr);
                         self.send_probe(addr);
@@ -231,6 +253,14 @@ impl PeerPaths {
 
     pub fn poll_event(&mut self) -> Option<PathEvent> {
         crate::outputs::pop(&mut self.events)
+    }
+
+    /// Whether to probe `addr` back now, within [`REFLEXIVE_RATE`] (the punch itself probes
+    /// every candidate on its own schedule).
+    fn may_probe_back(&mut self, now: Instant) -> bool {
+        self.reflexive
+            .get_or_insert_with(|| TokenBucket::new(REFLEXIVE_RATE, 2.0, now))
+            .try_take(1.0, now)
     }
 
     /// `addr` answered: the punch is over; a new address is news for the connection manager.
@@ -382,6 +412,41 @@ mod tests {
         assert_eq!(sent[1].0, PathId::Direct(from));
         assert_eq!(sent[1].1.kind, ProbeKind::Probe);
         assert!(p.candidates().contains(&from));
+    }
+
+    #[test]
+    fn forged_probes_from_new_addresses_get_no_more_bytes_than_they_carry() {
+        let t0 = Instant::now();
+        let mut p = paths();
+        let victim = addr("198.51.100.99:7777");
+        let mut sent_there = 0;
+        for i in 0..1000u64 {
+            let t = t0 + Duration::from_millis(i);
+            p.handle_probe(
+                PathId::Direct(victim),
+                Probe {
+                    kind: ProbeKind::Probe,
+                    from: [2; 8],
+                    txid: i,
+                },
+                t,
+            );
+            sent_there += drain(&mut p)
+                .iter()
+                .filter(|(v, _)| *v == PathId::Direct(victim))
+                .count();
+        }
+        // At most one ack per probe (the same size), within the ack budget, and at most 3
+        // probes back in one second.
+        let most = ACK_RATE as usize * 2 + 3;
+        assert!(
+            sent_there <= most,
+            "{sent_there} probes for 1000 forged ones"
+        );
+        assert!(
+            sent_there >= ACK_RATE as usize,
+            "the peer's probes are still acked"
+        );
     }
 
     #[test]

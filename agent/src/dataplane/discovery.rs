@@ -83,12 +83,13 @@ impl Engine {
 
     /// Whether a packet decrypted from `peer` (its inner source already checked) goes to the
     /// TUN device. Broadcasts, multicasts and subscription messages are discovery's; every
-    /// other destination is accepted here (a destination filter for unicast belongs in this
-    /// function too). A directed broadcast is rewritten in place to the limited broadcast.
+    /// other packet must be addressed to our virtual IP ([`super::inbound::InboundFilter`],
+    /// counted there). A directed broadcast is rewritten in place to the limited broadcast.
     pub(super) fn accept_inbound_destination(&mut self, peer: &Key32, packet: &mut [u8]) -> bool {
-        // The common case, unicast to us, costs two byte comparisons.
+        // The common case, unicast: only to our virtual IP (the security filter; a member's
+        // modified client could otherwise reach any address this host routes).
         if !self.disc.is_discovery_packet(packet) {
-            return true;
+            return self.inbound.admits(packet);
         }
         let Some(info) = self.node.peer(peer).map(|s| Arc::clone(s.info())) else {
             return false;
@@ -97,7 +98,8 @@ impl Engine {
             .disc
             .handle_peer_packet(peer, &info.parties, packet, now())
         {
-            Inbound::Deliver | Inbound::NotDiscovery => true,
+            Inbound::Deliver => true,
+            Inbound::NotDiscovery => self.inbound.admits(packet),
             Inbound::Subscribed(groups) => {
                 debug!(%peer, ?groups, "peer's multicast subscriptions");
                 false

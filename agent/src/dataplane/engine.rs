@@ -33,6 +33,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, trace, warn};
 
 use super::batch::{GsoBatch, TunBatch};
+use super::handshake_guard::HandshakeGuard;
+use super::inbound::InboundFilter;
+use super::restart::RestartHints;
 use super::tunnel::Tunnel;
 use crate::conn::{PathId, Profile};
 use crate::discovery::{DiscoveryConfig, DiscoveryIo, DiscoveryStatus};
@@ -187,6 +190,12 @@ pub struct Engine {
     pub(super) disc_due: tokio::time::Instant,
     pub(super) disc_ticks: u32,
     pub(super) disc_pending: Vec<Key32>,
+    /// mac1, cookies and budgets before any handshake's Diffie-Hellman.
+    pub(super) guard: HandshakeGuard,
+    /// Decrypted packets go to the TUN device only if addressed to us.
+    pub(super) inbound: InboundFilter,
+    /// Handshakes started when a peer's data shows it kept a session we lost.
+    pub(super) restart: RestartHints,
 }
 
 /// What the engine needs to start.
@@ -354,6 +363,9 @@ impl Engine {
             disc_due: tokio::time::Instant::now(),
             disc_ticks: 0,
             disc_pending: Vec::new(),
+            guard: HandshakeGuard::new(&public, rand::random(), super::timers::now()),
+            inbound: InboundFilter::new(cfg.virtual_ip),
+            restart: RestartHints::new(super::timers::now()),
         })
     }
 

@@ -5,10 +5,11 @@
 use std::net::SocketAddr;
 
 use rally_proto::Key32;
-use tracing::{debug, trace};
+use tracing::{debug, info, trace};
 
 use super::demux::{classify, receiver_index, Datagram, WgKind};
 use super::engine::{Buffers, Engine, RX_BUFS};
+use super::handshake_guard::{Source, Verdict};
 use super::timers::now;
 use super::tunnel::{initiator_key, Output};
 use crate::conn::PathId;
@@ -50,11 +51,17 @@ impl Engine {
 
     async fn handle_datagram(&mut self, from: SocketAddr, d: &[u8], out: &mut [u8]) {
         if let Datagram::WireGuard(kind) = classify(d) {
+            let via = PathId::Direct(from);
+            if !self.guard_admits(Source::Addr(from), &via, d, out).await {
+                return;
+            }
             let Some(id) = self.wg_peer(kind, d) else {
+                if kind == WgKind::Data {
+                    self.rehandshake(None, via, out).await;
+                }
                 return;
             };
-            self.handle_wireguard(id, PathId::Direct(from), d, out)
-                .await;
+            self.handle_wireguard(id, via, d, out).await;
             return;
         }
         match self.node.handle_datagram(from, d, now()) {
@@ -65,16 +72,96 @@ impl Engine {
                 payload,
             } => {
                 // The relay vouches for the sender's id; WireGuard still authenticates the bytes.
-                match classify(payload) {
-                    Datagram::WireGuard(kind) if self.wg_peer(kind, payload) == Some(peer) => {
-                        self.handle_wireguard(peer, path, payload, out).await;
-                    }
-                    Datagram::WireGuard(_) => {}
-                    _ => self.drops.unknown_datagram += 1,
+                let Datagram::WireGuard(kind) = classify(payload) else {
+                    self.drops.unknown_datagram += 1;
+                    return;
+                };
+                let source = match path {
+                    PathId::Direct(a) => Source::Addr(a),
+                    PathId::Relay(_) => match self.node.peer(&peer) {
+                        Some(p) => Source::Relayed(p.short_id()),
+                        None => return,
+                    },
+                };
+                if !self.guard_admits(source, &path, payload, out).await {
+                    return;
+                }
+                match self.wg_peer(kind, payload) {
+                    Some(x) if x == peer => self.handle_wireguard(peer, path, payload, out).await,
+                    None if kind == WgKind::Data => self.rehandshake(Some(peer), path, out).await,
+                    _ => {}
                 }
             }
             Received::Dropped(why) => self.count_drop(why),
         }
+    }
+
+    /// The handshake guard's verdict on a WireGuard datagram; a cookie reply is sent back on
+    /// the way it came (only to a direct address: that is what a cookie proves).
+    async fn guard_admits(
+        &mut self,
+        source: Source,
+        via: &PathId,
+        d: &[u8],
+        out: &mut [u8],
+    ) -> bool {
+        match self
+            .guard
+            .check(source, d, now(), &mut out[DATA_HEADER_LEN..])
+        {
+            Verdict::Pass => true,
+            Verdict::CookieReply(reply) => {
+                let n = reply.len();
+                if let PathId::Direct(to) = via {
+                    super::tx::send(&self.udp, &out[DATA_HEADER_LEN..DATA_HEADER_LEN + n], *to)
+                        .await;
+                }
+                false
+            }
+            Verdict::Drop(why) => {
+                trace!(?source, ?why, "handshake dropped");
+                false
+            }
+        }
+    }
+
+    /// Data for a session we do not have, on a path a peer is known by (`known`: the relay
+    /// vouched for it): that peer kept a session we lost, so handshake at once on that path
+    /// (see [`super::restart::RestartHints`]).
+    async fn rehandshake(&mut self, known: Option<Key32>, via: PathId, out: &mut [u8]) {
+        let t = now();
+        let id = match (known, &via) {
+            (Some(id), _) => id,
+            (None, &PathId::Direct(from)) => {
+                let peers = self
+                    .node
+                    .peers()
+                    .map(|(id, p)| (id, p.direct(), p.candidates()));
+                let Some(id) = self.restart.peer_at(from, peers, t) else {
+                    return;
+                };
+                id
+            }
+            (None, &PathId::Relay(_)) => return,
+        };
+        if !self.restart.may_handshake(id, t) {
+            return;
+        }
+        let Some(route) = self.node.route_for(&id, &via) else {
+            return;
+        };
+        self.mark_live(id);
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let Ok(Output::Network(b)) = peer.tunnel.handshake(&mut out[DATA_HEADER_LEN..], true)
+        else {
+            return;
+        };
+        let n = b.len();
+        info!(peer = %id, "data for a session we do not have: handshaking again");
+        self.send_framed(route, &mut out[..DATA_HEADER_LEN + n])
+            .await;
     }
 
     fn count_drop(&mut self, why: DropReason) {

@@ -54,6 +54,158 @@ fn bind_without_token_is_refused() {
 }
 
 #[test]
+fn token_naming_no_party_is_refused() {
+    let mut lab = Lab::new();
+    let a = agent(1);
+    let src = addr("192.0.2.1:1000");
+    let cookie = lab.challenge(src);
+    let token = lab.token(&a, &[]);
+
+    let action = lab.bind_with(src, &cookie, &a, &token);
+
+    assert_refused(&action, DropReason::NoParty, RelayErrorCode::BadToken);
+    assert_eq!(lab.relay.stats().sessions_active, 0);
+}
+
+#[test]
+fn what_the_relay_says_about_a_session_is_sealed_with_its_key() {
+    let mut lab = Lab::new();
+    let (a, b) = (agent(1), agent(2));
+    let src = addr("192.0.2.1:1000");
+    let cookie = lab.challenge(src);
+    let token = lab.token(&a, &[PARTY_X]);
+    let key = key_of(&a, &cookie, &token);
+    assert!(matches!(
+        lab.bind_with(src, &cookie, &a, &token),
+        Action::Reply(_)
+    ));
+
+    let (pong, _) = lab.recv(src, &ping(7));
+    let Action::Reply(pong) = pong else {
+        panic!("{pong:?}")
+    };
+    assert!(RelayMsg::decode(&pong.payload).unwrap().is_sealed_by(&key));
+    // An error about this session (its peer is not here) is sealed too.
+    let (unavailable, _) = lab.recv(src, &send_to(&b, &[0; 32]));
+    let Action::Drop {
+        reply: Some(reply), ..
+    } = unavailable
+    else {
+        panic!("{unavailable:?}")
+    };
+    let msg = RelayMsg::decode(&reply.payload).unwrap();
+    assert!(matches!(
+        msg,
+        RelayMsg::Error {
+            code: RelayErrorCode::PeerUnavailable,
+            ..
+        }
+    ));
+    assert!(msg.is_sealed_by(&key));
+    // A refused bind whose cookie checked is sealed with that bind's key.
+    let cookie2 = lab.challenge(src);
+    let expired = lab.token_until(&a, &[PARTY_X], lab.unix);
+    let Action::Drop {
+        reply: Some(reply), ..
+    } = lab.bind_with(src, &cookie2, &a, &expired)
+    else {
+        panic!("not refused")
+    };
+    let msg = RelayMsg::decode(&reply.payload).unwrap();
+    assert!(msg.is_sealed_by(&key_of(&a, &cookie2, &expired)));
+    // With no session there is no key: NotBound goes out unsealed.
+    let (nb, _) = lab.recv(addr("192.0.2.9:1"), &ping(1));
+    let Action::Drop {
+        reply: Some(reply), ..
+    } = nb
+    else {
+        panic!("{nb:?}")
+    };
+    assert_eq!(
+        RelayMsg::decode(&reply.payload),
+        Ok(RelayMsg::Error {
+            code: RelayErrorCode::NotBound,
+            tag: None
+        })
+    );
+}
+
+#[test]
+fn an_error_is_never_longer_than_what_it_answers() {
+    let mut lab = Lab::new();
+    let src = addr("192.0.2.1:1000");
+    lab.bind(&agent(1), src, &[PARTY_X]);
+    // A Send with no payload to someone absent: 12 bytes in.
+    let tiny = send_to(&agent(2), b"");
+
+    let (action, _) = lab.recv(src, &tiny);
+
+    let Action::Drop {
+        reply: Some(reply), ..
+    } = action
+    else {
+        panic!("{action:?}")
+    };
+    assert!(
+        reply.payload.len() <= tiny.len(),
+        "{} bytes for {}",
+        reply.payload.len(),
+        tiny.len()
+    );
+}
+
+#[test]
+fn a_bind_of_the_old_type_is_refused_as_outdated() {
+    let mut lab = Lab::new();
+    let a = agent(1);
+    let src = addr("192.0.2.1:1000");
+    let cookie = lab.challenge(src);
+    let token = lab.token(&a, &[PARTY_X]);
+    let mut old = bind_msg(&a, &cookie, &token);
+    old[2] = 3;
+
+    let (action, _) = lab.recv(src, &old);
+
+    assert_refused(&action, DropReason::OutdatedAgent, RelayErrorCode::Outdated);
+    assert_eq!(lab.relay.stats().sessions_active, 0);
+}
+
+#[test]
+fn many_agents_behind_one_carrier_nat_address_all_bind() {
+    let mut lab = Lab::new();
+    // 200 users of one carrier-grade NAT share its public address (binding over a few seconds,
+    // as the handshake budget of one address allows).
+    for i in 0..200u16 {
+        let mut seed = [9u8; 32];
+        seed[..2].copy_from_slice(&i.to_be_bytes());
+        let src = SocketAddr::new([203, 0, 113, 7].into(), 20_000 + i);
+        lab.bind(&Identity::from_seed(seed), src, &[PARTY_X]);
+        if i % 30 == 29 {
+            lab.advance(Duration::from_secs(1));
+        }
+    }
+    assert_eq!(lab.relay.stats().sessions_active, 200);
+}
+
+#[test]
+fn a_full_handshake_table_still_answers_a_new_source() {
+    let mut lab = Lab::new();
+    // A flood from 65,536 sources fills the per-source table with half-spent buckets.
+    for i in 0..MAX_LIMITER_KEYS as u32 {
+        let src = SocketAddr::new(std::net::Ipv4Addr::from(0x0a00_0000 + i).into(), 1);
+        assert!(matches!(
+            lab.recv(src, &RelayMsg::BindRequest.to_vec()).0,
+            Action::Reply(_)
+        ));
+    }
+
+    // A new user still gets its challenge.
+    let (action, _) = lab.recv(addr("198.51.100.77:5000"), &RelayMsg::BindRequest.to_vec());
+
+    assert!(matches!(action, Action::Reply(_)), "{action:?}");
+}
+
+#[test]
 fn expired_token_is_refused() {
     let mut lab = Lab::new();
     let a = agent(1);
@@ -163,12 +315,20 @@ fn bind_ok_reports_the_observed_address_and_expiry() {
         panic!("bind refused: {action:?}")
     };
     assert_eq!((t.via, t.to), (Via::Primary, src));
-    assert_eq!(
-        RelayMsg::decode(&t.payload),
-        Ok(RelayMsg::BindOk {
-            observed: src,
-            expires_at: lab.unix + 77
-        })
+    let Ok(
+        ok @ RelayMsg::BindOk {
+            observed,
+            expires_at,
+            ..
+        },
+    ) = RelayMsg::decode(&t.payload)
+    else {
+        panic!("not a BindOk: {:?}", t.payload)
+    };
+    assert_eq!((observed, expires_at), (src, lab.unix + 77));
+    assert!(
+        ok.is_sealed_by(&key_of(&a, &cookie, &token)),
+        "BindOk is sealed"
     );
     let stats = lab.relay.stats();
     assert_eq!((stats.sessions_active, stats.sessions_total), (1, 1));
@@ -542,11 +702,11 @@ fn ping_is_answered_by_a_pong_of_the_same_size() {
         panic!("{action:?}")
     };
     assert_eq!(t.to, src);
-    assert_eq!(
+    assert!(matches!(
         RelayMsg::decode(&t.payload),
-        Ok(RelayMsg::Pong { nonce: 0xfeed })
-    );
-    assert_eq!(t.payload.len(), request.len());
+        Ok(RelayMsg::Pong { nonce: 0xfeed, .. })
+    ));
+    assert!(t.payload.len() <= request.len());
 }
 
 #[test]
@@ -579,9 +739,14 @@ fn garbage_is_dropped_and_counted() {
             payload: b"x",
         }
         .to_vec(),
-        RelayMsg::Pong { nonce: 1 }.to_vec(),
+        RelayMsg::Pong {
+            nonce: 1,
+            tag: [0; 16],
+        }
+        .to_vec(),
         RelayMsg::Error {
             code: RelayErrorCode::NotBound,
+            tag: None,
         }
         .to_vec(),
         std::mem::take(&mut stun_response),
@@ -1063,6 +1228,12 @@ fn bind_msg(signer: &Identity, cookie: &[u8; 32], token: &[u8]) -> Vec<u8> {
     .to_vec()
 }
 
+/// The session key the agent derives for this bind.
+fn key_of(signer: &Identity, cookie: &[u8; 32], token: &[u8]) -> [u8; 32] {
+    let signature = signer.sign(DOMAIN_BIND, &bind_transcript(cookie, token));
+    rally_proto::relay::session_key(cookie, &signature)
+}
+
 fn send_to(to: &Identity, payload: &[u8]) -> Vec<u8> {
     RelayMsg::Send {
         to: short_id(&to.public()),
@@ -1077,7 +1248,7 @@ fn ping(nonce: u64) -> Vec<u8> {
 
 fn error_code(t: &Transmit) -> Option<RelayErrorCode> {
     match RelayMsg::decode(&t.payload) {
-        Ok(RelayMsg::Error { code }) => Some(code),
+        Ok(RelayMsg::Error { code, .. }) => Some(code),
         _ => None,
     }
 }

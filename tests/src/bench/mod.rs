@@ -9,6 +9,8 @@
 //! - `control`: N synthetic agents registering and joining one party; an agent's memory per peer.
 //! - `idle`: wake-ups and CPU per second of an idle agent with 5 and 50 peers, beside
 //!   boringtun-cli and wireguard-go with as many peers.
+//! - `flood`: the longest overlay ping gap under handshake, garbage and forged-probe floods,
+//!   against no flood.
 //! - `profile` (not part of `all`): `perf` on the data paths under load.
 //!
 //! Every figure is printed as `name: median [min–max] unit (ratio vs baseline, …)` and all of
@@ -16,6 +18,7 @@
 
 pub mod control;
 pub mod datapath;
+pub mod flood;
 pub mod idle;
 pub mod mmsg;
 pub mod profile;
@@ -44,6 +47,8 @@ pub enum Which {
     Control,
     /// Idle agents with 5 and 50 peers beside idle boringtun-cli and wireguard-go.
     Idle,
+    /// Longest ping gap under floods at the agent's port, against no flood.
+    Flood,
     /// `perf` on the data paths under load (not part of `all`).
     Profile,
     All,
@@ -206,6 +211,10 @@ pub fn run(which: Which, opts: &Options) -> Result<()> {
     if all || which == Which::Relay {
         say("relay: synthetic relay-protocol load, 1/10/100 pairs");
         section("relay", relay::run(opts));
+    }
+    if all || which == Which::Flood {
+        say("flood: longest gap of pings 10 ms apart while 100k datagrams/s hit the agent");
+        section("flood", flood::run(opts));
     }
     if all || which == Which::Control {
         say("control: N synthetic QUIC agents register and join one party");

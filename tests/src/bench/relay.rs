@@ -205,7 +205,7 @@ fn bind(agent: &Agent, identity: &Identity, token: &[u8]) -> Result<()> {
         )?;
         let answer = wait_for(&agent.sock, |m| match m {
             RelayMsg::BindOk { .. } => Some(Ok(())),
-            RelayMsg::Error { code } => Some(Err(code)),
+            RelayMsg::Error { code, .. } => Some(Err(code)),
             _ => None,
         })?;
         match answer {

@@ -1,67 +1,32 @@
-//! Per-source packet budgets: a token bucket per sender, in a bounded table.
-//!
-//! The relay has its own `TokenBucket` (crate-private in `rally-relay`); this branch has no
-//! shared one, so this is a small bucket of the same shape, to be unified with it.
+//! Per-source packet budgets: a token bucket per sender, in a bounded table (the workspace's
+//! one keyed token bucket, [`rally_proto::limit::KeyedLimiter`]).
 
-use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
-/// Senders tracked at once; beyond it the idlest is forgotten (it starts again full, which is
-/// at most one burst more for a sender that was quiet).
-const MAX_SOURCES: usize = 1024;
+use rally_proto::limit::KeyedLimiter;
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
+/// Senders tracked at once; beyond it, senders whose buckets have refilled are forgotten, and
+/// new ones share one overflow budget until there is room.
+const MAX_SOURCES: usize = 1024;
 
 /// Packets per second per source, with a burst of one second's worth.
 #[derive(Debug)]
 pub struct Budgets {
-    rate: f64,
-    buckets: HashMap<Ipv4Addr, Bucket>,
+    buckets: KeyedLimiter<Ipv4Addr>,
 }
 
 impl Budgets {
     pub fn new(rate_per_sec: u32) -> Budgets {
+        let rate = f64::from(rate_per_sec);
         Budgets {
-            rate: f64::from(rate_per_sec),
-            buckets: HashMap::new(),
+            buckets: KeyedLimiter::new(rate, rate.max(1.0), MAX_SOURCES),
         }
     }
 
     /// Takes one packet from `source`'s budget; false when it is spent.
     pub fn take(&mut self, source: Ipv4Addr, now: Instant) -> bool {
-        if !self.buckets.contains_key(&source) && self.buckets.len() >= MAX_SOURCES {
-            self.evict_idlest();
-        }
-        let rate = self.rate;
-        let b = self.buckets.entry(source).or_insert(Bucket {
-            tokens: rate,
-            at: now,
-        });
-        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * rate).min(rate.max(1.0));
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn evict_idlest(&mut self) {
-        if let Some(k) = self
-            .buckets
-            .iter()
-            .min_by_key(|(_, b)| b.at)
-            .map(|(k, _)| *k)
-        {
-            self.buckets.remove(&k);
-        }
+        self.buckets.allow(source, now)
     }
 }
 

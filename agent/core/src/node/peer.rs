@@ -50,6 +50,11 @@ impl PeerState {
         &self.conn
     }
 
+    /// The direct address the connection manager holds as a path, if any.
+    pub fn direct(&self) -> Option<SocketAddr> {
+        self.direct
+    }
+
     /// Every address punched towards: reported and peer-reflexive.
     pub fn candidates(&self) -> &[SocketAddr] {
         self.paths.candidates()

@@ -52,6 +52,11 @@ impl Relays {
         }
     }
 
+    /// Relay replies ignored for a missing or wrong seal, summed over the clients.
+    pub(super) fn unauthenticated(&self) -> u64 {
+        self.clients.iter().map(|c| c.unauthenticated()).sum()
+    }
+
     pub(super) fn addr(&self, relay: &RelayId) -> Option<SocketAddr> {
         self.clients
             .iter()
@@ -82,6 +87,11 @@ impl Relays {
 }
 
 impl Node {
+    /// Relay replies ignored because their seal was missing or wrong (see the relay client).
+    pub fn relay_unauthenticated(&self) -> u64 {
+        self.relays.unauthenticated()
+    }
+
     /// The relays (name, `host:port`, resolved address) and this agent's token. A changed
     /// set replaces every client and runs a netcheck; the token goes to every client.
     pub fn handle_relays(&mut self, relays: Vec<RelayConfig>, token: Vec<u8>, now: Instant) {
