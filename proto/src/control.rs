@@ -159,11 +159,27 @@ pub enum ServerMsg {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Response {
-    PartyCreated { party: PartyInfo, invite: String },
-    Joined { party: PartyInfo },
-    Left { party: PartyInfo },
-    Parties { parties: Vec<PartyInfo> },
-    RelayToken { token: String, expires_at: u64 },
+    PartyCreated {
+        party: PartyInfo,
+        invite: String,
+    },
+    Joined {
+        party: PartyInfo,
+        /// The name this agent goes by from now on, when another member of the party held the
+        /// one it asked for (`laptop` → `laptop-2`); absent when the name was kept.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        renamed: Option<String>,
+    },
+    Left {
+        party: PartyInfo,
+    },
+    Parties {
+        parties: Vec<PartyInfo>,
+    },
+    RelayToken {
+        token: String,
+        expires_at: u64,
+    },
     Ok,
 }
 

@@ -204,6 +204,9 @@ fn a_second_member_with_a_taken_name_is_listed_as_name_2_for_everyone() -> Resul
             vip_of("laptop-2")? == second.virtual_ip()?.to_string(),
             "\"laptop-2\" is not the second laptop: {peers:?}"
         );
+        // And the second laptop knows its own name.
+        let own = second.status()?.name;
+        ensure!(own == "laptop-2", "the second laptop calls itself {own:?}");
         Ok(())
     })
 }

@@ -43,6 +43,8 @@ pub(super) enum Msg {
     RelayToken(String),
     /// The relays' addresses, looked up, with the (decoded) token they go with.
     RelaysResolved(Vec<ResolvedRelay>, Vec<u8>),
+    /// A party join gave this agent another name (its own was taken in the party).
+    Renamed(String),
 }
 
 /// The connection to the control plane: the client task's handle and its events.
@@ -85,6 +87,9 @@ pub(super) struct Owner {
     engine_tx: mpsc::UnboundedSender<EngineEvent>,
     engine_rx: mpsc::UnboundedReceiver<EngineEvent>,
     pub(super) parties: Vec<PartyInfo>,
+    /// The name the control plane knows this agent by: the configured one until registration
+    /// or a join says otherwise (`laptop-2` when a fellow member holds `laptop`).
+    pub(super) name: String,
     /// This agent's latest NAT report and the wanted punches, for the control plane.
     pub(super) backlog: Backlog,
     /// Relays as last handed out, kept to renew the token.
@@ -154,6 +159,7 @@ impl Owner {
             engine_tx,
             engine_rx,
             parties: Vec::new(),
+            name: cfg.name.clone(),
             backlog: Backlog::default(),
             relays: Vec::new(),
             resolved: None,
@@ -243,6 +249,7 @@ impl Owner {
         match msg {
             Msg::Request(req, reply) => self.handle_request(req, reply),
             Msg::Parties(parties) => self.parties = parties,
+            Msg::Renamed(name) => self.set_name(name),
             Msg::RelayToken(token) => self.resolve_relays(self.relays.clone(), token),
             Msg::RelaysResolved(relays, token) => {
                 if let Some(engine) = &self.engine {
@@ -258,8 +265,10 @@ impl Owner {
             ControlEvent::Registered {
                 virtual_ip,
                 transport,
+                name,
                 ..
             } => {
+                self.set_name(name);
                 if let Err(e) = self.apply_virtual_ip(virtual_ip).await {
                     self.stopping = Some(Err(e));
                     return;
@@ -445,6 +454,18 @@ impl Owner {
 
     /// A `transport_change` event when the control channel comes up over TLS/TCP, or moves
     /// between it and QUIC.
+    /// Takes the name the control plane gave this agent.
+    fn set_name(&mut self, name: String) {
+        if let Err(e) = rally_proto::control::validate_name(&name) {
+            warn!("ignoring the name the control plane gave this agent: {e}");
+            return;
+        }
+        if name != self.name {
+            warn!(asked = %self.cfg.name, now = %name, "the control plane knows this agent by another name: its own is taken in a party");
+            self.name = name;
+        }
+    }
+
     fn publish_transport(&self, before: Option<ControlTransport>, now: ControlTransport) {
         let message = match (before, now) {
             (Some(b), n) if b == n => return,

@@ -123,7 +123,7 @@ impl Owner {
     fn status(&self) -> StatusReport {
         let link = self.link_state.borrow();
         StatusReport {
-            name: self.cfg.name.clone(),
+            name: self.name.clone(),
             peer_id: self.identity.public().to_string(),
             virtual_ip: self.virtual_ip,
             control: ControlStatus {
@@ -255,7 +255,16 @@ async fn party_call(control: ControlHandle, req: Request, me: mpsc::Sender<Msg>)
             party,
             invite: Some(invite),
         },
-        Response::Joined { party } | Response::Left { party } => IpcReply::Party {
+        Response::Joined { party, renamed } => {
+            if let Some(name) = renamed {
+                let _ = me.send(Msg::Renamed(name)).await;
+            }
+            IpcReply::Party {
+                party,
+                invite: None,
+            }
+        }
+        Response::Left { party } => IpcReply::Party {
             party,
             invite: None,
         },

@@ -124,6 +124,7 @@ impl Hub {
                     info!(peer = %me.short(), %remote, refusal = ?r, "join refused");
                     ErrorReply::from(r)
                 })?;
+        let mut renamed = None;
         if admission == Admission::UseOne {
             self.check_party_room(me)?;
             // A name another member of the party holds is disambiguated (`laptop-2`).
@@ -133,6 +134,7 @@ impl Hub {
                 if name != row.name {
                     info!(peer = %me.short(), from = %row.name, to = %name, "renamed: name taken in the party");
                     self.store.rename_agent(me, &name).map_err(internal)?;
+                    renamed = Some(name);
                 }
             }
         }
@@ -145,6 +147,7 @@ impl Hub {
         self.refresh_own(me, peers, fx);
         Ok(Response::Joined {
             party: party_info(party),
+            renamed,
         })
     }
 

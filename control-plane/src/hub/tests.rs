@@ -213,7 +213,8 @@ fn a_name_taken_in_the_party_is_numbered_and_kept_across_restarts() {
     let code = t.create_party(&mut a, "home");
     t.drain(&a);
     let mut b = t.try_register(2, "laptop", [2; 32], vec![]).unwrap();
-    t.join(&mut b, &code);
+    // Bob hears his new name in the join's answer.
+    assert_eq!(t.join(&mut b, &code).as_deref(), Some("laptop-2"));
     let map = t.drain(&a);
     let names: Vec<_> = map
         .iter()
@@ -572,9 +573,12 @@ impl TestHub {
         }
     }
 
-    fn join(&mut self, a: &mut Agent, code: &str) {
-        let r = self.ok(a, Request::JoinParty { code: code.into() });
-        assert!(matches!(r, Response::Joined { .. }), "{r:?}");
+    /// Joins with `code`; the name the join gave the agent, if it changed it.
+    fn join(&mut self, a: &mut Agent, code: &str) -> Option<String> {
+        match self.ok(a, Request::JoinParty { code: code.into() }) {
+            Response::Joined { renamed, .. } => renamed,
+            r => panic!("not joined: {r:?}"),
+        }
     }
 
     /// Every frame the writer would push now (as after the flush delay).
