@@ -363,7 +363,7 @@ impl Engine {
             disc_due: tokio::time::Instant::now(),
             disc_ticks: 0,
             disc_pending: Vec::new(),
-            guard: HandshakeGuard::new(&public, rand::random(), super::timers::now()),
+            guard: HandshakeGuard::new(public.as_bytes(), rand::random(), super::timers::now()),
             inbound: InboundFilter::new(cfg.virtual_ip),
             restart: RestartHints::new(super::timers::now()),
         })
