@@ -449,6 +449,8 @@ impl Engine {
                 }
             },
             EngineCmd::Peers(reply) => {
+                // A metrics scrape reads the security counters right after this answer.
+                self.publish_security();
                 let _ = reply.send(self.status());
             }
             EngineCmd::Reconnect(peer) => self.node.handle_reconnect(peer, t),
