@@ -3,7 +3,7 @@
 //! crashed agent coming back.
 
 use anyhow::{ensure, Result};
-use rally_lab::bench::flood::{Flood, FloodLab};
+use rally_lab::bench::flood::{handshake_drops, Flood, FloodLab};
 use rally_lab::with_lab;
 
 /// A 2 s flood at 100,000 datagrams/s.
@@ -51,6 +51,30 @@ fn handshake_floods_do_not_stall_the_tunnel() -> Result<()> {
                 o.pings_sent
             );
         }
+        Ok(())
+    })
+}
+
+/// The security counters are current when read, with no timer between: once a ping sent after
+/// the datagrams has been answered (alice's socket hands datagrams over in order, so all of
+/// them were handled), one scrape of alice's metrics counts every one of them.
+#[test]
+fn security_counters_are_current_when_read() -> Result<()> {
+    with_lab(|lab| {
+        let f = FloodLab::build(lab)?;
+        let vip = f.alice.virtual_ip()?.to_string();
+        let before = handshake_drops(&f.alice)?;
+        let sent = f.send(Flood::HandshakeRandom, 500)?.sent;
+        ensure!(sent == 500, "the attack client sent {sent} datagrams");
+        ensure!(
+            f.bob.kernel_ping(&vip, 1)?.status.success(),
+            "bob's ping to alice after the datagrams was not answered"
+        );
+        let counted = handshake_drops(&f.alice)? - before;
+        ensure!(
+            counted == 500.0,
+            "the first scrape after the datagrams counts {counted} of 500 handshake drops"
+        );
         Ok(())
     })
 }

@@ -1,10 +1,11 @@
 //! A task that keeps the agent registered with its control plane: connects, answers the
 //! challenge, forwards peer maps and deltas, carries requests, and reconnects with backoff and
-//! jitter. Each connection races QUIC against TLS 1.3 over TCP (`link.rs`): QUIC
-//! first, TCP after a short head start, the first handshake wins; while on TCP, QUIC is tried
-//! again now and then and the session moves back to it when it answers. Keeping the peer map itself (and asking for a full one after a gap) is the caller's
-//! job, with [`rally_proto::PeerView`]; a full map sent as pages is assembled here
-//! ([`rally_proto::MapPages`]) and reported as one [`ControlEvent::PeerMap`].
+//! jitter. Each connection races QUIC against TLS 1.3 over TCP (`link.rs`): QUIC first, TCP
+//! after a short head start, the first handshake wins; while on TCP, QUIC is tried again now
+//! and then and the session moves back to it when it answers. Keeping the peer map itself (and
+//! asking for a full one after a gap) is the caller's job, with [`rally_proto::PeerView`]; a
+//! full map sent as pages is assembled here ([`rally_proto::MapPages`]) and reported as one
+//! [`ControlEvent::PeerMap`].
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -251,11 +252,7 @@ impl Session<'_> {
         endpoint: &quinn::Endpoint,
         cmds: &mut mpsc::UnboundedReceiver<ControlCmd>,
     ) -> Result<Ended, String> {
-        let addr = tokio::net::lookup_host(&self.target.addr)
-            .await
-            .map_err(|e| format!("cannot resolve {}: {e}", self.target.addr))?
-            .next()
-            .ok_or_else(|| format!("{} resolves to no address", self.target.addr))?;
+        let addr = self.resolve().await?;
         let head_start = match self.last {
             Some(ControlTransport::Tcp) => Duration::ZERO,
             _ => TCP_HEAD_START,
@@ -271,35 +268,63 @@ impl Session<'_> {
         let transport = link.transport;
         *self.last = Some(transport);
         let quic = link.quic.clone();
-        let mut send = link.send;
-        let mut reader = Reader::new(link.recv);
+        let mut live = Live {
+            send: link.send,
+            reader: Reader::new(link.recv),
+            pending: HashMap::new(),
+            next_id: 1,
+            pages: MapPages::new(),
+        };
+        let result = match self.register(&mut live, addr, transport).await {
+            Ok(()) => self.serve(&mut live, endpoint, addr, transport, cmds).await,
+            Err(e) => Err(e),
+        };
+        for (_, reply) in live.pending {
+            let _ = reply.send(Err(ControlError::Lost));
+        }
+        if let Some(conn) = quic {
+            conn.close(0u32.into(), b"");
+        }
+        result
+    }
+
+    /// The control plane's first address.
+    async fn resolve(&self) -> Result<SocketAddr, String> {
+        tokio::net::lookup_host(&self.target.addr)
+            .await
+            .map_err(|e| format!("cannot resolve {}: {e}", self.target.addr))?
+            .next()
+            .ok_or_else(|| format!("{} resolves to no address", self.target.addr))
+    }
+
+    /// Hello, the signed answer to the challenge, and the registration the daemon is told of.
+    async fn register(
+        &mut self,
+        live: &mut Live,
+        addr: SocketAddr,
+        transport: ControlTransport,
+    ) -> Result<(), String> {
         let identity = self.reg.identity.public();
-        write(
-            &mut send,
-            &ClientMsg::Hello {
-                version: PROTOCOL_VERSION,
-                identity,
-            },
-        )
-        .await?;
-        let nonce = match reader.next().await? {
+        let hello = ClientMsg::Hello {
+            version: PROTOCOL_VERSION,
+            identity,
+        };
+        write(&mut live.send, &hello).await?;
+        let nonce = match live.reader.next().await? {
             ServerMsg::Challenge { nonce } => nonce,
             ServerMsg::Error(e) => return Err(format!("refused: {}", e.message)),
             other => return Err(format!("unexpected {other:?} before challenge")),
         };
         let transcript = register_transcript(&nonce, &identity, &self.reg.wg_key, &self.reg.name);
         let signature = Sig64(self.reg.identity.sign(DOMAIN_REGISTER, &transcript));
-        write(
-            &mut send,
-            &ClientMsg::Register {
-                name: self.reg.name.clone(),
-                wg_key: self.reg.wg_key,
-                endpoints: self.reg.endpoints.clone(),
-                signature,
-            },
-        )
-        .await?;
-        match reader.next().await? {
+        let register = ClientMsg::Register {
+            name: self.reg.name.clone(),
+            wg_key: self.reg.wg_key,
+            endpoints: self.reg.endpoints.clone(),
+            signature,
+        };
+        write(&mut live.send, &register).await?;
+        match live.reader.next().await? {
             ServerMsg::Registered {
                 peer_id,
                 name,
@@ -315,87 +340,115 @@ impl Session<'_> {
                     observed,
                     transport,
                 });
+                Ok(())
             }
-            ServerMsg::Error(e) => return Err(format!("registration refused: {}", e.message)),
-            other => return Err(format!("unexpected {other:?} during registration")),
+            ServerMsg::Error(e) => Err(format!("registration refused: {}", e.message)),
+            other => Err(format!("unexpected {other:?} during registration")),
         }
+    }
 
-        let mut pending: HashMap<u64, oneshot::Sender<Result<Response, ControlError>>> =
-            HashMap::new();
-        let mut next_id = 1u64;
-        let mut pages = MapPages::new();
+    /// The registered session: messages from the control plane, commands from the daemon,
+    /// and (while on TCP) the periodic check whether QUIC answers again.
+    async fn serve(
+        &mut self,
+        live: &mut Live,
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        transport: ControlTransport,
+        cmds: &mut mpsc::UnboundedReceiver<ControlCmd>,
+    ) -> Result<Ended, String> {
         let mut udp_retry =
             tokio::time::interval_at(tokio::time::Instant::now() + UDP_RETRY, UDP_RETRY);
-        let result = loop {
+        loop {
             tokio::select! {
                 _ = udp_retry.tick(), if transport == ControlTransport::Tcp => {
                     if quic_answers(endpoint, addr, self.target.key).await {
                         *self.last = Some(ControlTransport::Quic);
-                        break Ok(Ended::UdpBack);
+                        return Ok(Ended::UdpBack);
                     }
                 }
-                msg = reader.next() => match msg {
-                    Ok(ServerMsg::PeerPage { version, peers }) => {
-                        if let Err(e) = pages.handle_page(version, peers) {
-                            break Err(format!("bad peer map from the control plane: {e}"));
-                        }
-                    }
-                    Ok(ServerMsg::PeerMap { version, peers }) => match pages.handle_map(version, peers) {
-                        Ok(peers) => {
-                            let _ = self.events.send(ControlEvent::PeerMap { version, peers });
-                        }
-                        Err(e) => break Err(format!("bad peer map from the control plane: {e}")),
-                    },
-                    Ok(ServerMsg::PeerDelta { version, changes }) => {
-                        if let Err(e) = pages.handle_delta(version) {
-                            break Err(format!("bad peer map from the control plane: {e}"));
-                        }
-                        let _ = self.events.send(ControlEvent::PeerDelta { version, changes });
-                    }
-                    Ok(ServerMsg::Relays { relays, token, .. }) => {
-                        let _ = self.events.send(ControlEvent::Relays { relays, token });
-                    }
-                    Ok(ServerMsg::Punch { peer, candidates, start_in_ms }) => {
-                        let _ = self.events.send(ControlEvent::Punch { peer, candidates, start_in_ms });
-                    }
-                    Ok(ServerMsg::Response { id, result }) => {
-                        if let Some(reply) = pending.remove(&id) {
-                            let _ = reply.send(result.map_err(ControlError::Refused));
-                        }
-                    }
-                    Ok(ServerMsg::Error(e)) => break Err(format!("closed by the control plane: {}", e.message)),
-                    Ok(other) => debug!("ignoring {other:?}"),
-                    Err(e) => break Err(e),
+                msg = live.reader.next() => self.handle_server_msg(live, msg?)?,
+                cmd = cmds.recv() => match cmd {
+                    None => return Ok(Ended::DaemonGone),
+                    Some(cmd) => self.handle_cmd(live, cmd).await?,
                 },
-                cmd = cmds.recv() => {
-                    let (req, reply) = match cmd {
-                        None => break Ok(Ended::DaemonGone),
-                        Some(ControlCmd::SetEndpoints(eps)) => {
-                            self.reg.endpoints = eps.clone();
-                            (Request::UpdateEndpoints { endpoints: eps }, None)
-                        }
-                        Some(ControlCmd::SyncPeers) => (Request::SyncPeers, None),
-                        Some(ControlCmd::Request(req, reply)) => (req, Some(reply)),
-                    };
-                    let id = next_id;
-                    next_id += 1;
-                    if let Some(reply) = reply {
-                        pending.insert(id, reply);
-                    }
-                    if let Err(e) = write(&mut send, &ClientMsg::Request { id, body: req }).await {
-                        break Err(e);
-                    }
+            }
+        }
+    }
+
+    /// One message from the control plane: to the daemon, or the answer to a request.
+    fn handle_server_msg(&self, live: &mut Live, msg: ServerMsg) -> Result<(), String> {
+        let bad_map = |e| format!("bad peer map from the control plane: {e}");
+        let event = match msg {
+            ServerMsg::PeerPage { version, peers } => {
+                live.pages.handle_page(version, peers).map_err(bad_map)?;
+                return Ok(());
+            }
+            ServerMsg::PeerMap { version, peers } => {
+                let peers = live.pages.handle_map(version, peers).map_err(bad_map)?;
+                ControlEvent::PeerMap { version, peers }
+            }
+            ServerMsg::PeerDelta { version, changes } => {
+                live.pages.handle_delta(version).map_err(bad_map)?;
+                ControlEvent::PeerDelta { version, changes }
+            }
+            ServerMsg::Relays { relays, token, .. } => ControlEvent::Relays { relays, token },
+            ServerMsg::Punch {
+                peer,
+                candidates,
+                start_in_ms,
+            } => ControlEvent::Punch {
+                peer,
+                candidates,
+                start_in_ms,
+            },
+            ServerMsg::Response { id, result } => {
+                if let Some(reply) = live.pending.remove(&id) {
+                    let _ = reply.send(result.map_err(ControlError::Refused));
                 }
+                return Ok(());
+            }
+            ServerMsg::Error(e) => {
+                return Err(format!("closed by the control plane: {}", e.message))
+            }
+            other => {
+                debug!("ignoring {other:?}");
+                return Ok(());
             }
         };
-        for (_, reply) in pending {
-            let _ = reply.send(Err(ControlError::Lost));
-        }
-        if let Some(conn) = quic {
-            conn.close(0u32.into(), b"");
-        }
-        result
+        let _ = self.events.send(event);
+        Ok(())
     }
+
+    /// One command from the daemon: a request to the control plane (answered when its
+    /// response comes, or with `Lost` when the session ends first).
+    async fn handle_cmd(&mut self, live: &mut Live, cmd: ControlCmd) -> Result<(), String> {
+        let (req, reply) = match cmd {
+            ControlCmd::SetEndpoints(eps) => {
+                self.reg.endpoints = eps.clone();
+                (Request::UpdateEndpoints { endpoints: eps }, None)
+            }
+            ControlCmd::SyncPeers => (Request::SyncPeers, None),
+            ControlCmd::Request(req, reply) => (req, Some(reply)),
+        };
+        let id = live.next_id;
+        live.next_id += 1;
+        if let Some(reply) = reply {
+            live.pending.insert(id, reply);
+        }
+        write(&mut live.send, &ClientMsg::Request { id, body: req }).await
+    }
+}
+
+/// One connection's state once it is up.
+struct Live {
+    send: BoxWrite,
+    reader: Reader,
+    /// Requests awaiting their response, by id.
+    pending: HashMap<u64, oneshot::Sender<Result<Response, ControlError>>>,
+    next_id: u64,
+    /// A full peer map arriving in pages.
+    pages: MapPages,
 }
 
 /// Why a session ended without an error.

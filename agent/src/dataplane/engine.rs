@@ -363,7 +363,7 @@ impl Engine {
             disc_due: tokio::time::Instant::now(),
             disc_ticks: 0,
             disc_pending: Vec::new(),
-            guard: HandshakeGuard::new(&public, rand::random(), super::timers::now()),
+            guard: HandshakeGuard::new(public.as_bytes(), rand::random(), super::timers::now()),
             inbound: InboundFilter::new(cfg.virtual_ip),
             restart: RestartHints::new(super::timers::now()),
         })
@@ -449,6 +449,8 @@ impl Engine {
                 }
             },
             EngineCmd::Peers(reply) => {
+                // A metrics scrape reads the security counters right after this answer.
+                self.publish_security();
                 let _ = reply.send(self.status());
             }
             EngineCmd::Reconnect(peer) => self.node.handle_reconnect(peer, t),

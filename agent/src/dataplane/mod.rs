@@ -1,12 +1,13 @@
 //! The packet path: one UDP socket, one TUN device, a WireGuard tunnel per peer, driving the
-//! sans-IO [`crate::node::Node`].
+//! sans-IO [`crate::node::Node`]. The checks of what arrives (datagram kinds, the handshake
+//! guard, the inbound destination filter) are sans-IO too, in `rally-agent-core`, under the
+//! paths the data plane has always used.
+
+pub use rally_agent_core::{demux, handshake_guard, inbound, wg_cookie};
 
 pub mod batch;
-pub mod demux;
 mod discovery;
 pub mod engine;
-pub mod handshake_guard;
-pub mod inbound;
 pub mod restart;
 mod rx;
 pub mod security;
@@ -14,6 +15,5 @@ mod status;
 pub mod timers;
 pub mod tunnel;
 mod tx;
-pub mod wg_cookie;
 
 pub use engine::{Engine, EngineCmd, EngineConfig, EngineEvent, EngineHandle, PeerStatus};

@@ -1,12 +1,26 @@
 //! The data plane's security counters, published for the metrics endpoint: what the handshake
 //! guard, the destination filter and the relay clients refused. The data-plane thread stores
-//! them (on its timer tick); the metrics server reads them.
+//! them when they are read — every metrics scrape first asks the engine for the peers
+//! ([`EngineCmd::Peers`](super::EngineCmd::Peers)), and the engine publishes before it answers —
+//! so a scrape sees every datagram handled before it, and an idle agent wakes for none of this.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use rally_proto::http::write_metric;
 
+use super::engine::Engine;
 use super::handshake_guard::GuardStats;
+
+impl Engine {
+    /// Stores the current totals in [`COUNTERS`].
+    pub(super) fn publish_security(&self) {
+        COUNTERS.publish(
+            self.guard.stats(),
+            self.inbound.dropped(),
+            self.node.relay_unauthenticated(),
+        );
+    }
+}
 
 /// The counters of this process's data plane.
 pub static COUNTERS: Counters = Counters::new();

@@ -68,11 +68,6 @@ impl Engine {
         let t = tokio::time::Instant::now();
         self.node.handle_timeout(t.into_std());
         self.guard.handle_timeout(t.into_std());
-        super::security::COUNTERS.publish(
-            self.guard.stats(),
-            self.inbound.dropped(),
-            self.node.relay_unauthenticated(),
-        );
         if self.wg_due.is_some_and(|due| t + WG_COALESCE >= due) {
             self.wg_due = None;
             self.wireguard_timers(out).await;

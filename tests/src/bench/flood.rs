@@ -192,7 +192,7 @@ impl FloodLab {
                 let observer = (flood == Flood::Probe)
                     .then(|| self.listen(seconds + 1.0))
                     .transpose()?;
-                let report = self.attack(kind, seconds, rate)?;
+                let report = self.attack(kind, seconds, rate, None)?;
                 let reflected = match observer {
                     Some(p) => Some(listen_report(&p)?.bytes),
                     None => None,
@@ -217,8 +217,21 @@ impl FloodLab {
         })
     }
 
+    /// Sends `count` datagrams of `flood` at alice's agent port (at 100,000 a second) and
+    /// returns once they are sent.
+    pub fn send(&self, flood: Flood, count: u64) -> Result<FloodReport> {
+        let kind = flood.kind().ok_or_else(|| anyhow!("no flood to send"))?;
+        self.attack(kind, 10.0, 100_000, Some(count))
+    }
+
     /// Runs `rally-lab attack flood` on mallory's host against alice's agent port.
-    fn attack(&self, kind: &str, seconds: f64, rate: u64) -> Result<FloodReport> {
+    fn attack(
+        &self,
+        kind: &str,
+        seconds: f64,
+        rate: u64,
+        count: Option<u64>,
+    ) -> Result<FloodReport> {
         let lab_bin = bins::rally_lab()?.to_string_lossy().into_owned();
         let to = SocketAddrV4::new(self.alice.host().ip(), AGENT_PORT).to_string();
         let mut args: Vec<String> = [
@@ -238,6 +251,9 @@ impl FloodLab {
             "--seconds".into(),
             seconds.to_string(),
         ]);
+        if let Some(n) = count {
+            args.extend(["--count".into(), n.to_string()]);
+        }
         match kind {
             "handshake-mac1" => {
                 args.extend(["--victim-key".into(), hex::encode(wg_public(&self.alice)?)]);

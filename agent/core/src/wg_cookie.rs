@@ -117,6 +117,17 @@ impl Cookies {
     }
 }
 
+/// Writes mac1 for the receiver whose public key is `public` into `msg` (a handshake message:
+/// its last 32 bytes are mac1 and mac2), as an initiator does; a message shorter than that is
+/// left alone. What [`Cookies::mac1_ok`] checks.
+pub fn write_mac1(public: &[u8; 32], msg: &mut [u8]) {
+    let Some(at) = msg.len().checked_sub(32) else {
+        return;
+    };
+    let mac = mac16(&hash(b"mac1----", public), &msg[..at]);
+    msg[at..at + 16].copy_from_slice(&mac);
+}
+
 fn hash(label: &[u8], key: &[u8; 32]) -> [u8; 32] {
     Blake2s256::new()
         .chain_update(label)
@@ -144,7 +155,7 @@ fn derive(seed: &[u8; 32], what: &[u8], n: u64) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::tunnel::{Output, Tunnel};
+    use crate::wg_testing::{initiation, initiator, receive};
     use boringtun::x25519::{PublicKey, StaticSecret};
 
     #[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
@@ -156,23 +167,11 @@ mod tests {
         PublicKey::from(&StaticSecret::from([2u8; 32]))
     }
 
-    fn initiator() -> Tunnel {
-        Tunnel::new(StaticSecret::from([8u8; 32]), our_key(), None, 3)
-    }
-
-    fn init(t: &mut Tunnel) -> Vec<u8> {
-        let mut buf = [0u8; 256];
-        let Ok(Output::Network(b)) = t.handshake(&mut buf, true) else {
-            panic!("no initiation")
-        };
-        b.to_vec()
-    }
-
     #[test]
     fn mac1_of_a_real_initiation_checks_and_any_change_breaks_it() {
         let t0 = origin();
         let c = Cookies::new(our_key().as_bytes(), [1; 32], t0);
-        let m = init(&mut initiator());
+        let m = initiation(&mut initiator(8, our_key()));
         assert!(c.mac1_ok(&m));
         let mut bad = m.clone();
         bad[40] ^= 1;
@@ -182,19 +181,30 @@ mod tests {
     }
 
     #[test]
+    fn write_mac1_writes_what_boringtun_writes() {
+        let real = initiation(&mut initiator(8, our_key()));
+        let mut ours = real.clone();
+        ours[116..132].fill(0);
+        write_mac1(our_key().as_bytes(), &mut ours);
+        assert_eq!(ours, real);
+        let mut short = [7u8; 31];
+        write_mac1(our_key().as_bytes(), &mut short);
+        assert_eq!(short, [7u8; 31]);
+    }
+
+    #[test]
     fn boringtun_takes_our_cookie_and_answers_with_mac2() {
         let t0 = origin();
         let mut c = Cookies::new(our_key().as_bytes(), [1; 32], t0);
         let from: SocketAddr = "192.0.2.7:51820".parse().unwrap();
-        let mut t = initiator();
-        let first = init(&mut t);
+        let mut t = initiator(8, our_key());
+        let first = initiation(&mut t);
         assert!(!c.mac2_ok(&first, from, t0), "no cookie yet, no mac2");
         let mut reply = [0u8; 64];
         let n = c.reply(&first, from, t0, &mut reply).unwrap();
         assert_eq!(n, 64);
-        let mut buf = [0u8; 256];
-        let _ = t.decapsulate(None, &reply, &mut buf);
-        let second = init(&mut t);
+        receive(&mut t, &reply);
+        let second = initiation(&mut t);
         assert!(c.mac2_ok(&second, from, t0));
         // The cookie is bound to the address and to the period.
         assert!(!c.mac2_ok(&second, "192.0.2.7:51821".parse().unwrap(), t0));

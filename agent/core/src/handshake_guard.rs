@@ -22,11 +22,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-use boringtun::x25519::PublicKey;
 use rally_proto::limit::{KeyedLimiter, TokenBucket};
 use rally_proto::relay::ShortId;
 
-use super::wg_cookie::Cookies;
+use crate::wg_cookie::Cookies;
 
 /// Handshake messages per second before mac2 (a cookie) is required.
 pub const LOAD_RATE: f64 = 50.0;
@@ -119,9 +118,9 @@ pub struct HandshakeGuard {
 
 impl HandshakeGuard {
     /// A guard for the agent whose WireGuard public key is `public`; `seed` is random.
-    pub fn new(public: &PublicKey, seed: [u8; 32], now: Instant) -> Self {
+    pub fn new(public: &[u8; 32], seed: [u8; 32], now: Instant) -> Self {
         HandshakeGuard {
-            cookies: Cookies::new(public.as_bytes(), seed, now),
+            cookies: Cookies::new(public, seed, now),
             load: TokenBucket::new(LOAD_RATE, LOAD_RATE, now),
             sources: KeyedLimiter::new(SOURCE_RATE, SOURCE_BURST, MAX_SOURCES),
             global: TokenBucket::new(GLOBAL_RATE, GLOBAL_RATE, now),
@@ -198,15 +197,15 @@ impl HandshakeGuard {
 }
 
 /// Whether a datagram is a WireGuard handshake initiation or response (by type and length).
-fn is_handshake(d: &[u8]) -> bool {
+pub fn is_handshake(d: &[u8]) -> bool {
     matches!((d.first(), d.len()), (Some(1), 148) | (Some(2), 92)) && d[1..4] == [0, 0, 0]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::tunnel::{initiator_key, Output, Tunnel};
-    use boringtun::x25519::StaticSecret;
+    use crate::wg_testing::{initiator, initiator_key, receive};
+    use boringtun::x25519::{PublicKey, StaticSecret};
     use std::time::Duration;
 
     const ME: [u8; 32] = [2; 32];
@@ -220,17 +219,7 @@ mod tests {
     /// A real initiation to us from a fresh key (valid mac1, no mac2).
     fn initiation(seed: u8) -> Vec<u8> {
         let (_, public) = me();
-        let mut t = Tunnel::new(
-            StaticSecret::from([seed; 32]),
-            public,
-            None,
-            u32::from(seed),
-        );
-        let mut buf = [0u8; 256];
-        let Ok(Output::Network(b)) = t.handshake(&mut buf, true) else {
-            panic!("no initiation")
-        };
-        b.to_vec()
+        crate::wg_testing::initiation(&mut initiator(seed, public))
     }
 
     fn addr(last: u8) -> Source {
@@ -238,7 +227,7 @@ mod tests {
     }
 
     fn guard(public: &PublicKey, t0: Instant) -> HandshakeGuard {
-        HandshakeGuard::new(public, [6; 32], t0)
+        HandshakeGuard::new(public.as_bytes(), [6; 32], t0)
     }
 
     #[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
@@ -321,22 +310,14 @@ mod tests {
             g.check(src, &initiation(9), t0, &mut dst);
         }
         // A real peer (boringtun) takes the cookie reply and retries with mac2.
-        let mut peer = Tunnel::new(StaticSecret::from([11; 32]), public, None, 5);
-        let mut buf = [0u8; 256];
-        let Ok(Output::Network(init)) = peer.handshake(&mut buf, true) else {
-            panic!()
-        };
-        let init = init.to_vec();
+        let mut peer = initiator(11, public);
+        let init = crate::wg_testing::initiation(&mut peer);
         let Verdict::CookieReply(cookie) = g.check(addr(77), &init, t0, &mut dst) else {
             panic!("no cookie")
         };
         let cookie = cookie.to_vec();
-        let mut out = [0u8; 256];
-        let _ = peer.decapsulate(None, &cookie, &mut out);
-        let Ok(Output::Network(init2)) = peer.handshake(&mut buf, true) else {
-            panic!()
-        };
-        let init2 = init2.to_vec();
+        receive(&mut peer, &cookie);
+        let init2 = crate::wg_testing::initiation(&mut peer);
         assert_eq!(g.check(addr(77), &init2, t0, &mut dst), Verdict::Pass);
         assert!(initiator_key(&secret, &public, &init2).is_some());
     }
