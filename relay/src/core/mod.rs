@@ -49,7 +49,7 @@ mod session;
 mod types;
 
 use session::{FastMap, IpKey, Session, SlotId, Slots};
-pub use types::{Action, Config, DropReason, Limits, Stats, Transmit, Via};
+pub use types::{Action, Config, DropReason, Limits, Stats, Transmit, Transport, Via};
 
 /// The relay state machine. See the [module docs](self) for the rules.
 #[derive(Debug)]
@@ -61,8 +61,8 @@ pub struct Relay {
     /// Sessions in slots; `by_id` and `by_addr` index them. A `Send` costs one lookup by
     /// source address and one by destination id; everything else is slot indexing.
     slots: Slots,
-    by_id: FastMap<ShortId, SlotId>,
-    by_addr: FastMap<SocketAddr, SlotId>,
+    by_id: FastMap<(ShortId, Transport), SlotId>,
+    by_addr: FastMap<(Transport, SocketAddr), SlotId>,
     per_ip: BTreeMap<IpKey, usize>,
     /// `NotBound`/`PeerUnavailable` errors: one per second per source address.
     error_replies: KeyedLimiter<SocketAddr>,
@@ -156,6 +156,11 @@ impl Relay {
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
         s.sessions_active = self.by_id.len() as u64;
+        s.sessions_active_tcp = self
+            .by_id
+            .keys()
+            .filter(|(_, t)| *t == Transport::Tcp)
+            .count() as u64;
         s
     }
 
@@ -167,8 +172,20 @@ impl Relay {
     /// The address of the live session of the agent with this short id, if any (as of the last
     /// [`Relay::handle_timeout`]).
     pub fn session_addr(&self, id: &ShortId) -> Option<SocketAddr> {
-        let slot = *self.by_id.get(id)?;
-        self.slots.get(slot).map(|s| s.addr)
+        Transport::ALL
+            .iter()
+            .find_map(|t| self.by_id.get(&(*id, *t)))
+            .and_then(|&slot| self.slots.get(slot))
+            .map(|s| s.addr)
+    }
+
+    /// The TCP connection from `src` ended: its session, if any, goes with it.
+    pub fn handle_closed(&mut self, src: SocketAddr) {
+        if let Some(&slot) = self.by_addr.get(&(Transport::Tcp, src)) {
+            if let Some(s) = self.remove_slot(slot) {
+                tracing::info!(agent = %s.agent.short(), addr = %s.addr, "tcp session closed");
+            }
+        }
     }
 
     // ---------------------------------------------------------------------------------------
@@ -291,16 +308,23 @@ impl Relay {
         now: Instant,
     ) -> Result<(), DropReason> {
         let id = short_id(&token.agent);
-        let existing = match self.by_id.get(&id).and_then(|&slot| self.slots.get(slot)) {
-            Some(s) if s.agent != token.agent => return Err(DropReason::ShortIdTaken),
-            Some(s) => Some((s.addr, s.ip)),
-            None => None,
-        };
+        let transport = via.transport();
+        let taken = Transport::ALL
+            .iter()
+            .filter_map(|t| self.by_id.get(&(id, *t)))
+            .filter_map(|&slot| self.slots.get(slot))
+            .any(|s| s.agent != token.agent);
+        if taken {
+            return Err(DropReason::ShortIdTaken);
+        }
+        let own = self.by_id.get(&(id, transport)).copied();
+        let existing = own
+            .and_then(|slot| self.slots.get(slot))
+            .map(|s| (s.addr, s.ip));
         // Another agent's session at this very address is replaced: one address, one session.
-        let own = self.by_id.get(&id).copied();
         let displaced = self
             .by_addr
-            .get(&src)
+            .get(&(transport, src))
             .copied()
             .filter(|other| Some(*other) != own);
 
@@ -351,8 +375,8 @@ impl Relay {
             pps,
             bps,
         });
-        self.by_addr.insert(src, slot);
-        self.by_id.insert(id, slot);
+        self.by_addr.insert((transport, src), slot);
+        self.by_id.insert((id, transport), slot);
         self.stats.sessions_total += 1;
         Ok(())
     }
@@ -388,7 +412,7 @@ impl Relay {
         now: Instant,
         now_unix: u64,
     ) -> Action {
-        let Some(from) = self.live_sender(src, now, now_unix) else {
+        let Some(from) = self.live_sender(via, src, now, now_unix) else {
             return self.not_bound(via, src, now);
         };
         let len = datagram.len();
@@ -402,7 +426,12 @@ impl Relay {
         let from_id = sender.id;
         let sender_key = sender.key;
         let idle = self.config.limits.idle_timeout;
-        let dest = self.by_id.get(&to).and_then(|&slot| self.slots.get(slot));
+        // Of the destination's sessions (UDP, TCP), the live one heard from last.
+        let dest = Transport::ALL
+            .iter()
+            .filter_map(|t| self.by_id.get(&(to, *t)))
+            .filter_map(|&slot| self.slots.get(slot))
+            .max_by_key(|s| (s.death(now, now_unix, idle).is_none(), s.last_seen));
         let verdict = match (self.slots.get(from), dest) {
             (Some(sender), Some(dest)) if !sender.token.shares_party(&dest.token) => {
                 Err(DropReason::NoSharedParty)
@@ -419,6 +448,9 @@ impl Relay {
                     return dropped(DropReason::Garbage);
                 }
                 self.stats.packets_forwarded += 1;
+                if via == Via::Tcp || dest_via == Via::Tcp {
+                    self.stats.packets_forwarded_tcp += 1;
+                }
                 self.stats.bytes_forwarded += len as u64;
                 Action::Forward {
                     via: dest_via,
@@ -447,7 +479,7 @@ impl Relay {
         now: Instant,
         now_unix: u64,
     ) -> Action {
-        let Some(slot) = self.live_sender(src, now, now_unix) else {
+        let Some(slot) = self.live_sender(via, src, now, now_unix) else {
             return self.not_bound(via, src, now);
         };
         let Some(session) = self.slots.get_mut(slot) else {
@@ -477,6 +509,8 @@ impl Relay {
         let (local, other) = match via {
             Via::Primary => (Some(self.config.local), self.config.alt),
             Via::Alt => (self.config.alt, Some(self.config.local)),
+            // STUN tells a UDP mapping: over TCP it would only mislead.
+            Via::Tcp => return dropped(DropReason::Unexpected),
         };
         if req.change_ip || (req.change_port && other.is_none()) {
             return dropped(DropReason::StunChangeUnsupported);
@@ -505,8 +539,14 @@ impl Relay {
     }
 
     /// The slot of the live session at `src`, removing it if it died since the last sweep.
-    fn live_sender(&mut self, src: SocketAddr, now: Instant, now_unix: u64) -> Option<SlotId> {
-        let slot = *self.by_addr.get(&src)?;
+    fn live_sender(
+        &mut self,
+        via: Via,
+        src: SocketAddr,
+        now: Instant,
+        now_unix: u64,
+    ) -> Option<SlotId> {
+        let slot = *self.by_addr.get(&(via.transport(), src))?;
         let dead = self.slots.get(slot).is_none_or(|s| {
             s.death(now, now_unix, self.config.limits.idle_timeout)
                 .is_some()
@@ -532,11 +572,12 @@ impl Relay {
 
     fn remove_slot(&mut self, slot: SlotId) -> Option<Session> {
         let s = self.slots.remove(slot)?;
-        if self.by_addr.get(&s.addr) == Some(&slot) {
-            self.by_addr.remove(&s.addr);
+        let transport = s.via.transport();
+        if self.by_addr.get(&(transport, s.addr)) == Some(&slot) {
+            self.by_addr.remove(&(transport, s.addr));
         }
-        if self.by_id.get(&s.id) == Some(&slot) {
-            self.by_id.remove(&s.id);
+        if self.by_id.get(&(s.id, transport)) == Some(&slot) {
+            self.by_id.remove(&(s.id, transport));
         }
         if let Some(n) = self.per_ip.get_mut(&s.ip) {
             *n = n.saturating_sub(1);
@@ -583,6 +624,7 @@ fn flip(via: Via) -> Via {
     match via {
         Via::Primary => Via::Alt,
         Via::Alt => Via::Primary,
+        Via::Tcp => Via::Tcp,
     }
 }
 

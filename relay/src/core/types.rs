@@ -73,6 +73,42 @@ pub enum Via {
     Primary,
     /// The `--alt-port` socket (RFC 5780).
     Alt,
+    /// A TLS-over-TCP connection (`--listen-tcp`); the address is the connection's remote
+    /// address, which identifies it among the TCP sessions.
+    Tcp,
+}
+
+impl Via {
+    /// The transport of this socket or connection.
+    pub fn transport(self) -> Transport {
+        match self {
+            Via::Primary | Via::Alt => Transport::Udp,
+            Via::Tcp => Transport::Tcp,
+        }
+    }
+}
+
+/// How an agent reaches the relay. An agent may hold one session per transport at once (a UDP
+/// one and a standby over TCP); a `Deliver` goes to the one it was heard from last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Transport {
+    /// UDP datagrams on the primary or alternate port.
+    Udp,
+    /// Length-prefixed frames on TLS over TCP.
+    Tcp,
+}
+
+impl Transport {
+    /// Both, UDP first.
+    pub const ALL: [Transport; 2] = [Transport::Udp, Transport::Tcp];
+
+    /// The name in logs and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
 }
 
 /// A datagram the relay wants sent.
@@ -175,6 +211,8 @@ drop_reasons! {
 pub struct Stats {
     /// Sessions alive now.
     pub sessions_active: u64,
+    /// Of those, sessions over TCP.
+    pub sessions_active_tcp: u64,
     /// Sessions ever bound (a rebind counts again).
     pub sessions_total: u64,
     /// Binds refused, for any reason.
@@ -183,6 +221,8 @@ pub struct Stats {
     pub packets_forwarded: u64,
     /// Bytes of the forwarded datagrams.
     pub bytes_forwarded: u64,
+    /// Of the forwarded packets, those to or from a session over TCP.
+    pub packets_forwarded_tcp: u64,
     /// STUN binding requests answered.
     pub stun_requests: u64,
     drops: [u64; DropReason::ALL.len()],
