@@ -141,7 +141,10 @@ impl Poller {
         }
         // SAFETY: `fd` was just returned by epoll_create1 and is owned by nobody else.
         let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
-        let others = alt.map(|a| (a, ALT)).into_iter().chain(tcp.map(|t| (t, TCP)));
+        let others = alt
+            .map(|a| (a, ALT))
+            .into_iter()
+            .chain(tcp.map(|t| (t, TCP)));
         for (socket, token) in std::iter::once((primary, 0)).chain(others) {
             let mut ev = libc::epoll_event {
                 events: libc::EPOLLIN as u32,
@@ -508,7 +511,13 @@ fn handle_train(
                 len: n,
             } => {
                 forwards.push(None);
-                send_to(sockets, tcp, Via::Tcp, to, datagram.get(..n).unwrap_or_default());
+                send_to(
+                    sockets,
+                    tcp,
+                    Via::Tcp,
+                    to,
+                    datagram.get(..n).unwrap_or_default(),
+                );
             }
             Action::Forward { via, to, len: n } if n == len => forwards.push(Some((via, to))),
             Action::Forward { .. } => forwards.push(None),

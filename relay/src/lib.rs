@@ -26,7 +26,5 @@ mod forwarder;
 
 mod cookie;
 pub use crate::cookie::COOKIE_BUCKET;
-pub use crate::core::{
-    Action, Config, DropReason, Limits, Relay, Stats, Transmit, Transport, Via,
-};
+pub use crate::core::{Action, Config, DropReason, Limits, Relay, Stats, Transmit, Transport, Via};
 pub use crate::server::{Options, ServeError, Server};

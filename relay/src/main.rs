@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use rally_proto::Key32;
 use rally_proto::keyfile;
+use rally_proto::Key32;
 use rally_relay::tls::TlsKey;
 use rally_relay::{coalesce, Limits, Options, Server};
 use rand_core::{OsRng, RngCore};

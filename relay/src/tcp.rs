@@ -287,7 +287,9 @@ impl ConnSlot {
         side.counters
             .connections_active
             .fetch_add(1, Ordering::Relaxed);
-        side.counters.connections_total.fetch_add(1, Ordering::Relaxed);
+        side.counters
+            .connections_total
+            .fetch_add(1, Ordering::Relaxed);
         Some(ConnSlot {
             side: side.clone(),
             per_ip: per_ip.clone(),

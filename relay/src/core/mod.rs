@@ -44,7 +44,6 @@ use rally_proto::limit::{KeyedLimiter, TokenBucket};
 /// How often [`Relay::handle_timeout`] wants to run to expire sessions.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-
 mod session;
 mod types;
 
@@ -598,7 +597,6 @@ const SEALED_ERROR_LEN: usize = rally_proto::relay::HEADER_LEN + 1 + TAG_LEN;
 
 /// Most keys each reply limiter remembers (see [`KeyedLimiter`]).
 const MAX_LIMITER_KEYS: usize = 65_536;
-
 
 fn dropped(reason: DropReason) -> Action {
     Action::Drop {

@@ -30,7 +30,12 @@ pub(super) struct Session {
 
 impl Session {
     /// Why the session is dead at this time, if it is.
-    pub(super) fn death(&self, now: Instant, now_unix: u64, idle: Duration) -> Option<&'static str> {
+    pub(super) fn death(
+        &self,
+        now: Instant,
+        now_unix: u64,
+        idle: Duration,
+    ) -> Option<&'static str> {
         if now_unix >= self.token.expires_at {
             Some("token expired")
         } else if now.saturating_duration_since(self.last_seen) >= idle {
