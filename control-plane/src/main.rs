@@ -176,10 +176,7 @@ fn parse_relay(s: &str) -> Result<RelayEntry, String> {
         match part.split_once('=') {
             Some(("tcp", a)) if host_port(a) && tcp.is_none() => tcp = Some(a.to_owned()),
             Some(("key", k)) if tcp_key.is_none() => {
-                tcp_key = Some(
-                    k.parse()
-                        .map_err(|e| format!("--relay {s:?}: key: {e}"))?,
-                )
+                tcp_key = Some(k.parse().map_err(|e| format!("--relay {s:?}: key: {e}"))?)
             }
             _ => return Err(usage()),
         }
