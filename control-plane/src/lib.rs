@@ -3,7 +3,7 @@
 pub mod directory;
 pub mod hub;
 pub mod invites;
-pub mod keyfile;
+pub use rally_proto::keyfile;
 pub mod lock;
 pub mod metrics;
 pub mod names;

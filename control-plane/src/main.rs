@@ -45,8 +45,9 @@ enum Cmd {
         /// Address agents dial, written into invite codes (default: --listen).
         #[arg(long)]
         public_addr: Option<String>,
-        /// A relay, NAME=HOST:PORT (repeatable).
-        #[arg(long = "relay", value_name = "NAME=HOST:PORT")]
+        /// A relay, NAME=HOST:PORT, with ",tcp=HOST:PORT,key=KEY" when it serves TLS over TCP
+        /// too (repeatable).
+        #[arg(long = "relay", value_name = "NAME=HOST:PORT[,tcp=HOST:PORT,key=KEY]")]
         relays: Vec<String>,
         /// Serve Prometheus metrics on this HTTP address.
         #[arg(long)]
@@ -155,21 +156,41 @@ fn main() {
     }
 }
 
-/// `--relay NAME=HOST:PORT`.
+/// `--relay NAME=HOST:PORT[,tcp=HOST:PORT,key=KEY]`: the relay's UDP address and, when it
+/// serves TLS over TCP too, that address and its TLS key (printed by `rally-relay tls-key`).
 fn parse_relay(s: &str) -> Result<RelayEntry, String> {
-    let (name, addr) = s
-        .split_once('=')
-        .ok_or_else(|| format!("--relay {s:?}: expected NAME=HOST:PORT"))?;
+    let usage = || format!("--relay {s:?}: expected NAME=HOST:PORT[,tcp=HOST:PORT,key=KEY]");
+    let (name, rest) = s.split_once('=').ok_or_else(usage)?;
     validate_name(name).map_err(|e| format!("--relay {s:?}: {e}"))?;
-    let port_ok = addr
-        .rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-    if !port_ok {
-        return Err(format!("--relay {s:?}: expected NAME=HOST:PORT"));
+    let mut parts = rest.split(',');
+    let addr = parts.next().unwrap_or_default();
+    let host_port = |a: &str| {
+        a.rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+    };
+    if !host_port(addr) {
+        return Err(usage());
+    }
+    let (mut tcp, mut tcp_key) = (None, None);
+    for part in parts {
+        match part.split_once('=') {
+            Some(("tcp", a)) if host_port(a) && tcp.is_none() => tcp = Some(a.to_owned()),
+            Some(("key", k)) if tcp_key.is_none() => {
+                tcp_key = Some(k.parse().map_err(|e| format!("--relay {s:?}: key: {e}"))?)
+            }
+            _ => return Err(usage()),
+        }
+    }
+    if tcp.is_some() != tcp_key.is_some() {
+        return Err(format!(
+            "--relay {s:?}: tcp=HOST:PORT and key=KEY go together (the key is pinned on tcp)"
+        ));
     }
     Ok(RelayEntry {
         name: name.to_owned(),
         addr: addr.to_owned(),
+        tcp,
+        tcp_key,
     })
 }
 

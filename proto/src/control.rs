@@ -354,6 +354,13 @@ pub struct RelayEntry {
     pub name: String,
     /// `host:port`.
     pub addr: String,
+    /// `host:port` of the relay's TLS-over-TCP listener, if it has one. Absent from older
+    /// control planes' messages; older agents ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<String>,
+    /// The relay's TLS key, which agents pin on `tcp` (present whenever `tcp` is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_key: Option<Key32>,
 }
 
 /// How a NAT maps or filters (RFC 4787 terms).

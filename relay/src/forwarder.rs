@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::coalesce::{self, Wakeup};
 use crate::core::{Action, Relay, Stats, Via};
 use crate::metrics::Snapshot;
+use crate::tcp::{TcpInput, TcpSide};
 
 /// Reads (each up to [`quinn_udp::BATCH_SIZE`] datagrams or GRO trains) per wake-up of one
 /// socket before the loop looks at the others.
@@ -119,6 +120,10 @@ fn wait_writable(socket: &UdpSocket, wait: Duration) -> bool {
 
 /// Token of the alternate-port socket in epoll events (the primary's is 0).
 const ALT: u64 = 1;
+/// Token of the eventfd the TCP connections wake the loop with.
+const TCP: u64 = 2;
+/// Frames from TCP connections handled per wake-up before the sockets get a turn.
+const TCP_BATCH: usize = 256;
 
 /// A level-triggered epoll instance watching the relay's sockets for input. Unlike `poll(2)`,
 /// which adds itself to every socket's wait queue and removes itself again on every call, the
@@ -128,7 +133,7 @@ struct Poller {
 }
 
 impl Poller {
-    fn new(primary: RawFd, alt: Option<RawFd>) -> io::Result<Self> {
+    fn new(primary: RawFd, alt: Option<RawFd>, tcp: Option<RawFd>) -> io::Result<Self> {
         // SAFETY: epoll_create1 takes no pointers; a non-negative result is a new fd we own.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
@@ -136,7 +141,11 @@ impl Poller {
         }
         // SAFETY: `fd` was just returned by epoll_create1 and is owned by nobody else.
         let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
-        for (socket, token) in std::iter::once((primary, 0)).chain(alt.map(|a| (a, ALT))) {
+        let others = alt
+            .map(|a| (a, ALT))
+            .into_iter()
+            .chain(tcp.map(|t| (t, TCP)));
+        for (socket, token) in std::iter::once((primary, 0)).chain(others) {
             let mut ev = libc::epoll_event {
                 events: libc::EPOLLIN as u32,
                 u64: token,
@@ -170,17 +179,18 @@ pub struct Sockets {
 }
 
 impl Sockets {
+    /// The UDP socket for `via` (TCP sends never get here: see [`send_reply`]).
     fn get(&self, via: Via) -> &Udp {
         match via {
             Via::Alt => self.alt.as_ref().unwrap_or(&self.primary),
-            Via::Primary => &self.primary,
+            Via::Primary | Via::Tcp => &self.primary,
         }
     }
 
     fn get_mut(&mut self, via: Via) -> &mut Udp {
         match via {
             Via::Alt => self.alt.as_mut().unwrap_or(&mut self.primary),
-            Via::Primary => &mut self.primary,
+            Via::Primary | Via::Tcp => &mut self.primary,
         }
     }
 
@@ -239,6 +249,8 @@ pub struct Forwarder {
     stop: Arc<AtomicBool>,
     /// How long a busy wake-up puts off the next ([`coalesce::pause_after`]).
     pause: Duration,
+    /// The TCP connections, with `--listen-tcp`.
+    tcp: Option<TcpSide>,
 }
 
 impl Forwarder {
@@ -250,9 +262,11 @@ impl Forwarder {
         stats: mpsc::Receiver<oneshot::Sender<Snapshot>>,
         stop: Arc<AtomicBool>,
         pause: Duration,
+        tcp: Option<TcpSide>,
     ) -> io::Result<Self> {
         let alt = sockets.alt.as_ref().map(|a| a.socket.as_raw_fd());
-        let poller = Poller::new(sockets.primary.socket.as_raw_fd(), alt)?;
+        let waker = tcp.as_ref().map(|t| t.waker.raw_fd());
+        let poller = Poller::new(sockets.primary.socket.as_raw_fd(), alt, waker)?;
         Ok(Forwarder {
             sockets,
             relay,
@@ -260,6 +274,7 @@ impl Forwarder {
             stats,
             stop,
             pause,
+            tcp,
         })
     }
 
@@ -269,7 +284,7 @@ impl Forwarder {
             precise_sleeps();
         }
         let mut rx = RxBuffers::new();
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 3];
         let mut clock = Clock::new();
         while !self.stop.load(Ordering::Relaxed) {
             while let Ok(reply) = self.stats.try_recv() {
@@ -304,6 +319,10 @@ impl Forwarder {
                 drained: true,
             };
             for ev in &events[..ready] {
+                if ev.u64 == TCP {
+                    self.drain_tcp(&clock);
+                    continue;
+                }
                 let via = if ev.u64 == ALT {
                     Via::Alt
                 } else {
@@ -371,6 +390,7 @@ impl Forwarder {
                     train,
                     stride.max(1),
                     &mut self.sockets,
+                    self.tcp.as_ref(),
                     &mut self.relay,
                     &mut rx.forwards,
                     now,
@@ -387,6 +407,64 @@ impl Forwarder {
         // the transmit path, instead of two).
         self.sockets.flush();
         (datagrams, drained)
+    }
+}
+
+impl Forwarder {
+    /// Handles what the TCP connections sent: connections opened and closed, and frames, each
+    /// put through the core like a datagram (up to [`TCP_BATCH`]; the eventfd stays set when
+    /// more wait).
+    fn drain_tcp(&mut self, clock: &Clock) {
+        let Some(tcp) = &mut self.tcp else {
+            return;
+        };
+        tcp.waker.reset();
+        for _ in 0..TCP_BATCH {
+            let Ok(input) = tcp.input.try_recv() else {
+                return;
+            };
+            match input {
+                TcpInput::Open { addr, queue } => {
+                    tcp.queues.insert(addr, queue);
+                }
+                TcpInput::Closed { addr } => {
+                    tcp.queues.remove(&addr);
+                    self.relay.handle_closed(addr);
+                }
+                TcpInput::Frame { addr, mut frame } => {
+                    let action = self.relay.handle_datagram(
+                        Via::Tcp,
+                        addr,
+                        &mut frame,
+                        clock.now,
+                        clock.unix,
+                    );
+                    match action {
+                        Action::Forward { via, to, len } => {
+                            send_to(&self.sockets, Some(tcp), via, to, &frame[..len]);
+                        }
+                        Action::Reply(t) | Action::Drop { reply: Some(t), .. } => {
+                            send_to(&self.sockets, Some(tcp), t.via, t.to, &t.payload);
+                        }
+                        Action::Drop { reply: None, .. } => {}
+                    }
+                }
+            }
+        }
+        // More waiting: come back after the sockets had their turn.
+        tcp.waker.wake();
+    }
+}
+
+/// Sends one message on `via`: a TCP connection's queue, or a UDP socket at once.
+fn send_to(sockets: &Sockets, tcp: Option<&TcpSide>, via: Via, to: SocketAddr, msg: &[u8]) {
+    if via == Via::Tcp {
+        match tcp.and_then(|t| t.queues.get(&to)) {
+            Some(queue) => queue.push(msg),
+            None => tracing::debug!(%to, "no tcp connection for a session: message dropped"),
+        }
+    } else {
+        sockets.get(via).send(to, msg, None);
     }
 }
 
@@ -409,6 +487,7 @@ fn handle_train(
     train: &mut [u8],
     stride: usize,
     sockets: &mut Sockets,
+    tcp: Option<&TcpSide>,
     relay: &mut Relay,
     forwards: &mut Vec<Option<(Via, SocketAddr)>>,
     now: Instant,
@@ -426,11 +505,25 @@ fn handle_train(
     for datagram in datagrams {
         let len = datagram.len();
         match relay.handle_datagram(via, src, datagram, now, now_unix) {
+            Action::Forward {
+                via: Via::Tcp,
+                to,
+                len: n,
+            } => {
+                forwards.push(None);
+                send_to(
+                    sockets,
+                    tcp,
+                    Via::Tcp,
+                    to,
+                    datagram.get(..n).unwrap_or_default(),
+                );
+            }
             Action::Forward { via, to, len: n } if n == len => forwards.push(Some((via, to))),
             Action::Forward { .. } => forwards.push(None),
             Action::Reply(t) | Action::Drop { reply: Some(t), .. } => {
                 forwards.push(None);
-                sockets.get(t.via).send(t.to, &t.payload, None);
+                send_to(sockets, tcp, t.via, t.to, &t.payload);
             }
             Action::Drop { reply: None, .. } => forwards.push(None),
         }

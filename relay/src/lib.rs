@@ -8,6 +8,8 @@
 //!   the caller's tokio runtime.
 //! - [`coalesce`] decides when the forwarding thread puts off its next wake-up so that busy
 //!   traffic is read and sent in larger batches.
+//! - [`tcp`] carries relay sessions over TLS 1.3 on TCP (`--listen-tcp`) with the same core,
+//!   [`tls`] its pinned self-signed certificate.
 //! - [`metrics`] renders [`Stats`] as Prometheus text.
 
 #![warn(missing_docs)]
@@ -17,9 +19,12 @@ pub mod core;
 pub mod metrics;
 pub mod server;
 
+pub mod tcp;
+pub mod tls;
+
 mod forwarder;
 
 mod cookie;
 pub use crate::cookie::COOKIE_BUCKET;
-pub use crate::core::{Action, Config, DropReason, Limits, Relay, Stats, Transmit, Via};
+pub use crate::core::{Action, Config, DropReason, Limits, Relay, Stats, Transmit, Transport, Via};
 pub use crate::server::{Options, ServeError, Server};

@@ -4,6 +4,8 @@
 //! rally-relay serve --listen ADDR:PORT --control-key KEY [--max-sessions N]
 //!     [--max-sessions-per-ip N] [--metrics ADDR:PORT] [--alt-port PORT]
 //!     [--max-pps N] [--max-bps N] [--idle-timeout SECS] [--coalesce-us MICROS]
+//!     [--listen-tcp ADDR:PORT --tls-key FILE]
+//! rally-relay tls-key FILE     create FILE (mode 0600) unless it exists; print its public key
 //! ```
 //!
 //! Exit status: 0 after SIGINT/SIGTERM, 1 on a runtime error (one `error: ...` line on stderr),
@@ -11,12 +13,15 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use rally_proto::keyfile;
 use rally_proto::Key32;
+use rally_relay::tls::TlsKey;
 use rally_relay::{coalesce, Limits, Options, Server};
 use rand_core::{OsRng, RngCore};
 use tracing_subscriber::EnvFilter;
@@ -36,6 +41,12 @@ struct Cli {
 enum Command {
     /// Serve STUN and relay sessions until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Create the TLS key for --listen-tcp (kept if it exists); print its public key, which
+    /// the control plane pins (`--relay NAME=HOST:PORT,tcp=HOST:PORT,key=KEY`), last on stdout.
+    TlsKey {
+        /// The key file (mode 0600).
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -78,6 +89,13 @@ struct ServeArgs {
           value_parser = clap::value_parser!(u64)
               .range(0..=coalesce::MAX_PAUSE.as_micros() as u64))]
     coalesce_us: u64,
+    /// Also serve relay sessions over TLS 1.3 on TCP here (usually port 443), for agents
+    /// whose network blocks UDP.
+    #[arg(long, value_name = "ADDR:PORT", requires = "tls_key")]
+    listen_tcp: Option<SocketAddr>,
+    /// The TLS key for --listen-tcp (made by `rally-relay tls-key FILE`).
+    #[arg(long, value_name = "FILE", requires = "listen_tcp")]
+    tls_key: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -93,7 +111,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let Command::Serve(args) = cli.command;
+    let args = match cli.command {
+        Command::Serve(args) => args,
+        Command::TlsKey { file } => return tls_key(&file),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -122,6 +143,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ..Limits::default()
         },
         coalesce: Duration::from_micros(args.coalesce_us),
+        tcp: match (args.listen_tcp, &args.tls_key) {
+            (Some(addr), Some(file)) => {
+                let seed = keyfile::read(file).context("reading the --tls-key file")?;
+                Some((addr, TlsKey(seed)))
+            }
+            _ => None,
+        },
     };
     let server = Server::bind(opts, seed).await?;
     tracing::info!("relay listening on {}", server.local_addr());
@@ -130,6 +158,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         if a.ip().is_unspecified() {
             tracing::warn!("listening on a wildcard address: STUN responses carry no RESPONSE-ORIGIN or OTHER-ADDRESS; listen on a specific IP for RFC 5780 NAT tests");
         }
+    }
+    if let Some(a) = server.tcp_addr() {
+        tracing::info!("relay listening on tcp {a} (TLS)");
     }
     if let Some(a) = server.metrics_addr() {
         tracing::info!("metrics listening on {a}");
@@ -140,6 +171,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         packets_forwarded = stats.packets_forwarded,
         "relay stopped"
     );
+    Ok(())
+}
+
+/// `rally-relay tls-key FILE`.
+fn tls_key(file: &std::path::Path) -> anyhow::Result<()> {
+    let seed = if file.exists() {
+        eprintln!("{} exists; keeping the existing key", file.display());
+        keyfile::read(file)?
+    } else {
+        let mut seed = [0u8; 32];
+        OsRng
+            .try_fill_bytes(&mut seed)
+            .map_err(|e| anyhow::anyhow!("drawing the key from the OS: {e}"))?;
+        keyfile::write(file, &seed)?;
+        seed
+    };
+    println!("relay TLS key (pin it in the control plane's --relay NAME=HOST:PORT,tcp=HOST:PORT,key=KEY):");
+    println!("{}", TlsKey(seed).identity().public());
     Ok(())
 }
 

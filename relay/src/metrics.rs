@@ -3,7 +3,10 @@
 
 use std::fmt::Write;
 
+use std::sync::atomic::Ordering;
+
 use crate::core::Stats;
+use crate::tcp::TcpCounters;
 
 /// What the metrics endpoint shows: the core's counters and the driver's view of its sockets.
 #[derive(Clone, Debug, Default)]
@@ -23,7 +26,13 @@ pub struct Snapshot {
 /// (`"primary"`, `"alt"`), `rally_relay_socket_drops_total{socket="…"}`: datagrams the kernel
 /// dropped before the relay could read them (receive buffer full), which the relay's own drop
 /// counts never see.
-pub fn render(stats: &Stats, socket_drops: &[(&str, u64)]) -> String {
+///
+/// With `--listen-tcp` (`tcp` given), per transport: `rally_relay_tcp_sessions_active`,
+/// `rally_relay_tcp_packets_forwarded_total` (to or from a TCP session),
+/// `rally_relay_tcp_connections_active`, `rally_relay_tcp_connections_total`,
+/// `rally_relay_tcp_connections_refused_total` and `rally_relay_tcp_queue_drops_total`
+/// (frames dropped from a slow reader's full queue).
+pub fn render(stats: &Stats, socket_drops: &[(&str, u64)], tcp: Option<&TcpCounters>) -> String {
     let mut out = String::with_capacity(2048);
     let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -66,6 +75,45 @@ pub fn render(stats: &Stats, socket_drops: &[(&str, u64)]) -> String {
         "STUN binding requests answered.",
         stats.stun_requests,
     );
+    if let Some(tcp) = tcp {
+        let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        metric(
+            "rally_relay_tcp_sessions_active",
+            "gauge",
+            "Sessions bound over TLS/TCP now.",
+            stats.sessions_active_tcp,
+        );
+        metric(
+            "rally_relay_tcp_packets_forwarded_total",
+            "counter",
+            "Packets forwarded to or from a session over TLS/TCP.",
+            stats.packets_forwarded_tcp,
+        );
+        metric(
+            "rally_relay_tcp_connections_active",
+            "gauge",
+            "TCP connections open now.",
+            n(&tcp.connections_active),
+        );
+        metric(
+            "rally_relay_tcp_connections_total",
+            "counter",
+            "TCP connections accepted since start.",
+            n(&tcp.connections_total),
+        );
+        metric(
+            "rally_relay_tcp_connections_refused_total",
+            "counter",
+            "TCP connections closed at once for a connection cap.",
+            n(&tcp.connections_refused),
+        );
+        metric(
+            "rally_relay_tcp_queue_drops_total",
+            "counter",
+            "Frames dropped (oldest first) from a TCP client's full queue: a slow reader.",
+            n(&tcp.queue_drops),
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP rally_relay_drops_total Datagrams not forwarded or answered, by reason."
@@ -101,7 +149,11 @@ mod tests {
 
     #[test]
     fn every_metric_and_every_drop_reason_is_exposed() {
-        let text = render(&Stats::default(), &[("primary", 3)]);
+        let text = render(
+            &Stats::default(),
+            &[("primary", 3)],
+            Some(&TcpCounters::default()),
+        );
         for name in [
             "rally_relay_sessions_active 0",
             "rally_relay_sessions_total 0",
@@ -109,6 +161,8 @@ mod tests {
             "rally_relay_packets_forwarded_total 0",
             "rally_relay_bytes_forwarded_total 0",
             "rally_relay_stun_requests_total 0",
+            "rally_relay_tcp_sessions_active 0",
+            "rally_relay_tcp_queue_drops_total 0",
         ] {
             assert!(
                 text.lines().any(|l| l == name),

@@ -17,6 +17,7 @@ use crate::core::{Config, Limits, Relay, Stats};
 use crate::forwarder::{self, Forwarder, Sockets, Udp};
 use crate::metrics;
 use crate::metrics::Snapshot;
+use crate::tcp::{self, TcpCounters, TcpListenerSide, TcpSide};
 
 /// What `rally-relay serve` is asked to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +35,9 @@ pub struct Options {
     /// Receive coalescing: how long the forwarding thread waits after a busy wake-up before it
     /// looks for more input (zero: never). See [`crate::coalesce`].
     pub coalesce: Duration,
+    /// Relay sessions over TLS on TCP: the address to listen on and the key of the TLS
+    /// certificate (the key the control plane's relay entry pins).
+    pub tcp: Option<(SocketAddr, crate::tls::TlsKey)>,
 }
 
 /// Why the relay could not start or stopped.
@@ -55,6 +59,17 @@ pub enum ServeError {
         /// The OS's reason.
         source: io::Error,
     },
+    /// The TCP listener could not be bound.
+    #[error("cannot listen on tcp {addr}")]
+    BindTcp {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The OS's reason.
+        source: io::Error,
+    },
+    /// The TLS configuration for the TCP listener could not be built.
+    #[error("tls for --listen-tcp: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// `--alt-port` names the `--listen` port.
     #[error("--alt-port {0} is the --listen port; pick another")]
     AltPortIsListenPort(u16),
@@ -79,6 +94,9 @@ pub struct Server {
     metrics: Option<TcpListener>,
     relay: Relay,
     coalesce: Duration,
+    tcp: Option<(TcpListenerSide, TcpSide)>,
+    tcp_addr: Option<SocketAddr>,
+    tcp_counters: Arc<TcpCounters>,
 }
 
 /// Socket receive and send buffers asked for: deep enough that a burst arriving while the
@@ -115,7 +133,25 @@ impl Server {
             control_key: opts.control_key,
             local,
             alt: alt_addr,
-            limits: opts.limits,
+            limits: opts.limits.clone(),
+        };
+        let tcp_counters = Arc::new(TcpCounters::default());
+        let (tcp, tcp_addr) = match opts.tcp {
+            Some((addr, key)) => {
+                let bind_error = |source| ServeError::BindTcp { addr, source };
+                let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+                let bound = listener.local_addr().map_err(ServeError::LocalAddr)?;
+                let tls = crate::tls::server_config(&key.identity())?;
+                let limits = (
+                    opts.limits.max_sessions,
+                    opts.limits.max_sessions_per_ip,
+                    opts.limits.idle_timeout,
+                );
+                let sides = tcp::channel(listener, tls, tcp_counters.clone(), limits)
+                    .map_err(ServeError::Epoll)?;
+                (Some(sides), Some(bound))
+            }
+            None => (None, None),
         };
         let relay = Relay::new(config, seed, forwarder::now());
         Ok(Server {
@@ -123,6 +159,9 @@ impl Server {
             metrics,
             relay,
             coalesce: opts.coalesce,
+            tcp,
+            tcp_addr,
+            tcp_counters,
         })
     }
 
@@ -134,6 +173,11 @@ impl Server {
     /// The alternate-port socket's address, if there is one.
     pub fn alt_addr(&self) -> Option<SocketAddr> {
         self.relay.config().alt
+    }
+
+    /// The TCP listener's address, if there is one.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
     }
 
     /// The metrics listener's address, if there is one.
@@ -152,12 +196,22 @@ impl Server {
             metrics,
             relay,
             coalesce,
+            tcp,
+            tcp_addr: _,
+            tcp_counters,
         } = self;
         let (stats_tx, stats_rx) = mpsc::channel::<oneshot::Sender<Snapshot>>(16);
         let stop = Arc::new(AtomicBool::new(false));
-        let forwarder = Forwarder::new(sockets, relay, stats_rx, stop.clone(), coalesce)
+        let (tcp_listener, tcp_side) = match tcp {
+            Some((l, s)) => (Some(l), Some(s)),
+            None => (None, None),
+        };
+        let with_tcp = tcp_listener.is_some();
+        let forwarder = Forwarder::new(sockets, relay, stats_rx, stop.clone(), coalesce, tcp_side)
             .map_err(ServeError::Epoll)?;
-        let metrics_task = metrics.map(|l| tokio::spawn(serve_metrics(l, stats_tx)));
+        let tcp_task = tcp_listener.map(|l| tokio::spawn(tcp::serve(l)));
+        let counters = with_tcp.then_some(tcp_counters);
+        let metrics_task = metrics.map(|l| tokio::spawn(serve_metrics(l, stats_tx, counters)));
         let (done_tx, mut done_rx) = oneshot::channel();
         std::thread::Builder::new()
             .name("rally-relay-fwd".into())
@@ -171,6 +225,9 @@ impl Server {
             _ = &mut done_rx => true,
         };
         if let Some(t) = metrics_task {
+            t.abort();
+        }
+        if let Some(t) = tcp_task {
             t.abort();
         }
         if died {
@@ -206,7 +263,11 @@ fn bind_udp(addr: SocketAddr) -> Result<Udp, ServeError> {
 
 // --- metrics over HTTP ------------------------------------------------------------------------
 
-async fn serve_metrics(listener: TcpListener, stats: mpsc::Sender<oneshot::Sender<Snapshot>>) {
+async fn serve_metrics(
+    listener: TcpListener,
+    stats: mpsc::Sender<oneshot::Sender<Snapshot>>,
+    tcp: Option<Arc<TcpCounters>>,
+) {
     let slots = Arc::new(Semaphore::new(METRICS_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -221,9 +282,10 @@ async fn serve_metrics(listener: TcpListener, stats: mpsc::Sender<oneshot::Sende
             continue; // too many at once: closing it is the answer
         };
         let stats = stats.clone();
+        let tcp = tcp.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            match tokio::time::timeout(METRICS_TIMEOUT, answer_metrics(stream, stats)).await {
+            match tokio::time::timeout(METRICS_TIMEOUT, answer_metrics(stream, stats, tcp)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics request failed"),
                 Err(_) => tracing::debug!(%peer, "metrics request timed out"),
@@ -235,6 +297,7 @@ async fn serve_metrics(listener: TcpListener, stats: mpsc::Sender<oneshot::Sende
 async fn answer_metrics(
     mut stream: TcpStream,
     stats: mpsc::Sender<oneshot::Sender<Snapshot>>,
+    tcp: Option<Arc<TcpCounters>>,
 ) -> io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
@@ -255,7 +318,7 @@ async fn answer_metrics(
         None
     };
     let response = rally_proto::http::metrics_response(&head, || {
-        snapshot.map(|s| metrics::render(&s.stats, &s.socket_drops))
+        snapshot.map(|s| metrics::render(&s.stats, &s.socket_drops, tcp.as_deref()))
     });
     stream.write_all(&response).await?;
     stream.shutdown().await

@@ -1,5 +1,7 @@
 //! Scenario tests of the relay core on a fake clock.
 
+mod tcp;
+
 use super::*;
 use proptest::prelude::*;
 use rally_proto::relay::{RelayErrorCode, RelayMsg};

@@ -26,9 +26,8 @@
 //! responses, which are limited per source IP (the handshake budget) so the relay is a poor
 //! amplifier. Everything refused is counted by [`DropReason`].
 
-use std::collections::{BTreeMap, HashMap};
-use std::hash::BuildHasherDefault;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rally_proto::identity;
@@ -37,7 +36,7 @@ use rally_proto::relay::{
     RelayErrorCode, RelayMsg, ShortId, DOMAIN_BIND, TAG_LEN,
 };
 use rally_proto::stun::{self, BindingRequest, BindingResponse, StunError};
-use rally_proto::{Key32, RelayToken, TokenError};
+use rally_proto::{RelayToken, TokenError};
 
 use crate::cookie::{CookieJar, COOKIE_BUCKET};
 use rally_proto::limit::{KeyedLimiter, TokenBucket};
@@ -45,208 +44,11 @@ use rally_proto::limit::{KeyedLimiter, TokenBucket};
 /// How often [`Relay::handle_timeout`] wants to run to expire sessions.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Tunables of a relay. [`Limits::default`] gives the documented CLI defaults.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Limits {
-    /// Most sessions at once (default 10000).
-    pub max_sessions: usize,
-    /// Most sessions from one source IP; IPv6 sources count per /64 (default 1024: a carrier
-    /// NAT puts many users behind one address, and each identity holds one session anyway).
-    pub max_sessions_per_ip: usize,
-    /// Packets per second one session may send, with a one-second burst (default 20000).
-    pub max_pps: u64,
-    /// Bits per second one session may send, with a one-second burst (default 100 Mbit/s).
-    pub max_bps: u64,
-    /// A session that sends nothing (no `Send`, no `Ping`) for this long is removed (default 60 s).
-    pub idle_timeout: Duration,
-    /// Unauthenticated replies (bind challenges, bind results, STUN responses) per second per
-    /// source IP (default 64), with a burst of [`Limits::handshake_burst`].
-    pub handshake_rate: u32,
-    /// Burst of the handshake budget (default 128).
-    pub handshake_burst: u32,
-}
+mod session;
+mod types;
 
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_sessions: 10_000,
-            max_sessions_per_ip: 1024,
-            max_pps: 20_000,
-            max_bps: 100_000_000,
-            idle_timeout: Duration::from_secs(60),
-            handshake_rate: 64,
-            handshake_burst: 128,
-        }
-    }
-}
-
-/// Everything a [`Relay`] is built from, besides its seed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Config {
-    /// The control plane's public key: tokens must be signed by it.
-    pub control_key: Key32,
-    /// The address of the primary socket ([`Via::Primary`]), reported in STUN responses.
-    pub local: SocketAddr,
-    /// The address of the alternate-port socket ([`Via::Alt`]), if there is one.
-    pub alt: Option<SocketAddr>,
-    /// Session limits and rates.
-    pub limits: Limits,
-}
-
-impl Config {
-    /// A configuration with default limits and no alternate port.
-    pub fn new(control_key: Key32, local: SocketAddr) -> Self {
-        Config {
-            control_key,
-            local,
-            alt: None,
-            limits: Limits::default(),
-        }
-    }
-}
-
-/// Which of the relay's sockets a datagram came in on or must leave from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Via {
-    /// The `--listen` socket.
-    Primary,
-    /// The `--alt-port` socket (RFC 5780).
-    Alt,
-}
-
-/// A datagram the relay wants sent.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transmit {
-    /// The socket to send from.
-    pub via: Via,
-    /// The destination.
-    pub to: SocketAddr,
-    /// The datagram.
-    pub payload: Vec<u8>,
-}
-
-/// What to do with one received datagram.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// The datagram was a `Send` and has been rewritten in place into a `Deliver`: send its
-    /// first `len` bytes (all of it) from `via` to `to`.
-    Forward {
-        /// The socket the destination session is bound on.
-        via: Via,
-        /// The destination session's address.
-        to: SocketAddr,
-        /// Bytes to send from the start of the datagram buffer.
-        len: usize,
-    },
-    /// Send this answer.
-    Reply(Transmit),
-    /// Nothing is forwarded; the drop has been counted under `reason`. `reply`, if any, is an
-    /// error message for the sender.
-    Drop {
-        /// Why.
-        reason: DropReason,
-        /// An error to send back (already rate-limited).
-        reply: Option<Transmit>,
-    },
-}
-
-macro_rules! drop_reasons {
-    ($($(#[$doc:meta])* $variant:ident => $name:literal,)*) => {
-        /// Why a datagram was not forwarded or answered as asked.
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub enum DropReason {
-            $($(#[$doc])* $variant,)*
-        }
-
-        impl DropReason {
-            /// Every reason, in declaration order (so `reason as usize` indexes it).
-            pub const ALL: &'static [DropReason] = &[$(DropReason::$variant,)*];
-
-            /// The snake_case name used in logs and metrics labels.
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $(DropReason::$variant => $name,)*
-                }
-            }
-        }
-    };
-}
-
-drop_reasons! {
-    /// Neither a relay message nor STUN, or a malformed one.
-    Garbage => "garbage",
-    /// A well-formed message a relay never accepts (a `Deliver`, a STUN response, ...).
-    Unexpected => "unexpected",
-    /// `Send` or `Ping` from a source with no live session.
-    NotBound => "not_bound",
-    /// `Bind` with a cookie not made for this source recently.
-    BadCookie => "bad_cookie",
-    /// `Bind` with a token that is malformed or not signed by the control plane.
-    BadToken => "bad_token",
-    /// `Bind` with a token that names no party (the session could reach no one).
-    NoParty => "no_party",
-    /// `Bind` of the old type, from an agent older than sealed relay replies.
-    OutdatedAgent => "outdated_agent",
-    /// `Bind` with an expired token.
-    TokenExpired => "token_expired",
-    /// `Bind` whose signature is not by the key the token names.
-    BadSignature => "bad_signature",
-    /// `Bind` refused: the relay holds its maximum number of sessions.
-    LimitSessions => "limit_sessions",
-    /// `Bind` refused: the source IP holds its maximum number of sessions.
-    LimitPerIp => "limit_per_ip",
-    /// `Bind` refused: another live agent has the same short id.
-    ShortIdTaken => "short_id_taken",
-    /// A session's packet or byte budget is spent.
-    RateLimited => "rate_limited",
-    /// The source IP's budget for unauthenticated replies is spent.
-    HandshakeRateLimited => "handshake_rate_limited",
-    /// `Send` to a session that shares no party with the sender.
-    NoSharedParty => "no_shared_party",
-    /// `Send` to a short id with no live session.
-    PeerUnavailable => "peer_unavailable",
-    /// A STUN request asking for a change of address this relay cannot make.
-    StunChangeUnsupported => "stun_change_unsupported",
-}
-
-/// Counters since the relay started.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Sessions alive now.
-    pub sessions_active: u64,
-    /// Sessions ever bound (a rebind counts again).
-    pub sessions_total: u64,
-    /// Binds refused, for any reason.
-    pub sessions_refused: u64,
-    /// `Send`s forwarded as `Deliver`s.
-    pub packets_forwarded: u64,
-    /// Bytes of the forwarded datagrams.
-    pub bytes_forwarded: u64,
-    /// STUN binding requests answered.
-    pub stun_requests: u64,
-    drops: [u64; DropReason::ALL.len()],
-}
-
-impl Stats {
-    /// Datagrams dropped for `reason`.
-    pub fn drops(&self, reason: DropReason) -> u64 {
-        self.drops[reason as usize]
-    }
-
-    /// Every reason with its count (zeros included), in [`DropReason::ALL`] order.
-    pub fn drops_by_reason(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
-        DropReason::ALL.iter().map(|&r| (r, self.drops(r)))
-    }
-
-    /// All drops, whatever the reason.
-    pub fn drops_total(&self) -> u64 {
-        self.drops.iter().sum()
-    }
-
-    fn count_drop(&mut self, reason: DropReason) {
-        self.drops[reason as usize] += 1;
-    }
-}
+use session::{FastMap, IpKey, Session, SlotId, Slots};
+pub use types::{Action, Config, DropReason, Limits, Stats, Transmit, Transport, Via};
 
 /// The relay state machine. See the [module docs](self) for the rules.
 #[derive(Debug)]
@@ -258,8 +60,8 @@ pub struct Relay {
     /// Sessions in slots; `by_id` and `by_addr` index them. A `Send` costs one lookup by
     /// source address and one by destination id; everything else is slot indexing.
     slots: Slots,
-    by_id: FastMap<ShortId, SlotId>,
-    by_addr: FastMap<SocketAddr, SlotId>,
+    by_id: FastMap<(ShortId, Transport), SlotId>,
+    by_addr: FastMap<(Transport, SocketAddr), SlotId>,
     per_ip: BTreeMap<IpKey, usize>,
     /// `NotBound`/`PeerUnavailable` errors: one per second per source address.
     error_replies: KeyedLimiter<SocketAddr>,
@@ -353,6 +155,11 @@ impl Relay {
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
         s.sessions_active = self.by_id.len() as u64;
+        s.sessions_active_tcp = self
+            .by_id
+            .keys()
+            .filter(|(_, t)| *t == Transport::Tcp)
+            .count() as u64;
         s
     }
 
@@ -364,8 +171,20 @@ impl Relay {
     /// The address of the live session of the agent with this short id, if any (as of the last
     /// [`Relay::handle_timeout`]).
     pub fn session_addr(&self, id: &ShortId) -> Option<SocketAddr> {
-        let slot = *self.by_id.get(id)?;
-        self.slots.get(slot).map(|s| s.addr)
+        Transport::ALL
+            .iter()
+            .find_map(|t| self.by_id.get(&(*id, *t)))
+            .and_then(|&slot| self.slots.get(slot))
+            .map(|s| s.addr)
+    }
+
+    /// The TCP connection from `src` ended: its session, if any, goes with it.
+    pub fn handle_closed(&mut self, src: SocketAddr) {
+        if let Some(&slot) = self.by_addr.get(&(Transport::Tcp, src)) {
+            if let Some(s) = self.remove_slot(slot) {
+                tracing::info!(agent = %s.agent.short(), addr = %s.addr, "tcp session closed");
+            }
+        }
     }
 
     // ---------------------------------------------------------------------------------------
@@ -488,16 +307,23 @@ impl Relay {
         now: Instant,
     ) -> Result<(), DropReason> {
         let id = short_id(&token.agent);
-        let existing = match self.by_id.get(&id).and_then(|&slot| self.slots.get(slot)) {
-            Some(s) if s.agent != token.agent => return Err(DropReason::ShortIdTaken),
-            Some(s) => Some((s.addr, s.ip)),
-            None => None,
-        };
+        let transport = via.transport();
+        let taken = Transport::ALL
+            .iter()
+            .filter_map(|t| self.by_id.get(&(id, *t)))
+            .filter_map(|&slot| self.slots.get(slot))
+            .any(|s| s.agent != token.agent);
+        if taken {
+            return Err(DropReason::ShortIdTaken);
+        }
+        let own = self.by_id.get(&(id, transport)).copied();
+        let existing = own
+            .and_then(|slot| self.slots.get(slot))
+            .map(|s| (s.addr, s.ip));
         // Another agent's session at this very address is replaced: one address, one session.
-        let own = self.by_id.get(&id).copied();
         let displaced = self
             .by_addr
-            .get(&src)
+            .get(&(transport, src))
             .copied()
             .filter(|other| Some(*other) != own);
 
@@ -548,8 +374,8 @@ impl Relay {
             pps,
             bps,
         });
-        self.by_addr.insert(src, slot);
-        self.by_id.insert(id, slot);
+        self.by_addr.insert((transport, src), slot);
+        self.by_id.insert((id, transport), slot);
         self.stats.sessions_total += 1;
         Ok(())
     }
@@ -585,7 +411,7 @@ impl Relay {
         now: Instant,
         now_unix: u64,
     ) -> Action {
-        let Some(from) = self.live_sender(src, now, now_unix) else {
+        let Some(from) = self.live_sender(via, src, now, now_unix) else {
             return self.not_bound(via, src, now);
         };
         let len = datagram.len();
@@ -599,7 +425,12 @@ impl Relay {
         let from_id = sender.id;
         let sender_key = sender.key;
         let idle = self.config.limits.idle_timeout;
-        let dest = self.by_id.get(&to).and_then(|&slot| self.slots.get(slot));
+        // Of the destination's sessions (UDP, TCP), the live one heard from last.
+        let dest = Transport::ALL
+            .iter()
+            .filter_map(|t| self.by_id.get(&(to, *t)))
+            .filter_map(|&slot| self.slots.get(slot))
+            .max_by_key(|s| (s.death(now, now_unix, idle).is_none(), s.last_seen));
         let verdict = match (self.slots.get(from), dest) {
             (Some(sender), Some(dest)) if !sender.token.shares_party(&dest.token) => {
                 Err(DropReason::NoSharedParty)
@@ -616,6 +447,9 @@ impl Relay {
                     return dropped(DropReason::Garbage);
                 }
                 self.stats.packets_forwarded += 1;
+                if via == Via::Tcp || dest_via == Via::Tcp {
+                    self.stats.packets_forwarded_tcp += 1;
+                }
                 self.stats.bytes_forwarded += len as u64;
                 Action::Forward {
                     via: dest_via,
@@ -644,7 +478,7 @@ impl Relay {
         now: Instant,
         now_unix: u64,
     ) -> Action {
-        let Some(slot) = self.live_sender(src, now, now_unix) else {
+        let Some(slot) = self.live_sender(via, src, now, now_unix) else {
             return self.not_bound(via, src, now);
         };
         let Some(session) = self.slots.get_mut(slot) else {
@@ -674,6 +508,8 @@ impl Relay {
         let (local, other) = match via {
             Via::Primary => (Some(self.config.local), self.config.alt),
             Via::Alt => (self.config.alt, Some(self.config.local)),
+            // STUN tells a UDP mapping: over TCP it would only mislead.
+            Via::Tcp => return dropped(DropReason::Unexpected),
         };
         if req.change_ip || (req.change_port && other.is_none()) {
             return dropped(DropReason::StunChangeUnsupported);
@@ -702,8 +538,14 @@ impl Relay {
     }
 
     /// The slot of the live session at `src`, removing it if it died since the last sweep.
-    fn live_sender(&mut self, src: SocketAddr, now: Instant, now_unix: u64) -> Option<SlotId> {
-        let slot = *self.by_addr.get(&src)?;
+    fn live_sender(
+        &mut self,
+        via: Via,
+        src: SocketAddr,
+        now: Instant,
+        now_unix: u64,
+    ) -> Option<SlotId> {
+        let slot = *self.by_addr.get(&(via.transport(), src))?;
         let dead = self.slots.get(slot).is_none_or(|s| {
             s.death(now, now_unix, self.config.limits.idle_timeout)
                 .is_some()
@@ -729,11 +571,12 @@ impl Relay {
 
     fn remove_slot(&mut self, slot: SlotId) -> Option<Session> {
         let s = self.slots.remove(slot)?;
-        if self.by_addr.get(&s.addr) == Some(&slot) {
-            self.by_addr.remove(&s.addr);
+        let transport = s.via.transport();
+        if self.by_addr.get(&(transport, s.addr)) == Some(&slot) {
+            self.by_addr.remove(&(transport, s.addr));
         }
-        if self.by_id.get(&s.id) == Some(&slot) {
-            self.by_id.remove(&s.id);
+        if self.by_id.get(&(s.id, transport)) == Some(&slot) {
+            self.by_id.remove(&(s.id, transport));
         }
         if let Some(n) = self.per_ip.get_mut(&s.ip) {
             *n = n.saturating_sub(1);
@@ -754,122 +597,6 @@ const SEALED_ERROR_LEN: usize = rally_proto::relay::HEADER_LEN + 1 + TAG_LEN;
 
 /// Most keys each reply limiter remembers (see [`KeyedLimiter`]).
 const MAX_LIMITER_KEYS: usize = 65_536;
-
-#[derive(Debug)]
-struct Session {
-    agent: Key32,
-    /// `short_id(&agent)`, written into every `Deliver` from this session.
-    id: ShortId,
-    addr: SocketAddr,
-    via: Via,
-    ip: IpKey,
-    token: RelayToken,
-    /// Seals what the relay says to this session's agent.
-    key: [u8; 32],
-    last_seen: Instant,
-    pps: TokenBucket,
-    bps: TokenBucket,
-}
-
-impl Session {
-    /// Why the session is dead at this time, if it is.
-    fn death(&self, now: Instant, now_unix: u64, idle: Duration) -> Option<&'static str> {
-        if now_unix >= self.token.expires_at {
-            Some("token expired")
-        } else if now.saturating_duration_since(self.last_seen) >= idle {
-            Some("idle")
-        } else {
-            None
-        }
-    }
-
-    /// Takes one packet and `len` bytes from the session's budgets, or neither.
-    fn spend(&mut self, len: usize, now: Instant) -> bool {
-        self.pps.refill(now);
-        self.bps.refill(now);
-        let bytes = len as f64;
-        if !self.pps.has(1.0) || !self.bps.has(bytes) {
-            return false;
-        }
-        self.pps.take(1.0);
-        self.bps.take(bytes);
-        true
-    }
-}
-
-/// A hash map with a fast, unkeyed hasher (FxHash). Unkeyed is safe here: every key in these
-/// maps belongs to an authenticated session (at most `max_sessions`), so a flood from an
-/// attacker can make lookups miss but cannot grow a map or lengthen its chains.
-type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<rustc_hash::FxHasher>>;
-
-/// Index of a session's slot in [`Slots`].
-type SlotId = usize;
-
-/// Sessions stored by slot; freed slots are reused, so the table never outgrows the most
-/// sessions ever alive at once.
-#[derive(Debug, Default)]
-struct Slots {
-    slots: Vec<Option<Session>>,
-    free: Vec<SlotId>,
-}
-
-impl Slots {
-    fn insert(&mut self, session: Session) -> SlotId {
-        match self.free.pop() {
-            Some(slot) => {
-                self.slots[slot] = Some(session);
-                slot
-            }
-            None => {
-                self.slots.push(Some(session));
-                self.slots.len() - 1
-            }
-        }
-    }
-
-    fn get(&self, slot: SlotId) -> Option<&Session> {
-        self.slots.get(slot)?.as_ref()
-    }
-
-    fn get_mut(&mut self, slot: SlotId) -> Option<&mut Session> {
-        self.slots.get_mut(slot)?.as_mut()
-    }
-
-    fn remove(&mut self, slot: SlotId) -> Option<Session> {
-        let s = self.slots.get_mut(slot)?.take()?;
-        self.free.push(slot);
-        Some(s)
-    }
-
-    /// Live sessions in slot order.
-    fn iter(&self) -> impl Iterator<Item = (SlotId, &Session)> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.as_ref().map(|s| (i, s)))
-    }
-}
-
-/// What a source IP is counted as for per-IP limits: the IPv4 address, or the IPv6 /64 (one
-/// host usually holds a whole /64).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum IpKey {
-    V4(Ipv4Addr),
-    V6([u8; 8]),
-}
-
-impl IpKey {
-    fn of(ip: IpAddr) -> Self {
-        match ip.to_canonical() {
-            IpAddr::V4(v4) => IpKey::V4(v4),
-            IpAddr::V6(v6) => {
-                let mut p = [0u8; 8];
-                p.copy_from_slice(&v6.octets()[..8]);
-                IpKey::V6(p)
-            }
-        }
-    }
-}
 
 fn dropped(reason: DropReason) -> Action {
     Action::Drop {
@@ -895,6 +622,7 @@ fn flip(via: Via) -> Via {
     match via {
         Via::Primary => Via::Alt,
         Via::Alt => Via::Primary,
+        Via::Tcp => Via::Tcp,
     }
 }
 

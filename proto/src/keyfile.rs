@@ -1,4 +1,5 @@
-//! The control plane's key file: 32 secret bytes, mode 0600, written atomically.
+//! Secret key files (the control plane's, a relay's TLS key): 32 secret bytes, mode 0600, written
+//! atomically.
 
 use std::fs;
 use std::io::Write;
