@@ -10,6 +10,7 @@ pub mod inbound;
 pub mod restart;
 mod rx;
 pub mod security;
+mod side;
 mod status;
 pub mod timers;
 pub mod tunnel;
