@@ -1,9 +1,9 @@
 //! STUN `BindingRequest::decode` and `BindingResponse::decode` on arbitrary datagrams: whatever
-//! decodes survives a re-encode.
+//! decodes survives a re-encode; `response_port` never panics.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use rally_proto::stun::{BindingRequest, BindingResponse};
+use rally_proto::stun::{response_port, BindingRequest, BindingResponse};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(req) = BindingRequest::decode(data) {
@@ -13,6 +13,7 @@ fuzz_target!(|data: &[u8]| {
             "binding request changed on a round trip"
         );
     }
+    let _ = response_port(data);
     if let Ok(resp) = BindingResponse::decode(data) {
         assert_eq!(
             BindingResponse::decode(&resp.encode()),

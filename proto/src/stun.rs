@@ -9,6 +9,8 @@ const BINDING_SUCCESS: u16 = 0x0101;
 const ATTR_MAPPED_ADDRESS: u16 = 0x0001;
 const ATTR_CHANGE_REQUEST: u16 = 0x0003;
 const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
+const ATTR_PADDING: u16 = 0x0026;
+const ATTR_RESPONSE_PORT: u16 = 0x0027;
 const ATTR_RESPONSE_ORIGIN: u16 = 0x802b;
 const ATTR_OTHER_ADDRESS: u16 = 0x802c;
 /// Largest STUN message accepted.
@@ -125,6 +127,39 @@ impl BindingResponse {
             origin,
         })
     }
+}
+
+/// A binding request carrying RFC 5780 RESPONSE-PORT: "answer to my address, at this port".
+/// Padded (RFC 5780 PADDING) to [`RESPONSE_PORT_MIN_LEN`], so a server that only answers
+/// requests at least that long never sends more than it received.
+pub fn encode_to_port(req: &BindingRequest, port: u16) -> Vec<u8> {
+    let mut m = req.encode();
+    let mut v = port.to_be_bytes().to_vec();
+    v.extend_from_slice(&[0, 0]);
+    attr(&mut m, ATTR_RESPONSE_PORT, &v);
+    let pad = RESPONSE_PORT_MIN_LEN.saturating_sub(m.len() + 4);
+    attr(&mut m, ATTR_PADDING, &vec![0u8; pad]);
+    finish(m)
+}
+
+/// The least length of a request whose RESPONSE-PORT a server honours: the largest response
+/// (IPv6 mapped, origin and other addresses) is no longer.
+pub const RESPONSE_PORT_MIN_LEN: usize = 20 + 4 * 24;
+
+/// The RFC 5780 RESPONSE-PORT of a binding request, if it carries one.
+pub fn response_port(b: &[u8]) -> Result<Option<u16>, StunError> {
+    let (ty, _, attrs) = split(b)?;
+    if ty != BINDING_REQUEST {
+        return Err(StunError::WrongType(ty));
+    }
+    for a in Attrs(attrs) {
+        let (t, v) = a?;
+        if t == ATTR_RESPONSE_PORT {
+            let v: [u8; 4] = v.try_into().map_err(|_| StunError::BadAttribute(t))?;
+            return Ok(Some(u16::from_be_bytes([v[0], v[1]])));
+        }
+    }
+    Ok(None)
 }
 
 /// Whether `b` looks like a STUN message (two zero bits, the magic cookie, a whole length).
@@ -285,6 +320,29 @@ mod tests {
     }
 
     #[test]
+    fn response_port_round_trips_padded() {
+        let r = BindingRequest {
+            txid: [9; 12],
+            change_ip: false,
+            change_port: false,
+        };
+        let m = encode_to_port(&r, 40123);
+        assert_eq!(m.len(), RESPONSE_PORT_MIN_LEN);
+        assert_eq!(BindingRequest::decode(&m), Ok(r));
+        assert_eq!(response_port(&m), Ok(Some(40123)));
+        assert_eq!(response_port(&r.encode()), Ok(None));
+        // The largest response fits in what the request carried.
+        let v6 = "[2001:db8::9]:7".parse().unwrap();
+        let resp = BindingResponse {
+            txid: [9; 12],
+            mapped: v6,
+            other: Some(v6),
+            origin: Some(v6),
+        };
+        assert!(resp.encode().len() <= RESPONSE_PORT_MIN_LEN);
+    }
+
+    #[test]
     fn response_round_trips_v4_and_v6() {
         for mapped in ["203.0.113.9:40123", "[2001:db8::9]:7"] {
             let r = BindingResponse {
@@ -351,6 +409,7 @@ mod tests {
         fn arbitrary_bytes_never_panic(b in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = BindingRequest::decode(&b);
             let _ = BindingResponse::decode(&b);
+            let _ = response_port(&b);
         }
 
         #[test]

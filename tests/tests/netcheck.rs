@@ -1,5 +1,6 @@
-//! `rally netcheck --json` behind each kind of NAT: the mapping behaviour it reports is the one
-//! the router recipe implements (the recipes themselves are checked by nat_calibration).
+//! `rally netcheck --json` behind each kind of NAT: the mapping and filtering behaviour it
+//! reports are the ones the router recipe implements (the recipes themselves are checked by
+//! nat_calibration).
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use rally_lab::{with_lab, Agent, ControlPlane, NatKind};
 use serde_json::Value;
 
 #[test]
-fn netcheck_classifies_the_mapping_behind_each_nat() -> Result<()> {
+fn netcheck_classifies_mapping_and_filtering_behind_each_nat() -> Result<()> {
     with_lab(|lab| {
         let cp_host = lab.add_wan_host("control")?;
         let (key, _) = ControlPlane::init(&cp_host, lab)?;
@@ -17,19 +18,18 @@ fn netcheck_classifies_the_mapping_behind_each_nat() -> Result<()> {
         let r2 = RelayServer::start(&lab.add_wan_host("relay2")?, "r2", &key)?;
         let cp = ControlPlane::start_with_relays(&cp_host, lab, &[r1.spec(), r2.spec()])?;
 
-        let cases: [(&str, Option<NatKind>, &str); 5] = [
-            ("public", None, "endpoint-independent"),
-            ("cone", Some(NatKind::FullCone), "endpoint-independent"),
-            ("home", Some(NatKind::HomeRouter), "endpoint-independent"),
-            (
-                "sym",
-                Some(NatKind::Symmetric),
-                "address-and-port-dependent",
-            ),
-            ("cgnat", Some(NatKind::Cgnat), "endpoint-independent"),
+        const EI: &str = "endpoint-independent";
+        const APD: &str = "address-and-port-dependent";
+        // (name, NAT, mapping, filtering)
+        let cases: [(&str, Option<NatKind>, &str, &str); 5] = [
+            ("public", None, EI, EI),
+            ("cone", Some(NatKind::FullCone), EI, EI),
+            ("home", Some(NatKind::HomeRouter), EI, APD),
+            ("sym", Some(NatKind::Symmetric), APD, APD),
+            ("cgnat", Some(NatKind::Cgnat), EI, APD),
         ];
         let mut failures = Vec::new();
-        for (name, kind, want) in cases {
+        for (name, kind, want, want_filtering) in cases {
             let host = match kind {
                 None => lab.add_wan_host(name)?,
                 Some(k) => {
@@ -46,6 +46,12 @@ fn netcheck_classifies_the_mapping_behind_each_nat() -> Result<()> {
                 failures.push(format!("{name}: UDP reported blocked"));
             } else if mapping != want {
                 failures.push(format!("{name}: mapping {mapping}, expected {want}"));
+            }
+            let filtering = report["filtering"].as_str().unwrap_or("?");
+            if filtering != want_filtering {
+                failures.push(format!(
+                    "{name}: filtering {filtering}, expected {want_filtering}"
+                ));
             }
             let public = report["public_endpoint"].as_str().unwrap_or("");
             let expected_ip = host.public_ip().to_string();

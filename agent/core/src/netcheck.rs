@@ -1,21 +1,24 @@
 //! NAT detection (sans-IO): STUN binding requests from the agent's own socket to every relay,
-//! then to the first relay's alternate port and with a change-port request, classified into
-//! RFC 4787 mapping and filtering behaviour.
+//! then to the first relay's alternate port, plus a few from a short-lived side socket,
+//! classified into RFC 4787 mapping and filtering behaviour.
 //!
 //! - Mapping: the mapped address seen by two relays (different IPs) is equal →
 //!   endpoint-independent. It differs, and the same relay's alternate port sees the mapping of
 //!   its primary port → address-dependent; otherwise address-and-port-dependent.
-//! - Filtering: a change-port request answered from the other port means packets from a new
-//!   port are let in; with no NAT in the way (mapped = local address) that is endpoint-
-//!   independent filtering. Not answered → address-and-port-dependent. A relay with one IP
-//!   cannot tell endpoint-independent from address-dependent filtering behind a NAT: `unknown`.
+//! - Filtering is tested on the side socket's mapping, which has talked to the first relay's
+//!   primary address only (the main socket also talks to the alternate port, so its own
+//!   filter would let that port in). A second relay (another IP) is asked, from the main
+//!   socket, to answer at the side mapping's port (RFC 5780 RESPONSE-PORT): heard on the side
+//!   socket → endpoint-independent filtering. Otherwise the first relay's change-port answer
+//!   (from its alternate port) heard there → address-dependent; not heard →
+//!   address-and-port-dependent. With no NAT in the way a change-port answer means open.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use rally_proto::control::{NatBehavior, NatReport, RelayLatency};
-use rally_proto::stun::{BindingRequest, BindingResponse, TxId};
+use rally_proto::stun::{self, BindingRequest, BindingResponse, TxId};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -31,11 +34,26 @@ pub struct StunServer {
     pub addr: SocketAddr,
 }
 
+/// A request for the driver: which socket sends it (`side`: the netcheck's side socket).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetcheckTransmit {
+    pub side: bool,
+    pub to: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
+    /// Main socket → each relay.
     Primary,
+    /// Main socket → the first relay's alternate port (mapping).
     AltPort,
-    ChangePort,
+    /// Side socket → the first relay (the side mapping).
+    SidePrimary,
+    /// Side socket → the first relay, answered from its alternate port (port filtering).
+    SideChangePort,
+    /// Main socket → another relay, answered at the side mapping's port (address filtering).
+    ToSide,
 }
 
 #[derive(Debug)]
@@ -44,9 +62,18 @@ struct Probe {
     kind: Kind,
     to: SocketAddr,
     txid: TxId,
+    payload: Vec<u8>,
     sent: Instant,
     retransmits: usize,
     answer: Option<(BindingResponse, Duration)>,
+    /// The answer came in on the side socket.
+    on_side: bool,
+}
+
+impl Probe {
+    fn side(&self) -> bool {
+        matches!(self.kind, Kind::SidePrimary | Kind::SideChangePort)
+    }
 }
 
 pub struct Netcheck {
@@ -55,7 +82,7 @@ pub struct Netcheck {
     local_ips: Vec<IpAddr>,
     start: Instant,
     probes: Vec<Probe>,
-    transmits: VecDeque<(SocketAddr, Vec<u8>)>,
+    transmits: VecDeque<NetcheckTransmit>,
     rng: ChaCha8Rng,
 }
 
@@ -80,6 +107,9 @@ impl Netcheck {
             let to = n.servers[i].addr;
             n.send(i, Kind::Primary, to, now);
         }
+        if let Some(first) = n.servers.first().map(|s| s.addr) {
+            n.send(0, Kind::SidePrimary, first, now);
+        }
         n
     }
 
@@ -89,22 +119,38 @@ impl Netcheck {
         let req = BindingRequest {
             txid,
             change_ip: false,
-            change_port: kind == Kind::ChangePort,
+            change_port: kind == Kind::SideChangePort,
         };
-        self.transmits.push_back((to, req.encode()));
-        self.probes.push(Probe {
+        let payload = match (kind, self.side_mapping()) {
+            (Kind::ToSide, Some(side)) => stun::encode_to_port(&req, side.port()),
+            _ => req.encode(),
+        };
+        let probe = Probe {
             server,
             kind,
             to,
             txid,
+            payload,
             sent: now,
             retransmits: 0,
             answer: None,
+            on_side: false,
+        };
+        self.queue(&probe);
+        self.probes.push(probe);
+    }
+
+    fn queue(&mut self, p: &Probe) {
+        self.transmits.push_back(NetcheckTransmit {
+            side: p.side(),
+            to: p.to,
+            payload: p.payload.clone(),
         });
     }
 
-    /// Takes a STUN response; returns false if it answers none of our requests.
-    pub fn handle_response(&mut self, resp: BindingResponse, now: Instant) -> bool {
+    /// Takes a STUN response, heard on the main socket or (`on_side`) the side socket;
+    /// returns false if it answers none of our requests.
+    pub fn handle_response(&mut self, resp: BindingResponse, on_side: bool, now: Instant) -> bool {
         let Some(i) = self.probes.iter().position(|p| p.txid == resp.txid) else {
             return false;
         };
@@ -114,40 +160,73 @@ impl Netcheck {
         let rtt = now.saturating_duration_since(self.probes[i].sent);
         let (server, kind) = (self.probes[i].server, self.probes[i].kind);
         self.probes[i].answer = Some((resp, rtt));
+        self.probes[i].on_side = on_side;
         // The first relay's answer names its alternate address: test mapping and filtering there.
-        if kind == Kind::Primary && server == 0 {
-            if let Some(alt) = resp.other {
-                let primary = self.servers[0].addr;
-                if alt.ip() == primary.ip() && alt.port() != primary.port() {
-                    self.send(0, Kind::AltPort, alt, now);
-                    self.send(0, Kind::ChangePort, primary, now);
-                }
+        let alt = resp.other.filter(|alt| {
+            let primary = self.servers[0].addr;
+            server == 0 && alt.ip() == primary.ip() && alt.port() != primary.port()
+        });
+        match (kind, alt) {
+            (Kind::Primary, Some(alt)) => self.send(0, Kind::AltPort, alt, now),
+            (Kind::SidePrimary, Some(_)) => {
+                self.send(0, Kind::SideChangePort, self.servers[0].addr, now)
             }
+            _ => {}
         }
+        self.maybe_to_side(now);
         true
+    }
+
+    /// Once the side mapping is known, and a relay with another IP saw the main socket on the
+    /// same public address: ask that relay to answer at the side mapping's port.
+    fn maybe_to_side(&mut self, now: Instant) {
+        if self.probes.iter().any(|p| p.kind == Kind::ToSide) {
+            return;
+        }
+        let Some(side) = self.side_mapping() else {
+            return;
+        };
+        let first_ip = self.servers[0].addr.ip();
+        let other = (1..self.servers.len()).find(|&i| {
+            self.servers[i].addr.ip() != first_ip
+                && self
+                    .answer(i, Kind::Primary)
+                    .is_some_and(|(r, _)| r.mapped.ip() == side.ip())
+        });
+        if let Some(i) = other {
+            let to = self.servers[i].addr;
+            self.send(i, Kind::ToSide, to, now);
+        }
+    }
+
+    fn side_mapping(&self) -> Option<SocketAddr> {
+        self.answer(0, Kind::SidePrimary).map(|(r, _)| r.mapped)
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
         let mut resend = Vec::new();
-        for p in self.probes.iter_mut().filter(|p| p.answer.is_none()) {
+        for (i, p) in self.probes.iter_mut().enumerate() {
+            if p.answer.is_some() {
+                continue;
+            }
             if let Some(after) = RETRANSMITS.get(p.retransmits) {
                 if now >= p.sent + *after {
                     p.retransmits += 1;
-                    resend.push((p.to, p.txid, p.kind));
+                    resend.push(i);
                 }
             }
         }
-        for (to, txid, kind) in resend {
-            let req = BindingRequest {
-                txid,
-                change_ip: false,
-                change_port: kind == Kind::ChangePort,
+        for i in resend {
+            let t = NetcheckTransmit {
+                side: self.probes[i].side(),
+                to: self.probes[i].to,
+                payload: self.probes[i].payload.clone(),
             };
-            self.transmits.push_back((to, req.encode()));
+            self.transmits.push_back(t);
         }
     }
 
-    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+    pub fn poll_transmit(&mut self) -> Option<NetcheckTransmit> {
         self.transmits.pop_front()
     }
 
@@ -170,11 +249,34 @@ impl Netcheck {
         now >= self.deadline() || self.probes.iter().all(|p| p.answer.is_some())
     }
 
-    fn answer(&self, server: usize, kind: Kind) -> Option<&(BindingResponse, Duration)> {
+    fn probe(&self, server: usize, kind: Kind) -> Option<&Probe> {
         self.probes
             .iter()
             .find(|p| p.server == server && p.kind == kind)
-            .and_then(|p| p.answer.as_ref())
+    }
+
+    fn answer(&self, server: usize, kind: Kind) -> Option<&(BindingResponse, Duration)> {
+        self.probe(server, kind).and_then(|p| p.answer.as_ref())
+    }
+
+    /// Filtering, from the side socket's tests (see the module's comment).
+    fn filtering(&self, udp: bool, behind_nat: bool) -> NatBehavior {
+        let to_side = self.probes.iter().find(|p| p.kind == Kind::ToSide);
+        // An answer on the main socket: a relay that does not know RESPONSE-PORT.
+        let to_side_heard = to_side.map(|p| p.answer.is_some() && p.on_side);
+        let change = self
+            .probe(0, Kind::SideChangePort)
+            .map(|p| p.answer.is_some() && p.on_side);
+        match (to_side_heard, change) {
+            _ if !udp => NatBehavior::Unknown,
+            (Some(true), _) => NatBehavior::EndpointIndependent,
+            (_, Some(true)) if !behind_nat => NatBehavior::EndpointIndependent,
+            (Some(false), Some(true)) if to_side.is_some_and(|p| p.answer.is_none()) => {
+                NatBehavior::AddressDependent
+            }
+            (_, Some(false)) => NatBehavior::AddressAndPortDependent,
+            _ => NatBehavior::Unknown,
+        }
     }
 
     pub fn report(&self) -> NatReport {
@@ -203,13 +305,7 @@ impl Netcheck {
             },
             _ => NatBehavior::Unknown,
         };
-        let change_port_tried = self.probes.iter().any(|p| p.kind == Kind::ChangePort);
-        let filtering = match (change_port_tried, self.answer(0, Kind::ChangePort)) {
-            (false, _) => NatBehavior::Unknown,
-            (true, Some(_)) if !behind_nat => NatBehavior::EndpointIndependent,
-            (true, Some(_)) => NatBehavior::Unknown,
-            (true, None) => NatBehavior::AddressAndPortDependent,
-        };
+        let filtering = self.filtering(udp, behind_nat);
         let port_preserving = public_endpoint.is_some_and(|m| m.port() == self.local_port);
         let relays = self
             .servers
@@ -236,134 +332,4 @@ impl Netcheck {
 }
 
 #[cfg(test)]
-#[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
-mod tests {
-    use super::*;
-
-    const LOCAL: &str = "192.168.1.2:51820";
-
-    fn servers() -> Vec<StunServer> {
-        vec![
-            StunServer {
-                name: "r1".into(),
-                host: "198.51.100.5:3478".into(),
-                addr: "198.51.100.5:3478".parse().unwrap(),
-            },
-            StunServer {
-                name: "r2".into(),
-                host: "198.51.100.6:3478".into(),
-                addr: "198.51.100.6:3478".parse().unwrap(),
-            },
-        ]
-    }
-
-    fn start(now: Instant) -> Netcheck {
-        let local: SocketAddr = LOCAL.parse().unwrap();
-        Netcheck::new(servers(), local.port(), vec![local.ip()], [1; 32], now)
-    }
-
-    fn requests(n: &mut Netcheck) -> Vec<(SocketAddr, BindingRequest)> {
-        std::iter::from_fn(|| n.poll_transmit())
-            .map(|(to, b)| (to, BindingRequest::decode(&b).unwrap()))
-            .collect()
-    }
-
-    fn answer(
-        n: &mut Netcheck,
-        req: &BindingRequest,
-        mapped: &str,
-        other: Option<&str>,
-        now: Instant,
-    ) {
-        n.handle_response(
-            BindingResponse {
-                txid: req.txid,
-                mapped: mapped.parse().unwrap(),
-                other: other.map(|o| o.parse().unwrap()),
-                origin: None,
-            },
-            now,
-        );
-    }
-
-    #[test]
-    fn same_mapping_at_two_relays_is_endpoint_independent() {
-        let t0 = Instant::now();
-        let mut n = start(t0);
-        for (_, r) in requests(&mut n) {
-            answer(
-                &mut n,
-                &r,
-                "203.0.113.7:51820",
-                None,
-                t0 + Duration::from_millis(40),
-            );
-        }
-        let rep = n.report();
-        assert!(rep.udp);
-        assert_eq!(rep.mapping, NatBehavior::EndpointIndependent);
-        assert!(rep.port_preserving);
-        assert_eq!(
-            rep.public_endpoint,
-            Some("203.0.113.7:51820".parse().unwrap())
-        );
-        assert_eq!(rep.relays[0].latency_ms, Some(40.0));
-    }
-
-    #[test]
-    fn different_mappings_are_endpoint_dependent() {
-        let t0 = Instant::now();
-        let mut n = start(t0);
-        let reqs = requests(&mut n);
-        answer(
-            &mut n,
-            &reqs[0].1,
-            "203.0.113.7:40001",
-            Some("198.51.100.5:3479"),
-            t0,
-        );
-        answer(&mut n, &reqs[1].1, "203.0.113.7:40002", None, t0);
-        // The alternate port of relay 1 sees yet another port; change-port gets no answer.
-        let more = requests(&mut n);
-        assert_eq!(more.len(), 2);
-        let alt = more.iter().find(|(to, _)| to.port() == 3479).unwrap();
-        assert!(more.iter().any(|(_, r)| r.change_port));
-        answer(&mut n, &alt.1, "203.0.113.7:40003", None, t0);
-        let rep = n.report();
-        assert_eq!(rep.mapping, NatBehavior::AddressAndPortDependent);
-        assert_eq!(rep.filtering, NatBehavior::AddressAndPortDependent);
-        assert!(!rep.port_preserving);
-    }
-
-    #[test]
-    fn no_nat_with_change_port_answered_is_open() {
-        let t0 = Instant::now();
-        let mut n = start(t0);
-        let reqs = requests(&mut n);
-        answer(&mut n, &reqs[0].1, LOCAL, Some("198.51.100.5:3479"), t0);
-        answer(&mut n, &reqs[1].1, LOCAL, None, t0);
-        for (_, r) in requests(&mut n) {
-            answer(&mut n, &r, LOCAL, None, t0);
-        }
-        let rep = n.report();
-        assert_eq!(rep.mapping, NatBehavior::EndpointIndependent);
-        assert_eq!(rep.filtering, NatBehavior::EndpointIndependent);
-        assert!(n.is_done(t0));
-    }
-
-    #[test]
-    fn silence_means_no_udp_and_requests_are_retransmitted() {
-        let t0 = Instant::now();
-        let mut n = start(t0);
-        assert_eq!(requests(&mut n).len(), 2);
-        let t1 = n.poll_timeout();
-        assert_eq!(t1, t0 + RETRANSMITS[0]);
-        n.handle_timeout(t1);
-        assert_eq!(requests(&mut n).len(), 2);
-        assert!(!n.is_done(t1));
-        assert!(n.is_done(t0 + DURATION));
-        let rep = n.report();
-        assert!(!rep.udp);
-        assert_eq!(rep.mapping, NatBehavior::Unknown);
-    }
-}
+mod tests;

@@ -196,6 +196,8 @@ pub struct Engine {
     pub(super) inbound: InboundFilter,
     /// Handshakes started when a peer's data shows it kept a session we lost.
     pub(super) restart: RestartHints,
+    /// Short-lived sockets besides `udp` (the netcheck's filtering test).
+    pub(super) side: super::side::SideSockets,
 }
 
 /// What the engine needs to start.
@@ -360,6 +362,7 @@ impl Engine {
             drops: Drops::default(),
             disc,
             disc_io,
+            side: Default::default(),
             disc_due: tokio::time::Instant::now(),
             disc_ticks: 0,
             disc_pending: Vec::new(),
@@ -400,6 +403,10 @@ impl Engine {
                     Ok(()) => self.discovery_capture(&mut b).await,
                     Err(e) => debug!("discovery capture: {e}"),
                 },
+                Some(d) = self.side.recv() => {
+                    let t = super::timers::now();
+                    let _ = self.node.handle_side_datagram(d.socket, d.from, &d.payload, t);
+                }
                 () = &mut sleep => {
                     trace!(reason = ?wake, "woke for a timer");
                     self.handle_timers(&mut b.out).await;

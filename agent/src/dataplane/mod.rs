@@ -11,6 +11,7 @@ pub mod engine;
 pub mod restart;
 mod rx;
 pub mod security;
+mod side;
 mod status;
 pub mod timers;
 pub mod tunnel;

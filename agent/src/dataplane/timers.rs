@@ -136,6 +136,9 @@ impl Engine {
         while let Some(tx) = self.node.poll_transmit() {
             super::tx::send(&self.udp, &tx.payload, tx.to).await;
         }
+        while let Some(op) = self.node.poll_side() {
+            self.side.apply(op).await;
+        }
     }
 
     fn handle_node_event(&mut self, ev: NodeEvent) {

@@ -530,9 +530,18 @@ impl Relay {
             origin: origin.filter(|a| !a.ip().is_unspecified()),
             other: other.filter(|a| !a.ip().is_unspecified()),
         };
+        // RFC 5780 RESPONSE-PORT: answered at another port of the same address (how an agent
+        // tests its NAT's filtering), and only for a request as long as any answer.
+        let to = match stun::response_port(datagram) {
+            Ok(Some(port)) if datagram.len() >= stun::RESPONSE_PORT_MIN_LEN => {
+                SocketAddr::new(src.ip(), port)
+            }
+            Ok(Some(_)) => return dropped(DropReason::StunUnpadded),
+            _ => src,
+        };
         Action::Reply(Transmit {
             via: reply_via,
-            to: src,
+            to,
             payload: resp.encode(),
         })
     }

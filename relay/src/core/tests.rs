@@ -1267,3 +1267,33 @@ fn assert_refused(action: &Action, reason: DropReason, code: RelayErrorCode) {
     assert_eq!(*got, reason);
     assert_eq!(error_code(reply), Some(code));
 }
+
+#[test]
+fn stun_response_port_is_honoured_only_for_a_padded_request() {
+    let mut lab = Lab::new();
+    let src = addr("203.0.113.5:40000");
+    let req = BindingRequest {
+        txid: [4; 12],
+        change_ip: false,
+        change_port: false,
+    };
+    let padded = rally_proto::stun::encode_to_port(&req, 41000);
+    let Action::Reply(t) = lab.recv(src, &padded).0 else {
+        panic!("no answer to a padded RESPONSE-PORT request")
+    };
+    // The same address, the asked port; the answer is no longer than the request.
+    assert_eq!(t.to, addr("203.0.113.5:41000"));
+    assert!(t.payload.len() <= padded.len());
+    let resp = BindingResponse::decode(&t.payload).expect("a response");
+    assert_eq!(resp.mapped, src);
+
+    // Cut the padding off (keep the RESPONSE-PORT attribute): refused.
+    let mut short = padded[..28].to_vec();
+    short[2..4].copy_from_slice(&8u16.to_be_bytes());
+    assert_eq!(
+        rally_proto::stun::response_port(&short),
+        Ok(Some(41000)),
+        "the short request still asks for the port"
+    );
+    assert_eq!(lab.recv(src, &short).0, dropped(DropReason::StunUnpadded));
+}

@@ -204,6 +204,8 @@ drop_reasons! {
     PeerUnavailable => "peer_unavailable",
     /// A STUN request asking for a change of address this relay cannot make.
     StunChangeUnsupported => "stun_change_unsupported",
+    /// A STUN request with RESPONSE-PORT shorter than the answer would be (no amplification).
+    StunUnpadded => "stun_unpadded",
 }
 
 /// Counters since the relay started.

@@ -23,18 +23,23 @@
 //! hands back WireGuard payloads that came through a relay), tells it about authenticated
 //! WireGuard traffic ([`Node::handle_tunnel_rx`], [`Node::handle_tunnel_tx`]), asks
 //! [`Node::route`] where a peer's packets go, and drains [`Node::poll_transmit`],
-//! [`Node::poll_event`] and [`Node::poll_packet`] after every input; it sleeps until
+//! [`Node::poll_event`], [`Node::poll_packet`] and [`Node::poll_side`] (datagrams from side
+//! sockets come back through [`Node::handle_side_datagram`]) after every input; it sleeps until
 //! [`Node::poll_timeout`] and then calls [`Node::handle_timeout`].
 
 mod peer;
 mod reason;
 mod relays;
 mod schedule;
+mod side;
 #[cfg(test)]
 mod sim;
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
 mod tests;
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
+mod tests_netcheck;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -58,6 +63,7 @@ pub use reason::RelayReason;
 pub use relays::RelayConfig;
 use relays::Relays;
 use schedule::Deadlines;
+pub use side::{SideOp, SideSocket};
 
 /// What a node needs to start.
 pub struct NodeConfig {

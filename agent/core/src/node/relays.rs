@@ -1,7 +1,7 @@
 //! The relays: their clients, the datagrams from them, the netcheck that uses them as STUN
 //! servers, and this agent's NAT report.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,6 +13,7 @@ use rally_proto::Identity;
 use rand::RngCore;
 use tracing::{info, warn};
 
+use super::side::{SideOp, SideSocket};
 use super::{DropReason, NatCause, Node, NodeError, NodeEvent, Received, TimerReason};
 use crate::conn::{PathId, RelayId};
 use crate::netcheck::{Netcheck, StunServer};
@@ -36,7 +37,9 @@ pub(super) struct Relays {
     clients: Vec<RelayClient>,
     hosts: Vec<String>,
     by_addr: HashMap<SocketAddr, usize>,
-    netcheck: Option<Netcheck>,
+    pub(super) netcheck: Option<Netcheck>,
+    /// Side-socket operations for the driver (the netcheck's socket).
+    pub(super) side: VecDeque<SideOp>,
 }
 
 impl Relays {
@@ -49,6 +52,7 @@ impl Relays {
             hosts: Vec::new(),
             by_addr: HashMap::new(),
             netcheck: None,
+            side: VecDeque::new(),
         }
     }
 
@@ -159,7 +163,7 @@ impl Node {
 
     pub(super) fn handle_stun<'a>(&mut self, d: &[u8], now: Instant) -> Received<'a> {
         let handled = match (&mut self.relays.netcheck, BindingResponse::decode(d)) {
-            (Some(n), Ok(resp)) => n.handle_response(resp, now),
+            (Some(n), Ok(resp)) => n.handle_response(resp, false, now),
             _ => false,
         };
         if !handled {
@@ -216,7 +220,7 @@ impl Node {
     }
 
     /// A finished netcheck's report becomes this agent's.
-    fn finish_netcheck(&mut self, now: Instant) {
+    pub(super) fn finish_netcheck(&mut self, now: Instant) {
         let Some(n) = &self.relays.netcheck else {
             return;
         };
@@ -225,6 +229,9 @@ impl Node {
         }
         let report = n.report();
         self.relays.netcheck = None;
+        self.relays
+            .side
+            .push_back(SideOp::Close(SideSocket::Netcheck));
         info!(
             udp = report.udp,
             mapping = ?report.mapping,
@@ -243,8 +250,19 @@ impl Node {
     pub(super) fn drain_relays(&mut self) {
         let now = self.now;
         if let Some(n) = &mut self.relays.netcheck {
-            while let Some((to, payload)) = n.poll_transmit() {
-                self.transmits.push_back(super::Transmit { to, payload });
+            while let Some(t) = n.poll_transmit() {
+                if t.side {
+                    self.relays.side.push_back(SideOp::Send {
+                        socket: SideSocket::Netcheck,
+                        to: t.to,
+                        payload: t.payload,
+                    });
+                } else {
+                    self.transmits.push_back(super::Transmit {
+                        to: t.to,
+                        payload: t.payload,
+                    });
+                }
             }
         }
         for i in 0..self.relays.clients.len() {

@@ -19,7 +19,7 @@ use rally_relay::core::{Action, Config, Relay, Via as RelayVia};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{Node, NodeConfig, NodeEvent, Received, Route};
+use super::{Node, NodeConfig, NodeEvent, Received, Route, SideOp, SideSocket};
 use crate::conn::{PathId, Profile};
 use crate::node::RelayConfig;
 
@@ -34,6 +34,8 @@ pub enum NatKind {
     Home,
     /// A new mapping per destination, address-and-port-dependent filtering.
     Symmetric,
+    /// Endpoint-independent mapping, address-dependent filtering.
+    Restricted,
 }
 
 pub struct Agent {
@@ -56,6 +58,8 @@ pub struct Agent {
     pub echo: bool,
     /// Probes the agent sent on a direct path: (time, destination).
     pub direct_probes: Vec<(Instant, SocketAddr)>,
+    /// The netcheck's side socket while it is open.
+    side: Option<SocketAddr>,
 }
 
 struct Router {
@@ -212,6 +216,7 @@ impl Sim {
             last_wake: None,
             echo: false,
             direct_probes: Vec::new(),
+            side: None,
         });
         self.agents.len() - 1
     }
@@ -405,6 +410,15 @@ impl Sim {
                 if let Some(route) = self.agents[a].node.route(&peer) {
                     self.send_on(a, route, &packet);
                 }
+            } else if let Some(op) = self.agents[a].node.poll_side() {
+                let side = SocketAddr::new(self.agents[a].local.ip(), 50_000);
+                match op {
+                    SideOp::Send { to, payload, .. } => {
+                        self.agents[a].side = Some(side);
+                        self.send_from_addr(a, side, to, payload);
+                    }
+                    SideOp::Close(_) => self.agents[a].side = None,
+                }
             } else if let Some(ev) = self.agents[a].node.poll_event() {
                 self.control_plane(a, &ev);
                 let now = self.now;
@@ -450,6 +464,11 @@ impl Sim {
             self.agents[a].direct_probes.push((now, to));
         }
         let local = self.agents[a].local;
+        self.send_from_addr(a, local, to, payload);
+    }
+
+    /// A datagram from agent `a`'s socket at `local` to `to`, through its NAT.
+    fn send_from_addr(&mut self, a: usize, local: SocketAddr, to: SocketAddr, payload: Vec<u8>) {
         let from = match self.agents[a].router {
             None => local,
             // Inside the LAN: no translation.
@@ -509,6 +528,15 @@ impl Sim {
         }
         if let Some(a) = self.agents.iter().position(|x| x.local == p.to) {
             self.deliver_to_agent(a, p.from, &p.payload);
+        } else if let Some(a) = self.agents.iter().position(|x| x.side == Some(p.to)) {
+            let now = self.now;
+            let _ = self.agents[a].node.handle_side_datagram(
+                SideSocket::Netcheck,
+                p.from,
+                &p.payload,
+                now,
+            );
+            self.drain(a);
         }
     }
 
@@ -605,6 +633,11 @@ impl Router {
             NatKind::Home | NatKind::Symmetric => {
                 self.sent.contains(&(port, from)).then_some(*inside)
             }
+            NatKind::Restricted => self
+                .sent
+                .iter()
+                .any(|(p, to)| *p == port && to.ip() == from.ip())
+                .then_some(*inside),
         }
     }
 }

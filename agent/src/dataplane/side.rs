@@ -1,0 +1,117 @@
+//! The engine's side sockets ([`SideOp`] from the node): each bound on an ephemeral port the
+//! first time the node sends from it, read by a task of the data plane's runtime into one
+//! channel, and closed (its task ended) when the node says so or the engine stops.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use rally_agent_core::node::{SideOp, SideSocket};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+/// Datagrams read per side socket are no larger (STUN answers are far smaller).
+const MAX_DATAGRAM: usize = 1500;
+/// Datagrams waiting for the engine, over all side sockets; more are dropped.
+const QUEUE: usize = 256;
+
+/// A datagram that arrived on a side socket.
+pub struct SideDatagram {
+    pub socket: SideSocket,
+    pub from: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+pub struct SideSockets {
+    open: HashMap<SideSocket, (Arc<UdpSocket>, JoinHandle<()>)>,
+    tx: mpsc::Sender<SideDatagram>,
+    rx: mpsc::Receiver<SideDatagram>,
+}
+
+impl Default for SideSockets {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        SideSockets {
+            open: HashMap::new(),
+            tx,
+            rx,
+        }
+    }
+}
+
+impl SideSockets {
+    /// Performs one operation of the node's; a socket that cannot be bound is logged and the
+    /// datagram dropped (the netcheck then reports what it could not test as `unknown`).
+    pub async fn apply(&mut self, op: SideOp) {
+        match op {
+            SideOp::Send {
+                socket,
+                to,
+                payload,
+            } => {
+                let Some(s) = self.socket(socket, to).await else {
+                    return;
+                };
+                if let Err(e) = s.send_to(&payload, to).await {
+                    debug!(?socket, %to, "side socket send: {e}");
+                }
+            }
+            SideOp::Close(socket) => {
+                if let Some((_, task)) = self.open.remove(&socket) {
+                    task.abort();
+                }
+            }
+        }
+    }
+
+    async fn socket(&mut self, socket: SideSocket, to: SocketAddr) -> Option<Arc<UdpSocket>> {
+        if let Some((s, _)) = self.open.get(&socket) {
+            return Some(s.clone());
+        }
+        let any: SocketAddr = if to.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let s = match UdpSocket::bind(any).await {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                debug!(?socket, "side socket bind: {e}");
+                return None;
+            }
+        };
+        let (reader, tx) = (s.clone(), self.tx.clone());
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            loop {
+                let Ok((n, from)) = reader.recv_from(&mut buf).await else {
+                    return;
+                };
+                let d = SideDatagram {
+                    socket,
+                    from,
+                    payload: buf[..n].to_vec(),
+                };
+                // A full queue drops the datagram: the node retransmits what it needs.
+                let _ = tx.try_send(d);
+            }
+        });
+        self.open.insert(socket, (s.clone(), task));
+        Some(s)
+    }
+
+    /// The next datagram from any side socket (pending forever while none is open).
+    pub async fn recv(&mut self) -> Option<SideDatagram> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for SideSockets {
+    fn drop(&mut self) {
+        for (_, (_, task)) in self.open.drain() {
+            task.abort();
+        }
+    }
+}
