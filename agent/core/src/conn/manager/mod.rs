@@ -28,8 +28,8 @@ pub const RELAY_REVERT_HOLD: Duration = Duration::from_secs(60);
 /// Probes in a silence check (see [`Timer::Silence`]), so that one lost probe or ack does not
 /// fail a path that carries data.
 pub const CHECK_PROBES: u32 = 3;
-/// While idle, paths other than the primary and the best standby are probed this many times
-/// more rarely than the idle interval.
+/// While idle, paths other than the primary are probed this many times more rarely than the
+/// idle interval.
 pub const IDLE_STANDBY_FACTOR: u32 = 4;
 /// While idle, a probe due takes along the peer's other probes due within the idle interval
 /// divided by this.
@@ -394,6 +394,27 @@ impl Connection {
         p.health.on_traffic(&self.profile);
         // An up path is checked once the data stops; one that is not up is checked now.
         p.next_probe = p.next_probe.min(if p.health.is_up() { soon } else { now });
+        true
+    }
+
+    /// The peer's own probe arrived on `path` (and was answered). While the peer is idle, an
+    /// up path the peer has just probed needs no probe of ours this round: the peer is
+    /// watching it, and the path carried its probe. Our next probe there moves to one idle
+    /// interval from now, so each idle path is probed by one side only (the side whose round
+    /// comes first), not by both. Busy peers and paths not up are unaffected. Returns whether
+    /// the probe was postponed.
+    pub fn handle_peer_probe(&mut self, path: &PathId, now: Instant) -> bool {
+        if !self.is_idle(now) {
+            return false;
+        }
+        let cadence = self.cadence(now);
+        let Some(p) = self.paths.get_mut(path) else {
+            return false;
+        };
+        if !p.health.is_up() || p.outstanding.is_some() || p.check.is_some() {
+            return false;
+        }
+        p.next_probe = p.next_probe.max(now + cadence);
         true
     }
 

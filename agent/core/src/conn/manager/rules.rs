@@ -332,16 +332,6 @@ impl Connection {
         self.primary.is_some() && !self.is_busy(now)
     }
 
-    /// The best up path other than the primary: the one failover would pick.
-    pub(super) fn best_standby(&self) -> Option<PathId> {
-        self.paths
-            .iter()
-            .filter(|(id, p)| p.health.is_up() && self.primary.as_ref() != Some(*id))
-            .map(|(id, p)| Rank::new(id, p.health.rtt))
-            .min()
-            .map(|r| r.path.clone())
-    }
-
     pub(super) fn is_up(&self, path: &PathId) -> bool {
         self.paths.get(path).is_some_and(|p| p.health.is_up())
     }
@@ -372,8 +362,8 @@ impl Connection {
         let fast = cadence == self.profile.probe_interval;
         // While idle, a probe due on any path takes along the others due within a quarter of
         // the idle interval (one wake-up per peer, not one per path); and only the primary
-        // and the best standby keep the idle interval, the rest probe four times as rarely.
-        let standby = (!fast).then(|| self.best_standby()).flatten();
+        // keeps the idle interval, standbys probe four times as rarely (a busy peer probes
+        // every path at `probe_interval` again, and a relay's own pings watch the relay).
         let any_due = self
             .paths
             .iter()
@@ -401,7 +391,7 @@ impl Connection {
                 at: now,
                 deadline: now + self.profile.probe_timeout,
             });
-            let kept_warm = fast || primary.as_ref() == Some(id) || standby.as_ref() == Some(id);
+            let kept_warm = fast || primary.as_ref() == Some(id);
             p.next_probe = now
                 + if kept_warm {
                     cadence
