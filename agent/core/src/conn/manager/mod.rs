@@ -274,6 +274,9 @@ pub struct Connection {
     last_activity: Option<Instant>,
     /// When data was first sent on the current primary since anything was last heard on it.
     unanswered: Option<Instant>,
+    /// When the peer's data through a relay last started a check of a direct primary (at
+    /// most one per `probe_interval`).
+    relayed_check: Option<Instant>,
     connected_since: Option<Instant>,
     failovers: u64,
     relay_switches: u64,
@@ -306,6 +309,7 @@ impl Connection {
             next_txid: rng.gen(),
             last_activity: None,
             unanswered: None,
+            relayed_check: None,
             connected_since: None,
             failovers: 0,
             relay_switches: 0,
@@ -382,11 +386,20 @@ impl Connection {
     /// Authenticated data from the peer arrived on `path`. Traffic proves the path alive
     /// (its failure count resets) and marks the peer busy; if it goes silent, a probe follows
     /// within one probe interval. Returns false for an unknown path.
+    ///
+    /// Data from the peer through a relay while our primary is direct means the peer fell
+    /// back to the relay: it no longer hears us directly (its address changed, or the path
+    /// broke one way). Our primary is checked at once rather than after `silence_timeout`,
+    /// so a roaming peer's replies follow it within one check.
     pub fn handle_rx(&mut self, path: &PathId, now: Instant) -> bool {
         self.mark_busy(now);
         let soon = now + self.profile.probe_interval;
         if !self.heard(path) {
             return false;
+        }
+        if path.kind() == PathKind::Relay && self.check_direct_primary_now(now) {
+            self.relayed_check = Some(now);
+            self.start_check(now);
         }
         let Some(p) = self.paths.get_mut(path) else {
             return false;

@@ -274,6 +274,22 @@ impl Connection {
         Some(since + self.profile.silence_timeout.max(rtt * 2))
     }
 
+    /// Whether a direct primary should be checked now, on data from the peer through a relay:
+    /// it is direct, no check of it runs, and no such check started within `probe_interval`
+    /// (a peer that stays on the relay a while, earning its direct path back, costs one check
+    /// per interval, not one after another).
+    pub(super) fn check_direct_primary_now(&self, now: Instant) -> bool {
+        let Some(primary) = self.primary.as_ref() else {
+            return false;
+        };
+        let recent = self
+            .relayed_check
+            .is_some_and(|t| now < t + self.profile.probe_interval);
+        primary.kind() == PathKind::Direct
+            && !recent
+            && self.paths.get(primary).is_some_and(|p| p.check.is_none())
+    }
+
     /// Starts a silence check on the primary: [`CHECK_PROBES`] probes, [`CHECK_SPACING`]
     /// apart (the first now), one shared deadline. Any answer on the path ends it; none by the
     /// deadline takes the path down.

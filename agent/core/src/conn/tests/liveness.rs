@@ -197,3 +197,28 @@ fn an_idle_path_the_peer_probes_is_not_probed_by_us_too() {
     sim.conn.handle_tx(sim.now);
     assert!(!sim.conn.handle_peer_probe(&direct(), sim.now));
 }
+
+#[test]
+fn data_through_a_relay_checks_a_direct_primary_at_once() {
+    let mut sim = Sim::direct_and_relay();
+    sim.run_for(secs(5));
+    // (No ack of an earlier probe still on its way: it would end the check, as any answer.)
+    while !sim.in_flight.is_empty() {
+        sim.run_for(ms(5));
+    }
+    // The peer's address changed: our direct path is dead, and the peer, no longer hearing
+    // us, sends through the relay.
+    let cut = sim.now;
+    sim.cut(&direct());
+    sim.receive_every(&relay("eu"), ms(10));
+    let failover = sim.run_until_event(is_failover, secs(5));
+    // The check starts with the first relayed packet, without waiting out the silence
+    // timeout, and fails after its wait: three smoothed RTTs plus the margin.
+    let wait = (ms(20) * 3 + CHECK_MARGIN).clamp(CHECK_MIN_WAIT, sim.profile().max_latency);
+    assert!(
+        failover - cut <= ms(10) + wait + ms(1),
+        "failed over {:?} after the cut",
+        failover - cut
+    );
+    assert_eq!(sim.conn.primary(), Some(&relay("eu")));
+}
