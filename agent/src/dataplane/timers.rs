@@ -4,9 +4,14 @@
 //! no idle peer is visited.
 //!
 //! boringtun's timers (handshake retries, keepalives, session expiry) are rounded to a second
-//! inside boringtun, so its slot comes round every [`WG_TIMERS`] while any tunnel has
-//! WireGuard state, and visits only those tunnels. A wake-up for the node runs WireGuard's
-//! timers too when their slot is due within [`WG_COALESCE`], so the two share wake-ups.
+//! inside boringtun, so its slot comes round every [`WG_TIMERS`] while a tunnel with WireGuard
+//! state belongs to a busy peer (or one without a primary path), and every
+//! [`WG_TIMERS_IDLE`] while all of them are idle: then the only timers that can fire are the
+//! 25 s persistent keepalive and session expiry, and they fire up to that much later (a
+//! keepalive after 25–30 s; the connection manager's idle probes keep the NAT mapping of the
+//! primary path open every 15 s in any case). The slot visits only tunnels with state. A
+//! wake-up for the node runs WireGuard's timers and discovery's too when their slots are due
+//! within [`WG_COALESCE`], so they share wake-ups.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,7 +27,9 @@ use crate::node::{NatCause, NodeEvent, Route, TimerReason};
 
 /// The cadence of WireGuard's timers while any tunnel has state.
 pub const WG_TIMERS: Duration = Duration::from_secs(1);
-/// A wake-up this close before WireGuard's slot runs it early.
+/// The cadence of WireGuard's timers while every tunnel with state belongs to an idle peer.
+pub const WG_TIMERS_IDLE: Duration = Duration::from_secs(5);
+/// A wake-up this close before WireGuard's (or discovery's) slot runs it early.
 pub const WG_COALESCE: Duration = Duration::from_millis(500);
 /// How long the loop sleeps when nothing at all is scheduled.
 const IDLE_FOREVER: Duration = Duration::from_secs(3600);
@@ -72,7 +79,7 @@ impl Engine {
             self.wg_due = None;
             self.wireguard_timers(out).await;
         }
-        if t >= self.disc_due {
+        if t + WG_COALESCE >= self.disc_due {
             self.discovery_tick();
         }
     }
@@ -114,7 +121,13 @@ impl Engine {
             }
         }
         if !self.live.is_empty() {
-            self.wg_due = Some(tokio::time::Instant::now() + WG_TIMERS);
+            let now = tokio::time::Instant::now();
+            let t = now.into_std();
+            let all_idle = self
+                .live
+                .iter()
+                .all(|id| self.node.peer(id).is_some_and(|p| p.conn().is_idle(t)));
+            self.wg_due = Some(now + if all_idle { WG_TIMERS_IDLE } else { WG_TIMERS });
         }
     }
 

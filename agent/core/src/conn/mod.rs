@@ -40,10 +40,12 @@
 //!
 //! Probing cadence: every `probe_interval` while the peer is busy (data sent or received in
 //! the last `idle_after`) or has no primary; every `idle_probe_interval` while idle (and
-//! after `failed`). While idle only the primary and the best standby keep that interval;
-//! other paths are probed [`IDLE_STANDBY_FACTOR`] times as rarely, and a probe due takes along
-//! the peer's other probes due within `idle_probe_interval / `[`IDLE_COALESCE`], so an idle
-//! peer costs one wake-up per round, not one per path. Data arriving on an up path pulls its next probe to at most one
+//! after `failed`). While idle only the primary keeps that interval; standbys are probed
+//! [`IDLE_STANDBY_FACTOR`] times as rarely, and a probe due takes along the peer's other
+//! probes due within `idle_probe_interval / `[`IDLE_COALESCE`], so an idle peer costs one
+//! wake-up per round, not one per path. An idle up path the peer itself just probed
+//! (`handle_peer_probe`) is not probed by us that round: each idle path is watched by one
+//! side. Data arriving on an up path pulls its next probe to at most one
 //! `probe_interval` later, so when a busy path goes silent a probe follows within one
 //! interval and its loss counts.
 //!

@@ -506,6 +506,10 @@ impl Node {
             return Received::Dropped(DropReason::BadProbe);
         };
         let mine = probe.kind == ProbeKind::Ack && p.conn.handle_probe_ack(&path, probe.txid, now);
+        if probe.kind == ProbeKind::Probe {
+            // The peer watches this path this round: ours waits (idle peers only).
+            p.conn.handle_peer_probe(&path, now);
+        }
         if !mine {
             p.paths.handle_probe(path, probe, now);
         }

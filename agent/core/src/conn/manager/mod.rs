@@ -28,8 +28,8 @@ pub const RELAY_REVERT_HOLD: Duration = Duration::from_secs(60);
 /// Probes in a silence check (see [`Timer::Silence`]), so that one lost probe or ack does not
 /// fail a path that carries data.
 pub const CHECK_PROBES: u32 = 3;
-/// While idle, paths other than the primary and the best standby are probed this many times
-/// more rarely than the idle interval.
+/// While idle, paths other than the primary are probed this many times more rarely than the
+/// idle interval.
 pub const IDLE_STANDBY_FACTOR: u32 = 4;
 /// While idle, a probe due takes along the peer's other probes due within the idle interval
 /// divided by this.
@@ -274,6 +274,9 @@ pub struct Connection {
     last_activity: Option<Instant>,
     /// When data was first sent on the current primary since anything was last heard on it.
     unanswered: Option<Instant>,
+    /// When the peer's data through a relay last started a check of a direct primary (at
+    /// most one per `probe_interval`).
+    relayed_check: Option<Instant>,
     connected_since: Option<Instant>,
     failovers: u64,
     relay_switches: u64,
@@ -306,6 +309,7 @@ impl Connection {
             next_txid: rng.gen(),
             last_activity: None,
             unanswered: None,
+            relayed_check: None,
             connected_since: None,
             failovers: 0,
             relay_switches: 0,
@@ -382,11 +386,20 @@ impl Connection {
     /// Authenticated data from the peer arrived on `path`. Traffic proves the path alive
     /// (its failure count resets) and marks the peer busy; if it goes silent, a probe follows
     /// within one probe interval. Returns false for an unknown path.
+    ///
+    /// Data from the peer through a relay while our primary is direct means the peer fell
+    /// back to the relay: it no longer hears us directly (its address changed, or the path
+    /// broke one way). Our primary is checked at once rather than after `silence_timeout`,
+    /// so a roaming peer's replies follow it within one check.
     pub fn handle_rx(&mut self, path: &PathId, now: Instant) -> bool {
         self.mark_busy(now);
         let soon = now + self.profile.probe_interval;
         if !self.heard(path) {
             return false;
+        }
+        if path.kind() == PathKind::Relay && self.check_direct_primary_now(now) {
+            self.relayed_check = Some(now);
+            self.start_check(now);
         }
         let Some(p) = self.paths.get_mut(path) else {
             return false;
@@ -394,6 +407,27 @@ impl Connection {
         p.health.on_traffic(&self.profile);
         // An up path is checked once the data stops; one that is not up is checked now.
         p.next_probe = p.next_probe.min(if p.health.is_up() { soon } else { now });
+        true
+    }
+
+    /// The peer's own probe arrived on `path` (and was answered). While the peer is idle, an
+    /// up path the peer has just probed needs no probe of ours this round: the peer is
+    /// watching it, and the path carried its probe. Our next probe there moves to one idle
+    /// interval from now, so each idle path is probed by one side only (the side whose round
+    /// comes first), not by both. Busy peers and paths not up are unaffected. Returns whether
+    /// the probe was postponed.
+    pub fn handle_peer_probe(&mut self, path: &PathId, now: Instant) -> bool {
+        if !self.is_idle(now) {
+            return false;
+        }
+        let cadence = self.cadence(now);
+        let Some(p) = self.paths.get_mut(path) else {
+            return false;
+        };
+        if !p.health.is_up() || p.outstanding.is_some() || p.check.is_some() {
+            return false;
+        }
+        p.next_probe = p.next_probe.max(now + cadence);
         true
     }
 

@@ -274,6 +274,22 @@ impl Connection {
         Some(since + self.profile.silence_timeout.max(rtt * 2))
     }
 
+    /// Whether a direct primary should be checked now, on data from the peer through a relay:
+    /// it is direct, no check of it runs, and no such check started within `probe_interval`
+    /// (a peer that stays on the relay a while, earning its direct path back, costs one check
+    /// per interval, not one after another).
+    pub(super) fn check_direct_primary_now(&self, now: Instant) -> bool {
+        let Some(primary) = self.primary.as_ref() else {
+            return false;
+        };
+        let recent = self
+            .relayed_check
+            .is_some_and(|t| now < t + self.profile.probe_interval);
+        primary.kind() == PathKind::Direct
+            && !recent
+            && self.paths.get(primary).is_some_and(|p| p.check.is_none())
+    }
+
     /// Starts a silence check on the primary: [`CHECK_PROBES`] probes, [`CHECK_SPACING`]
     /// apart (the first now), one shared deadline. Any answer on the path ends it; none by the
     /// deadline takes the path down.
@@ -332,16 +348,6 @@ impl Connection {
         self.primary.is_some() && !self.is_busy(now)
     }
 
-    /// The best up path other than the primary: the one failover would pick.
-    pub(super) fn best_standby(&self) -> Option<PathId> {
-        self.paths
-            .iter()
-            .filter(|(id, p)| p.health.is_up() && self.primary.as_ref() != Some(*id))
-            .map(|(id, p)| Rank::new(id, p.health.rtt))
-            .min()
-            .map(|r| r.path.clone())
-    }
-
     pub(super) fn is_up(&self, path: &PathId) -> bool {
         self.paths.get(path).is_some_and(|p| p.health.is_up())
     }
@@ -372,8 +378,8 @@ impl Connection {
         let fast = cadence == self.profile.probe_interval;
         // While idle, a probe due on any path takes along the others due within a quarter of
         // the idle interval (one wake-up per peer, not one per path); and only the primary
-        // and the best standby keep the idle interval, the rest probe four times as rarely.
-        let standby = (!fast).then(|| self.best_standby()).flatten();
+        // keeps the idle interval, standbys probe four times as rarely (a busy peer probes
+        // every path at `probe_interval` again, and a relay's own pings watch the relay).
         let any_due = self
             .paths
             .iter()
@@ -401,7 +407,7 @@ impl Connection {
                 at: now,
                 deadline: now + self.profile.probe_timeout,
             });
-            let kept_warm = fast || primary.as_ref() == Some(id) || standby.as_ref() == Some(id);
+            let kept_warm = fast || primary.as_ref() == Some(id);
             p.next_probe = now
                 + if kept_warm {
                     cadence

@@ -1,0 +1,224 @@
+//! Traffic as liveness, silence checks on busy paths, the idle probing cadence.
+
+use super::*;
+
+#[test]
+fn traffic_counts_as_liveness() {
+    let mut sim = Sim::direct_and_relay();
+    sim.link(&direct(), Link::down());
+    sim.receive_every(&direct(), ms(150));
+    let mark = sim.mark();
+
+    sim.run_for(secs(60));
+
+    assert_eq!(sim.primary_changes_since(&mark), 0);
+    assert!(sim.lost_probes(&direct(), mark.at, sim.now).len() >= 50);
+    assert_eq!(sim.path_metrics(&direct()).health, PathHealth::Up);
+
+    sim.stop_receiving();
+    let quiet = sim.now;
+    let failover_at = sim.run_until_event(is_failover, secs(30));
+    assert!(failover_at <= quiet + sim.profile().probe_interval * 4);
+}
+
+#[test]
+fn silence_on_a_busy_path_is_noticed_within_one_probe_interval() {
+    let mut sim = Sim::new(Profile::stable());
+    sim.add(direct(), Link::up(ms(20)));
+    sim.run_for(secs(60)); // idle: probes 15 s apart
+    sim.receive_every(&direct(), ms(50));
+    sim.run_for(secs(20) + ms(500)); // out of step with the probes
+    sim.link(&direct(), Link::down());
+    sim.stop_receiving();
+    let silent_since = sim.now;
+    let pi = sim.profile().probe_interval;
+
+    sim.run_for(pi);
+
+    let probes = sim.lost_probes(&direct(), silent_since, sim.now);
+    assert_eq!(probes.len(), 1, "a probe within one interval of silence");
+    sim.run_until(probes[0] + sim.profile().probe_timeout);
+    assert_eq!(
+        sim.path_metrics(&direct()).consecutive_failures,
+        1,
+        "and its loss counts"
+    );
+}
+
+#[test]
+fn a_busy_path_that_goes_silent_fails_over_within_a_second() {
+    let mut sim = Sim::direct_and_relay();
+    let heard = sim.now;
+    sim.cut(&direct());
+    let cut = sim.mark();
+
+    let failover_at = sim.run_until_event(is_failover, secs(30));
+
+    // The first packet sent after the last one heard starts the silence clock; a check of
+    // three probes 25 ms apart follows after the silence timeout, and its deadline (three
+    // smoothed RTTs of 20 ms, plus 100 ms) takes the path down.
+    let check = sim.lost_probes(&direct(), cut.at, failover_at);
+    let start = check[0];
+    assert_eq!(
+        check,
+        [start, start + CHECK_SPACING, start + CHECK_SPACING * 2]
+    );
+    let silence = start - heard;
+    let profile = sim.profile();
+    assert!(
+        silence >= profile.silence_timeout && silence <= profile.silence_timeout + ms(100),
+        "checked {silence:?} after the last packet heard"
+    );
+    assert_eq!(failover_at, start + ms(3 * 20) + CHECK_MARGIN);
+    assert!(failover_at - cut.at < secs(1));
+    assert_eq!(
+        sim.events_since(&cut),
+        [
+            ConnEvent::PathDown { path: direct() },
+            ConnEvent::Failover {
+                from: direct(),
+                to: relay("eu")
+            },
+            ConnEvent::PrimaryChange {
+                from: Some(direct()),
+                to: Some(relay("eu")),
+                reason: PrimaryReason::Failover
+            },
+        ]
+    );
+    let m = sim.path_metrics(&direct());
+    assert_eq!(m.probes_failed, u64::from(CHECK_PROBES));
+}
+
+#[test]
+fn one_lost_probe_of_a_silence_check_is_no_failure() {
+    let mut sim = Sim::direct_and_relay();
+    sim.stop_receiving();
+    // One probe is lost, most likely a check's (they are the most frequent); the next is
+    // answered.
+    sim.run_for(secs(5));
+    let mark = sim.mark();
+    sim.link(&direct(), Link::script([None], Some(ms(20))));
+
+    sim.run_for(secs(60));
+
+    assert_eq!(sim.events_since(&mark), []);
+    assert_eq!(sim.conn.primary(), Some(&direct()));
+    let checks = sim.probes_on(&direct(), mark.at, sim.now).len();
+    assert!(
+        checks > 120,
+        "a one-way sender's path is checked a few times a second ({checks} probes in 60 s)"
+    );
+}
+
+#[test]
+fn a_silence_check_ends_as_soon_as_data_arrives() {
+    let mut sim = Sim::direct_and_relay();
+    sim.stop_receiving();
+    sim.link(&direct(), Link::down());
+    let quiet = sim.now;
+    while sim
+        .lost_probes(&direct(), quiet, sim.now + ms(1))
+        .is_empty()
+    {
+        assert!(sim.advance(quiet + secs(1)), "no check within a second");
+    }
+    // The peer's data resumes 50 ms into the check, before its deadline.
+    let started = sim.now;
+    sim.run_until(started + ms(50));
+    assert_eq!(sim.path_metrics(&direct()).health, PathHealth::Up);
+    sim.receive_every(&direct(), ms(50));
+    let mark = sim.mark();
+
+    sim.run_for(secs(2));
+
+    assert_eq!(
+        sim.primary_changes_since(&mark),
+        0,
+        "no failover at the deadline"
+    );
+    assert_eq!(sim.path_metrics(&direct()).health, PathHealth::Up);
+}
+
+#[test]
+fn idle_peer_probes_rarely() {
+    let mut sim = Sim::new(Profile::stable());
+    sim.add(direct(), Link::up(ms(20)));
+
+    sim.run_for(secs(310));
+
+    let sent = sim.probes_on(&direct(), sim.t0, sim.now);
+    assert_eq!(sent[1] - sent[0], secs(1), "quick until a primary is up");
+    assert!(sent[1..].windows(2).all(|w| w[1] - w[0] == secs(15)));
+    assert_eq!(sent.len(), 22);
+
+    // Traffic makes it busy: the next probe comes one probe interval later, not 6 s later;
+    // and a packet sent with nothing back within the silence timeout is checked on at once
+    // (the check's first probe is answered in 20 ms, so the other two are not sent).
+    let busy = sim.now;
+    sim.conn.handle_tx(busy);
+    sim.run_for(secs(1));
+    assert_eq!(
+        sim.probes_on(&direct(), busy, sim.now + ms(1)),
+        [busy + sim.profile().silence_timeout, busy + secs(1)]
+    );
+}
+
+#[test]
+fn an_idle_path_the_peer_probes_is_not_probed_by_us_too() {
+    let mut sim = Sim::new(Profile::stable());
+    sim.add(direct(), Link::up(ms(20)));
+    sim.add(relay("eu"), Link::up(ms(40)));
+    sim.run_for(secs(120));
+    // Idle: the primary every 15 s, the standby four times as rarely.
+    let (from, to) = (sim.now - secs(60), sim.now);
+    assert_eq!(sim.probes_on(&direct(), from, to).len(), 4);
+    assert_eq!(sim.probes_on(&relay("eu"), from, to).len(), 1);
+
+    // The peer's own probes arrive on the direct path every 14 s: it watches the path, so
+    // ours there stop (the relay's go on at their own cadence).
+    let watched = sim.now;
+    for _ in 0..5 {
+        assert!(sim.conn.handle_peer_probe(&direct(), sim.now));
+        sim.run_for(secs(14));
+    }
+    assert_eq!(sim.probes_on(&direct(), watched, sim.now), []);
+    assert!(!sim.probes_on(&relay("eu"), watched, sim.now).is_empty());
+
+    // The peer stops probing: ours resume one idle interval after its last probe.
+    let last = sim.now - secs(14);
+    sim.run_for(secs(15));
+    assert_eq!(
+        sim.probes_on(&direct(), watched, sim.now),
+        [last + secs(15)]
+    );
+
+    // A busy peer probes at its own cadence whatever the other side does.
+    sim.conn.handle_tx(sim.now);
+    assert!(!sim.conn.handle_peer_probe(&direct(), sim.now));
+}
+
+#[test]
+fn data_through_a_relay_checks_a_direct_primary_at_once() {
+    let mut sim = Sim::direct_and_relay();
+    sim.run_for(secs(5));
+    // (No ack of an earlier probe still on its way: it would end the check, as any answer.)
+    while !sim.in_flight.is_empty() {
+        sim.run_for(ms(5));
+    }
+    // The peer's address changed: our direct path is dead, and the peer, no longer hearing
+    // us, sends through the relay.
+    let cut = sim.now;
+    sim.cut(&direct());
+    sim.receive_every(&relay("eu"), ms(10));
+    let failover = sim.run_until_event(is_failover, secs(5));
+    // The check starts with the first relayed packet, without waiting out the silence
+    // timeout, and fails after its wait: three smoothed RTTs plus the margin.
+    let wait = (ms(20) * 3 + CHECK_MARGIN).clamp(CHECK_MIN_WAIT, sim.profile().max_latency);
+    assert!(
+        failover - cut <= ms(10) + wait + ms(1),
+        "failed over {:?} after the cut",
+        failover - cut
+    );
+    assert_eq!(sim.conn.primary(), Some(&relay("eu")));
+}
