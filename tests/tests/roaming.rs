@@ -34,9 +34,10 @@ const STREAM: Duration = Duration::from_millis(10);
 /// How long a fresh pair may take to go direct.
 const DIRECT: Duration = Duration::from_secs(30);
 /// The stream resumes within this (its longest silence after the change) … The issue asks for
-/// 1 s; the agent fails over on silence-check probes, which measured 1.08–1.18 s here after a
-/// WAN renumbering on a loaded 2-core machine (the lab step itself takes 40–70 ms), so the test
-/// holds it to 1.5 s and prints the figure; the 1 s goal stays open.
+/// 1 s. Since data through a relay checks a direct primary at once, three runs on a quiet 2-core
+/// machine measured 640–650 ms (host moved) and 868–897 ms (WAN renumbered; the lab step itself
+/// takes 40–70 ms); before it, 1.08–1.18 s. The test allows 1.5 s so that a CI run on a loaded
+/// machine does not fail on scheduling, and prints the figure.
 const RESUME_WITHIN: Duration = Duration::from_millis(1500);
 /// … and the pair is direct again within this.
 const DIRECT_AGAIN_WITHIN: Duration = Duration::from_secs(5);
