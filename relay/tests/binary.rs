@@ -2,21 +2,15 @@
 // These tests drive the real binary in real time: the sans-IO clock rule is for the library.
 #![allow(clippy::disallowed_methods)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::Command;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use rally_proto::relay::{
-    bind_transcript, short_id, RelayErrorCode, RelayMsg, ShortId, DOMAIN_BIND,
-};
-use rally_proto::stun::{BindingRequest, BindingResponse};
-use rally_proto::{Identity, RelayToken};
-
-const PARTY_X: [u8; 8] = *b"party-x!";
-const PARTY_Y: [u8; 8] = *b"party-y!";
+use common::*;
+use rally_proto::relay::{RelayErrorCode, RelayMsg};
 
 #[test]
 fn two_agents_in_one_party_exchange_packets() {
@@ -26,7 +20,7 @@ fn two_agents_in_one_party_exchange_packets() {
     assert_eq!(b.bind(&relay, &[PARTY_X]), Ok(b.addr()));
 
     for i in 0..20u8 {
-        a.send(&relay, &b, &[i; 100]);
+        a.send(&relay, &b.short(), &[i; 100]);
         let got = b.recv().expect("b receives a's packet");
         assert_eq!(
             RelayMsg::decode(&got),
@@ -35,7 +29,7 @@ fn two_agents_in_one_party_exchange_packets() {
                 payload: &[i; 100]
             })
         );
-        b.send(&relay, &a, b"ack");
+        b.send(&relay, &a.short(), b"ack");
         let got = a.recv().expect("a receives b's answer");
         assert_eq!(
             RelayMsg::decode(&got),
@@ -134,7 +128,7 @@ fn member_of_party_x_cannot_reach_member_of_party_y() {
     assert!(x.bind(&relay, &[PARTY_X]).is_ok());
     assert!(y.bind(&relay, &[PARTY_Y]).is_ok());
 
-    x.send(&relay, &y, b"let me in");
+    x.send(&relay, &y.short(), b"let me in");
 
     assert_eq!(x.recv_relay_error(), Some(RelayErrorCode::PeerUnavailable));
     assert_eq!(
@@ -142,7 +136,7 @@ fn member_of_party_x_cannot_reach_member_of_party_y() {
         None,
         "y got a packet from another party"
     );
-    y.send(&relay, &x, b"nor me");
+    y.send(&relay, &x.short(), b"nor me");
     assert_eq!(
         x.recv_within(Duration::from_millis(500)),
         None,
@@ -318,237 +312,6 @@ fn sigterm_stops_the_relay_cleanly() {
 }
 
 // --- helpers --------------------------------------------------------------------------------
-
-fn control() -> Identity {
-    Identity::from_seed([77; 32])
-}
-
-/// A running `rally-relay serve`, killed on drop.
-struct RelayProc {
-    child: Child,
-    addr: SocketAddr,
-    metrics: SocketAddr,
-    log: Arc<Mutex<String>>,
-}
-
-impl RelayProc {
-    fn start(extra: &[&str]) -> RelayProc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rally-relay"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics",
-                "127.0.0.1:0",
-            ])
-            .args(["--control-key", &control().public().to_string()])
-            .args(extra)
-            .env("RALLY_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("rally-relay starts");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel();
-        let sink = log.clone();
-        // Keep draining stderr for the whole run so the relay never blocks on a full pipe.
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(mut l) = sink.lock() {
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-                let _ = tx.send(line);
-            }
-        });
-        let mut proc = RelayProc {
-            child,
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            metrics: SocketAddr::from(([0, 0, 0, 0], 0)),
-            log,
-        };
-        let (mut addr, mut metrics) = (None, None);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while addr.is_none() || metrics.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(line) = rx.recv_timeout(left) else {
-                panic!("relay did not start; log:\n{}", proc.log());
-            };
-            addr = addr.or_else(|| address_after(&line, "relay listening on "));
-            metrics = metrics.or_else(|| address_after(&line, "metrics listening on "));
-        }
-        proc.addr = addr.expect("an address");
-        proc.metrics = metrics.expect("a metrics address");
-        proc
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().map(|l| l.clone()).unwrap_or_default()
-    }
-
-    /// The body of `GET /metrics`.
-    fn metrics(&self) -> String {
-        let mut s = TcpStream::connect(self.metrics).expect("metrics connect");
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n")
-            .expect("request");
-        let mut response = String::new();
-        s.read_to_string(&mut response).expect("response");
-        let (head, body) = response.split_once("\r\n\r\n").expect("a head and a body");
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        body.to_string()
-    }
-}
-
-impl Drop for RelayProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find(marker)? + marker.len()..];
-    rest.split_whitespace().next()?.parse().ok()
-}
-
-/// The value of the sample `name` (with its labels, exactly as exposed).
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-fn free_udp_port() -> u16 {
-    let s = UdpSocket::bind("127.0.0.1:0").expect("a socket");
-    s.local_addr().expect("an address").port()
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs()
-}
-
-/// An agent's side of the relay protocol on its own UDP socket.
-struct Agent {
-    id: Identity,
-    sock: UdpSocket,
-}
-
-impl Agent {
-    fn new(seed: u8) -> Agent {
-        let sock = UdpSocket::bind("127.0.0.1:0").expect("a socket");
-        sock.set_read_timeout(Some(Duration::from_secs(3)))
-            .expect("timeout");
-        Agent {
-            id: Identity::from_seed([seed; 32]),
-            sock,
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.sock.local_addr().expect("an address")
-    }
-
-    fn short(&self) -> ShortId {
-        short_id(&self.id.public())
-    }
-
-    /// Challenge, then bind; the observed address or the relay's error.
-    fn bind(&self, relay: &RelayProc, parties: &[[u8; 8]]) -> Result<SocketAddr, RelayErrorCode> {
-        self.sock
-            .send_to(&RelayMsg::BindRequest.to_vec(), relay.addr)
-            .expect("send");
-        let reply = self.recv().expect("a challenge");
-        let Ok(RelayMsg::BindChallenge { cookie }) = RelayMsg::decode(&reply) else {
-            panic!("not a challenge: {reply:?}");
-        };
-        let token = RelayToken {
-            agent: self.id.public(),
-            expires_at: unix_now() + 3600,
-            parties: parties.to_vec(),
-        }
-        .sign(&control());
-        let bind = RelayMsg::Bind {
-            cookie,
-            signature: self.id.sign(DOMAIN_BIND, &bind_transcript(&cookie, &token)),
-            token: &token,
-        };
-        self.sock.send_to(&bind.to_vec(), relay.addr).expect("send");
-        let reply = self.recv().expect("a bind answer");
-        match RelayMsg::decode(&reply) {
-            Ok(RelayMsg::BindOk { observed, .. }) => Ok(observed),
-            Ok(RelayMsg::Error { code, .. }) => Err(code),
-            other => panic!("unexpected bind answer {other:?}"),
-        }
-    }
-
-    fn send(&self, relay: &RelayProc, to: &Agent, payload: &[u8]) {
-        let msg = RelayMsg::Send {
-            to: to.short(),
-            payload,
-        };
-        self.sock.send_to(&msg.to_vec(), relay.addr).expect("send");
-    }
-
-    /// Sends equal-sized datagrams in one UDP GSO `sendmsg`.
-    fn send_train(&self, relay: &RelayProc, datagrams: &[Vec<u8>]) {
-        let segment = datagrams.first().map_or(0, Vec::len);
-        assert!(datagrams.iter().all(|d| d.len() == segment));
-        let contents = datagrams.concat();
-        let state = quinn_udp::UdpSocketState::new((&self.sock).into()).expect("udp state");
-        assert!(state.max_gso_segments() >= datagrams.len(), "no GSO here");
-        // quinn-udp made the socket non-blocking; the helpers here wait on it.
-        self.sock.set_nonblocking(false).expect("blocking");
-        state
-            .send(
-                (&self.sock).into(),
-                &quinn_udp::Transmit {
-                    destination: relay.addr,
-                    ecn: None,
-                    contents: &contents,
-                    segment_size: Some(segment),
-                    src_ip: None,
-                },
-            )
-            .expect("a GSO send");
-    }
-
-    fn stun(&self, relay: &RelayProc, change_port: bool) -> BindingResponse {
-        let req = BindingRequest {
-            txid: [9; 12],
-            change_ip: false,
-            change_port,
-        };
-        self.sock.send_to(&req.encode(), relay.addr).expect("send");
-        let reply = self.recv().expect("a STUN response");
-        BindingResponse::decode(&reply).expect("a binding response")
-    }
-
-    fn recv(&self) -> Option<Vec<u8>> {
-        self.recv_within(Duration::from_secs(3))
-    }
-
-    fn recv_within(&self, wait: Duration) -> Option<Vec<u8>> {
-        self.sock.set_read_timeout(Some(wait)).expect("timeout");
-        let mut buf = [0u8; 2048];
-        let (n, _) = self.sock.recv_from(&mut buf).ok()?;
-        Some(buf[..n].to_vec())
-    }
-
-    fn recv_relay_error(&self) -> Option<RelayErrorCode> {
-        match RelayMsg::decode(&self.recv()?) {
-            Ok(RelayMsg::Error { code, .. }) => Some(code),
-            _ => None,
-        }
-    }
-}
 
 #[test]
 fn a_control_key_starting_with_a_hyphen_is_accepted() {

@@ -3,13 +3,15 @@
 // These tests drive the real binary in real time: the sans-IO clock rule is for the library.
 #![allow(clippy::disallowed_methods)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod common;
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
 use rally_proto::identity::verify_raw;
 use rally_proto::relay::{
     bind_transcript, short_id, RelayErrorCode, RelayMsg, ShortId, DOMAIN_BIND,
@@ -20,14 +22,11 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-const PARTY_X: [u8; 8] = *b"party-x!";
-const PARTY_Y: [u8; 8] = *b"party-y!";
-
 #[test]
 fn a_tcp_agent_and_a_udp_agent_of_one_party_exchange_packets_both_ways() {
-    let relay = RelayProc::start();
+    let relay = RelayProc::start_tcp();
     let mut t = TcpAgent::connect(&relay, 1, relay.tls_public());
-    let u = UdpAgent::new(2);
+    let u = Agent::new(2);
     assert!(t.bind(token(&t.id, unix_now() + 3600, &[PARTY_X])).is_ok());
     assert!(u.bind(&relay, &[PARTY_X]).is_ok());
     for i in 0..20u8 {
@@ -63,9 +62,9 @@ fn a_tcp_agent_and_a_udp_agent_of_one_party_exchange_packets_both_ways() {
 
 #[test]
 fn a_relay_holding_another_key_fails_the_pinned_tls_handshake() {
-    let relay = RelayProc::start();
+    let relay = RelayProc::start_tcp();
     let other = Identity::from_seed([5; 32]).public();
-    let tcp = TcpStream::connect(relay.tcp).expect("tcp connect");
+    let tcp = TcpStream::connect(relay.tcp()).expect("tcp connect");
     let mut tls = tls_client(tcp, other);
     let mut byte = [0u8; 1];
     assert!(tls.read(&mut byte).is_err(), "the handshake must fail");
@@ -73,8 +72,8 @@ fn a_relay_holding_another_key_fails_the_pinned_tls_handshake() {
 
 #[test]
 fn no_valid_expired_or_other_party_token_gets_a_frame_forwarded_over_tcp() {
-    let relay = RelayProc::start();
-    let victim = UdpAgent::new(9);
+    let relay = RelayProc::start_tcp();
+    let victim = Agent::new(9);
     assert!(victim.bind(&relay, &[PARTY_X]).is_ok());
 
     // Signed by the attacker itself, not the control plane.
@@ -117,9 +116,9 @@ fn no_valid_expired_or_other_party_token_gets_a_frame_forwarded_over_tcp() {
 
 #[test]
 fn a_tcp_client_that_stops_reading_leaves_relay_memory_flat_and_drops_are_counted() {
-    let relay = RelayProc::start();
+    let relay = RelayProc::start_tcp();
     let mut slow = TcpAgent::connect(&relay, 6, relay.tls_public());
-    let u = UdpAgent::new(7);
+    let u = Agent::new(7);
     assert!(slow
         .bind(token(&slow.id, unix_now() + 3600, &[PARTY_X]))
         .is_ok());
@@ -148,7 +147,7 @@ fn a_tcp_client_that_stops_reading_leaves_relay_memory_flat_and_drops_are_counte
         "relay memory grew from {before} KiB to {after} KiB"
     );
     // The stalled client's queue is still there and the relay still serves others.
-    let v = UdpAgent::new(8);
+    let v = Agent::new(8);
     assert!(v.bind(&relay, &[PARTY_X]).is_ok());
     u.send(&relay, &v.short(), b"still here");
     assert!(v.recv().is_some());
@@ -156,171 +155,6 @@ fn a_tcp_client_that_stops_reading_leaves_relay_memory_flat_and_drops_are_counte
 }
 
 // --- helpers --------------------------------------------------------------------------------
-
-fn control() -> Identity {
-    Identity::from_seed([77; 32])
-}
-
-fn token(agent: &Identity, expires_at: u64, parties: &[[u8; 8]]) -> Vec<u8> {
-    RelayToken {
-        agent: agent.public(),
-        expires_at,
-        parties: parties.to_vec(),
-    }
-    .sign(&control())
-}
-
-struct RelayProc {
-    child: Child,
-    udp: SocketAddr,
-    tcp: SocketAddr,
-    metrics: SocketAddr,
-    key_file: std::path::PathBuf,
-}
-
-impl RelayProc {
-    fn start() -> RelayProc {
-        let key_file = std::env::temp_dir().join(format!(
-            "rally-relay-tls-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        let out = Command::new(env!("CARGO_BIN_EXE_rally-relay"))
-            .arg("tls-key")
-            .arg(&key_file)
-            .output()
-            .expect("rally-relay tls-key runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rally-relay"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics",
-                "127.0.0.1:0",
-            ])
-            .args(["--listen-tcp", "127.0.0.1:0", "--tls-key"])
-            .arg(&key_file)
-            .args(["--control-key", &control().public().to_string()])
-            .env("RALLY_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("rally-relay starts");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, rx) = mpsc::channel();
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Ok(mut l) = sink.lock() {
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-                let _ = tx.send(line);
-            }
-        });
-        let (mut udp, mut tcp, mut metrics) = (None, None, None);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while udp.is_none() || tcp.is_none() || metrics.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(line) = rx.recv_timeout(left) else {
-                panic!(
-                    "relay did not start; log:\n{}",
-                    log.lock().map(|l| l.clone()).unwrap_or_default()
-                );
-            };
-            udp = udp.or_else(|| address_after(&line, "relay listening on "));
-            tcp = tcp.or_else(|| address_after(&line, "relay listening on tcp "));
-            metrics = metrics.or_else(|| address_after(&line, "metrics listening on "));
-        }
-        RelayProc {
-            child,
-            udp: udp.expect("udp"),
-            tcp: tcp.expect("tcp"),
-            metrics: metrics.expect("metrics"),
-            key_file,
-        }
-    }
-
-    fn tls_public(&self) -> Key32 {
-        let seed = rally_proto::keyfile::read(&self.key_file).expect("the key file");
-        Identity::from_seed(seed).public()
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("/proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .expect("VmRSS")
-    }
-
-    fn metrics(&self) -> String {
-        let mut s = TcpStream::connect(self.metrics).expect("metrics connect");
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n")
-            .expect("request");
-        let mut response = String::new();
-        s.read_to_string(&mut response).expect("response");
-        let (_, body) = response.split_once("\r\n\r\n").expect("a head and a body");
-        body.to_string()
-    }
-
-    /// The metrics once `ok` holds for them (or after 20 s, for the assertions to say why).
-    fn metrics_when(&self, ok: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let m = self.metrics();
-            if ok(&m) || Instant::now() > deadline {
-                return m;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for RelayProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.key_file);
-    }
-}
-
-fn rand_suffix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() as u64)
-        .unwrap_or(0)
-}
-
-fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find(marker)? + marker.len()..];
-    rest.split_whitespace().next()?.parse().ok()
-}
-
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs()
-}
 
 /// Accepts only a server whose TLS 1.3 handshake signature is by the pinned key.
 #[derive(Debug)]
@@ -391,7 +225,7 @@ struct TcpAgent {
 
 impl TcpAgent {
     fn connect(relay: &RelayProc, seed: u8, key: Key32) -> TcpAgent {
-        let tcp = TcpStream::connect(relay.tcp).expect("tcp connect");
+        let tcp = TcpStream::connect(relay.tcp()).expect("tcp connect");
         TcpAgent {
             id: Identity::from_seed([seed; 32]),
             tls: tls_client(tcp, key),
@@ -453,62 +287,5 @@ impl TcpAgent {
 
     fn send(&mut self, to: &ShortId, payload: &[u8]) {
         self.write(&RelayMsg::Send { to: *to, payload }.to_vec());
-    }
-}
-
-/// An agent's side of the relay protocol on its own UDP socket.
-struct UdpAgent {
-    id: Identity,
-    sock: UdpSocket,
-}
-
-impl UdpAgent {
-    fn new(seed: u8) -> UdpAgent {
-        UdpAgent {
-            id: Identity::from_seed([seed; 32]),
-            sock: UdpSocket::bind("127.0.0.1:0").expect("a socket"),
-        }
-    }
-
-    fn short(&self) -> ShortId {
-        short_id(&self.id.public())
-    }
-
-    fn bind(&self, relay: &RelayProc, parties: &[[u8; 8]]) -> Result<SocketAddr, RelayErrorCode> {
-        self.sock
-            .send_to(&RelayMsg::BindRequest.to_vec(), relay.udp)
-            .expect("send");
-        let reply = self.recv().expect("a challenge");
-        let Ok(RelayMsg::BindChallenge { cookie }) = RelayMsg::decode(&reply) else {
-            panic!("not a challenge");
-        };
-        let token = token(&self.id, unix_now() + 3600, parties);
-        let bind = RelayMsg::Bind {
-            cookie,
-            signature: self.id.sign(DOMAIN_BIND, &bind_transcript(&cookie, &token)),
-            token: &token,
-        };
-        self.sock.send_to(&bind.to_vec(), relay.udp).expect("send");
-        match RelayMsg::decode(&self.recv().expect("a bind answer")) {
-            Ok(RelayMsg::BindOk { observed, .. }) => Ok(observed),
-            Ok(RelayMsg::Error { code, .. }) => Err(code),
-            other => panic!("unexpected bind answer {other:?}"),
-        }
-    }
-
-    fn send(&self, relay: &RelayProc, to: &ShortId, payload: &[u8]) {
-        let msg = RelayMsg::Send { to: *to, payload };
-        self.sock.send_to(&msg.to_vec(), relay.udp).expect("send");
-    }
-
-    fn recv(&self) -> Option<Vec<u8>> {
-        self.recv_within(Duration::from_secs(3))
-    }
-
-    fn recv_within(&self, wait: Duration) -> Option<Vec<u8>> {
-        self.sock.set_read_timeout(Some(wait)).expect("timeout");
-        let mut buf = [0u8; 2048];
-        let (n, _) = self.sock.recv_from(&mut buf).ok()?;
-        Some(buf[..n].to_vec())
     }
 }
