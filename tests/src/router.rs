@@ -265,14 +265,17 @@ pub fn ruleset(kind: NatKind, lan: Subnet) -> String {
         type nat hook prerouting priority dstnat; policy accept;
         iifname "{wan}" dnat ip to udp dport map @fullcone
     }}
+    # `add`, not `update`: an outbound packet never overwrites a port another inside host holds.
+    # When two inside hosts send from the same port at once, the second's first packet can be
+    # given the same external port before the first's entry is confirmed and then be dropped as
+    # a clash (it retries on another port); with `update` its learn could land after the first
+    # host's reply and steal the port for good.
     chain learn {{
         type filter hook postrouting priority srcnat + 1; policy accept;
-        oifname "{wan}" ct direction original ct original ip saddr {lan} meta l4proto udp update @fullcone {{ ct reply proto-dst : ct original ip saddr . ct original proto-src }}
+        oifname "{wan}" ct direction original ct original ip saddr {lan} meta l4proto udp add @fullcone {{ ct reply proto-dst : ct original ip saddr . ct original proto-src }}
     }}
-    # Learnt again from replies: when two inside hosts send from the same port at once, the
-    # second's first packet can be given the same external port before the first's entry is
-    # confirmed, write the map, and then be dropped as a clash (it retries on another port).
-    # The first host's reply, which can only come after, puts its entry back.
+    # Learnt again (and kept alive) from replies, which only the conntrack entry that owns the
+    # external port receives: a port reused by another inside host moves to it here.
     chain relearn {{
         type filter hook prerouting priority dstnat - 1; policy accept;
         iifname "{wan}" ct direction reply ct original ip saddr {lan} meta l4proto udp update @fullcone {{ ct reply proto-dst : ct original ip saddr . ct original proto-src }}
@@ -367,6 +370,10 @@ mod tests {
             "{rules}"
         );
         assert!(rules.contains("ct status dnat accept"), "{rules}");
+        assert!(
+            rules.contains("udp add @fullcone"),
+            "outbound packets must not overwrite a held port: {rules}"
+        );
         assert!(!ruleset(NatKind::HomeRouter, lan()).contains("fullcone"));
     }
 
