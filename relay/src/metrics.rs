@@ -1,9 +1,9 @@
 //! Prometheus text exposition (format 0.0.4) of the relay's [`Stats`] and its sockets' kernel
 //! drops.
 
-use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use std::sync::atomic::Ordering;
+use rally_proto::http::write_metric;
 
 use crate::core::Stats;
 use crate::tcp::TcpCounters;
@@ -34,112 +34,128 @@ pub struct Snapshot {
 /// (frames dropped from a slow reader's full queue).
 pub fn render(stats: &Stats, socket_drops: &[(&str, u64)], tcp: Option<&TcpCounters>) -> String {
     let mut out = String::with_capacity(2048);
-    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        let _ = writeln!(out, "{name} {value}");
-    };
-    metric(
-        "rally_relay_sessions_active",
-        "gauge",
-        "Sessions bound now.",
-        stats.sessions_active,
-    );
-    metric(
-        "rally_relay_sessions_total",
-        "counter",
-        "Sessions bound since start (rebinds included).",
-        stats.sessions_total,
-    );
-    metric(
-        "rally_relay_sessions_refused_total",
-        "counter",
-        "Bind attempts refused.",
-        stats.sessions_refused,
-    );
-    metric(
-        "rally_relay_packets_forwarded_total",
-        "counter",
-        "Packets forwarded between agents.",
-        stats.packets_forwarded,
-    );
-    metric(
-        "rally_relay_bytes_forwarded_total",
-        "counter",
-        "Bytes forwarded between agents.",
-        stats.bytes_forwarded,
-    );
-    metric(
-        "rally_relay_stun_requests_total",
-        "counter",
-        "STUN binding requests answered.",
-        stats.stun_requests,
-    );
+    let mut scalars = core_scalars(stats);
     if let Some(tcp) = tcp {
-        let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        metric(
+        scalars.extend(tcp_scalars(stats, tcp));
+    }
+    for (name, kind, help, value) in scalars {
+        write_metric(&mut out, name, kind, help, &[(String::new(), value as f64)]);
+    }
+    let drops: Vec<(String, f64)> = stats
+        .drops_by_reason()
+        .map(|(reason, n)| (format!("reason=\"{}\"", reason.as_str()), n as f64))
+        .collect();
+    write_metric(
+        &mut out,
+        "rally_relay_drops_total",
+        "counter",
+        DROPS_HELP,
+        &drops,
+    );
+    if !socket_drops.is_empty() {
+        let samples: Vec<(String, f64)> = socket_drops
+            .iter()
+            .map(|(socket, n)| (format!("socket=\"{socket}\""), *n as f64))
+            .collect();
+        write_metric(
+            &mut out,
+            "rally_relay_socket_drops_total",
+            "counter",
+            SOCKET_DROPS_HELP,
+            &samples,
+        );
+    }
+    out
+}
+
+const DROPS_HELP: &str = "Datagrams not forwarded or answered, by reason.";
+const SOCKET_DROPS_HELP: &str =
+    "Datagrams the kernel dropped on the relay's socket before it read them (receive buffer full).";
+
+/// One unlabelled sample: name, type, help, value.
+type Scalar = (&'static str, &'static str, &'static str, u64);
+
+fn core_scalars(stats: &Stats) -> Vec<Scalar> {
+    vec![
+        (
+            "rally_relay_sessions_active",
+            "gauge",
+            "Sessions bound now.",
+            stats.sessions_active,
+        ),
+        (
+            "rally_relay_sessions_total",
+            "counter",
+            "Sessions bound since start (rebinds included).",
+            stats.sessions_total,
+        ),
+        (
+            "rally_relay_sessions_refused_total",
+            "counter",
+            "Bind attempts refused.",
+            stats.sessions_refused,
+        ),
+        (
+            "rally_relay_packets_forwarded_total",
+            "counter",
+            "Packets forwarded between agents.",
+            stats.packets_forwarded,
+        ),
+        (
+            "rally_relay_bytes_forwarded_total",
+            "counter",
+            "Bytes forwarded between agents.",
+            stats.bytes_forwarded,
+        ),
+        (
+            "rally_relay_stun_requests_total",
+            "counter",
+            "STUN binding requests answered.",
+            stats.stun_requests,
+        ),
+    ]
+}
+
+fn tcp_scalars(stats: &Stats, tcp: &TcpCounters) -> Vec<Scalar> {
+    let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    vec![
+        (
             "rally_relay_tcp_sessions_active",
             "gauge",
             "Sessions bound over TLS/TCP now.",
             stats.sessions_active_tcp,
-        );
-        metric(
+        ),
+        (
             "rally_relay_tcp_packets_forwarded_total",
             "counter",
             "Packets forwarded to or from a session over TLS/TCP.",
             stats.packets_forwarded_tcp,
-        );
-        metric(
+        ),
+        (
             "rally_relay_tcp_connections_active",
             "gauge",
             "TCP connections open now.",
             n(&tcp.connections_active),
-        );
-        metric(
+        ),
+        (
             "rally_relay_tcp_connections_total",
             "counter",
             "TCP connections accepted since start.",
             n(&tcp.connections_total),
-        );
-        metric(
+        ),
+        (
             "rally_relay_tcp_connections_refused_total",
             "counter",
             "TCP connections closed at once for a connection cap.",
             n(&tcp.connections_refused),
-        );
-        metric(
+        ),
+        (
             "rally_relay_tcp_queue_drops_total",
             "counter",
             "Frames dropped (oldest first) from a TCP client's full queue: a slow reader.",
             n(&tcp.queue_drops),
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP rally_relay_drops_total Datagrams not forwarded or answered, by reason."
-    );
-    let _ = writeln!(out, "# TYPE rally_relay_drops_total counter");
-    for (reason, n) in stats.drops_by_reason() {
-        let _ = writeln!(
-            out,
-            "rally_relay_drops_total{{reason=\"{}\"}} {n}",
-            reason.as_str()
-        );
-    }
-    if !socket_drops.is_empty() {
-        let _ = writeln!(
-            out,
-            "# HELP rally_relay_socket_drops_total Datagrams the kernel dropped on the relay's socket before it read them (receive buffer full)."
-        );
-        let _ = writeln!(out, "# TYPE rally_relay_socket_drops_total counter");
-        for (socket, n) in socket_drops {
-            let _ = writeln!(
-                out,
-                "rally_relay_socket_drops_total{{socket=\"{socket}\"}} {n}"
-            );
-        }
-    }
-    out
+        ),
+    ]
 }
 
 #[cfg(test)]
