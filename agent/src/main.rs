@@ -268,7 +268,13 @@ fn up(state_dir: &Path, args: UpArgs) -> Result<()> {
         discovery: args.discovery.config(),
         proxy: args.proxy,
     };
-    let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    // One thread: the daemon's tasks wait on the network and the CLI, never on the CPU (the
+    // data plane has its own thread), and an idle runtime of one thread wakes once per timer
+    // or socket event instead of also waking parked workers to steal it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     rt.block_on(daemon::run(cfg))?;
     Ok(())
 }

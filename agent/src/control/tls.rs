@@ -76,6 +76,14 @@ pub fn rustls_config(key: Key32) -> Result<rustls::ClientConfig, rustls::Error> 
     Ok(tls)
 }
 
+/// How often an idle connection to the control plane sends a QUIC PING: half the idle
+/// timeout, so one lost PING (retransmitted after a probe timeout of well under a second)
+/// does not end it, and well inside the 30 s that common NATs keep an idle UDP mapping.
+pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+/// The idle timeout this side proposes (the control plane's is the same 30 s; the connection
+/// uses the smaller of the two).
+pub const IDLE_TIMEOUT_MS: u32 = 30_000;
+
 /// A QUIC client configuration that accepts only a server holding `key`.
 pub fn client_config(key: Key32) -> Result<quinn::ClientConfig, rustls::Error> {
     let tls = rustls_config(key)?;
@@ -83,9 +91,9 @@ pub fn client_config(key: Key32) -> Result<quinn::ClientConfig, rustls::Error> {
         .map_err(|_| rustls::Error::General("no QUIC cipher suite".into()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(std::time::Duration::from_secs(5)));
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
     transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
-        20_000,
+        IDLE_TIMEOUT_MS,
     ))));
     config.transport_config(Arc::new(transport));
     Ok(config)

@@ -48,45 +48,8 @@ impl Owner {
             IpcRequest::PartyLeave { party } => {
                 self.party_request(reply, Request::LeaveParty { party })
             }
-            IpcRequest::PartyList => match self.control() {
-                Ok(control) => {
-                    let me = self.me.clone();
-                    respond(reply, async move {
-                        match control.request(Request::ListParties).await {
-                            Ok(Response::Parties { parties }) => {
-                                let _ = me.send(Msg::Parties(parties.clone())).await;
-                                Ok(IpcReply::Parties { parties })
-                            }
-                            Ok(other) => Err(format!("unexpected reply {other:?}")),
-                            Err(e) => Err(control_error(e)),
-                        }
-                    })
-                }
-                Err(e) => answer(reply, Err(e)),
-            },
-            IpcRequest::Netcheck => match self.engine.clone() {
-                Some(engine) => {
-                    let port_mapping = self.mapping;
-                    let control_transport = self
-                        .link_state
-                        .borrow()
-                        .transport
-                        .map(|t| t.as_str().to_owned());
-                    respond(reply, async move {
-                        let mut nat = engine.netcheck().await?;
-                        nat.mapped_endpoint = port_mapping.map(|m| m.external);
-                        Ok(IpcReply::Netcheck(NetcheckReport {
-                            nat,
-                            port_mapping,
-                            control_transport,
-                        }))
-                    })
-                }
-                None => answer(
-                    reply,
-                    Err("not connected yet: the agent has no virtual IP".into()),
-                ),
-            },
+            IpcRequest::PartyList => self.party_list(reply),
+            IpcRequest::Netcheck => self.netcheck(reply),
             IpcRequest::PeerReconnect { peer } => match self.data_plane() {
                 Ok(engine) => respond(reply, async move {
                     let id = peer_id(&engine, &peer).await?;
@@ -118,6 +81,50 @@ impl Owner {
                 self.stopping.get_or_insert(Ok(()));
             }
         }
+    }
+
+    /// `party list`: the control plane's answer, which also refreshes the owner's parties.
+    fn party_list(&mut self, reply: oneshot::Sender<IpcResult>) {
+        let control = match self.control() {
+            Ok(control) => control,
+            Err(e) => return answer(reply, Err(e)),
+        };
+        let me = self.me.clone();
+        respond(reply, async move {
+            match control.request(Request::ListParties).await {
+                Ok(Response::Parties { parties }) => {
+                    let _ = me.send(Msg::Parties(parties.clone())).await;
+                    Ok(IpcReply::Parties { parties })
+                }
+                Ok(other) => Err(format!("unexpected reply {other:?}")),
+                Err(e) => Err(control_error(e)),
+            }
+        })
+    }
+
+    /// `netcheck`: the engine's fresh NAT report with the port mapping and control transport.
+    fn netcheck(&mut self, reply: oneshot::Sender<IpcResult>) {
+        let Some(engine) = self.engine.clone() else {
+            return answer(
+                reply,
+                Err("not connected yet: the agent has no virtual IP".into()),
+            );
+        };
+        let port_mapping = self.mapping;
+        let control_transport = self
+            .link_state
+            .borrow()
+            .transport
+            .map(|t| t.as_str().to_owned());
+        respond(reply, async move {
+            let mut nat = engine.netcheck().await?;
+            nat.mapped_endpoint = port_mapping.map(|m| m.external);
+            Ok(IpcReply::Netcheck(NetcheckReport {
+                nat,
+                port_mapping,
+                control_transport,
+            }))
+        })
     }
 
     fn status(&self) -> StatusReport {

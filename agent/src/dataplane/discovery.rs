@@ -133,7 +133,7 @@ impl Engine {
             self.disc_due = tokio::time::Instant::now() + Duration::from_secs(3600);
             return;
         }
-        self.disc_due = tokio::time::Instant::now() + DISCOVERY_TICK;
+        self.disc_due = self.idle_slot(tokio::time::Instant::now() + DISCOVERY_TICK);
         self.disc_io.follow_default_route();
         self.discovery_rescan();
         self.disc_ticks = self.disc_ticks.wrapping_add(1);

@@ -291,23 +291,8 @@ impl Engine {
         cfg: EngineConfig,
         events: mpsc::UnboundedSender<EngineEvent>,
     ) -> std::io::Result<Engine> {
+        let (tun, offload) = open_tun(&cfg)?;
         let udp = UdpSocket::from_std(cfg.udp)?;
-        let build = |offload: bool| {
-            tun_rs::DeviceBuilder::new()
-                .name(&cfg.tun_name)
-                .ipv4(cfg.virtual_ip, cfg.prefix, None)
-                .mtu(1420)
-                .offload(offload)
-                .build_async()
-        };
-        // Offload (TSO/GRO on the TUN device) lets one read or write carry up to 64 KiB.
-        let (tun, offload) = match build(true) {
-            Ok(t) => (t, true),
-            Err(e) => {
-                warn!("TUN offload unavailable ({e}); one packet per read and write");
-                (build(false)?, false)
-            }
-        };
         let udp_state = quinn_udp::UdpSocketState::new((&udp).into())?;
         // The engine reads neither the ECN bits nor the destination address of what it
         // receives: two control messages per datagram (or GRO train) it need not pay for.
@@ -482,6 +467,26 @@ impl Engine {
             if !self.by_index.contains_key(&self.next_index) {
                 return self.next_index;
             }
+        }
+    }
+}
+
+/// The TUN device, with offload (TSO/GRO: one read or write carries up to 64 KiB) when the
+/// kernel allows it; the second value says whether it does.
+fn open_tun(cfg: &EngineConfig) -> std::io::Result<(tun_rs::AsyncDevice, bool)> {
+    let build = |offload: bool| {
+        tun_rs::DeviceBuilder::new()
+            .name(&cfg.tun_name)
+            .ipv4(cfg.virtual_ip, cfg.prefix, None)
+            .mtu(1420)
+            .offload(offload)
+            .build_async()
+    };
+    match build(true) {
+        Ok(t) => Ok((t, true)),
+        Err(e) => {
+            warn!("TUN offload unavailable ({e}); one packet per read and write");
+            Ok((build(false)?, false))
         }
     }
 }

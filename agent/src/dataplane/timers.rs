@@ -11,7 +11,8 @@
 //! keepalive after 25–30 s; the connection manager's idle probes keep the NAT mapping of the
 //! primary path open every 15 s in any case). The slot visits only tunnels with state. A
 //! wake-up for the node runs WireGuard's timers and discovery's too when their slots are due
-//! within [`WG_COALESCE`], so they share wake-ups.
+//! within [`WG_COALESCE`], so they share wake-ups; while idle, both slots sit on the node's idle
+//! grid (`Node::idle_slot`), where the idle peers' probes and the relay pings are too.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,12 +24,13 @@ use super::engine::{Engine, EngineEvent, Peer, KEEPALIVE_SECS};
 use super::tunnel::{Output, Tunnel, TunnelError};
 use crate::conn::{ConnEvent, PathId};
 use crate::events::{Event, EventType};
-use crate::node::{NatCause, NodeEvent, Route, TimerReason};
+use crate::node::{NatCause, NodeEvent, Route, TimerReason, IDLE_GRID};
 
 /// The cadence of WireGuard's timers while any tunnel has state.
 pub const WG_TIMERS: Duration = Duration::from_secs(1);
-/// The cadence of WireGuard's timers while every tunnel with state belongs to an idle peer.
-pub const WG_TIMERS_IDLE: Duration = Duration::from_secs(5);
+/// The cadence of WireGuard's timers while every tunnel with state belongs to an idle peer:
+/// on the slots of the node's idle grid, shared with the idle peers' probes.
+pub const WG_TIMERS_IDLE: Duration = IDLE_GRID;
 /// A wake-up this close before WireGuard's (or discovery's) slot runs it early.
 pub const WG_COALESCE: Duration = Duration::from_millis(500);
 /// How long the loop sleeps when nothing at all is scheduled.
@@ -68,6 +70,13 @@ impl Engine {
             .flatten()
             .min_by_key(|(at, _)| *at)
             .unwrap_or((tokio::time::Instant::now() + IDLE_FOREVER, Wake::Nothing))
+    }
+
+    /// The node's idle-grid slot for work due about `at` (which may run up to
+    /// [`WG_COALESCE`] early): the idle WireGuard timers and the discovery tick share the
+    /// wake-up of the idle peers' probes.
+    pub(super) fn idle_slot(&self, at: tokio::time::Instant) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.node.idle_slot((at - WG_COALESCE).into_std()))
     }
 
     /// A deadline passed: the node's due timers, and WireGuard's if their slot is (nearly) due.
@@ -127,7 +136,11 @@ impl Engine {
                 .live
                 .iter()
                 .all(|id| self.node.peer(id).is_some_and(|p| p.conn().is_idle(t)));
-            self.wg_due = Some(now + if all_idle { WG_TIMERS_IDLE } else { WG_TIMERS });
+            self.wg_due = Some(if all_idle {
+                self.idle_slot(now + WG_TIMERS_IDLE)
+            } else {
+                now + WG_TIMERS
+            });
         }
     }
 

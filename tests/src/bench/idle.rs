@@ -18,6 +18,7 @@
 //! to the nanosecond; utime + stime of `/proc/PID/stat` count 10 ms clock ticks, ±0.33 ms/s
 //! over 30 s, which reads 0 for the baselines).
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, UdpSocket};
 use std::time::{Duration, Instant};
 
@@ -141,6 +142,7 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
             .iter()
             .map(|m| sample(m.pid))
             .collect::<Result<Vec<_>>>()?;
+        let threads_before = rally_threads(&measured)?;
         let t0 = Instant::now();
         std::thread::sleep(WINDOW);
         let after = measured
@@ -148,6 +150,7 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
             .map(|m| sample(m.pid))
             .collect::<Result<Vec<_>>>()?;
         let secs = t0.elapsed().as_secs_f64();
+        print_threads(&measured, &threads_before, &rally_threads(&measured)?, secs);
         for (i, (b, a)) in before.iter().zip(&after).enumerate() {
             wake[i].push(a.0.saturating_sub(b.0) as f64 / secs);
             cpu[i].push((a.1 - b.1).max(0.0) * 1000.0 / secs);
@@ -166,6 +169,40 @@ fn sample(pid: u32) -> Result<(u64, f64)> {
         tools::context_switches(pid)?,
         tools::thread_cpu_seconds(pid)?,
     ))
+}
+
+/// Context switches per thread name of each measured Rally agent now.
+fn rally_threads(measured: &[Measured]) -> Result<Vec<BTreeMap<String, u64>>> {
+    measured
+        .iter()
+        .filter(|m| m.label == RALLY)
+        .map(|m| tools::context_switches_by_thread(m.pid))
+        .collect()
+}
+
+/// Which of each Rally agent's threads woke in the window, per second (a diagnostic line, not
+/// a figure: it tells the data plane's wake-ups from the daemon's runtime's).
+fn print_threads(
+    measured: &[Measured],
+    before: &[BTreeMap<String, u64>],
+    after: &[BTreeMap<String, u64>],
+    secs: f64,
+) {
+    let rally = measured.iter().filter(|m| m.label == RALLY);
+    for (m, (b, a)) in rally.zip(before.iter().zip(after)) {
+        let parts: Vec<String> = a
+            .iter()
+            .map(|(name, n)| {
+                let was = b.get(name).copied().unwrap_or(0);
+                format!("{name} {:.2}/s", n.saturating_sub(was) as f64 / secs)
+            })
+            .collect();
+        println!(
+            "    rally, {} peers, wake-ups by thread: {}",
+            m.peers,
+            parts.join(", ")
+        );
+    }
 }
 
 /// One wake-ups and one CPU figure per measured daemon; Rally's with ratios to both baselines

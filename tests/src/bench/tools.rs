@@ -1,6 +1,7 @@
 //! The reference programs the benchmarks need, installed when missing; and small readers of
 //! `/proc` for CPU time and memory of the processes under test.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -198,6 +199,24 @@ pub fn context_switches(pid: u32) -> Result<u64> {
         total += switches_in_status(&status);
     }
     Ok(total)
+}
+
+/// Context switches per thread name (`/proc/PID/task/*/comm`) of process `pid` so far: which
+/// threads wake (threads of one name, such as tokio's workers, are added up).
+pub fn context_switches_by_thread(pid: u32) -> Result<BTreeMap<String, u64>> {
+    let dir = format!("/proc/{pid}/task");
+    let mut by = BTreeMap::new();
+    for task in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let Ok(task) = task else { continue };
+        let (Ok(status), Ok(comm)) = (
+            std::fs::read_to_string(task.path().join("status")),
+            std::fs::read_to_string(task.path().join("comm")),
+        ) else {
+            continue;
+        };
+        *by.entry(comm.trim().to_owned()).or_insert(0) += switches_in_status(&status);
+    }
+    Ok(by)
 }
 
 /// CPU time of every thread of process `pid` so far, in seconds, to the nanosecond: the sum of

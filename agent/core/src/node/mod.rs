@@ -63,6 +63,7 @@ pub use reason::RelayReason;
 pub use relays::RelayConfig;
 use relays::Relays;
 use schedule::Deadlines;
+pub use schedule::IDLE_GRID;
 pub use side::{SideOp, SideSocket};
 
 /// What a node needs to start.
@@ -223,7 +224,7 @@ pub struct Node {
     dirty: Vec<Key32>,
     /// The latest `now` given to any input (outputs drained later are stamped with it).
     now: Instant,
-    /// When the node was created: the origin of the idle probe grid.
+    /// When the node was created: the origin of the idle grid ([`IDLE_GRID`]).
     epoch: Instant,
     transmits: VecDeque<Transmit>,
     events: VecDeque<NodeEvent>,
@@ -407,6 +408,13 @@ impl Node {
         crate::outputs::pop(&mut self.packets)
     }
 
+    /// The first slot of the node's idle grid ([`IDLE_GRID`]) at or after `t`: when an idle
+    /// agent's routine work that can wait (the engine's WireGuard timers and discovery tick
+    /// while idle) should run, so that it shares the wake-up of the idle peers' probes.
+    pub fn idle_slot(&self, t: Instant) -> Instant {
+        schedule::align_up(self.epoch, t, IDLE_GRID)
+    }
+
     /// When to call [`Self::handle_timeout`] next, and why.
     pub fn poll_timeout(&mut self) -> Option<(Instant, TimerReason)> {
         self.flush();
@@ -414,7 +422,11 @@ impl Node {
             .deadlines
             .first()
             .map(|(at, id)| (at, self.peer_reason(&id, at)));
-        [peer, self.relays.poll_timeout()]
+        let epoch = self.epoch;
+        let relays = self
+            .relays
+            .poll_timeout(|t| schedule::align_up(epoch, t, IDLE_GRID));
+        [peer, relays]
             .into_iter()
             .flatten()
             .min_by_key(|(at, _)| *at)

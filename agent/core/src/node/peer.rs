@@ -3,28 +3,17 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rally_proto::probe::{Probe, ProbeKind};
 use rally_proto::relay::{short_id, ShortId};
 use rally_proto::{Key32, PeerInfo};
 use tracing::info;
 
+use super::schedule::IDLE_GRID;
 use super::{Node, NodeEvent};
-use crate::conn::{Command, ConnEvent, Connection, PathId, Timer};
+use crate::conn::{Command, ConnEvent, Connection, PathHealth, PathId, Timer};
 use crate::paths::{PathEvent, PeerPaths};
-
-/// The grid idle peers' probe timers are rounded up to (from the node's creation).
-pub const IDLE_PROBE_GRID: Duration = Duration::from_secs(1);
-
-/// The first grid point (`epoch + k * grid`) at or after `t`.
-fn align_up(epoch: Instant, t: Instant, grid: Duration) -> Instant {
-    let since = t.saturating_duration_since(epoch).as_nanos();
-    let g = grid.as_nanos().max(1);
-    let k = since.div_ceil(g);
-    let k = u32::try_from(k).unwrap_or(u32::MAX);
-    epoch + grid * k
-}
 
 /// One peer: what the control plane says about it and the machines that reach it.
 pub struct PeerState {
@@ -247,13 +236,20 @@ impl Node {
             }
             break;
         }
-        // An idle peer's probes wait for the next slot of a shared grid: idle peers probe
-        // together, in one wake-up, instead of each at its own moment.
-        let conn = p.conn.next_wake().map(|w| match w.timer {
-            Timer::Probe | Timer::ProbeLoss if p.conn.is_idle(now) => {
-                align_up(self.epoch, w.at, IDLE_PROBE_GRID)
+        // An idle peer's keep-warm probes of paths that are up wait for the next slot of the
+        // node's idle grid: idle peers probe together, in one wake-up, instead of each at its
+        // own moment. A new or failing path's probes (punched again, recovering) keep their
+        // time.
+        let conn = p.conn.next_wake().map(|w| {
+            let up = w.path.as_ref().and_then(|path| p.conn.path_health(path));
+            match w.timer {
+                Timer::Probe | Timer::ProbeLoss
+                    if up == Some(PathHealth::Up) && p.conn.is_idle(now) =>
+                {
+                    super::schedule::align_up(self.epoch, w.at, IDLE_GRID)
+                }
+                _ => w.at,
             }
-            _ => w.at,
         });
         let next = [p.paths.poll_timeout(), conn].into_iter().flatten().min();
         self.deadlines.set(id, next);

@@ -77,11 +77,18 @@ impl Relays {
             .collect()
     }
 
-    pub(super) fn poll_timeout(&self) -> Option<(Instant, TimerReason)> {
-        let relay = self
-            .clients
-            .iter()
-            .map(|c| (c.poll_timeout(), TimerReason::Relay));
+    /// The earliest relay or netcheck deadline. A bound client's next ping (every 10 s, three
+    /// lost before the binding is) waits for the next slot of `idle_slot` (the node's idle
+    /// grid), so the relays are pinged together with the idle peers' probes.
+    pub(super) fn poll_timeout(
+        &self,
+        idle_slot: impl Fn(Instant) -> Instant,
+    ) -> Option<(Instant, TimerReason)> {
+        let relay = self.clients.iter().map(|c| {
+            let at = c.poll_timeout();
+            let at = if c.is_bound() { idle_slot(at) } else { at };
+            (at, TimerReason::Relay)
+        });
         let netcheck = self
             .netcheck
             .as_ref()

@@ -3,7 +3,23 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::Hash;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// The grid an idle agent's routine work is rounded up to (from the node's creation): idle
+/// peers' keep-warm probes, relay pings, and in the engine WireGuard's idle timers and
+/// discovery's tick. Everything that can wait a few seconds happens in one wake-up every
+/// `IDLE_GRID` rather than each at its own moment. A multiple of it (15 s idle probes, 60 s
+/// standby probes, 10 s relay pings) keeps its cadence exactly once aligned.
+pub const IDLE_GRID: Duration = Duration::from_secs(5);
+
+/// The first grid point (`epoch + k * grid`) at or after `t`.
+pub fn align_up(epoch: Instant, t: Instant, grid: Duration) -> Instant {
+    let since = t.saturating_duration_since(epoch).as_nanos();
+    let g = grid.as_nanos().max(1);
+    let k = since.div_ceil(g);
+    let k = u32::try_from(k).unwrap_or(u32::MAX);
+    epoch + grid * k
+}
 
 /// One deadline per key, ordered by time. `set` and `take_due` cost O(log n).
 #[derive(Debug)]

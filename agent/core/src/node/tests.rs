@@ -1,6 +1,7 @@
 //! Node behaviour: two and three nodes over the simulated network of [`super::sim`], on a fake
 //! clock that jumps from event to event (each test runs in milliseconds).
 
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -356,6 +357,29 @@ fn an_idle_agent_with_five_peers_wakes_rarely() {
     // instant count once). WireGuard's 1 s timer slot and keepalives come on top in the
     // engine. (50 peers, same setup: 7.1 per second, too slow a simulation for a unit test.)
     assert!(per_second <= 2.0, "{per_second:.2} wake-ups per second");
+}
+
+#[test]
+fn an_idle_agents_probes_and_relay_pings_wait_for_the_idle_grid() {
+    let (mut sim, t0) = pair(NatKind::Public, NatKind::Public);
+    // Past the first 30 s (busy while connecting) and one idle interval after.
+    sim.run_for(Duration::from_secs(90));
+    let mut reasons = HashSet::new();
+    for _ in 0..60 {
+        let (at, reason) = sim.agents[0].node.poll_timeout().expect("a deadline");
+        // On a slot of the node's grid (from the node's creation, `IDLE_GRID` apart).
+        assert_eq!(
+            sim.agents[0].node.idle_slot(at),
+            at,
+            "{reason:?} at {:?}: off the grid",
+            at.duration_since(t0)
+        );
+        reasons.insert(format!("{reason:?}"));
+        sim.run_for(Duration::from_secs(1));
+    }
+    // Both kinds of routine work came due in the minute, each on a grid slot.
+    assert!(reasons.iter().any(|r| r.contains("Relay")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("Probe")), "{reasons:?}");
 }
 
 // ----- helpers -----

@@ -1,6 +1,42 @@
-//! Queries on a connection: state, paths, metrics.
+//! Queries on a connection: state, paths, and the metrics snapshot (`ConnMetrics`).
 
 use super::*;
+
+/// A snapshot for `rally peers` and Prometheus.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConnMetrics {
+    pub state: ConnState,
+    pub primary: Option<PathId>,
+    /// `direct` or `relay`, from the primary.
+    pub strategy: Option<PathKind>,
+    /// The primary's smoothed latency.
+    pub latency_ms: Option<f64>,
+    pub failovers: u64,
+    pub relay_switches: u64,
+    /// The current reconnect attempt (0 when not reconnecting).
+    pub reconnect_attempt: u32,
+    pub queued: usize,
+    pub queue_dropped: u64,
+    /// Every path, in priority order.
+    pub paths: Vec<PathMetrics>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PathMetrics {
+    pub path: PathId,
+    pub kind: PathKind,
+    pub health: PathHealth,
+    pub latency_ms: Option<f64>,
+    pub is_primary: bool,
+    /// Position in the priority order; 0 is the most preferred.
+    pub priority: u32,
+    /// Pinned with `set_primary`.
+    pub pinned: bool,
+    pub consecutive_failures: u32,
+    pub consecutive_successes: u32,
+    pub probes_sent: u64,
+    pub probes_failed: u64,
+}
 
 impl Connection {
     // ----- queries -----

@@ -15,28 +15,20 @@ use std::time::{Duration, Instant};
 use rally_proto::control::NatReport;
 use rally_proto::relay::{write_send_header, DATA_HEADER_LEN};
 use rally_proto::{Identity, Key32, PeerEvent, PeerInfo, RelayToken};
-use rally_relay::core::{Action, Config, Relay, Via as RelayVia};
-use rand::{Rng, SeedableRng};
+use rally_relay::core::{Config, Relay};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{Node, NodeConfig, NodeEvent, Received, Route, SideOp, SideSocket};
+use super::{Node, NodeConfig, NodeEvent, Route, SideOp};
 use crate::conn::{PathId, Profile};
 use crate::node::RelayConfig;
 
-/// The NAT in front of an agent (the lab's kinds).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NatKind {
-    /// No NAT: the agent's address is public.
-    Public,
-    /// Endpoint-independent mapping and filtering.
-    FullCone,
-    /// Endpoint-independent mapping, address-and-port-dependent filtering.
-    Home,
-    /// A new mapping per destination, address-and-port-dependent filtering.
-    Symmetric,
-    /// Endpoint-independent mapping, address-dependent filtering.
-    Restricted,
-}
+mod nat;
+mod wire;
+
+pub use nat::NatKind;
+use nat::Router;
+use wire::InFlight;
 
 pub struct Agent {
     pub node: Node,
@@ -62,31 +54,11 @@ pub struct Agent {
     side: Option<SocketAddr>,
 }
 
-struct Router {
-    public: Ipv4Addr,
-    kind: NatKind,
-    next_port: u16,
-    /// (inside, destination for symmetric mapping) → public port.
-    out: HashMap<(SocketAddr, Option<SocketAddr>), u16>,
-    inside: HashMap<u16, SocketAddr>,
-    /// (public port, remote) pairs the inside has sent to.
-    sent: HashSet<(u16, SocketAddr)>,
-}
-
 struct SimRelay {
     core: Relay,
     name: String,
     primary: SocketAddr,
     alt: SocketAddr,
-}
-
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct InFlight {
-    at: Instant,
-    seq: u64,
-    from: SocketAddr,
-    to: SocketAddr,
-    payload: Vec<u8>,
 }
 
 pub struct Sim {
@@ -456,149 +428,6 @@ impl Sim {
             _ => {}
         }
     }
-
-    /// A datagram from agent `a`'s socket to `to`, through its NAT.
-    fn send_from(&mut self, a: usize, to: SocketAddr, payload: Vec<u8>) {
-        if rally_proto::probe::is_probe(&payload) {
-            let now = self.now;
-            self.agents[a].direct_probes.push((now, to));
-        }
-        let local = self.agents[a].local;
-        self.send_from_addr(a, local, to, payload);
-    }
-
-    /// A datagram from agent `a`'s socket at `local` to `to`, through its NAT.
-    fn send_from_addr(&mut self, a: usize, local: SocketAddr, to: SocketAddr, payload: Vec<u8>) {
-        let from = match self.agents[a].router {
-            None => local,
-            // Inside the LAN: no translation.
-            Some(r)
-                if self
-                    .agents
-                    .iter()
-                    .any(|x| x.local == to && x.router == Some(r)) =>
-            {
-                local
-            }
-            Some(r) => self.routers[r].map_out(local, to),
-        };
-        self.put(from, to, payload);
-    }
-
-    fn put(&mut self, from: SocketAddr, to: SocketAddr, payload: Vec<u8>) {
-        self.put_after(from, to, payload, Duration::ZERO);
-    }
-
-    fn put_after(&mut self, from: SocketAddr, to: SocketAddr, payload: Vec<u8>, extra: Duration) {
-        let cut = self
-            .cuts
-            .iter()
-            .any(|&(x, y)| (from.ip(), to.ip()) == (x, y) || (from.ip(), to.ip()) == (y, x));
-        if cut || (self.loss > 0.0 && self.rng.gen_bool(self.loss)) {
-            return;
-        }
-        self.seq += 1;
-        self.wire.push(Reverse(InFlight {
-            at: self.now + self.latency + extra,
-            seq: self.seq,
-            from,
-            to,
-            payload,
-        }));
-    }
-
-    fn deliver(&mut self, mut p: InFlight) {
-        if let Some(r) = self
-            .relays
-            .iter()
-            .position(|r| r.primary == p.to || r.alt == p.to)
-        {
-            self.deliver_to_relay(r, p);
-            return;
-        }
-        if let Some(r) = self
-            .routers
-            .iter()
-            .position(|r| IpAddr::from(r.public) == p.to.ip())
-        {
-            let Some(inside) = self.routers[r].map_in(p.to.port(), p.from) else {
-                return;
-            };
-            p.to = inside;
-        }
-        if let Some(a) = self.agents.iter().position(|x| x.local == p.to) {
-            self.deliver_to_agent(a, p.from, &p.payload);
-        } else if let Some(a) = self.agents.iter().position(|x| x.side == Some(p.to)) {
-            let now = self.now;
-            let _ = self.agents[a].node.handle_side_datagram(
-                SideSocket::Netcheck,
-                p.from,
-                &p.payload,
-                now,
-            );
-            self.drain(a);
-        }
-    }
-
-    fn deliver_to_relay(&mut self, r: usize, mut p: InFlight) {
-        let (now, unix) = (self.now, self.unix());
-        let relay = &mut self.relays[r];
-        let (primary, alt) = (relay.primary, relay.alt);
-        let via = if p.to == alt {
-            RelayVia::Alt
-        } else {
-            RelayVia::Primary
-        };
-        let addr = |via: RelayVia| if via == RelayVia::Alt { alt } else { primary };
-        let out = match relay
-            .core
-            .handle_datagram(via, p.from, &mut p.payload, now, unix)
-        {
-            Action::Forward { via, to, len } => Some((addr(via), to, p.payload[..len].to_vec())),
-            Action::Reply(t) | Action::Drop { reply: Some(t), .. } => {
-                Some((addr(t.via), t.to, t.payload))
-            }
-            Action::Drop { reply: None, .. } => None,
-        };
-        if let Some((from, to, payload)) = out {
-            let extra = self.relay_delay.get(&r).copied().unwrap_or_default();
-            self.put_after(from, to, payload, extra);
-        }
-    }
-
-    fn deliver_to_agent(&mut self, a: usize, from: SocketAddr, d: &[u8]) {
-        let now = self.now;
-        let node = &mut self.agents[a].node;
-        let data = |d: &[u8]| {
-            (d.len() == 36 && d[..4] == [4, 0, 0, 0]).then(|| {
-                let mut k = [0u8; 32];
-                k.copy_from_slice(&d[4..36]);
-                Key32(k)
-            })
-        };
-        let got = match data(d) {
-            Some(peer) => Some((peer, PathId::Direct(from))),
-            None => match node.handle_datagram(from, d, now) {
-                Received::WireGuard {
-                    peer,
-                    path,
-                    payload,
-                } if data(payload) == Some(peer) => Some((peer, path)),
-                _ => None,
-            },
-        };
-        self.agents[a].wake(now);
-        if let Some((peer, path)) = got {
-            self.agents[a].node.handle_tunnel_rx(&peer, &path, now);
-            self.agents[a].received.push((now, peer, path));
-            if self.agents[a].echo {
-                if let Some(b) = self.agents.iter().position(|x| x.id == peer) {
-                    self.send_data(a, b);
-                }
-            }
-        }
-        self.drain(a);
-    }
 }
 
 impl Agent {
@@ -606,38 +435,6 @@ impl Agent {
         if self.last_wake != Some(now) {
             self.last_wake = Some(now);
             self.wakes += 1;
-        }
-    }
-}
-
-impl Router {
-    fn map_out(&mut self, inside: SocketAddr, to: SocketAddr) -> SocketAddr {
-        let key = (inside, (self.kind == NatKind::Symmetric).then_some(to));
-        let port = match self.out.get(&key) {
-            Some(p) => *p,
-            None => {
-                self.next_port += 1;
-                self.out.insert(key, self.next_port);
-                self.inside.insert(self.next_port, inside);
-                self.next_port
-            }
-        };
-        self.sent.insert((port, to));
-        SocketAddr::new(self.public.into(), port)
-    }
-
-    fn map_in(&self, port: u16, from: SocketAddr) -> Option<SocketAddr> {
-        let inside = self.inside.get(&port)?;
-        match self.kind {
-            NatKind::FullCone | NatKind::Public => Some(*inside),
-            NatKind::Home | NatKind::Symmetric => {
-                self.sent.contains(&(port, from)).then_some(*inside)
-            }
-            NatKind::Restricted => self
-                .sent
-                .iter()
-                .any(|(p, to)| *p == port && to.ip() == from.ip())
-                .then_some(*inside),
         }
     }
 }
