@@ -105,8 +105,8 @@ impl Node {
     fn add_peer(&mut self, info: Arc<PeerInfo>, now: Instant) {
         let id = info.peer_id;
         let (paths, mut conn) = self.new_peer_machines(&info, now);
-        for relay in self.relays.bound() {
-            conn.add_path(PathId::Relay(relay), now);
+        for path in self.relays.bound() {
+            conn.add_path(path, now);
         }
         info!(peer = %info.name, vip = %info.virtual_ip, endpoints = ?info.endpoints, "peer added");
         let short = short_id(&id);
@@ -225,6 +225,17 @@ impl Node {
             }
             if let Some(event) = p.conn.poll_event() {
                 on_conn_event(p, &event, now);
+                match &event {
+                    // UDP through that relay stopped working (or every path did): dial the
+                    // relay over TCP now, as a standby.
+                    ConnEvent::PathDown {
+                        path: PathId::Relay(r),
+                    } => Node::wake_tcp(&mut self.relays, Some(r), now),
+                    ConnEvent::PrimaryChange { to: None, .. } => {
+                        Node::wake_tcp(&mut self.relays, None, now)
+                    }
+                    _ => {}
+                }
                 info!(peer = %p.info.name, event = ?event, "connection");
                 self.events.push_back(NodeEvent::Conn {
                     peer: id,

@@ -23,6 +23,8 @@ use super::{Node, NodeConfig, NodeEvent, Received, Route, SideOp, SideSocket};
 use crate::conn::{PathId, Profile};
 use crate::node::RelayConfig;
 
+mod tcp;
+
 /// The NAT in front of an agent (the lab's kinds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NatKind {
@@ -87,6 +89,8 @@ struct InFlight {
     from: SocketAddr,
     to: SocketAddr,
     payload: Vec<u8>,
+    /// Over TLS/TCP (never lost, never blocked; see `tcp.rs`).
+    tcp: bool,
 }
 
 pub struct Sim {
@@ -104,6 +108,10 @@ pub struct Sim {
     pub cuts: Vec<(IpAddr, IpAddr)>,
     /// Extra delay of everything leaving relay `i` (a slow relay).
     pub relay_delay: HashMap<usize, Duration>,
+    /// Relays listen on TCP too (set before [`Sim::start`]).
+    pub tcp: bool,
+    /// Agents whose network lets out no UDP (their LAN still works).
+    pub udp_blocked: HashSet<usize>,
     rng: ChaCha8Rng,
     control: Identity,
 }
@@ -124,6 +132,8 @@ impl Sim {
             loss: 0.0,
             cuts: Vec::new(),
             relay_delay: HashMap::new(),
+            tcp: false,
+            udp_blocked: HashSet::new(),
             rng: ChaCha8Rng::seed_from_u64(1),
             control: Identity::from_seed([99; 32]),
         }
@@ -230,6 +240,7 @@ impl Sim {
                 name: r.name.as_str().into(),
                 host: r.primary.to_string(),
                 addr: r.primary,
+                tcp: self.tcp.then(|| tcp::endpoint(r)),
             })
             .collect();
         for a in 0..self.agents.len() {
@@ -459,6 +470,10 @@ impl Sim {
 
     /// A datagram from agent `a`'s socket to `to`, through its NAT.
     fn send_from(&mut self, a: usize, to: SocketAddr, payload: Vec<u8>) {
+        if crate::node::is_tcp_slot(&to) {
+            self.send_tcp(a, to, payload);
+            return;
+        }
         if rally_proto::probe::is_probe(&payload) {
             let now = self.now;
             self.agents[a].direct_probes.push((now, to));
@@ -469,7 +484,8 @@ impl Sim {
 
     /// A datagram from agent `a`'s socket at `local` to `to`, through its NAT.
     fn send_from_addr(&mut self, a: usize, local: SocketAddr, to: SocketAddr, payload: Vec<u8>) {
-        let from = match self.agents[a].router {
+        let router = self.agents[a].router;
+        let from = match router {
             None => local,
             // Inside the LAN: no translation.
             Some(r)
@@ -480,8 +496,12 @@ impl Sim {
             {
                 local
             }
+            Some(_) if self.udp_blocked.contains(&a) => return,
             Some(r) => self.routers[r].map_out(local, to),
         };
+        if router.is_none() && self.udp_blocked.contains(&a) {
+            return;
+        }
         self.put(from, to, payload);
     }
 
@@ -504,10 +524,15 @@ impl Sim {
             from,
             to,
             payload,
+            tcp: false,
         }));
     }
 
     fn deliver(&mut self, mut p: InFlight) {
+        if p.tcp {
+            self.deliver_tcp(p);
+            return;
+        }
         if let Some(r) = self
             .relays
             .iter()
@@ -527,6 +552,10 @@ impl Sim {
             p.to = inside;
         }
         if let Some(a) = self.agents.iter().position(|x| x.local == p.to) {
+            let lan = self.agents.iter().any(|x| x.local == p.from);
+            if self.udp_blocked.contains(&a) && !lan {
+                return;
+            }
             self.deliver_to_agent(a, p.from, &p.payload);
         } else if let Some(a) = self.agents.iter().position(|x| x.side == Some(p.to)) {
             let now = self.now;
@@ -550,10 +579,24 @@ impl Sim {
             RelayVia::Primary
         };
         let addr = |via: RelayVia| if via == RelayVia::Alt { alt } else { primary };
+        let via = if p.tcp { RelayVia::Tcp } else { via };
         let out = match relay
             .core
             .handle_datagram(via, p.from, &mut p.payload, now, unix)
         {
+            Action::Forward {
+                via: RelayVia::Tcp,
+                to,
+                len,
+            } => {
+                let payload = p.payload[..len].to_vec();
+                self.tcp_from_relay(r, to, payload);
+                return;
+            }
+            Action::Reply(t) | Action::Drop { reply: Some(t), .. } if t.via == RelayVia::Tcp => {
+                self.tcp_from_relay(r, t.to, t.payload);
+                return;
+            }
             Action::Forward { via, to, len } => Some((addr(via), to, p.payload[..len].to_vec())),
             Action::Reply(t) | Action::Drop { reply: Some(t), .. } => {
                 Some((addr(t.via), t.to, t.payload))
