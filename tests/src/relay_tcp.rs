@@ -16,6 +16,9 @@ pub fn start_tcp_relay(host: &Host, name: &str, control_key: &str) -> Result<Rel
         .to_string_lossy()
         .into_owned();
     let key_file = host.log_path(&format!("relay-{name}-tls.key"));
+    if let Some(dir) = key_file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let key_path = key_file.to_string_lossy().into_owned();
     let out = host.run_ok(&[bin.as_str(), "tls-key", key_path.as_str()])?;
     let key = out

@@ -226,12 +226,14 @@ impl Node {
             if let Some(event) = p.conn.poll_event() {
                 on_conn_event(p, &event, now);
                 match &event {
-                    // UDP through that relay stopped working (or every path did): dial the
-                    // relay over TCP now, as a standby.
+                    // UDP through that relay stopped working: dial it over TCP now.
                     ConnEvent::PathDown {
                         path: PathId::Relay(r),
                     } => Node::wake_tcp(&mut self.relays, Some(r), now),
-                    ConnEvent::PrimaryChange { to: None, .. } => {
+                    // The primary failed (or every path did): UDP may have stopped for every
+                    // path (a network that starts blocking it), so the TCP standbys are
+                    // dialed before the relay paths over UDP fail in turn.
+                    ConnEvent::PrimaryChange { to: None, .. } | ConnEvent::Failover { .. } => {
                         Node::wake_tcp(&mut self.relays, None, now)
                     }
                     _ => {}

@@ -12,8 +12,9 @@
 //!   UDP binding within the head start cancels the dial);
 //! - UDP is known blocked ([`Node::handle_udp_hint`]: the control channel came up over TCP,
 //!   or a netcheck heard nothing): then at once;
-//! - a peer's path through the relay over UDP goes down, or a peer loses its last path: at
-//!   once (a network that starts blocking UDP mid-session);
+//! - a peer's path through the relay over UDP goes down, a peer's primary fails over, or a
+//!   peer loses its last path: at once (a network that starts blocking UDP mid-session; on an
+//!   open network a peer that went away costs one TLS connection for [`TCP_LINGER`]);
 //! - the UDP binding is lost.
 //!
 //! **When it is closed.** After [`TCP_LINGER`] during which the UDP client was bound and no
