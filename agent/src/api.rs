@@ -107,14 +107,20 @@ pub struct PeerStatus {
     /// The peer's NAT findings as it reported them (absent until it has).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_nat: Option<rally_proto::control::NatReport>,
+    /// The primary path (`direct:IP:PORT`, `relay:NAME`, `relay-tcp:NAME` for a relay over
+    /// TLS/TCP); absent while there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 impl PeerStatus {
-    /// `relay:NAME` on a relay, else the strategy (`direct`, `none`).
+    /// `relay:NAME` on a relay (`relay-tcp:NAME` over TLS/TCP), else the strategy
+    /// (`direct`, `none`).
     pub fn path_label(&self) -> String {
-        match (&self.relay, self.strategy) {
-            (Some(r), Strategy::Relay) => format!("relay:{r}"),
-            (_, s) => s.to_string(),
+        match (&self.relay, self.strategy, &self.path) {
+            (Some(_), Strategy::Relay, Some(p)) if p.starts_with("relay-tcp:") => p.clone(),
+            (Some(r), Strategy::Relay, _) => format!("relay:{r}"),
+            (_, s, _) => s.to_string(),
         }
     }
 }
@@ -147,6 +153,13 @@ pub struct NetcheckReport {
     /// What carries the control channel: `quic`, or `tcp` (TLS over TCP) where UDP is blocked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_transport: Option<String>,
+    /// What carries relayed traffic: `udp`, or `tcp` when relays are reached only over TLS
+    /// on TCP (UDP blocked); absent while no relay is bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_transport: Option<String>,
+    /// The relayed paths bound now: `relay:NAME` over UDP, `relay-tcp:NAME` over TLS/TCP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relay_paths: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -28,6 +28,7 @@ pub mod portmap;
 pub mod procs;
 pub mod proxy;
 pub mod rally;
+pub mod relay_tcp;
 pub mod roam;
 pub mod router;
 pub mod scenario;

@@ -592,12 +592,26 @@ pub struct RelayServer {
     host: Host,
     addr: String,
     proc: Proc,
+    /// `,tcp=HOST:PORT,key=KEY` for a relay that listens on TLS/TCP too.
+    spec_tcp: String,
 }
 
 impl RelayServer {
     /// `rally-relay serve --listen <host ip>:3478 --alt-port 3479 --control-key KEY`, waiting
     /// until it listens.
     pub fn start(host: &Host, name: &str, control_key: &str) -> Result<RelayServer> {
+        Self::start_with(host, name, control_key, &[], String::new())
+    }
+
+    /// Like [`Self::start`], with `extra` arguments; `spec_tcp` follows the spec (see
+    /// [`crate::relay_tcp`]).
+    pub fn start_with(
+        host: &Host,
+        name: &str,
+        control_key: &str,
+        extra: &[&str],
+        spec_tcp: String,
+    ) -> Result<RelayServer> {
         let bin = bins::bin_path("rally-relay")?
             .to_string_lossy()
             .into_owned();
@@ -613,6 +627,7 @@ impl RelayServer {
             "--control-key",
             control_key,
         ];
+        let args: Vec<&str> = args.iter().chain(extra).copied().collect();
         let proc = host.spawn(&args, host.log_path(&format!("rally-relay-{name}")))?;
         let check = || udp_port_bound(host, RELAY_PORT, &proc);
         wait_until("rally-relay to listen", READY_TIMEOUT, READY_POLL, check)
@@ -622,6 +637,7 @@ impl RelayServer {
             host: host.clone(),
             addr,
             proc,
+            spec_tcp,
         })
     }
 
@@ -640,7 +656,7 @@ impl RelayServer {
 
     /// `NAME=HOST:PORT`, for `rally-control serve --relay`.
     pub fn spec(&self) -> String {
-        format!("{}={}", self.name, self.addr)
+        format!("{}={}{}", self.name, self.addr, self.spec_tcp)
     }
 
     pub fn proc(&self) -> &Proc {

@@ -47,6 +47,7 @@ fn peer(state: PeerState, strategy: Strategy) -> PeerStatus {
         }],
         relay_reason: None,
         peer_nat: None,
+        path: None,
     }
 }
 
@@ -277,6 +278,8 @@ fn netcheck_reply_json_is_pinned() {
         nat: nat(),
         port_mapping: None,
         control_transport: None,
+        relay_transport: None,
+        relay_paths: Vec::new(),
     };
     let text = serde_json::to_string(&none).unwrap();
     assert_eq!(
@@ -290,6 +293,8 @@ fn netcheck_reply_json_is_pinned() {
         },
         port_mapping: Some(mapping()),
         control_transport: None,
+        relay_transport: None,
+        relay_paths: Vec::new(),
     };
     let text = serde_json::to_string(&mapped).unwrap();
     assert!(
@@ -449,6 +454,8 @@ fn control_transport_is_reported_when_known() {
         },
         port_mapping: None,
         control_transport: Some("tcp".into()),
+        relay_transport: None,
+        relay_paths: Vec::new(),
     };
     let text = serde_json::to_string(&report).unwrap();
     assert!(text.starts_with(r#"{"udp":false,"#), "{text}");

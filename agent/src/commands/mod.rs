@@ -298,6 +298,9 @@ async fn netcheck(state_dir: &Path, json: bool) -> Result<()> {
         if let Some(t) = &report.control_transport {
             println!("control over:    {t}");
         }
+        if let Some(t) = &report.relay_transport {
+            println!("relays over:     {t} ({})", report.relay_paths.join(", "));
+        }
         println!("mapping:         {}", behavior(nat.mapping));
         println!("filtering:       {}", behavior(nat.filtering));
         println!(

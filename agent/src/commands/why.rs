@@ -138,6 +138,7 @@ mod tests {
             paths: vec![],
             relay_reason: Some("both-symmetric".into()),
             peer_nat: Some(report(NatBehavior::AddressAndPortDependent)),
+            path: None,
         };
         let me = report(NatBehavior::AddressAndPortDependent);
         let text = render(Some(&me), &p);

@@ -63,16 +63,27 @@ impl ServerCertVerifier for PinnedKey {
     }
 }
 
+/// ALPN protocol id of relay sessions over TLS on TCP.
+pub const RELAY_ALPN: &[u8] = b"rally-relay/1";
+/// The name a relay's certificate is issued for.
+pub const RELAY_SERVER_NAME: &str = "rally-relay";
+
 /// A TLS 1.3 client configuration that accepts only a server holding `key` (for QUIC and
 /// for TLS over TCP alike).
 pub fn rustls_config(key: Key32) -> Result<rustls::ClientConfig, rustls::Error> {
+    pinned_config(key, ALPN)
+}
+
+/// A TLS 1.3 client configuration that accepts only a server holding `key`, offering `alpn`
+/// (the control plane's [`ALPN`], or a relay's [`RELAY_ALPN`]).
+pub fn pinned_config(key: Key32, alpn: &[u8]) -> Result<rustls::ClientConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedKey(key)))
         .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     Ok(tls)
 }
 

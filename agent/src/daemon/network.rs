@@ -37,7 +37,15 @@ impl Owner {
                     .await
                     .map(|mut a| a.find(|a| a.is_ipv4()))
                 {
-                    Ok(Some(addr)) => resolved.push((r.name, r.addr, addr)),
+                    Ok(Some(addr)) => {
+                        let tcp = resolve_tcp(&r).await;
+                        resolved.push(crate::node::RelayConfig {
+                            name: r.name.as_str().into(),
+                            host: r.addr,
+                            addr,
+                            tcp,
+                        });
+                    }
                     Ok(None) => warn!(relay = %r.name, "{} has no IPv4 address", r.addr),
                     Err(e) => warn!(relay = %r.name, "cannot resolve {}: {e}", r.addr),
                 }
@@ -160,5 +168,25 @@ pub(super) async fn net_changed(watch: &mut Option<NetWatch>) -> std::io::Result
     match watch {
         Some(w) => w.changed().await,
         None => std::future::pending().await,
+    }
+}
+
+/// A relay's TLS-over-TCP listener, looked up, with the key to pin (none if the entry has no
+/// `tcp`, no `tcp_key`, or the name does not resolve).
+async fn resolve_tcp(r: &RelayEntry) -> Option<crate::node::TcpEndpoint> {
+    let (host, key) = (r.tcp.as_ref()?, r.tcp_key?);
+    match tokio::net::lookup_host(host)
+        .await
+        .map(|mut a| a.find(|a| a.is_ipv4()))
+    {
+        Ok(Some(addr)) => Some(crate::node::TcpEndpoint { addr, key }),
+        Ok(None) => {
+            warn!(relay = %r.name, "{host} has no IPv4 address");
+            None
+        }
+        Err(e) => {
+            warn!(relay = %r.name, "cannot resolve {host}: {e}");
+            None
+        }
     }
 }

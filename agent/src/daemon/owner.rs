@@ -30,8 +30,8 @@ const RENEW_EVERY: Duration = Duration::from_secs(300);
 /// How long shutdown waits for the gateway to confirm the port mapping's removal.
 const PORTMAP_REMOVE_WAIT: Duration = Duration::from_secs(3);
 
-/// A relay with its resolved address: (name, `host:port`, address).
-pub(super) type ResolvedRelay = (String, String, SocketAddr);
+/// A relay with its resolved addresses (UDP, and TLS/TCP if it has one).
+pub(super) type ResolvedRelay = crate::node::RelayConfig;
 
 /// What reaches the owner besides control and engine events.
 pub(super) enum Msg {
@@ -275,6 +275,9 @@ impl Owner {
                 }
                 let before = self.link_state.borrow().transport;
                 self.publish_transport(before, transport);
+                if let Some(engine) = &self.engine {
+                    engine.send(EngineCmd::UdpHint(transport == ControlTransport::Tcp));
+                }
                 self.link_state.send_modify(|s| {
                     s.connected = true;
                     s.error = None;
@@ -419,6 +422,7 @@ impl Owner {
             profile: self.cfg.profile.clone(),
             bus: self.bus.clone(),
             discovery: self.cfg.discovery.clone(),
+            proxy: self.cfg.proxy.clone(),
         };
         let engine =
             Engine::start(config, self.engine_tx.clone()).map_err(|e| DaemonError::Tun {
@@ -433,6 +437,9 @@ impl Owner {
                 .map(PeerEvent::Added)
                 .collect(),
         );
+        if let Some(transport) = self.link_state.borrow().transport {
+            engine.send(EngineCmd::UdpHint(transport == ControlTransport::Tcp));
+        }
         if let Some((relays, token)) = &self.resolved {
             engine.send(EngineCmd::SetRelays(relays.clone(), token.clone()));
         }

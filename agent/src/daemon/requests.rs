@@ -119,10 +119,13 @@ impl Owner {
         respond(reply, async move {
             let mut nat = engine.netcheck().await?;
             nat.mapped_endpoint = port_mapping.map(|m| m.external);
+            let paths = engine.relay_paths().await;
             Ok(IpcReply::Netcheck(NetcheckReport {
                 nat,
                 port_mapping,
                 control_transport,
+                relay_transport: relay_transport(&paths),
+                relay_paths: paths.iter().map(ToString::to_string).collect(),
             }))
         })
     }
@@ -303,5 +306,18 @@ fn control_error(e: ControlError) -> String {
     match e {
         ControlError::Refused(reply) => reply.message,
         other => other.to_string(),
+    }
+}
+
+/// `udp` while any relay is bound over UDP, `tcp` while relays are bound only over TLS/TCP.
+fn relay_transport(paths: &[crate::conn::PathId]) -> Option<String> {
+    use crate::conn::PathKind;
+    let kinds: Vec<PathKind> = paths.iter().map(crate::conn::PathId::kind).collect();
+    if kinds.contains(&PathKind::Relay) {
+        Some("udp".into())
+    } else if kinds.contains(&PathKind::RelayTcp) {
+        Some("tcp".into())
+    } else {
+        None
     }
 }

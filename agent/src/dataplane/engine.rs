@@ -56,8 +56,11 @@ const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 pub enum EngineCmd {
     /// Changes to the peer map (from [`rally_proto::PeerView`]); each costs O(log n) or less.
     PeerChanges(Vec<PeerEvent>),
-    /// The relays (name, `host:port`, resolved address) and this agent's token.
-    SetRelays(Vec<(String, String, SocketAddr)>, Vec<u8>),
+    /// The relays (name, `host:port`, resolved addresses) and this agent's token.
+    SetRelays(Vec<crate::node::RelayConfig>, Vec<u8>),
+    /// Whether UDP is known blocked (the control channel came up over TLS/TCP): relays are
+    /// dialed over TCP at once.
+    UdpHint(bool),
     Punch {
         peer: Key32,
         candidates: Vec<SocketAddr>,
@@ -71,6 +74,8 @@ pub enum EngineCmd {
     SetPrimary(Key32, PathId, oneshot::Sender<Result<(), String>>),
     /// `rally discovery`.
     Discovery(oneshot::Sender<DiscoveryStatus>),
+    /// The relayed paths bound now (`rally netcheck`).
+    RelayPaths(oneshot::Sender<Vec<PathId>>),
     Shutdown,
 }
 
@@ -109,6 +114,13 @@ impl EngineHandle {
         let (tx, rx) = oneshot::channel();
         self.send(EngineCmd::Netcheck(Some(tx)));
         rx.await.map_err(|_| "the data plane stopped".to_string())?
+    }
+
+    /// The relayed paths bound now (empty once the data plane stopped).
+    pub async fn relay_paths(&self) -> Vec<PathId> {
+        let (tx, rx) = oneshot::channel();
+        self.send(EngineCmd::RelayPaths(tx));
+        rx.await.unwrap_or_default()
     }
 
     /// Discovery's settings, groups, flows and counters; `None` once the data plane stopped.
@@ -198,6 +210,8 @@ pub struct Engine {
     pub(super) restart: RestartHints,
     /// Short-lived sockets besides `udp` (the netcheck's filtering test).
     pub(super) side: super::side::SideSockets,
+    /// Relay connections over TLS/TCP, behind the node's TCP slots.
+    pub(super) tcp: super::relay_tcp::TcpRelays,
 }
 
 /// What the engine needs to start.
@@ -213,6 +227,8 @@ pub struct EngineConfig {
     pub profile: Profile,
     pub bus: Arc<Mutex<EventBus>>,
     pub discovery: DiscoveryConfig,
+    /// An HTTP CONNECT proxy (`HOST:PORT`) for relay connections over TLS/TCP.
+    pub proxy: Option<String>,
 }
 
 /// Buffers the loop reuses for every packet.
@@ -348,6 +364,7 @@ impl Engine {
             disc,
             disc_io,
             side: Default::default(),
+            tcp: super::relay_tcp::TcpRelays::new(cfg.proxy.clone()),
             disc_due: tokio::time::Instant::now(),
             disc_ticks: 0,
             disc_pending: Vec::new(),
@@ -388,6 +405,9 @@ impl Engine {
                     Ok(()) => self.discovery_capture(&mut b).await,
                     Err(e) => debug!("discovery capture: {e}"),
                 },
+                Some((slot, frame)) = self.tcp.inbound.recv() => {
+                    self.handle_relay_frame(slot, &frame, &mut b.out).await;
+                }
                 Some(d) = self.side.recv() => {
                     let t = super::timers::now();
                     let _ = self.node.handle_side_datagram(d.socket, d.from, &d.payload, t);
@@ -408,7 +428,7 @@ impl Engine {
             self.discovery_flush(&mut b.out).await;
             self.drain_node(&mut b.out).await;
         }
-        debug!(drops = ?self.drops, "data plane stopped");
+        debug!(drops = ?self.drops, tcp_queue_drops = self.tcp.queue_drops(), "data plane stopped");
     }
 
     /// One command from the daemon (all but `Shutdown`, which ends [`Self::run`]).
@@ -416,17 +436,8 @@ impl Engine {
         let t = super::timers::now();
         match cmd {
             EngineCmd::PeerChanges(changes) => self.node.handle_peer_changes(changes, t),
-            EngineCmd::SetRelays(relays, token) => {
-                let relays = relays
-                    .into_iter()
-                    .map(|(name, host, addr)| crate::node::RelayConfig {
-                        name: name.into(),
-                        host,
-                        addr,
-                    })
-                    .collect();
-                self.node.handle_relays(relays, token, t);
-            }
+            EngineCmd::SetRelays(relays, token) => self.node.handle_relays(relays, token, t),
+            EngineCmd::UdpHint(blocked) => self.node.handle_udp_hint(blocked, t),
             EngineCmd::Punch {
                 peer,
                 candidates,
@@ -455,6 +466,9 @@ impl Engine {
             }
             EngineCmd::Discovery(reply) => {
                 let _ = reply.send(self.discovery_status());
+            }
+            EngineCmd::RelayPaths(reply) => {
+                let _ = reply.send(self.node.relay_paths());
             }
             EngineCmd::Shutdown => {}
         }

@@ -64,6 +64,24 @@ impl Engine {
             self.handle_wireguard(id, via, d, out).await;
             return;
         }
+        self.handle_for_node(from, d, out).await;
+    }
+
+    /// A frame from a relay connection over TLS/TCP (`slot` names it): relay messages only,
+    /// never WireGuard straight from an address.
+    pub(super) async fn handle_relay_frame(
+        &mut self,
+        slot: SocketAddr,
+        frame: &[u8],
+        out: &mut [u8],
+    ) {
+        self.handle_for_node(slot, frame, out).await;
+        super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
+    }
+
+    /// What the node takes (STUN, relay messages, probes); WireGuard it hands back from a
+    /// relay goes through the guard and the peer's tunnel.
+    async fn handle_for_node(&mut self, from: SocketAddr, d: &[u8], out: &mut [u8]) {
         match self.node.handle_datagram(from, d, now()) {
             Received::Handled => {}
             Received::WireGuard {
@@ -78,7 +96,7 @@ impl Engine {
                 };
                 let source = match path {
                     PathId::Direct(a) => Source::Addr(a),
-                    PathId::Relay(_) => match self.node.peer(&peer) {
+                    PathId::Relay(_) | PathId::RelayTcp(_) => match self.node.peer(&peer) {
                         Some(p) => Source::Relayed(p.short_id()),
                         None => return,
                     },
@@ -142,7 +160,7 @@ impl Engine {
                 };
                 id
             }
-            (None, &PathId::Relay(_)) => return,
+            (None, &PathId::Relay(_) | &PathId::RelayTcp(_)) => return,
         };
         if !self.restart.may_handshake(id, t) {
             return;

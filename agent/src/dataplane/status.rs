@@ -69,6 +69,11 @@ impl Engine {
                 .filter(|_| route.is_some())
                 .map(|r| r.as_str().to_string()),
             peer_nat: info.nat.clone(),
+            path: p
+                .conn()
+                .primary()
+                .filter(|_| route.is_some())
+                .map(ToString::to_string),
         }
     }
 }

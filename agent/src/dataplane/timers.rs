@@ -24,7 +24,7 @@ use super::engine::{Engine, EngineEvent, Peer, KEEPALIVE_SECS};
 use super::tunnel::{Output, Tunnel, TunnelError};
 use crate::conn::{ConnEvent, PathId};
 use crate::events::{Event, EventType};
-use crate::node::{NatCause, NodeEvent, Route, TimerReason, IDLE_GRID};
+use crate::node::{NatCause, NodeEvent, Route, TcpChange, TimerReason, IDLE_GRID};
 
 /// The cadence of WireGuard's timers while any tunnel has state.
 pub const WG_TIMERS: Duration = Duration::from_secs(1);
@@ -148,7 +148,7 @@ impl Engine {
     /// route, events to the daemon and the bus.
     pub(super) async fn drain_node(&mut self, out: &mut [u8]) {
         while let Some(tx) = self.node.poll_transmit() {
-            super::tx::send(&self.udp, &tx.payload, tx.to).await;
+            self.transmit(tx.to, &tx.payload).await;
         }
         while let Some(ev) = self.node.poll_event() {
             self.handle_node_event(ev);
@@ -160,7 +160,7 @@ impl Engine {
         }
         // Events may have queued transmits (a new peer's first probes).
         while let Some(tx) = self.node.poll_transmit() {
-            super::tx::send(&self.udp, &tx.payload, tx.to).await;
+            self.transmit(tx.to, &tx.payload).await;
         }
         while let Some(op) = self.node.poll_side() {
             self.side.apply(op).await;
@@ -216,14 +216,30 @@ impl Engine {
                 }
             }
             NodeEvent::RelayBound { .. } => {}
-            NodeEvent::RelayLost { relay, reason } => {
+            NodeEvent::RelayLost { path, reason } => {
                 self.publish(
                     Event::new(
                         unix_ms(),
                         EventType::Error,
                         format!("relay binding lost: {reason}"),
                     )
-                    .with_path(PathId::Relay(relay)),
+                    .with_path(path),
+                );
+            }
+            NodeEvent::RelayTcp { relay, change } => {
+                let message = match change {
+                    TcpChange::Bound => {
+                        format!("relay {relay} reached over TLS/TCP (UDP to it gets no answer)")
+                    }
+                    TcpChange::Closed => {
+                        let node = &self.node;
+                        self.tcp.retain(|slot| node.tcp_relay(slot).is_some());
+                        format!("relay {relay} back on UDP: its TLS/TCP session is closed")
+                    }
+                };
+                self.publish(
+                    Event::new(unix_ms(), EventType::TransportChange, message)
+                        .with_path(PathId::RelayTcp(relay)),
                 );
             }
         }

@@ -12,7 +12,7 @@ use super::batch::{GsoBatch, TunBatch};
 use super::engine::{Buffers, Engine};
 use super::timers::now;
 use super::tunnel::Output;
-use crate::node::Route;
+use crate::node::{is_tcp_slot, Route};
 
 impl Engine {
     /// A batch of packets read from the TUN device.
@@ -62,6 +62,10 @@ impl Engine {
                 (relay, &out[..DATA_HEADER_LEN + n])
             }
         };
+        if is_tcp_slot(&dest) {
+            self.send_tcp(dest, frame);
+            return;
+        }
         if !self.gso.fits(dest, frame.len()) {
             flush_gso(&self.udp, &self.udp_state, &mut self.gso).await;
         }
@@ -93,13 +97,32 @@ impl Engine {
     }
 
     /// Sends `frame[DATA_HEADER_LEN..]` on `route`; for a relay the header is written in front.
-    pub(super) async fn send_framed(&self, route: Route, frame: &mut [u8]) {
+    pub(super) async fn send_framed(&mut self, route: Route, frame: &mut [u8]) {
         match route {
             Route::Direct(a) => send(&self.udp, &frame[DATA_HEADER_LEN..], a).await,
             Route::Relay { relay, peer } => {
                 write_send_header(frame, &peer);
-                send(&self.udp, frame, relay).await;
+                self.transmit(relay, frame).await;
             }
+        }
+    }
+
+    /// Sends one datagram the node framed: over UDP, or over the relay connection a TCP slot
+    /// stands for.
+    pub(super) async fn transmit(&mut self, to: SocketAddr, payload: &[u8]) {
+        if is_tcp_slot(&to) {
+            self.send_tcp(to, payload);
+        } else {
+            send(&self.udp, payload, to).await;
+        }
+    }
+
+    /// Queues a relay message on the connection of a TCP slot (dropped if the node no longer
+    /// uses the slot).
+    fn send_tcp(&mut self, slot: SocketAddr, msg: &[u8]) {
+        match self.node.tcp_relay(&slot) {
+            Some(endpoint) => self.tcp.send(slot, endpoint, msg),
+            None => self.drops.no_route += 1,
         }
     }
 }

@@ -10,14 +10,16 @@ use serde::{Serialize, Serializer};
 
 /// One way to reach a peer.
 ///
-/// Written as `direct:ADDR` or `relay:NAME` (see [`Display`](fmt::Display) and [`FromStr`]);
-/// that is the form in events, metrics and `rally path set-primary`.
+/// Written as `direct:ADDR`, `relay:NAME` or `relay-tcp:NAME` (see [`Display`](fmt::Display)
+/// and [`FromStr`]); that is the form in events, metrics and `rally path set-primary`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PathId {
     /// A proven direct (punched or LAN) endpoint of the peer.
     Direct(SocketAddr),
-    /// Through the relay with this name.
+    /// Through the relay with this name, over UDP.
     Relay(RelayId),
+    /// Through the relay with this name, over TLS on TCP (for networks that block UDP).
+    RelayTcp(RelayId),
 }
 
 /// A relay's identity everywhere in the agent: its name from the control plane. Cloning it is
@@ -63,7 +65,7 @@ impl PartialEq<str> for RelayId {
     }
 }
 
-/// The coarse priority of a path: direct before relay.
+/// The coarse priority of a path: direct before relay, a relay over UDP before any over TCP.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
 )]
@@ -71,6 +73,14 @@ impl PartialEq<str> for RelayId {
 pub enum PathKind {
     Direct,
     Relay,
+    RelayTcp,
+}
+
+impl PathKind {
+    /// Whether the path goes through a relay (over either transport).
+    pub fn is_relay(self) -> bool {
+        self != PathKind::Direct
+    }
 }
 
 impl PathId {
@@ -78,13 +88,30 @@ impl PathId {
         match self {
             PathId::Direct(_) => PathKind::Direct,
             PathId::Relay(_) => PathKind::Relay,
+            PathId::RelayTcp(_) => PathKind::RelayTcp,
         }
     }
 
-    /// The relay's name, for a relayed path.
+    /// The relay's name, for a relayed path (over either transport).
     pub fn relay(&self) -> Option<&str> {
+        self.relay_id().map(RelayId::as_str)
+    }
+
+    /// The relay's identity, for a relayed path (over either transport).
+    pub fn relay_id(&self) -> Option<&RelayId> {
         match self {
-            PathId::Relay(name) => Some(name),
+            PathId::Relay(name) | PathId::RelayTcp(name) => Some(name),
+            PathId::Direct(_) => None,
+        }
+    }
+
+    /// The same relay over the other transport (`relay:r1` ↔ `relay-tcp:r1`); `None` for a
+    /// direct path. A probe sent on one may be answered on the other: the relay delivers to
+    /// the session of ours it heard from last.
+    pub fn sibling(&self) -> Option<PathId> {
+        match self {
+            PathId::Relay(name) => Some(PathId::RelayTcp(name.clone())),
+            PathId::RelayTcp(name) => Some(PathId::Relay(name.clone())),
             PathId::Direct(_) => None,
         }
     }
@@ -93,7 +120,7 @@ impl PathId {
     pub fn addr(&self) -> Option<SocketAddr> {
         match self {
             PathId::Direct(a) => Some(*a),
-            PathId::Relay(_) => None,
+            PathId::Relay(_) | PathId::RelayTcp(_) => None,
         }
     }
 }
@@ -103,6 +130,7 @@ impl fmt::Display for PathId {
         match self {
             PathId::Direct(a) => write!(f, "direct:{a}"),
             PathId::Relay(name) => write!(f, "relay:{name}"),
+            PathId::RelayTcp(name) => write!(f, "relay-tcp:{name}"),
         }
     }
 }
@@ -112,19 +140,23 @@ impl fmt::Display for PathKind {
         f.write_str(match self {
             PathKind::Direct => "direct",
             PathKind::Relay => "relay",
+            PathKind::RelayTcp => "relay-tcp",
         })
     }
 }
 
 /// A path written in none of the accepted forms.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid path {0:?}: expected direct:IP:PORT, relay:NAME, IP:PORT or a relay name")]
+#[error(
+    "invalid path {0:?}: expected direct:IP:PORT, relay:NAME, relay-tcp:NAME, IP:PORT or a relay name"
+)]
 pub struct InvalidPath(pub String);
 
 impl FromStr for PathId {
     type Err = InvalidPath;
 
-    /// Accepts `direct:IP:PORT`, `relay:NAME`, a bare `IP:PORT` (direct) or a bare relay name.
+    /// Accepts `direct:IP:PORT`, `relay:NAME`, `relay-tcp:NAME`, a bare `IP:PORT` (direct) or a
+    /// bare relay name (over UDP).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let invalid = || InvalidPath(s.to_string());
         let valid_name = |n: &str| !n.is_empty() && !n.chars().any(char::is_whitespace);
@@ -134,6 +166,11 @@ impl FromStr for PathId {
         if let Some(name) = s.strip_prefix("relay:") {
             return valid_name(name)
                 .then(|| PathId::Relay(name.into()))
+                .ok_or_else(invalid);
+        }
+        if let Some(name) = s.strip_prefix("relay-tcp:") {
+            return valid_name(name)
+                .then(|| PathId::RelayTcp(name.into()))
                 .ok_or_else(invalid);
         }
         if let Ok(addr) = s.parse() {
@@ -216,6 +253,25 @@ mod tests {
         ranks.sort();
         let order: Vec<&PathId> = ranks.iter().map(|r| r.path).collect();
         assert_eq!(order, [&direct, &b, &a, &c]);
+    }
+
+    #[test]
+    fn a_relay_over_tcp_ranks_below_every_relay_over_udp_even_when_faster() {
+        let tcp = PathId::RelayTcp("a".into());
+        let udp = PathId::Relay("b".into());
+        let mut ranks = [Rank::new(&tcp, ms(5)), Rank::new(&udp, None)];
+        ranks.sort();
+        assert_eq!(ranks[0].path, &udp);
+        assert_eq!(tcp.sibling(), Some(PathId::Relay("a".into())));
+        assert_eq!(tcp.relay(), Some("a"));
+    }
+
+    #[test]
+    fn a_relay_over_tcp_prints_and_parses_as_relay_tcp() {
+        let t = PathId::RelayTcp("r1".into());
+        assert_eq!(t.to_string(), "relay-tcp:r1");
+        assert_eq!("relay-tcp:r1".parse(), Ok(t));
+        assert!("relay-tcp:".parse::<PathId>().is_err());
     }
 
     #[test]

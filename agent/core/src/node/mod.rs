@@ -29,6 +29,7 @@
 
 mod peer;
 mod reason;
+mod relay_tcp;
 mod relays;
 mod schedule;
 mod side;
@@ -40,6 +41,8 @@ mod tests;
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
 mod tests_netcheck;
+#[cfg(test)]
+mod tests_tcp;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -60,6 +63,7 @@ use crate::paths::PeerPaths;
 
 pub use peer::PeerState;
 pub use reason::RelayReason;
+pub use relay_tcp::{is_tcp_slot, tcp_slot, TcpChange, TcpEndpoint, TCP_HEAD_START, TCP_LINGER};
 pub use relays::RelayConfig;
 use relays::Relays;
 use schedule::Deadlines;
@@ -90,7 +94,9 @@ pub struct Transmit {
 pub enum Route {
     Direct(SocketAddr),
     /// To the relay at `relay`, behind a `Send` header naming `peer`
-    /// ([`rally_proto::relay::write_send_header`]).
+    /// ([`rally_proto::relay::write_send_header`]). `relay` is a TCP slot
+    /// ([`is_tcp_slot`]) for a relay over TLS/TCP: the engine sends there over that
+    /// connection ([`Node::tcp_relay`]).
     Relay {
         relay: SocketAddr,
         peer: ShortId,
@@ -119,22 +125,13 @@ pub enum NatCause {
 #[derive(Debug, Clone, PartialEq)]
 pub enum NodeEvent {
     /// A peer to create a WireGuard tunnel for.
-    PeerAdded {
-        peer: Key32,
-        wg_key: Key32,
-    },
+    PeerAdded { peer: Key32, wg_key: Key32 },
     /// A peer whose tunnel to drop (also before a re-add with a new WireGuard key).
-    PeerRemoved {
-        peer: Key32,
-        wg_key: Key32,
-    },
+    PeerRemoved { peer: Key32, wg_key: Key32 },
     /// Ask the control plane to have the peer punch towards us too.
     WantPunch(Key32),
     /// This agent's NAT report changed (the daemon re-registers its endpoints).
-    Nat {
-        report: NatReport,
-        cause: NatCause,
-    },
+    Nat { report: NatReport, cause: NatCause },
     /// A connection manager's event, with the peer's name for logs and the event bus.
     Conn {
         peer: Key32,
@@ -145,10 +142,10 @@ pub enum NodeEvent {
         relay: RelayId,
         observed: SocketAddr,
     },
-    RelayLost {
-        relay: RelayId,
-        reason: String,
-    },
+    /// A relay binding was lost: `path` is `relay:NAME` (UDP) or `relay-tcp:NAME`.
+    RelayLost { path: PathId, reason: String },
+    /// A relay was bound over TLS/TCP, or that session was closed (UDP works again).
+    RelayTcp { relay: RelayId, change: TcpChange },
 }
 
 /// Why the node wants to wake up (for the driver's logs).
@@ -475,9 +472,9 @@ impl Node {
     fn route_via(&self, short: ShortId, path: &PathId) -> Option<Route> {
         match path {
             PathId::Direct(a) => Some(Route::Direct(*a)),
-            PathId::Relay(r) => self
+            PathId::Relay(_) | PathId::RelayTcp(_) => self
                 .relays
-                .addr(r)
+                .path_addr(path)
                 .map(|relay| Route::Relay { relay, peer: short }),
         }
     }
@@ -517,7 +514,13 @@ impl Node {
         let Ok(probe) = Probe::decode(d, &p.paths.key()) else {
             return Received::Dropped(DropReason::BadProbe);
         };
-        let mine = probe.kind == ProbeKind::Ack && p.conn.handle_probe_ack(&path, probe.txid, now);
+        // An ack through a relay may come back over the relay's other transport (the relay
+        // delivers to the session of ours it heard last): it answers the probe either way.
+        let mine = probe.kind == ProbeKind::Ack
+            && (p.conn.handle_probe_ack(&path, probe.txid, now)
+                || path
+                    .sibling()
+                    .is_some_and(|s| p.conn.handle_probe_ack(&s, probe.txid, now)));
         if probe.kind == ProbeKind::Probe {
             // The peer watches this path this round: ours waits (idle peers only).
             p.conn.handle_peer_probe(&path, now);
@@ -536,8 +539,8 @@ impl Node {
                 to: *a,
                 payload: payload.to_vec(),
             }),
-            PathId::Relay(r) => {
-                let addr = relays.addr(r)?;
+            PathId::Relay(_) | PathId::RelayTcp(_) => {
+                let addr = relays.path_addr(path)?;
                 let mut buf = vec![0u8; DATA_HEADER_LEN + payload.len()];
                 write_send_header(&mut buf, to);
                 buf[DATA_HEADER_LEN..].copy_from_slice(payload);

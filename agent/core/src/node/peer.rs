@@ -94,8 +94,8 @@ impl Node {
     fn add_peer(&mut self, info: Arc<PeerInfo>, now: Instant) {
         let id = info.peer_id;
         let (paths, mut conn) = self.new_peer_machines(&info, now);
-        for relay in self.relays.bound() {
-            conn.add_path(PathId::Relay(relay), now);
+        for path in self.relays.bound() {
+            conn.add_path(path, now);
         }
         info!(peer = %info.name, vip = %info.virtual_ip, endpoints = ?info.endpoints, "peer added");
         let short = short_id(&id);
@@ -214,6 +214,19 @@ impl Node {
             }
             if let Some(event) = p.conn.poll_event() {
                 on_conn_event(p, &event, now);
+                match &event {
+                    // UDP through that relay stopped working: dial it over TCP now.
+                    ConnEvent::PathDown {
+                        path: PathId::Relay(r),
+                    } => Node::wake_tcp(&mut self.relays, Some(r), now),
+                    // The primary failed (or every path did): UDP may have stopped for every
+                    // path (a network that starts blocking it), so the TCP standbys are
+                    // dialed before the relay paths over UDP fail in turn.
+                    ConnEvent::PrimaryChange { to: None, .. } | ConnEvent::Failover { .. } => {
+                        Node::wake_tcp(&mut self.relays, None, now)
+                    }
+                    _ => {}
+                }
                 info!(peer = %p.info.name, event = ?event, "connection");
                 self.events.push_back(NodeEvent::Conn {
                     peer: id,

@@ -4,7 +4,6 @@ use rally_proto::control::NatReport;
 use rally_proto::Key32;
 
 use super::Node;
-use crate::conn::PathId;
 
 /// The reason a peer's primary path is a relay (`relay_reason` in `rally peers --json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +75,7 @@ impl Node {
     pub fn relay_reason(&self, id: &Key32) -> Option<RelayReason> {
         let p = self.peers.get(id)?;
         let primary = p.conn.primary()?;
-        if !matches!(primary, PathId::Relay(_)) {
+        if !primary.kind().is_relay() {
             return None;
         }
         Some(decide(&PairFacts {

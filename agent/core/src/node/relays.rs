@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rally_proto::probe::is_probe;
 use rally_proto::relay::RelayMsg;
@@ -13,6 +13,7 @@ use rally_proto::Identity;
 use rand::RngCore;
 use tracing::{info, warn};
 
+use super::relay_tcp::{is_tcp_slot, TcpEndpoint, TcpRelay, TCP_HEAD_START};
 use super::side::{SideOp, SideSocket};
 use super::{DropReason, NatCause, Node, NodeError, NodeEvent, Received, TimerReason};
 use crate::conn::{PathId, RelayId};
@@ -27,16 +28,24 @@ pub struct RelayConfig {
     pub host: String,
     /// The resolved address.
     pub addr: SocketAddr,
+    /// Its TLS-over-TCP listener and pinned key, if it has one.
+    pub tcp: Option<TcpEndpoint>,
 }
 
 /// The relay clients and the netcheck.
 pub(super) struct Relays {
-    identity: Arc<Identity>,
+    pub(super) identity: Arc<Identity>,
     local_port: u16,
     local_ips: Vec<IpAddr>,
     clients: Vec<RelayClient>,
     hosts: Vec<String>,
     by_addr: HashMap<SocketAddr, usize>,
+    /// The TCP side of every relay that has one (see `relay_tcp.rs`).
+    pub(super) tcp: Vec<TcpRelay>,
+    /// The latest token (a TCP client dialed later binds with it).
+    pub(super) token: Vec<u8>,
+    /// UDP is known blocked: TCP clients are dialed without a head start.
+    pub(super) udp_blocked: bool,
     pub(super) netcheck: Option<Netcheck>,
     /// Side-socket operations for the driver (the netcheck's socket).
     pub(super) side: VecDeque<SideOp>,
@@ -51,6 +60,9 @@ impl Relays {
             clients: Vec::new(),
             hosts: Vec::new(),
             by_addr: HashMap::new(),
+            tcp: Vec::new(),
+            token: Vec::new(),
+            udp_blocked: false,
             netcheck: None,
             side: VecDeque::new(),
         }
@@ -68,13 +80,35 @@ impl Relays {
             .map(|c| c.addr)
     }
 
-    /// The relays this agent is bound to.
-    pub(super) fn bound(&self) -> Vec<RelayId> {
+    /// Where a relayed path's datagrams go: the relay's UDP address, or its TCP slot while
+    /// dialed.
+    pub(super) fn path_addr(&self, path: &PathId) -> Option<SocketAddr> {
+        match path {
+            PathId::Direct(_) => None,
+            PathId::Relay(r) => self.addr(r),
+            PathId::RelayTcp(r) => self
+                .tcp
+                .iter()
+                .find(|t| &t.name == r && t.client.is_some())
+                .map(|t| t.slot),
+        }
+    }
+
+    pub(super) fn udp_bound(&self, relay: &RelayId) -> bool {
         self.clients
             .iter()
+            .any(|c| &c.name == relay && c.is_bound())
+    }
+
+    /// The relayed paths this agent is bound for (over UDP and over TCP).
+    pub(super) fn bound(&self) -> Vec<PathId> {
+        let udp = self
+            .clients
+            .iter()
             .filter(|c| c.is_bound())
-            .map(|c| c.name.clone())
-            .collect()
+            .map(|c| PathId::Relay(c.name.clone()));
+        let tcp = self.tcp.iter().filter(|t| t.is_bound()).map(TcpRelay::path);
+        udp.chain(tcp).collect()
     }
 
     /// The earliest relay or netcheck deadline. A bound client's next ping (every 10 s, three
@@ -93,7 +127,11 @@ impl Relays {
             .netcheck
             .as_ref()
             .map(|n| (n.poll_timeout(), TimerReason::Netcheck));
-        relay.chain(netcheck).min_by_key(|(at, _)| *at)
+        let tcp = self
+            .tcp
+            .iter()
+            .filter_map(|t| Some((t.poll_timeout()?, TimerReason::Relay)));
+        relay.chain(netcheck).chain(tcp).min_by_key(|(at, _)| *at)
     }
 }
 
@@ -107,17 +145,35 @@ impl Node {
     /// set replaces every client and runs a netcheck; the token goes to every client.
     pub fn handle_relays(&mut self, relays: Vec<RelayConfig>, token: Vec<u8>, now: Instant) {
         self.now = now;
+        let tcp: Vec<_> = relays
+            .iter()
+            .filter_map(|r| Some((r.name.clone(), r.tcp.clone()?)))
+            .collect();
         let same = relays.len() == self.relays.clients.len()
             && relays
                 .iter()
                 .zip(&self.relays.clients)
-                .all(|(r, c)| r.name == c.name && r.addr == c.addr);
+                .all(|(r, c)| r.name == c.name && r.addr == c.addr)
+            && tcp.len() == self.relays.tcp.len()
+            && tcp
+                .iter()
+                .zip(&self.relays.tcp)
+                .all(|((name, e), t)| *name == t.name && *e == t.endpoint);
         if !same {
             info!(relays = ?relays.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), "relays");
             let old: Vec<RelayId> = self.relays.clients.iter().map(|c| c.name.clone()).collect();
             for name in old {
                 self.remove_relay_path(&PathId::Relay(name), now);
             }
+            let old_tcp: Vec<PathId> = self.relays.tcp.iter().map(TcpRelay::path).collect();
+            for path in old_tcp {
+                self.remove_relay_path(&path, now);
+            }
+            self.relays.tcp = tcp
+                .into_iter()
+                .enumerate()
+                .map(|(i, (name, e))| TcpRelay::new(name, i, e))
+                .collect();
             let identity = self.relays.identity.clone();
             self.relays.clients = relays
                 .iter()
@@ -134,6 +190,21 @@ impl Node {
         for c in &mut self.relays.clients {
             c.set_token(token.clone(), now);
         }
+        let head_start = if self.relays.udp_blocked {
+            Duration::ZERO
+        } else {
+            TCP_HEAD_START
+        };
+        if !token.is_empty() {
+            for t in &mut self.relays.tcp {
+                if let Some(c) = &mut t.client {
+                    c.set_token(token.clone(), now);
+                } else {
+                    t.want_dial(now + head_start);
+                }
+            }
+        }
+        self.relays.token = token;
     }
 
     /// Starts a NAT check (unless one runs); its report comes as [`NodeEvent::Nat`].
@@ -186,12 +257,24 @@ impl Node {
         d: &'a [u8],
         now: Instant,
     ) -> Received<'a> {
-        let Some(&i) = self.relays.by_addr.get(&from) else {
+        let client = if is_tcp_slot(&from) {
+            self.relays
+                .tcp
+                .iter()
+                .position(|t| t.slot == from && t.client.is_some())
+                .map(Client::Tcp)
+        } else {
+            self.relays.by_addr.get(&from).copied().map(Client::Udp)
+        };
+        let Some(client) = client else {
             return Received::Dropped(DropReason::RelayForeign);
         };
         match RelayMsg::decode(d) {
             Ok(RelayMsg::Deliver { from: sid, payload }) => {
-                let path = PathId::Relay(self.relays.clients[i].name.clone());
+                let path = match client {
+                    Client::Udp(i) => PathId::Relay(self.relays.clients[i].name.clone()),
+                    Client::Tcp(i) => self.relays.tcp[i].path(),
+                };
                 if is_probe(payload) {
                     return self.handle_probe(path, sid, payload, now);
                 }
@@ -205,7 +288,13 @@ impl Node {
                 }
             }
             Ok(msg) => {
-                self.relays.clients[i].handle_msg(&msg, now);
+                let c = match client {
+                    Client::Udp(i) => Some(&mut self.relays.clients[i]),
+                    Client::Tcp(i) => self.relays.tcp[i].client.as_mut(),
+                };
+                if let Some(c) = c {
+                    c.handle_msg(&msg, now);
+                }
                 Received::Handled
             }
             Err(_) => Received::Dropped(DropReason::Malformed),
@@ -223,6 +312,7 @@ impl Node {
                 n.handle_timeout(now);
             }
         }
+        self.tcp_timeout(now);
         self.finish_netcheck(now);
     }
 
@@ -287,8 +377,44 @@ impl Node {
                     RelayEvent::Lost { reason } => {
                         warn!(relay = %relay, "relay binding lost: {reason}");
                         self.remove_relay_path(&PathId::Relay(relay.clone()), now);
-                        self.events
-                            .push_back(NodeEvent::RelayLost { relay, reason });
+                        Node::wake_tcp(&mut self.relays, Some(&relay), now);
+                        self.events.push_back(NodeEvent::RelayLost {
+                            path: PathId::Relay(relay),
+                            reason,
+                        });
+                    }
+                }
+            }
+        }
+        self.drain_tcp_relays(now);
+    }
+
+    fn drain_tcp_relays(&mut self, now: Instant) {
+        for i in 0..self.relays.tcp.len() {
+            let t = &mut self.relays.tcp[i];
+            let (slot, path) = (t.slot, t.path());
+            let Some(c) = t.client.as_mut() else {
+                continue;
+            };
+            while let Some(payload) = c.poll_transmit() {
+                self.transmits
+                    .push_back(super::Transmit { to: slot, payload });
+            }
+            let mut events = Vec::new();
+            while let Some(ev) = c.poll_event() {
+                events.push(ev);
+            }
+            for ev in events {
+                let relay = self.relays.tcp[i].name.clone();
+                match ev {
+                    RelayEvent::Bound { .. } => self.tcp_bound_at(relay, now),
+                    RelayEvent::Lost { reason } => {
+                        warn!(relay = %relay, "relay binding over TLS/TCP lost: {reason}");
+                        self.remove_relay_path(&path, now);
+                        self.events.push_back(NodeEvent::RelayLost {
+                            path: path.clone(),
+                            reason,
+                        });
                     }
                 }
             }
@@ -299,17 +425,11 @@ impl Node {
     /// probes again now (probes sent before a rebind with a new token were dropped).
     fn relay_bound(&mut self, relay: RelayId, observed: SocketAddr, now: Instant) {
         info!(relay = %relay, %observed, "bound at relay");
-        let path = PathId::Relay(relay.clone());
-        let ids: Vec<_> = self.peers.keys().copied().collect();
-        for id in ids {
-            if let Some(p) = self.peers.get_mut(&id) {
-                p.conn.add_path(path.clone(), now);
-                if p.conn.primary().is_none() {
-                    p.conn.resume(now);
-                }
-                self.dirty.push(id);
-            }
+        // UDP works: a dial still waiting out its head start is not needed.
+        for t in self.relays.tcp.iter_mut().filter(|t| t.name == relay) {
+            t.dial_at = None;
         }
+        self.add_relay_path(PathId::Relay(relay.clone()), now);
         self.observed_public(observed);
         self.events
             .push_back(NodeEvent::RelayBound { relay, observed });
@@ -344,7 +464,20 @@ impl Node {
         });
     }
 
-    fn remove_relay_path(&mut self, path: &PathId, now: Instant) {
+    pub(super) fn add_relay_path(&mut self, path: PathId, now: Instant) {
+        let ids: Vec<_> = self.peers.keys().copied().collect();
+        for id in ids {
+            if let Some(p) = self.peers.get_mut(&id) {
+                p.conn.add_path(path.clone(), now);
+                if p.conn.primary().is_none() {
+                    p.conn.resume(now);
+                }
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    pub(super) fn remove_relay_path(&mut self, path: &PathId, now: Instant) {
         let ids: Vec<_> = self.peers.keys().copied().collect();
         for id in ids {
             if let Some(p) = self.peers.get_mut(&id) {
@@ -353,4 +486,11 @@ impl Node {
             }
         }
     }
+}
+
+/// Which client a relay datagram is for.
+#[derive(Clone, Copy)]
+enum Client {
+    Udp(usize),
+    Tcp(usize),
 }

@@ -363,7 +363,7 @@ impl Connection {
         if !self.heard(path) {
             return false;
         }
-        if path.kind() == PathKind::Relay && self.check_direct_primary_now(now) {
+        if path.kind().is_relay() && self.check_direct_primary_now(now) {
             self.relayed_check = Some(now);
             self.start_check(now);
         }
@@ -380,9 +380,25 @@ impl Connection {
     /// up path the peer has just probed needs no probe of ours this round: the peer is
     /// watching it, and the path carried its probe. Our next probe there moves to one idle
     /// interval from now, so each idle path is probed by one side only (the side whose round
-    /// comes first), not by both. Busy peers and paths not up are unaffected. Returns whether
-    /// the probe was postponed.
+    /// comes first), not by both. Busy peers are unaffected. A path not up yet that the peer
+    /// has just reached us by is probed back at once (a relay path the peer bound before we
+    /// did comes up one round trip later, not one probe interval). Returns whether the probe
+    /// was postponed.
     pub fn handle_peer_probe(&mut self, path: &PathId, now: Instant) -> bool {
+        let failed = self.state == ConnState::Failed;
+        let stale = now.checked_sub(self.profile.probe_interval / 4);
+        if let Some(p) = self.paths.get_mut(path) {
+            // A probe of ours still waiting there long before the peer's came went out before
+            // the path worked: it is replaced (a recent one is left to its answer).
+            let waiting = p
+                .outstanding
+                .is_some_and(|o| stale.is_none_or(|t| o.at > t));
+            if !failed && !p.health.is_up() && p.check.is_none() && !waiting {
+                p.outstanding = None;
+                p.next_probe = p.next_probe.min(now);
+                return false;
+            }
+        }
         if !self.is_idle(now) {
             return false;
         }

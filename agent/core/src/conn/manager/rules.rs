@@ -77,10 +77,11 @@ impl Connection {
         });
     }
 
-    /// For a relayed primary slower than `relay_switch_latency`: the best trusted relay
-    /// measured strictly faster that is not held back by an earlier revert.
+    /// For a relayed primary slower than `relay_switch_latency`: the best trusted relay over
+    /// the same transport measured strictly faster that is not held back by an earlier
+    /// revert (a move between transports is recovery's, by kind).
     pub(super) fn relay_candidate(&self, current: &PathId, now: Instant) -> Option<PathId> {
-        if current.kind() != PathKind::Relay {
+        if !current.kind().is_relay() {
             return None;
         }
         let slow = self.latency(current)?;
@@ -90,7 +91,7 @@ impl Connection {
         self.paths
             .iter()
             .filter(|(id, p)| {
-                id.kind() == PathKind::Relay
+                id.kind() == current.kind()
                     && *id != current
                     && p.health.is_trusted(&self.profile)
                     && p.held_until.is_none_or(|t| now >= t)

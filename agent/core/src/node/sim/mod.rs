@@ -24,6 +24,7 @@ use crate::conn::{PathId, Profile};
 use crate::node::RelayConfig;
 
 mod nat;
+mod tcp;
 mod wire;
 
 pub use nat::NatKind;
@@ -76,6 +77,10 @@ pub struct Sim {
     pub cuts: Vec<(IpAddr, IpAddr)>,
     /// Extra delay of everything leaving relay `i` (a slow relay).
     pub relay_delay: HashMap<usize, Duration>,
+    /// Relays listen on TCP too (set before [`Sim::start`]).
+    pub tcp: bool,
+    /// Agents whose network lets out no UDP (their LAN still works).
+    pub udp_blocked: HashSet<usize>,
     rng: ChaCha8Rng,
     control: Identity,
 }
@@ -96,6 +101,8 @@ impl Sim {
             loss: 0.0,
             cuts: Vec::new(),
             relay_delay: HashMap::new(),
+            tcp: false,
+            udp_blocked: HashSet::new(),
             rng: ChaCha8Rng::seed_from_u64(1),
             control: Identity::from_seed([99; 32]),
         }
@@ -202,6 +209,7 @@ impl Sim {
                 name: r.name.as_str().into(),
                 host: r.primary.to_string(),
                 addr: r.primary,
+                tcp: self.tcp.then(|| tcp::endpoint(r)),
             })
             .collect();
         for a in 0..self.agents.len() {

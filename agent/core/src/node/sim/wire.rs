@@ -20,11 +20,17 @@ pub(super) struct InFlight {
     pub(super) from: SocketAddr,
     pub(super) to: SocketAddr,
     pub(super) payload: Vec<u8>,
+    /// Over TLS/TCP (never lost, never blocked; see `tcp.rs`).
+    pub(super) tcp: bool,
 }
 
 impl Sim {
     /// A datagram from agent `a`'s socket to `to`, through its NAT.
     pub(super) fn send_from(&mut self, a: usize, to: SocketAddr, payload: Vec<u8>) {
+        if crate::node::is_tcp_slot(&to) {
+            self.send_tcp(a, to, payload);
+            return;
+        }
         if rally_proto::probe::is_probe(&payload) {
             let now = self.now;
             self.agents[a].direct_probes.push((now, to));
@@ -41,7 +47,8 @@ impl Sim {
         to: SocketAddr,
         payload: Vec<u8>,
     ) {
-        let from = match self.agents[a].router {
+        let router = self.agents[a].router;
+        let from = match router {
             None => local,
             // Inside the LAN: no translation.
             Some(r)
@@ -52,8 +59,12 @@ impl Sim {
             {
                 local
             }
+            Some(_) if self.udp_blocked.contains(&a) => return,
             Some(r) => self.routers[r].map_out(local, to),
         };
+        if router.is_none() && self.udp_blocked.contains(&a) {
+            return;
+        }
         self.put(from, to, payload);
     }
 
@@ -76,10 +87,15 @@ impl Sim {
             from,
             to,
             payload,
+            tcp: false,
         }));
     }
 
     pub(super) fn deliver(&mut self, mut p: InFlight) {
+        if p.tcp {
+            self.deliver_tcp(p);
+            return;
+        }
         if let Some(r) = self
             .relays
             .iter()
@@ -99,6 +115,10 @@ impl Sim {
             p.to = inside;
         }
         if let Some(a) = self.agents.iter().position(|x| x.local == p.to) {
+            let lan = self.agents.iter().any(|x| x.local == p.from);
+            if self.udp_blocked.contains(&a) && !lan {
+                return;
+            }
             self.deliver_to_agent(a, p.from, &p.payload);
         } else if let Some(a) = self.agents.iter().position(|x| x.side == Some(p.to)) {
             let now = self.now;
@@ -112,7 +132,7 @@ impl Sim {
         }
     }
 
-    fn deliver_to_relay(&mut self, r: usize, mut p: InFlight) {
+    pub(super) fn deliver_to_relay(&mut self, r: usize, mut p: InFlight) {
         let (now, unix) = (self.now, self.unix());
         let relay = &mut self.relays[r];
         let (primary, alt) = (relay.primary, relay.alt);
@@ -122,10 +142,24 @@ impl Sim {
             RelayVia::Primary
         };
         let addr = |via: RelayVia| if via == RelayVia::Alt { alt } else { primary };
+        let via = if p.tcp { RelayVia::Tcp } else { via };
         let out = match relay
             .core
             .handle_datagram(via, p.from, &mut p.payload, now, unix)
         {
+            Action::Forward {
+                via: RelayVia::Tcp,
+                to,
+                len,
+            } => {
+                let payload = p.payload[..len].to_vec();
+                self.tcp_from_relay(r, to, payload);
+                return;
+            }
+            Action::Reply(t) | Action::Drop { reply: Some(t), .. } if t.via == RelayVia::Tcp => {
+                self.tcp_from_relay(r, t.to, t.payload);
+                return;
+            }
             Action::Forward { via, to, len } => Some((addr(via), to, p.payload[..len].to_vec())),
             Action::Reply(t) | Action::Drop { reply: Some(t), .. } => {
                 Some((addr(t.via), t.to, t.payload))
@@ -138,7 +172,7 @@ impl Sim {
         }
     }
 
-    fn deliver_to_agent(&mut self, a: usize, from: SocketAddr, d: &[u8]) {
+    pub(super) fn deliver_to_agent(&mut self, a: usize, from: SocketAddr, d: &[u8]) {
         let now = self.now;
         let node = &mut self.agents[a].node;
         let data = |d: &[u8]| {

@@ -1,0 +1,289 @@
+//! Relays over TLS on TCP: the connections behind the node's TCP slots
+//! ([`rally_agent_core::node::is_tcp_slot`]).
+//!
+//! What the node or the send path addresses to a slot is pushed on that connection's short
+//! **drop-oldest queue** ([`QUEUE_FRAMES`]: a late game packet is worth nothing, and an
+//! unbounded queue under TCP is the TCP-over-TCP meltdown); one writer task drains the whole
+//! queue into one write (frames of `rally_proto::relay_stream`). The socket has `TCP_NODELAY`,
+//! a small send buffer and `TCP_NOTSENT_LOWAT`, so data waits in our queue, where it can be
+//! dropped, rather than in the kernel. A reader task hands every whole frame back to the
+//! engine's loop, tagged with the slot, as if it had come from that address over UDP.
+//!
+//! A connection is dialed on the first frame for its slot (through the HTTP CONNECT proxy
+//! when one is configured), pinning the relay's TLS key as the control channel pins the
+//! control plane's; a failed or closed one is dialed again on the next frame, at most once per
+//! [`REDIAL`]. Connections whose slot the node no longer uses are closed.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rally_proto::relay_stream::{write_frame, StreamDecoder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use crate::control::tls::{pinned_config, RELAY_ALPN, RELAY_SERVER_NAME};
+use crate::node::TcpEndpoint;
+
+/// Frames waiting for the socket, per connection (the oldest is dropped beyond).
+pub const QUEUE_FRAMES: usize = 64;
+/// The kernel's send buffer for a relay connection.
+const SEND_BUFFER: usize = 64 * 1024;
+/// Unsent bytes in the kernel above which the socket does not count as writable.
+const NOTSENT_LOWAT: u32 = 16 * 1024;
+/// Time for the TCP connect (or proxy) and TLS handshakes.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Least time between two dials of one slot.
+const REDIAL: Duration = Duration::from_millis(500);
+/// Frames from every connection waiting for the engine's loop.
+const INBOUND: usize = 1024;
+
+/// A frame read from a relay connection: the slot it stands for and the relay message.
+pub type Inbound = (SocketAddr, Vec<u8>);
+
+/// The engine's relay connections over TLS/TCP, by slot.
+pub struct TcpRelays {
+    conns: HashMap<SocketAddr, Conn>,
+    proxy: Option<String>,
+    inbound_tx: mpsc::Sender<Inbound>,
+    /// Frames from every connection (the engine's loop selects on it).
+    pub inbound: mpsc::Receiver<Inbound>,
+    /// Frames dropped from full queues, summed over connections ever made.
+    dropped_closed: u64,
+}
+
+struct Conn {
+    endpoint: TcpEndpoint,
+    queue: Arc<Queue>,
+    task: JoinHandle<()>,
+    dialed: Instant,
+}
+
+#[derive(Default)]
+struct Queue {
+    frames: Mutex<VecDeque<Vec<u8>>>,
+    notify: Notify,
+    dropped: AtomicU64,
+    closed: AtomicBool,
+}
+
+impl TcpRelays {
+    pub fn new(proxy: Option<String>) -> Self {
+        let (inbound_tx, inbound) = mpsc::channel(INBOUND);
+        TcpRelays {
+            conns: HashMap::new(),
+            proxy,
+            inbound_tx,
+            inbound,
+            dropped_closed: 0,
+        }
+    }
+
+    /// Queues `msg` (one relay message) for the connection of `slot` to `endpoint`, dialing
+    /// it if there is none (or only a dead one).
+    pub fn send(&mut self, slot: SocketAddr, endpoint: &TcpEndpoint, msg: &[u8]) {
+        let now = Instant::now();
+        let stale = self.conns.get(&slot).is_none_or(|c| {
+            c.endpoint != *endpoint
+                || (c.queue.closed.load(Ordering::Relaxed) && now >= c.dialed + REDIAL)
+        });
+        if stale {
+            self.dial(slot, endpoint.clone(), now);
+        }
+        let Some(c) = self.conns.get(&slot) else {
+            return;
+        };
+        if c.queue.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut frames = c.queue.frames.lock().unwrap_or_else(|e| e.into_inner());
+        if frames.len() >= QUEUE_FRAMES {
+            frames.pop_front();
+            c.queue.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        frames.push_back(msg.to_vec());
+        drop(frames);
+        c.queue.notify.notify_one();
+    }
+
+    /// Closes every connection whose slot `keep` refuses (the node closed its client).
+    pub fn retain(&mut self, keep: impl Fn(&SocketAddr) -> bool) {
+        let gone: Vec<SocketAddr> = self.conns.keys().filter(|s| !keep(s)).copied().collect();
+        for slot in gone {
+            if let Some(c) = self.conns.remove(&slot) {
+                debug!(addr = %c.endpoint.addr, "relay connection over TCP closed");
+                self.dropped_closed += c.queue.dropped.load(Ordering::Relaxed);
+                c.task.abort();
+            }
+        }
+    }
+
+    /// Frames dropped from full queues so far.
+    pub fn queue_drops(&self) -> u64 {
+        self.dropped_closed
+            + self
+                .conns
+                .values()
+                .map(|c| c.queue.dropped.load(Ordering::Relaxed))
+                .sum::<u64>()
+    }
+
+    fn dial(&mut self, slot: SocketAddr, endpoint: TcpEndpoint, now: Instant) {
+        if let Some(old) = self.conns.remove(&slot) {
+            self.dropped_closed += old.queue.dropped.load(Ordering::Relaxed);
+            old.task.abort();
+        }
+        let queue = Arc::new(Queue::default());
+        let task = tokio::spawn(run(
+            slot,
+            endpoint.clone(),
+            self.proxy.clone(),
+            queue.clone(),
+            self.inbound_tx.clone(),
+        ));
+        self.conns.insert(
+            slot,
+            Conn {
+                endpoint,
+                queue,
+                task,
+                dialed: now,
+            },
+        );
+    }
+}
+
+impl Drop for TcpRelays {
+    fn drop(&mut self) {
+        for c in self.conns.values() {
+            c.task.abort();
+        }
+    }
+}
+
+/// One connection: dial, then write what the queue holds and read frames until either side
+/// fails.
+async fn run(
+    slot: SocketAddr,
+    endpoint: TcpEndpoint,
+    proxy: Option<String>,
+    queue: Arc<Queue>,
+    inbound: mpsc::Sender<Inbound>,
+) {
+    let addr = endpoint.addr;
+    let tls = match tokio::time::timeout(DIAL_TIMEOUT, dial(&endpoint, proxy.as_deref())).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            debug!(%addr, "relay over TCP: {e}");
+            queue.closed.store(true, Ordering::Relaxed);
+            return;
+        }
+        Err(_) => {
+            debug!(%addr, "relay over TCP: no answer");
+            queue.closed.store(true, Ordering::Relaxed);
+            return;
+        }
+    };
+    info!(%addr, "relay connection over TLS/TCP up");
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    let write = async {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        loop {
+            queue.notify.notified().await;
+            loop {
+                buf.clear();
+                {
+                    let mut frames = queue.frames.lock().unwrap_or_else(|e| e.into_inner());
+                    while let Some(f) = frames.pop_front() {
+                        let _ = write_frame(&mut buf, &f);
+                    }
+                }
+                if buf.is_empty() {
+                    break;
+                }
+                writer.write_all(&buf).await?;
+                writer.flush().await?;
+            }
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), std::io::Error>(())
+    };
+    let read = async {
+        let mut decoder = StreamDecoder::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = reader.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<(), std::io::Error>(());
+            }
+            decoder.extend(&buf[..n]);
+            while let Some(frame) = decoder.next_frame() {
+                if inbound.send((slot, frame.to_vec())).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    };
+    let why = tokio::select! {
+        r = write => r.err().map(|e| e.to_string()),
+        r = read => r.err().map(|e| e.to_string()),
+    };
+    info!(%addr, reason = why.as_deref().unwrap_or("closed by the relay"), "relay connection over TLS/TCP down");
+    queue.closed.store(true, Ordering::Relaxed);
+}
+
+async fn dial(
+    endpoint: &TcpEndpoint,
+    proxy: Option<&str>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    let config = pinned_config(endpoint.key, RELAY_ALPN).map_err(|e| e.to_string())?;
+    let name =
+        rustls::pki_types::ServerName::try_from(RELAY_SERVER_NAME).map_err(|e| e.to_string())?;
+    let stream = match proxy {
+        Some(proxy) => crate::control::proxy::connect(proxy, endpoint.addr).await?,
+        None => TcpStream::connect(endpoint.addr)
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?,
+    };
+    tune(&stream);
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("tls: {e}"))
+}
+
+/// `TCP_NODELAY`, a small send buffer and `TCP_NOTSENT_LOWAT`: what waits, waits in our
+/// drop-oldest queue.
+fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let fd = stream.as_raw_fd();
+    let set = |level, name, value: libc::c_int| {
+        // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                std::ptr::from_ref(&value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    set(
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUF,
+        libc::c_int::try_from(SEND_BUFFER).unwrap_or(libc::c_int::MAX),
+    );
+    set(
+        libc::IPPROTO_TCP,
+        libc::TCP_NOTSENT_LOWAT,
+        libc::c_int::try_from(NOTSENT_LOWAT).unwrap_or(libc::c_int::MAX),
+    );
+}
