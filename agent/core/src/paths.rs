@@ -160,6 +160,18 @@ impl PeerPaths {
         self.failed = 0;
     }
 
+    /// Probes `to` once from the main socket (birthday punching's prober): its ack proves the
+    /// path like any punch probe's. `to` does not become a candidate.
+    pub fn probe_extra(&mut self, to: SocketAddr) {
+        self.send_probe(to);
+    }
+
+    /// `to` was proven another way (birthday punching's opener, through the side socket
+    /// that now carries it).
+    pub fn prove_external(&mut self, to: SocketAddr) {
+        self.prove(to);
+    }
+
     /// An authenticated probe from the peer, received via `via`.
     pub fn handle_probe(&mut self, via: PathId, probe: Probe, now: Instant) {
         match probe.kind {

@@ -71,6 +71,7 @@ fn nat() -> NatReport {
             latency_ms: Some(1.5),
         }],
         mapped_endpoint: None,
+        port_delta: None,
     }
 }
 
@@ -286,6 +287,7 @@ fn netcheck_reply_json_is_pinned() {
     let mapped = NetcheckReport {
         nat: NatReport {
             mapped_endpoint: Some(mapping().external),
+            port_delta: None,
             ..nat()
         },
         port_mapping: Some(mapping()),

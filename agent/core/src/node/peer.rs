@@ -34,6 +34,8 @@ pub struct PeerState {
     pub(super) conn: Connection,
     /// The direct address the connection manager holds as a path (one at a time).
     pub(super) direct: Option<SocketAddr>,
+    /// Birthday punching and port prediction (pairs with one symmetric side).
+    pub(super) birthday: crate::birthday::Birthday,
 }
 
 impl PeerState {
@@ -62,6 +64,11 @@ impl PeerState {
 
     pub fn is_punching(&self) -> bool {
         self.paths.is_punching()
+    }
+
+    /// The birthday-punching machine (its last attempt, the socket it carries).
+    pub fn birthday(&self) -> &crate::birthday::Birthday {
+        &self.birthday
     }
 
     /// Both sides map endpoint-dependently: no punching, relays only.
@@ -104,7 +111,7 @@ impl Node {
 
     fn add_peer(&mut self, info: Arc<PeerInfo>, now: Instant) {
         let id = info.peer_id;
-        let (paths, mut conn) = self.new_peer_machines(&info, now);
+        let (paths, mut conn, birthday) = self.new_peer_machines(&info, now);
         for relay in self.relays.bound() {
             conn.add_path(PathId::Relay(relay), now);
         }
@@ -126,6 +133,7 @@ impl Node {
                 paths,
                 conn,
                 direct: None,
+                birthday,
             }),
         );
         self.refresh_hopeless(id, now);
@@ -140,6 +148,10 @@ impl Node {
             return;
         };
         p.conn.close();
+        p.birthday.stop(self.now);
+        while let Some(out) = p.birthday.poll() {
+            super::birthday::apply(*id, &mut p, out, &mut self.relays.side, &mut self.events);
+        }
         info!(peer = %p.info.name, "peer removed");
         self.by_vip.remove(&p.info.virtual_ip);
         self.by_wg.remove(&p.info.wg_key);
@@ -166,6 +178,11 @@ impl Node {
         let hopeless = mine.is_endpoint_dependent()
             && theirs
                 .is_some_and(|n| n.mapping.is_endpoint_dependent() && n.mapped_endpoint.is_none());
+        if p.direct.is_none() {
+            let role = crate::birthday::Role::decide(self.nat.as_ref(), theirs);
+            p.birthday.reports_changed(role);
+            self.dirty.push(id);
+        }
         if hopeless == p.paths.is_hopeless() {
             return;
         }
@@ -205,6 +222,10 @@ impl Node {
         loop {
             if let Some(PathEvent::DirectUp(a)) = p.paths.poll_event() {
                 direct_up(p, a, now);
+                continue;
+            }
+            if let Some(out) = p.birthday.poll() {
+                super::birthday::apply(id, p, out, &mut self.relays.side, &mut self.events);
                 continue;
             }
             if let Some((path, probe)) = p.paths.poll_transmit() {
@@ -255,7 +276,10 @@ impl Node {
             }
             _ => w.at,
         });
-        let next = [p.paths.poll_timeout(), conn].into_iter().flatten().min();
+        let next = [p.paths.poll_timeout(), conn, p.birthday.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min();
         self.deadlines.set(id, next);
     }
 }
@@ -266,6 +290,7 @@ impl Node {
 /// its first probe is answered.
 fn direct_up(p: &mut PeerState, a: SocketAddr, now: Instant) {
     info!(peer = %p.info.name, endpoint = %a, "direct path proven");
+    p.birthday.direct_proven(a, now);
     let path = PathId::Direct(a);
     match p.direct.replace(a) {
         Some(old) if old != a => {
@@ -297,6 +322,7 @@ fn on_conn_event(p: &mut PeerState, event: &ConnEvent, now: Instant) {
     };
     if let Some(a) = lost.filter(|a| p.direct == Some(*a)) {
         info!(peer = %p.info.name, endpoint = %a, "direct path lost: punching again");
+        p.birthday.direct_lost(a);
         p.paths.forget_direct(now);
     }
 }

@@ -36,6 +36,9 @@ pub enum NatKind {
     Symmetric,
     /// Endpoint-independent mapping, address-dependent filtering.
     Restricted,
+    /// Like [`NatKind::Symmetric`] (which allocates ports in sequence), but each new mapping
+    /// gets a random free port of `1024..=65535` (nftables `masquerade random`).
+    SymmetricRandom,
 }
 
 pub struct Agent {
@@ -58,8 +61,11 @@ pub struct Agent {
     pub echo: bool,
     /// Probes the agent sent on a direct path: (time, destination).
     pub direct_probes: Vec<(Instant, SocketAddr)>,
-    /// The netcheck's side socket while it is open.
-    side: Option<SocketAddr>,
+    /// Side sockets while they are open (the netcheck's, birthday punching's).
+    sides: HashMap<SideSocket, SocketAddr>,
+    /// Direct addresses whose datagrams go from a side socket's address instead.
+    carried: HashMap<SocketAddr, SocketAddr>,
+    next_side: u16,
 }
 
 struct Router {
@@ -71,6 +77,8 @@ struct Router {
     inside: HashMap<u16, SocketAddr>,
     /// (public port, remote) pairs the inside has sent to.
     sent: HashSet<(u16, SocketAddr)>,
+    /// The random port generator's state ([`NatKind::SymmetricRandom`]).
+    random: u64,
 }
 
 struct SimRelay {
@@ -106,6 +114,8 @@ pub struct Sim {
     pub relay_delay: HashMap<usize, Duration>,
     rng: ChaCha8Rng,
     control: Identity,
+    /// Seeds the random NATs' ports (tests vary it to run many attempts).
+    pub nat_seed: u64,
 }
 
 const UNIX_START: u64 = 1_800_000_000;
@@ -126,6 +136,7 @@ impl Sim {
             relay_delay: HashMap::new(),
             rng: ChaCha8Rng::seed_from_u64(1),
             control: Identity::from_seed([99; 32]),
+            nat_seed: 0x9e37_79b9_7f4a_7c15,
         }
     }
 
@@ -161,6 +172,7 @@ impl Sim {
                     out: HashMap::new(),
                     inside: HashMap::new(),
                     sent: HashSet::new(),
+                    random: self.nat_seed ^ u64::from(n) << 32 | 1,
                 });
                 let local = SocketAddr::new(Ipv4Addr::new(192, 168, n, 2).into(), 51820);
                 (local, Some(self.routers.len() - 1))
@@ -216,7 +228,9 @@ impl Sim {
             last_wake: None,
             echo: false,
             direct_probes: Vec::new(),
-            side: None,
+            sides: HashMap::new(),
+            carried: HashMap::new(),
+            next_side: 50_000,
         });
         self.agents.len() - 1
     }
@@ -411,20 +425,43 @@ impl Sim {
                     self.send_on(a, route, &packet);
                 }
             } else if let Some(op) = self.agents[a].node.poll_side() {
-                let side = SocketAddr::new(self.agents[a].local.ip(), 50_000);
-                match op {
-                    SideOp::Send { to, payload, .. } => {
-                        self.agents[a].side = Some(side);
-                        self.send_from_addr(a, side, to, payload);
-                    }
-                    SideOp::Close(_) => self.agents[a].side = None,
-                }
+                self.side_op(a, op);
             } else if let Some(ev) = self.agents[a].node.poll_event() {
                 self.control_plane(a, &ev);
                 let now = self.now;
                 self.agents[a].events.push((now, ev));
             } else {
                 return;
+            }
+        }
+    }
+
+    /// Performs one side-socket operation of agent `a`'s node.
+    fn side_op(&mut self, a: usize, op: SideOp) {
+        let ag = &mut self.agents[a];
+        match op {
+            SideOp::Send {
+                socket,
+                to,
+                payload,
+            } => {
+                let ip = ag.local.ip();
+                let next = &mut ag.next_side;
+                let local = *ag.sides.entry(socket).or_insert_with(|| {
+                    *next = next.wrapping_add(1).max(50_001);
+                    SocketAddr::new(ip, *next)
+                });
+                self.send_from_addr(a, local, to, payload);
+            }
+            SideOp::Close(socket) => {
+                if let Some(local) = ag.sides.remove(&socket) {
+                    ag.carried.retain(|_, l| *l != local);
+                }
+            }
+            SideOp::Carry { socket, to } => {
+                if let Some(local) = ag.sides.get(&socket) {
+                    ag.carried.insert(to, *local);
+                }
             }
         }
     }
@@ -463,7 +500,10 @@ impl Sim {
             let now = self.now;
             self.agents[a].direct_probes.push((now, to));
         }
-        let local = self.agents[a].local;
+        let local = match self.agents[a].carried.get(&to) {
+            Some(side) => *side,
+            None => self.agents[a].local,
+        };
         self.send_from_addr(a, local, to, payload);
     }
 
@@ -528,14 +568,20 @@ impl Sim {
         }
         if let Some(a) = self.agents.iter().position(|x| x.local == p.to) {
             self.deliver_to_agent(a, p.from, &p.payload);
-        } else if let Some(a) = self.agents.iter().position(|x| x.side == Some(p.to)) {
+        } else if let Some((a, socket)) = self.agents.iter().enumerate().find_map(|(i, x)| {
+            x.sides
+                .iter()
+                .find(|(_, l)| **l == p.to)
+                .map(|(s, _)| (i, *s))
+        }) {
+            if self.agents[a].carried.values().any(|l| *l == p.to) {
+                self.deliver_to_agent(a, p.from, &p.payload);
+                return;
+            }
             let now = self.now;
-            let _ = self.agents[a].node.handle_side_datagram(
-                SideSocket::Netcheck,
-                p.from,
-                &p.payload,
-                now,
-            );
+            let _ = self.agents[a]
+                .node
+                .handle_side_datagram(socket, p.from, &p.payload, now);
             self.drain(a);
         }
     }
@@ -612,25 +658,45 @@ impl Agent {
 
 impl Router {
     fn map_out(&mut self, inside: SocketAddr, to: SocketAddr) -> SocketAddr {
-        let key = (inside, (self.kind == NatKind::Symmetric).then_some(to));
+        let symmetric = matches!(self.kind, NatKind::Symmetric | NatKind::SymmetricRandom);
+        let key = (inside, symmetric.then_some(to));
         let port = match self.out.get(&key) {
             Some(p) => *p,
             None => {
-                self.next_port += 1;
-                self.out.insert(key, self.next_port);
-                self.inside.insert(self.next_port, inside);
-                self.next_port
+                let port = self.fresh_port();
+                self.out.insert(key, port);
+                self.inside.insert(port, inside);
+                port
             }
         };
         self.sent.insert((port, to));
         SocketAddr::new(self.public.into(), port)
     }
 
+    /// The next port in sequence, or a random free one (xorshift on `next_port`'s state).
+    fn fresh_port(&mut self) -> u16 {
+        if self.kind != NatKind::SymmetricRandom {
+            self.next_port += 1;
+            return self.next_port;
+        }
+        loop {
+            let mut x = self.random;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.random = x;
+            let port = 1024 + (x % 64_512) as u16;
+            if !self.inside.contains_key(&port) {
+                return port;
+            }
+        }
+    }
+
     fn map_in(&self, port: u16, from: SocketAddr) -> Option<SocketAddr> {
         let inside = self.inside.get(&port)?;
         match self.kind {
             NatKind::FullCone | NatKind::Public => Some(*inside),
-            NatKind::Home | NatKind::Symmetric => {
+            NatKind::Home | NatKind::Symmetric | NatKind::SymmetricRandom => {
                 self.sent.contains(&(port, from)).then_some(*inside)
             }
             NatKind::Restricted => self
