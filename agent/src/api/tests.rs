@@ -46,6 +46,7 @@ fn peer(state: PeerState, strategy: Strategy) -> PeerStatus {
             probes_failed: 1,
         }],
         relay_reason: None,
+        birthday: None,
         peer_nat: None,
     }
 }

@@ -59,10 +59,37 @@ fn advice(reason: &str) -> &'static str {
         "udp-blocked" => "a firewall blocks outgoing UDP on one side: allow UDP out (any port) to go direct",
         "both-symmetric" => "both NATs map endpoint-dependently: enable UPnP/NAT-PMP/PCP on either router, or forward its UDP port, to go direct",
         "punching" => "punching is still running: wait a few seconds",
+        "birthday-failed" => "birthday punching (the symmetric side's 256 sockets against 1024 probed ports) found no way through; it is retried after 1, 5, then 15 minutes. Enable UPnP/NAT-PMP/PCP on the symmetric side's router, or forward its UDP port, to go direct",
         "punch-timed-out" => "punching timed out: enable UPnP/NAT-PMP/PCP on the router of the symmetric side, or forward the UDP port; `rally peer reconnect PEER` retries now",
         "nat-unknown" => "a NAT report is missing: `rally netcheck` on both sides",
         _ => "no advice for this reason",
     }
+}
+
+/// The last birthday-punching attempt: role, result, budget used and time.
+fn birthday_line(b: &rally_agent::api::BirthdayStatus) -> String {
+    let what = if b.role == "open" {
+        format!("opened {} sockets", b.sockets)
+    } else {
+        format!(
+            "probed {} ports ({} predicted) of 1024",
+            b.probes, b.predicted
+        )
+    };
+    let took = b.took_ms.map_or("running".into(), |t| {
+        format!("after {:.1} s", t as f64 / 1000.0)
+    });
+    format!(
+        "{} {took}; {what}, {} bytes; {} s ago{}",
+        b.outcome,
+        b.bytes,
+        b.started_ms_ago / 1000,
+        if b.failures > 0 {
+            format!("; {} failed in a row", b.failures)
+        } else {
+            String::new()
+        }
+    )
 }
 
 pub(super) fn render(me: Option<&NatReport>, p: &PeerStatus) -> String {
@@ -79,6 +106,9 @@ pub(super) fn render(me: Option<&NatReport>, p: &PeerStatus) -> String {
         None => {
             let _ = writeln!(s, "relayed:     no");
         }
+    }
+    if let Some(b) = &p.birthday {
+        let _ = writeln!(s, "birthday:    {}", birthday_line(b));
     }
     let _ = writeln!(s, "paths:");
     for m in &p.paths {
@@ -138,6 +168,7 @@ mod tests {
             paths: vec![],
             relay_reason: Some("both-symmetric".into()),
             peer_nat: Some(report(NatBehavior::AddressAndPortDependent)),
+            birthday: None,
         };
         let me = report(NatBehavior::AddressAndPortDependent);
         let text = render(Some(&me), &p);
@@ -155,6 +186,7 @@ mod tests {
         let direct = PeerStatus {
             relay_reason: None,
             peer_nat: None,
+            birthday: None,
             ..p
         };
         let text = render(None, &direct);

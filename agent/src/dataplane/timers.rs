@@ -134,8 +134,12 @@ impl Engine {
     /// Performs what the node queued: datagrams onto the wire, held packets onto their new
     /// route, events to the daemon and the bus.
     pub(super) async fn drain_node(&mut self, out: &mut [u8]) {
+        // Side sockets first: a path a side socket now carries sends its first probes there.
+        while let Some(op) = self.node.poll_side() {
+            self.side.apply(op).await;
+        }
         while let Some(tx) = self.node.poll_transmit() {
-            super::tx::send(&self.udp, &tx.payload, tx.to).await;
+            self.send_udp(&tx.payload, tx.to).await;
         }
         while let Some(ev) = self.node.poll_event() {
             self.handle_node_event(ev);
@@ -147,7 +151,7 @@ impl Engine {
         }
         // Events may have queued transmits (a new peer's first probes).
         while let Some(tx) = self.node.poll_transmit() {
-            super::tx::send(&self.udp, &tx.payload, tx.to).await;
+            self.send_udp(&tx.payload, tx.to).await;
         }
         while let Some(op) = self.node.poll_side() {
             self.side.apply(op).await;
