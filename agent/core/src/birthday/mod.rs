@@ -58,8 +58,8 @@ pub const MAX_DELTA: i32 = 16;
 /// second for the last answers).
 pub const ATTEMPT_FOR: Duration = Duration::from_millis(11_300);
 /// An attempt starts this long after the coordinated punch it was armed by, if that punch
-/// proved nothing by then (its fast phase).
-pub const AFTER_PUNCH: Duration = Duration::from_secs(2);
+/// proved nothing by then: ten rounds of its fast phase (100 ms apart), many round trips.
+pub const AFTER_PUNCH: Duration = Duration::from_secs(1);
 /// After the n-th failed attempt in a row, ask for another this much later (the last repeats).
 pub const RETRY: [Duration; 3] = [
     Duration::from_secs(60),
