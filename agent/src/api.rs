@@ -110,6 +110,21 @@ pub struct PeerStatus {
     /// The last birthday-punching attempt towards this peer (absent if none ran).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub birthday: Option<BirthdayStatus>,
+    /// Each way to a direct path tried towards this peer (LAN, punch, port mapping,
+    /// prediction, birthday), with its result (`rally peer why`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub techniques: Vec<TechniqueStatus>,
+}
+
+/// One technique towards a direct path and what came of it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TechniqueStatus {
+    /// `lan`, `punch`, `port-mapping`, `prediction` or `birthday`.
+    pub technique: String,
+    /// `direct`, `running`, `failed`, `skipped` or `not-tried`.
+    pub result: String,
+    /// A sentence: why, when, how much.
+    pub detail: String,
 }
 
 /// One birthday-punching attempt, as `rally peers --json` and `rally peer why` show it.

@@ -47,6 +47,7 @@ fn peer(state: PeerState, strategy: Strategy) -> PeerStatus {
         }],
         relay_reason: None,
         birthday: None,
+        techniques: Vec::new(),
         peer_nat: None,
     }
 }

@@ -107,6 +107,12 @@ pub(super) fn render(me: Option<&NatReport>, p: &PeerStatus) -> String {
             let _ = writeln!(s, "relayed:     no");
         }
     }
+    if !p.techniques.is_empty() {
+        let _ = writeln!(s, "tried:");
+        for t in &p.techniques {
+            let _ = writeln!(s, "  {:<13} {:<10} {}", t.technique, t.result, t.detail);
+        }
+    }
     if let Some(b) = &p.birthday {
         let _ = writeln!(s, "birthday:    {}", birthday_line(b));
     }
@@ -169,6 +175,7 @@ mod tests {
             relay_reason: Some("both-symmetric".into()),
             peer_nat: Some(report(NatBehavior::AddressAndPortDependent)),
             birthday: None,
+            techniques: Vec::new(),
         };
         let me = report(NatBehavior::AddressAndPortDependent);
         let text = render(Some(&me), &p);
@@ -187,10 +194,75 @@ mod tests {
             relay_reason: None,
             peer_nat: None,
             birthday: None,
+            techniques: Vec::new(),
             ..p
         };
         let text = render(None, &direct);
         assert!(text.contains("relayed:     no"), "{text}");
         assert!(text.contains("the peer:    no report yet"), "{text}");
+    }
+
+    #[test]
+    fn each_technique_tried_and_the_birthday_attempt_are_listed() {
+        let p = PeerStatus {
+            relay_reason: None,
+            birthday: Some(rally_agent::api::BirthdayStatus {
+                role: "probe".into(),
+                outcome: "direct".into(),
+                probes: 201,
+                predicted: 0,
+                sockets: 0,
+                bytes: 12_864,
+                started_ms_ago: 9_000,
+                took_ms: Some(2_100),
+                failures: 0,
+            }),
+            techniques: vec![rally_agent::api::TechniqueStatus {
+                technique: "birthday".into(),
+                result: "direct".into(),
+                detail: "probed 201 ports".into(),
+            }],
+            ..sample()
+        };
+        let text = render(None, &p);
+        assert!(
+            text.contains("  birthday      direct     probed 201 ports"),
+            "{text}"
+        );
+        assert!(
+            text.contains("birthday:    direct after 2.1 s; probed 201 ports (0 predicted) of 1024, 12864 bytes; 9 s ago"),
+            "{text}"
+        );
+    }
+
+    fn sample() -> PeerStatus {
+        PeerStatus {
+            peer_id: "p2".into(),
+            name: "bob".into(),
+            virtual_ip: "10.66.0.6".parse().unwrap(),
+            strategy: Strategy::Direct,
+            relay: None,
+            endpoint: None,
+            state: PeerState::Connected,
+            latency_ms: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            uptime_seconds: 0,
+            is_primary: true,
+            priority: 0,
+            connected_at: None,
+            parties: vec![],
+            candidates: vec![],
+            direct_since_ms: None,
+            failovers: 0,
+            relay_switches: 0,
+            queued: 0,
+            queue_dropped: 0,
+            paths: vec![],
+            relay_reason: None,
+            peer_nat: None,
+            birthday: None,
+            techniques: Vec::new(),
+        }
     }
 }

@@ -70,6 +70,12 @@ impl Engine {
                 .map(|r| r.as_str().to_string()),
             peer_nat: info.nat.clone(),
             birthday: birthday_status(p.birthday(), super::timers::now()),
+            techniques: super::techniques::techniques(
+                p,
+                self.node.nat(),
+                route,
+                super::timers::now(),
+            ),
         }
     }
 }

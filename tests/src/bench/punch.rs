@@ -142,6 +142,14 @@ fn attempt(lab: &Lab, cp: &ControlPlane, i: usize) -> Result<Attempt> {
             }
         }
     }
+    if direct_after.is_some() && i == 0 {
+        // `rally peer why` lists the technique that worked.
+        let why = a.rally_ok(&["peer", "why", &b_name])?;
+        if !why.contains("  birthday      direct") && !why.contains("  prediction    direct") {
+            bail!("`rally peer why {b_name}` does not show birthday punching:\n{why}");
+        }
+        println!("{why}");
+    }
     let prober = row(&a, &b_name)?;
     let opener = row(&b, &a_name)?;
     let n = |v: &serde_json::Value, k: &str| v["birthday"][k].as_u64().unwrap_or(0);

@@ -36,6 +36,8 @@ pub struct PeerState {
     pub(super) direct: Option<SocketAddr>,
     /// Birthday punching and port prediction (pairs with one symmetric side).
     pub(super) birthday: crate::birthday::Birthday,
+    /// When the puncher (or birthday punching) last proved a direct path.
+    pub(super) proven_at: Option<Instant>,
 }
 
 impl PeerState {
@@ -74,6 +76,16 @@ impl PeerState {
     /// Both sides map endpoint-dependently: no punching, relays only.
     pub fn is_hopeless(&self) -> bool {
         self.paths.is_hopeless()
+    }
+
+    /// Punch attempts in a row that timed out.
+    pub fn punches_failed(&self) -> usize {
+        self.paths.punches_failed()
+    }
+
+    /// When the latest punch started, and when a direct path was last proven.
+    pub fn punch_history(&self) -> (Option<Instant>, Option<Instant>) {
+        (self.paths.started_at(), self.proven_at)
     }
 }
 
@@ -134,6 +146,7 @@ impl Node {
                 conn,
                 direct: None,
                 birthday,
+                proven_at: None,
             }),
         );
         self.refresh_hopeless(id, now);
@@ -291,6 +304,7 @@ impl Node {
 fn direct_up(p: &mut PeerState, a: SocketAddr, now: Instant) {
     info!(peer = %p.info.name, endpoint = %a, "direct path proven");
     p.birthday.direct_proven(a, now);
+    p.proven_at = Some(now);
     let path = PathId::Direct(a);
     match p.direct.replace(a) {
         Some(old) if old != a => {
