@@ -101,7 +101,7 @@ pub struct PeerStatus {
     /// Every path with its health, latency and rank.
     pub paths: Vec<PathMetrics>,
     /// Why the primary path is a relay (`both-symmetric`, `udp-blocked`, `punch-timed-out`,
-    /// `punching`, `pinned`, `nat-unknown`); absent when it is not a relay.
+    /// `birthday-failed`, `punching`, `pinned`, `nat-unknown`); absent when it is not a relay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay_reason: Option<String>,
     /// The peer's NAT findings as it reported them (absent until it has).
@@ -111,6 +111,45 @@ pub struct PeerStatus {
     /// TLS/TCP); absent while there is none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// The last birthday-punching attempt towards this peer (absent if none ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub birthday: Option<BirthdayStatus>,
+    /// Each way to a direct path tried towards this peer (LAN, punch, port mapping,
+    /// prediction, birthday), with its result (`rally peer why`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub techniques: Vec<TechniqueStatus>,
+}
+
+/// One technique towards a direct path and what came of it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TechniqueStatus {
+    /// `lan`, `punch`, `port-mapping`, `prediction` or `birthday`.
+    pub technique: String,
+    /// `direct`, `running`, `failed`, `skipped` or `not-tried`.
+    pub result: String,
+    /// A sentence: why, when, how much.
+    pub detail: String,
+}
+
+/// One birthday-punching attempt, as `rally peers --json` and `rally peer why` show it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BirthdayStatus {
+    /// `open` (this side opened the sockets) or `probe` (this side probed ports).
+    pub role: String,
+    /// `running`, `direct`, `failed` or `abandoned`.
+    pub outcome: String,
+    /// Probes sent (the prober) or sockets opened (the opener).
+    pub probes: u32,
+    /// Of `probes`, predicted ports (a sequential NAT).
+    pub predicted: u32,
+    pub sockets: u16,
+    /// Bytes this side sent in the attempt.
+    pub bytes: u64,
+    /// How long ago it started, and how long it ran (absent while running).
+    pub started_ms_ago: u64,
+    pub took_ms: Option<u64>,
+    /// Attempts in a row that failed.
+    pub failures: usize,
 }
 
 impl PeerStatus {

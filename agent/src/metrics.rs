@@ -205,6 +205,8 @@ mod tests {
             relay_reason: None,
             peer_nat: None,
             path: None,
+            birthday: None,
+            techniques: Vec::new(),
         };
         let text = render(&[p]);
         assert!(text.contains("rally_peer_latency_ms{peer=\"bob\",virtual_ip=\"10.66.1.2\",path=\"relay\",relay=\"r1\"} 12.5"));

@@ -399,6 +399,11 @@ pub struct NatReport {
     /// IPv4 only: the agent maps its IPv4 port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mapped_endpoint: Option<std::net::SocketAddrV4>,
+    /// For an endpoint-dependent mapping that looked sequential (the netcheck's consecutive
+    /// mappings a small step apart): that step, so a peer can predict the next ports.
+    /// Absent otherwise (older peers ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_delta: Option<i16>,
 }
 
 impl Eq for NatReport {}
@@ -599,6 +604,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<NatReport>(&text).unwrap(), plain);
         let mapped = NatReport {
             mapped_endpoint: Some("198.51.100.7:51820".parse().unwrap()),
+            port_delta: None,
             ..NatReport::default()
         };
         let text = serde_json::to_string(&mapped).unwrap();

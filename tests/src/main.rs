@@ -102,6 +102,9 @@ enum Cmd {
         /// Where to write the results (default: <binaries' dir>/bench).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// Attempts of `bench punch`.
+        #[arg(long, default_value_t = 20)]
+        attempts: usize,
     },
     /// Relay load generator (run by `bench relay` inside a lab namespace).
     #[command(hide = true)]
@@ -134,6 +137,7 @@ fn main() -> ExitCode {
             runs,
             seconds,
             out,
+            attempts,
         } => {
             install_interrupt_handler();
             bench_dir(out).and_then(|out_dir| {
@@ -141,6 +145,7 @@ fn main() -> ExitCode {
                     runs: runs.max(1),
                     seconds: seconds.max(2),
                     out_dir,
+                    attempts,
                 };
                 bench::run(which, &opts).map(|()| true)
             })

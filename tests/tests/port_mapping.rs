@@ -44,16 +44,13 @@ fn symmetric_nat_with_port_mapping_goes_direct_to_another_symmetric_nat() -> Res
 
 #[test]
 fn symmetric_nat_with_port_mapping_goes_direct_to_a_home_router() -> Result<()> {
-    assert!(!punchable(
-        Some(NatKind::Symmetric),
-        Some(NatKind::HomeRouter)
-    ));
+    // Without the mapping this pair goes direct by birthday punching; with it, through the
+    // mapped endpoint (no birthday attempt: the mapping makes ordinary punching work).
     with_lab(|lab| mapped_pair(lab, NatKind::HomeRouter))
 }
 
 #[test]
 fn symmetric_nat_with_port_mapping_goes_direct_to_a_carrier_nat() -> Result<()> {
-    assert!(!punchable(Some(NatKind::Symmetric), Some(NatKind::Cgnat)));
     with_lab(|lab| mapped_pair(lab, NatKind::Cgnat))
 }
 

@@ -8,6 +8,7 @@
 //! [`inbound`] admits decrypted packets only to this agent's virtual IP.
 
 pub mod backoff;
+pub mod birthday;
 pub mod conn;
 pub mod demux;
 pub mod discovery;

@@ -306,6 +306,13 @@ impl Netcheck {
             _ => NatBehavior::Unknown,
         };
         let filtering = self.filtering(udp, behind_nat);
+        let port_delta = match (public_endpoint, pair) {
+            (Some(first), Some((_, second))) if mapping.is_endpoint_dependent() => {
+                let alt = self.answer(0, Kind::AltPort).map(|(a, _)| a.mapped);
+                sequential_step(first, *second, alt)
+            }
+            _ => None,
+        };
         let port_preserving = public_endpoint.is_some_and(|m| m.port() == self.local_port);
         let relays = self
             .servers
@@ -327,8 +334,27 @@ impl Netcheck {
             public_endpoint,
             relays,
             mapped_endpoint: None,
+            port_delta,
         }
     }
+}
+
+/// The step of a sequential NAT from the main socket's mappings in the order they were made
+/// (the first relay, the second, the first relay's alternate port, with the side socket's
+/// mapping made between the last two): a small step between the first two, and the third
+/// further on in the same direction within a few steps. `None` when they look random.
+fn sequential_step(first: SocketAddr, second: SocketAddr, alt: Option<SocketAddr>) -> Option<i16> {
+    let d = i32::from(second.port()) - i32::from(first.port());
+    if d == 0 || d.abs() > crate::birthday::MAX_DELTA {
+        return None;
+    }
+    if let Some(a) = alt {
+        let e = i32::from(a.port()) - i32::from(second.port());
+        if e.signum() != d.signum() || e.abs() > 4 * d.abs() {
+            return None;
+        }
+    }
+    i16::try_from(d).ok()
 }
 
 #[cfg(test)]

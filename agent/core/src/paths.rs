@@ -75,6 +75,8 @@ pub struct PeerPaths {
     reflexive: Option<TokenBucket>,
     /// Budget for acks (created on first use).
     acks: Option<TokenBucket>,
+    /// When the latest punch started (`rally peer why`).
+    started_at: Option<Instant>,
 }
 
 impl PeerPaths {
@@ -95,7 +97,13 @@ impl PeerPaths {
             events: VecDeque::new(),
             reflexive: None,
             acks: None,
+            started_at: None,
         }
+    }
+
+    /// When the latest punch started.
+    pub fn started_at(&self) -> Option<Instant> {
+        self.started_at
     }
 
     /// The key probes with this peer are authenticated with.
@@ -158,6 +166,19 @@ impl PeerPaths {
         self.punch = Some(Punch { start, next: start });
         self.retry_at = None;
         self.failed = 0;
+        self.started_at = Some(start);
+    }
+
+    /// Probes `to` once from the main socket (birthday punching's prober): its ack proves the
+    /// path like any punch probe's. `to` does not become a candidate.
+    pub fn probe_extra(&mut self, to: SocketAddr) {
+        self.send_probe(to);
+    }
+
+    /// `to` was proven another way (birthday punching's opener, through the side socket
+    /// that now carries it).
+    pub fn prove_external(&mut self, to: SocketAddr) {
+        self.prove(to);
     }
 
     /// An authenticated probe from the peer, received via `via`.

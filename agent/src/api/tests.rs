@@ -46,6 +46,8 @@ fn peer(state: PeerState, strategy: Strategy) -> PeerStatus {
             probes_failed: 1,
         }],
         relay_reason: None,
+        birthday: None,
+        techniques: Vec::new(),
         peer_nat: None,
         path: None,
     }
@@ -72,6 +74,7 @@ fn nat() -> NatReport {
             latency_ms: Some(1.5),
         }],
         mapped_endpoint: None,
+        port_delta: None,
     }
 }
 
@@ -289,6 +292,7 @@ fn netcheck_reply_json_is_pinned() {
     let mapped = NetcheckReport {
         nat: NatReport {
             mapped_endpoint: Some(mapping().external),
+            port_delta: None,
             ..nat()
         },
         port_mapping: Some(mapping()),

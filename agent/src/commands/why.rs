@@ -59,10 +59,37 @@ fn advice(reason: &str) -> &'static str {
         "udp-blocked" => "a firewall blocks outgoing UDP on one side: allow UDP out (any port) to go direct",
         "both-symmetric" => "both NATs map endpoint-dependently: enable UPnP/NAT-PMP/PCP on either router, or forward its UDP port, to go direct",
         "punching" => "punching is still running: wait a few seconds",
+        "birthday-failed" => "birthday punching (the symmetric side's 256 sockets against 1024 probed ports) found no way through; it is retried after 1, 5, then 15 minutes. Enable UPnP/NAT-PMP/PCP on the symmetric side's router, or forward its UDP port, to go direct",
         "punch-timed-out" => "punching timed out: enable UPnP/NAT-PMP/PCP on the router of the symmetric side, or forward the UDP port; `rally peer reconnect PEER` retries now",
         "nat-unknown" => "a NAT report is missing: `rally netcheck` on both sides",
         _ => "no advice for this reason",
     }
+}
+
+/// The last birthday-punching attempt: role, result, budget used and time.
+fn birthday_line(b: &rally_agent::api::BirthdayStatus) -> String {
+    let what = if b.role == "open" {
+        format!("opened {} sockets", b.sockets)
+    } else {
+        format!(
+            "probed {} ports ({} predicted) of 1024",
+            b.probes, b.predicted
+        )
+    };
+    let took = b.took_ms.map_or("running".into(), |t| {
+        format!("after {:.1} s", t as f64 / 1000.0)
+    });
+    format!(
+        "{} {took}; {what}, {} bytes; {} s ago{}",
+        b.outcome,
+        b.bytes,
+        b.started_ms_ago / 1000,
+        if b.failures > 0 {
+            format!("; {} failed in a row", b.failures)
+        } else {
+            String::new()
+        }
+    )
 }
 
 pub(super) fn render(me: Option<&NatReport>, p: &PeerStatus) -> String {
@@ -79,6 +106,15 @@ pub(super) fn render(me: Option<&NatReport>, p: &PeerStatus) -> String {
         None => {
             let _ = writeln!(s, "relayed:     no");
         }
+    }
+    if !p.techniques.is_empty() {
+        let _ = writeln!(s, "tried:");
+        for t in &p.techniques {
+            let _ = writeln!(s, "  {:<13} {:<10} {}", t.technique, t.result, t.detail);
+        }
+    }
+    if let Some(b) = &p.birthday {
+        let _ = writeln!(s, "birthday:    {}", birthday_line(b));
     }
     let _ = writeln!(s, "paths:");
     for m in &p.paths {
@@ -139,6 +175,8 @@ mod tests {
             relay_reason: Some("both-symmetric".into()),
             peer_nat: Some(report(NatBehavior::AddressAndPortDependent)),
             path: None,
+            birthday: None,
+            techniques: Vec::new(),
         };
         let me = report(NatBehavior::AddressAndPortDependent);
         let text = render(Some(&me), &p);
@@ -156,10 +194,77 @@ mod tests {
         let direct = PeerStatus {
             relay_reason: None,
             peer_nat: None,
+            birthday: None,
+            techniques: Vec::new(),
             ..p
         };
         let text = render(None, &direct);
         assert!(text.contains("relayed:     no"), "{text}");
         assert!(text.contains("the peer:    no report yet"), "{text}");
+    }
+
+    #[test]
+    fn each_technique_tried_and_the_birthday_attempt_are_listed() {
+        let p = PeerStatus {
+            relay_reason: None,
+            birthday: Some(rally_agent::api::BirthdayStatus {
+                role: "probe".into(),
+                outcome: "direct".into(),
+                probes: 201,
+                predicted: 0,
+                sockets: 0,
+                bytes: 12_864,
+                started_ms_ago: 9_000,
+                took_ms: Some(2_100),
+                failures: 0,
+            }),
+            techniques: vec![rally_agent::api::TechniqueStatus {
+                technique: "birthday".into(),
+                result: "direct".into(),
+                detail: "probed 201 ports".into(),
+            }],
+            ..sample()
+        };
+        let text = render(None, &p);
+        assert!(
+            text.contains("  birthday      direct     probed 201 ports"),
+            "{text}"
+        );
+        assert!(
+            text.contains("birthday:    direct after 2.1 s; probed 201 ports (0 predicted) of 1024, 12864 bytes; 9 s ago"),
+            "{text}"
+        );
+    }
+
+    fn sample() -> PeerStatus {
+        PeerStatus {
+            peer_id: "p2".into(),
+            name: "bob".into(),
+            virtual_ip: "10.66.0.6".parse().unwrap(),
+            strategy: Strategy::Direct,
+            relay: None,
+            endpoint: None,
+            state: PeerState::Connected,
+            latency_ms: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            uptime_seconds: 0,
+            is_primary: true,
+            priority: 0,
+            connected_at: None,
+            parties: vec![],
+            candidates: vec![],
+            direct_since_ms: None,
+            failovers: 0,
+            relay_switches: 0,
+            queued: 0,
+            queue_dropped: 0,
+            paths: vec![],
+            relay_reason: None,
+            peer_nat: None,
+            path: None,
+            birthday: None,
+            techniques: Vec::new(),
+        }
     }
 }

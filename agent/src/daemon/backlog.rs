@@ -143,6 +143,7 @@ mod tests {
         let mapped: SocketAddrV4 = "198.51.100.7:51820".parse().unwrap();
         let with = |port| NatReport {
             mapped_endpoint: Some(mapped),
+            port_delta: None,
             ..report(port)
         };
         // The mapping before any report: nothing to send; the first report carries it.

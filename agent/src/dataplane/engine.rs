@@ -409,8 +409,13 @@ impl Engine {
                     self.handle_relay_frame(slot, &frame, &mut b.out).await;
                 }
                 Some(d) = self.side.recv() => {
-                    let t = super::timers::now();
-                    let _ = self.node.handle_side_datagram(d.socket, d.from, &d.payload, t);
+                    if self.side.is_carrying(d.socket) {
+                        self.handle_datagram(d.from, &d.payload, &mut b.out).await;
+                        super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
+                    } else {
+                        let t = super::timers::now();
+                        let _ = self.node.handle_side_datagram(d.socket, d.from, &d.payload, t);
+                    }
                 }
                 () = &mut sleep => {
                     trace!(reason = ?wake, "woke for a timer");

@@ -14,6 +14,7 @@ mod rx;
 pub mod security;
 mod side;
 mod status;
+mod techniques;
 pub mod timers;
 pub mod tunnel;
 mod tx;

@@ -49,7 +49,7 @@ impl Engine {
         }
     }
 
-    async fn handle_datagram(&mut self, from: SocketAddr, d: &[u8], out: &mut [u8]) {
+    pub(super) async fn handle_datagram(&mut self, from: SocketAddr, d: &[u8], out: &mut [u8]) {
         if let Datagram::WireGuard(kind) = classify(d) {
             let via = PathId::Direct(from);
             if !self.guard_admits(Source::Addr(from), &via, d, out).await {
@@ -131,7 +131,7 @@ impl Engine {
             Verdict::CookieReply(reply) => {
                 let n = reply.len();
                 if let PathId::Direct(to) = via {
-                    super::tx::send(&self.udp, &out[DATA_HEADER_LEN..DATA_HEADER_LEN + n], *to)
+                    self.send_udp(&out[DATA_HEADER_LEN..DATA_HEADER_LEN + n], *to)
                         .await;
                 }
                 false

@@ -1,6 +1,10 @@
 //! The engine's side sockets ([`SideOp`] from the node): each bound on an ephemeral port the
 //! first time the node sends from it, read by a task of the data plane's runtime into one
 //! channel, and closed (its task ended) when the node says so or the engine stops.
+//!
+//! A birthday-punching socket that connected **carries** its peer's direct path
+//! ([`SideOp::Carry`]): the engine sends everything for that address from it
+//! ([`SideSockets::carrier`]) and handles what it receives like the main socket's datagrams.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -26,6 +30,8 @@ pub struct SideDatagram {
 
 pub struct SideSockets {
     open: HashMap<SideSocket, (Arc<UdpSocket>, JoinHandle<()>)>,
+    /// Direct addresses whose datagrams leave from a side socket.
+    carried: HashMap<SocketAddr, (SideSocket, Arc<UdpSocket>)>,
     tx: mpsc::Sender<SideDatagram>,
     rx: mpsc::Receiver<SideDatagram>,
 }
@@ -35,6 +41,7 @@ impl Default for SideSockets {
         let (tx, rx) = mpsc::channel(QUEUE);
         SideSockets {
             open: HashMap::new(),
+            carried: HashMap::new(),
             tx,
             rx,
         }
@@ -62,8 +69,28 @@ impl SideSockets {
                 if let Some((_, task)) = self.open.remove(&socket) {
                     task.abort();
                 }
+                self.carried.retain(|_, (s, _)| *s != socket);
+            }
+            SideOp::Carry { socket, to } => {
+                if let Some((s, _)) = self.open.get(&socket) {
+                    debug!(?socket, %to, "side socket carries the direct path");
+                    self.carried.insert(to, (socket, s.clone()));
+                }
             }
         }
+    }
+
+    /// The side socket that carries datagrams to `to`, if one does.
+    pub fn carrier(&self, to: &SocketAddr) -> Option<&Arc<UdpSocket>> {
+        if self.carried.is_empty() {
+            return None;
+        }
+        self.carried.get(to).map(|(_, s)| s)
+    }
+
+    /// Whether `socket` carries a direct path (its datagrams are the main socket's kind).
+    pub fn is_carrying(&self, socket: SideSocket) -> bool {
+        !self.carried.is_empty() && self.carried.values().any(|(s, _)| *s == socket)
     }
 
     async fn socket(&mut self, socket: SideSocket, to: SocketAddr) -> Option<Arc<UdpSocket>> {

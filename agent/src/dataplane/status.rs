@@ -74,8 +74,47 @@ impl Engine {
                 .primary()
                 .filter(|_| route.is_some())
                 .map(ToString::to_string),
+            birthday: birthday_status(p.birthday(), super::timers::now()),
+            techniques: super::techniques::techniques(
+                p,
+                self.node.nat(),
+                route,
+                super::timers::now(),
+            ),
         }
     }
+}
+
+/// The last birthday-punching attempt of a peer's machine, for `rally peers`.
+fn birthday_status(
+    b: &rally_agent_core::birthday::Birthday,
+    now: std::time::Instant,
+) -> Option<crate::api::BirthdayStatus> {
+    use rally_agent_core::birthday::{Outcome, Role};
+    let r = b.record()?;
+    Some(crate::api::BirthdayStatus {
+        role: match r.role {
+            Role::Open { .. } => "open",
+            Role::Probe { .. } => "probe",
+        }
+        .into(),
+        outcome: match r.outcome {
+            Outcome::Running => "running",
+            Outcome::Direct { .. } => "direct",
+            Outcome::Failed => "failed",
+            Outcome::Abandoned => "abandoned",
+        }
+        .into(),
+        probes: r.probes,
+        predicted: r.predicted,
+        sockets: r.sockets,
+        bytes: r.bytes,
+        started_ms_ago: now.saturating_duration_since(r.started).as_millis() as u64,
+        took_ms: r
+            .ended
+            .map(|e| e.saturating_duration_since(r.started).as_millis() as u64),
+        failures: b.failures(),
+    })
 }
 
 /// The connection manager's state as `rally peers` spells it.

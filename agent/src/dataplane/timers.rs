@@ -147,6 +147,10 @@ impl Engine {
     /// Performs what the node queued: datagrams onto the wire, held packets onto their new
     /// route, events to the daemon and the bus.
     pub(super) async fn drain_node(&mut self, out: &mut [u8]) {
+        // Side sockets first: a path a side socket now carries sends its first probes there.
+        while let Some(op) = self.node.poll_side() {
+            self.side.apply(op).await;
+        }
         while let Some(tx) = self.node.poll_transmit() {
             self.transmit(tx.to, &tx.payload).await;
         }

@@ -66,6 +66,11 @@ impl Engine {
             self.send_tcp(dest, frame);
             return;
         }
+        if let Some(s) = self.side.carrier(&dest) {
+            // A birthday-punched path: its own socket, no GSO batch.
+            send(s, frame, dest).await;
+            return;
+        }
         if !self.gso.fits(dest, frame.len()) {
             flush_gso(&self.udp, &self.udp_state, &mut self.gso).await;
         }
@@ -99,7 +104,7 @@ impl Engine {
     /// Sends `frame[DATA_HEADER_LEN..]` on `route`; for a relay the header is written in front.
     pub(super) async fn send_framed(&mut self, route: Route, frame: &mut [u8]) {
         match route {
-            Route::Direct(a) => send(&self.udp, &frame[DATA_HEADER_LEN..], a).await,
+            Route::Direct(a) => self.send_udp(&frame[DATA_HEADER_LEN..], a).await,
             Route::Relay { relay, peer } => {
                 write_send_header(frame, &peer);
                 self.transmit(relay, frame).await;
@@ -113,7 +118,7 @@ impl Engine {
         if is_tcp_slot(&to) {
             self.send_tcp(to, payload);
         } else {
-            send(&self.udp, payload, to).await;
+            self.send_udp(payload, to).await;
         }
     }
 
@@ -162,6 +167,17 @@ pub(super) async fn flush_tun(
         debug!("tun send: {e}");
     }
     batch.clear();
+}
+
+impl Engine {
+    /// Sends one datagram from the main socket, or from the side socket that carries `to`
+    /// (a birthday-punched path).
+    pub(super) async fn send_udp(&self, bytes: &[u8], to: SocketAddr) {
+        match self.side.carrier(&to) {
+            Some(s) => send(s, bytes, to).await,
+            None => send(&self.udp, bytes, to).await,
+        }
+    }
 }
 
 pub(super) async fn send(udp: &UdpSocket, bytes: &[u8], to: SocketAddr) {

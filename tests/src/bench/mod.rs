@@ -24,6 +24,7 @@ pub mod flood;
 pub mod idle;
 pub mod mmsg;
 pub mod profile;
+pub mod punch;
 pub mod relay;
 pub mod setup;
 pub mod stats;
@@ -56,6 +57,8 @@ pub enum Which {
     TcpRelay,
     /// `perf` on the data paths under load (not part of `all`).
     Profile,
+    /// Birthday punching, home router ↔ symmetric NAT, `--attempts` times (not part of `all`).
+    Punch,
     All,
 }
 
@@ -68,6 +71,8 @@ pub struct Options {
     pub seconds: u64,
     /// Where results go.
     pub out_dir: PathBuf,
+    /// Attempts of `bench punch`.
+    pub attempts: usize,
 }
 
 /// Everything a `bench` invocation measured, as written to `bench-results.json`.
@@ -116,6 +121,10 @@ fn say(msg: &str) {
 
 /// Runs the chosen benchmarks; prints every figure and writes the results files.
 pub fn run(which: Which, opts: &Options) -> Result<()> {
+    if which == Which::Punch {
+        // Debug builds are fine: it measures the agents' punching, not their speed.
+        return punch::bench(opts.attempts);
+    }
     let machine = Machine::describe();
     say(&format!(
         "machine: {} × {}, kernel {} (shared: other work runs too; read the ratios)",

@@ -27,6 +27,7 @@
 //! sockets come back through [`Node::handle_side_datagram`]) after every input; it sleeps until
 //! [`Node::poll_timeout`] and then calls [`Node::handle_timeout`].
 
+mod birthday;
 mod peer;
 mod reason;
 mod relay_tcp;
@@ -38,6 +39,9 @@ mod sim;
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
 mod tests;
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
+mod tests_birthday;
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
 mod tests_netcheck;
@@ -306,6 +310,7 @@ impl Node {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.paths.set_candidates(candidates);
             p.paths.start_punch(start);
+            self.arm_birthday(peer, start);
             self.touch(peer);
         }
     }
@@ -380,6 +385,9 @@ impl Node {
             }
             if p.conn.poll_timeout().is_some_and(|t| now >= t) {
                 p.conn.handle_timeout(now);
+            }
+            if p.birthday.poll_timeout().is_some_and(|t| now >= t) {
+                p.birthday.handle_timeout(now);
             }
             self.dirty.push(id);
         }
@@ -552,7 +560,11 @@ impl Node {
         }
     }
 
-    fn new_peer_machines(&mut self, info: &PeerInfo, now: Instant) -> (PeerPaths, Connection) {
+    fn new_peer_machines(
+        &mut self,
+        info: &PeerInfo,
+        now: Instant,
+    ) -> (PeerPaths, Connection, crate::birthday::Birthday) {
         let peer_public = x25519_dalek::PublicKey::from(info.wg_key.0);
         let shared = self.secret.diffie_hellman(&peer_public);
         let paths = PeerPaths::new(
@@ -564,6 +576,7 @@ impl Node {
         let mut seed = [0u8; 32];
         self.rng.fill_bytes(&mut seed);
         let conn = Connection::new(self.profile.clone(), now, seed);
-        (paths, conn)
+        let birthday = crate::birthday::Birthday::new(self.me, paths.key(), self.rng.next_u64());
+        (paths, conn, birthday)
     }
 }

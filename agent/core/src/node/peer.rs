@@ -23,6 +23,10 @@ pub struct PeerState {
     pub(super) conn: Connection,
     /// The direct address the connection manager holds as a path (one at a time).
     pub(super) direct: Option<SocketAddr>,
+    /// Birthday punching and port prediction (pairs with one symmetric side).
+    pub(super) birthday: crate::birthday::Birthday,
+    /// When the puncher (or birthday punching) last proved a direct path.
+    pub(super) proven_at: Option<Instant>,
 }
 
 impl PeerState {
@@ -53,9 +57,24 @@ impl PeerState {
         self.paths.is_punching()
     }
 
+    /// The birthday-punching machine (its last attempt, the socket it carries).
+    pub fn birthday(&self) -> &crate::birthday::Birthday {
+        &self.birthday
+    }
+
     /// Both sides map endpoint-dependently: no punching, relays only.
     pub fn is_hopeless(&self) -> bool {
         self.paths.is_hopeless()
+    }
+
+    /// Punch attempts in a row that timed out.
+    pub fn punches_failed(&self) -> usize {
+        self.paths.punches_failed()
+    }
+
+    /// When the latest punch started, and when a direct path was last proven.
+    pub fn punch_history(&self) -> (Option<Instant>, Option<Instant>) {
+        (self.paths.started_at(), self.proven_at)
     }
 }
 
@@ -93,7 +112,7 @@ impl Node {
 
     fn add_peer(&mut self, info: Arc<PeerInfo>, now: Instant) {
         let id = info.peer_id;
-        let (paths, mut conn) = self.new_peer_machines(&info, now);
+        let (paths, mut conn, birthday) = self.new_peer_machines(&info, now);
         for path in self.relays.bound() {
             conn.add_path(path, now);
         }
@@ -115,6 +134,8 @@ impl Node {
                 paths,
                 conn,
                 direct: None,
+                birthday,
+                proven_at: None,
             }),
         );
         self.refresh_hopeless(id, now);
@@ -129,6 +150,10 @@ impl Node {
             return;
         };
         p.conn.close();
+        p.birthday.stop(self.now);
+        while let Some(out) = p.birthday.poll() {
+            super::birthday::apply(*id, &mut p, out, &mut self.relays.side, &mut self.events);
+        }
         info!(peer = %p.info.name, "peer removed");
         self.by_vip.remove(&p.info.virtual_ip);
         self.by_wg.remove(&p.info.wg_key);
@@ -155,6 +180,11 @@ impl Node {
         let hopeless = mine.is_endpoint_dependent()
             && theirs
                 .is_some_and(|n| n.mapping.is_endpoint_dependent() && n.mapped_endpoint.is_none());
+        if p.direct.is_none() {
+            let role = crate::birthday::Role::decide(self.nat.as_ref(), theirs);
+            p.birthday.reports_changed(role);
+            self.dirty.push(id);
+        }
         if hopeless == p.paths.is_hopeless() {
             return;
         }
@@ -194,6 +224,10 @@ impl Node {
         loop {
             if let Some(PathEvent::DirectUp(a)) = p.paths.poll_event() {
                 direct_up(p, a, now);
+                continue;
+            }
+            if let Some(out) = p.birthday.poll() {
+                super::birthday::apply(id, p, out, &mut self.relays.side, &mut self.events);
                 continue;
             }
             if let Some((path, probe)) = p.paths.poll_transmit() {
@@ -264,7 +298,10 @@ impl Node {
                 _ => w.at,
             }
         });
-        let next = [p.paths.poll_timeout(), conn].into_iter().flatten().min();
+        let next = [p.paths.poll_timeout(), conn, p.birthday.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min();
         self.deadlines.set(id, next);
     }
 }
@@ -275,6 +312,8 @@ impl Node {
 /// its first probe is answered.
 fn direct_up(p: &mut PeerState, a: SocketAddr, now: Instant) {
     info!(peer = %p.info.name, endpoint = %a, "direct path proven");
+    p.birthday.direct_proven(a, now);
+    p.proven_at = Some(now);
     let path = PathId::Direct(a);
     match p.direct.replace(a) {
         Some(old) if old != a => {
@@ -306,6 +345,7 @@ fn on_conn_event(p: &mut PeerState, event: &ConnEvent, now: Instant) {
     };
     if let Some(a) = lost.filter(|a| p.direct == Some(*a)) {
         info!(peer = %p.info.name, endpoint = %a, "direct path lost: punching again");
+        p.birthday.direct_lost(a);
         p.paths.forget_direct(now);
     }
 }

@@ -18,6 +18,8 @@ pub enum RelayReason {
     Punching,
     /// Every punch attempt so far timed out without a proven direct path.
     PunchTimedOut,
+    /// Birthday punching (one side symmetric) ran its budget without a direct path.
+    BirthdayFailed,
     /// One side has not reported its NAT yet, and no punch has finished.
     NatUnknown,
 }
@@ -30,6 +32,7 @@ impl RelayReason {
             RelayReason::BothSymmetric => "both-symmetric",
             RelayReason::Punching => "punching",
             RelayReason::PunchTimedOut => "punch-timed-out",
+            RelayReason::BirthdayFailed => "birthday-failed",
             RelayReason::NatUnknown => "nat-unknown",
         }
     }
@@ -42,6 +45,10 @@ pub(super) struct PairFacts<'a> {
     pub pinned: bool,
     pub punching: bool,
     pub punches_failed: usize,
+    /// Birthday attempts in a row that failed.
+    pub birthdays_failed: usize,
+    /// A birthday attempt runs now.
+    pub birthday_running: bool,
 }
 
 /// The first reason that holds, strongest first.
@@ -57,6 +64,12 @@ pub(super) fn decide(f: &PairFacts<'_>) -> RelayReason {
     };
     if hard(f.mine) && hard(f.theirs) {
         return RelayReason::BothSymmetric;
+    }
+    if f.birthday_running {
+        return RelayReason::Punching;
+    }
+    if f.birthdays_failed > 0 {
+        return RelayReason::BirthdayFailed;
     }
     if f.punches_failed > 0 {
         return RelayReason::PunchTimedOut;
@@ -84,6 +97,8 @@ impl Node {
             pinned: p.conn.pinned() == Some(primary),
             punching: p.paths.is_punching(),
             punches_failed: p.paths.punches_failed(),
+            birthdays_failed: p.birthday.failures(),
+            birthday_running: p.birthday.is_running(),
         }))
     }
 }
@@ -138,14 +153,18 @@ mod tests {
     }
 
     #[test]
-    fn a_home_router_to_a_symmetric_nat_is_relayed_after_the_punch_timed_out() {
+    fn a_home_router_to_a_symmetric_nat_is_relayed_after_birthday_punching_failed() {
         let (mut sim, t0) = pair(NatKind::Home, NatKind::Symmetric);
-        let timed_out = sim.run_until(t0 + Duration::from_secs(30), |s| {
-            reason(s, 0, 1) == Some(RelayReason::PunchTimedOut)
-                && reason(s, 1, 0) == Some(RelayReason::PunchTimedOut)
+        // No direct way at all between the two (relays still reach both): the punch times
+        // out, then birthday punching runs out of its budget too.
+        let (a, b) = (sim.public_ip(0), sim.public_ip(1));
+        sim.cuts.push((a, b));
+        let failed = sim.run_until(t0 + Duration::from_secs(60), |s| {
+            reason(s, 0, 1) == Some(RelayReason::BirthdayFailed)
+                && reason(s, 1, 0) == Some(RelayReason::BirthdayFailed)
         });
         assert!(
-            timed_out,
+            failed,
             "{:?} / {:?}",
             reason(&sim, 0, 1),
             reason(&sim, 1, 0)
@@ -183,8 +202,25 @@ mod tests {
             pinned,
             punching,
             punches_failed,
+            birthdays_failed: 0,
+            birthday_running: false,
         };
         let d = |f: PairFacts<'_>| decide(&f);
+        assert_eq!(
+            decide(&PairFacts {
+                birthdays_failed: 1,
+                ..facts(Some(&home), Some(&sym), false, true, 3)
+            }),
+            RelayReason::BirthdayFailed
+        );
+        assert_eq!(
+            decide(&PairFacts {
+                birthday_running: true,
+                birthdays_failed: 1,
+                ..facts(Some(&home), Some(&sym), false, false, 3)
+            }),
+            RelayReason::Punching
+        );
         assert_eq!(
             d(facts(Some(&sym), Some(&sym), true, false, 0)),
             RelayReason::Pinned

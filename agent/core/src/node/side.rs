@@ -14,6 +14,9 @@ use super::{DropReason, Node, Received};
 pub enum SideSocket {
     /// The netcheck's (see [`crate::netcheck`]).
     Netcheck,
+    /// Birthday punching's socket `n` towards the peer with short id `peer`
+    /// (see [`crate::birthday`]).
+    Birthday { peer: [u8; 8], n: u16 },
 }
 
 /// What the driver does with side sockets.
@@ -27,6 +30,9 @@ pub enum SideOp {
     },
     /// Close `socket`; later datagrams for it are not wanted.
     Close(SideSocket),
+    /// From now on send every datagram for `to` (the peer's direct path) from `socket`, and
+    /// handle what `socket` receives as if it came on the main socket, until it is closed.
+    Carry { socket: SideSocket, to: SocketAddr },
 }
 
 impl Node {
@@ -40,7 +46,7 @@ impl Node {
     pub fn handle_side_datagram<'a>(
         &mut self,
         socket: SideSocket,
-        _from: SocketAddr,
+        from: SocketAddr,
         d: &[u8],
         now: Instant,
     ) -> Received<'a> {
@@ -56,6 +62,9 @@ impl Node {
                 }
                 self.finish_netcheck(now);
                 Received::Handled
+            }
+            SideSocket::Birthday { peer, n } => {
+                self.handle_birthday_datagram(peer, n, from, d, now)
             }
         }
     }

@@ -19,7 +19,7 @@ use rally_relay::core::{Config, Relay};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{Node, NodeConfig, NodeEvent, Route, SideOp};
+use super::{Node, NodeConfig, NodeEvent, Route, SideOp, SideSocket};
 use crate::conn::{PathId, Profile};
 use crate::node::RelayConfig;
 
@@ -51,8 +51,11 @@ pub struct Agent {
     pub echo: bool,
     /// Probes the agent sent on a direct path: (time, destination).
     pub direct_probes: Vec<(Instant, SocketAddr)>,
-    /// The netcheck's side socket while it is open.
-    side: Option<SocketAddr>,
+    /// Side sockets while they are open (the netcheck's, birthday punching's).
+    pub(super) sides: HashMap<SideSocket, SocketAddr>,
+    /// Direct addresses whose datagrams go from a side socket's address instead.
+    pub(super) carried: HashMap<SocketAddr, SocketAddr>,
+    next_side: u16,
 }
 
 struct SimRelay {
@@ -83,6 +86,8 @@ pub struct Sim {
     pub udp_blocked: HashSet<usize>,
     rng: ChaCha8Rng,
     control: Identity,
+    /// Seeds the random NATs' ports (tests vary it to run many attempts).
+    pub nat_seed: u64,
 }
 
 const UNIX_START: u64 = 1_800_000_000;
@@ -105,6 +110,7 @@ impl Sim {
             udp_blocked: HashSet::new(),
             rng: ChaCha8Rng::seed_from_u64(1),
             control: Identity::from_seed([99; 32]),
+            nat_seed: 0x9e37_79b9_7f4a_7c15,
         }
     }
 
@@ -140,6 +146,7 @@ impl Sim {
                     out: HashMap::new(),
                     inside: HashMap::new(),
                     sent: HashSet::new(),
+                    random: self.nat_seed ^ u64::from(n) << 32 | 1,
                 });
                 let local = SocketAddr::new(Ipv4Addr::new(192, 168, n, 2).into(), 51820);
                 (local, Some(self.routers.len() - 1))
@@ -195,7 +202,9 @@ impl Sim {
             last_wake: None,
             echo: false,
             direct_probes: Vec::new(),
-            side: None,
+            sides: HashMap::new(),
+            carried: HashMap::new(),
+            next_side: 50_000,
         });
         self.agents.len() - 1
     }
@@ -391,20 +400,43 @@ impl Sim {
                     self.send_on(a, route, &packet);
                 }
             } else if let Some(op) = self.agents[a].node.poll_side() {
-                let side = SocketAddr::new(self.agents[a].local.ip(), 50_000);
-                match op {
-                    SideOp::Send { to, payload, .. } => {
-                        self.agents[a].side = Some(side);
-                        self.send_from_addr(a, side, to, payload);
-                    }
-                    SideOp::Close(_) => self.agents[a].side = None,
-                }
+                self.side_op(a, op);
             } else if let Some(ev) = self.agents[a].node.poll_event() {
                 self.control_plane(a, &ev);
                 let now = self.now;
                 self.agents[a].events.push((now, ev));
             } else {
                 return;
+            }
+        }
+    }
+
+    /// Performs one side-socket operation of agent `a`'s node.
+    fn side_op(&mut self, a: usize, op: SideOp) {
+        let ag = &mut self.agents[a];
+        match op {
+            SideOp::Send {
+                socket,
+                to,
+                payload,
+            } => {
+                let ip = ag.local.ip();
+                let next = &mut ag.next_side;
+                let local = *ag.sides.entry(socket).or_insert_with(|| {
+                    *next = next.wrapping_add(1).max(50_001);
+                    SocketAddr::new(ip, *next)
+                });
+                self.send_from_addr(a, local, to, payload);
+            }
+            SideOp::Close(socket) => {
+                if let Some(local) = ag.sides.remove(&socket) {
+                    ag.carried.retain(|_, l| *l != local);
+                }
+            }
+            SideOp::Carry { socket, to } => {
+                if let Some(local) = ag.sides.get(&socket) {
+                    ag.carried.insert(to, *local);
+                }
             }
         }
     }

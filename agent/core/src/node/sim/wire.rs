@@ -11,7 +11,7 @@ use rand::Rng;
 
 use super::Sim;
 use crate::conn::PathId;
-use crate::node::{Received, SideSocket};
+use crate::node::Received;
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) struct InFlight {
@@ -35,7 +35,10 @@ impl Sim {
             let now = self.now;
             self.agents[a].direct_probes.push((now, to));
         }
-        let local = self.agents[a].local;
+        let local = match self.agents[a].carried.get(&to) {
+            Some(side) => *side,
+            None => self.agents[a].local,
+        };
         self.send_from_addr(a, local, to, payload);
     }
 
@@ -120,14 +123,20 @@ impl Sim {
                 return;
             }
             self.deliver_to_agent(a, p.from, &p.payload);
-        } else if let Some(a) = self.agents.iter().position(|x| x.side == Some(p.to)) {
+        } else if let Some((a, socket)) = self.agents.iter().enumerate().find_map(|(i, x)| {
+            x.sides
+                .iter()
+                .find(|(_, l)| **l == p.to)
+                .map(|(s, _)| (i, *s))
+        }) {
+            if self.agents[a].carried.values().any(|l| *l == p.to) {
+                self.deliver_to_agent(a, p.from, &p.payload);
+                return;
+            }
             let now = self.now;
-            let _ = self.agents[a].node.handle_side_datagram(
-                SideSocket::Netcheck,
-                p.from,
-                &p.payload,
-                now,
-            );
+            let _ = self.agents[a]
+                .node
+                .handle_side_datagram(socket, p.from, &p.payload, now);
             self.drain(a);
         }
     }
