@@ -390,9 +390,10 @@ impl Engine {
                 sleep.as_mut().reset(deadline);
             }
             let bulk = self.queues.has_work();
-            // Biased: the kernel's queues are read before a slice of bulk work is served, and
-            // the slice ends with a yield to the runtime (whose I/O driver then sees what
-            // arrived meanwhile), so a small packet waits for one slice at most.
+            // Biased: the kernel's queues are read before a slice of bulk work is served. With
+            // nothing else ready, the loop yields to the runtime (whose I/O driver then sees
+            // what arrived meanwhile) rather than sleep. Every turn serves one slice, so reads
+            // cannot starve the bulk queues, and a small packet waits for a slice or two.
             tokio::select! {
                 biased;
                 () = &mut sleep => {
@@ -428,7 +429,10 @@ impl Engine {
                     let t = super::timers::now();
                     let _ = self.node.handle_side_datagram(d.socket, d.from, &d.payload, t);
                 }
-                () = tokio::task::yield_now(), if bulk => self.serve_bulk(&mut b).await,
+                () = tokio::task::yield_now(), if bulk => {}
+            }
+            if self.queues.has_work() {
+                self.serve_bulk(&mut b).await;
             }
             self.drain_node(&mut b.out).await;
             self.discovery_flush(&mut b.out).await;
