@@ -315,6 +315,7 @@ impl Engine {
         // kernel's ~200 KiB default under load; more than a bandwidth-delay product only
         // holds packets back.
         let queues = super::queues::Queues::from_env();
+        queues.raise_thread_priority();
         let (rcvbuf, sndbuf) = grow_socket_buffers(&udp, queues.socket_buffer());
         info!(
             tun = %cfg.tun_name,

@@ -33,6 +33,10 @@ const TUN_READS: usize = 64;
 const RX_MIN_WEIGHT: usize = 16 * 1024;
 /// Spare buffers kept for the next burst; the rest are freed.
 const POOL_KEEP: usize = 64;
+/// Nice value of the data-plane thread with the queues on: under load the thread is busy,
+/// and at the default weight it waits behind the bulk applications it carries (iperf3, a
+/// download) for its turn on the CPU, which every small packet then waits for too.
+const DATAPLANE_NICE: libc::c_int = -10;
 /// The environment variable that turns the queues off.
 pub const FIFO_ENV: &str = "RALLY_DATAPLANE_FIFO";
 
@@ -86,6 +90,26 @@ impl Queues {
             tx_pool: Vec::new(),
             rx_congested: false,
             stats: QueueStats::default(),
+        }
+    }
+
+    /// With the queues on, raises the calling (data-plane) thread's CPU weight
+    /// ([`DATAPLANE_NICE`]); best effort (needs CAP_SYS_NICE, which the root agent has).
+    pub fn raise_thread_priority(&self) {
+        if !self.enabled {
+            return;
+        }
+        // SAFETY: gettid has no preconditions; setpriority on our own thread id with a plain
+        // integer; a failure only leaves the priority as it was.
+        let r = unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, DATAPLANE_NICE)
+        };
+        if r != 0 {
+            debug!(
+                "data-plane thread priority unchanged: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 

@@ -221,6 +221,7 @@ struct Sample {
 pub fn latency(dp: &Datapath, opts: &Options) -> Result<Vec<Figure>> {
     const COUNT: u32 = 300;
     let mut table = Table::default();
+    let mut loads = Table::default();
     for run in 1..=opts.runs {
         for (cond, interval, streams) in LATENCY_CONDITIONS {
             for path in &dp.paths {
@@ -242,17 +243,25 @@ pub fn latency(dp: &Datapath, opts: &Options) -> Result<Vec<Figure>> {
                         load_mbps: None,
                     }
                 };
-                record(&mut table, run, opts.runs, cond, path, sample);
+                record(&mut table, &mut loads, (run, opts.runs), cond, path, sample);
             }
         }
     }
     let mut figures = table.figures("latency", "ms");
     figures.extend(added_figures(dp, &table));
+    figures.extend(loads.figures("latency", "Mbit/s"));
     Ok(figures)
 }
 
 /// Puts one sample's quantiles (and throughput) in the table, printing them.
-fn record(table: &mut Table, run: usize, runs: usize, cond: &str, path: &Path, sample: Sample) {
+fn record(
+    table: &mut Table,
+    loads: &mut Table,
+    (run, runs): (usize, usize),
+    cond: &str,
+    path: &Path,
+    sample: Sample,
+) {
     let label = path.subject.label();
     let quantiles = |what: &str, r: Result<Vec<f64>>| match r {
         Ok(r) => (
@@ -279,7 +288,7 @@ fn record(table: &mut Table, run: usize, runs: usize, cond: &str, path: &Path, s
     if let Some(mbps) = sample.load_mbps {
         let v = or_nan(&format!("load {label} {cond}"), mbps);
         println!("    run {run}/{runs}: load throughput {cond}, {label}: {v:.0} Mbit/s");
-        table.push(&format!("load Mbit/s {cond}"), path.subject, v);
+        loads.push(&format!("load throughput {cond}"), path.subject, v);
     }
 }
 
@@ -354,9 +363,12 @@ fn under_load(
         p.as_str(),
         "-J",
     ];
+    // A log of its own: iperf3's JSON is read back from it.
+    static LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let load = match path
         .client
-        .spawn(&args, path.client.log_path("iperf3-load"))
+        .spawn(&args, path.client.log_path(&format!("iperf3-load-{n}")))
     {
         Ok(l) => l,
         Err(e) => {
@@ -388,7 +400,12 @@ fn load_throughput(log: &std::path::Path) -> Result<f64> {
         .find('{')
         .map(|i| &text[i..])
         .ok_or_else(|| anyhow!("iperf3 printed no JSON"))?;
-    let v: Value = serde_json::from_str(json).context("iperf3's JSON")?;
+    // The log may hold earlier runs' documents too: the last one is this run's.
+    let v = serde_json::Deserializer::from_str(json)
+        .into_iter::<Value>()
+        .map_while(Result::ok)
+        .last()
+        .ok_or_else(|| anyhow!("iperf3's JSON does not parse"))?;
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .map(|bps| bps / 1e6)
