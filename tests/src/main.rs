@@ -120,6 +120,22 @@ enum Cmd {
     /// Control-plane crowd of synthetic agents (run by `bench control` inside a lab namespace).
     #[command(hide = true)]
     BenchControlLoad(bench::control::LoadArgs),
+    /// UDP echo server of `bench latency`'s game-like stream (inside a lab namespace).
+    #[command(hide = true)]
+    GameEcho {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Client of `bench latency`'s game-like stream: prints one RTT (ms) per echo.
+    #[command(hide = true)]
+    GamePing {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 60)]
+        rate: u32,
+        #[arg(long, default_value_t = 240)]
+        count: u32,
+    },
     /// Attack clients (run by `bench flood` and the attack tests inside lab namespaces).
     #[command(hide = true, subcommand)]
     Attack(rally_lab::attack::AttackCmd),
@@ -156,6 +172,8 @@ fn main() -> ExitCode {
         }
         Cmd::BenchControlLoad(args) => bench::control::load(&args).map(|()| true),
         Cmd::Attack(cmd) => rally_lab::attack::run(&cmd).map(|()| true),
+        Cmd::GameEcho { listen } => bench::game::echo(listen).map(|()| true),
+        Cmd::GamePing { to, rate, count } => bench::game::client(to, rate, count).map(|()| true),
         Cmd::StunServer { listen } => stun::serve(listen, |local| {
             println!("{}", stun::listening_line(local));
         })

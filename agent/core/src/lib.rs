@@ -7,6 +7,7 @@
 //! mac2 and cookies in [`wg_cookie`]) stands before every handshake's Diffie-Hellman, and
 //! [`inbound`] admits decrypted packets only to this agent's virtual IP.
 
+pub mod aqm;
 pub mod backoff;
 pub mod birthday;
 pub mod conn;

@@ -48,9 +48,6 @@ pub(super) const KEEPALIVE_SECS: u16 = 25;
 const BUF_LEN: usize = 65_536 + 64;
 /// Receive buffers per UDP read (each takes one datagram, or one GRO train of them).
 pub(super) const RX_BUFS: usize = 8;
-/// Socket buffer wanted in each direction: GSO sends and GRO receives move up to 64 datagrams
-/// at a time, which overflows the kernel's ~200 KiB default under load.
-const SOCKET_BUFFER: usize = 8 * 1024 * 1024;
 
 /// Commands from the daemon.
 pub enum EngineCmd {
@@ -212,6 +209,8 @@ pub struct Engine {
     pub(super) side: super::side::SideSockets,
     /// Relay connections over TLS/TCP, behind the node's TCP slots.
     pub(super) tcp: super::relay_tcp::TcpRelays,
+    /// Small packets first, bulk ones under CoDel ([`super::queues`]).
+    pub(super) queues: super::queues::Queues,
 }
 
 /// What the engine needs to start.
@@ -313,7 +312,12 @@ impl Engine {
         // The engine reads neither the ECN bits nor the destination address of what it
         // receives: two control messages per datagram (or GRO train) it need not pay for.
         rally_udp::skip_receive_metadata(&udp);
-        let (rcvbuf, sndbuf) = grow_socket_buffers(&udp, SOCKET_BUFFER);
+        // GSO sends and GRO receives move up to 64 datagrams at a time, which overflows the
+        // kernel's ~200 KiB default under load; more than a bandwidth-delay product only
+        // holds packets back.
+        let queues = super::queues::Queues::from_env();
+        queues.raise_thread_priority();
+        let (rcvbuf, sndbuf) = grow_socket_buffers(&udp, queues.socket_buffer());
         info!(
             tun = %cfg.tun_name,
             virtual_ip = %cfg.virtual_ip,
@@ -322,6 +326,7 @@ impl Engine {
             udp_gro_segments = udp_state.gro_segments(),
             rcvbuf,
             sndbuf,
+            queues = queues.enabled,
             "TUN device up"
         );
         let secret = StaticSecret::from(cfg.wg_secret);
@@ -371,6 +376,7 @@ impl Engine {
             guard: HandshakeGuard::new(public.as_bytes(), rand::random(), super::timers::now()),
             inbound: InboundFilter::new(cfg.virtual_ip),
             restart: RestartHints::new(super::timers::now()),
+            queues,
         })
     }
 
@@ -386,7 +392,24 @@ impl Engine {
             if sleep.deadline() != deadline {
                 sleep.as_mut().reset(deadline);
             }
+            let bulk = self.queues.has_work();
+            // Biased: the kernel's queues are read before a slice of bulk work is served. With
+            // nothing else ready, the loop yields to the runtime (whose I/O driver then sees
+            // what arrived meanwhile) rather than sleep. Every turn serves one slice, so reads
+            // cannot starve the bulk queues, and a small packet waits for a slice or two.
             tokio::select! {
+                biased;
+                () = &mut sleep => {
+                    trace!(reason = ?wake, "woke for a timer");
+                    self.handle_timers(&mut b.out).await;
+                }
+                cmd = cmds.recv() => match cmd {
+                    Some(EngineCmd::Shutdown) | None => break,
+                    Some(cmd) => {
+                        trace!("woke for a command");
+                        self.handle_cmd(cmd);
+                    }
+                },
                 r = self.udp.readable() => match r {
                     Ok(()) => {
                         trace!("woke for the socket");
@@ -394,10 +417,10 @@ impl Engine {
                     }
                     Err(e) => debug!("udp receive: {e}"),
                 },
-                r = self.tun.recv_multiple(&mut b.tun_raw, &mut b.tun_bufs, &mut b.tun_sizes, 0) => match r {
-                    Ok(n) => {
-                        trace!(packets = n, "woke for the TUN device");
-                        self.handle_tun_batch(&mut b, n).await;
+                r = self.tun.readable() => match r {
+                    Ok(()) => {
+                        trace!("woke for the TUN device");
+                        self.drain_tun(&mut b).await;
                     }
                     Err(e) => debug!("tun receive: {e}"),
                 },
@@ -417,23 +440,16 @@ impl Engine {
                         let _ = self.node.handle_side_datagram(d.socket, d.from, &d.payload, t);
                     }
                 }
-                () = &mut sleep => {
-                    trace!(reason = ?wake, "woke for a timer");
-                    self.handle_timers(&mut b.out).await;
-                }
-                cmd = cmds.recv() => match cmd {
-                    Some(EngineCmd::Shutdown) | None => break,
-                    Some(cmd) => {
-                        trace!("woke for a command");
-                        self.handle_cmd(cmd);
-                    }
-                },
+                () = tokio::task::yield_now(), if bulk => {}
+            }
+            if self.queues.has_work() {
+                self.serve_bulk(&mut b).await;
             }
             self.drain_node(&mut b.out).await;
             self.discovery_flush(&mut b.out).await;
             self.drain_node(&mut b.out).await;
         }
-        debug!(drops = ?self.drops, tcp_queue_drops = self.tcp.queue_drops(), "data plane stopped");
+        debug!(drops = ?self.drops, queues = ?self.queues.stats, tcp_queue_drops = self.tcp.queue_drops(), "data plane stopped");
     }
 
     /// One command from the daemon (all but `Shutdown`, which ends [`Self::run`]).

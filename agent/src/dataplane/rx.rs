@@ -34,11 +34,8 @@ impl Engine {
                     }
                 }
             };
-            for (buf, m) in b.rx.iter().zip(b.meta.iter()).take(n.min(RX_BUFS)) {
-                let stride = if m.stride == 0 { m.len } else { m.stride };
-                for d in buf[..m.len].chunks(stride.max(1)) {
-                    self.handle_datagram(m.addr, d, &mut b.out).await;
-                }
+            for i in 0..n.min(RX_BUFS) {
+                self.take_received(b, i).await;
             }
             // Deliver this round before reading the next: a lone packet reaches the TUN device
             // one system call sooner, and under load nothing waits behind later rounds.
@@ -239,6 +236,8 @@ impl Engine {
                         debug!(peer = %id, %src, "inner source is not the peer's virtual IP");
                     } else if !self.accept_inbound_destination(&id, packet) {
                         // Discovery's (a subscription message, or a broadcast it refused).
+                    } else if self.queues.rx_congested && !self.congestion_allows(packet) {
+                        // CoDel's pick, not ECN-capable: dropped.
                     } else if self.tun_tx.push(packet) {
                         super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
                     }

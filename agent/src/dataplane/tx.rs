@@ -23,7 +23,7 @@ impl Engine {
         flush_gso(&self.udp, &self.udp_state, &mut self.gso).await;
     }
 
-    async fn handle_tun_packet(&mut self, packet: &[u8], out: &mut [u8]) {
+    pub(super) async fn handle_tun_packet(&mut self, packet: &[u8], out: &mut [u8]) {
         let Some(dst) = ipv4_destination(packet) else {
             self.drops.no_route += 1;
             return;

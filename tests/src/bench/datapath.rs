@@ -122,6 +122,9 @@ fn or_nan(what: &str, r: Result<f64>) -> f64 {
     }
 }
 
+/// The baselines every tunnel is compared with (the FIFO A/B only for Rally's direct path).
+const BASES: [Subject; 3] = [Subject::Boringtun, Subject::WireguardGo, Subject::RallyFifo];
+
 /// Samples per (metric, subject), in the order first seen.
 #[derive(Default)]
 struct Table {
@@ -149,8 +152,8 @@ impl Table {
         for (metric, s, samples) in &self.rows {
             let mut f = Figure::new(group, metric, s.label(), unit, samples.clone());
             if s.is_tunnel() {
-                for base in [Subject::Raw, Subject::Boringtun, Subject::WireguardGo] {
-                    if base != *s {
+                for base in std::iter::once(Subject::Raw).chain(BASES) {
+                    if base != *s && (base != Subject::RallyFifo || *s == Subject::Rally) {
                         if let Some(b) = self.get(metric, base) {
                             f.ratio_to(base.label(), b);
                         }
@@ -187,71 +190,135 @@ pub fn throughput(dp: &Datapath, opts: &Options) -> Result<Vec<Figure>> {
     Ok(table.figures("throughput", "Mbit/s"))
 }
 
-/// The latency conditions: name, ping interval (s), and whether a one-stream iperf3 loads the
-/// path meanwhile. "idle" (10 ms apart) is the goal's figure. "idle, 2 ms apart" is the same
+/// The latency conditions: name, ping interval (s), and how many iperf3 streams load the path
+/// meanwhile (0: idle). "idle" (10 ms apart) is the goal's figure. "idle, 2 ms apart" is the same
 /// path with the CPUs given no time to fall deeply idle between pings: in a VM, waking a
 /// vCPU that has idled for milliseconds costs tens of microseconds per wake-up, and a
 /// tunnelled round trip wakes four threads; the difference between the two conditions is that
-/// cost, and the 2 ms figure is closer to the tunnels' own work.
-const LATENCY_CONDITIONS: [(&str, &str, bool); 3] = [
-    ("idle", "0.01", false),
-    ("idle, 2 ms apart", "0.002", false),
-    ("under load", "0.01", true),
+/// cost, and the 2 ms figure is closer to the tunnels' own work. Under load, a game-like UDP
+/// stream ([`super::game`]) runs beside the pings, and the load's own throughput is recorded.
+const LATENCY_CONDITIONS: [(&str, &str, u32); 4] = [
+    ("idle", "0.01", 0),
+    ("idle, 2 ms apart", "0.002", 0),
+    ("under load", "0.01", 1),
+    ("under 4-stream load", "0.01", 4),
 ];
 
-/// Ping RTT p50/p99 for each of [`LATENCY_CONDITIONS`] through the same paths; and the RTT
-/// each tunnel adds to the raw path's (p50, per run).
+/// Seconds of the game-like stream under load.
+const GAME_SECS: u32 = 4;
+
+/// What one latency measurement gave: ping RTTs, and under load the game stream's RTTs and
+/// the load's throughput.
+struct Sample {
+    ping: Result<Vec<f64>>,
+    game: Option<Result<Vec<f64>>>,
+    load_mbps: Option<Result<f64>>,
+}
+
+/// Ping RTT p50/p99 for each of [`LATENCY_CONDITIONS`] through the same paths; under load also
+/// the game-like stream's p50/p99 and the load's throughput; and the RTT each tunnel adds to
+/// the raw path's (p50 and p99, per run).
 pub fn latency(dp: &Datapath, opts: &Options) -> Result<Vec<Figure>> {
     const COUNT: u32 = 300;
     let mut table = Table::default();
+    let mut loads = Table::default();
     for run in 1..=opts.runs {
-        for (cond, interval, loaded) in LATENCY_CONDITIONS {
+        for (cond, interval, streams) in LATENCY_CONDITIONS {
             for path in &dp.paths {
-                let rtts = if loaded {
-                    under_load(path, || ping_rtts(path, COUNT, interval))
+                let sample = if streams > 0 {
+                    under_load(path, streams, || {
+                        std::thread::scope(|s| {
+                            let game = s.spawn(|| super::game::game_rtts(path, GAME_SECS));
+                            let ping = ping_rtts(path, COUNT, interval);
+                            let game = game
+                                .join()
+                                .unwrap_or_else(|_| Err(anyhow!("game stream panicked")));
+                            (ping, game)
+                        })
+                    })
                 } else {
-                    ping_rtts(path, COUNT, interval)
-                };
-                let (p50, p99) = match rtts {
-                    Ok(r) => (
-                        quantile(&r, 0.5).unwrap_or(f64::NAN),
-                        quantile(&r, 0.99).unwrap_or(f64::NAN),
-                    ),
-                    Err(e) => {
-                        eprintln!("    ping {} {cond}: FAILED: {e:#}", path.subject.label());
-                        (f64::NAN, f64::NAN)
+                    Sample {
+                        ping: ping_rtts(path, COUNT, interval),
+                        game: None,
+                        load_mbps: None,
                     }
                 };
-                println!(
-                    "    run {run}/{}: rtt {cond}, {}: p50 {p50:.3} ms, p99 {p99:.3} ms",
-                    opts.runs,
-                    path.subject.label()
-                );
-                table.push(&format!("rtt p50 {cond}"), path.subject, p50);
-                table.push(&format!("rtt p99 {cond}"), path.subject, p99);
+                record(&mut table, &mut loads, (run, opts.runs), cond, path, sample);
             }
         }
     }
     let mut figures = table.figures("latency", "ms");
-    // Added RTT: tunnel p50 minus raw p50 of the same run, compared across tunnels.
+    figures.extend(added_figures(dp, &table));
+    figures.extend(loads.figures("latency", "Mbit/s"));
+    Ok(figures)
+}
+
+/// Puts one sample's quantiles (and throughput) in the table, printing them.
+fn record(
+    table: &mut Table,
+    loads: &mut Table,
+    (run, runs): (usize, usize),
+    cond: &str,
+    path: &Path,
+    sample: Sample,
+) {
+    let label = path.subject.label();
+    let quantiles = |what: &str, r: Result<Vec<f64>>| match r {
+        Ok(r) => (
+            quantile(&r, 0.5).unwrap_or(f64::NAN),
+            quantile(&r, 0.99).unwrap_or(f64::NAN),
+        ),
+        Err(e) => {
+            eprintln!("    {what} {label} {cond}: FAILED: {e:#}");
+            (f64::NAN, f64::NAN)
+        }
+    };
+    let (p50, p99) = quantiles("ping", sample.ping);
+    println!("    run {run}/{runs}: rtt {cond}, {label}: p50 {p50:.3} ms, p99 {p99:.3} ms");
+    table.push(&format!("rtt p50 {cond}"), path.subject, p50);
+    table.push(&format!("rtt p99 {cond}"), path.subject, p99);
+    if let Some(game) = sample.game {
+        let (p50, p99) = quantiles("game stream", game);
+        println!(
+            "    run {run}/{runs}: game 60/s {cond}, {label}: p50 {p50:.3} ms, p99 {p99:.3} ms"
+        );
+        table.push(&format!("game rtt p50 {cond}"), path.subject, p50);
+        table.push(&format!("game rtt p99 {cond}"), path.subject, p99);
+    }
+    if let Some(mbps) = sample.load_mbps {
+        let v = or_nan(&format!("load {label} {cond}"), mbps);
+        println!("    run {run}/{runs}: load throughput {cond}, {label}: {v:.0} Mbit/s");
+        loads.push(&format!("load throughput {cond}"), path.subject, v);
+    }
+}
+
+/// Added RTT: tunnel minus raw path of the same run (p50 and p99 of pings, p99 of the game
+/// stream), compared across tunnels.
+fn added_figures(dp: &Datapath, table: &Table) -> Vec<Figure> {
     let mut added = Table::default();
-    for (cond, _, _) in LATENCY_CONDITIONS {
-        let metric = format!("rtt p50 {cond}");
-        let Some(raw) = table.get(&metric, Subject::Raw) else {
-            continue;
-        };
-        for path in dp.paths.iter().filter(|p| p.subject.is_tunnel()) {
-            if let Some(t) = table.get(&metric, path.subject) {
-                for (x, r) in t.iter().zip(raw) {
-                    added.push(&format!("added rtt p50 {cond}"), path.subject, x - r);
+    for (cond, _, streams) in LATENCY_CONDITIONS {
+        let mut metrics = vec![format!("rtt p50 {cond}"), format!("rtt p99 {cond}")];
+        if streams > 0 {
+            metrics.push(format!("game rtt p99 {cond}"));
+        }
+        for metric in metrics {
+            let Some(raw) = table.get(&metric, Subject::Raw) else {
+                continue;
+            };
+            for path in dp.paths.iter().filter(|p| p.subject.is_tunnel()) {
+                if let Some(t) = table.get(&metric, path.subject) {
+                    for (x, r) in t.iter().zip(raw) {
+                        added.push(&format!("added {metric}"), path.subject, x - r);
+                    }
                 }
             }
         }
     }
+    let mut figures = Vec::new();
     for (metric, s, samples) in &added.rows {
         let mut f = Figure::new("latency", metric, s.label(), "ms", samples.clone());
-        for base in [Subject::Boringtun, Subject::WireguardGo] {
-            if base != *s {
+        for base in BASES {
+            if base != *s && (base != Subject::RallyFifo || *s == Subject::Rally) {
                 if let Some(b) = added.get(metric, base) {
                     f.ratio_to(base.label(), b);
                 }
@@ -259,36 +326,90 @@ pub fn latency(dp: &Datapath, opts: &Options) -> Result<Vec<Figure>> {
         }
         figures.push(f);
     }
-    Ok(figures)
+    figures
 }
 
-/// Runs `f` while a one-stream iperf3 a→b saturates `path`.
-fn under_load<T>(path: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let iperf = tools::path(Tool::Iperf3)?.to_string_lossy().into_owned();
+/// Runs `f` while `streams` iperf3 streams a→b saturate `path`; also returns the load's
+/// throughput (the receiver's, Mbit/s).
+fn under_load(
+    path: &Path,
+    streams: u32,
+    f: impl FnOnce() -> (Result<Vec<f64>>, Result<Vec<f64>>),
+) -> Sample {
+    let failed = |e: anyhow::Error| Sample {
+        ping: Err(anyhow!("{e:#}")),
+        game: Some(Err(anyhow!("{e:#}"))),
+        load_mbps: Some(Err(e)),
+    };
+    let iperf = match tools::path(Tool::Iperf3) {
+        Ok(p) => p.to_string_lossy().into_owned(),
+        Err(e) => return failed(e),
+    };
     let target = path.target.to_string();
-    let port = IPERF_PORT.to_string();
-    let server = start_iperf_server(&path.server)?;
-    let load = path.client.spawn(
-        &[
-            iperf.as_str(),
-            "-c",
-            target.as_str(),
-            "-p",
-            port.as_str(),
-            "-t",
-            "7",
-        ],
-        path.client.log_path("iperf3-load"),
-    )?;
+    let (port, p) = (IPERF_PORT.to_string(), streams.to_string());
+    let server = match start_iperf_server(&path.server) {
+        Ok(s) => s,
+        Err(e) => return failed(e),
+    };
+    let args = [
+        iperf.as_str(),
+        "-c",
+        target.as_str(),
+        "-p",
+        port.as_str(),
+        "-t",
+        "7",
+        "-P",
+        p.as_str(),
+        "-J",
+    ];
+    // A log of its own: iperf3's JSON is read back from it.
+    static LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let load = match path
+        .client
+        .spawn(&args, path.client.log_path(&format!("iperf3-load-{n}")))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = server.terminate(Duration::from_secs(1));
+            return failed(e);
+        }
+    };
     std::thread::sleep(Duration::from_millis(1500));
-    let r = f();
-    if load.wait_timeout(Duration::from_secs(10))?.is_none() {
-        load.terminate(Duration::from_secs(2))?;
+    let (ping, game) = f();
+    let finished = load.wait_timeout(Duration::from_secs(10));
+    if !matches!(finished, Ok(Some(_))) {
+        let _ = load.terminate(Duration::from_secs(2));
     }
-    if server.wait_timeout(Duration::from_secs(2))?.is_none() {
-        server.terminate(Duration::from_secs(1))?;
+    if !matches!(server.wait_timeout(Duration::from_secs(2)), Ok(Some(_))) {
+        let _ = server.terminate(Duration::from_secs(1));
     }
-    r
+    Sample {
+        ping,
+        game: Some(game),
+        load_mbps: Some(load_throughput(load.log_path())),
+    }
+}
+
+/// The receiver's rate (Mbit/s) in the JSON iperf3 wrote to `log`.
+fn load_throughput(log: &std::path::Path) -> Result<f64> {
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let json = text
+        .find('{')
+        .map(|i| &text[i..])
+        .ok_or_else(|| anyhow!("iperf3 printed no JSON"))?;
+    // The log may hold earlier runs' documents too: the last one is this run's.
+    let v = serde_json::Deserializer::from_str(json)
+        .into_iter::<Value>()
+        .map_while(Result::ok)
+        .last()
+        .ok_or_else(|| anyhow!("iperf3's JSON does not parse"))?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|bps| bps / 1e6)
+        .ok_or_else(|| anyhow!("iperf3 JSON has no end.sum_received.bits_per_second"))
 }
 
 #[cfg(test)]

@@ -24,6 +24,8 @@ pub const RELAY_METRICS_PORT: u16 = 9100;
 const TUN_MTU: &str = "1420";
 const READY: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
+/// The agent's environment variable that turns its data-plane queues off.
+const FIFO_ENV: &str = "RALLY_DATAPLANE_FIFO";
 
 /// Who carries the packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +33,9 @@ pub enum Subject {
     Raw,
     Rally,
     RallyRelay,
+    /// Rally on a direct path with `RALLY_DATAPLANE_FIFO=1`: the data plane before its
+    /// queues (arrival order, no AQM), the A/B baseline of the same run.
+    RallyFifo,
     Boringtun,
     WireguardGo,
 }
@@ -41,6 +46,7 @@ impl Subject {
             Subject::Raw => "raw veth",
             Subject::Rally => "rally (direct)",
             Subject::RallyRelay => "rally (relay)",
+            Subject::RallyFifo => "rally fifo (A/B)",
             Subject::Boringtun => "boringtun-cli",
             Subject::WireguardGo => "wireguard-go",
         }
@@ -82,6 +88,8 @@ impl Datapath {
 pub struct Want {
     pub relay: bool,
     pub references: bool,
+    /// A second direct pair of agents with their queues off (`fa`, `fb`).
+    pub fifo: bool,
 }
 
 /// Builds the hosts and every wanted path, and starts an iperf3 server on each server host.
@@ -138,6 +146,25 @@ pub fn build(lab: &Lab, want: Want) -> Result<Datapath> {
             pids: vec![agent_pid(&xa)?, agent_pid(&xb)?],
         });
         agents.extend([xa, xb]);
+    }
+
+    if want.fifo {
+        println!("==> rally: two more agents with RALLY_DATAPLANE_FIFO=1 (direct path, A/B)");
+        let fa = lab.add_host("fa")?;
+        let fb = lab.add_host("fb")?;
+        // The agents inherit the lab's environment; nothing else runs meanwhile.
+        std::env::set_var(FIFO_ENV, "1");
+        let pair = rally_pair(&control, &fa, &fb, "fifo", "direct");
+        std::env::remove_var(FIFO_ENV);
+        let (fa_agent, fb_agent) = pair?;
+        paths.push(Path {
+            subject: Subject::RallyFifo,
+            client: fa.clone(),
+            server: fb.clone(),
+            target: fb_agent.virtual_ip()?,
+            pids: vec![agent_pid(&fa_agent)?, agent_pid(&fb_agent)?],
+        });
+        agents.extend([fa_agent, fb_agent]);
     }
 
     if want.references {

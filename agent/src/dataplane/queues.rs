@@ -1,0 +1,301 @@
+//! Small packets first, bulk under CoDel: the thin driver of [`rally_agent_core::aqm`].
+//!
+//! Both kernel queues below the engine (the TUN device's ring, the UDP socket's receive
+//! queue) are read promptly into user space. What is small ([`class_of`]) is handled as it is
+//! read: encrypted and sent, or decrypted and written to the TUN device. What is bulk waits in
+//! a [`BulkQueue`] per direction that the engine serves one slice at a time ([`TX_SLICE`]
+//! packets, one GRO train), yielding to the runtime after each slice so that its I/O driver
+//! notices new readiness and the next small packet is read before the next slice. CoDel
+//! decides at each dequeue whether a bulk packet is dropped, or marked Congestion Experienced
+//! if its inner packet is ECN-capable (on the receive side after decryption).
+//!
+//! `RALLY_DATAPLANE_FIFO=1` in the agent's environment turns all of this off (one read per
+//! wake-up, everything handled in arrival order, 8 MiB socket buffers): the A/B baseline of
+//! `rally-lab bench latency`.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rally_agent_core::aqm::{class_of, mark_ce, BulkQueue, Class, Codel, Marked};
+use rally_agent_core::aqm::{socket_buffer_bytes, BULK_LIMIT_BYTES};
+use tracing::debug;
+
+use super::batch::MAX_GSO_BYTES;
+use super::engine::{Buffers, Engine};
+use super::timers::now;
+
+/// Packets encrypted per slice of the send queue (one GSO send at most).
+pub(super) const TX_SLICE: usize = 64;
+/// TUN reads per drain before the loop looks at its other inputs again.
+const TUN_READS: usize = 64;
+/// A short GRO train still counts this much against the receive queue's byte limit: its buffer
+/// is a 64 KiB one, and the limit also bounds memory.
+const RX_MIN_WEIGHT: usize = 16 * 1024;
+/// Spare buffers kept for the next burst; the rest are freed.
+const POOL_KEEP: usize = 64;
+/// Nice value of the data-plane thread with the queues on: under load the thread is busy,
+/// and at the default weight it waits behind the bulk applications it carries (iperf3, a
+/// download) for its turn on the CPU, which every small packet then waits for too.
+const DATAPLANE_NICE: libc::c_int = -10;
+/// The environment variable that turns the queues off.
+pub const FIFO_ENV: &str = "RALLY_DATAPLANE_FIFO";
+
+/// Datagrams received back to back from one address (a GRO train), waiting to be decrypted.
+pub(super) struct RxTrain {
+    buf: Vec<u8>,
+    len: usize,
+    stride: usize,
+    from: SocketAddr,
+}
+
+/// Counters of the queues (logged when the data plane stops, at debug).
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct QueueStats {
+    pub small_rx: u64,
+    pub small_tx: u64,
+    pub bulk_rx: u64,
+    pub bulk_tx: u64,
+    pub codel_drops: u64,
+    pub ce_marks: u64,
+    pub overflow_drops: u64,
+    pub max_sojourn_rx: Duration,
+    pub max_sojourn_tx: Duration,
+}
+
+/// The engine's two bulk queues, their CoDel states and buffer pools.
+pub(super) struct Queues {
+    /// False with `RALLY_DATAPLANE_FIFO=1`: arrival order, no AQM.
+    pub enabled: bool,
+    rx: BulkQueue<RxTrain>,
+    tx: BulkQueue<(Vec<u8>, usize)>,
+    rx_codel: Codel,
+    tx_codel: Codel,
+    rx_pool: Vec<Vec<u8>>,
+    tx_pool: Vec<Vec<u8>>,
+    /// The datagram being handled was picked by CoDel: mark its inner packet or drop it.
+    pub rx_congested: bool,
+    pub stats: QueueStats,
+}
+
+impl Queues {
+    pub fn from_env() -> Self {
+        let fifo = std::env::var(FIFO_ENV).is_ok_and(|v| v == "1");
+        Queues {
+            enabled: !fifo,
+            rx: BulkQueue::new(BULK_LIMIT_BYTES),
+            tx: BulkQueue::new(BULK_LIMIT_BYTES),
+            rx_codel: Codel::default(),
+            tx_codel: Codel::default(),
+            rx_pool: Vec::new(),
+            tx_pool: Vec::new(),
+            rx_congested: false,
+            stats: QueueStats::default(),
+        }
+    }
+
+    /// With the queues on, raises the calling (data-plane) thread's CPU weight
+    /// ([`DATAPLANE_NICE`]); best effort (needs CAP_SYS_NICE, which the root agent has).
+    pub fn raise_thread_priority(&self) {
+        if !self.enabled {
+            return;
+        }
+        // SAFETY: gettid has no preconditions; setpriority on our own thread id with a plain
+        // integer; a failure only leaves the priority as it was.
+        let r = unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, DATAPLANE_NICE)
+        };
+        if r != 0 {
+            debug!(
+                "data-plane thread priority unchanged: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// Socket buffer wanted in each direction: with the queues, the bandwidth-delay product of
+    /// a 1 Gbit/s path with 20 ms round trips (never below four GSO bursts), since the engine
+    /// keeps the kernel's queues short; without, the 8 MiB the FIFO engine always asked for.
+    pub fn socket_buffer(&self) -> usize {
+        if self.enabled {
+            socket_buffer_bytes(1_000_000_000, Duration::from_millis(20), 4 * MAX_GSO_BYTES)
+        } else {
+            8 * 1024 * 1024
+        }
+    }
+
+    /// Bulk packets wait: the loop serves a slice before it sleeps.
+    pub fn has_work(&self) -> bool {
+        !self.rx.is_empty() || !self.tx.is_empty()
+    }
+
+    fn queue_rx(&mut self, train: RxTrain, t: Instant) {
+        self.stats.bulk_rx += (train.len / train.stride.max(1)) as u64;
+        let weight = train.len.max(RX_MIN_WEIGHT);
+        for old in self.rx.push(train, weight, t) {
+            self.stats.overflow_drops += (old.len / old.stride.max(1)) as u64;
+            self.rx_pool.push(old.buf);
+        }
+    }
+
+    fn queue_tx(&mut self, buf: Vec<u8>, size: usize, t: Instant) {
+        self.stats.bulk_tx += 1;
+        for (old, _) in self.tx.push((buf, size), size, t) {
+            self.stats.overflow_drops += 1;
+            self.tx_pool.push(old);
+        }
+    }
+
+    fn rx_buffer(&mut self, len: usize) -> Vec<u8> {
+        self.rx_pool.pop().unwrap_or_else(|| vec![0u8; len])
+    }
+
+    fn tx_buffer(&mut self, len: usize) -> Vec<u8> {
+        self.tx_pool.pop().unwrap_or_else(|| vec![0u8; len])
+    }
+
+    fn trim_pools(&mut self) {
+        if self.rx.is_empty() {
+            self.rx_pool.truncate(POOL_KEEP / 4);
+        }
+        if self.tx.is_empty() {
+            self.tx_pool.truncate(POOL_KEEP);
+        }
+    }
+}
+
+impl Engine {
+    /// One received datagram or GRO train in `b.rx[i]`: small datagrams are handled now, bulk
+    /// ones queued (the buffer moves into the queue; a pool buffer takes its place).
+    pub(super) async fn take_received(&mut self, b: &mut Buffers, i: usize) {
+        let m = b.meta[i];
+        let stride = if m.stride == 0 { m.len } else { m.stride }.max(1);
+        if !self.queues.enabled || class_of(stride) == Class::Small {
+            self.queues.stats.small_rx += (m.len / stride) as u64;
+            for d in b.rx[i][..m.len].chunks(stride) {
+                self.handle_datagram(m.addr, d, &mut b.out).await;
+            }
+            return;
+        }
+        // A train's last datagram may be shorter than the rest, and small: it goes first.
+        let tail = m.len % stride;
+        let bulk_len = m.len - tail;
+        if tail > 0 && class_of(tail) == Class::Small {
+            self.queues.stats.small_rx += 1;
+            self.handle_datagram(m.addr, &b.rx[i][bulk_len..m.len], &mut b.out)
+                .await;
+        }
+        let keep = if class_of(tail) == Class::Small {
+            bulk_len
+        } else {
+            m.len
+        };
+        let fresh = self.queues.rx_buffer(b.rx[i].len());
+        let buf = std::mem::replace(&mut b.rx[i], fresh);
+        let train = RxTrain {
+            buf,
+            len: keep,
+            stride,
+            from: m.addr,
+        };
+        self.queues.queue_rx(train, now());
+    }
+
+    /// Reads the TUN device until it is empty (at most [`TUN_READS`] reads): small packets are
+    /// encrypted and sent now, bulk ones queued. Without the queues, one read, all handled.
+    pub(super) async fn drain_tun(&mut self, b: &mut Buffers) {
+        let reads = if self.queues.enabled { TUN_READS } else { 1 };
+        for _ in 0..reads {
+            let n = match self.tun.try_recv_multiple(
+                &mut b.tun_raw,
+                &mut b.tun_bufs,
+                &mut b.tun_sizes,
+                0,
+            ) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    debug!("tun receive: {e}");
+                    break;
+                }
+            };
+            if !self.queues.enabled {
+                self.handle_tun_batch(b, n).await;
+                return;
+            }
+            let t = now();
+            for i in 0..n {
+                let size = b.tun_sizes[i];
+                if class_of(size) == Class::Small {
+                    self.queues.stats.small_tx += 1;
+                    self.handle_tun_packet(&b.tun_bufs[i][..size], &mut b.out)
+                        .await;
+                } else {
+                    let fresh = self.queues.tx_buffer(b.tun_bufs[i].len());
+                    let buf = std::mem::replace(&mut b.tun_bufs[i], fresh);
+                    self.queues.queue_tx(buf, size, t);
+                }
+            }
+        }
+        super::tx::flush_gso(&self.udp, &self.udp_state, &mut self.gso).await;
+    }
+
+    /// One slice of each bulk queue: up to [`TX_SLICE`] packets to encrypt and one train to
+    /// decrypt, CoDel deciding at each dequeue.
+    pub(super) async fn serve_bulk(&mut self, b: &mut Buffers) {
+        self.serve_tx_slice(b).await;
+        self.serve_rx_train(b).await;
+        self.queues.trim_pools();
+    }
+
+    async fn serve_tx_slice(&mut self, b: &mut Buffers) {
+        for _ in 0..TX_SLICE {
+            let t = now();
+            let Some(((mut buf, size), sojourn)) = self.queues.tx.pop(t) else {
+                break;
+            };
+            let q = &mut self.queues;
+            q.stats.max_sojourn_tx = q.stats.max_sojourn_tx.max(sojourn);
+            let congested = q.tx_codel.should_drop(sojourn, q.tx.bytes(), t);
+            if !congested || self.congestion_allows(&mut buf[..size]) {
+                self.handle_tun_packet(&buf[..size], &mut b.out).await;
+            }
+            self.queues.tx_pool.push(buf);
+        }
+        super::tx::flush_gso(&self.udp, &self.udp_state, &mut self.gso).await;
+    }
+
+    async fn serve_rx_train(&mut self, b: &mut Buffers) {
+        let t = now();
+        let Some((train, sojourn)) = self.queues.rx.pop(t) else {
+            return;
+        };
+        let q = &mut self.queues;
+        q.stats.max_sojourn_rx = q.stats.max_sojourn_rx.max(sojourn);
+        let mut left = train.len;
+        for d in train.buf[..train.len].chunks(train.stride) {
+            left -= d.len();
+            let q = &mut self.queues;
+            q.rx_congested = q.rx_codel.should_drop(sojourn, q.rx.bytes() + left, t);
+            self.handle_datagram(train.from, d, &mut b.out).await;
+            self.queues.rx_congested = false;
+        }
+        super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
+        self.queues.rx_pool.push(train.buf);
+    }
+
+    /// A packet CoDel picked: true if it was ECN-capable and is now marked (send it on), false
+    /// if it must be dropped.
+    pub(super) fn congestion_allows(&mut self, packet: &mut [u8]) -> bool {
+        match mark_ce(packet) {
+            Marked::Ce => {
+                self.queues.stats.ce_marks += 1;
+                true
+            }
+            Marked::NotEct => {
+                self.queues.stats.codel_drops += 1;
+                false
+            }
+        }
+    }
+}
