@@ -44,6 +44,9 @@ mod tests_birthday;
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
 mod tests_netcheck;
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
+mod tests_relay_choice;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

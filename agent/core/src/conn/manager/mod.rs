@@ -17,6 +17,7 @@ use crate::backoff::Backoff;
 
 mod probing;
 mod queries;
+pub mod relay_choice;
 mod rules;
 
 use probing::{Check, Outstanding, Path, Timers, Trial, Verdict};
@@ -266,6 +267,9 @@ pub struct Connection {
     primary: Option<PathId>,
     pinned: Option<PathId>,
     trial: Option<Trial>,
+    /// A relay measured clearly better for the pair than the relayed primary, and since when
+    /// ([`relay_choice`]).
+    better: Option<(PathId, Instant)>,
     timers: Timers,
     backoff: Backoff,
     attempt: u32,
@@ -299,6 +303,7 @@ impl Connection {
             primary: None,
             pinned: None,
             trial: None,
+            better: None,
             timers: Timers {
                 connect: Some(now + profile.connect_timeout),
                 backoff: None,
