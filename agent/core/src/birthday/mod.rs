@@ -66,8 +66,14 @@ pub const RETRY: [Duration; 3] = [
     Duration::from_secs(300),
     Duration::from_secs(900),
 ];
-/// A coordinated punch arms no attempt sooner than this after the last one ended.
-pub const MIN_GAP: Duration = Duration::from_secs(30);
+/// Most attempts armed or running at once over all peers of an agent (each opener holds up
+/// to 256 sockets, each prober sends 100 probes a second); a punch that would arm more asks
+/// again [`MIN_GAP`] later.
+pub const MAX_CONCURRENT: usize = 2;
+/// A coordinated punch arms no attempt sooner than this after the last one ended (duplicate
+/// punch messages right after an attempt); otherwise every coordinated punch arms one, so a
+/// side that had to wait ([`MAX_CONCURRENT`]) pulls its peer in when it asks again.
+pub const MIN_GAP: Duration = Duration::from_secs(5);
 /// Bytes on the wire per probe: 36 bytes of probe, 8 of UDP, 20 of IPv4.
 pub const WIRE_BYTES: u64 = PROBE_LEN as u64 + 28;
 /// Most bytes one side sends in an attempt (the prober's probes, or the opener's probes,
@@ -244,6 +250,18 @@ impl Birthday {
 
     pub fn is_running(&self) -> bool {
         self.attempt.is_some()
+    }
+
+    /// An attempt is armed or running.
+    pub fn is_busy(&self) -> bool {
+        self.attempt.is_some() || self.armed.is_some()
+    }
+
+    /// Too many attempts elsewhere: ask for another coordinated punch at `at` instead.
+    pub fn defer(&mut self, at: Instant) {
+        if self.retry_at.is_none() && !self.is_busy() {
+            self.retry_at = Some(at);
+        }
     }
 
     /// The side socket carrying the peer's direct path, and its address.
