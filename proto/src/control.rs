@@ -619,6 +619,24 @@ mod tests {
     }
 
     #[test]
+    fn a_port_delta_is_optional_on_the_wire() {
+        let plain = NatReport::default();
+        assert!(!serde_json::to_string(&plain)
+            .unwrap()
+            .contains("port_delta"));
+        let seq = NatReport {
+            port_delta: Some(-2),
+            ..NatReport::default()
+        };
+        let text = serde_json::to_string(&seq).unwrap();
+        assert!(text.contains(r#""port_delta":-2"#), "{text}");
+        assert_eq!(serde_json::from_str::<NatReport>(&text).unwrap(), seq);
+        // Out of range for an i16: refused.
+        let bad = text.replace("-2", "70000");
+        assert!(serde_json::from_str::<NatReport>(&bad).is_err());
+    }
+
+    #[test]
     fn short_or_long_peer_arrays_are_refused() {
         for text in [
             r#"["AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE","a"]"#,

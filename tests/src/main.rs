@@ -28,7 +28,7 @@ const ROUTE_TIMEOUT: Duration = Duration::from_secs(20);
 /// The demo's agents, each behind a NAT of its own. A home router and a carrier-grade NAT
 /// both map endpoint-independently, so alice and carol punch through to each other; bob's
 /// symmetric NAT gives every destination a fresh port that neither of their NATs lets in, so
-/// bob reaches both through a relay.
+/// bob reaches both by birthday punching (his 256 fresh ports against their probed ones).
 const CAST: [(&str, NatKind); 3] = [
     ("alice", NatKind::HomeRouter),
     ("bob", NatKind::Symmetric),

@@ -208,6 +208,15 @@ impl PeerPaths {
                     .iter()
                     .position(|(t, a)| *t == probe.txid && *a == addr)
                 else {
+                    // Our probe, answered from another address: the peer now sends to us from
+                    // another socket (one birthday punching made carry our path), or through
+                    // another mapping. That address proves nothing yet: probe it back, as a
+                    // peer-reflexive candidate (within the same budget).
+                    let ours = self.pending.iter().any(|(t, _)| *t == probe.txid);
+                    if ours && self.direct != Some(addr) && self.may_probe_back(now) {
+                        self.add_candidate(addr);
+                        self.send_probe(addr);
+                    }
                     return;
                 };
                 self.pending.remove(i);
@@ -410,6 +419,33 @@ mod tests {
             t0,
         );
         assert_eq!(p.direct(), None);
+    }
+
+    #[test]
+    fn an_ack_from_another_address_is_probed_back_then_proven() {
+        let t0 = Instant::now();
+        let mut p = paths();
+        p.start_punch(t0);
+        p.handle_timeout(t0);
+        let (_, probe) = drain(&mut p)[1].clone();
+        // Our probe to 203.0.113.2:51820, answered from the peer's other socket.
+        let other = addr("203.0.113.2:40123");
+        let ack = |txid| Probe {
+            kind: ProbeKind::Ack,
+            from: [2; 8],
+            txid,
+        };
+        p.handle_probe(PathId::Direct(other), ack(probe.txid), t0);
+        assert_eq!(p.direct(), None, "an ack from elsewhere proves nothing");
+        let sent = drain(&mut p);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].0, PathId::Direct(other));
+        p.handle_probe(PathId::Direct(other), ack(sent[0].1.txid), t0);
+        assert_eq!(p.direct(), Some(other));
+        // An ack naming no probe of ours gets nothing.
+        let mut q = paths();
+        q.handle_probe(PathId::Direct(other), ack(12345), t0);
+        assert!(drain(&mut q).is_empty());
     }
 
     #[test]

@@ -46,7 +46,15 @@ pub(super) fn techniques(
         (Some(s), Some(d)) if d >= s => format!(" {} after the punch started", secs(s, d)),
         _ => String::new(),
     };
-    let carried = p.birthday().carried().map(|(_, a)| a);
+    // The direct address birthday punching found (either side's view).
+    let by_birthday = p.birthday().record().and_then(|r| {
+        let won = matches!(r.outcome, Outcome::Direct { .. });
+        let ip = match r.role {
+            Role::Open { target } => target.ip(),
+            Role::Probe { ip, .. } => ip,
+        };
+        direct.filter(|a| won && a.ip() == ip)
+    });
     let theirs = p.info().nat.as_ref();
     let punching = p.is_punching();
     let failed = p.punches_failed();
@@ -57,6 +65,11 @@ pub(super) fn techniques(
             (
                 "failed",
                 format!("{what}: {failed} punch(es) timed out{}", ago(started)),
+            )
+        } else if started.is_some() {
+            (
+                "failed",
+                format!("{what}: probed, no answer; another way won"),
             )
         } else {
             ("not-tried", format!("{what}: no punch yet"))
@@ -80,7 +93,7 @@ pub(super) fn techniques(
     let via_mapping = mapped.is_some_and(|m| direct == Some(SocketAddr::V4(m)));
     // Punch on public endpoints.
     out.push(match direct {
-        Some(a) if !private(&a) && !via_mapping && carried != Some(a) => {
+        Some(a) if !private(&a) && !via_mapping && by_birthday != Some(a) => {
             row("punch", "direct", format!("{a}{took}"))
         }
         _ if p.is_hopeless() => row(

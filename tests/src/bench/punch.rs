@@ -115,10 +115,11 @@ fn attempt(lab: &Lab, cp: &ControlPlane, i: usize) -> Result<Attempt> {
     let b_host = lab.add_host_behind(&sym, &b_name)?;
     let mut a = Agent::start(&a_host, &a_name, cp.control())?;
     let mut b = Agent::start(&b_host, &b_name, cp.control())?;
-    a.wait_control_connected(Duration::from_secs(20))?;
-    b.wait_control_connected(Duration::from_secs(20))?;
-    // Let netcheck finish on both sides before the party forms.
-    std::thread::sleep(Duration::from_secs(2));
+    for agent in [&a, &b] {
+        agent.wait_control_connected(Duration::from_secs(20))?;
+        // Both NAT reports in before the party forms (the attempt is armed from them).
+        crate::scenario::wait_netcheck(agent, Duration::from_secs(20))?;
+    }
     let code = a.party_create(&format!("bday{i}"), &[])?;
     let start = Instant::now();
     let out = b.party_join(&code)?;

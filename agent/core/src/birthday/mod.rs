@@ -28,18 +28,20 @@
 //! after [`RETRY`] (the node asks the control plane for a fresh coordinated punch then).
 
 use std::collections::{HashSet, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use rally_proto::control::{NatBehavior, NatReport};
 use rally_proto::probe::{Probe, ProbeKind, LEN as PROBE_LEN};
 use rally_proto::relay::ShortId;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+mod role;
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
 mod tests;
+
+pub use role::Role;
 
 /// Most side sockets the opener opens per attempt.
 pub const MAX_SOCKETS: u16 = 256;
@@ -66,67 +68,19 @@ pub const RETRY: [Duration; 3] = [
     Duration::from_secs(300),
     Duration::from_secs(900),
 ];
-/// A coordinated punch arms no attempt sooner than this after the last one ended.
-pub const MIN_GAP: Duration = Duration::from_secs(30);
+/// Most attempts armed or running at once over all peers of an agent (each opener holds up
+/// to 256 sockets, each prober sends 100 probes a second); a punch that would arm more asks
+/// again [`MIN_GAP`] later.
+pub const MAX_CONCURRENT: usize = 2;
+/// A coordinated punch arms no attempt sooner than this after the last one ended (duplicate
+/// punch messages right after an attempt); otherwise every coordinated punch arms one, so a
+/// side that had to wait ([`MAX_CONCURRENT`]) pulls its peer in when it asks again.
+pub const MIN_GAP: Duration = Duration::from_secs(5);
 /// Bytes on the wire per probe: 36 bytes of probe, 8 of UDP, 20 of IPv4.
 pub const WIRE_BYTES: u64 = PROBE_LEN as u64 + 28;
 /// Most bytes one side sends in an attempt (the prober's probes, or the opener's probes,
 /// probe-backs and acks): 1024 · 64 B = 64 KiB, well under 300 KB.
 pub const MAX_BYTES: u64 = MAX_PROBES as u64 * WIRE_BYTES;
-
-/// Which side of a birthday pair this agent plays.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// This agent maps endpoint-dependently: open sockets towards the peer's `target`.
-    Open { target: SocketAddr },
-    /// The peer maps endpoint-dependently: probe ports of its public `ip`, predicted ones
-    /// first when `predict` (its reported port and step) is known.
-    Probe {
-        ip: IpAddr,
-        predict: Option<(u16, i32)>,
-    },
-}
-
-impl Role {
-    /// The role the NAT reports give this agent towards the peer, if birthday punching is
-    /// worth it: one side endpoint-dependent, the other endpoint-independent and filtering by
-    /// address and port (or unknown), and no gateway port mapping on either side (a mapped
-    /// endpoint is reachable by ordinary punching).
-    pub fn decide(mine: Option<&NatReport>, theirs: Option<&NatReport>) -> Option<Role> {
-        let (mine, theirs) = (mine?, theirs?);
-        if !mine.udp || !theirs.udp || mine.mapped_endpoint.is_some() {
-            return None;
-        }
-        if theirs.mapped_endpoint.is_some() {
-            return None;
-        }
-        let strict = |f: NatBehavior| {
-            matches!(
-                f,
-                NatBehavior::AddressAndPortDependent | NatBehavior::Unknown
-            )
-        };
-        let cone = |n: &NatReport| n.mapping == NatBehavior::EndpointIndependent;
-        if mine.mapping.is_endpoint_dependent() && cone(theirs) && strict(theirs.filtering) {
-            return Some(Role::Open {
-                target: theirs.public_endpoint?,
-            });
-        }
-        if theirs.mapping.is_endpoint_dependent() && cone(mine) && strict(mine.filtering) {
-            let public = theirs.public_endpoint?;
-            let predict = theirs
-                .port_delta
-                .map(i32::from)
-                .filter(|d| *d != 0 && d.abs() <= MAX_DELTA)
-                .map(|d| (public.port(), d));
-            return Some(Role::Probe {
-                ip: public.ip(),
-                predict,
-            });
-        }
-        None
-    }
-}
 
 /// What the machine asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,18 +148,22 @@ struct Attempt {
     acks: u32,
     /// Prober: predicted ports used up.
     k: u32,
+    /// The prober's random ports.
+    rng: ChaCha8Rng,
 }
 
-pub struct Birthday {
+/// The machine's state once the pair has been a birthday pair (boxed in [`Birthday`]).
+struct Inner {
     me: ShortId,
     key: [u8; 32],
-    rng: ChaCha8Rng,
-    attempt: Option<Attempt>,
+    /// Seeds the next attempt's generator (and then moves on).
+    seed: u64,
+    attempt: Option<Box<Attempt>>,
     /// A coordinated punch started at this instant: an attempt is due [`AFTER_PUNCH`] later.
     armed: Option<(Instant, Role)>,
     /// The socket carrying the peer's direct path.
     carried: Option<(u16, SocketAddr)>,
-    last: Option<Record>,
+    last: Option<Box<Record>>,
     failed: usize,
     last_end: Option<Instant>,
     retry_at: Option<Instant>,
@@ -214,12 +172,12 @@ pub struct Birthday {
     out: VecDeque<BirthdayOut>,
 }
 
-impl Birthday {
-    pub fn new(me: ShortId, key: [u8; 32], seed: u64) -> Self {
-        Birthday {
+impl Inner {
+    fn new(me: ShortId, key: [u8; 32], seed: u64) -> Self {
+        Inner {
             me,
             key,
-            rng: ChaCha8Rng::seed_from_u64(seed),
+            seed,
             attempt: None,
             armed: None,
             carried: None,
@@ -234,7 +192,10 @@ impl Birthday {
 
     /// The running attempt or the last one.
     pub fn record(&self) -> Option<Record> {
-        self.attempt.as_ref().map(|a| a.record).or(self.last)
+        self.attempt
+            .as_ref()
+            .map(|a| a.record)
+            .or(self.last.as_deref().copied())
     }
 
     /// Attempts in a row that failed.
@@ -244,6 +205,18 @@ impl Birthday {
 
     pub fn is_running(&self) -> bool {
         self.attempt.is_some()
+    }
+
+    /// An attempt is armed or running.
+    pub fn is_busy(&self) -> bool {
+        self.attempt.is_some() || self.armed.is_some()
+    }
+
+    /// Too many attempts elsewhere: ask for another coordinated punch at `at` instead.
+    pub fn defer(&mut self, at: Instant) {
+        if self.retry_at.is_none() && !self.is_busy() {
+            self.retry_at = Some(at);
+        }
     }
 
     /// The side socket carrying the peer's direct path, and its address.
@@ -412,8 +385,10 @@ impl Birthday {
     }
 
     fn start(&mut self, role: Role, now: Instant) {
-        let txid_base = self.rng.gen::<u64>() & !0xffff;
-        self.attempt = Some(Attempt {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        self.seed = rng.gen();
+        let txid_base = rng.gen::<u64>() & !0xffff;
+        self.attempt = Some(Box::new(Attempt {
             record: Record {
                 role,
                 started: now,
@@ -431,7 +406,8 @@ impl Birthday {
             answered: HashSet::new(),
             acks: 0,
             k: 0,
-        });
+            rng,
+        }));
         self.handle_timeout(now);
     }
 
@@ -460,7 +436,7 @@ impl Birthday {
                 if a.record.probes >= MAX_PROBES {
                     return;
                 }
-                let Some((port, predicted)) = next_port(a, predict, &mut self.rng) else {
+                let Some((port, predicted)) = next_port(a, predict) else {
                     return;
                 };
                 a.record.probes += 1;
@@ -482,7 +458,7 @@ impl Birthday {
         for socket in (0..a.record.sockets).filter(|s| Some(*s) != keep) {
             self.out.push_back(BirthdayOut::Close(socket));
         }
-        self.last = Some(a.record);
+        self.last = Some(Box::new(a.record));
         self.last_end = Some(now);
         match outcome {
             Outcome::Failed => {
@@ -496,13 +472,125 @@ impl Birthday {
     }
 }
 
+/// Birthday punching towards one peer. Every peer has one, so idle it is three words and a
+/// key: the state is created the first time the pair looks like a birthday pair.
+pub struct Birthday {
+    me: ShortId,
+    key: [u8; 32],
+    seed: u64,
+    inner: Option<Box<Inner>>,
+}
+
+impl Birthday {
+    pub fn new(me: ShortId, key: [u8; 32], seed: u64) -> Self {
+        Birthday {
+            me,
+            key,
+            seed,
+            inner: None,
+        }
+    }
+
+    fn state(&mut self) -> &mut Inner {
+        let (me, key, seed) = (self.me, self.key, self.seed);
+        self.inner
+            .get_or_insert_with(|| Box::new(Inner::new(me, key, seed)))
+    }
+
+    /// The running attempt or the last one.
+    pub fn record(&self) -> Option<Record> {
+        self.inner.as_ref()?.record()
+    }
+
+    /// Attempts in a row that failed.
+    pub fn failures(&self) -> usize {
+        self.inner.as_ref().map_or(0, |i| i.failures())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.inner.as_ref().is_some_and(|i| i.is_running())
+    }
+
+    /// An attempt is armed or running.
+    pub fn is_busy(&self) -> bool {
+        self.inner.as_ref().is_some_and(|i| i.is_busy())
+    }
+
+    /// The side socket carrying the peer's direct path, and its address.
+    pub fn carried(&self) -> Option<(u16, SocketAddr)> {
+        self.inner.as_ref()?.carried()
+    }
+
+    /// Too many attempts elsewhere: ask for another coordinated punch at `at` instead.
+    pub fn defer(&mut self, at: Instant) {
+        self.state().defer(at);
+    }
+
+    /// A coordinated punch starts at `start` and `role` is what the NAT reports give (none:
+    /// birthday punching is not for this pair). Arms an attempt [`AFTER_PUNCH`] later unless
+    /// one runs or the last ended less than [`MIN_GAP`] ago.
+    pub fn arm(&mut self, start: Instant, role: Option<Role>) {
+        if role.is_none() && self.inner.is_none() {
+            return;
+        }
+        self.state().arm(start, role);
+    }
+
+    /// The NAT reports now call for birthday punching (`role`): the first time, ask for a
+    /// coordinated punch (the punches at the peer's arrival usually come before both reports
+    /// are in).
+    pub fn reports_changed(&mut self, role: Option<Role>) {
+        if role.is_some() {
+            self.state().reports_changed(role);
+        }
+    }
+
+    /// A direct path is known (any way): no attempt is wanted; a running one ends.
+    pub fn direct_proven(&mut self, addr: SocketAddr, now: Instant) {
+        if let Some(i) = self.inner.as_mut() {
+            i.direct_proven(addr, now);
+        }
+    }
+
+    /// The direct path at `addr` was lost: the socket carrying it (if any) closes.
+    pub fn direct_lost(&mut self, addr: SocketAddr) {
+        if let Some(i) = self.inner.as_mut() {
+            i.direct_lost(addr);
+        }
+    }
+
+    /// Stops everything (the peer left, or birthday punching no longer fits the pair).
+    pub fn stop(&mut self, now: Instant) {
+        if let Some(i) = self.inner.as_mut() {
+            i.stop(now);
+        }
+    }
+
+    /// An authenticated probe from the peer arrived on side socket `socket` from `from`.
+    pub fn handle_probe(&mut self, socket: u16, from: SocketAddr, probe: Probe, now: Instant) {
+        if let Some(i) = self.inner.as_mut() {
+            i.handle_probe(socket, from, probe, now);
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(i) = self.inner.as_mut() {
+            i.handle_timeout(now);
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.inner.as_ref()?.poll_timeout()
+    }
+
+    pub fn poll(&mut self) -> Option<BirthdayOut> {
+        self.inner.as_mut()?.poll()
+    }
+}
+
 /// The prober's next port: the next predicted one while any is left, else a random one of
 /// `1024..=65535` not tried yet. `None` once no untried port is found (never in practice).
-fn next_port(
-    a: &mut Attempt,
-    predict: Option<(u16, i32)>,
-    rng: &mut ChaCha8Rng,
-) -> Option<(u16, bool)> {
+fn next_port(a: &mut Attempt, predict: Option<(u16, i32)>) -> Option<(u16, bool)> {
     if let Some((base, d)) = predict {
         while a.k < PREDICT {
             a.k += 1;
@@ -514,7 +602,7 @@ fn next_port(
         }
     }
     for _ in 0..64 {
-        let p = rng.gen_range(1024..=u16::MAX);
+        let p = a.rng.gen_range(1024..=u16::MAX);
         if a.tried.insert(p) {
             return Some((p, false));
         }

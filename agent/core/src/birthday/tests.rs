@@ -1,6 +1,7 @@
 //! The birthday machine on its own, on a fake clock.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 
 use rally_proto::control::{NatBehavior, NatReport};
 
@@ -301,4 +302,10 @@ fn the_socket_that_connects_carries_the_path_and_the_others_close() {
     b.direct_lost(target);
     assert_eq!(drain(&mut b), vec![BirthdayOut::Close(7)]);
     assert_eq!(b.carried(), None);
+}
+
+#[test]
+fn an_idle_machine_is_small() {
+    // Every peer has one.
+    assert!(std::mem::size_of::<Birthday>() <= 64);
 }

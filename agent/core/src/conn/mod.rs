@@ -119,6 +119,7 @@ mod queue;
 mod table;
 
 pub use health::PathHealth;
+pub use manager::relay_choice::{BETTER_BY, BETTER_FOR};
 pub use manager::{
     Command, ConnEvent, ConnMetrics, ConnState, Connection, PathMetrics, PrimaryReason,
     ProbeTransmit, SetPrimaryError, Timer, Wake, CHECK_MARGIN, CHECK_MIN_WAIT, CHECK_PROBES,

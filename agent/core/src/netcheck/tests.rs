@@ -222,3 +222,16 @@ fn silence_means_no_udp_and_requests_are_retransmitted() {
     assert_eq!(rep.mapping, NatBehavior::Unknown);
     assert_eq!(rep.filtering, NatBehavior::Unknown);
 }
+
+#[test]
+fn a_sequential_step_is_believed_only_when_small_and_consistent() {
+    use super::sequential_step;
+    let a = |p: u16| SocketAddr::new("203.0.113.9".parse().unwrap(), p);
+    // First relay, second relay, then (after the side socket's mapping) the alternate port.
+    assert_eq!(sequential_step(a(40001), a(40002), Some(a(40004))), Some(1));
+    assert_eq!(sequential_step(a(40010), a(40008), None), Some(-2));
+    // Random ports, a step back after a step forward, no step at all.
+    assert_eq!(sequential_step(a(40001), a(51234), None), None);
+    assert_eq!(sequential_step(a(40001), a(40002), Some(a(39000))), None);
+    assert_eq!(sequential_step(a(40001), a(40001), None), None);
+}

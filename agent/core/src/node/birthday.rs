@@ -10,7 +10,11 @@ use rally_proto::Key32;
 
 use super::peer::PeerState;
 use super::{DropReason, Node, NodeEvent, Received, SideOp, SideSocket};
-use crate::birthday::{BirthdayOut, Role};
+use crate::birthday::{BirthdayOut, Role, MAX_CONCURRENT};
+
+/// A pair that had to wait for other attempts asks for a coordinated punch this much later
+/// (an attempt lasts 11.3 s).
+const DEFER: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl Node {
     /// The role the NAT reports give this agent towards `p` (none: no birthday punching).
@@ -28,7 +32,16 @@ impl Node {
         } else {
             None
         };
+        let busy = self
+            .peers
+            .iter()
+            .filter(|(other, q)| **other != id && q.birthday.is_busy())
+            .count();
         if let Some(p) = self.peers.get_mut(&id) {
+            if role.is_some() && busy >= MAX_CONCURRENT {
+                p.birthday.defer(start + DEFER);
+                return;
+            }
             p.birthday.arm(start, role);
         }
     }

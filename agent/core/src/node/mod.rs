@@ -46,6 +46,9 @@ mod tests_birthday;
 #[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
 mod tests_netcheck;
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // an arbitrary origin for the fake clock
+mod tests_relay_choice;
+#[cfg(test)]
 mod tests_tcp;
 
 use std::collections::{HashMap, VecDeque};

@@ -140,3 +140,44 @@ fn a_full_cone_needs_no_birthday() {
     sim.run_for(Duration::from_secs(5));
     assert!(record(&sim, 0, 1).is_none() && record(&sim, 1, 0).is_none());
 }
+
+#[test]
+fn at_most_two_attempts_run_at_once_and_the_others_follow() {
+    let t0 = origin();
+    let mut sim = Sim::new(t0);
+    sim.add_relay("r1");
+    sim.add_relay("r2");
+    // One home router, four symmetric NATs: four birthday pairs for agent 0.
+    sim.add_agent(NatKind::Home);
+    for _ in 0..4 {
+        sim.add_agent(NatKind::SymmetricRandom);
+    }
+    sim.start();
+    let mut most = 0;
+    let all_direct = |s: &Sim| {
+        (1..5).all(|b| {
+            matches!(s.route(0, b), Some(Route::Direct(_)))
+                && matches!(s.route(b, 0), Some(Route::Direct(_)))
+        })
+    };
+    let end = t0 + Duration::from_secs(120);
+    while sim.now < end && !all_direct(&sim) {
+        let t = sim.now + Duration::from_millis(50);
+        sim.run_until(t, |_| false);
+        let running = (1..5)
+            .filter(|b| {
+                sim.agents[0]
+                    .node
+                    .peer(&sim.id(*b))
+                    .is_some_and(|p| p.birthday().is_running())
+            })
+            .count();
+        most = most.max(running);
+    }
+    assert!(most <= crate::birthday::MAX_CONCURRENT, "{most} at once");
+    // Every pair got its attempt (the deferred ones after the first two) and went direct.
+    for b in 1..5 {
+        assert!(record(&sim, 0, b).is_some(), "pair 0–{b} never tried");
+    }
+    assert!(all_direct(&sim), "every pair went direct in the end");
+}

@@ -17,6 +17,7 @@ use crate::backoff::Backoff;
 
 mod probing;
 mod queries;
+pub mod relay_choice;
 mod rules;
 
 pub use queries::{ConnMetrics, PathMetrics};
@@ -232,6 +233,9 @@ pub struct Connection {
     primary: Option<PathId>,
     pinned: Option<PathId>,
     trial: Option<Trial>,
+    /// A relay measured clearly better for the pair than the relayed primary, and since when
+    /// ([`relay_choice`]).
+    better: Option<(PathId, Instant)>,
     timers: Timers,
     backoff: Backoff,
     attempt: u32,
@@ -265,6 +269,7 @@ impl Connection {
             primary: None,
             pinned: None,
             trial: None,
+            better: None,
             timers: Timers {
                 connect: Some(now + profile.connect_timeout),
                 backoff: None,

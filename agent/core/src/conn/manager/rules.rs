@@ -60,9 +60,14 @@ impl Connection {
     }
 
     pub(super) fn try_relay_switch(&mut self, current: PathId, now: Instant) {
-        let Some(to) = self.relay_candidate(&current, now) else {
+        let to = match self.relay_candidate(&current, now) {
+            Some(to) => Some(to),
+            None => self.clearly_better_relay(&current, now),
+        };
+        let Some(to) = to else {
             return;
         };
+        self.better = None;
         self.relay_switches += 1;
         self.events.push_back(ConnEvent::RelaySwitch {
             from: current.clone(),
