@@ -61,7 +61,16 @@ fn shared_tunnel_carries_both(fifo: bool) -> Result<()> {
             ],
             a.log_path("ping-under-load"),
         )?;
-        let mbps = iperf(&path, 2, false, 3)?;
+        let (mbps, recv_q) = std::thread::scope(|s| {
+            let watch = s.spawn(|| max_udp_recv_queue(&b, Duration::from_secs(3)));
+            let mbps = iperf(&path, 2, false, 3);
+            (mbps, watch.join())
+        });
+        let mbps = mbps?;
+        if let Ok(Ok(q)) = recv_q {
+            // Where the time goes below the agent: what waited in its socket's receive queue.
+            println!("fifo={fifo}: largest UDP receive queue on b under load: {q} bytes");
+        }
         let status = pings.wait_timeout(Duration::from_secs(30))?;
         ensure!(status.is_some(), "ping did not finish");
         let text = std::fs::read_to_string(pings.log_path())?;
@@ -74,4 +83,19 @@ fn shared_tunnel_carries_both(fifo: bool) -> Result<()> {
         );
         Ok(())
     })
+}
+
+/// The largest receive queue (bytes) of any UDP socket on `host`, sampled for `window`.
+fn max_udp_recv_queue(host: &rally_lab::Host, window: Duration) -> Result<u64> {
+    let end = std::time::Instant::now() + window;
+    let mut max = 0;
+    while std::time::Instant::now() < end {
+        let out = host.run_ok(&["ss", "-H", "-u", "-a", "-n"])?;
+        for line in out.lines() {
+            let q = line.split_whitespace().nth(1).and_then(|v| v.parse().ok());
+            max = max.max(q.unwrap_or(0));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(max)
 }
