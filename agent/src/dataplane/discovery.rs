@@ -20,6 +20,26 @@ pub(super) const DISCOVERY_TICK: Duration = Duration::from_secs(5);
 /// How often the peers are told our groups again (a lost message is mended by the next).
 const RESEND_EVERY: u32 = 6;
 
+/// What a packet sent inside a tunnel is, for the connection manager's idea of busy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Traffic {
+    /// A program's packet (a broadcast or multicast copy): the peer is busy.
+    Data,
+    /// Discovery's own message (a subscription): not activity.
+    Control,
+}
+
+/// Where a decrypted packet goes ([`Engine::accept_inbound_destination`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Admit {
+    /// To the TUN device.
+    Tun,
+    /// Nowhere (refused; counted where refused).
+    Drop,
+    /// Consumed by discovery (a subscription message): not the peer's activity.
+    Control,
+}
+
 impl Engine {
     /// A packet read from the TUN device to a broadcast or multicast address.
     pub(super) async fn discovery_from_tun(&mut self, packet: &[u8], out: &mut [u8]) {
@@ -63,7 +83,7 @@ impl Engine {
                 };
                 self.disc.note_copies(ids.len());
                 for id in ids {
-                    self.send_inner(id, p.to_vec(), out).await;
+                    self.send_inner(id, p.to_vec(), Traffic::Data, out).await;
                 }
             }
             Outbound::Membership => self.discovery_rescan(),
@@ -73,40 +93,46 @@ impl Engine {
     }
 
     /// Encrypts an inner packet for `id` and sends it on its route, or holds it until one.
-    async fn send_inner(&mut self, id: Key32, packet: Vec<u8>, out: &mut [u8]) {
-        self.node.handle_tunnel_tx(&id, now());
+    /// Only data (a broadcast or multicast copy) makes the peer busy: a subscription message,
+    /// repeated to every peer every 30 s while programs here listen to a group, must not keep
+    /// idle peers probed at the busy cadence.
+    async fn send_inner(&mut self, id: Key32, packet: Vec<u8>, kind: Traffic, out: &mut [u8]) {
+        if kind == Traffic::Data {
+            self.node.handle_tunnel_tx(&id, now());
+        }
         match self.node.route(&id) {
             Some(route) => self.encrypt_and_send(id, route, &packet, out).await,
             None => self.node.enqueue(&id, packet),
         }
     }
 
-    /// Whether a packet decrypted from `peer` (its inner source already checked) goes to the
-    /// TUN device. Broadcasts, multicasts and subscription messages are discovery's; every
+    /// Where a packet decrypted from `peer` (its inner source already checked) goes: to the
+    /// TUN device, nowhere, or (a subscription message) to discovery alone. Broadcasts, multicasts and subscription messages are discovery's; every
     /// other packet must be addressed to our virtual IP ([`super::inbound::InboundFilter`],
     /// counted there). A directed broadcast is rewritten in place to the limited broadcast.
-    pub(super) fn accept_inbound_destination(&mut self, peer: &Key32, packet: &mut [u8]) -> bool {
+    pub(super) fn accept_inbound_destination(&mut self, peer: &Key32, packet: &mut [u8]) -> Admit {
+        let admit = |ok: bool| if ok { Admit::Tun } else { Admit::Drop };
         // The common case, unicast: only to our virtual IP (the security filter; a member's
         // modified client could otherwise reach any address this host routes).
         if !self.disc.is_discovery_packet(packet) {
-            return self.inbound.admits(packet);
+            return admit(self.inbound.admits(packet));
         }
         let Some(info) = self.node.peer(peer).map(|s| Arc::clone(s.info())) else {
-            return false;
+            return Admit::Drop;
         };
         match self
             .disc
             .handle_peer_packet(peer, &info.parties, packet, now())
         {
-            Inbound::Deliver => true,
-            Inbound::NotDiscovery => self.inbound.admits(packet),
+            Inbound::Deliver => Admit::Tun,
+            Inbound::NotDiscovery => admit(self.inbound.admits(packet)),
             Inbound::Subscribed(groups) => {
                 debug!(%peer, ?groups, "peer's multicast subscriptions");
-                false
+                Admit::Control
             }
             Inbound::Dropped(why) => {
                 trace!(%peer, ?why, "discovery dropped a packet from a peer");
-                false
+                Admit::Drop
             }
         }
     }
@@ -175,7 +201,7 @@ impl Engine {
                 continue;
             };
             let msg = self.disc.subscription_for(vip);
-            self.send_inner(id, msg, out).await;
+            self.send_inner(id, msg, Traffic::Control, out).await;
         }
     }
 

@@ -8,6 +8,7 @@ use rally_proto::Key32;
 use tracing::{debug, info, trace};
 
 use super::demux::{classify, receiver_index, Datagram, WgKind};
+use super::discovery::Admit;
 use super::engine::{Buffers, Engine, RX_BUFS};
 use super::handshake_guard::{Source, Verdict};
 use super::timers::now;
@@ -231,17 +232,30 @@ impl Engine {
                     mark_connected(peer, &id);
                     let vip = self.node.peer(&id).map(|p| p.info().virtual_ip);
                     let packet = &mut out[DATA_HEADER_LEN..DATA_HEADER_LEN + len];
-                    if vip != Some(src) {
+                    let admit = if vip != Some(src) {
                         self.drops.spoofed_source += 1;
                         debug!(peer = %id, %src, "inner source is not the peer's virtual IP");
-                    } else if !self.accept_inbound_destination(&id, packet) {
-                        // Discovery's (a subscription message, or a broadcast it refused).
-                    } else if self.queues.rx_congested && !self.congestion_allows(packet) {
-                        // CoDel's pick, not ECN-capable: dropped.
-                    } else if self.tun_tx.push(packet) {
+                        Admit::Drop
+                    } else {
+                        self.accept_inbound_destination(&id, packet)
+                    };
+                    // CoDel's pick, not ECN-capable: dropped (still the peer's activity).
+                    let admit = if admit == Admit::Tun
+                        && self.queues.rx_congested
+                        && !self.congestion_allows(packet)
+                    {
+                        Admit::Drop
+                    } else {
+                        admit
+                    };
+                    if admit == Admit::Tun && self.tun_tx.push(packet) {
                         super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
                     }
-                    self.node.handle_tunnel_rx(&id, &via, t);
+                    // A subscription message (repeated every 30 s) is not the peer's activity:
+                    // it must not keep an idle peer at the busy probe cadence.
+                    if admit != Admit::Control {
+                        self.node.handle_tunnel_rx(&id, &via, t);
+                    }
                     return;
                 }
                 Err(e) => {
