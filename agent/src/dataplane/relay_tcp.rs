@@ -86,9 +86,8 @@ impl TcpRelays {
         }
     }
 
-    /// Queues `msg` (one relay message) for the connection of `slot` to `endpoint`, dialing
-    /// it if there is none (or only a dead one).
-    pub fn send(&mut self, slot: SocketAddr, endpoint: &TcpEndpoint, msg: &[u8]) {
+    /// Opens the connection of `slot` to `endpoint` unless one is up or being dialed.
+    pub fn connect(&mut self, slot: SocketAddr, endpoint: &TcpEndpoint) {
         let now = Instant::now();
         let stale = self.conns.get(&slot).is_none_or(|c| {
             c.endpoint != *endpoint
@@ -97,6 +96,12 @@ impl TcpRelays {
         if stale {
             self.dial(slot, endpoint.clone(), now);
         }
+    }
+
+    /// Queues `msg` (one relay message) for the connection of `slot` to `endpoint`, dialing
+    /// it if there is none (or only a dead one).
+    pub fn send(&mut self, slot: SocketAddr, endpoint: &TcpEndpoint, msg: &[u8]) {
+        self.connect(slot, endpoint);
         let Some(c) = self.conns.get(&slot) else {
             return;
         };

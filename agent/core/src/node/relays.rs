@@ -188,13 +188,11 @@ impl Node {
         } else {
             TCP_HEAD_START
         };
-        if !token.is_empty() {
-            for t in &mut self.relays.tcp {
-                if let Some(c) = &mut t.client {
-                    c.set_token(token.clone(), now);
-                } else {
-                    t.want_dial(now + head_start);
-                }
+        for t in &mut self.relays.tcp {
+            if let Some(c) = &mut t.client {
+                c.set_token(token.clone(), now);
+            } else if !token.is_empty() || self.relays.udp_blocked {
+                t.want_dial(now + head_start);
             }
         }
         self.relays.token = token;
