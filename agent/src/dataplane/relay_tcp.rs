@@ -18,7 +18,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -74,6 +73,29 @@ struct Queue {
     closed: AtomicBool,
 }
 
+impl Queue {
+    /// Adds a frame, dropping (and counting) the oldest when [`QUEUE_FRAMES`] wait already,
+    /// and wakes the writer.
+    fn push(&self, msg: &[u8]) {
+        let mut frames = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        if frames.len() >= QUEUE_FRAMES {
+            frames.pop_front();
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        frames.push_back(msg.to_vec());
+        drop(frames);
+        self.notify.notify_one();
+    }
+
+    /// Every waiting frame, framed for the stream, appended to `buf`.
+    fn drain_into(&self, buf: &mut Vec<u8>) {
+        let mut frames = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(f) = frames.pop_front() {
+            let _ = write_frame(buf, &f);
+        }
+    }
+}
+
 impl TcpRelays {
     pub fn new(proxy: Option<String>) -> Self {
         let (inbound_tx, inbound) = mpsc::channel(INBOUND);
@@ -108,14 +130,7 @@ impl TcpRelays {
         if c.queue.closed.load(Ordering::Relaxed) {
             return;
         }
-        let mut frames = c.queue.frames.lock().unwrap_or_else(|e| e.into_inner());
-        if frames.len() >= QUEUE_FRAMES {
-            frames.pop_front();
-            c.queue.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        frames.push_back(msg.to_vec());
-        drop(frames);
-        c.queue.notify.notify_one();
+        c.queue.push(msg);
     }
 
     /// Closes every connection whose slot `keep` refuses (the node closed its client).
@@ -204,12 +219,7 @@ async fn run(
             queue.notify.notified().await;
             loop {
                 buf.clear();
-                {
-                    let mut frames = queue.frames.lock().unwrap_or_else(|e| e.into_inner());
-                    while let Some(f) = frames.pop_front() {
-                        let _ = write_frame(&mut buf, &f);
-                    }
-                }
+                queue.drain_into(&mut buf);
                 if buf.is_empty() {
                     break;
                 }
@@ -268,6 +278,13 @@ async fn dial(
 /// queue.
 fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
+    #[cfg(target_os = "linux")]
+    set_notsent_lowat(stream);
+}
+
+#[cfg(target_os = "linux")]
+fn set_notsent_lowat(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
     let fd = stream.as_raw_fd();
     let set = |level, name, value: libc::c_int| {
         // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its size.
@@ -286,4 +303,33 @@ fn tune(stream: &TcpStream) {
         libc::TCP_NOTSENT_LOWAT,
         libc::c_int::try_from(NOTSENT_LOWAT).unwrap_or(libc::c_int::MAX),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rally_proto::relay_stream::StreamDecoder;
+
+    #[test]
+    fn a_full_queue_drops_the_oldest_frames_and_counts_them() {
+        let q = Queue::default();
+        for i in 0..QUEUE_FRAMES + 3 {
+            q.push(&[u8::try_from(i % 256).unwrap_or(0); 3]);
+        }
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 3);
+        let mut buf = Vec::new();
+        q.drain_into(&mut buf);
+        let mut d = StreamDecoder::new();
+        d.extend(&buf);
+        let first = d.next_frame().map(|f| f.to_vec());
+        assert_eq!(first, Some(vec![3, 3, 3]), "the three oldest are gone");
+        let mut rest = 1;
+        while d.next_frame().is_some() {
+            rest += 1;
+        }
+        assert_eq!(rest, QUEUE_FRAMES);
+        let mut again = Vec::new();
+        q.drain_into(&mut again);
+        assert!(again.is_empty(), "drained once");
+    }
 }
