@@ -33,8 +33,10 @@ use tracing::{debug, info};
 use crate::control::tls::{pinned_config, RELAY_ALPN, RELAY_SERVER_NAME};
 use crate::node::TcpEndpoint;
 
-/// Frames waiting for the socket, per connection (the oldest is dropped beyond).
-pub const QUEUE_FRAMES: usize = 64;
+/// Frames waiting for the socket, per connection (the oldest is dropped beyond). One TUN
+/// read with offload yields up to 64 KiB of TCP segments (~46 frames), and several reads may
+/// run before the writer task does: fewer slots dropped frames of a single TCP stream.
+pub const QUEUE_FRAMES: usize = 256;
 /// Unsent bytes in the kernel above which the socket does not count as writable.
 const NOTSENT_LOWAT: u32 = 16 * 1024;
 /// Time for the TCP connect (or proxy) and TLS handshakes.
