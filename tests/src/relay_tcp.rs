@@ -12,6 +12,16 @@ pub const RELAY_TLS_PORT: u16 = 443;
 /// A relay on `host` serving UDP as [`RelayServer::start`] does and TLS on TCP port 443 with
 /// a key made by `rally-relay tls-key`; its spec carries `tcp=` and `key=`.
 pub fn start_tcp_relay(host: &Host, name: &str, control_key: &str) -> Result<RelayServer> {
+    start_tcp_relay_on(host, name, control_key, RELAY_TLS_PORT)
+}
+
+/// Like [`start_tcp_relay`], with TLS on TCP `port`.
+pub fn start_tcp_relay_on(
+    host: &Host,
+    name: &str,
+    control_key: &str,
+    port: u16,
+) -> Result<RelayServer> {
     let bin = crate::bins::bin_path("rally-relay")?
         .to_string_lossy()
         .into_owned();
@@ -28,7 +38,7 @@ pub fn start_tcp_relay(host: &Host, name: &str, control_key: &str) -> Result<Rel
         .filter(|k| !k.is_empty())
         .ok_or_else(|| anyhow!("rally-relay tls-key printed no key"))?
         .to_owned();
-    let tcp = format!("{}:{RELAY_TLS_PORT}", host.ip());
+    let tcp = format!("{}:{port}", host.ip());
     RelayServer::start_with(
         host,
         name,

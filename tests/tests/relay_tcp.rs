@@ -8,8 +8,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, ensure, Result};
 use rally_lab::bench::setup::first_reply_unix_ms;
+use rally_lab::proxy::ConnectProxy;
 use rally_lab::rally::RelayServer;
-use rally_lab::relay_tcp::start_tcp_relay;
+use rally_lab::relay_tcp::{start_tcp_relay, start_tcp_relay_on};
 use rally_lab::scenario::{json_lines, UdpStream};
 use rally_lab::{with_lab, Agent, ControlPlane, Host, Lab, NatKind};
 use serde_json::Value;
@@ -128,6 +129,45 @@ fn udp_blocked_mid_session_resumes_over_tcp_within_two_seconds() -> Result<()> {
             outage.lost
         );
         ensure!(outage.gap < Duration::from_secs(2), "gap {:?}", outage.gap);
+        Ok(())
+    })
+}
+
+/// A network that lets out only TCP 443, a relay whose TLS listens on 8443 and the control
+/// plane on 7443: the agent reaches both through an HTTP CONNECT proxy on 443 (`--proxy`) and
+/// pings its peer over `relay-tcp:r1`.
+#[test]
+fn a_relay_over_tcp_is_reached_through_a_connect_proxy() -> Result<()> {
+    with_lab(|lab| {
+        let cp_host = lab.add_wan_host("control")?;
+        let (key, _) = ControlPlane::init(&cp_host, lab)?;
+        let relay = start_tcp_relay_on(&lab.add_wan_host("relay1")?, "r1", &key, 8443)?;
+        let cp = ControlPlane::start_with_relays(&cp_host, lab, &[relay.spec()])?;
+        let proxy = ConnectProxy::start(&lab.add_wan_host("proxy")?, 443)?;
+        let open_gw = lab.add_router("open-gw", NatKind::HomeRouter)?;
+        let b = Agent::start(&lab.add_host_behind(&open_gw, "b")?, "b", cp.control())?;
+        b.wait_control_connected(TIMEOUT)?;
+        let code = b.party_create("p", &[])?;
+        let gw = lab.add_router("gw", NatKind::UdpBlocked)?;
+        let url = proxy.url();
+        let a_host = lab.add_host_behind(&gw, "a")?;
+        let a = Agent::start_with(&a_host, "a", None, &["--proxy", url.as_str()])?;
+        let out = a.party_join(&code)?;
+        ensure!(
+            out.status.success(),
+            "join: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        a.wait_for_peers(&["b"], TIMEOUT)?;
+        wait_path(lab, &a, "b", |p| p == "relay-tcp:r1")?;
+        ping_ok(&a_host, &b.virtual_ip()?.to_string())?;
+        let tunnels = proxy.tunnels()?;
+        let relay_tls = format!("{}:8443", relay.host().ip());
+        println!("through {url}: tunnels {tunnels:?}");
+        ensure!(
+            tunnels.contains(&relay_tls),
+            "no tunnel to {relay_tls}: {tunnels:?}"
+        );
         Ok(())
     })
 }

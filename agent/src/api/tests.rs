@@ -350,6 +350,18 @@ fn the_path_label_names_the_relay() {
 }
 
 #[test]
+fn a_relay_over_tcp_shows_as_relay_tcp_and_keeps_strategy_relay() {
+    let mut p = peer(PeerState::Connected, Strategy::Relay);
+    p.relay = Some("r1".into());
+    p.path = Some("relay-tcp:r1".into());
+    assert_eq!(p.path_label(), "relay-tcp:r1");
+    let json = serde_json::to_value(&p).unwrap();
+    assert_eq!(json["strategy"], "relay");
+    assert_eq!(json["relay"], "r1");
+    assert_eq!(json["path"], "relay-tcp:r1");
+}
+
+#[test]
 fn peers_resolve_by_name_ip_id_and_unique_prefix() {
     let mut carol = peer(PeerState::Connected, Strategy::Direct);
     carol.name = "carol".into();

@@ -429,7 +429,7 @@ impl Engine {
                     Err(e) => debug!("discovery capture: {e}"),
                 },
                 Some((slot, frame)) = self.tcp.inbound.recv() => {
-                    self.handle_relay_frame(slot, &frame, &mut b.out).await;
+                    self.handle_relay_frames(slot, &frame, &mut b.out).await;
                 }
                 Some(d) = self.side.recv() => {
                     if self.side.is_carrying(d.socket) {

@@ -4,9 +4,11 @@
 //! What the node or the send path addresses to a slot is pushed on that connection's short
 //! **drop-oldest queue** ([`QUEUE_FRAMES`]: a late game packet is worth nothing, and an
 //! unbounded queue under TCP is the TCP-over-TCP meltdown); one writer task drains the whole
-//! queue into one write (frames of `rally_proto::relay_stream`). The socket has `TCP_NODELAY`,
-//! a small send buffer and `TCP_NOTSENT_LOWAT`, so data waits in our queue, where it can be
-//! dropped, rather than in the kernel. A reader task hands every whole frame back to the
+//! queue into one write (frames of `rally_proto::relay_stream`). The socket has `TCP_NODELAY`
+//! and `TCP_NOTSENT_LOWAT` ([`NOTSENT_LOWAT`]), so data not yet sent waits in our queue, where
+//! it can be dropped, rather than in the kernel. The send buffer itself is left to the
+//! kernel's autotuning: it also holds the data in flight, and a fixed small one capped a
+//! stream at one buffer per round trip (64 KiB at 80 ms: 6 Mbit/s in the lab). A reader task hands every whole frame back to the
 //! engine's loop, tagged with the slot, as if it had come from that address over UDP.
 //!
 //! A connection is dialed on the first frame for its slot (through the HTTP CONNECT proxy
@@ -16,7 +18,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,10 +33,10 @@ use tracing::{debug, info};
 use crate::control::tls::{pinned_config, RELAY_ALPN, RELAY_SERVER_NAME};
 use crate::node::TcpEndpoint;
 
-/// Frames waiting for the socket, per connection (the oldest is dropped beyond).
-pub const QUEUE_FRAMES: usize = 64;
-/// The kernel's send buffer for a relay connection.
-const SEND_BUFFER: usize = 64 * 1024;
+/// Frames waiting for the socket, per connection (the oldest is dropped beyond). One TUN
+/// read with offload yields up to 64 KiB of TCP segments (~46 frames), and several reads may
+/// run before the writer task does: fewer slots dropped frames of a single TCP stream.
+pub const QUEUE_FRAMES: usize = 256;
 /// Unsent bytes in the kernel above which the socket does not count as writable.
 const NOTSENT_LOWAT: u32 = 16 * 1024;
 /// Time for the TCP connect (or proxy) and TLS handshakes.
@@ -74,6 +75,29 @@ struct Queue {
     closed: AtomicBool,
 }
 
+impl Queue {
+    /// Adds a frame, dropping (and counting) the oldest when [`QUEUE_FRAMES`] wait already,
+    /// and wakes the writer.
+    fn push(&self, msg: &[u8]) {
+        let mut frames = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        if frames.len() >= QUEUE_FRAMES {
+            frames.pop_front();
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        frames.push_back(msg.to_vec());
+        drop(frames);
+        self.notify.notify_one();
+    }
+
+    /// Every waiting frame, framed for the stream, appended to `buf`.
+    fn drain_into(&self, buf: &mut Vec<u8>) {
+        let mut frames = self.frames.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(f) = frames.pop_front() {
+            let _ = write_frame(buf, &f);
+        }
+    }
+}
+
 impl TcpRelays {
     pub fn new(proxy: Option<String>) -> Self {
         let (inbound_tx, inbound) = mpsc::channel(INBOUND);
@@ -86,9 +110,8 @@ impl TcpRelays {
         }
     }
 
-    /// Queues `msg` (one relay message) for the connection of `slot` to `endpoint`, dialing
-    /// it if there is none (or only a dead one).
-    pub fn send(&mut self, slot: SocketAddr, endpoint: &TcpEndpoint, msg: &[u8]) {
+    /// Opens the connection of `slot` to `endpoint` unless one is up or being dialed.
+    pub fn connect(&mut self, slot: SocketAddr, endpoint: &TcpEndpoint) {
         let now = Instant::now();
         let stale = self.conns.get(&slot).is_none_or(|c| {
             c.endpoint != *endpoint
@@ -97,20 +120,19 @@ impl TcpRelays {
         if stale {
             self.dial(slot, endpoint.clone(), now);
         }
+    }
+
+    /// Queues `msg` (one relay message) for the connection of `slot` to `endpoint`, dialing
+    /// it if there is none (or only a dead one).
+    pub fn send(&mut self, slot: SocketAddr, endpoint: &TcpEndpoint, msg: &[u8]) {
+        self.connect(slot, endpoint);
         let Some(c) = self.conns.get(&slot) else {
             return;
         };
         if c.queue.closed.load(Ordering::Relaxed) {
             return;
         }
-        let mut frames = c.queue.frames.lock().unwrap_or_else(|e| e.into_inner());
-        if frames.len() >= QUEUE_FRAMES {
-            frames.pop_front();
-            c.queue.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        frames.push_back(msg.to_vec());
-        drop(frames);
-        c.queue.notify.notify_one();
+        c.queue.push(msg);
     }
 
     /// Closes every connection whose slot `keep` refuses (the node closed its client).
@@ -199,12 +221,7 @@ async fn run(
             queue.notify.notified().await;
             loop {
                 buf.clear();
-                {
-                    let mut frames = queue.frames.lock().unwrap_or_else(|e| e.into_inner());
-                    while let Some(f) = frames.pop_front() {
-                        let _ = write_frame(&mut buf, &f);
-                    }
-                }
+                queue.drain_into(&mut buf);
                 if buf.is_empty() {
                     break;
                 }
@@ -259,10 +276,17 @@ async fn dial(
         .map_err(|e| format!("tls: {e}"))
 }
 
-/// `TCP_NODELAY`, a small send buffer and `TCP_NOTSENT_LOWAT`: what waits, waits in our
-/// drop-oldest queue.
+/// `TCP_NODELAY` and `TCP_NOTSENT_LOWAT`: what waits to be sent waits in our drop-oldest
+/// queue.
 fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
+    #[cfg(target_os = "linux")]
+    set_notsent_lowat(stream);
+}
+
+#[cfg(target_os = "linux")]
+fn set_notsent_lowat(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
     let fd = stream.as_raw_fd();
     let set = |level, name, value: libc::c_int| {
         // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int and its size.
@@ -277,13 +301,37 @@ fn tune(stream: &TcpStream) {
         }
     };
     set(
-        libc::SOL_SOCKET,
-        libc::SO_SNDBUF,
-        libc::c_int::try_from(SEND_BUFFER).unwrap_or(libc::c_int::MAX),
-    );
-    set(
         libc::IPPROTO_TCP,
         libc::TCP_NOTSENT_LOWAT,
         libc::c_int::try_from(NOTSENT_LOWAT).unwrap_or(libc::c_int::MAX),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rally_proto::relay_stream::StreamDecoder;
+
+    #[test]
+    fn a_full_queue_drops_the_oldest_frames_and_counts_them() {
+        let q = Queue::default();
+        for i in 0..QUEUE_FRAMES + 3 {
+            q.push(&[u8::try_from(i % 256).unwrap_or(0); 3]);
+        }
+        assert_eq!(q.dropped.load(Ordering::Relaxed), 3);
+        let mut buf = Vec::new();
+        q.drain_into(&mut buf);
+        let mut d = StreamDecoder::new();
+        d.extend(&buf);
+        let first = d.next_frame().map(|f| f.to_vec());
+        assert_eq!(first, Some(vec![3, 3, 3]), "the three oldest are gone");
+        let mut rest = 1;
+        while d.next_frame().is_some() {
+            rest += 1;
+        }
+        assert_eq!(rest, QUEUE_FRAMES);
+        let mut again = Vec::new();
+        q.drain_into(&mut again);
+        assert!(again.is_empty(), "drained once");
+    }
 }

@@ -18,6 +18,8 @@ use crate::node::{DropReason, Received};
 
 /// UDP reads per wake-up before the TUN side gets its turn.
 const RX_ROUNDS: usize = 8;
+/// Frames from relay connections over TCP handled per wake-up (one TUN write for them).
+const RX_FRAMES: usize = 64;
 
 impl Engine {
     /// Reads what the UDP socket holds (a few rounds of up to [`RX_BUFS`] datagrams or GRO
@@ -65,15 +67,22 @@ impl Engine {
         self.handle_for_node(from, d, out).await;
     }
 
-    /// A frame from a relay connection over TLS/TCP (`slot` names it): relay messages only,
-    /// never WireGuard straight from an address.
-    pub(super) async fn handle_relay_frame(
+    /// A frame from a relay connection over TLS/TCP (`slot` names it), and up to
+    /// [`RX_FRAMES`] more already waiting, then one TUN write: relay messages only, never
+    /// WireGuard straight from an address.
+    pub(super) async fn handle_relay_frames(
         &mut self,
         slot: SocketAddr,
         frame: &[u8],
         out: &mut [u8],
     ) {
         self.handle_for_node(slot, frame, out).await;
+        for _ in 1..RX_FRAMES {
+            let Ok((slot, frame)) = self.tcp.inbound.try_recv() else {
+                break;
+            };
+            self.handle_for_node(slot, &frame, out).await;
+        }
         super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
     }
 

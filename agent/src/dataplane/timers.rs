@@ -232,6 +232,12 @@ impl Engine {
             }
             NodeEvent::RelayTcp { relay, change } => {
                 let message = match change {
+                    TcpChange::Dialing => {
+                        if let Some((slot, endpoint)) = self.node.tcp_slot_of(&relay) {
+                            self.tcp.connect(slot, endpoint);
+                        }
+                        return;
+                    }
                     TcpChange::Bound => {
                         format!("relay {relay} reached over TLS/TCP (UDP to it gets no answer)")
                     }

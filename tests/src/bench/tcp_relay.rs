@@ -4,7 +4,7 @@
 //! - a one-way stream of 60 datagrams/s of 200 bytes a → b for [`STREAM`] with 1 % loss on
 //!   a's uplink: the p99 one-way delay (the namespaces share one clock), against the
 //!   agent-to-relay WAN RTT + 50 ms (the issue's bound);
-//! - one-stream TCP throughput (iperf3 a → b, no loss).
+//! - one-stream TCP throughput (iperf3 a → b and b → a, no loss).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +40,8 @@ struct Side {
     p99: Vec<f64>,
     delivered: Vec<f64>,
     mbps: Vec<f64>,
+    /// b → a (the relay sends to agent a).
+    mbps_back: Vec<f64>,
 }
 
 fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
@@ -102,6 +104,22 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
     let mut f5 = Figure::new("tcp-relay", what, "rally relay-tcp", "Mbit/s", tcp.mbps);
     f5.ratio_to("rally relay (UDP)", &udp.mbps);
     let f6 = Figure::new("tcp-relay", what, "rally relay (UDP)", "Mbit/s", udp.mbps);
+    let what = "tcp 1 stream b→a";
+    let mut f8 = Figure::new(
+        "tcp-relay",
+        what,
+        "rally relay-tcp",
+        "Mbit/s",
+        tcp.mbps_back,
+    );
+    f8.ratio_to("rally relay (UDP)", &udp.mbps_back);
+    let f9 = Figure::new(
+        "tcp-relay",
+        what,
+        "rally relay (UDP)",
+        "Mbit/s",
+        udp.mbps_back,
+    );
     let f7 = Figure::new(
         "tcp-relay",
         "WAN RTT agent ↔ relay (baseline)",
@@ -109,7 +127,7 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
         "ms",
         vec![wan_rtt],
     );
-    Ok(vec![f1, f2, f3, f4, f5, f6, f7])
+    Ok(vec![f1, f2, f3, f4, f5, f6, f8, f9, f7])
 }
 
 fn measure_side(
@@ -123,6 +141,7 @@ fn measure_side(
         p99: Vec::new(),
         delivered: Vec::new(),
         mbps: Vec::new(),
+        mbps_back: Vec::new(),
     };
     let clean = lab.wan(gw)?;
     for run in 1..=opts.runs {
@@ -139,15 +158,17 @@ fn measure_side(
         let p99 = quantile(&delays, 0.99).unwrap_or(f64::NAN);
         let delivered = 100.0 * delays.len() as f64 / f64::from(sent.max(1));
         let mbps = iperf(path, 1, false, opts.seconds).unwrap_or(f64::NAN);
+        let back = iperf(path, 1, true, opts.seconds).unwrap_or(f64::NAN);
         println!(
             "    {label} run {run}/{}: one-way p99 {p99:.1} ms (median {:.1}), delivered \
-             {delivered:.1} %, tcp 1 stream {mbps:.1} Mbit/s",
+             {delivered:.1} %, tcp 1 stream {mbps:.1} Mbit/s, b→a {back:.1} Mbit/s",
             opts.runs,
             median(&delays).unwrap_or(f64::NAN)
         );
         side.p99.push(p99);
         side.delivered.push(delivered);
         side.mbps.push(mbps);
+        side.mbps_back.push(back);
     }
     Ok(side)
 }

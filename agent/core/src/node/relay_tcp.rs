@@ -63,6 +63,9 @@ pub struct TcpEndpoint {
 /// What changed about a relay over TCP (for the `transport_change` event).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TcpChange {
+    /// Its client was started: the driver may open the connection now (before the first
+    /// message, which waits for a token when the agent is in no party yet).
+    Dialing,
     /// Bound over TLS/TCP.
     Bound,
     /// Closed: UDP to the relay works and no peer used the TCP path for [`TCP_LINGER`].
@@ -134,6 +137,15 @@ impl Node {
         }
     }
 
+    /// The slot and TLS endpoint of `relay`'s TCP side, while its client is dialed.
+    pub fn tcp_slot_of(&self, relay: &RelayId) -> Option<(SocketAddr, &TcpEndpoint)> {
+        self.relays
+            .tcp
+            .iter()
+            .find(|t| t.name == *relay && t.client.is_some())
+            .map(|t| (t.slot, &t.endpoint))
+    }
+
     /// The TLS endpoint a slot address stands for, while its client is dialed.
     pub fn tcp_relay(&self, slot: &SocketAddr) -> Option<&TcpEndpoint> {
         self.relays
@@ -191,14 +203,17 @@ impl Node {
         let token = self.relays.token.clone();
         let t = &mut self.relays.tcp[i];
         t.dial_at = None;
-        if token.is_empty() {
-            return;
-        }
         info!(relay = %t.name, addr = %t.endpoint.addr, "dialing the relay over TLS/TCP");
+        // Without a token yet (no party), the connection is opened all the same: the bind
+        // follows as soon as the token comes.
         let mut client = RelayClient::new(t.name.clone(), t.slot, identity, now);
         client.set_token(token, now);
         t.client = Some(client);
         t.unused_since = None;
+        self.events.push_back(NodeEvent::RelayTcp {
+            relay: t.name.clone(),
+            change: TcpChange::Dialing,
+        });
     }
 
     fn close_tcp(&mut self, i: usize, now: Instant) {

@@ -195,13 +195,16 @@ impl Node {
         } else {
             TCP_HEAD_START
         };
-        if !token.is_empty() {
-            for t in &mut self.relays.tcp {
-                if let Some(c) = &mut t.client {
-                    c.set_token(token.clone(), now);
-                } else {
-                    t.want_dial(now + head_start);
-                }
+        let udp_bound: Vec<bool> = (self.relays.tcp.iter())
+            .map(|t| self.relays.udp_bound(&t.name))
+            .collect();
+        for (t, udp_bound) in self.relays.tcp.iter_mut().zip(udp_bound) {
+            if let Some(c) = &mut t.client {
+                c.set_token(token.clone(), now);
+            } else if (!token.is_empty() && !udp_bound) || self.relays.udp_blocked {
+                // (A relay already bound over UDP needs no TCP: a token handed out again
+                // must not start a dial that only a new UDP binding would cancel.)
+                t.want_dial(now + head_start);
             }
         }
         self.relays.token = token;

@@ -89,6 +89,10 @@ fn an_open_network_never_dials_tcp() {
     assert!(tcp_changes(&sim, 0).is_empty() && tcp_changes(&sim, 1).is_empty());
     let slot = super::tcp_slot(0);
     assert!(sim.agents[0].node.tcp_relay(&slot).is_none());
+    // The same relays and token handed out again (a re-registration) dial nothing either.
+    sim.start();
+    sim.run_for(TCP_HEAD_START * 4);
+    assert!(tcp_changes(&sim, 0).is_empty());
 }
 
 fn tcp(name: &str) -> PathId {

@@ -222,3 +222,25 @@ fn data_through_a_relay_checks_a_direct_primary_at_once() {
     );
     assert_eq!(sim.conn.primary(), Some(&relay("eu")));
 }
+
+#[test]
+fn a_path_the_peer_just_reached_us_by_is_probed_back_at_once() {
+    let t0 = Instant::now();
+    let mut conn = Connection::new(Profile::stable(), t0, [3; 32]);
+    let path = relay("r1");
+    conn.add_path(path.clone(), t0);
+    conn.handle_timeout(t0);
+    let first = conn.poll_transmit().expect("the first probe");
+    assert!(conn.poll_transmit().is_none());
+    // The peer's probe comes while ours has just left: ours is left to its answer.
+    assert!(!conn.handle_peer_probe(&path, t0 + ms(100)));
+    assert!(conn.poll_timeout().is_some_and(|t| t > t0 + ms(100)));
+    // Long after ours left (before the path worked): a fresh probe goes at once.
+    let t = t0 + ms(300);
+    assert!(!conn.handle_peer_probe(&path, t));
+    assert_eq!(conn.poll_timeout(), Some(t));
+    conn.handle_timeout(t);
+    let again = conn.poll_transmit().expect("probed back");
+    assert_eq!(again.path, path);
+    assert_ne!(again.txid, first.txid);
+}
