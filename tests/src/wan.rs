@@ -19,7 +19,14 @@
 //!
 //! The profile lives in atomics and applies to frames arriving after the change; frames already
 //! held keep their due time and the queue stays first-in first-out (a shorter delay never
-//! reorders). Steady state allocates nothing: frames are received straight into ring slots
+//! reorders).
+//!
+//! **Distance to some destinations** ([`Link::set_far`], `Lab::set_wan_far`): IPv4 frames to or
+//! from up to [`MAX_FAR`] addresses get an extra delay on top of the profile's, in both
+//! directions, so a host can be near one agent and far from another (a relay's uplink with
+//! +50 ms to agent B's public address). Those frames wait in a second ring of their own per
+//! direction, first-in first-out within it, so they never hold back the other frames (no
+//! head-of-line blocking); the thread sleeps until the earliest due frame of the four rings. Steady state allocates nothing: frames are received straight into ring slots
 //! with `recvmmsg` and sent from them with `sendmmsg`; the thread sleeps in `ppoll` until a
 //! frame arrives or the earliest held frame is due. Dropping the [`Link`] stops the thread.
 
@@ -27,8 +34,9 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::mem;
+use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -42,6 +50,9 @@ pub const DEFAULT_DELAY: Duration = Duration::from_millis(20);
 
 /// Longest delay `set_wan` accepts.
 pub const MAX_DELAY: Duration = Duration::from_secs(10);
+
+/// Addresses an uplink may be far from ([`Link::set_far`]).
+pub const MAX_FAR: usize = 4;
 
 /// Frames held per direction. At 1514 bytes that is 12 MiB in flight: 5 Gbit/s at 20 ms,
 /// 330 Mbit/s at 300 ms. Beyond that the queue tail-drops, like a router's buffer. (2048 was
@@ -199,6 +210,15 @@ impl Link {
         Ok(())
     }
 
+    /// Frames to or from any of `ips` (IPv4 source or destination) get `extra` on top of the
+    /// profile's delay, each way, from now on; an empty `ips` ends it. At most [`MAX_FAR`]
+    /// addresses; frames already held keep their due time.
+    pub(crate) fn set_far(&self, ips: &[Ipv4Addr], extra: Duration) -> Result<()> {
+        validate_far(ips, extra)?;
+        self.control.set_far(ips, extra);
+        Ok(())
+    }
+
     /// Frame counts so far.
     pub(crate) fn stats(&self) -> WanStats {
         WanStats {
@@ -298,6 +318,10 @@ struct Control {
     loss_threshold: AtomicU64,
     /// The loss fraction as set (`f64` bits), for reading back.
     loss_bits: AtomicU64,
+    /// Extra delay of frames to or from the `far` addresses.
+    far_ns: AtomicU64,
+    /// IPv4 addresses (host order; 0: unused) whose frames get `far_ns` more.
+    far: [AtomicU32; MAX_FAR],
     stop: AtomicBool,
     /// An eventfd that wakes the thread for `stop`.
     wake: OwnedFd,
@@ -315,6 +339,8 @@ impl Control {
             delay_ns: AtomicU64::new(0),
             loss_threshold: AtomicU64::new(0),
             loss_bits: AtomicU64::new(0),
+            far_ns: AtomicU64::new(0),
+            far: Default::default(),
             stop: AtomicBool::new(false),
             // SAFETY: `fd` was just created and is owned by nothing else.
             wake: unsafe { OwnedFd::from_raw_fd(fd) },
@@ -333,12 +359,57 @@ impl Control {
             .store(profile.loss.to_bits(), Ordering::Relaxed);
     }
 
+    fn set_far(&self, ips: &[Ipv4Addr], extra: Duration) {
+        let extra = u64::try_from(extra.as_nanos()).unwrap_or(u64::MAX);
+        self.far_ns.store(extra, Ordering::Relaxed);
+        for (i, slot) in self.far.iter().enumerate() {
+            let ip = ips.get(i).map_or(0, |ip| u32::from(*ip));
+            slot.store(ip, Ordering::Relaxed);
+        }
+    }
+
+    /// The far addresses as set, and their extra delay.
+    fn far(&self) -> ([u32; MAX_FAR], Duration) {
+        (
+            self.far.each_ref().map(|a| a.load(Ordering::Relaxed)),
+            Duration::from_nanos(self.far_ns.load(Ordering::Relaxed)),
+        )
+    }
+
     fn profile(&self) -> WanProfile {
         WanProfile {
             delay: Duration::from_nanos(self.delay_ns.load(Ordering::Relaxed)),
             loss: f64::from_bits(self.loss_bits.load(Ordering::Relaxed)),
         }
     }
+}
+
+/// Fails unless `ips` fit [`MAX_FAR`], none is 0.0.0.0, and `extra` is within [`MAX_DELAY`].
+fn validate_far(ips: &[Ipv4Addr], extra: Duration) -> Result<()> {
+    if ips.len() > MAX_FAR {
+        bail!(
+            "{} far addresses; the WAN emulator takes at most {MAX_FAR}",
+            ips.len()
+        );
+    }
+    if ips.iter().any(Ipv4Addr::is_unspecified) {
+        bail!("0.0.0.0 cannot be a far address");
+    }
+    if extra > MAX_DELAY {
+        bail!("extra delay {extra:?} is longer than the emulator's limit {MAX_DELAY:?}");
+    }
+    Ok(())
+}
+
+/// Whether Ethernet frame `frame` is IPv4 from or to one of `far` (0 entries are unused).
+fn is_far(frame: &[u8], far: &[u32; MAX_FAR]) -> bool {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || far.iter().all(|&ip| ip == 0) {
+        return false;
+    }
+    let word =
+        |at: usize| u32::from_be_bytes([frame[at], frame[at + 1], frame[at + 2], frame[at + 3]]);
+    let (src, dst) = (word(26), word(30));
+    far.iter().any(|&ip| ip != 0 && (ip == src || ip == dst))
 }
 
 /// `loss` as a threshold for 32-bit draws.
@@ -376,8 +447,8 @@ impl Counters {
 /// The emulator loop: until told to stop, moves frames node → bridge (`up`) and
 /// bridge → node (`down`), each after the delay.
 fn run(control: &Control, node: &PacketSocket, bridge: &PacketSocket, seed: u64) {
-    let mut up = Queue::new(QUEUE_FRAMES);
-    let mut down = Queue::new(QUEUE_FRAMES);
+    let mut up = Lane::new();
+    let mut down = Lane::new();
     let mut rng = SplitMix64(seed);
     let mut io = Batch::new();
     let wake = control.wake.as_raw_fd();
@@ -401,9 +472,12 @@ fn run(control: &Control, node: &PacketSocket, bridge: &PacketSocket, seed: u64)
         let now = Instant::now();
         let delay = Duration::from_nanos(control.delay_ns.load(Ordering::Relaxed));
         let loss = control.loss_threshold.load(Ordering::Relaxed);
+        let (far, far_extra) = control.far();
         let arrival = Arrival {
             due: now + delay,
             loss,
+            far,
+            far_due: now + delay + far_extra,
         };
         if ready[0] {
             up.receive(node, arrival, &mut rng, &control.stats[UP], &mut io);
@@ -426,6 +500,49 @@ fn run(control: &Control, node: &PacketSocket, bridge: &PacketSocket, seed: u64)
 struct Arrival {
     due: Instant,
     loss: u64,
+    /// The far addresses ([`Link::set_far`]) and the due time of their frames.
+    far: [u32; MAX_FAR],
+    far_due: Instant,
+}
+
+/// One direction of an uplink: the ring every frame is received into, and the ring that
+/// frames to or from a far address move to, so their longer wait holds back nothing else.
+struct Lane {
+    near: Queue,
+    far: Queue,
+}
+
+impl Lane {
+    fn new() -> Lane {
+        Lane {
+            near: Queue::new(QUEUE_FRAMES),
+            far: Queue::new(QUEUE_FRAMES),
+        }
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        match (self.near.next_due(), self.far.next_due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn receive(
+        &mut self,
+        sock: &PacketSocket,
+        arrival: Arrival,
+        rng: &mut SplitMix64,
+        counters: &Counters,
+        io: &mut Batch,
+    ) {
+        self.near
+            .receive(sock, arrival, rng, counters, io, &mut self.far);
+    }
+
+    fn release(&mut self, now: Instant, sock: &PacketSocket, counters: &Counters, io: &mut Batch) {
+        self.near.release(now, sock, counters, io);
+        self.far.release(now, sock, counters, io);
+    }
 }
 
 /// Frames held for one direction: a ring of fixed slots, first in first out.
@@ -467,6 +584,7 @@ impl Queue {
         rng: &mut SplitMix64,
         counters: &Counters,
         io: &mut Batch,
+        far: &mut Queue,
     ) {
         for _ in 0..BATCHES_PER_WAKE {
             let cap = self.capacity();
@@ -498,6 +616,13 @@ impl Queue {
                         lost += 1;
                         continue;
                     }
+                    let frame = &self.buf[(tail + i) * SLOT..(tail + i) * SLOT + len];
+                    if is_far(frame, &arrival.far) {
+                        if !far.push(frame, arrival.far_due) {
+                            Counters::add(&counters.overflowed, 1);
+                        }
+                        continue;
+                    }
                     let (from, to) = (tail + i, tail + kept);
                     if from != to {
                         self.buf
@@ -516,6 +641,20 @@ impl Queue {
                 return;
             }
         }
+    }
+
+    /// Copies `frame` into the tail slot, due at `due`; false if the ring is full.
+    fn push(&mut self, frame: &[u8], due: Instant) -> bool {
+        let cap = self.capacity();
+        if self.count == cap {
+            return false;
+        }
+        let tail = (self.head + self.count) % cap;
+        self.buf[tail * SLOT..tail * SLOT + frame.len()].copy_from_slice(frame);
+        self.len[tail] = frame.len() as u16;
+        self.due[tail] = due;
+        self.count += 1;
+        true
     }
 
     /// Sends every frame that is due to `sock`.
@@ -888,6 +1027,73 @@ mod tests {
             .filter(|_| u64::from(rng.next_u32()) < threshold)
             .count();
         assert!((4_500..5_500).contains(&lost), "{lost}");
+    }
+
+    /// An Ethernet frame carrying IPv4 from `src` to `dst` (header fields beyond the
+    /// addresses left zero).
+    fn ipv4_frame(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![0u8; 60];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[26..30].copy_from_slice(&src);
+        f[30..34].copy_from_slice(&dst);
+        f
+    }
+
+    #[test]
+    fn far_frames_are_ipv4_to_or_from_a_far_address() {
+        let mut far = [0u32; MAX_FAR];
+        far[1] = u32::from(Ipv4Addr::new(198, 51, 100, 101));
+        let b = [198, 51, 100, 101];
+        let other = [198, 51, 100, 11];
+        assert!(is_far(&ipv4_frame(other, b), &far), "to it");
+        assert!(is_far(&ipv4_frame(b, other), &far), "from it");
+        assert!(!is_far(&ipv4_frame(other, [198, 51, 100, 12]), &far));
+        let mut arp = ipv4_frame(b, b);
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        assert!(!is_far(&arp, &far), "not IPv4");
+        assert!(!is_far(&ipv4_frame(b, b)[..30], &far), "runt");
+        assert!(
+            !is_far(&ipv4_frame([0; 4], [0; 4]), &[0; MAX_FAR]),
+            "none set"
+        );
+    }
+
+    #[test]
+    fn far_settings_are_checked_and_round_trip() {
+        let ip = Ipv4Addr::new(203, 0, 113, 7);
+        assert!(validate_far(&[ip; MAX_FAR + 1], Duration::ZERO).is_err());
+        assert!(validate_far(&[Ipv4Addr::UNSPECIFIED], Duration::ZERO).is_err());
+        assert!(validate_far(&[ip], Duration::from_secs(11)).is_err());
+        assert!(validate_far(&[ip], Duration::from_millis(50)).is_ok());
+        let c = Control::new(WanProfile::default()).expect("eventfd");
+        c.set_far(&[ip], Duration::from_millis(50));
+        let (far, extra) = c.far();
+        assert_eq!(
+            (far[0], far[1], extra),
+            (u32::from(ip), 0, Duration::from_millis(50))
+        );
+        c.set_far(&[], Duration::ZERO);
+        assert_eq!(c.far().0, [0; MAX_FAR]);
+    }
+
+    #[test]
+    fn a_far_frame_held_longer_does_not_hold_back_a_later_near_one() {
+        let t0 = Instant::now();
+        let mut lane = Lane {
+            near: Queue::new(4),
+            far: Queue::new(4),
+        };
+        let frame = ipv4_frame([1, 2, 3, 4], [5, 6, 7, 8]);
+        // The far frame arrives first, due in 70 ms; a near frame then, due in 20 ms.
+        assert!(lane.far.push(&frame, t0 + Duration::from_millis(70)));
+        assert!(lane.near.push(&frame, t0 + Duration::from_millis(20)));
+        assert_eq!(lane.next_due(), Some(t0 + Duration::from_millis(20)));
+        assert_eq!(lane.far.next_due(), Some(t0 + Duration::from_millis(70)));
+        for _ in 0..3 {
+            assert!(lane.far.push(&frame, t0));
+        }
+        assert!(!lane.far.push(&frame, t0), "a full ring refuses");
+        assert_eq!(lane.far.len[lane.far.head], frame.len() as u16);
     }
 
     #[test]
