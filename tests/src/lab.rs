@@ -295,6 +295,20 @@ impl Lab {
         self.with_link(site, |link| link.set(profile))
     }
 
+    /// Makes the uplink carrying `site`'s traffic far from `others`: frames between it and
+    /// their public addresses get `extra` more delay each way, on top of the profile (so
+    /// `site` can be near one agent and far from another); an empty `others` ends it. The
+    /// other frames are not held back by these.
+    pub fn set_wan_far(
+        &self,
+        site: &impl Site,
+        others: &[&dyn Site],
+        extra: Duration,
+    ) -> Result<()> {
+        let ips: Vec<_> = others.iter().map(|o| o.public_ip()).collect();
+        self.with_link(site, |link| link.set_far(&ips, extra))
+    }
+
     /// The current profile of the uplink carrying `site`'s traffic.
     pub fn wan(&self, site: &impl Site) -> Result<WanProfile> {
         self.with_link(site, |link| Ok(link.profile()))

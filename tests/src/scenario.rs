@@ -117,8 +117,20 @@ impl Pair {
     /// `extra` flags (e.g. `--profile stable`), party `<tag>` created by `a` and joined by `b`.
     /// Returns once both list each other.
     pub fn start(lab: &Lab, world: &World, tag: &str, extra: &[&str]) -> Result<Pair> {
-        let router_a = lab.add_router(&format!("{tag}-gwa"), NatKind::HomeRouter)?;
-        let router_b = lab.add_router(&format!("{tag}-gwb"), NatKind::HomeRouter)?;
+        Pair::start_behind(lab, world, tag, NatKind::HomeRouter, extra)
+    }
+
+    /// As [`Pair::start`], with both routers of `kind` (e.g. [`NatKind::Symmetric`]: the
+    /// pair stays relayed).
+    pub fn start_behind(
+        lab: &Lab,
+        world: &World,
+        tag: &str,
+        kind: NatKind,
+        extra: &[&str],
+    ) -> Result<Pair> {
+        let router_a = lab.add_router(&format!("{tag}-gwa"), kind)?;
+        let router_b = lab.add_router(&format!("{tag}-gwb"), kind)?;
         let (a_name, b_name) = (format!("{tag}a"), format!("{tag}b"));
         let a_host = lab.add_host_behind(&router_a, &a_name)?;
         let b_host = lab.add_host_behind(&router_b, &b_name)?;

@@ -19,29 +19,45 @@
 //!
 //! The profile lives in atomics and applies to frames arriving after the change; frames already
 //! held keep their due time and the queue stays first-in first-out (a shorter delay never
-//! reorders). Steady state allocates nothing: frames are received straight into ring slots
+//! reorders).
+//!
+//! **Distance to some destinations** ([`Link::set_far`], `Lab::set_wan_far`): IPv4 frames to or
+//! from up to [`MAX_FAR`] addresses get an extra delay on top of the profile's, in both
+//! directions, so a host can be near one agent and far from another (a relay's uplink with
+//! +50 ms to agent B's public address). Those frames wait in a second ring of their own per
+//! direction, first-in first-out within it, so they never hold back the other frames (no
+//! head-of-line blocking); the thread sleeps until the earliest due frame of the four rings. Steady state allocates nothing: frames are received straight into ring slots
 //! with `recvmmsg` and sent from them with `sendmmsg`; the thread sleeps in `ppoll` until a
 //! frame arrives or the earliest held frame is due. Dropping the [`Link`] stops the thread.
 
-use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::mem;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::netns;
+
+mod sys;
+
+pub(crate) use sys::disable_offloads;
+#[cfg(test)]
+use sys::ifname_array;
+use sys::{wait, Batch, PacketSocket};
 
 /// The delay every emulated uplink starts with, in each direction.
 pub const DEFAULT_DELAY: Duration = Duration::from_millis(20);
 
 /// Longest delay `set_wan` accepts.
 pub const MAX_DELAY: Duration = Duration::from_secs(10);
+
+/// Addresses an uplink may be far from ([`Link::set_far`]).
+pub const MAX_FAR: usize = 4;
 
 /// Frames held per direction. At 1514 bytes that is 12 MiB in flight: 5 Gbit/s at 20 ms,
 /// 330 Mbit/s at 300 ms. Beyond that the queue tail-drops, like a router's buffer. (2048 was
@@ -199,6 +215,15 @@ impl Link {
         Ok(())
     }
 
+    /// Frames to or from any of `ips` (IPv4 source or destination) get `extra` on top of the
+    /// profile's delay, each way, from now on; an empty `ips` ends it. At most [`MAX_FAR`]
+    /// addresses; frames already held keep their due time.
+    pub(crate) fn set_far(&self, ips: &[Ipv4Addr], extra: Duration) -> Result<()> {
+        validate_far(ips, extra)?;
+        self.control.set_far(ips, extra);
+        Ok(())
+    }
+
     /// Frame counts so far.
     pub(crate) fn stats(&self) -> WanStats {
         WanStats {
@@ -238,56 +263,6 @@ impl Drop for Link {
     }
 }
 
-/// Turns off segmentation, receive coalescing, scatter-gather and checksum offload on device
-/// `ifname` of the calling thread's namespace, so frames crossing the emulator are whole and
-/// carry real checksums (`ethtool -K IF tso off gso off gro off sg off tx off`, without
-/// needing ethtool).
-pub(crate) fn disable_offloads(ifname: &str) -> Result<()> {
-    // Legacy ethtool commands; the kernel maps each onto the matching netdev feature.
-    const ETHTOOL_STXCSUM: u32 = 0x17;
-    const ETHTOOL_SSG: u32 = 0x19;
-    const ETHTOOL_STSO: u32 = 0x1f;
-    const ETHTOOL_SGSO: u32 = 0x24;
-    const ETHTOOL_SGRO: u32 = 0x2c;
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
-
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    #[repr(C)]
-    struct IfreqData {
-        name: [libc::c_char; libc::IFNAMSIZ],
-        data: *mut libc::c_void,
-        _pad: [u8; 16],
-    }
-
-    let sock = socket(libc::AF_INET, libc::SOCK_DGRAM, 0)?;
-    let mut req = IfreqData {
-        name: ifname_array(ifname)?,
-        data: std::ptr::null_mut(),
-        _pad: [0; 16],
-    };
-    for cmd in [
-        ETHTOOL_STSO,
-        ETHTOOL_SGSO,
-        ETHTOOL_SGRO,
-        ETHTOOL_SSG,
-        ETHTOOL_STXCSUM,
-    ] {
-        let mut value = EthtoolValue { cmd, data: 0 };
-        req.data = (&mut value as *mut EthtoolValue).cast();
-        // SAFETY: `req` is an ifreq-shaped struct whose data points at a live ethtool_value.
-        let rc = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL as _, &mut req) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error())
-                .with_context(|| format!("ethtool command {cmd:#x} on {ifname}"));
-        }
-    }
-    Ok(())
-}
-
 const UP: usize = 0;
 const DOWN: usize = 1;
 
@@ -298,6 +273,10 @@ struct Control {
     loss_threshold: AtomicU64,
     /// The loss fraction as set (`f64` bits), for reading back.
     loss_bits: AtomicU64,
+    /// Extra delay of frames to or from the `far` addresses.
+    far_ns: AtomicU64,
+    /// IPv4 addresses (host order; 0: unused) whose frames get `far_ns` more.
+    far: [AtomicU32; MAX_FAR],
     stop: AtomicBool,
     /// An eventfd that wakes the thread for `stop`.
     wake: OwnedFd,
@@ -315,6 +294,8 @@ impl Control {
             delay_ns: AtomicU64::new(0),
             loss_threshold: AtomicU64::new(0),
             loss_bits: AtomicU64::new(0),
+            far_ns: AtomicU64::new(0),
+            far: Default::default(),
             stop: AtomicBool::new(false),
             // SAFETY: `fd` was just created and is owned by nothing else.
             wake: unsafe { OwnedFd::from_raw_fd(fd) },
@@ -333,12 +314,57 @@ impl Control {
             .store(profile.loss.to_bits(), Ordering::Relaxed);
     }
 
+    fn set_far(&self, ips: &[Ipv4Addr], extra: Duration) {
+        let extra = u64::try_from(extra.as_nanos()).unwrap_or(u64::MAX);
+        self.far_ns.store(extra, Ordering::Relaxed);
+        for (i, slot) in self.far.iter().enumerate() {
+            let ip = ips.get(i).map_or(0, |ip| u32::from(*ip));
+            slot.store(ip, Ordering::Relaxed);
+        }
+    }
+
+    /// The far addresses as set, and their extra delay.
+    fn far(&self) -> ([u32; MAX_FAR], Duration) {
+        (
+            self.far.each_ref().map(|a| a.load(Ordering::Relaxed)),
+            Duration::from_nanos(self.far_ns.load(Ordering::Relaxed)),
+        )
+    }
+
     fn profile(&self) -> WanProfile {
         WanProfile {
             delay: Duration::from_nanos(self.delay_ns.load(Ordering::Relaxed)),
             loss: f64::from_bits(self.loss_bits.load(Ordering::Relaxed)),
         }
     }
+}
+
+/// Fails unless `ips` fit [`MAX_FAR`], none is 0.0.0.0, and `extra` is within [`MAX_DELAY`].
+fn validate_far(ips: &[Ipv4Addr], extra: Duration) -> Result<()> {
+    if ips.len() > MAX_FAR {
+        bail!(
+            "{} far addresses; the WAN emulator takes at most {MAX_FAR}",
+            ips.len()
+        );
+    }
+    if ips.iter().any(Ipv4Addr::is_unspecified) {
+        bail!("0.0.0.0 cannot be a far address");
+    }
+    if extra > MAX_DELAY {
+        bail!("extra delay {extra:?} is longer than the emulator's limit {MAX_DELAY:?}");
+    }
+    Ok(())
+}
+
+/// Whether Ethernet frame `frame` is IPv4 from or to one of `far` (0 entries are unused).
+fn is_far(frame: &[u8], far: &[u32; MAX_FAR]) -> bool {
+    if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || far.iter().all(|&ip| ip == 0) {
+        return false;
+    }
+    let word =
+        |at: usize| u32::from_be_bytes([frame[at], frame[at + 1], frame[at + 2], frame[at + 3]]);
+    let (src, dst) = (word(26), word(30));
+    far.iter().any(|&ip| ip != 0 && (ip == src || ip == dst))
 }
 
 /// `loss` as a threshold for 32-bit draws.
@@ -376,8 +402,8 @@ impl Counters {
 /// The emulator loop: until told to stop, moves frames node → bridge (`up`) and
 /// bridge → node (`down`), each after the delay.
 fn run(control: &Control, node: &PacketSocket, bridge: &PacketSocket, seed: u64) {
-    let mut up = Queue::new(QUEUE_FRAMES);
-    let mut down = Queue::new(QUEUE_FRAMES);
+    let mut up = Lane::new();
+    let mut down = Lane::new();
     let mut rng = SplitMix64(seed);
     let mut io = Batch::new();
     let wake = control.wake.as_raw_fd();
@@ -401,9 +427,12 @@ fn run(control: &Control, node: &PacketSocket, bridge: &PacketSocket, seed: u64)
         let now = Instant::now();
         let delay = Duration::from_nanos(control.delay_ns.load(Ordering::Relaxed));
         let loss = control.loss_threshold.load(Ordering::Relaxed);
+        let (far, far_extra) = control.far();
         let arrival = Arrival {
             due: now + delay,
             loss,
+            far,
+            far_due: now + delay + far_extra,
         };
         if ready[0] {
             up.receive(node, arrival, &mut rng, &control.stats[UP], &mut io);
@@ -426,6 +455,49 @@ fn run(control: &Control, node: &PacketSocket, bridge: &PacketSocket, seed: u64)
 struct Arrival {
     due: Instant,
     loss: u64,
+    /// The far addresses ([`Link::set_far`]) and the due time of their frames.
+    far: [u32; MAX_FAR],
+    far_due: Instant,
+}
+
+/// One direction of an uplink: the ring every frame is received into, and the ring that
+/// frames to or from a far address move to, so their longer wait holds back nothing else.
+struct Lane {
+    near: Queue,
+    far: Queue,
+}
+
+impl Lane {
+    fn new() -> Lane {
+        Lane {
+            near: Queue::new(QUEUE_FRAMES),
+            far: Queue::new(QUEUE_FRAMES),
+        }
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        match (self.near.next_due(), self.far.next_due()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn receive(
+        &mut self,
+        sock: &PacketSocket,
+        arrival: Arrival,
+        rng: &mut SplitMix64,
+        counters: &Counters,
+        io: &mut Batch,
+    ) {
+        self.near
+            .receive(sock, arrival, rng, counters, io, &mut self.far);
+    }
+
+    fn release(&mut self, now: Instant, sock: &PacketSocket, counters: &Counters, io: &mut Batch) {
+        self.near.release(now, sock, counters, io);
+        self.far.release(now, sock, counters, io);
+    }
 }
 
 /// Frames held for one direction: a ring of fixed slots, first in first out.
@@ -467,6 +539,7 @@ impl Queue {
         rng: &mut SplitMix64,
         counters: &Counters,
         io: &mut Batch,
+        far: &mut Queue,
     ) {
         for _ in 0..BATCHES_PER_WAKE {
             let cap = self.capacity();
@@ -498,6 +571,13 @@ impl Queue {
                         lost += 1;
                         continue;
                     }
+                    let frame = &self.buf[(tail + i) * SLOT..(tail + i) * SLOT + len];
+                    if is_far(frame, &arrival.far) {
+                        if !far.push(frame, arrival.far_due) {
+                            Counters::add(&counters.overflowed, 1);
+                        }
+                        continue;
+                    }
                     let (from, to) = (tail + i, tail + kept);
                     if from != to {
                         self.buf
@@ -516,6 +596,20 @@ impl Queue {
                 return;
             }
         }
+    }
+
+    /// Copies `frame` into the tail slot, due at `due`; false if the ring is full.
+    fn push(&mut self, frame: &[u8], due: Instant) -> bool {
+        let cap = self.capacity();
+        if self.count == cap {
+            return false;
+        }
+        let tail = (self.head + self.count) % cap;
+        self.buf[tail * SLOT..tail * SLOT + frame.len()].copy_from_slice(frame);
+        self.len[tail] = frame.len() as u16;
+        self.due[tail] = due;
+        self.count += 1;
+        true
     }
 
     /// Sends every frame that is due to `sock`.
@@ -549,277 +643,6 @@ impl Queue {
     }
 }
 
-/// Reusable `recvmmsg`/`sendmmsg` arrays. They hold raw pointers into a `Queue`, valid only
-/// during one call.
-struct Batch {
-    hdrs: [libc::mmsghdr; BATCH],
-    iovs: [libc::iovec; BATCH],
-    addrs: [libc::sockaddr_ll; BATCH],
-    scratch: Box<[u8; SLOT]>,
-}
-
-impl Batch {
-    fn new() -> Batch {
-        // SAFETY: all three are plain C structs for which all-zero is a valid value.
-        unsafe {
-            Batch {
-                hdrs: mem::zeroed(),
-                iovs: mem::zeroed(),
-                addrs: mem::zeroed(),
-                scratch: Box::new([0; SLOT]),
-            }
-        }
-    }
-
-    /// Receives up to `room` frames into consecutive slots starting at `base`; returns how many.
-    fn recv(&mut self, fd: RawFd, base: *mut u8, room: usize) -> usize {
-        for i in 0..room {
-            self.iovs[i] = libc::iovec {
-                // SAFETY: the caller guarantees `room` slots of SLOT bytes from `base`.
-                iov_base: unsafe { base.add(i * SLOT) }.cast(),
-                iov_len: SLOT,
-            };
-            self.point(i);
-        }
-        // SAFETY: the first `room` headers point at live iovecs, buffers and addresses.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                self.hdrs.as_mut_ptr(),
-                room as libc::c_uint,
-                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-                std::ptr::null_mut(),
-            )
-        };
-        usize::try_from(n).unwrap_or(0)
-    }
-
-    /// Receives and discards up to a batch of frames; returns how many.
-    fn recv_scratch(&mut self, fd: RawFd) -> usize {
-        let mut n = 0;
-        while n < BATCH {
-            // SAFETY: reads at most SLOT bytes into the scratch buffer.
-            let rc = unsafe {
-                libc::recv(
-                    fd,
-                    self.scratch.as_mut_ptr().cast(),
-                    SLOT,
-                    libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-                )
-            };
-            if rc < 0 {
-                break;
-            }
-            n += 1;
-        }
-        n
-    }
-
-    /// Frame `i` of the last `recv`: (length, truncated, outgoing).
-    fn received(&self, i: usize) -> (usize, bool, bool) {
-        let hdr = &self.hdrs[i];
-        let len = hdr.msg_len as usize;
-        let truncated = len > SLOT || hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
-        let outgoing = self.addrs[i].sll_pkttype == PACKET_OUTGOING;
-        (len.min(SLOT), truncated, outgoing)
-    }
-
-    /// Sends slots `first .. first + n` of `buf` (lengths in `len`); returns how many went.
-    fn send(
-        &mut self,
-        fd: RawFd,
-        buf: &[u8],
-        len: &[u16],
-        first: usize,
-        n: usize,
-    ) -> io::Result<usize> {
-        for i in 0..n {
-            let slot = first + i;
-            self.iovs[i] = libc::iovec {
-                iov_base: buf[slot * SLOT..].as_ptr() as *mut libc::c_void,
-                iov_len: usize::from(len[slot]),
-            };
-            self.hdrs[i] = libc::mmsghdr {
-                // SAFETY: msghdr is a plain C struct; all-zero is valid.
-                msg_hdr: unsafe { mem::zeroed() },
-                msg_len: 0,
-            };
-            self.hdrs[i].msg_hdr.msg_iov = &mut self.iovs[i];
-            self.hdrs[i].msg_hdr.msg_iovlen = 1;
-        }
-        // SAFETY: the first `n` headers point at live iovecs over `buf`, which the kernel only
-        // reads. The socket is bound to its device, so no address is needed.
-        let rc = unsafe {
-            libc::sendmmsg(
-                fd,
-                self.hdrs.as_mut_ptr(),
-                n as libc::c_uint,
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(rc as usize)
-    }
-
-    /// Points header `i` at iovec `i` and address `i`.
-    fn point(&mut self, i: usize) {
-        // SAFETY: msghdr is a plain C struct; all-zero is valid.
-        self.hdrs[i].msg_hdr = unsafe { mem::zeroed() };
-        self.hdrs[i].msg_hdr.msg_iov = &mut self.iovs[i];
-        self.hdrs[i].msg_hdr.msg_iovlen = 1;
-        self.hdrs[i].msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_ll).cast();
-        self.hdrs[i].msg_hdr.msg_namelen = mem::size_of::<libc::sockaddr_ll>() as u32;
-        self.hdrs[i].msg_len = 0;
-    }
-}
-
-/// `sll_pkttype` of frames this host sent (linux/if_packet.h).
-const PACKET_OUTGOING: u8 = 4;
-/// Socket option: do not deliver our own outgoing frames back to us (Linux ≥ 4.20).
-const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
-
-/// An AF_PACKET raw socket bound to one device, in promiscuous mode.
-struct PacketSocket {
-    fd: OwnedFd,
-}
-
-impl PacketSocket {
-    /// Opens the socket on `ifname` in the calling thread's namespace.
-    fn open(ifname: &str) -> Result<PacketSocket> {
-        let cname = CString::new(ifname)?;
-        // SAFETY: `cname` is a valid C string.
-        let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
-        if ifindex == 0 {
-            return Err(io::Error::last_os_error()).with_context(|| format!("no device {ifname}"));
-        }
-        // Protocol 0 receives nothing until bound, so no other device's frames slip in.
-        let fd = socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-        .context("opening an AF_PACKET socket")?;
-        // SAFETY: sockaddr_ll is a plain C struct; all-zero is valid.
-        let mut addr: libc::sockaddr_ll = unsafe { mem::zeroed() };
-        addr.sll_family = libc::AF_PACKET as u16;
-        addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-        addr.sll_ifindex = ifindex as i32;
-        // SAFETY: binds to a live sockaddr_ll of the stated size.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_ll).cast(),
-                mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error()).with_context(|| format!("binding to {ifname}"));
-        }
-        // SAFETY: packet_mreq is a plain C struct; all-zero is valid.
-        let mut mreq: libc::packet_mreq = unsafe { mem::zeroed() };
-        mreq.mr_ifindex = ifindex as i32;
-        mreq.mr_type = libc::PACKET_MR_PROMISC as u16;
-        setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_ADD_MEMBERSHIP, &mreq)
-            .with_context(|| format!("promiscuous mode on {ifname}"))?;
-        // Best effort: frames marked outgoing are skipped in any case.
-        let _ = setsockopt(&fd, libc::SOL_PACKET, PACKET_IGNORE_OUTGOING, &1);
-        setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &SOCKET_BUFFER)
-            .context("SO_RCVBUFFORCE")?;
-        setsockopt(&fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &SOCKET_BUFFER)
-            .context("SO_SNDBUFFORCE")?;
-        Ok(PacketSocket { fd })
-    }
-
-    fn fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-}
-
-/// Waits until one of `fds` is readable or `timeout` passes (`None`: no timeout). Returns which
-/// are readable. A socket error (e.g. its device went down) is read and cleared, so it does not
-/// wake the loop again.
-fn wait(fds: [RawFd; 3], timeout: Option<Duration>) -> io::Result<[bool; 3]> {
-    let mut pfds = fds.map(|fd| libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    });
-    let ts = timeout.map(|t| libc::timespec {
-        tv_sec: t.as_secs() as libc::time_t,
-        tv_nsec: t.subsec_nanos() as libc::c_long,
-    });
-    let ts_ptr = ts
-        .as_ref()
-        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: three live pollfds and an optional live timespec.
-    let rc = unsafe { libc::ppoll(pfds.as_mut_ptr(), 3, ts_ptr, std::ptr::null()) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EINTR) {
-            return Ok([false; 3]);
-        }
-        return Err(e);
-    }
-    for p in &pfds {
-        if p.revents & libc::POLLERR != 0 {
-            let mut err: libc::c_int = 0;
-            let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
-            // SAFETY: reads SO_ERROR into a live c_int.
-            unsafe {
-                libc::getsockopt(
-                    p.fd,
-                    libc::SOL_SOCKET,
-                    libc::SO_ERROR,
-                    (&mut err as *mut libc::c_int).cast(),
-                    &mut len,
-                );
-            }
-        }
-    }
-    Ok(pfds.map(|p| p.revents & libc::POLLIN != 0))
-}
-
-fn socket(domain: libc::c_int, ty: libc::c_int, proto: libc::c_int) -> Result<OwnedFd> {
-    // SAFETY: socket(2) has no memory-safety preconditions.
-    let fd = unsafe { libc::socket(domain, ty, proto) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error()).context("socket(2)");
-    }
-    // SAFETY: `fd` was just created and is owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> Result<()> {
-    // SAFETY: passes a live value of its own size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (value as *const T).cast(),
-            mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error()).context(format!("setsockopt {level}/{name}"));
-    }
-    Ok(())
-}
-
-/// `ifname` as a NUL-padded `IFNAMSIZ` array.
-fn ifname_array(ifname: &str) -> Result<[libc::c_char; libc::IFNAMSIZ]> {
-    if ifname.len() >= libc::IFNAMSIZ || ifname.contains('\0') {
-        return Err(anyhow!("bad device name {ifname:?}"));
-    }
-    let mut name = [0 as libc::c_char; libc::IFNAMSIZ];
-    for (dst, src) in name.iter_mut().zip(ifname.bytes()) {
-        *dst = src as libc::c_char;
-    }
-    Ok(name)
-}
-
 /// A small seeded generator for the loss draws (SplitMix64).
 struct SplitMix64(u64);
 
@@ -838,61 +661,4 @@ impl SplitMix64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_profile_is_twenty_ms_without_loss() {
-        let p = WanProfile::default();
-        assert_eq!(p.delay, Duration::from_millis(20));
-        assert_eq!(p.loss, 0.0);
-    }
-
-    #[test]
-    fn profiles_out_of_range_are_refused() {
-        assert!(WanProfile::delay(Duration::from_secs(11))
-            .validate()
-            .is_err());
-        assert!(WanProfile::default().with_loss(1.5).validate().is_err());
-        assert!(WanProfile::default().with_loss(-0.1).validate().is_err());
-        assert!(WanProfile::default()
-            .with_loss(f64::NAN)
-            .validate()
-            .is_err());
-        assert!(WanProfile::default().with_loss(1.0).validate().is_ok());
-    }
-
-    #[test]
-    fn loss_threshold_covers_none_to_all() {
-        assert_eq!(loss_threshold(0.0), 0);
-        assert_eq!(loss_threshold(1.0), 1 << 32);
-        assert!(u64::from(u32::MAX) < loss_threshold(1.0));
-        assert_eq!(loss_threshold(0.5), 1 << 31);
-    }
-
-    #[test]
-    fn profile_round_trips_through_control() {
-        let c = Control::new(WanProfile::delay(Duration::from_millis(300)).with_loss(0.05))
-            .expect("eventfd");
-        assert_eq!(
-            c.profile(),
-            WanProfile::delay(Duration::from_millis(300)).with_loss(0.05)
-        );
-    }
-
-    #[test]
-    fn seeded_draws_lose_about_the_configured_fraction() {
-        let mut rng = SplitMix64(7);
-        let threshold = loss_threshold(0.05);
-        let lost = (0..100_000)
-            .filter(|_| u64::from(rng.next_u32()) < threshold)
-            .count();
-        assert!((4_500..5_500).contains(&lost), "{lost}");
-    }
-
-    #[test]
-    fn device_names_must_fit_ifnamsiz() {
-        assert!(ifname_array("u12a").is_ok());
-        assert!(ifname_array("a-very-long-device-name").is_err());
-    }
-}
+mod tests;

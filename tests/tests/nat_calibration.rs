@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, ensure, Result};
 use rally_lab::ping::{parse_rtt_stats, parse_summary, PingSummary, RttStats};
 use rally_lab::stun::{self, ProbeOptions, ProbeResult, RunningProbe, StunServer};
-use rally_lab::{Host, Lab, NatKind, Router, WanProfile};
+use rally_lab::{Host, Lab, NatKind, Router, Site, WanProfile};
 
 /// The inside host's STUN socket for the mapping check.
 const MAPPING_PORT: u16 = 40000;
@@ -239,6 +239,35 @@ fn wan_emulator_adds_delay_and_loss_on_demand_and_cuts_links() -> Result<()> {
         "wan: cut stopped every ping; restored RTT {back:?} ms ({:.1} s in all)",
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+#[test]
+fn wan_emulator_delays_only_far_destinations_and_holds_nothing_else_back() -> Result<()> {
+    let lab = Lab::new()?;
+    let a = lab.add_router("a", NatKind::HomeRouter)?;
+    let b = lab.add_router("b", NatKind::HomeRouter)?;
+    let c = lab.add_router("c", NatKind::HomeRouter)?;
+    // a far from b only: 2 × (20 + 150 + 20) = 380 ms to b, still 80 ms to c.
+    lab.set_wan_far(&a, &[&b as &dyn Site], Duration::from_millis(150))?;
+    // Both at once, every 50 ms: b's frames wait in a's far ring while c's pass.
+    let (far, near) = std::thread::scope(|s| {
+        let far = s.spawn(|| ping(&a, &b, 20, "0.05"));
+        let near = ping(&a, &c, 20, "0.05");
+        (far.join(), near)
+    });
+    let (far, _) = far.map_err(|_| anyhow!("ping thread panicked"))??;
+    let (near, _) = near?;
+    println!("wan: a far from b (+150 ms): RTT to b {far:?} ms, to c meanwhile {near:?} ms");
+    ensure!(far.min >= 370.0, "RTT {far:?} ms to the far address");
+    ensure!(
+        near.avg < 150.0 && near.max < 300.0,
+        "RTT {near:?} ms to a near address while far frames were held: head-of-line blocking"
+    );
+    lab.set_wan_far(&a, &[], Duration::ZERO)?;
+    let (back, _) = ping(&a, &b, 3, "0.2")?;
+    println!("wan: far setting cleared: RTT to b {back:?} ms");
+    ensure!(back.max < 300.0, "RTT {back:?} ms after clearing");
     Ok(())
 }
 

@@ -38,6 +38,8 @@ pub(crate) struct Health {
     pub failures: u32,
     pub successes: u32,
     pub rtt: Option<Duration>,
+    /// The path's recent variation, from which [`Health::jitter`] is read.
+    pub variation: Variation,
     /// Has been down since it was added: it must then earn the primary role back.
     pub has_failed: bool,
     pub probes_sent: u64,
@@ -51,6 +53,7 @@ impl Health {
             failures: 0,
             successes: 0,
             rtt: None,
+            variation: Variation::default(),
             has_failed: false,
             probes_sent: 0,
             probes_failed: 0,
@@ -70,10 +73,7 @@ impl Health {
     /// A probe was acknowledged after `rtt`: a success if within `max_latency`, else a failure.
     /// Either way the sample feeds the latency average.
     pub fn on_ack(&mut self, rtt: Duration, profile: &Profile) -> Transition {
-        self.rtt = Some(match self.rtt {
-            Some(avg) => (avg * (RTT_WEIGHT - 1) + rtt) / RTT_WEIGHT,
-            None => rtt,
-        });
+        self.sample(rtt);
         if rtt > profile.max_latency {
             return self.on_failure(profile);
         }
@@ -123,10 +123,64 @@ impl Health {
 
     /// The ack of a probe that already counted as lost: only the latency average learns.
     pub fn on_late_ack(&mut self, rtt: Duration) {
+        self.sample(rtt);
+    }
+
+    /// Feeds an RTT sample to the average and to the variation.
+    fn sample(&mut self, rtt: Duration) {
+        self.variation.sample(rtt);
         self.rtt = Some(match self.rtt {
             Some(avg) => (avg * (RTT_WEIGHT - 1) + rtt) / RTT_WEIGHT,
             None => rtt,
         });
+    }
+
+    /// The path's jitter: the median difference between consecutive RTT samples over the last
+    /// [`JITTER_SAMPLES`] differences, once there are at least half that many. A median, so a
+    /// step (a route change) or a lone spike is not jitter: only variation that persists is.
+    pub fn jitter(&self) -> Option<Duration> {
+        self.variation.median()
+    }
+}
+
+/// Differences between consecutive RTT samples kept for the jitter.
+pub(crate) const JITTER_SAMPLES: usize = 8;
+
+/// The last [`JITTER_SAMPLES`] differences between consecutive RTT samples, in units of
+/// 100 µs (saturating at 6.5 s): 24 bytes a path.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Variation {
+    diffs: [u16; JITTER_SAMPLES],
+    /// The last sample, in µs (0: none yet).
+    last_us: u32,
+    /// Differences stored so far, at most [`JITTER_SAMPLES`].
+    filled: u8,
+    /// Where the next difference goes.
+    next: u8,
+}
+
+impl Variation {
+    fn sample(&mut self, rtt: Duration) {
+        let us = u32::try_from(rtt.as_micros()).unwrap_or(u32::MAX).max(1);
+        if self.last_us != 0 {
+            let diff = self.last_us.abs_diff(us) / 100;
+            self.diffs[usize::from(self.next)] = u16::try_from(diff).unwrap_or(u16::MAX);
+            self.next = (self.next + 1) % JITTER_SAMPLES as u8;
+            self.filled = (self.filled + 1).min(JITTER_SAMPLES as u8);
+        }
+        self.last_us = us;
+    }
+
+    fn median(&self) -> Option<Duration> {
+        let n = usize::from(self.filled);
+        if n < JITTER_SAMPLES / 2 {
+            return None;
+        }
+        let mut sorted = self.diffs;
+        let sorted = &mut sorted[..n];
+        sorted.sort_unstable();
+        // The lower median: a single outlier in an even count does not lift it.
+        Some(Duration::from_micros(u64::from(sorted[(n - 1) / 2]) * 100))
     }
 }
 
@@ -148,6 +202,37 @@ mod tests {
         assert_eq!(h.rtt, Some(ms(175)));
         h.on_ack(ms(400), &p);
         assert_eq!(h.rtt, Some(Duration::from_micros(231_250)));
+    }
+
+    #[test]
+    fn jitter_is_the_median_difference_between_consecutive_samples() {
+        let p = Profile::stable();
+        let mut h = Health::new();
+        for rtt in [100, 110, 100, 104] {
+            h.on_ack(ms(rtt), &p);
+        }
+        assert_eq!(h.jitter(), None, "three differences are too few");
+        h.on_late_ack(ms(100));
+        // Differences 10, 10, 4, 4: the lower median.
+        assert_eq!(h.jitter(), Some(ms(4)));
+        for rtt in [110, 100, 110, 100] {
+            h.on_ack(ms(rtt), &p);
+        }
+        assert_eq!(
+            h.jitter(),
+            Some(ms(10)),
+            "the oldest fall out of the window"
+        );
+    }
+
+    #[test]
+    fn a_step_or_a_spike_is_not_jitter() {
+        let p = Profile::stable();
+        let mut h = Health::new();
+        for rtt in [40, 40, 40, 40, 400, 40, 40, 40, 80, 80, 80, 80] {
+            h.on_ack(ms(rtt), &p);
+        }
+        assert_eq!(h.jitter(), Some(ms(0)));
     }
 
     #[test]

@@ -32,9 +32,12 @@
 //!   alternating loss it never gets there, so the primary does not flap.
 //! * **Relay switching**: a relayed primary whose EWMA exceeds `relay_switch_latency` (200 ms)
 //!   moves to the fastest other relay measured strictly faster (`RelaySwitch`). After
-//!   [`RELAY_TRIAL_SAMPLES`] acknowledged probes on the new relay, if their mean is above the
-//!   old relay's EWMA, it switches back (`RelaySwitch { revert: true }`) and holds the new
-//!   relay out of switching for [`RELAY_REVERT_HOLD`].
+//!   [`RELAY_TRIAL_SAMPLES`] acknowledged probes on the new relay, if their mean (plus
+//!   [`JITTER_WEIGHT`] × the new relay's jitter) is above the old relay's quality (EWMA plus
+//!   the same for its jitter, raised by its loss), it switches back
+//!   (`RelaySwitch { revert: true }`) and holds the new relay out of switching for
+//!   [`RELAY_REVERT_HOLD`]. A relayed primary also moves to a relay ≥ [`BETTER_BY`] better
+//!   for the pair (RTT, jitter, loss) for [`BETTER_FOR`] (`relay_choice`).
 //! * **Manual**: [`Connection::set_primary`] pins an up path until it goes down or is
 //!   removed; while pinned, recovery and relay switching are off.
 //!
@@ -119,7 +122,7 @@ mod queue;
 mod table;
 
 pub use health::PathHealth;
-pub use manager::relay_choice::{BETTER_BY, BETTER_FOR};
+pub use manager::relay_choice::{BETTER_BY, BETTER_FOR, JITTER_WEIGHT};
 pub use manager::{
     Command, ConnEvent, ConnMetrics, ConnState, Connection, PathMetrics, PrimaryReason,
     ProbeTransmit, SetPrimaryError, Timer, Wake, CHECK_MARGIN, CHECK_MIN_WAIT, CHECK_PROBES,

@@ -1,5 +1,6 @@
 //! Relay choice by the pair's quality ([`crate::conn`]'s `relay_choice`): a relayed pair moves,
-//! make-before-break, to a relay at least 10 % better for it for 10 s, and never flaps.
+//! make-before-break, to a relay at least 10 % better for it (RTT, jitter, loss) for 10 s,
+//! and never flaps.
 
 use std::time::{Duration, Instant};
 
@@ -108,4 +109,28 @@ fn a_relay_only_slightly_worse_or_briefly_worse_is_kept() {
     }
     assert_eq!(switches(&sim, from), vec![], "kept");
     assert_eq!(relay_of(&sim), first);
+}
+
+#[test]
+fn a_relay_as_fast_on_average_but_jittery_is_left_for_the_steady_one() {
+    let (mut sim, t0) = relayed_pair();
+    ping_until(&mut sim, t0 + Duration::from_secs(5));
+    let first = relay_of(&sim);
+    let other = 1 - index(&first);
+    // Through `first`, each datagram leaving the relay waits 0 ..= 40 ms more (20 ms on
+    // average); through the other, 20 ms always: the same mean RTT (80 ms) for the pair, but
+    // `first` varies by about ±13 ms.
+    let from = sim.now;
+    sim.relay_jitter
+        .insert(index(&first), Duration::from_millis(40));
+    sim.relay_delay.insert(other, Duration::from_millis(20));
+    ping_until(&mut sim, from + Duration::from_secs(60));
+    let s = switches(&sim, from);
+    assert_eq!(s.len(), 1, "one switch, no flapping: {s:?}");
+    let took = s[0].0 - from;
+    assert!(
+        took >= crate::conn::BETTER_FOR && took < Duration::from_secs(25),
+        "switched after {took:?}"
+    );
+    assert_ne!(relay_of(&sim), first);
 }

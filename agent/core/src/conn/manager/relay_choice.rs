@@ -1,6 +1,7 @@
 //! Relay choice by the pair's own quality: every relayed path is probed end to end (through
 //! the relay to the peer and back), so its RTT and loss are the pair's, not this agent's
-//! distance to the relay. A relayed primary that is not slow enough for the
+//! distance to the relay; their jitter (the median change between consecutive samples) and loss
+//! count too ([`JITTER_WEIGHT`], `LOSS_WEIGHT`). A relayed primary that is not slow enough for the
 //! `relay_switch_latency` rule still moves, make-before-break (the other relay's path is up
 //! and probed already), to a relay whose quality is at least [`BETTER_BY`] better
 //! continuously for [`BETTER_FOR`]; a measurement in between that is not clearly better starts
@@ -14,6 +15,11 @@ pub const BETTER_BY: f64 = 0.10;
 pub const BETTER_FOR: Duration = Duration::from_secs(10);
 /// The weight of loss in a path's quality: each 1 % of probes lost counts as 4 % more RTT.
 const LOSS_WEIGHT: f64 = 4.0;
+/// The weight of jitter in a path's quality: the RTT plus twice its jitter (the median
+/// difference between consecutive RTT samples, `Health::jitter`), about what a receiver's
+/// jitter buffer must wait for late packets (so 60 ms with 15 ms jitter ranks with 90 ms
+/// steady).
+pub const JITTER_WEIGHT: f64 = 2.0;
 
 impl Connection {
     /// The relay clearly better for the pair than `current` for [`BETTER_FOR`], if one is.
@@ -56,14 +62,15 @@ impl Connection {
     }
 }
 
-/// A path's quality for the pair: its smoothed RTT in ms, raised by its loss rate (lower is
-/// better).
-fn quality(p: &Path) -> Option<f64> {
+/// A path's quality for the pair in ms (lower is better): its smoothed RTT plus
+/// [`JITTER_WEIGHT`] × its jitter, raised by its loss rate ([`LOSS_WEIGHT`]).
+pub(super) fn quality(p: &Path) -> Option<f64> {
     let rtt = p.health.rtt?.as_secs_f64() * 1000.0;
+    let jitter = p.health.jitter().unwrap_or_default().as_secs_f64() * 1000.0;
     let loss = if p.health.probes_sent == 0 {
         0.0
     } else {
         p.health.probes_failed as f64 / p.health.probes_sent as f64
     };
-    Some(rtt * (1.0 + LOSS_WEIGHT * loss))
+    Some((rtt + JITTER_WEIGHT * jitter) * (1.0 + LOSS_WEIGHT * loss))
 }

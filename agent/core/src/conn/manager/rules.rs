@@ -115,13 +115,22 @@ impl Connection {
         }
         let n = u32::try_from(trial.samples.len()).unwrap_or(u32::MAX);
         let mean = trial.samples.iter().sum::<Duration>() / n;
+        // The new relay's samples with its jitter against the old relay's whole quality, as
+        // the relay choice ranks them (for a steady path, just the RTTs).
+        let jitter = self
+            .paths
+            .get(&trial.to)
+            .and_then(|p| p.health.jitter())
+            .unwrap_or_default();
+        let new = (mean.as_secs_f64() * 1000.0)
+            + relay_choice::JITTER_WEIGHT * jitter.as_secs_f64() * 1000.0;
         let old = self
             .paths
             .get(&trial.from)
             .filter(|p| p.health.is_up())
-            .and_then(|p| p.health.rtt);
+            .and_then(relay_choice::quality);
         Some(match old {
-            Some(old) if mean > old => Verdict::Revert,
+            Some(old) if new > old => Verdict::Revert,
             _ => Verdict::Keep,
         })
     }

@@ -80,6 +80,8 @@ pub struct Sim {
     pub cuts: Vec<(IpAddr, IpAddr)>,
     /// Extra delay of everything leaving relay `i` (a slow relay).
     pub relay_delay: HashMap<usize, Duration>,
+    /// Random extra delay, uniform in 0 ..= this, of each datagram leaving relay `i` (jitter).
+    pub relay_jitter: HashMap<usize, Duration>,
     /// Relays listen on TCP too (set before [`Sim::start`]).
     pub tcp: bool,
     /// Agents whose network lets out no UDP (their LAN still works).
@@ -106,6 +108,7 @@ impl Sim {
             loss: 0.0,
             cuts: Vec::new(),
             relay_delay: HashMap::new(),
+            relay_jitter: HashMap::new(),
             tcp: false,
             udp_blocked: HashSet::new(),
             rng: ChaCha8Rng::seed_from_u64(1),

@@ -176,7 +176,10 @@ impl Sim {
             Action::Drop { reply: None, .. } => None,
         };
         if let Some((from, to, payload)) = out {
-            let extra = self.relay_delay.get(&r).copied().unwrap_or_default();
+            let mut extra = self.relay_delay.get(&r).copied().unwrap_or_default();
+            if let Some(&jitter) = self.relay_jitter.get(&r) {
+                extra += jitter.mul_f64(self.rng.gen::<f64>());
+            }
             self.put_after(from, to, payload, extra);
         }
     }
