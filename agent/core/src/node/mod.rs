@@ -27,6 +27,7 @@
 //! sockets come back through [`Node::handle_side_datagram`]) after every input; it sleeps until
 //! [`Node::poll_timeout`] and then calls [`Node::handle_timeout`].
 
+mod hold;
 mod peer;
 mod reason;
 mod relays;
@@ -58,6 +59,7 @@ use x25519_dalek::StaticSecret;
 use crate::conn::{ConnEvent, Connection, PathId, Profile, RelayId, SetPrimaryError, Timer};
 use crate::paths::PeerPaths;
 
+pub use hold::SOCKET_HOLD;
 pub use peer::PeerState;
 pub use reason::RelayReason;
 pub use relays::RelayConfig;
@@ -229,6 +231,8 @@ pub struct Node {
     transmits: VecDeque<Transmit>,
     events: VecDeque<NodeEvent>,
     packets: VecDeque<(Key32, Vec<u8>)>,
+    /// Until when the engine should leave the UDP socket unread (hold.rs).
+    socket_hold: Option<Instant>,
 }
 
 impl Node {
@@ -253,6 +257,7 @@ impl Node {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             packets: VecDeque::new(),
+            socket_hold: None,
             rng,
         }
     }
@@ -351,6 +356,7 @@ impl Node {
             p.conn.handle_tx(now);
             self.touch(*peer);
         }
+        self.end_hold();
     }
 
     /// Holds a packet for `peer` while it has no route; it comes back from
@@ -373,6 +379,8 @@ impl Node {
     /// Runs every timer due by `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
+        self.flush();
+        let before = self.transmits.len();
         self.relays_timeout(now);
         for id in self.deadlines.take_due(now) {
             let Some(p) = self.peers.get_mut(&id) else {
@@ -386,6 +394,8 @@ impl Node {
             }
             self.dirty.push(id);
         }
+        self.flush();
+        self.note_burst(self.transmits.len().saturating_sub(before), now);
     }
 
     // ----- outputs -----
