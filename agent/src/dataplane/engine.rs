@@ -36,6 +36,7 @@ use super::batch::{GsoBatch, TunBatch};
 use super::handshake_guard::HandshakeGuard;
 use super::inbound::InboundFilter;
 use super::restart::RestartHints;
+use super::timers::Wake;
 use super::tunnel::Tunnel;
 use crate::conn::{PathId, Profile};
 use crate::discovery::{DiscoveryConfig, DiscoveryIo, DiscoveryStatus};
@@ -43,8 +44,6 @@ use crate::events::EventBus;
 use crate::node::{Node, NodeConfig};
 use rally_agent_core::discovery::Discovery;
 
-/// Keepalive towards every peer, which also keeps NAT mappings open.
-pub(super) const KEEPALIVE_SECS: u16 = 25;
 const BUF_LEN: usize = 65_536 + 64;
 /// Receive buffers per UDP read (each takes one datagram, or one GRO train of them).
 pub(super) const RX_BUFS: usize = 8;
@@ -389,6 +388,13 @@ impl Engine {
         tokio::pin!(sleep);
         loop {
             let (deadline, wake) = self.next_wake();
+            // After an idle burst of probes the node may ask for the socket to stay unread
+            // a few milliseconds, so the answers are read in one wake-up (node/hold.rs).
+            let hold = self.socket_hold();
+            let (deadline, wake) = match hold {
+                Some(h) if h < deadline => (h, Wake::SocketHold),
+                _ => (deadline, wake),
+            };
             if sleep.deadline() != deadline {
                 sleep.as_mut().reset(deadline);
             }
@@ -401,7 +407,9 @@ impl Engine {
                 biased;
                 () = &mut sleep => {
                     trace!(reason = ?wake, "woke for a timer");
-                    self.handle_timers(&mut b.out).await;
+                    if wake != Wake::SocketHold {
+                        self.handle_timers(&mut b.out).await;
+                    }
                 }
                 cmd = cmds.recv() => match cmd {
                     Some(EngineCmd::Shutdown) | None => break,
@@ -410,7 +418,7 @@ impl Engine {
                         self.handle_cmd(cmd);
                     }
                 },
-                r = self.udp.readable() => match r {
+                r = self.udp.readable(), if hold.is_none() => match r {
                     Ok(()) => {
                         trace!("woke for the socket");
                         self.receive_udp(&mut b).await;

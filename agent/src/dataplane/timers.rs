@@ -6,10 +6,10 @@
 //! boringtun's timers (handshake retries, keepalives, session expiry) are rounded to a second
 //! inside boringtun, so its slot comes round every [`WG_TIMERS`] while a tunnel with WireGuard
 //! state belongs to a busy peer (or one without a primary path), and every
-//! [`WG_TIMERS_IDLE`] while all of them are idle: then the only timers that can fire are the
-//! 25 s persistent keepalive and session expiry, and they fire up to that much later (a
-//! keepalive after 25–30 s; the connection manager's idle probes keep the NAT mapping of the
-//! primary path open every 15 s in any case). The slot visits only tunnels with state. A
+//! [`WG_TIMERS_IDLE`] while all of them are idle: then the only timer that can fire is session
+//! expiry, up to that much later (there is no persistent keepalive: the connection manager's
+//! idle probes watch the paths and keep their NAT mappings open). The slot visits only tunnels
+//! with state, and an expired session leaves it. A
 //! wake-up for the node runs WireGuard's timers and discovery's too when their slots are due
 //! within [`WG_COALESCE`], so they share wake-ups; while idle, both slots sit on the node's idle
 //! grid (`Node::idle_slot`), where the idle peers' probes and the relay pings are too.
@@ -20,7 +20,7 @@ use rally_proto::relay::DATA_HEADER_LEN;
 use rally_proto::Key32;
 use tracing::{info, trace};
 
-use super::engine::{Engine, EngineEvent, Peer, KEEPALIVE_SECS};
+use super::engine::{Engine, EngineEvent, Peer};
 use super::tunnel::{Output, Tunnel, TunnelError};
 use crate::conn::{ConnEvent, PathId};
 use crate::events::{Event, EventType};
@@ -42,6 +42,8 @@ pub enum Wake {
     Node(TimerReason),
     WireGuard,
     Discovery,
+    /// The node's hold on the UDP socket after an idle burst ended: read it.
+    SocketHold,
     Nothing,
 }
 
@@ -57,6 +59,14 @@ pub fn unix_ms() -> u64 {
 }
 
 impl Engine {
+    /// The end of the node's hold on the UDP socket, if one is running (node/hold.rs).
+    pub(super) fn socket_hold(&self) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        self.node
+            .read_socket_at(now.into_std())
+            .map(tokio::time::Instant::from_std)
+    }
+
     /// The earliest slot of the timers table.
     pub(super) fn next_wake(&mut self) -> (tokio::time::Instant, Wake) {
         let node = self
@@ -260,7 +270,9 @@ impl Engine {
         let tunnel = Tunnel::new(
             self.secret.clone(),
             boringtun::x25519::PublicKey::from(wg_key.0),
-            Some(KEEPALIVE_SECS),
+            // No persistent keepalive: the connection manager's probes watch every path and
+            // keep its NAT mappings open (docs/architecture.md, "Keepalives").
+            None,
             index,
         );
         self.by_index.insert(index, id);

@@ -28,6 +28,7 @@
 //! [`Node::poll_timeout`] and then calls [`Node::handle_timeout`].
 
 mod birthday;
+mod hold;
 mod peer;
 mod reason;
 mod relay_tcp;
@@ -68,6 +69,7 @@ use x25519_dalek::StaticSecret;
 use crate::conn::{ConnEvent, Connection, PathId, Profile, RelayId, SetPrimaryError, Timer};
 use crate::paths::PeerPaths;
 
+pub use hold::SOCKET_HOLD;
 pub use peer::PeerState;
 pub use reason::RelayReason;
 pub use relay_tcp::{is_tcp_slot, tcp_slot, TcpChange, TcpEndpoint, TCP_HEAD_START, TCP_LINGER};
@@ -233,6 +235,8 @@ pub struct Node {
     transmits: VecDeque<Transmit>,
     events: VecDeque<NodeEvent>,
     packets: VecDeque<(Key32, Vec<u8>)>,
+    /// Until when the engine should leave the UDP socket unread (hold.rs).
+    socket_hold: Option<Instant>,
 }
 
 impl Node {
@@ -257,6 +261,7 @@ impl Node {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             packets: VecDeque::new(),
+            socket_hold: None,
             rng,
         }
     }
@@ -356,6 +361,7 @@ impl Node {
             p.conn.handle_tx(now);
             self.touch(*peer);
         }
+        self.end_hold();
     }
 
     /// Holds a packet for `peer` while it has no route; it comes back from
@@ -378,6 +384,8 @@ impl Node {
     /// Runs every timer due by `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
+        self.flush();
+        let before = self.transmits.len();
         self.relays_timeout(now);
         for id in self.deadlines.take_due(now) {
             let Some(p) = self.peers.get_mut(&id) else {
@@ -394,6 +402,8 @@ impl Node {
             }
             self.dirty.push(id);
         }
+        self.flush();
+        self.note_burst(self.transmits.len().saturating_sub(before), now);
     }
 
     // ----- outputs -----

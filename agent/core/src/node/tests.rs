@@ -382,6 +382,43 @@ fn an_idle_agents_probes_and_relay_pings_wait_for_the_idle_grid() {
     assert!(reasons.iter().any(|r| r.contains("Probe")), "{reasons:?}");
 }
 
+#[test]
+fn an_idle_burst_holds_the_socket_briefly_and_traffic_ends_the_hold() {
+    let t0 = origin();
+    let mut sim = Sim::new(t0);
+    sim.add_relay("r1");
+    sim.add_relay("r2");
+    for _ in 0..5 {
+        sim.add_agent(NatKind::Public);
+    }
+    sim.start();
+    sim.run_for(Duration::from_secs(60));
+    // The socket is never held while a peer is busy (over several grid slots).
+    let held = |s: &Sim| s.agents[0].node.read_socket_at(s.now).is_some();
+    sim.send_data(0, 1);
+    assert!(!sim.run_until(sim.now + Duration::from_secs(12), held));
+    sim.run_for(Duration::from_secs(60));
+    // Idle: a grid slot's probes hold the socket for `SOCKET_HOLD` from the slot.
+    assert!(sim.run_until(sim.now + Duration::from_secs(30), held));
+    let slot = sim.now;
+    assert_eq!(
+        sim.agents[0].node.idle_slot(slot),
+        slot,
+        "a burst off the grid"
+    );
+    assert_eq!(
+        sim.agents[0].node.read_socket_at(slot),
+        Some(slot + super::SOCKET_HOLD)
+    );
+    assert_eq!(
+        sim.agents[0].node.read_socket_at(slot + super::SOCKET_HOLD),
+        None
+    );
+    // A packet to any peer: read at once again.
+    sim.send_data(0, 1);
+    assert_eq!(sim.agents[0].node.read_socket_at(sim.now), None);
+}
+
 // ----- helpers -----
 
 /// Node wake-ups per second of agent 0 among `peers + 1` idle public agents, over the second

@@ -32,8 +32,9 @@ pub const RELAY_REVERT_HOLD: Duration = Duration::from_secs(60);
 /// fail a path that carries data.
 pub const CHECK_PROBES: u32 = 3;
 /// While idle, paths other than the primary are probed this many times more rarely than the
-/// idle interval.
-pub const IDLE_STANDBY_FACTOR: u32 = 4;
+/// idle interval (every 2 minutes with the stable profile's 15 s): a standby is a relay path,
+/// and the relay client's own 10 s pings (and the peer's) watch the relay in between.
+pub const IDLE_STANDBY_FACTOR: u32 = 8;
 /// While idle, a probe due takes along the peer's other probes due within the idle interval
 /// divided by this.
 pub const IDLE_COALESCE: u32 = 4;

@@ -393,7 +393,7 @@ impl Connection {
         let fast = cadence == self.profile.probe_interval;
         // While idle, a probe due on any path takes along the others due within a quarter of
         // the idle interval (one wake-up per peer, not one per path); and only the primary
-        // keeps the idle interval, standbys probe four times as rarely (a busy peer probes
+        // keeps the idle interval, standbys probe eight times as rarely (a busy peer probes
         // every path at `probe_interval` again, and a relay's own pings watch the relay).
         let any_due = self
             .paths

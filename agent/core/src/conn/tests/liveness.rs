@@ -169,16 +169,16 @@ fn an_idle_path_the_peer_probes_is_not_probed_by_us_too() {
     let mut sim = Sim::new(Profile::stable());
     sim.add(direct(), Link::up(ms(20)));
     sim.add(relay("eu"), Link::up(ms(40)));
-    sim.run_for(secs(120));
-    // Idle: the primary every 15 s, the standby four times as rarely.
-    let (from, to) = (sim.now - secs(60), sim.now);
-    assert_eq!(sim.probes_on(&direct(), from, to).len(), 4);
+    sim.run_for(secs(240));
+    // Idle: the primary every 15 s, the standby eight times as rarely (every 2 minutes).
+    let (from, to) = (sim.now - secs(120), sim.now);
+    assert_eq!(sim.probes_on(&direct(), from, to).len(), 8);
     assert_eq!(sim.probes_on(&relay("eu"), from, to).len(), 1);
 
     // The peer's own probes arrive on the direct path every 14 s: it watches the path, so
     // ours there stop (the relay's go on at their own cadence).
     let watched = sim.now;
-    for _ in 0..5 {
+    for _ in 0..9 {
         assert!(sim.conn.handle_peer_probe(&direct(), sim.now));
         sim.run_for(secs(14));
     }
