@@ -3,8 +3,9 @@
 //! Both kernel queues below the engine (the TUN device's ring, the UDP socket's receive
 //! queue) are read promptly into user space. What is small ([`class_of`]) is handled as it is
 //! read: encrypted and sent, or decrypted and written to the TUN device. What is bulk waits in
-//! a [`BulkQueue`] per direction that the engine serves one slice at a time ([`TX_SLICE`]
-//! packets, one GRO train), yielding to the runtime after each slice so that its I/O driver
+//! [`FlowQueues`] per direction (by inner 5-tuple when sending, by sending address when
+//! receiving; deficit round robin, CoDel per flow) that the engine serves one slice at a
+//! time ([`TX_SLICE`] packets, one GRO train), yielding to the runtime after each slice so that its I/O driver
 //! notices new readiness and the next small packet is read before the next slice. CoDel
 //! decides at each dequeue whether a bulk packet is dropped, or marked Congestion Experienced
 //! if its inner packet is ECN-capable (on the receive side after decryption).
@@ -16,9 +17,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use rally_agent_core::aqm::socket_buffer_bytes;
 use rally_agent_core::aqm::{class_of, mark_ce, Class, Codel, Marked};
-use rally_agent_core::aqm::{socket_buffer_bytes, BULK_LIMIT_BYTES};
-use rally_agent_core::aqm_fq::{flow_key, FlowQueues, QUANTUM};
+use rally_agent_core::aqm_fq::{flow_key, FlowQueues};
 use tracing::{debug, info};
 
 use super::batch::MAX_GSO_BYTES;
@@ -38,6 +39,17 @@ const RX_MIN_WEIGHT: usize = 16 * 1024;
 /// together (at 2 MiB, 2.9 % of the datagrams of a two-stream transfer went so): above what the
 /// inner TCP windows put in flight, the drops are left to CoDel, one datagram per verdict.
 const RX_LIMIT_BYTES: usize = 8 * 1024 * 1024;
+/// Byte limit of the send side's queues. The loop drains the TUN device, so the kernel's
+/// backpressure on the sending TCP (a full TUN queue stops it without a loss) is gone: at
+/// 2 MiB the queues overflowed under a two-stream load (1.5 % of the packets), each loss
+/// halving a flow. As on the receive side, the limit is set above what the windows put in
+/// flight and the drops are left to CoDel.
+const TX_LIMIT_BYTES: usize = 8 * 1024 * 1024;
+/// Quantum of the send side's flow queues: one GSO burst (what the sending TCP hands the TUN
+/// device at once). With fq-codel's 1514 bytes the flows' packets went out interleaved one by
+/// one, and the receiving agent's GRO then wrote each train to its TUN device as a coalesced
+/// packet per flow instead of one.
+const TX_QUANTUM: usize = 64 * 1024;
 /// Quantum of the receive side's flow queues: a train is up to 64 KiB, so a peer's queue may
 /// send about one train per round.
 const RX_QUANTUM: usize = 64 * 1024;
@@ -118,7 +130,7 @@ impl Queues {
         Queues {
             enabled: !fifo,
             rx: FlowQueues::new(RX_LIMIT_BYTES, RX_QUANTUM, Codel::default()),
-            tx: FlowQueues::new(BULK_LIMIT_BYTES, QUANTUM, Codel::default()),
+            tx: FlowQueues::new(TX_LIMIT_BYTES, TX_QUANTUM, Codel::default()),
             rx_pool: Vec::new(),
             tx_pool: Vec::new(),
             rx_congested: false,
