@@ -37,7 +37,7 @@ fn shared_tunnel_carries_both(fifo: bool) -> Result<()> {
         }
         let pair = rally_pair(&control, &a, &b, "q", "direct");
         std::env::remove_var("RALLY_DATAPLANE_FIFO");
-        let (_aa, ab) = pair?;
+        let (aa, ab) = pair?;
         let target = ab.virtual_ip()?;
         let path = Path {
             subject: Subject::Rally,
@@ -76,6 +76,14 @@ fn shared_tunnel_carries_both(fifo: bool) -> Result<()> {
         let text = std::fs::read_to_string(pings.log_path())?;
         let replies = parse_ping_times(&text).len();
         println!("fifo={fifo}: {mbps:.0} Mbit/s, {replies}/300 ping replies under load");
+        // The receiving agent's own view (logged every 2 s under load with the queues on):
+        // drops, sojourns, and how long its socket waited between two reads.
+        for (side, agent) in [("sending", &aa), ("receiving", &ab)] {
+            let log = std::fs::read_to_string(agent.log_path()).unwrap_or_default();
+            if let Some(line) = log.lines().rev().find(|l| l.contains("data-plane queues")) {
+                println!("fifo={fifo}: {side} agent: {line}");
+            }
+        }
         ensure!(mbps > 1.0, "the bulk transfer moved {mbps} Mbit/s");
         ensure!(
             replies >= 270,

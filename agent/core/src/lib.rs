@@ -8,6 +8,7 @@
 //! [`inbound`] admits decrypted packets only to this agent's virtual IP.
 
 pub mod aqm;
+pub mod aqm_fq;
 pub mod backoff;
 pub mod birthday;
 pub mod conn;

@@ -452,6 +452,7 @@ impl Engine {
             }
             if self.queues.has_work() {
                 self.serve_bulk(&mut b).await;
+                self.queues.report(super::timers::now());
             }
             self.drain_node(&mut b.out).await;
             self.discovery_flush(&mut b.out).await;

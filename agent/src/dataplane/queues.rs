@@ -3,8 +3,9 @@
 //! Both kernel queues below the engine (the TUN device's ring, the UDP socket's receive
 //! queue) are read promptly into user space. What is small ([`class_of`]) is handled as it is
 //! read: encrypted and sent, or decrypted and written to the TUN device. What is bulk waits in
-//! a [`BulkQueue`] per direction that the engine serves one slice at a time ([`TX_SLICE`]
-//! packets, one GRO train), yielding to the runtime after each slice so that its I/O driver
+//! [`FlowQueues`] per direction (by inner 5-tuple when sending, by sending address when
+//! receiving; deficit round robin, CoDel per flow) that the engine serves one slice at a
+//! time ([`TX_SLICE`] packets, one GRO train), yielding to the runtime after each slice so that its I/O driver
 //! notices new readiness and the next small packet is read before the next slice. CoDel
 //! decides at each dequeue whether a bulk packet is dropped, or marked Congestion Experienced
 //! if its inner packet is ECN-capable (on the receive side after decryption).
@@ -16,9 +17,10 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use rally_agent_core::aqm::{class_of, mark_ce, BulkQueue, Class, Codel, Marked};
-use rally_agent_core::aqm::{socket_buffer_bytes, BULK_LIMIT_BYTES};
-use tracing::debug;
+use rally_agent_core::aqm::socket_buffer_bytes;
+use rally_agent_core::aqm::{class_of, mark_ce, Class, Codel, Marked};
+use rally_agent_core::aqm_fq::{flow_key, FlowQueues};
+use tracing::{debug, info};
 
 use super::batch::MAX_GSO_BYTES;
 use super::engine::{Buffers, Engine};
@@ -31,6 +33,28 @@ const TUN_READS: usize = 64;
 /// A short GRO train still counts this much against the receive queue's byte limit: its buffer
 /// is a 64 KiB one, and the limit also bounds memory.
 const RX_MIN_WEIGHT: usize = 16 * 1024;
+/// Byte limit of the receive side's queues, as large as the FIFO engine's socket buffer. One
+/// peer's bulk flows share a queue there (their inner packets are unknown before decryption),
+/// so an overflow drops a whole GRO train of every flow's packets and they all back off
+/// together (at 2 MiB, 2.9 % of the datagrams of a two-stream transfer went so): above what the
+/// inner TCP windows put in flight, the drops are left to CoDel, one datagram per verdict.
+const RX_LIMIT_BYTES: usize = 8 * 1024 * 1024;
+/// Byte limit of the send side's queues. The loop drains the TUN device, so the kernel's
+/// backpressure on the sending TCP (a full TUN queue stops it without a loss) is gone: at
+/// 2 MiB the queues overflowed under a two-stream load (1.5 % of the packets), each loss
+/// halving a flow. As on the receive side, the limit is set above what the windows put in
+/// flight and the drops are left to CoDel.
+const TX_LIMIT_BYTES: usize = 8 * 1024 * 1024;
+/// Quantum of the send side's flow queues: one GSO burst (what the sending TCP hands the TUN
+/// device at once). With fq-codel's 1514 bytes the flows' packets went out interleaved one by
+/// one, and the receiving agent's GRO then wrote each train to its TUN device as a coalesced
+/// packet per flow instead of one.
+const TX_QUANTUM: usize = 64 * 1024;
+/// Quantum of the receive side's flow queues: a train is up to 64 KiB, so a peer's queue may
+/// send about one train per round.
+const RX_QUANTUM: usize = 64 * 1024;
+/// How often the queues' counters are logged under load.
+const REPORT_EVERY: Duration = Duration::from_secs(2);
 /// Spare buffers kept for the next burst; the rest are freed.
 const POOL_KEEP: usize = 64;
 /// Nice value of the data-plane thread with the queues on: under load the thread is busy,
@@ -60,21 +84,44 @@ pub(super) struct QueueStats {
     pub overflow_drops: u64,
     pub max_sojourn_rx: Duration,
     pub max_sojourn_tx: Duration,
+    /// Time between two reads of the UDP socket while it still held datagrams (the previous
+    /// read stopped before draining it), by bucket: < 0.1 ms, < 1 ms, < 5 ms, < 20 ms, more.
+    pub rx_read_gaps: [u64; 5],
+    pub max_rx_read_gap: Duration,
 }
 
-/// The engine's two bulk queues, their CoDel states and buffer pools.
+impl QueueStats {
+    /// Records the time between two reads of a socket that still held datagrams.
+    pub fn rx_read_gap(&mut self, gap: Duration) {
+        let bucket = match gap.as_micros() {
+            0..100 => 0,
+            100..1000 => 1,
+            1000..5000 => 2,
+            5000..20000 => 3,
+            _ => 4,
+        };
+        self.rx_read_gaps[bucket] += 1;
+        self.max_rx_read_gap = self.max_rx_read_gap.max(gap);
+    }
+}
+
+/// The engine's two sets of bulk flow queues (CoDel per flow) and buffer pools: on the send
+/// side one flow is an inner 5-tuple, on the receive side a sending address (the inner packets
+/// are not known before decryption).
 pub(super) struct Queues {
     /// False with `RALLY_DATAPLANE_FIFO=1`: arrival order, no AQM.
     pub enabled: bool,
-    rx: BulkQueue<RxTrain>,
-    tx: BulkQueue<(Vec<u8>, usize)>,
-    rx_codel: Codel,
-    tx_codel: Codel,
+    rx: FlowQueues<RxTrain>,
+    tx: FlowQueues<(Vec<u8>, usize)>,
     rx_pool: Vec<Vec<u8>>,
     tx_pool: Vec<Vec<u8>>,
     /// The datagram being handled was picked by CoDel: mark its inner packet or drop it.
     pub rx_congested: bool,
+    /// When a read of the UDP socket last stopped before draining it.
+    pub undrained_since: Option<Instant>,
     pub stats: QueueStats,
+    /// When the counters were last logged.
+    reported: Option<Instant>,
 }
 
 impl Queues {
@@ -82,14 +129,14 @@ impl Queues {
         let fifo = std::env::var(FIFO_ENV).is_ok_and(|v| v == "1");
         Queues {
             enabled: !fifo,
-            rx: BulkQueue::new(BULK_LIMIT_BYTES),
-            tx: BulkQueue::new(BULK_LIMIT_BYTES),
-            rx_codel: Codel::default(),
-            tx_codel: Codel::default(),
+            rx: FlowQueues::new(RX_LIMIT_BYTES, RX_QUANTUM, Codel::default()),
+            tx: FlowQueues::new(TX_LIMIT_BYTES, TX_QUANTUM, Codel::default()),
             rx_pool: Vec::new(),
             tx_pool: Vec::new(),
             rx_congested: false,
+            undrained_since: None,
             stats: QueueStats::default(),
+            reported: None,
         }
     }
 
@@ -129,10 +176,21 @@ impl Queues {
         !self.rx.is_empty() || !self.tx.is_empty()
     }
 
+    /// Logs the counters (info) at most every [`REPORT_EVERY`] while bulk traffic flows;
+    /// called on busy turns only, so an idle agent never wakes for it.
+    pub fn report(&mut self, t: Instant) {
+        if !self.enabled || self.reported.is_some_and(|r| t < r + REPORT_EVERY) {
+            return;
+        }
+        self.reported = Some(t);
+        info!(stats = ?self.stats, "data-plane queues");
+    }
+
     fn queue_rx(&mut self, train: RxTrain, t: Instant) {
         self.stats.bulk_rx += (train.len / train.stride.max(1)) as u64;
         let weight = train.len.max(RX_MIN_WEIGHT);
-        for old in self.rx.push(train, weight, t) {
+        let key = addr_key(&train.from);
+        for old in self.rx.push(key, train, weight, t) {
             self.stats.overflow_drops += (old.len / old.stride.max(1)) as u64;
             self.rx_pool.push(old.buf);
         }
@@ -140,7 +198,8 @@ impl Queues {
 
     fn queue_tx(&mut self, buf: Vec<u8>, size: usize, t: Instant) {
         self.stats.bulk_tx += 1;
-        for (old, _) in self.tx.push((buf, size), size, t) {
+        let key = flow_key(&buf[..size]);
+        for (old, _) in self.tx.push(key, (buf, size), size, t) {
             self.stats.overflow_drops += 1;
             self.tx_pool.push(old);
         }
@@ -251,13 +310,13 @@ impl Engine {
     async fn serve_tx_slice(&mut self, b: &mut Buffers) {
         for _ in 0..TX_SLICE {
             let t = now();
-            let Some(((mut buf, size), sojourn)) = self.queues.tx.pop(t) else {
+            let Some(d) = self.queues.tx.pop(t) else {
                 break;
             };
+            let (mut buf, size) = d.item;
             let q = &mut self.queues;
-            q.stats.max_sojourn_tx = q.stats.max_sojourn_tx.max(sojourn);
-            let congested = q.tx_codel.should_drop(sojourn, q.tx.bytes(), t);
-            if !congested || self.congestion_allows(&mut buf[..size]) {
+            q.stats.max_sojourn_tx = q.stats.max_sojourn_tx.max(d.sojourn);
+            if !d.congested || self.congestion_allows(&mut buf[..size]) {
                 self.handle_tun_packet(&buf[..size], &mut b.out).await;
             }
             self.queues.tx_pool.push(buf);
@@ -265,19 +324,20 @@ impl Engine {
         super::tx::flush_gso(&self.udp, &self.udp_state, &mut self.gso).await;
     }
 
+    /// One train of the receive side's flow queues. When CoDel picks the train, its first
+    /// datagram is marked or dropped (one drop per verdict, as for a single packet).
     async fn serve_rx_train(&mut self, b: &mut Buffers) {
         let t = now();
-        let Some((train, sojourn)) = self.queues.rx.pop(t) else {
+        let Some(d) = self.queues.rx.pop(t) else {
             return;
         };
+        let train = d.item;
         let q = &mut self.queues;
-        q.stats.max_sojourn_rx = q.stats.max_sojourn_rx.max(sojourn);
-        let mut left = train.len;
-        for d in train.buf[..train.len].chunks(train.stride) {
-            left -= d.len();
-            let q = &mut self.queues;
-            q.rx_congested = q.rx_codel.should_drop(sojourn, q.rx.bytes() + left, t);
-            self.handle_datagram(train.from, d, &mut b.out).await;
+        q.stats.max_sojourn_rx = q.stats.max_sojourn_rx.max(d.sojourn);
+        let mut congested = d.congested;
+        for datagram in train.buf[..train.len].chunks(train.stride) {
+            self.queues.rx_congested = std::mem::take(&mut congested);
+            self.handle_datagram(train.from, datagram, &mut b.out).await;
             self.queues.rx_congested = false;
         }
         super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
@@ -298,4 +358,12 @@ impl Engine {
             }
         }
     }
+}
+
+/// The receive side's flow: the sending address (one peer's path, or a relay).
+fn addr_key(addr: &SocketAddr) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    addr.hash(&mut h);
+    h.finish()
 }

@@ -26,7 +26,12 @@ impl Engine {
     /// trains each), handles every datagram, then writes the decrypted packets to the TUN
     /// device in one batch.
     pub(super) async fn receive_udp(&mut self, b: &mut Buffers) {
-        for _ in 0..RX_ROUNDS {
+        if let Some(left) = self.queues.undrained_since.take() {
+            self.queues
+                .stats
+                .rx_read_gap(now().saturating_duration_since(left));
+        }
+        for round in 0..RX_ROUNDS {
             let (n, drained) = {
                 let mut iovs = b.rx.each_mut().map(|b| std::io::IoSliceMut::new(b));
                 match rally_udp::recv_batch(&self.udp, &self.udp_state, &mut iovs, &mut b.meta) {
@@ -45,6 +50,10 @@ impl Engine {
             super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
             if drained {
                 break;
+            }
+            if round + 1 == RX_ROUNDS {
+                // The socket still holds datagrams: the next read says how long they waited.
+                self.queues.undrained_since = Some(now());
             }
         }
     }
