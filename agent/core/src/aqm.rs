@@ -4,13 +4,12 @@
 //! The engine reads the kernel's queues (the TUN device's, the UDP socket's) promptly into user
 //! space and sorts what it reads into two classes ([`class_of`]): **small** packets (a game's
 //! updates, pings, TCP ACKs, handshakes) are handled at once, as they are read; **bulk** ones
-//! wait in a [`BulkQueue`] that the engine serves a slice at a time, between reads. [`Codel`]
+//! wait in the flow queues of [`crate::aqm_fq`] that the engine serves a slice at a time,
+//! between reads. [`Codel`]
 //! (RFC 8289) watches the bulk packets' sojourn time and tells the engine when to drop one, or
 //! mark it Congestion Experienced ([`mark_ce`]) where the inner packet is ECN-capable, so that
-//! the inner TCP backs off before megabytes pile up. The queue's byte limit bounds what CoDel
-//! has not yet brought down: past it the oldest bulk packet is dropped.
+//! the inner TCP backs off before megabytes pile up.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// Datagrams and packets up to this size (bytes) are "small" and never wait behind bulk ones: a
@@ -23,8 +22,6 @@ pub const CODEL_TARGET: Duration = Duration::from_millis(2);
 /// CoDel's interval: how long the sojourn must stay above target (the worst round trip the
 /// inner flows are expected to have).
 pub const CODEL_INTERVAL: Duration = Duration::from_millis(100);
-/// Bytes a bulk queue holds at most (about 5 ms at 3 Gbit/s, the data plane's speed here).
-pub const BULK_LIMIT_BYTES: usize = 2 * 1024 * 1024;
 
 /// The two classes of [`class_of`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,70 +46,6 @@ pub fn class_of(len: usize) -> Class {
 pub fn socket_buffer_bytes(rate_bps: u64, rtt: Duration, min_bytes: usize) -> usize {
     let bdp = u128::from(rate_bps) * rtt.as_micros() / 8 / 1_000_000;
     usize::try_from(bdp).unwrap_or(usize::MAX).max(min_bytes)
-}
-
-/// A FIFO of bulk items, each stamped with its arrival time and size, bounded in bytes.
-#[derive(Debug)]
-pub struct BulkQueue<T> {
-    items: VecDeque<(T, usize, Instant)>,
-    bytes: usize,
-    limit: usize,
-}
-
-impl<T> BulkQueue<T> {
-    /// An empty queue holding at most `limit_bytes` (always at least one item).
-    pub fn new(limit_bytes: usize) -> Self {
-        BulkQueue {
-            items: VecDeque::new(),
-            bytes: 0,
-            limit: limit_bytes,
-        }
-    }
-
-    /// Appends `item` of `len` bytes arrived at `now`. Returns the oldest items dropped to make
-    /// room (the head: a drop the receiver notices soonest).
-    pub fn push(&mut self, item: T, len: usize, now: Instant) -> Vec<T> {
-        let mut dropped = Vec::new();
-        while !self.items.is_empty() && self.bytes + len > self.limit {
-            if let Some((old, _, _)) = self.pop_raw() {
-                dropped.push(old);
-            }
-        }
-        self.bytes += len;
-        self.items.push_back((item, len, now));
-        dropped
-    }
-
-    /// The oldest item and how long it waited.
-    pub fn pop(&mut self, now: Instant) -> Option<(T, Duration)> {
-        let (item, _, at) = self.pop_raw()?;
-        Some((item, now.saturating_duration_since(at)))
-    }
-
-    /// Puts an item back at the head (the engine took more than it could serve).
-    pub fn push_front(&mut self, item: T, len: usize, at: Instant) {
-        self.bytes += len;
-        self.items.push_front((item, len, at));
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
-    }
-
-    pub fn len(&self) -> usize {
-        self.items.len()
-    }
-
-    /// Bytes queued.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    fn pop_raw(&mut self) -> Option<(T, usize, Instant)> {
-        let (item, len, at) = self.items.pop_front()?;
-        self.bytes -= len;
-        Some((item, len, at))
-    }
 }
 
 /// CoDel (RFC 8289) on one queue: asked at every dequeue whether to drop (or mark) the packet.

@@ -23,33 +23,6 @@ fn socket_buffer_is_the_bdp_but_never_below_the_minimum() {
 }
 
 #[test]
-fn bulk_queue_is_fifo_and_reports_sojourn() {
-    let t0 = origin();
-    let mut q = BulkQueue::new(10_000);
-    assert!(q.push("a", 1000, t0).is_empty());
-    assert!(q.push("b", 1000, t0 + ms(1)).is_empty());
-    assert_eq!(q.bytes(), 2000);
-    assert_eq!(q.pop(t0 + ms(5)), Some(("a", ms(5))));
-    assert_eq!(q.pop(t0 + ms(5)), Some(("b", ms(4))));
-    assert_eq!(q.pop(t0 + ms(5)), None);
-    assert_eq!(q.bytes(), 0);
-}
-
-#[test]
-fn bulk_queue_over_its_limit_drops_the_oldest() {
-    let t0 = origin();
-    let mut q = BulkQueue::new(2500);
-    q.push(1, 1000, t0);
-    q.push(2, 1000, t0);
-    assert_eq!(q.push(3, 1000, t0), vec![1]);
-    assert_eq!(q.len(), 2);
-    assert_eq!(q.bytes(), 2000);
-    // One item larger than the limit still fits alone.
-    assert_eq!(q.push(4, 9000, t0), vec![2, 3]);
-    assert_eq!(q.pop(t0), Some((4, Duration::ZERO)));
-}
-
-#[test]
 fn codel_never_drops_below_target() {
     let t0 = origin();
     let mut c = Codel::default();
