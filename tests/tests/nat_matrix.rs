@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use rally_lab::rally::RelayServer;
+use rally_lab::scenario::World;
 use rally_lab::{punchable, with_lab, Agent, ControlPlane, Host, Lab, NatKind};
 
 /// How long a cell may take to answer its first ping.
@@ -115,14 +115,8 @@ struct Outcome {
 #[test]
 fn nat_matrix_connects_every_pair_on_the_expected_route() -> Result<()> {
     with_lab(|lab| {
-        let cp_host = lab.add_wan_host("control")?;
-        let r1_host = lab.add_wan_host("relay1")?;
-        let r2_host = lab.add_wan_host("relay2")?;
-        // Relays need the control key, the control plane the relays: init first, then both.
-        let (key, _) = ControlPlane::init(&cp_host, lab)?;
-        let r1 = RelayServer::start(&r1_host, "r1", &key)?;
-        let r2 = RelayServer::start(&r2_host, "r2", &key)?;
-        let cp = ControlPlane::start_with_relays(&cp_host, lab, &[r1.spec(), r2.spec()])?;
+        let world = World::start(lab)?;
+        let cp = &world.cp;
 
         let mut pairs = Vec::new();
         for (i, a) in SITES.iter().enumerate() {

@@ -150,33 +150,12 @@ mod tests {
     #[test]
     fn a_relayed_peer_shows_both_nats_the_reason_and_advice() {
         let p = PeerStatus {
-            peer_id: "p2".into(),
-            name: "bob".into(),
-            virtual_ip: "10.66.0.6".parse().unwrap(),
             strategy: Strategy::Relay,
             relay: Some("r1".into()),
-            endpoint: None,
-            state: PeerState::Connected,
             latency_ms: Some(40.0),
-            bytes_sent: 0,
-            bytes_received: 0,
-            uptime_seconds: 0,
-            is_primary: true,
-            priority: 0,
-            connected_at: None,
-            parties: vec![],
-            candidates: vec![],
-            direct_since_ms: None,
-            failovers: 0,
-            relay_switches: 0,
-            queued: 0,
-            queue_dropped: 0,
-            paths: vec![],
             relay_reason: Some("both-symmetric".into()),
             peer_nat: Some(report(NatBehavior::AddressAndPortDependent)),
-            path: None,
-            birthday: None,
-            techniques: Vec::new(),
+            ..sample()
         };
         let me = report(NatBehavior::AddressAndPortDependent);
         let text = render(Some(&me), &p);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::rally::RelayServer;
+use crate::scenario::World;
 use crate::{Agent, ControlPlane, Lab, NatKind};
 
 /// How long an attempt may take to go direct (the first punch, then up to 11.3 s of birthday
@@ -71,16 +71,11 @@ impl Summary {
 /// Runs `attempts` attempts in `lab` (a control plane and two relays of its own), printing
 /// each as it ends.
 pub fn run(lab: &Lab, attempts: usize) -> Result<Summary> {
-    let cp_host = lab.add_wan_host("control")?;
-    let r1_host = lab.add_wan_host("relay1")?;
-    let r2_host = lab.add_wan_host("relay2")?;
-    let (key, _) = ControlPlane::init(&cp_host, lab)?;
-    let r1 = RelayServer::start(&r1_host, "r1", &key)?;
-    let r2 = RelayServer::start(&r2_host, "r2", &key)?;
-    let cp = ControlPlane::start_with_relays(&cp_host, lab, &[r1.spec(), r2.spec()])?;
+    let world = World::start(lab)?;
+    let cp = &world.cp;
     let mut out = Vec::new();
     for i in 0..attempts {
-        let r = attempt(lab, &cp, i)?;
+        let r = attempt(lab, cp, i)?;
         println!(
             "attempt {i}: {} · {} probes, {} bytes (home side), {} sockets (symmetric side)",
             r.direct_after.map_or("relayed".into(), |d| format!(
