@@ -270,8 +270,15 @@ impl Engine {
                         super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
                     }
                     // A subscription message (repeated every 30 s) is not the peer's activity:
-                    // it must not keep an idle peer at the busy probe cadence.
-                    if admit != Admit::Control {
+                    // it must not keep an idle peer at the busy probe cadence. It is answered
+                    // at once with a keepalive: WireGuard's own passive keepalive waits for the
+                    // idle timer slot (up to 5 s late), and a sender that hears nothing for
+                    // 15 s after data starts a handshake, which is activity on both sides.
+                    if admit == Admit::Control {
+                        if let Some(route) = self.node.route_for(&id, &via) {
+                            self.encrypt_and_send(id, route, &[], out).await;
+                        }
+                    } else {
                         self.node.handle_tunnel_rx(&id, &via, t);
                     }
                     return;
