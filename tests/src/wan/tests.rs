@@ -1,5 +1,10 @@
 //! Unit tests of the WAN emulator's pure parts (the lab tests exercise the rest).
 
+use std::time::Instant;
+
+use super::control::{is_far, loss_threshold};
+use super::queue::Queue;
+use super::thread::{Lane, SplitMix64};
 use super::*;
 
 #[test]
