@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 
 use rally_proto::control::{NatBehavior, NatReport};
+use rally_proto::probe::ProbeKind;
 
 use super::*;
 
