@@ -1,7 +1,7 @@
 //! `rally peer why`'s technique history: each way to a direct path (LAN, punch, port mapping,
 //! prediction, birthday) with its result, from the node's view of one peer.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::time::Instant;
 
 use rally_agent_core::birthday::{Outcome, Role};
@@ -36,37 +36,73 @@ pub(super) fn techniques(
     route: Option<Route>,
     now: Instant,
 ) -> Vec<TechniqueStatus> {
-    let direct = match route {
-        Some(Route::Direct(a)) => Some(a),
-        _ => None,
-    };
-    let (started, proven) = p.punch_history();
-    let ago = |t: Option<Instant>| t.map_or(String::new(), |t| format!(", {} ago", secs(t, now)));
-    let took = match (started, proven) {
-        (Some(s), Some(d)) if d >= s => format!(" {} after the punch started", secs(s, d)),
-        _ => String::new(),
-    };
-    // The direct address birthday punching found (either side's view).
-    let by_birthday = p.birthday().record().and_then(|r| {
-        let won = matches!(r.outcome, Outcome::Direct { .. });
-        let ip = match r.role {
-            Role::Open { target } => target.ip(),
-            Role::Probe { ip, .. } => ip,
+    let facts = PunchFacts::new(p, route, now);
+    let by_birthday = birthday_direct(p, facts.direct);
+    // Port mapping: either side's gateway mapping.
+    let mapped = p
+        .info()
+        .nat
+        .as_ref()
+        .and_then(|n| n.mapped_endpoint)
+        .or(mine.and_then(|n| n.mapped_endpoint));
+    let via_mapping = mapped.is_some_and(|m| facts.direct == Some(SocketAddr::V4(m)));
+    let mut out = vec![
+        lan_row(p, &facts),
+        punch_row(p, &facts, via_mapping, by_birthday),
+        port_mapping_row(&facts, mapped, via_mapping),
+    ];
+    out.extend(birthday_rows(p, now));
+    out
+}
+
+/// What the LAN, punch and port-mapping rows share: the direct path and the punch history.
+struct PunchFacts {
+    direct: Option<SocketAddr>,
+    started: Option<Instant>,
+    /// ` 1.2 s after the punch started` once a punch proved the path, else empty.
+    took: String,
+    punching: bool,
+    failed: usize,
+    now: Instant,
+}
+
+impl PunchFacts {
+    fn new(p: &PeerState, route: Option<Route>, now: Instant) -> PunchFacts {
+        let direct = match route {
+            Some(Route::Direct(a)) => Some(a),
+            _ => None,
         };
-        direct.filter(|a| won && a.ip() == ip)
-    });
-    let theirs = p.info().nat.as_ref();
-    let punching = p.is_punching();
-    let failed = p.punches_failed();
-    let pending = |what: &str| {
-        if punching {
-            ("running", format!("{what}: punching now{}", ago(started)))
-        } else if failed > 0 {
+        let (started, proven) = p.punch_history();
+        let took = match (started, proven) {
+            (Some(s), Some(d)) if d >= s => format!(" {} after the punch started", secs(s, d)),
+            _ => String::new(),
+        };
+        PunchFacts {
+            direct,
+            started,
+            took,
+            punching: p.is_punching(),
+            failed: p.punches_failed(),
+            now,
+        }
+    }
+
+    /// `, 3.0 s ago` since the last punch started, or empty.
+    fn ago(&self) -> String {
+        self.started
+            .map_or(String::new(), |t| format!(", {} ago", secs(t, self.now)))
+    }
+
+    /// Result and detail of a technique that has not (yet) given the direct path.
+    fn pending(&self, what: &str) -> (&'static str, String) {
+        if self.punching {
+            ("running", format!("{what}: punching now{}", self.ago()))
+        } else if self.failed > 0 {
             (
                 "failed",
-                format!("{what}: {failed} punch(es) timed out{}", ago(started)),
+                format!("{what}: {} punch(es) timed out{}", self.failed, self.ago()),
             )
-        } else if started.is_some() {
+        } else if self.started.is_some() {
             (
                 "failed",
                 format!("{what}: probed, no answer; another way won"),
@@ -74,27 +110,44 @@ pub(super) fn techniques(
         } else {
             ("not-tried", format!("{what}: no punch yet"))
         }
-    };
-    let mut out = Vec::new();
-    // LAN: the peer's private candidates.
+    }
+}
+
+/// The direct address birthday punching found (either side's view).
+fn birthday_direct(p: &PeerState, direct: Option<SocketAddr>) -> Option<SocketAddr> {
+    p.birthday().record().and_then(|r| {
+        let won = matches!(r.outcome, Outcome::Direct { .. });
+        let ip = match r.role {
+            Role::Open { target } => target.ip(),
+            Role::Probe { ip, .. } => ip,
+        };
+        direct.filter(|a| won && a.ip() == ip)
+    })
+}
+
+/// LAN: the peer's private candidates.
+fn lan_row(p: &PeerState, f: &PunchFacts) -> TechniqueStatus {
     let lan: Vec<&SocketAddr> = p.candidates().iter().filter(|a| private(a)).collect();
-    out.push(match direct {
-        Some(a) if private(&a) => row("lan", "direct", format!("{a}{took}")),
+    match f.direct {
+        Some(a) if private(&a) => row("lan", "direct", format!("{a}{}", f.took)),
         _ if lan.is_empty() => row("lan", "not-tried", "the peer lists no LAN address".into()),
         _ => {
-            let (r, d) = pending(&format!("{} LAN address(es)", lan.len()));
+            let (r, d) = f.pending(&format!("{} LAN address(es)", lan.len()));
             row("lan", r, d)
         }
-    });
-    // Port mapping: either side's gateway mapping.
-    let mapped = theirs
-        .and_then(|n| n.mapped_endpoint)
-        .or(mine.and_then(|n| n.mapped_endpoint));
-    let via_mapping = mapped.is_some_and(|m| direct == Some(SocketAddr::V4(m)));
-    // Punch on public endpoints.
-    out.push(match direct {
+    }
+}
+
+/// Punch on public endpoints.
+fn punch_row(
+    p: &PeerState,
+    f: &PunchFacts,
+    via_mapping: bool,
+    by_birthday: Option<SocketAddr>,
+) -> TechniqueStatus {
+    match f.direct {
         Some(a) if !private(&a) && !via_mapping && by_birthday != Some(a) => {
-            row("punch", "direct", format!("{a}{took}"))
+            row("punch", "direct", format!("{a}{}", f.took))
         }
         _ if p.is_hopeless() => row(
             "punch",
@@ -102,14 +155,22 @@ pub(super) fn techniques(
             "both sides map endpoint-dependently and neither holds a port mapping".into(),
         ),
         _ => {
-            let (r, d) = pending("public endpoints");
+            let (r, d) = f.pending("public endpoints");
             row("punch", r, d)
         }
-    });
-    out.push(match mapped {
-        Some(m) if via_mapping => row("port-mapping", "direct", format!("{m}{took}")),
+    }
+}
+
+/// Port mapping: either side's gateway mapping (`mapped`).
+fn port_mapping_row(
+    f: &PunchFacts,
+    mapped: Option<SocketAddrV4>,
+    via_mapping: bool,
+) -> TechniqueStatus {
+    match mapped {
+        Some(m) if via_mapping => row("port-mapping", "direct", format!("{m}{}", f.took)),
         Some(m) => {
-            let (r, d) = pending(&format!("mapped endpoint {m}"));
+            let (r, d) = f.pending(&format!("mapped endpoint {m}"));
             row("port-mapping", r, d)
         }
         None => row(
@@ -117,9 +178,7 @@ pub(super) fn techniques(
             "not-tried",
             "neither side holds a gateway port mapping (PCP, NAT-PMP, UPnP)".into(),
         ),
-    });
-    out.extend(birthday_rows(p, now));
-    out
+    }
 }
 
 /// Prediction and birthday, from the last birthday attempt.
