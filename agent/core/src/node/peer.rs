@@ -10,6 +10,7 @@ use rally_proto::relay::{short_id, ShortId};
 use rally_proto::{Key32, PeerInfo};
 use tracing::info;
 
+use super::relays::Relays;
 use super::schedule::IDLE_GRID;
 use super::{Node, NodeEvent};
 use crate::conn::{Command, ConnEvent, Connection, PathHealth, PathId, Timer};
@@ -248,19 +249,7 @@ impl Node {
             }
             if let Some(event) = p.conn.poll_event() {
                 on_conn_event(p, &event, now);
-                match &event {
-                    // UDP through that relay stopped working: dial it over TCP now.
-                    ConnEvent::PathDown {
-                        path: PathId::Relay(r),
-                    } => Node::wake_tcp(&mut self.relays, Some(r), now),
-                    // The primary failed (or every path did): UDP may have stopped for every
-                    // path (a network that starts blocking it), so the TCP standbys are
-                    // dialed before the relay paths over UDP fail in turn.
-                    ConnEvent::PrimaryChange { to: None, .. } | ConnEvent::Failover { .. } => {
-                        Node::wake_tcp(&mut self.relays, None, now)
-                    }
-                    _ => {}
-                }
+                wake_tcp_on(&mut self.relays, &event, now);
                 info!(peer = %p.info.name, event = ?event, "connection");
                 self.events.push_back(NodeEvent::Conn {
                     peer: id,
@@ -283,27 +272,48 @@ impl Node {
             }
             break;
         }
-        // An idle peer's keep-warm probes of paths that are up wait for the next slot of the
-        // node's idle grid: idle peers probe together, in one wake-up, instead of each at its
-        // own moment. A new or failing path's probes (punched again, recovering) keep their
-        // time.
-        let conn = p.conn.next_wake().map(|w| {
-            let up = w.path.as_ref().and_then(|path| p.conn.path_health(path));
-            match w.timer {
-                Timer::Probe | Timer::ProbeLoss
-                    if up == Some(PathHealth::Up) && p.conn.is_idle(now) =>
-                {
-                    super::schedule::align_up(self.epoch, w.at, IDLE_GRID)
-                }
-                _ => w.at,
-            }
-        });
-        let next = [p.paths.poll_timeout(), conn, p.birthday.poll_timeout()]
-            .into_iter()
-            .flatten()
-            .min();
-        self.deadlines.set(id, next);
+        self.deadlines.set(id, next_deadline(p, self.epoch, now));
     }
+}
+
+/// Dials relays over TCP when a connection event says UDP may have stopped working.
+fn wake_tcp_on(relays: &mut Relays, event: &ConnEvent, now: Instant) {
+    match event {
+        // UDP through that relay stopped working: dial it over TCP now.
+        ConnEvent::PathDown {
+            path: PathId::Relay(r),
+        } => Node::wake_tcp(relays, Some(r), now),
+        // The primary failed (or every path did): UDP may have stopped for every path (a
+        // network that starts blocking it), so the TCP standbys are dialed before the relay
+        // paths over UDP fail in turn.
+        ConnEvent::PrimaryChange { to: None, .. } | ConnEvent::Failover { .. } => {
+            Node::wake_tcp(relays, None, now)
+        }
+        _ => {}
+    }
+}
+
+/// When `p` next needs the node: the earliest of its puncher's, connection manager's and
+/// birthday machine's timers. An idle peer's keep-warm probes of paths that are up wait for
+/// the next slot of the node's idle grid (from `epoch`): idle peers probe together, in one
+/// wake-up, instead of each at its own moment. A new or failing path's probes (punched again,
+/// recovering) keep their time.
+fn next_deadline(p: &PeerState, epoch: Instant, now: Instant) -> Option<Instant> {
+    let conn = p.conn.next_wake().map(|w| {
+        let up = w.path.as_ref().and_then(|path| p.conn.path_health(path));
+        match w.timer {
+            Timer::Probe | Timer::ProbeLoss
+                if up == Some(PathHealth::Up) && p.conn.is_idle(now) =>
+            {
+                super::schedule::align_up(epoch, w.at, IDLE_GRID)
+            }
+            _ => w.at,
+        }
+    });
+    [p.paths.poll_timeout(), conn, p.birthday.poll_timeout()]
+        .into_iter()
+        .flatten()
+        .min()
 }
 
 /// The puncher proved `a`: it becomes (again) the connection manager's direct path. A path
