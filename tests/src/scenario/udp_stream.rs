@@ -58,64 +58,14 @@ impl UdpStream {
         let mut threads = Vec::new();
 
         let halt = Arc::clone(&stop);
-        threads.push(std::thread::spawn(move || -> Result<()> {
-            let mut buf = [0u8; 2048];
-            while !halt.load(Ordering::SeqCst) {
-                match echo.recv_from(&mut buf) {
-                    Ok((n, peer)) => {
-                        let _ = echo.send_to(&buf[..n], peer);
-                    }
-                    Err(e) if is_timeout(&e) => {}
-                    Err(e) => return Err(e).context("echo socket"),
-                }
-            }
-            Ok(())
-        }));
-
+        threads.push(std::thread::spawn(move || echo_loop(&echo, &halt)));
         let (halt, count) = (Arc::clone(&stop), Arc::clone(&sent));
-        threads.push(std::thread::spawn(move || -> Result<()> {
-            let start = Instant::now();
-            let mut seq: u32 = 0;
-            let mut buf = [0u8; STREAM_PAYLOAD];
-            while !halt.load(Ordering::SeqCst) {
-                let due = start + interval * seq;
-                if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
-                }
-                buf[..4].copy_from_slice(&seq.to_be_bytes());
-                buf[4..12].copy_from_slice(&unix_now().to_bits().to_be_bytes());
-                // A send error (no route for a moment) is a lost datagram, like any other.
-                let _ = client.send_to(&buf, dst);
-                count.store(seq + 1, Ordering::SeqCst);
-                seq += 1;
-            }
-            Ok(())
+        threads.push(std::thread::spawn(move || {
+            send_loop(&client, dst, interval, &halt, &count)
         }));
-
         let (halt, got) = (Arc::clone(&stop), Arc::clone(&replies));
-        threads.push(std::thread::spawn(move || -> Result<()> {
-            let mut buf = [0u8; 2048];
-            while !halt.load(Ordering::SeqCst) {
-                match receiver.recv_from(&mut buf) {
-                    Ok((n, _)) if n >= 12 => {
-                        let at = unix_now();
-                        let seq = u32::from_be_bytes(buf[..4].try_into().unwrap_or_default());
-                        let bits = u64::from_be_bytes(buf[4..12].try_into().unwrap_or_default());
-                        let rtt_ms = (at - f64::from_bits(bits)) * 1000.0;
-                        got.lock().unwrap_or_else(|e| e.into_inner()).push(Reply {
-                            seq,
-                            at,
-                            rtt_ms,
-                        });
-                    }
-                    Ok(_) => {}
-                    Err(e) if is_timeout(&e) => {}
-                    // ICMP errors (port unreachable while the echo side starts) are not fatal.
-                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
-                    Err(e) => return Err(e).context("stream socket"),
-                }
-            }
-            Ok(())
+        threads.push(std::thread::spawn(move || {
+            receive_loop(&receiver, &halt, &got)
         }));
         Ok(UdpStream {
             stop,
@@ -165,6 +115,72 @@ impl Drop for UdpStream {
             let _ = t.join();
         }
     }
+}
+
+/// The echo side: sends every datagram back to where it came from, until `halt`.
+fn echo_loop(echo: &UdpSocket, halt: &AtomicBool) -> Result<()> {
+    let mut buf = [0u8; 2048];
+    while !halt.load(Ordering::SeqCst) {
+        match echo.recv_from(&mut buf) {
+            Ok((n, peer)) => {
+                let _ = echo.send_to(&buf[..n], peer);
+            }
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => return Err(e).context("echo socket"),
+        }
+    }
+    Ok(())
+}
+
+/// The sending side: datagram `seq` (sequence number and send time) at `interval * seq`
+/// from the start, whatever came back, until `halt`; `count` is how many were sent.
+fn send_loop(
+    client: &UdpSocket,
+    dst: SocketAddr,
+    interval: Duration,
+    halt: &AtomicBool,
+    count: &AtomicU32,
+) -> Result<()> {
+    let start = Instant::now();
+    let mut seq: u32 = 0;
+    let mut buf = [0u8; STREAM_PAYLOAD];
+    while !halt.load(Ordering::SeqCst) {
+        let due = start + interval * seq;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        buf[..4].copy_from_slice(&seq.to_be_bytes());
+        buf[4..12].copy_from_slice(&unix_now().to_bits().to_be_bytes());
+        // A send error (no route for a moment) is a lost datagram, like any other.
+        let _ = client.send_to(&buf, dst);
+        count.store(seq + 1, Ordering::SeqCst);
+        seq += 1;
+    }
+    Ok(())
+}
+
+/// The receiving side: every echo that comes back, as a [`Reply`] in `got`, until `halt`.
+fn receive_loop(receiver: &UdpSocket, halt: &AtomicBool, got: &Mutex<Vec<Reply>>) -> Result<()> {
+    let mut buf = [0u8; 2048];
+    while !halt.load(Ordering::SeqCst) {
+        match receiver.recv_from(&mut buf) {
+            Ok((n, _)) if n >= 12 => {
+                let at = unix_now();
+                let seq = u32::from_be_bytes(buf[..4].try_into().unwrap_or_default());
+                let bits = u64::from_be_bytes(buf[4..12].try_into().unwrap_or_default());
+                let rtt_ms = (at - f64::from_bits(bits)) * 1000.0;
+                got.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(Reply { seq, at, rtt_ms });
+            }
+            Ok(_) => {}
+            Err(e) if is_timeout(&e) => {}
+            // ICMP errors (port unreachable while the echo side starts) are not fatal.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Err(e) => return Err(e).context("stream socket"),
+        }
+    }
+    Ok(())
 }
 
 fn is_timeout(e: &std::io::Error) -> bool {
