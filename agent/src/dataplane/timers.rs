@@ -16,13 +16,14 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rally_proto::control::NatReport;
 use rally_proto::relay::DATA_HEADER_LEN;
 use rally_proto::Key32;
 use tracing::{info, trace};
 
 use super::engine::{Engine, EngineEvent, Peer};
 use super::tunnel::{Output, Tunnel, TunnelError};
-use crate::conn::{ConnEvent, PathId};
+use crate::conn::{ConnEvent, PathId, RelayId};
 use crate::events::{Event, EventType};
 use crate::node::{NatCause, NodeEvent, Route, TcpChange, TimerReason, IDLE_GRID};
 
@@ -197,25 +198,7 @@ impl Engine {
             NodeEvent::WantPunch(peer) => {
                 let _ = self.events.send(EngineEvent::WantPunch(peer));
             }
-            NodeEvent::Nat { report, cause } => {
-                if cause == NatCause::Netcheck {
-                    self.publish(Event::new(
-                        unix_ms(),
-                        EventType::NatDetected,
-                        format!(
-                            "udp {}, mapping {:?}, filtering {:?}, public {}",
-                            report.udp,
-                            report.mapping,
-                            report.filtering,
-                            report.public_endpoint.map_or("-".into(), |e| e.to_string())
-                        ),
-                    ));
-                    for w in self.netcheck_waiters.drain(..) {
-                        let _ = w.send(Ok(report.clone()));
-                    }
-                }
-                let _ = self.events.send(EngineEvent::Nat(report));
-            }
+            NodeEvent::Nat { report, cause } => self.on_nat(report, cause),
             NodeEvent::Conn { peer, name, event } => {
                 if let (ConnEvent::PrimaryChange { to, .. }, Some(p)) =
                     (&event, self.peers.get_mut(&peer))
@@ -240,29 +223,54 @@ impl Engine {
                     .with_path(path),
                 );
             }
-            NodeEvent::RelayTcp { relay, change } => {
-                let message = match change {
-                    TcpChange::Dialing => {
-                        if let Some((slot, endpoint)) = self.node.tcp_slot_of(&relay) {
-                            self.tcp.connect(slot, endpoint);
-                        }
-                        return;
-                    }
-                    TcpChange::Bound => {
-                        format!("relay {relay} reached over TLS/TCP (UDP to it gets no answer)")
-                    }
-                    TcpChange::Closed => {
-                        let node = &self.node;
-                        self.tcp.retain(|slot| node.tcp_relay(slot).is_some());
-                        format!("relay {relay} back on UDP: its TLS/TCP session is closed")
-                    }
-                };
-                self.publish(
-                    Event::new(unix_ms(), EventType::TransportChange, message)
-                        .with_path(PathId::RelayTcp(relay)),
-                );
+            NodeEvent::RelayTcp { relay, change } => self.on_relay_tcp(relay, change),
+        }
+    }
+
+    /// A NAT report: published and handed to `rally netcheck` waiters when a netcheck made it,
+    /// passed on to the engine in every case.
+    fn on_nat(&mut self, report: NatReport, cause: NatCause) {
+        if cause == NatCause::Netcheck {
+            self.publish(Event::new(
+                unix_ms(),
+                EventType::NatDetected,
+                format!(
+                    "udp {}, mapping {:?}, filtering {:?}, public {}",
+                    report.udp,
+                    report.mapping,
+                    report.filtering,
+                    report.public_endpoint.map_or("-".into(), |e| e.to_string())
+                ),
+            ));
+            for w in self.netcheck_waiters.drain(..) {
+                let _ = w.send(Ok(report.clone()));
             }
         }
+        let _ = self.events.send(EngineEvent::Nat(report));
+    }
+
+    /// A relay's TLS/TCP session changed: dial it, or publish the transport change.
+    fn on_relay_tcp(&mut self, relay: RelayId, change: TcpChange) {
+        let message = match change {
+            TcpChange::Dialing => {
+                if let Some((slot, endpoint)) = self.node.tcp_slot_of(&relay) {
+                    self.tcp.connect(slot, endpoint);
+                }
+                return;
+            }
+            TcpChange::Bound => {
+                format!("relay {relay} reached over TLS/TCP (UDP to it gets no answer)")
+            }
+            TcpChange::Closed => {
+                let node = &self.node;
+                self.tcp.retain(|slot| node.tcp_relay(slot).is_some());
+                format!("relay {relay} back on UDP: its TLS/TCP session is closed")
+            }
+        };
+        self.publish(
+            Event::new(unix_ms(), EventType::TransportChange, message)
+                .with_path(PathId::RelayTcp(relay)),
+        );
     }
 
     fn add_tunnel(&mut self, id: Key32, wg_key: Key32) {
