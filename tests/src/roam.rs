@@ -116,14 +116,7 @@ pub fn move_host(lab: &Lab, host: &Host, from: &Router, to: &Router) -> Result<M
         [one] => *one,
         other => bail!("{} has {other:?} on eth0, not one address", host.name()),
     };
-    let peer_index = link_json(host, "eth0")?["link_index"]
-        .as_u64()
-        .ok_or_else(|| anyhow!("{}'s eth0 is not a veth with a peer", host.name()))?;
-    let outer = links(from.host())?
-        .into_iter()
-        .find(|l| l["ifindex"].as_u64() == Some(peer_index))
-        .and_then(|l| l["ifname"].as_str().map(str::to_owned))
-        .ok_or_else(|| anyhow!("{}'s eth0 has no peer on {}", host.name(), from.name()))?;
+    let (peer_index, outer) = outer_veth(host, from)?;
     let (member, new_ip) = lab.reserve_lan_member(to)?;
     let moved = format!("mv{member}");
     let (cidr, gateway) = (format!("{new_ip}/24"), to.lan_ip());
@@ -158,30 +151,7 @@ pub fn move_host(lab: &Lab, host: &Host, from: &Router, to: &Router) -> Result<M
         ],
     )?;
     let took = at.elapsed();
-
-    let now = ipv4_addrs(host, "eth0")?;
-    ensure!(
-        now == [new_ip],
-        "{}'s eth0 holds {now:?}, not {new_ip}",
-        host.name()
-    );
-    ensure!(
-        default_gateway(host)? == Some(gateway),
-        "{}'s default route is not via {gateway}",
-        host.name()
-    );
-    let on_bridge = links(to.host())?
-        .iter()
-        .any(|l| l["ifname"] == moved.as_str() && l["master"] == LAN_DEV);
-    ensure!(on_bridge, "{moved} is not on {}'s {LAN_DEV}", to.name());
-    ensure!(
-        !links(from.host())?
-            .iter()
-            .any(|l| l["ifindex"].as_u64() == Some(peer_index)),
-        "{}'s veth is still on {}",
-        host.name(),
-        from.name()
-    );
+    check_moved(host, from, to, &moved, peer_index, new_ip)?;
     wait_until(
         &format!("{}'s eth0 to come up on {}", host.name(), to.name()),
         LINK_UP,
@@ -195,6 +165,56 @@ pub fn move_host(lab: &Lab, host: &Host, from: &Router, to: &Router) -> Result<M
         at,
         took,
     })
+}
+
+/// The outer end of `host`'s `eth0` veth on `from`'s side: its interface index and name.
+fn outer_veth(host: &Host, from: &Router) -> Result<(u64, String)> {
+    let peer_index = link_json(host, "eth0")?["link_index"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("{}'s eth0 is not a veth with a peer", host.name()))?;
+    let outer = links(from.host())?
+        .into_iter()
+        .find(|l| l["ifindex"].as_u64() == Some(peer_index))
+        .and_then(|l| l["ifname"].as_str().map(str::to_owned))
+        .ok_or_else(|| anyhow!("{}'s eth0 has no peer on {}", host.name(), from.name()))?;
+    Ok((peer_index, outer))
+}
+
+/// Checks a move: `eth0` holds only `new_ip`, the default route is via `to`, the veth
+/// (`moved` now, index `peer_index` before) is on `to`'s bridge and gone from `from`.
+fn check_moved(
+    host: &Host,
+    from: &Router,
+    to: &Router,
+    moved: &str,
+    peer_index: u64,
+    new_ip: Ipv4Addr,
+) -> Result<()> {
+    let gateway = to.lan_ip();
+    let now = ipv4_addrs(host, "eth0")?;
+    ensure!(
+        now == [new_ip],
+        "{}'s eth0 holds {now:?}, not {new_ip}",
+        host.name()
+    );
+    ensure!(
+        default_gateway(host)? == Some(gateway),
+        "{}'s default route is not via {gateway}",
+        host.name()
+    );
+    let on_bridge = links(to.host())?
+        .iter()
+        .any(|l| l["ifname"] == moved && l["master"] == LAN_DEV);
+    ensure!(on_bridge, "{moved} is not on {}'s {LAN_DEV}", to.name());
+    ensure!(
+        !links(from.host())?
+            .iter()
+            .any(|l| l["ifindex"].as_u64() == Some(peer_index)),
+        "{}'s veth is still on {}",
+        host.name(),
+        from.name()
+    );
+    Ok(())
 }
 
 /// Runs `lines` as one `ip -n NS -batch FILE` (the file written to the lab's directory as
