@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rally_proto::identity::REGISTER_EXPORTER_LABEL;
 use rally_proto::Key32;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
@@ -25,6 +26,8 @@ pub(super) struct Link {
     pub(super) send: BoxWrite,
     /// The QUIC connection, to close it when the session ends.
     pub(super) quic: Option<quinn::Connection>,
+    /// The connection's channel binding ([`REGISTER_EXPORTER_LABEL`]).
+    pub(super) binding: Option<Key32>,
 }
 
 impl Link {
@@ -100,11 +103,17 @@ impl Link {
             .map_err(|_| format!("no answer from {addr}"))?
             .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
         let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let mut binding = [0u8; 32];
+        let binding = conn
+            .export_keying_material(&mut binding, REGISTER_EXPORTER_LABEL, b"")
+            .ok()
+            .map(|()| Key32(binding));
         Ok(Link {
             transport: ControlTransport::Quic,
             recv: Box::new(recv),
             send: Box::new(send),
             quic: Some(conn),
+            binding,
         })
     }
 
@@ -121,18 +130,28 @@ impl Link {
             .await
             .map_err(|_| format!("no answer from tcp {addr}"))?
             .map_err(|e| format!("tls with tcp {addr}: {e}"))?;
+        let binding = tls
+            .get_ref()
+            .1
+            .export_keying_material([0u8; 32], REGISTER_EXPORTER_LABEL, None)
+            .ok()
+            .map(Key32);
         let (recv, send) = tokio::io::split(tls);
         Ok(Link {
             transport: ControlTransport::Tcp,
             recv: Box::new(recv),
             send: Box::new(send),
             quic: None,
+            binding,
         })
     }
 }
 
 /// A TCP stream to `addr` (through the HTTP CONNECT proxy when one is set), `TCP_NODELAY`.
-async fn tcp_connect(addr: SocketAddr, proxy: Option<&str>) -> Result<tokio::net::TcpStream, String> {
+async fn tcp_connect(
+    addr: SocketAddr,
+    proxy: Option<&str>,
+) -> Result<tokio::net::TcpStream, String> {
     let stream = match proxy {
         Some(proxy) => super::proxy::connect(proxy, addr).await?,
         None => tokio::net::TcpStream::connect(addr)

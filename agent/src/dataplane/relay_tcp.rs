@@ -51,6 +51,10 @@ const REDIAL: Duration = Duration::from_millis(500);
 /// Frames from every connection waiting for the engine's loop.
 const INBOUND: usize = 1024;
 
+/// Frames dropped from full queues in this process, over all connections ever made (the
+/// metrics endpoint's `rally_relay_tcp_queue_dropped_total`).
+pub static QUEUE_DROPS: AtomicU64 = AtomicU64::new(0);
+
 /// A frame read from a relay connection: the slot it stands for and the relay message.
 pub type Inbound = (SocketAddr, Vec<u8>);
 
@@ -88,6 +92,7 @@ impl Queue {
         if frames.len() >= QUEUE_FRAMES {
             frames.pop_front();
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            QUEUE_DROPS.fetch_add(1, Ordering::Relaxed);
         }
         frames.push_back(msg.to_vec());
         drop(frames);

@@ -114,9 +114,27 @@ fn a_tcp_bind_may_use_its_connections_channel_binding_as_cookie_and_no_other() {
 
     // Over UDP, or from another TCP connection, the binding is no cookie.
     let (action, _) = lab.recv(a_udp, &bind);
-    assert!(matches!(action, Action::Drop { reason: DropReason::BadCookie, .. }), "{action:?}");
+    assert!(
+        matches!(
+            action,
+            Action::Drop {
+                reason: DropReason::BadCookie,
+                ..
+            }
+        ),
+        "{action:?}"
+    );
     let (action, _) = lab.recv_via(Via::Tcp, other_tcp, &bind);
-    assert!(matches!(action, Action::Drop { reason: DropReason::BadCookie, .. }), "{action:?}");
+    assert!(
+        matches!(
+            action,
+            Action::Drop {
+                reason: DropReason::BadCookie,
+                ..
+            }
+        ),
+        "{action:?}"
+    );
 
     // From its own connection: bound at once, no challenge asked for.
     let (action, _) = lab.recv_via(Via::Tcp, a_tcp, &bind);
@@ -125,13 +143,25 @@ fn a_tcp_bind_may_use_its_connections_channel_binding_as_cookie_and_no_other() {
     };
     let key = key_of(&a, &binding, &token);
     let msg = RelayMsg::decode(&t.payload).expect("a relay message");
-    assert!(matches!(msg, RelayMsg::BindOk { .. }) && msg.is_sealed_by(&key), "{msg:?}");
+    assert!(
+        matches!(msg, RelayMsg::BindOk { .. }) && msg.is_sealed_by(&key),
+        "{msg:?}"
+    );
     assert_eq!(lab.relay.stats().sessions_active_tcp, 1);
 
     // Once the connection closed, its binding is forgotten.
     lab.relay.handle_closed(a_tcp);
     let (action, _) = lab.recv_via(Via::Tcp, a_tcp, &bind);
-    assert!(matches!(action, Action::Drop { reason: DropReason::BadCookie, .. }), "{action:?}");
+    assert!(
+        matches!(
+            action,
+            Action::Drop {
+                reason: DropReason::BadCookie,
+                ..
+            }
+        ),
+        "{action:?}"
+    );
 }
 
 fn bind_tcp(lab: &mut Lab, agent: &Identity, src: SocketAddr) {
