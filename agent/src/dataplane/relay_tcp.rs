@@ -52,7 +52,7 @@ const REDIAL: Duration = Duration::from_millis(500);
 const INBOUND: usize = 1024;
 
 /// Frames dropped from full queues in this process, over all connections ever made (the
-/// metrics endpoint's `rally_relay_tcp_queue_dropped_total`).
+/// metrics endpoint's `rally_dataplane_relay_tcp_drops_total`).
 pub static QUEUE_DROPS: AtomicU64 = AtomicU64::new(0);
 
 /// A frame read from a relay connection: the slot it stands for and the relay message.
