@@ -321,6 +321,11 @@ impl Session<'_> {
             identity,
         };
         write(&mut live.send, &hello).await?;
+        debug!(
+            transport = transport.as_str(),
+            channel_bound = binding.is_some(),
+            "registering"
+        );
         if let Some(binding) = binding {
             write(&mut live.send, &self.registration(&binding)).await?;
         }
