@@ -89,7 +89,20 @@ pub fn render(peers: &[PeerStatus]) -> String {
         &states,
     );
     crate::dataplane::security::COUNTERS.render(&mut out);
+    render_relay_tcp(&mut out);
     out
+}
+
+/// Appends the relay-over-TCP counters.
+fn render_relay_tcp(out: &mut String) {
+    let drops = crate::dataplane::relay_tcp::QUEUE_DROPS.load(std::sync::atomic::Ordering::Relaxed);
+    write_metric(
+        out,
+        "rally_dataplane_relay_tcp_drops_total",
+        "counter",
+        "Frames dropped, oldest first, from full send queues of relay connections over TLS/TCP.",
+        &[(String::new(), drops as f64)],
+    );
 }
 
 /// Appends discovery's counters.
@@ -213,5 +226,6 @@ mod tests {
         assert!(text.contains("rally_peer_failovers_total{peer=\"bob\",virtual_ip=\"10.66.1.2\",path=\"relay\",relay=\"r1\"} 2"));
         assert!(text.contains("state=\"connected\"} 1"));
         assert!(text.contains("rally_peers 1"));
+        assert!(text.contains("rally_dataplane_relay_tcp_drops_total "));
     }
 }

@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rally_proto::control::MAX_CLIENT_FRAME_LEN;
+use rally_proto::identity::REGISTER_EXPORTER_LABEL;
+use rally_proto::Key32;
 use rally_proto::{frame, ClientMsg, ErrorCode, ErrorReply, FrameDecoder, FrameError, ServerMsg};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
@@ -183,7 +185,12 @@ impl Server {
                 return;
             }
         };
-        let mut send = self.serve_session(remote, recv, send).await;
+        let mut binding = [0u8; 32];
+        let binding = conn
+            .export_keying_material(&mut binding, REGISTER_EXPORTER_LABEL, b"")
+            .ok()
+            .map(|()| Key32(binding));
+        let mut send = self.serve_session(remote, binding, recv, send).await;
         let _ = send.finish();
         let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
         conn.close(0u32.into(), b"bye");
@@ -194,6 +201,7 @@ impl Server {
     pub(crate) async fn serve_session<R, W>(
         self: &Arc<Self>,
         remote: std::net::SocketAddr,
+        binding: Option<Key32>,
         recv: R,
         send: W,
     ) -> W
@@ -211,7 +219,7 @@ impl Server {
                 wake: wake.clone(),
             },
         );
-        let session = Arc::new(Mutex::new(Session::new(id, remote)));
+        let session = Arc::new(Mutex::new(Session::new(id, remote).with_binding(binding)));
         let writer = self.clone().write_frames(send, rx, wake, session.clone());
         let reader = async {
             let outcome = self.read_messages(recv, &tx, &session).await;

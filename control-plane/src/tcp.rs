@@ -7,6 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rally_proto::identity::REGISTER_EXPORTER_LABEL;
+use rally_proto::Key32;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -42,8 +44,14 @@ impl Server {
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
+                        let binding = tls
+                            .get_ref()
+                            .1
+                            .export_keying_material([0u8; 32], REGISTER_EXPORTER_LABEL, None)
+                            .ok()
+                            .map(Key32);
                         let (recv, send) = tokio::io::split(tls);
-                        let mut send = server.serve_session(remote, recv, send).await;
+                        let mut send = server.serve_session(remote, binding, recv, send).await;
                         let _ = tokio::time::timeout(Duration::from_secs(2), send.shutdown()).await;
                     }
                     Ok(Err(e)) => debug!(%remote, "tls handshake failed: {e}"),

@@ -10,6 +10,13 @@ use crate::key::Key32;
 /// Tag for an agent's answer to the control plane's registration challenge.
 pub const DOMAIN_REGISTER: &[u8] = b"rally/register/v1";
 
+/// The TLS exporter label (RFC 8446 §7.5; QUIC's and TLS's alike) of the control channel's
+/// **channel binding**: 32 bytes both ends derive from the connection's keys. An agent may
+/// sign its registration over them (in place of the challenge's nonce) and send it right
+/// after its `Hello`, one round trip before the challenge would come; the signature is bound
+/// to this connection, so it cannot be replayed on another.
+pub const REGISTER_EXPORTER_LABEL: &[u8] = b"EXPORTER-rally-control-register";
+
 /// Why a signature was not accepted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SignatureError {

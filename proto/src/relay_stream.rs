@@ -3,6 +3,14 @@
 //! `Send`, `Deliver`, `Ping`, ...). A frame is never longer than [`MAX_STREAM_FRAME`], so a
 //! decoder never holds more than one frame and one read.
 
+/// The TLS exporter label (RFC 8446 §7.5) of the **channel-bound bind** over TCP: both ends
+/// export 32 bytes of the connection's keying material under this label (no context), and
+/// the agent may use them as the `cookie` of its first `Bind` without asking for a challenge
+/// (the relay accepts that value from this connection only, as well as its own cookies).
+/// A signature over it cannot be replayed on another connection, and the bind costs one
+/// round trip after TLS instead of two.
+pub const BIND_EXPORTER_LABEL: &[u8] = b"EXPORTER-rally-relay-bind";
+
 /// Longest frame body: the largest UDP payload, which a 2-byte length can say.
 pub const MAX_STREAM_FRAME: usize = u16::MAX as usize;
 /// Bytes of the length prefix.

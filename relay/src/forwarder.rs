@@ -424,8 +424,15 @@ impl Forwarder {
                 return;
             };
             match input {
-                TcpInput::Open { addr, queue } => {
+                TcpInput::Open {
+                    addr,
+                    queue,
+                    binding,
+                } => {
                     tcp.queues.insert(addr, queue);
+                    if let Some(binding) = binding {
+                        self.relay.handle_tcp_open(addr, binding);
+                    }
                 }
                 TcpInput::Closed { addr } => {
                     tcp.queues.remove(&addr);

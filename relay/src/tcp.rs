@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rally_proto::relay_stream::{write_frame, StreamDecoder};
+use rally_proto::relay_stream::{write_frame, StreamDecoder, BIND_EXPORTER_LABEL};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
@@ -52,6 +52,10 @@ pub enum TcpInput {
         addr: SocketAddr,
         /// Its outgoing queue.
         queue: Arc<OutQueue>,
+        /// The connection's exported keying material
+        /// ([`rally_proto::relay_stream::BIND_EXPORTER_LABEL`]): a cookie its agent may bind
+        /// with at once.
+        binding: Option<[u8; 32]>,
     },
     /// One frame from `addr`.
     Frame {
@@ -337,6 +341,11 @@ async fn connection(
         .await
         .map_err(|_| "tls handshake timed out".to_string())?
         .map_err(|e| format!("tls handshake: {e}"))?;
+    let binding = tls
+        .get_ref()
+        .1
+        .export_keying_material([0u8; 32], BIND_EXPORTER_LABEL, None)
+        .ok();
     let queue = Arc::new(OutQueue::new(side.counters.clone()));
     let send = |input| async {
         let r = side.input.send(input).await;
@@ -346,6 +355,7 @@ async fn connection(
     send(TcpInput::Open {
         addr: remote,
         queue: queue.clone(),
+        binding,
     })
     .await?;
     let (mut rd, mut wr) = tokio::io::split(tls);

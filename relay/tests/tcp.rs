@@ -16,7 +16,7 @@ use rally_proto::identity::verify_raw;
 use rally_proto::relay::{
     bind_transcript, short_id, RelayErrorCode, RelayMsg, ShortId, DOMAIN_BIND,
 };
-use rally_proto::relay_stream::{write_frame, StreamDecoder};
+use rally_proto::relay_stream::{write_frame, StreamDecoder, BIND_EXPORTER_LABEL};
 use rally_proto::{Identity, Key32, RelayToken};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -197,6 +197,28 @@ impl ServerCertVerifier for Pinned {
     }
 }
 
+#[test]
+fn a_bind_over_the_connections_channel_binding_needs_no_challenge_and_no_other_connection_may_use_it(
+) {
+    let relay = RelayProc::start_tcp();
+    let mut t = TcpAgent::connect(&relay, 1, relay.tls_public());
+    let binding = t.channel_binding();
+    let token = token(&t.id, unix_now() + 3600, &[PARTY_X]);
+    // The first frame back answers the bind: no challenge came in between.
+    assert!(t.bind_with(binding, &token).is_ok());
+
+    let mut other = TcpAgent::connect(&relay, 1, relay.tls_public());
+    assert_ne!(other.channel_binding(), binding);
+    assert_eq!(
+        other.bind_with(binding, &token),
+        Err(RelayErrorCode::BadCookie)
+    );
+    assert_eq!(
+        metric(&relay.metrics(), "rally_relay_tcp_sessions_active"),
+        Some(1)
+    );
+}
+
 fn tls_client(
     tcp: TcpStream,
     key: Key32,
@@ -271,10 +293,29 @@ impl TcpAgent {
         let Ok(RelayMsg::BindChallenge { cookie }) = RelayMsg::decode(&reply) else {
             panic!("not a challenge: {reply:?}");
         };
+        self.bind_with(cookie, &token)
+    }
+
+    /// The connection's TLS exporter under the relay bind label (completing the handshake).
+    fn channel_binding(&mut self) -> [u8; 32] {
+        while self.tls.conn.is_handshaking() {
+            self.tls
+                .conn
+                .complete_io(&mut self.tls.sock)
+                .expect("tls handshake");
+        }
+        self.tls
+            .conn
+            .export_keying_material([0u8; 32], BIND_EXPORTER_LABEL, None)
+            .expect("an exporter")
+    }
+
+    /// `Bind` with `cookie`, and the relay's answer.
+    fn bind_with(&mut self, cookie: [u8; 32], token: &[u8]) -> Result<SocketAddr, RelayErrorCode> {
         let bind = RelayMsg::Bind {
             cookie,
-            signature: self.id.sign(DOMAIN_BIND, &bind_transcript(&cookie, &token)),
-            token: &token,
+            signature: self.id.sign(DOMAIN_BIND, &bind_transcript(&cookie, token)),
+            token,
         };
         self.write(&bind.to_vec());
         let reply = self.recv().expect("a bind answer");

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use rally_proto::control::{ErrorReply, RelayEntry};
 use rally_proto::identity::{register_transcript, DOMAIN_REGISTER};
+use rally_proto::ErrorCode;
 use rally_proto::{
     frame, ClientMsg, FrameDecoder, Identity, Key32, MapPages, PeerChange, PeerInfo, Request,
     Response, ServerMsg, Sig64, PROTOCOL_VERSION,
@@ -167,6 +168,7 @@ async fn run(
     OsRng.fill_bytes(&mut seed);
     let mut backoff = Backoff::new(RECONNECT, seed);
     let mut last = None;
+    let mut early_register = true;
     let endpoint = match client_endpoint() {
         Ok(e) => e,
         Err(e) => {
@@ -183,6 +185,7 @@ async fn run(
             events: &events,
             backoff: &mut backoff,
             last: &mut last,
+            early_register: &mut early_register,
         };
         let reason = match session.run(&endpoint, &mut cmds).await {
             Ok(Ended::DaemonGone) => return,
@@ -243,6 +246,10 @@ struct Session<'a> {
     /// The transport the last connection used: after one over TCP, the next race dials TCP
     /// at once (UDP was blocked a moment ago; QUIC still gets tried, and retried later).
     last: &'a mut Option<ControlTransport>,
+    /// Whether to sign the registration over the connection's channel binding and send it
+    /// with the `Hello` (cleared when a control plane refuses that signature: an older one
+    /// that knows only its challenge).
+    early_register: &'a mut bool,
 }
 
 impl Session<'_> {
@@ -268,6 +275,7 @@ impl Session<'_> {
         let transport = link.transport;
         *self.last = Some(transport);
         let quic = link.quic.clone();
+        let binding = link.binding.filter(|_| *self.early_register);
         let mut live = Live {
             send: link.send,
             reader: Reader::new(link.recv),
@@ -275,7 +283,7 @@ impl Session<'_> {
             next_id: 1,
             pages: MapPages::new(),
         };
-        let result = match self.register(&mut live, addr, transport).await {
+        let result = match self.register(&mut live, addr, transport, binding).await {
             Ok(()) => self.serve(&mut live, endpoint, addr, transport, cmds).await,
             Err(e) => Err(e),
         };
@@ -297,12 +305,15 @@ impl Session<'_> {
             .ok_or_else(|| format!("{} resolves to no address", self.target.addr))
     }
 
-    /// Hello, the signed answer to the challenge, and the registration the daemon is told of.
+    /// Hello, the signed registration, and the registration the daemon is told of. With the
+    /// connection's channel `binding`, the registration is signed over it and sent with the
+    /// `Hello` (the challenge that follows is not needed); without, over the challenge's nonce.
     async fn register(
         &mut self,
         live: &mut Live,
         addr: SocketAddr,
         transport: ControlTransport,
+        binding: Option<Key32>,
     ) -> Result<(), String> {
         let identity = self.reg.identity.public();
         let hello = ClientMsg::Hello {
@@ -310,20 +321,22 @@ impl Session<'_> {
             identity,
         };
         write(&mut live.send, &hello).await?;
+        debug!(
+            transport = transport.as_str(),
+            channel_bound = binding.is_some(),
+            "registering"
+        );
+        if let Some(binding) = binding {
+            write(&mut live.send, &self.registration(&binding)).await?;
+        }
         let nonce = match live.reader.next().await? {
             ServerMsg::Challenge { nonce } => nonce,
             ServerMsg::Error(e) => return Err(format!("refused: {}", e.message)),
             other => return Err(format!("unexpected {other:?} before challenge")),
         };
-        let transcript = register_transcript(&nonce, &identity, &self.reg.wg_key, &self.reg.name);
-        let signature = Sig64(self.reg.identity.sign(DOMAIN_REGISTER, &transcript));
-        let register = ClientMsg::Register {
-            name: self.reg.name.clone(),
-            wg_key: self.reg.wg_key,
-            endpoints: self.reg.endpoints.clone(),
-            signature,
-        };
-        write(&mut live.send, &register).await?;
+        if binding.is_none() {
+            write(&mut live.send, &self.registration(&nonce)).await?;
+        }
         match live.reader.next().await? {
             ServerMsg::Registered {
                 peer_id,
@@ -342,8 +355,27 @@ impl Session<'_> {
                 });
                 Ok(())
             }
-            ServerMsg::Error(e) => Err(format!("registration refused: {}", e.message)),
+            ServerMsg::Error(e) => {
+                if binding.is_some() && e.code == ErrorCode::AuthFailed {
+                    // Perhaps a control plane from before channel bindings: answer its
+                    // challenge from the next connection on.
+                    *self.early_register = false;
+                }
+                Err(format!("registration refused: {}", e.message))
+            }
             other => Err(format!("unexpected {other:?} during registration")),
+        }
+    }
+
+    /// The registration, signed over `nonce` (the challenge's, or the channel binding).
+    fn registration(&self, nonce: &Key32) -> ClientMsg {
+        let identity = self.reg.identity.public();
+        let transcript = register_transcript(nonce, &identity, &self.reg.wg_key, &self.reg.name);
+        ClientMsg::Register {
+            name: self.reg.name.clone(),
+            wg_key: self.reg.wg_key,
+            endpoints: self.reg.endpoints.clone(),
+            signature: Sig64(self.reg.identity.sign(DOMAIN_REGISTER, &transcript)),
         }
     }
 

@@ -5,10 +5,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rally_proto::identity::REGISTER_EXPORTER_LABEL;
 use rally_proto::Key32;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::client::{ControlTransport, CONNECT_TIMEOUT};
 
@@ -25,11 +26,17 @@ pub(super) struct Link {
     pub(super) send: BoxWrite,
     /// The QUIC connection, to close it when the session ends.
     pub(super) quic: Option<quinn::Connection>,
+    /// The connection's channel binding ([`REGISTER_EXPORTER_LABEL`]).
+    pub(super) binding: Option<Key32>,
 }
 
 impl Link {
-    /// Races QUIC against TLS over TCP (dialled `head_start` later, or at once when QUIC fails
-    /// first); the first to connect wins. Errors name both causes.
+    /// Races QUIC against TLS over TCP; the first to connect wins. Errors name both causes.
+    ///
+    /// The TCP connection (or the proxy's tunnel) is opened at once, alongside QUIC, but TLS
+    /// starts only `head_start` later (or at once when QUIC fails first): on an open network
+    /// QUIC wins and the server saw a bare TCP handshake, never a TLS one; where UDP is
+    /// blocked, the TCP round trip is already behind when the head start runs out.
     pub(super) async fn connect(
         endpoint: &quinn::Endpoint,
         addr: SocketAddr,
@@ -40,8 +47,18 @@ impl Link {
         let quic = Link::quic(endpoint, addr, key);
         let (quic_failed_tx, quic_failed) = oneshot::channel::<()>();
         let tcp = async {
-            let _ = tokio::time::timeout(head_start, quic_failed).await;
-            Link::tcp(addr, key, proxy).await
+            let started = tokio::time::Instant::now();
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, tcp_connect(addr, proxy))
+                .await
+                .map_err(|_| format!("no answer from tcp {addr}"))??;
+            let connected = started.elapsed();
+            let _ = tokio::time::timeout(head_start.saturating_sub(connected), quic_failed).await;
+            debug!(
+                control = %addr,
+                tcp_connect_ms = connected.as_millis(),
+                "QUIC has not answered: TLS over TCP"
+            );
+            Link::tls(stream, addr, key).await
         };
         tokio::pin!(quic, tcp);
         let mut quic_failed_tx = Some(quic_failed_tx);
@@ -86,42 +103,63 @@ impl Link {
             .map_err(|_| format!("no answer from {addr}"))?
             .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
         let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let mut binding = [0u8; 32];
+        let binding = conn
+            .export_keying_material(&mut binding, REGISTER_EXPORTER_LABEL, b"")
+            .ok()
+            .map(|()| Key32(binding));
         Ok(Link {
             transport: ControlTransport::Quic,
             recv: Box::new(recv),
             send: Box::new(send),
             quic: Some(conn),
+            binding,
         })
     }
 
-    async fn tcp(addr: SocketAddr, key: Key32, proxy: Option<&str>) -> Result<Link, String> {
+    async fn tls(
+        stream: tokio::net::TcpStream,
+        addr: SocketAddr,
+        key: Key32,
+    ) -> Result<Link, String> {
         let config = super::tls::rustls_config(key).map_err(|e| e.to_string())?;
         let name = rustls::pki_types::ServerName::try_from(super::tls::SERVER_NAME)
             .map_err(|e| e.to_string())?;
-        let connect = async {
-            let stream = match proxy {
-                Some(proxy) => super::proxy::connect(proxy, addr).await?,
-                None => tokio::net::TcpStream::connect(addr)
-                    .await
-                    .map_err(|e| format!("cannot connect to tcp {addr}: {e}"))?,
-            };
-            let _ = stream.set_nodelay(true);
-            tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect(name, stream)
-                .await
-                .map_err(|e| format!("tls with tcp {addr}: {e}"))
-        };
+        let connect = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, stream);
         let tls = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
-            .map_err(|_| format!("no answer from tcp {addr}"))??;
+            .map_err(|_| format!("no answer from tcp {addr}"))?
+            .map_err(|e| format!("tls with tcp {addr}: {e}"))?;
+        let binding = tls
+            .get_ref()
+            .1
+            .export_keying_material([0u8; 32], REGISTER_EXPORTER_LABEL, None)
+            .ok()
+            .map(Key32);
         let (recv, send) = tokio::io::split(tls);
         Ok(Link {
             transport: ControlTransport::Tcp,
             recv: Box::new(recv),
             send: Box::new(send),
             quic: None,
+            binding,
         })
     }
+}
+
+/// A TCP stream to `addr` (through the HTTP CONNECT proxy when one is set), `TCP_NODELAY`.
+async fn tcp_connect(
+    addr: SocketAddr,
+    proxy: Option<&str>,
+) -> Result<tokio::net::TcpStream, String> {
+    let stream = match proxy {
+        Some(proxy) => super::proxy::connect(proxy, addr).await?,
+        None => tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("cannot connect to tcp {addr}: {e}"))?,
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
 
 /// Whether a QUIC handshake with the control plane completes now (the connection is closed

@@ -9,7 +9,7 @@ pub mod batch;
 mod discovery;
 pub mod engine;
 mod queues;
-mod relay_tcp;
+pub mod relay_tcp;
 pub mod restart;
 mod rx;
 pub mod security;

@@ -20,6 +20,8 @@ pub use metrics::DriverFigures;
 mod requests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_binding;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -108,6 +110,9 @@ pub struct Session {
     pub id: SessionId,
     pub remote: SocketAddr,
     stage: Stage,
+    /// The connection's channel binding ([`rally_proto::identity::REGISTER_EXPORTER_LABEL`]),
+    /// which a registration may be signed over instead of the challenge's nonce.
+    binding: Option<Key32>,
 }
 
 #[derive(Debug)]
@@ -123,7 +128,14 @@ impl Session {
             id,
             remote,
             stage: Stage::New,
+            binding: None,
         }
+    }
+
+    /// The same, on a connection whose channel binding is `binding`.
+    pub fn with_binding(mut self, binding: Option<Key32>) -> Self {
+        self.binding = binding;
+        self
     }
 
     /// The agent, once registered.
@@ -238,6 +250,7 @@ impl Hub {
                 let reg = Registration {
                     identity,
                     nonce,
+                    binding: session.binding,
                     name,
                     wg_key,
                     endpoints,
@@ -365,13 +378,20 @@ impl Hub {
         let Registration {
             identity,
             nonce,
+            binding,
             name,
             wg_key,
             endpoints,
             signature,
         } = reg;
-        let transcript = register_transcript(&nonce, &identity, &wg_key, &name);
-        verify(&identity, DOMAIN_REGISTER, &transcript, &signature.0).map_err(|_| {
+        // Signed over the challenge's nonce, or (sent before the challenge came) over the
+        // connection's channel binding.
+        let signed_over = |n: &Key32| {
+            let transcript = register_transcript(n, &identity, &wg_key, &name);
+            verify(&identity, DOMAIN_REGISTER, &transcript, &signature.0).is_ok()
+        };
+        let valid = signed_over(&nonce) || binding.as_ref().is_some_and(signed_over);
+        valid.then_some(()).ok_or_else(|| {
             ErrorReply::new(
                 ErrorCode::AuthFailed,
                 "registration signature does not verify",
@@ -531,6 +551,7 @@ impl Hub {
 struct Registration {
     identity: Key32,
     nonce: Key32,
+    binding: Option<Key32>,
     name: String,
     wg_key: Key32,
     endpoints: Vec<SocketAddr>,

@@ -48,7 +48,13 @@ impl Relay {
         if !self.handshakes.allow(ip, now) {
             return dropped(DropReason::HandshakeRateLimited);
         }
-        if !self.cookies.check(cookie, src, self.bucket(now)) {
+        // Over TCP the connection's channel binding is a cookie too (the TLS peer knows it:
+        // comparing it in variable time tells nobody anything new).
+        let bound_to_channel =
+            via == Via::Tcp && self.tcp_bindings.get(&src).is_some_and(|b| b == cookie);
+        if bound_to_channel {
+            tracing::debug!(%src, "bind with the connection's channel binding");
+        } else if !self.cookies.check(cookie, src, self.bucket(now)) {
             return self.refuse_bind(via, src, DropReason::BadCookie, None);
         }
         // The cookie was this source's: from here on every answer is sealed.

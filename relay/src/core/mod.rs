@@ -64,6 +64,8 @@ pub struct Relay {
     by_id: FastMap<(ShortId, Transport), SlotId>,
     by_addr: FastMap<(Transport, SocketAddr), SlotId>,
     per_ip: BTreeMap<IpKey, usize>,
+    /// Channel bindings of the open TCP connections, by remote address.
+    tcp_bindings: FastMap<SocketAddr, [u8; 32]>,
     /// `NotBound`/`PeerUnavailable` errors: one per second per source address.
     error_replies: KeyedLimiter<SocketAddr>,
     /// Unauthenticated replies per source IP.
@@ -87,6 +89,7 @@ impl Relay {
             by_id: FastMap::default(),
             by_addr: FastMap::default(),
             per_ip: BTreeMap::new(),
+            tcp_bindings: FastMap::default(),
             error_replies: KeyedLimiter::new(1.0, 1.0, MAX_LIMITER_KEYS),
             handshakes,
             stats: Stats::default(),
@@ -179,8 +182,17 @@ impl Relay {
             .map(|s| s.addr)
     }
 
+    /// A TCP connection from `src` completed TLS with `binding` as its exported keying
+    /// material ([`rally_proto::relay_stream::BIND_EXPORTER_LABEL`]): a `Bind` from `src`
+    /// over TCP may use it as its cookie (kept until [`Relay::handle_closed`]; at most one per
+    /// open connection, so bounded by the connection caps).
+    pub fn handle_tcp_open(&mut self, src: SocketAddr, binding: [u8; 32]) {
+        self.tcp_bindings.insert(src, binding);
+    }
+
     /// The TCP connection from `src` ended: its session, if any, goes with it.
     pub fn handle_closed(&mut self, src: SocketAddr) {
+        self.tcp_bindings.remove(&src);
         if let Some(&slot) = self.by_addr.get(&(Transport::Tcp, src)) {
             if let Some(s) = self.remove_slot(slot) {
                 tracing::info!(agent = %s.agent.short(), addr = %s.addr, "tcp session closed");

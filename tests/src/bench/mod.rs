@@ -13,6 +13,8 @@
 //!   against no flood.
 //! - `tcp-relay`: a 60 pps stream's p99 one-way delay with 1 % WAN loss and one-stream TCP
 //!   throughput over `relay-tcp:r1` (UDP blocked) next to `relay:r1`.
+//! - `tcp-join`: party join → first ping reply behind a TCP-443-only router, against an open
+//!   network in the same run.
 //! - `profile` (not part of `all`): `perf` on the data paths under load.
 //!
 //! Every figure is printed as `name: median [min–max] unit (ratio vs baseline, …)` and all of
@@ -29,6 +31,7 @@ pub mod punch;
 pub mod relay;
 pub mod setup;
 pub mod stats;
+pub mod tcp_join;
 pub mod tcp_relay;
 pub mod tools;
 pub mod tunnels;
@@ -56,6 +59,8 @@ pub enum Which {
     Flood,
     /// The relay path over TLS/TCP next to the same relay over UDP.
     TcpRelay,
+    /// Party join → first ping reply behind a TCP-443-only router, against an open network.
+    TcpJoin,
     /// `perf` on the data paths under load (not part of `all`).
     Profile,
     /// Birthday punching, home router ↔ symmetric NAT, `--attempts` times (not part of `all`).
@@ -235,6 +240,10 @@ pub fn run(which: Which, opts: &Options) -> Result<()> {
     if all || which == Which::TcpRelay {
         say("tcp-relay: relay-tcp:r1 (UDP blocked) vs relay:r1, 20 ms uplinks, 1 % loss for the stream");
         section("tcp-relay", tcp_relay::run(opts));
+    }
+    if all || which == Which::TcpJoin {
+        say("tcp-join: party join → first ping reply, TCP-443-only network vs open network");
+        section("tcp-join", tcp_join::run(opts));
     }
     if all || which == Which::Control {
         say("control: N synthetic QUIC agents register and join one party");

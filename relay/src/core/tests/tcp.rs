@@ -97,6 +97,73 @@ fn stun_over_tcp_is_not_answered() {
     );
 }
 
+#[test]
+fn a_tcp_bind_may_use_its_connections_channel_binding_as_cookie_and_no_other() {
+    let mut lab = Lab::new();
+    let a = agent(1);
+    let (a_tcp, other_tcp, a_udp) = (
+        addr("192.0.2.1:5000"),
+        addr("192.0.2.1:5001"),
+        addr("192.0.2.1:5000"),
+    );
+    let binding = [7u8; 32];
+    lab.relay.handle_tcp_open(a_tcp, binding);
+    lab.relay.handle_tcp_open(other_tcp, [8u8; 32]);
+    let token = lab.token(&a, &[PARTY_X]);
+    let bind = bind_msg(&a, &binding, &token);
+
+    // Over UDP, or from another TCP connection, the binding is no cookie.
+    let (action, _) = lab.recv(a_udp, &bind);
+    assert!(
+        matches!(
+            action,
+            Action::Drop {
+                reason: DropReason::BadCookie,
+                ..
+            }
+        ),
+        "{action:?}"
+    );
+    let (action, _) = lab.recv_via(Via::Tcp, other_tcp, &bind);
+    assert!(
+        matches!(
+            action,
+            Action::Drop {
+                reason: DropReason::BadCookie,
+                ..
+            }
+        ),
+        "{action:?}"
+    );
+
+    // From its own connection: bound at once, no challenge asked for.
+    let (action, _) = lab.recv_via(Via::Tcp, a_tcp, &bind);
+    let Action::Reply(t) = &action else {
+        panic!("channel-bound bind refused: {action:?}")
+    };
+    let key = key_of(&a, &binding, &token);
+    let msg = RelayMsg::decode(&t.payload).expect("a relay message");
+    assert!(
+        matches!(msg, RelayMsg::BindOk { .. }) && msg.is_sealed_by(&key),
+        "{msg:?}"
+    );
+    assert_eq!(lab.relay.stats().sessions_active_tcp, 1);
+
+    // Once the connection closed, its binding is forgotten.
+    lab.relay.handle_closed(a_tcp);
+    let (action, _) = lab.recv_via(Via::Tcp, a_tcp, &bind);
+    assert!(
+        matches!(
+            action,
+            Action::Drop {
+                reason: DropReason::BadCookie,
+                ..
+            }
+        ),
+        "{action:?}"
+    );
+}
+
 fn bind_tcp(lab: &mut Lab, agent: &Identity, src: SocketAddr) {
     let cookie = match lab
         .recv_via(Via::Tcp, src, &RelayMsg::BindRequest.to_vec())
