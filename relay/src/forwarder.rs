@@ -447,8 +447,12 @@ impl Forwarder {
                         clock.unix,
                     );
                     match action {
-                        Action::Forward { via, to, len } => {
-                            send_to(&self.sockets, Some(tcp), via, to, &frame[..len]);
+                        Action::Forward { via, to, len, also } => {
+                            let msg = frame.get(..len).unwrap_or_default();
+                            send_to(&self.sockets, Some(tcp), via, to, msg);
+                            if let Some(other) = also {
+                                send_to(&self.sockets, Some(tcp), Via::Tcp, other, msg);
+                            }
                         }
                         Action::Reply(t) | Action::Drop { reply: Some(t), .. } => {
                             send_to(&self.sockets, Some(tcp), t.via, t.to, &t.payload);
@@ -516,17 +520,18 @@ fn handle_train(
                 via: Via::Tcp,
                 to,
                 len: n,
+                also,
             } => {
                 forwards.push(None);
-                send_to(
-                    sockets,
-                    tcp,
-                    Via::Tcp,
-                    to,
-                    datagram.get(..n).unwrap_or_default(),
-                );
+                let msg = datagram.get(..n).unwrap_or_default();
+                send_to(sockets, tcp, Via::Tcp, to, msg);
+                if let Some(other) = also {
+                    send_to(sockets, tcp, Via::Tcp, other, msg);
+                }
             }
-            Action::Forward { via, to, len: n } if n == len => forwards.push(Some((via, to))),
+            Action::Forward {
+                via, to, len: n, ..
+            } if n == len => forwards.push(Some((via, to))),
             Action::Forward { .. } => forwards.push(None),
             Action::Reply(t) | Action::Drop { reply: Some(t), .. } => {
                 forwards.push(None);

@@ -154,6 +154,70 @@ fn a_tcp_client_that_stops_reading_leaves_relay_memory_flat_and_drops_are_counte
     drop(slow);
 }
 
+#[test]
+fn an_agent_on_two_connections_gets_small_frames_on_both_and_a_third_evicts_the_oldest() {
+    let relay = RelayProc::start_tcp();
+    let u = Agent::new(2);
+    assert!(u.bind(&relay, &[PARTY_X]).is_ok());
+    let mut conns: Vec<TcpAgent> = (0..2)
+        .map(|_| {
+            let mut c = TcpAgent::connect(&relay, 1, relay.tls_public());
+            let binding = c.channel_binding();
+            let token = token(&c.id, unix_now() + 3600, &[PARTY_X]);
+            assert!(c.bind_with(binding, &token).is_ok());
+            c
+        })
+        .collect();
+    assert_eq!(
+        metric(&relay.metrics(), "rally_relay_tcp_sessions_active"),
+        Some(2)
+    );
+    let deliver = |payload: &[u8]| {
+        RelayMsg::Deliver {
+            from: u.short(),
+            payload,
+        }
+        .to_vec()
+    };
+
+    // A small frame arrives on both connections; bulk on the newer only.
+    u.send(&relay, &conns[0].short(), &[1; 200]);
+    u.send(&relay, &conns[0].short(), &[2; 1000]);
+    u.send(&relay, &conns[0].short(), &[3; 100]);
+    assert_eq!(conns[0].recv(), Some(deliver(&[1; 200])), "older: the copy");
+    assert_eq!(conns[0].recv(), Some(deliver(&[3; 100])), "older: no bulk");
+    assert_eq!(conns[1].recv(), Some(deliver(&[1; 200])));
+    assert_eq!(conns[1].recv(), Some(deliver(&[2; 1000])));
+    assert_eq!(conns[1].recv(), Some(deliver(&[3; 100])));
+    // Both connections send for the agent.
+    for c in &mut conns {
+        c.send(&u.short(), b"up");
+        assert!(u.recv().is_some(), "the udp agent hears each connection");
+    }
+
+    // A third connection of the same agent evicts the oldest.
+    let mut third = TcpAgent::connect(&relay, 1, relay.tls_public());
+    let binding = third.channel_binding();
+    let t = token(&third.id, unix_now() + 3600, &[PARTY_X]);
+    assert!(third.bind_with(binding, &t).is_ok());
+    assert_eq!(
+        metric(&relay.metrics(), "rally_relay_tcp_sessions_active"),
+        Some(2)
+    );
+    u.send(&relay, &third.short(), &[4; 200]);
+    assert_eq!(third.recv(), Some(deliver(&[4; 200])));
+    assert_eq!(conns[1].recv(), Some(deliver(&[4; 200])));
+    conns[0].send(&u.short(), b"evicted");
+    assert_eq!(conns[0].recv_error(), Some(RelayErrorCode::NotBound));
+
+    // The newest closes: everything goes on the one left.
+    drop(third);
+    let m = relay.metrics_when(|m| metric(m, "rally_relay_tcp_sessions_active") == Some(1));
+    assert_eq!(metric(&m, "rally_relay_tcp_sessions_active"), Some(1));
+    u.send(&relay, &conns[1].short(), &[5; 1000]);
+    assert_eq!(conns[1].recv(), Some(deliver(&[5; 1000])));
+}
+
 // --- helpers --------------------------------------------------------------------------------
 
 /// Accepts only a server whose TLS 1.3 handshake signature is by the pinned key.

@@ -89,7 +89,11 @@ impl Relay {
         })
     }
 
-    /// Creates or moves the session for `token.agent` to `src`, within the limits.
+    /// Creates or moves the session for `token.agent` to `src`, within the limits. Over UDP
+    /// an agent holds one session (a bind from elsewhere moves it); over TCP up to
+    /// [`MAX_TCP_SESSIONS`], one per connection: a bind on a connection that holds the agent's
+    /// session renews it, a bind on another connection adds one and, beyond the cap, evicts
+    /// the oldest.
     pub(super) fn admit(
         &mut self,
         via: Via,
@@ -104,28 +108,33 @@ impl Relay {
         let taken = Transport::ALL
             .iter()
             .filter_map(|t| self.by_id.get(&(id, *t)))
+            .chain(self.tcp_spare.get(&id))
             .filter_map(|&slot| self.slots.get(slot))
             .any(|s| s.agent != token.agent);
         if taken {
             return Err(DropReason::ShortIdTaken);
         }
-        let own = self.by_id.get(&(id, transport)).copied();
-        let existing = own
-            .and_then(|slot| self.slots.get(slot))
-            .map(|s| (s.addr, s.ip));
+        let newest = self.by_id.get(&(id, transport)).copied();
+        let spare = self.tcp_spare.get(&id).copied();
+        let at_src = self.by_addr.get(&(transport, src)).copied();
+        // The agent's session this bind replaces, if any: over UDP its one session; over TCP
+        // the one on this connection, or the oldest when it holds as many as it may.
+        let own = match transport {
+            Transport::Udp => newest,
+            Transport::Tcp if at_src.is_some() && (at_src == newest || at_src == spare) => at_src,
+            Transport::Tcp if newest.is_some() && spare.is_some() => spare,
+            Transport::Tcp => None,
+        };
+        let renewed = own.is_some() && own == at_src;
+        let existing = own.and_then(|slot| self.slots.get(slot)).map(|s| s.ip);
         // Another agent's session at this very address is replaced: one address, one session.
-        let displaced = self
-            .by_addr
-            .get(&(transport, src))
-            .copied()
-            .filter(|other| Some(*other) != own);
+        let displaced = at_src.filter(|other| Some(*other) != own);
 
         let removed = usize::from(existing.is_some()) + usize::from(displaced.is_some());
-        if self.by_id.len() + 1 - removed > self.config.limits.max_sessions {
+        if self.session_count() + 1 - removed > self.config.limits.max_sessions {
             return Err(DropReason::LimitSessions);
         }
-        let removed_here = usize::from(existing.is_some_and(|(_, eip)| eip == ip))
-            + usize::from(displaced.is_some());
+        let removed_here = usize::from(existing == Some(ip)) + usize::from(displaced.is_some());
         let here = self.per_ip.get(&ip).copied().unwrap_or(0);
         if here + 1 - removed_here > self.config.limits.max_sessions_per_ip {
             return Err(DropReason::LimitPerIp);
@@ -136,11 +145,18 @@ impl Relay {
                 tracing::info!(agent = %s.agent.short(), addr = %s.addr, "session replaced by another agent at its address");
             }
         }
+        // A renewed session keeps its place (newer or older); a new TCP session is the newer.
+        let as_spare = transport == Transport::Tcp && renewed && own == spare;
         let (max_pps, max_bps) = (self.config.limits.max_pps, self.config.limits.max_bps);
         let (pps, bps) = match own.and_then(|slot| self.remove_slot(slot)) {
             Some(old) => {
                 if old.addr != src {
-                    tracing::info!(agent = %old.agent.short(), from = %old.addr, to = %src, "session moved");
+                    let why = if transport == Transport::Tcp {
+                        "oldest tcp session evicted"
+                    } else {
+                        "session moved"
+                    };
+                    tracing::info!(agent = %old.agent.short(), from = %old.addr, to = %src, "{why}");
                 }
                 (old.pps, old.bps)
             }
@@ -168,7 +184,16 @@ impl Relay {
             bps,
         });
         self.by_addr.insert((transport, src), slot);
-        self.by_id.insert((id, transport), slot);
+        if as_spare {
+            self.tcp_spare.insert(id, slot);
+        } else {
+            if let Some(older) = self.by_id.insert((id, transport), slot) {
+                // Still the agent's (it was not replaced): it is the older one now.
+                if transport == Transport::Tcp && self.slots.get(older).is_some() {
+                    self.tcp_spare.insert(id, older);
+                }
+            }
+        }
         self.stats.sessions_total += 1;
         Ok(())
     }

@@ -10,14 +10,19 @@
 //! - `Bind{cookie, signature, token}`: the cookie must be this source's; the token must be signed
 //!   by the control plane and unexpired; the signature must be by the key the token names, over
 //!   the cookie and the token; the token must name at least one party (a session that can reach
-//!   no one is refused). Then the agent gets one session (replacing any it had, wherever from:
-//!   one session per identity), subject to the global and per-IP session limits, and `BindOk`.
+//!   no one is refused). Then the agent gets a session, subject to the global and per-IP
+//!   session limits, and `BindOk`: over UDP one per identity (a bind from elsewhere moves it);
+//!   over TCP one per connection and up to [`MAX_TCP_SESSIONS`] per identity (a bind on a
+//!   further connection evicts the oldest).
 //!   From the cookie and the signature both sides derive the session key
 //!   ([`rally_proto::relay::session_key`]) that seals `BindOk`, `Pong` and every `Error` the
 //!   relay can seal (all but `NotBound` and `BadCookie`, which have no key behind them).
 //! - A `Bind` of the old type (before sealed replies) is refused with `Error{Outdated}`.
 //! - `Send{to}` from a bound source within its packet and byte budgets is rewritten in place to
-//!   `Deliver{from}` and forwarded to `to`'s session, but only when the two tokens share a party.
+//!   `Deliver{from}` and forwarded to `to`'s session, but only when the two tokens share a party:
+//!   of its sessions the live one heard from last; over TCP the newer connection, and a
+//!   `Deliver` of at most [`SMALL_FRAME`] bytes also to the other (so a segment lost on one
+//!   connection does not hold the datagram back; bulk stays on one connection, in order).
 //! - `Ping` from a bound source → `Pong`, and the session stays alive.
 //! - STUN binding requests are answered with the source address (RFC 8489), with RFC 5780's
 //!   RESPONSE-ORIGIN and OTHER-ADDRESS, and `change_port` when an alternate port is configured.
@@ -49,7 +54,10 @@ mod session;
 mod types;
 
 use session::{FastMap, IpKey, Session, SlotId, Slots};
-pub use types::{Action, Config, DropReason, Limits, Stats, Transmit, Transport, Via};
+pub use types::{
+    Action, Config, DropReason, Limits, Stats, Transmit, Transport, Via, MAX_TCP_SESSIONS,
+    SMALL_FRAME,
+};
 
 /// The relay state machine. See the [module docs](self) for the rules.
 #[derive(Debug)]
@@ -62,6 +70,9 @@ pub struct Relay {
     /// source address and one by destination id; everything else is slot indexing.
     slots: Slots,
     by_id: FastMap<(ShortId, Transport), SlotId>,
+    /// An agent's older TCP session, when it holds two ([`MAX_TCP_SESSIONS`]; `by_id` holds
+    /// the newer).
+    tcp_spare: FastMap<ShortId, SlotId>,
     by_addr: FastMap<(Transport, SocketAddr), SlotId>,
     per_ip: BTreeMap<IpKey, usize>,
     /// Channel bindings of the open TCP connections, by remote address.
@@ -87,6 +98,7 @@ impl Relay {
             next_sweep: now + SWEEP_INTERVAL,
             slots: Slots::default(),
             by_id: FastMap::default(),
+            tcp_spare: FastMap::default(),
             by_addr: FastMap::default(),
             per_ip: BTreeMap::new(),
             tcp_bindings: FastMap::default(),
@@ -158,12 +170,13 @@ impl Relay {
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
-        s.sessions_active = self.by_id.len() as u64;
-        s.sessions_active_tcp = self
+        s.sessions_active = self.session_count() as u64;
+        s.sessions_active_tcp = (self
             .by_id
             .keys()
             .filter(|(_, t)| *t == Transport::Tcp)
-            .count() as u64;
+            .count()
+            + self.tcp_spare.len()) as u64;
         s
     }
 
@@ -173,7 +186,7 @@ impl Relay {
     }
 
     /// The address of the live session of the agent with this short id, if any (as of the last
-    /// [`Relay::handle_timeout`]).
+    /// [`Relay::handle_timeout`]; of two TCP sessions, the newer).
     pub fn session_addr(&self, id: &ShortId) -> Option<SocketAddr> {
         Transport::ALL
             .iter()
@@ -257,12 +270,8 @@ impl Relay {
         let from_id = sender.id;
         let sender_key = sender.key;
         let idle = self.config.limits.idle_timeout;
-        // Of the destination's sessions (UDP, TCP), the live one heard from last.
-        let dest = Transport::ALL
-            .iter()
-            .filter_map(|t| self.by_id.get(&(to, *t)))
-            .filter_map(|&slot| self.slots.get(slot))
-            .max_by_key(|s| (s.death(now, now_unix, idle).is_none(), s.last_seen));
+        let (dest, also) = self.delivery(to, len, now, now_unix);
+        let dest = dest.and_then(|slot| self.slots.get(slot));
         let verdict = match (self.slots.get(from), dest) {
             (Some(sender), Some(dest)) if !sender.token.shares_party(&dest.token) => {
                 Err(DropReason::NoSharedParty)
@@ -273,6 +282,15 @@ impl Relay {
             (Some(_), Some(dest)) => Ok((dest.via, dest.addr)),
             _ => Err(DropReason::PeerUnavailable),
         };
+        // The copy only to a session that may hear from this sender too.
+        let also = also
+            .and_then(|slot| self.slots.get(slot))
+            .filter(|s| {
+                self.slots
+                    .get(from)
+                    .is_some_and(|sender| sender.token.shares_party(&s.token))
+            })
+            .map(|s| s.addr);
         match verdict {
             Ok((dest_via, dest_addr)) => {
                 if send_to_deliver(datagram, &from_id).is_none() {
@@ -287,6 +305,7 @@ impl Relay {
                     via: dest_via,
                     to: dest_addr,
                     len,
+                    also: also.filter(|_| dest_via == Via::Tcp),
                 }
             }
             // The same answer for both, so a sender cannot probe who is bound outside its parties.
@@ -299,6 +318,47 @@ impl Relay {
                 }),
             },
         }
+    }
+
+    /// Where a `Deliver` of `len` bytes to `to` goes: of its sessions (UDP, TCP, the older
+    /// TCP), the live one heard from last; over TCP, the newer session while it lives (bulk
+    /// stays on one connection, in order), and a small datagram also to the other live one.
+    fn delivery(
+        &self,
+        to: ShortId,
+        len: usize,
+        now: Instant,
+        now_unix: u64,
+    ) -> (Option<SlotId>, Option<SlotId>) {
+        let idle = self.config.limits.idle_timeout;
+        let alive = |slot: &SlotId| {
+            self.slots
+                .get(*slot)
+                .is_some_and(|s| s.death(now, now_unix, idle).is_none())
+        };
+        let udp = self.by_id.get(&(to, Transport::Udp)).copied();
+        let tcp = self.by_id.get(&(to, Transport::Tcp)).copied();
+        let spare = self.tcp_spare.get(&to).copied();
+        let best = [udp, tcp, spare]
+            .into_iter()
+            .flatten()
+            .filter_map(|slot| self.slots.get(slot).map(|s| (slot, s)))
+            .max_by_key(|(slot, s)| (alive(slot), s.last_seen))
+            .map(|(slot, _)| slot);
+        if best.is_none() || best == udp {
+            return (best, None);
+        }
+        let (first, second) = match (tcp.filter(alive), spare.filter(alive)) {
+            (Some(t), s) => (t, s),
+            (None, Some(s)) => (s, None),
+            (None, None) => return (best, None),
+        };
+        (Some(first), second.filter(|_| len <= SMALL_FRAME))
+    }
+
+    /// Sessions held now, over every transport.
+    fn session_count(&self) -> usize {
+        self.by_id.len() + self.tcp_spare.len()
     }
 
     fn handle_ping(
@@ -418,6 +478,14 @@ impl Relay {
         }
         if self.by_id.get(&(s.id, transport)) == Some(&slot) {
             self.by_id.remove(&(s.id, transport));
+            // The older TCP session, if any, is the agent's only one now.
+            if transport == Transport::Tcp {
+                if let Some(spare) = self.tcp_spare.remove(&s.id) {
+                    self.by_id.insert((s.id, transport), spare);
+                }
+            }
+        } else if transport == Transport::Tcp && self.tcp_spare.get(&s.id) == Some(&slot) {
+            self.tcp_spare.remove(&s.id);
         }
         if let Some(n) = self.per_ip.get_mut(&s.ip) {
             *n = n.saturating_sub(1);

@@ -1,4 +1,4 @@
-//! The session table: one session per agent and transport, stored in reusable slots and
+//! The session table: one session per agent and transport (two over TCP), stored in reusable slots and
 //! indexed by agent short id and by source address; per-IP counting keys.
 
 use std::collections::HashMap;

@@ -111,6 +111,12 @@ impl Transport {
     }
 }
 
+/// Most TCP sessions one agent holds at once (a further bind evicts the oldest).
+pub const MAX_TCP_SESSIONS: usize = 2;
+/// Largest `Deliver` (bytes) copied onto both of an agent's TCP sessions; larger ones (bulk)
+/// go on one only.
+pub const SMALL_FRAME: usize = 300;
+
 /// A datagram the relay wants sent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transmit {
@@ -134,6 +140,10 @@ pub enum Action {
         to: SocketAddr,
         /// Bytes to send from the start of the datagram buffer.
         len: usize,
+        /// The destination's other TCP session, when it holds two and the datagram is small
+        /// ([`SMALL_FRAME`]): the same bytes go there too (over [`Via::Tcp`]), so one lost
+        /// segment on one connection does not hold the frame back.
+        also: Option<SocketAddr>,
     },
     /// Send this answer.
     Reply(Transmit),

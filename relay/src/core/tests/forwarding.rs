@@ -18,7 +18,8 @@ fn same_party_packets_are_forwarded_in_place() {
         Action::Forward {
             via: Via::Primary,
             to: b_addr,
-            len: request.len()
+            len: request.len(),
+            also: None,
         }
     );
     assert_eq!(

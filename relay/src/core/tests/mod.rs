@@ -6,6 +6,7 @@ mod forwarding;
 mod limits;
 mod stun;
 mod tcp;
+mod tcp_pair;
 
 use super::*;
 use proptest::prelude::*;

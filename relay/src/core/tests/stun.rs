@@ -118,7 +118,8 @@ fn sessions_bound_on_the_alt_port_are_reached_through_it() {
         Action::Forward {
             via: Via::Alt,
             to: b_addr,
-            len: send_to(&b, b"x").len()
+            len: send_to(&b, b"x").len(),
+            also: None,
         }
     );
 }

@@ -164,7 +164,7 @@ fn a_tcp_bind_may_use_its_connections_channel_binding_as_cookie_and_no_other() {
     );
 }
 
-fn bind_tcp(lab: &mut Lab, agent: &Identity, src: SocketAddr) {
+pub(super) fn bind_tcp(lab: &mut Lab, agent: &Identity, src: SocketAddr) {
     let cookie = match lab
         .recv_via(Via::Tcp, src, &RelayMsg::BindRequest.to_vec())
         .0
