@@ -11,6 +11,11 @@
 /// round trip after TLS instead of two.
 pub const BIND_EXPORTER_LABEL: &[u8] = b"EXPORTER-rally-relay-bind";
 
+/// Largest relay message (bytes) an agent copies onto both of its TCP connections to a relay,
+/// and a relay onto both of an agent's TCP sessions: small datagrams (game state, voice) go
+/// twice so that a segment lost on one connection does not hold them back; bulk goes once.
+pub const SMALL_FRAME: usize = 300;
+
 /// Longest frame body: the largest UDP payload, which a 2-byte length can say.
 pub const MAX_STREAM_FRAME: usize = u16::MAX as usize;
 /// Bytes of the length prefix.

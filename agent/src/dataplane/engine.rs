@@ -154,6 +154,9 @@ pub(super) struct Drops {
     pub bad_probe: u64,
     pub relay_foreign: u64,
     pub wireguard: u64,
+    /// WireGuard data seen already (the second copy of a small datagram over two relay
+    /// connections, or a replay): not an error.
+    pub duplicate: u64,
     pub spoofed_source: u64,
     pub no_route: u64,
 }
@@ -335,6 +338,7 @@ impl Engine {
         rand::thread_rng().fill_bytes(&mut seed);
         let disc_io = DiscoveryIo::open(&cfg.tun_name, cfg.discovery.enabled);
         let disc = Discovery::new(cfg.discovery, cfg.virtual_ip, cfg.prefix);
+        let identity = cfg.identity.clone();
         let node = Node::new(
             NodeConfig {
                 identity: cfg.identity,
@@ -368,7 +372,7 @@ impl Engine {
             disc,
             disc_io,
             side: Default::default(),
-            tcp: super::relay_tcp::TcpRelays::new(cfg.proxy.clone()),
+            tcp: super::relay_tcp::TcpRelays::new(cfg.proxy.clone(), identity),
             disc_due: tokio::time::Instant::now(),
             disc_ticks: 0,
             disc_pending: Vec::new(),

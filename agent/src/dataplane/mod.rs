@@ -10,6 +10,7 @@ mod discovery;
 pub mod engine;
 mod queues;
 pub mod relay_tcp;
+mod relay_twin;
 pub mod restart;
 mod rx;
 pub mod security;

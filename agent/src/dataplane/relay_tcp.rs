@@ -19,6 +19,11 @@
 //! Once TLS is up the node is handed a `BindChallenge` carrying the connection's channel
 //! binding (`rally_proto::relay_stream::BIND_EXPORTER_LABEL`), so the first `Bind` goes out
 //! at once: bound one round trip after TLS instead of two.
+//!
+//! Each slot has a second connection, its twin ([`super::relay_twin`]), dialed and redialed
+//! with the first: it binds itself with the token of the node's latest `Bind`, carries a copy
+//! of every small message ([`rally_proto::relay_stream::SMALL_FRAME`]), and carries bulk only
+//! while the node's connection is down.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -28,13 +33,15 @@ use std::time::Duration;
 
 use rally_proto::relay::RelayMsg;
 use rally_proto::relay_stream::{write_frame, StreamDecoder, BIND_EXPORTER_LABEL};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rally_proto::Identity;
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use super::relay_twin::{self, bind_token, is_copied, TwinTask};
 use crate::control::tls::{pinned_config, RELAY_ALPN, RELAY_SERVER_NAME};
 use crate::node::TcpEndpoint;
 
@@ -45,7 +52,7 @@ pub const QUEUE_FRAMES: usize = 256;
 /// Unsent bytes in the kernel above which the socket does not count as writable.
 const NOTSENT_LOWAT: u32 = 16 * 1024;
 /// Time for the TCP connect (or proxy) and TLS handshakes.
-const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Least time between two dials of one slot.
 const REDIAL: Duration = Duration::from_millis(500);
 /// Frames from every connection waiting for the engine's loop.
@@ -67,6 +74,8 @@ pub struct TcpRelays {
     pub inbound: mpsc::Receiver<Inbound>,
     /// Frames dropped from full queues, summed over connections ever made.
     dropped_closed: u64,
+    /// Signs the twins' binds.
+    identity: Arc<Identity>,
 }
 
 struct Conn {
@@ -74,20 +83,32 @@ struct Conn {
     queue: Arc<Queue>,
     task: JoinHandle<()>,
     dialed: Instant,
+    /// The second connection, once dialed.
+    twin: Option<Twin>,
+    /// The token of the node's latest `Bind` on the slot, for the twin's binds.
+    token: watch::Sender<Vec<u8>>,
+}
+
+struct Twin {
+    queue: Arc<Queue>,
+    task: JoinHandle<()>,
+    dialed: Instant,
 }
 
 #[derive(Default)]
-struct Queue {
+pub(super) struct Queue {
     frames: Mutex<VecDeque<Vec<u8>>>,
     notify: Notify,
     dropped: AtomicU64,
-    closed: AtomicBool,
+    pub(super) closed: AtomicBool,
+    /// A twin's session is bound at the relay (unused for the node's connection).
+    pub(super) bound: AtomicBool,
 }
 
 impl Queue {
     /// Adds a frame, dropping (and counting) the oldest when [`QUEUE_FRAMES`] wait already,
     /// and wakes the writer.
-    fn push(&self, msg: &[u8]) {
+    pub(super) fn push(&self, msg: &[u8]) {
         let mut frames = self.frames.lock().unwrap_or_else(|e| e.into_inner());
         if frames.len() >= QUEUE_FRAMES {
             frames.pop_front();
@@ -116,7 +137,7 @@ impl Queue {
 }
 
 impl TcpRelays {
-    pub fn new(proxy: Option<String>) -> Self {
+    pub fn new(proxy: Option<String>, identity: Arc<Identity>) -> Self {
         let (inbound_tx, inbound) = mpsc::channel(INBOUND);
         TcpRelays {
             conns: HashMap::new(),
@@ -124,10 +145,11 @@ impl TcpRelays {
             inbound_tx,
             inbound,
             dropped_closed: 0,
+            identity,
         }
     }
 
-    /// Opens the connection of `slot` to `endpoint` unless one is up or being dialed.
+    /// Opens the connections of `slot` to `endpoint` unless they are up or being dialed.
     pub fn connect(&mut self, slot: SocketAddr, endpoint: &TcpEndpoint) {
         let now = Instant::now();
         let stale = self.conns.get(&slot).is_none_or(|c| {
@@ -137,19 +159,43 @@ impl TcpRelays {
         if stale {
             self.dial(slot, endpoint.clone(), now);
         }
+        let twin_stale = self.conns.get(&slot).is_some_and(|c| {
+            c.twin
+                .as_ref()
+                .is_none_or(|t| t.queue.closed.load(Ordering::Relaxed) && now >= t.dialed + REDIAL)
+        });
+        if twin_stale {
+            self.dial_twin(slot, now);
+        }
     }
 
-    /// Queues `msg` (one relay message) for the connection of `slot` to `endpoint`, dialing
-    /// it if there is none (or only a dead one).
+    /// Queues `msg` (one relay message) for the connections of `slot` to `endpoint`, dialing
+    /// them if there are none (or only dead ones): on the node's connection, and a copy on
+    /// the twin when it is small; on the twin alone while the node's connection is down.
     pub fn send(&mut self, slot: SocketAddr, endpoint: &TcpEndpoint, msg: &[u8]) {
         self.connect(slot, endpoint);
         let Some(c) = self.conns.get(&slot) else {
             return;
         };
-        if c.queue.closed.load(Ordering::Relaxed) {
-            return;
+        if let Some(token) = bind_token(msg) {
+            c.token.send_if_modified(|t| {
+                let changed = *t != token;
+                *t = token;
+                changed
+            });
         }
-        c.queue.push(msg);
+        let up = !c.queue.closed.load(Ordering::Relaxed);
+        if up {
+            c.queue.push(msg);
+        }
+        let twin = c.twin.as_ref().filter(|t| {
+            t.queue.bound.load(Ordering::Relaxed) && !t.queue.closed.load(Ordering::Relaxed)
+        });
+        if let Some(twin) = twin {
+            if is_copied(msg) || (!up && bind_token(msg).is_none()) {
+                twin.queue.push(msg);
+            }
+        }
     }
 
     /// Closes every connection whose slot `keep` refuses (the node closed its client).
@@ -158,8 +204,7 @@ impl TcpRelays {
         for slot in gone {
             if let Some(c) = self.conns.remove(&slot) {
                 debug!(addr = %c.endpoint.addr, "relay connection over TCP closed");
-                self.dropped_closed += c.queue.dropped.load(Ordering::Relaxed);
-                c.task.abort();
+                self.close(c);
             }
         }
     }
@@ -170,15 +215,35 @@ impl TcpRelays {
             + self
                 .conns
                 .values()
-                .map(|c| c.queue.dropped.load(Ordering::Relaxed))
+                .flat_map(|c| std::iter::once(&c.queue).chain(c.twin.as_ref().map(|t| &t.queue)))
+                .map(|q| q.dropped.load(Ordering::Relaxed))
                 .sum::<u64>()
     }
 
-    fn dial(&mut self, slot: SocketAddr, endpoint: TcpEndpoint, now: Instant) {
-        if let Some(old) = self.conns.remove(&slot) {
-            self.dropped_closed += old.queue.dropped.load(Ordering::Relaxed);
-            old.task.abort();
+    /// Ends both connections of a slot, keeping their drop counts.
+    fn close(&mut self, c: Conn) {
+        self.dropped_closed += c.queue.dropped.load(Ordering::Relaxed);
+        c.task.abort();
+        if let Some(t) = c.twin {
+            self.dropped_closed += t.queue.dropped.load(Ordering::Relaxed);
+            t.task.abort();
         }
+    }
+
+    fn dial(&mut self, slot: SocketAddr, endpoint: TcpEndpoint, now: Instant) {
+        // A new endpoint starts over; the same one keeps its twin and the token.
+        let (twin, token) = match self.conns.remove(&slot) {
+            Some(mut old) if old.endpoint == endpoint => {
+                self.dropped_closed += old.queue.dropped.load(Ordering::Relaxed);
+                old.task.abort();
+                (old.twin.take(), old.token)
+            }
+            Some(old) => {
+                self.close(old);
+                (None, watch::channel(Vec::new()).0)
+            }
+            None => (None, watch::channel(Vec::new()).0),
+        };
         let queue = Arc::new(Queue::default());
         let task = tokio::spawn(run(
             slot,
@@ -194,8 +259,35 @@ impl TcpRelays {
                 queue,
                 task,
                 dialed: now,
+                twin,
+                token,
             },
         );
+    }
+
+    fn dial_twin(&mut self, slot: SocketAddr, now: Instant) {
+        let Some(c) = self.conns.get_mut(&slot) else {
+            return;
+        };
+        if let Some(old) = c.twin.take() {
+            self.dropped_closed += old.queue.dropped.load(Ordering::Relaxed);
+            old.task.abort();
+        }
+        let queue = Arc::new(Queue::default());
+        let task = tokio::spawn(relay_twin::run(TwinTask {
+            slot,
+            endpoint: c.endpoint.clone(),
+            proxy: self.proxy.clone(),
+            queue: queue.clone(),
+            inbound: self.inbound_tx.clone(),
+            identity: self.identity.clone(),
+            token: c.token.subscribe(),
+        }));
+        c.twin = Some(Twin {
+            queue,
+            task,
+            dialed: now,
+        });
     }
 }
 
@@ -203,6 +295,9 @@ impl Drop for TcpRelays {
     fn drop(&mut self) {
         for c in self.conns.values() {
             c.task.abort();
+            if let Some(t) = &c.twin {
+                t.task.abort();
+            }
         }
     }
 }
@@ -240,23 +335,7 @@ async fn run(
         }
     }
     let (mut reader, mut writer) = tokio::io::split(tls);
-    let write = async {
-        let mut buf = Vec::with_capacity(16 * 1024);
-        loop {
-            queue.notify.notified().await;
-            loop {
-                buf.clear();
-                queue.drain_into(&mut buf);
-                if buf.is_empty() {
-                    break;
-                }
-                writer.write_all(&buf).await?;
-                writer.flush().await?;
-            }
-        }
-        #[allow(unreachable_code)]
-        Ok::<(), std::io::Error>(())
-    };
+    let write = write_queue(&queue, &mut writer);
     let read = async {
         let mut decoder = StreamDecoder::new();
         let mut buf = vec![0u8; 64 * 1024];
@@ -281,6 +360,26 @@ async fn run(
     queue.closed.store(true, Ordering::Relaxed);
 }
 
+/// Writes what `queue` holds to `writer`, each time it is woken, until a write fails.
+pub(super) async fn write_queue<W: AsyncWrite + Unpin>(
+    queue: &Queue,
+    writer: &mut W,
+) -> Result<(), std::io::Error> {
+    let mut buf = Vec::with_capacity(16 * 1024);
+    loop {
+        queue.notify.notified().await;
+        loop {
+            buf.clear();
+            queue.drain_into(&mut buf);
+            if buf.is_empty() {
+                break;
+            }
+            writer.write_all(&buf).await?;
+            writer.flush().await?;
+        }
+    }
+}
+
 /// A `BindChallenge` whose cookie is the connection's channel binding
 /// ([`BIND_EXPORTER_LABEL`]): handed to the node as if the relay had sent it, so the first
 /// `Bind` leaves with no round trip for a challenge (the relay accepts that cookie from this
@@ -294,7 +393,7 @@ fn channel_challenge(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> Option
     Some(RelayMsg::BindChallenge { cookie }.to_vec())
 }
 
-async fn dial(
+pub(super) async fn dial(
     endpoint: &TcpEndpoint,
     proxy: Option<&str>,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {

@@ -12,7 +12,7 @@ use super::discovery::Admit;
 use super::engine::{Buffers, Engine, RX_BUFS};
 use super::handshake_guard::{Source, Verdict};
 use super::timers::now;
-use super::tunnel::{initiator_key, Output};
+use super::tunnel::{initiator_key, Output, TunnelError};
 use crate::conn::PathId;
 use crate::node::{DropReason, Received};
 
@@ -281,6 +281,10 @@ impl Engine {
                     } else {
                         self.node.handle_tunnel_rx(&id, &via, t);
                     }
+                    return;
+                }
+                Err(TunnelError::Duplicate) => {
+                    self.drops.duplicate += 1;
                     return;
                 }
                 Err(e) => {

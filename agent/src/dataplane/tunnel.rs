@@ -33,11 +33,19 @@ pub enum TunnelError {
     WireGuard(String),
     #[error("IPv6 inside the overlay is not supported")]
     Ipv6,
+    /// A data message whose counter was seen already (or is behind the replay window): the
+    /// copy of a datagram sent on two relay connections. boringtun refuses it before any
+    /// decryption and changes no state.
+    #[error("duplicate")]
+    Duplicate,
 }
 
 impl From<WireGuardError> for TunnelError {
     fn from(e: WireGuardError) -> Self {
-        TunnelError::WireGuard(format!("{e:?}"))
+        match e {
+            WireGuardError::DuplicateCounter => TunnelError::Duplicate,
+            e => TunnelError::WireGuard(format!("{e:?}")),
+        }
     }
 }
 
@@ -231,6 +239,54 @@ mod tests {
         let (p, src) = delivered.expect("the queued packet is delivered");
         assert_eq!(p, packet);
         assert_eq!(src, Ipv4Addr::new(10, 66, 0, 2));
+    }
+
+    /// The copy of a data message that came on two relay connections: refused as a duplicate
+    /// (no error string, no state change), and the next message still gets through.
+    #[test]
+    fn a_duplicate_data_message_is_refused_as_such_and_changes_nothing() {
+        let (mut a, mut b, ..) = pair();
+        let mut buf = vec![0u8; 2048];
+        let mut buf2 = vec![0u8; 2048];
+        let packet = ipv4([10, 66, 0, 2], [10, 66, 0, 3]);
+        let Ok(Output::Network(init)) = a.encapsulate(&packet, &mut buf) else {
+            panic!("no initiation")
+        };
+        let init = init.to_vec();
+        let Ok(Output::Network(resp)) = b.decapsulate(None, &init, &mut buf2) else {
+            panic!("no response")
+        };
+        let resp = resp.to_vec();
+        let mut to_b = Vec::new();
+        if let Ok(Output::Network(d)) = a.decapsulate(None, &resp, &mut buf) {
+            to_b.push(d.to_vec());
+        }
+        while let Ok(Output::Network(d)) = a.decapsulate(None, &[], &mut buf) {
+            to_b.push(d.to_vec());
+        }
+        for d in &to_b {
+            let _ = b.decapsulate(None, d, &mut buf2);
+        }
+        let Ok(Output::Network(data)) = a.encapsulate(&packet, &mut buf) else {
+            panic!("no data message")
+        };
+        let data = data.to_vec();
+        assert!(matches!(
+            b.decapsulate(None, &data, &mut buf2),
+            Ok(Output::Tunnel(..))
+        ));
+        assert_eq!(
+            b.decapsulate(None, &data, &mut buf2).err(),
+            Some(TunnelError::Duplicate)
+        );
+        let Ok(Output::Network(next)) = a.encapsulate(&packet, &mut buf) else {
+            panic!("no data message")
+        };
+        let next = next.to_vec();
+        assert!(matches!(
+            b.decapsulate(None, &next, &mut buf2),
+            Ok(Output::Tunnel(..))
+        ));
     }
 
     #[test]

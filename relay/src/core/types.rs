@@ -115,7 +115,7 @@ impl Transport {
 pub const MAX_TCP_SESSIONS: usize = 2;
 /// Largest `Deliver` (bytes) copied onto both of an agent's TCP sessions; larger ones (bulk)
 /// go on one only.
-pub const SMALL_FRAME: usize = 300;
+pub use rally_proto::relay_stream::SMALL_FRAME;
 
 /// A datagram the relay wants sent.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,231 @@
+//! The second TLS connection of a relay-over-TCP slot (its **twin**): it carries a copy of
+//! every small message ([`SMALL_FRAME`]: game state, voice, pings) the node sends on the slot,
+//! so a TCP segment lost on one connection does not hold the datagram back (TCP would deliver
+//! it, and everything behind it, only after a retransmission: about 1.25 round trips). Bulk
+//! stays on the node's own connection, so it is neither doubled nor reordered; it moves to the
+//! twin only while that connection is down.
+//!
+//! The node knows nothing of the twin. The twin binds itself, as its own session at the relay
+//! (which holds up to two TCP sessions per agent): with the connection's TLS exporter value
+//! (`rally_proto::relay_stream::BIND_EXPORTER_LABEL`) as cookie, signed by the agent's
+//! identity, with the token of the node's latest `Bind` on the slot, and again whenever that
+//! token changes or the relay says the session is gone (`NotBound`). What it reads is handed
+//! to the node only when it is a `Deliver`, exactly as if it had come on the node's
+//! connection; the copy that arrives second is refused by WireGuard's replay window before
+//! any decryption (counted as a duplicate, not an error). The relay's answers to the twin
+//! (`BindOk`, `Pong`, errors) are sealed with the twin's own session key and stay here.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rally_proto::relay::{bind_transcript, session_key, RelayErrorCode, RelayMsg, DOMAIN_BIND};
+use rally_proto::relay_stream::{StreamDecoder, BIND_EXPORTER_LABEL, SMALL_FRAME};
+use rally_proto::Identity;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::relay_tcp::{dial, write_queue, Inbound, Queue, DIAL_TIMEOUT};
+use crate::node::TcpEndpoint;
+
+/// Least time between two binds the relay's `NotBound` asks for.
+const REBIND: Duration = Duration::from_secs(1);
+
+/// Whether a message the node sends on a slot goes on the twin too: small `Send`s and `Ping`s
+/// (which keep the twin's session alive when there is no traffic; the twin swallows the
+/// `Pong`).
+pub(super) fn is_copied(msg: &[u8]) -> bool {
+    msg.len() <= SMALL_FRAME
+        && matches!(
+            RelayMsg::decode(msg),
+            Ok(RelayMsg::Send { .. } | RelayMsg::Ping { .. })
+        )
+}
+
+/// The token of a `Bind` the node sends, if `msg` is one.
+pub(super) fn bind_token(msg: &[u8]) -> Option<Vec<u8>> {
+    match RelayMsg::decode(msg) {
+        Ok(RelayMsg::Bind { token, .. }) => Some(token.to_vec()),
+        _ => None,
+    }
+}
+
+/// What the twin connection task needs.
+pub(super) struct TwinTask {
+    pub slot: SocketAddr,
+    pub endpoint: TcpEndpoint,
+    pub proxy: Option<String>,
+    pub queue: Arc<Queue>,
+    pub inbound: mpsc::Sender<Inbound>,
+    pub identity: Arc<Identity>,
+    /// The token of the node's latest `Bind` on the slot (empty until there is one).
+    pub token: watch::Receiver<Vec<u8>>,
+}
+
+/// One twin connection: dial, bind, then write the queue, read `Deliver`s for the node and
+/// rebind when needed, until the connection fails.
+pub(super) async fn run(t: TwinTask) {
+    let TwinTask {
+        slot,
+        endpoint,
+        proxy,
+        queue,
+        inbound,
+        identity,
+        token: mut tokens,
+    } = t;
+    let addr = endpoint.addr;
+    let token = tokens.clone();
+    let tls = match tokio::time::timeout(DIAL_TIMEOUT, dial(&endpoint, proxy.as_deref())).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            debug!(%addr, "second relay connection over TCP: {e}");
+            queue.closed.store(true, Ordering::Relaxed);
+            return;
+        }
+        Err(_) => {
+            debug!(%addr, "second relay connection over TCP: no answer");
+            queue.closed.store(true, Ordering::Relaxed);
+            return;
+        }
+    };
+    let Ok(cookie) = tls
+        .get_ref()
+        .1
+        .export_keying_material([0u8; 32], BIND_EXPORTER_LABEL, None)
+    else {
+        queue.closed.store(true, Ordering::Relaxed);
+        return;
+    };
+    debug!(%addr, "second relay connection over TLS/TCP up");
+    let (mut reader, mut writer) = tokio::io::split(tls);
+    let write = write_queue(&queue, &mut writer);
+    let key = std::sync::Mutex::new(None::<[u8; 32]>);
+    let bind = |token: &[u8]| {
+        if token.is_empty() {
+            return;
+        }
+        let signature = identity.sign(DOMAIN_BIND, &bind_transcript(&cookie, token));
+        if let Ok(mut k) = key.lock() {
+            *k = Some(session_key(&cookie, &signature));
+        }
+        let msg = RelayMsg::Bind {
+            cookie,
+            signature,
+            token,
+        };
+        queue.push(&msg.to_vec());
+    };
+    let binder = async {
+        let first = tokens.borrow_and_update().clone();
+        bind(&first);
+        while tokens.changed().await.is_ok() {
+            let token = tokens.borrow_and_update().clone();
+            bind(&token);
+        }
+        // The node's side is gone: nothing more to bind with; keep reading.
+        std::future::pending::<()>().await;
+    };
+    let read = async {
+        let mut decoder = StreamDecoder::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut last_rebind: Option<Instant> = None;
+        loop {
+            let n = reader.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<(), std::io::Error>(());
+            }
+            decoder.extend(&buf[..n]);
+            while let Some(frame) = decoder.next_frame() {
+                let msg = RelayMsg::decode(frame);
+                if matches!(msg, Ok(RelayMsg::Deliver { .. })) {
+                    if inbound.send((slot, frame.to_vec())).await.is_err() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                match msg {
+                    Ok(msg @ RelayMsg::BindOk { .. }) => {
+                        let sealed = key
+                            .lock()
+                            .ok()
+                            .and_then(|k| *k)
+                            .is_some_and(|k| msg.is_sealed_by(&k));
+                        queue.bound.store(sealed, Ordering::Relaxed);
+                        debug!(%addr, sealed, "second relay connection bound");
+                    }
+                    Ok(RelayMsg::Error { code, .. }) if is_unbound(code) => {
+                        queue.bound.store(false, Ordering::Relaxed);
+                        let now = Instant::now();
+                        if code == RelayErrorCode::NotBound
+                            && last_rebind.is_none_or(|at| now >= at + REBIND)
+                        {
+                            last_rebind = Some(now);
+                            let current = token.borrow().clone();
+                            bind(&current);
+                        }
+                    }
+                    // Pongs, and errors about peers: the node hears them on its connection.
+                    _ => {}
+                }
+            }
+        }
+    };
+    let why = tokio::select! {
+        r = write => r.err().map(|e| e.to_string()),
+        r = read => r.err().map(|e| e.to_string()),
+        () = binder => None,
+    };
+    debug!(%addr, reason = why.as_deref().unwrap_or("closed by the relay"), "second relay connection over TLS/TCP down");
+    queue.bound.store(false, Ordering::Relaxed);
+    queue.closed.store(true, Ordering::Relaxed);
+}
+
+/// Errors after which the twin has no session at the relay.
+fn is_unbound(code: RelayErrorCode) -> bool {
+    !matches!(code, RelayErrorCode::PeerUnavailable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rally_proto::relay::ShortId;
+
+    #[test]
+    fn small_sends_and_pings_are_copied_and_bulk_and_binds_are_not() {
+        let to = ShortId::default();
+        let small = RelayMsg::Send {
+            to,
+            payload: &[0; 200],
+        }
+        .to_vec();
+        assert!(is_copied(&small));
+        let at_limit = RelayMsg::Send {
+            to,
+            payload: &vec![0; SMALL_FRAME - (small.len() - 200)],
+        }
+        .to_vec();
+        assert_eq!(at_limit.len(), SMALL_FRAME);
+        assert!(is_copied(&at_limit));
+        let bulk = RelayMsg::Send {
+            to,
+            payload: &vec![0; SMALL_FRAME],
+        }
+        .to_vec();
+        assert!(!is_copied(&bulk));
+        assert!(is_copied(&RelayMsg::Ping { nonce: 1 }.to_vec()));
+        assert!(!is_copied(&RelayMsg::BindRequest.to_vec()));
+        let bind = RelayMsg::Bind {
+            cookie: [1; 32],
+            signature: [2; 64],
+            token: b"token",
+        }
+        .to_vec();
+        assert!(!is_copied(&bind));
+        assert_eq!(bind_token(&bind), Some(b"token".to_vec()));
+        assert_eq!(bind_token(&small), None);
+    }
+}
