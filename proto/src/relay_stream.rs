@@ -16,6 +16,16 @@ pub const BIND_EXPORTER_LABEL: &[u8] = b"EXPORTER-rally-relay-bind";
 /// twice so that a segment lost on one connection does not hold them back; bulk goes once.
 pub const SMALL_FRAME: usize = 300;
 
+/// Whether a `Send` or `Deliver` (they share one layout) is copied onto both TCP connections:
+/// at most [`SMALL_FRAME`] bytes carrying a WireGuard data message (type 4), whose second copy
+/// WireGuard's replay window refuses before decrypting. Handshakes and the agents' own probes
+/// go once: a second handshake message would be refused as a replay too, but counted as an
+/// error, and a probe would be answered twice.
+pub fn is_copied(msg: &[u8]) -> bool {
+    let at = crate::relay::DATA_HEADER_LEN;
+    msg.len() <= SMALL_FRAME && msg.get(at..at + 4) == Some(&[4, 0, 0, 0][..])
+}
+
 /// Longest frame body: the largest UDP payload, which a 2-byte length can say.
 pub const MAX_STREAM_FRAME: usize = u16::MAX as usize;
 /// Bytes of the length prefix.

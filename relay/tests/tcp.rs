@@ -180,15 +180,26 @@ fn an_agent_on_two_connections_gets_small_frames_on_both_and_a_third_evicts_the_
         .to_vec()
     };
 
-    // A small frame arrives on both connections; bulk on the newer only.
-    u.send(&relay, &conns[0].short(), &[1; 200]);
-    u.send(&relay, &conns[0].short(), &[2; 1000]);
-    u.send(&relay, &conns[0].short(), &[3; 100]);
-    assert_eq!(conns[0].recv(), Some(deliver(&[1; 200])), "older: the copy");
-    assert_eq!(conns[0].recv(), Some(deliver(&[3; 100])), "older: no bulk");
-    assert_eq!(conns[1].recv(), Some(deliver(&[1; 200])));
-    assert_eq!(conns[1].recv(), Some(deliver(&[2; 1000])));
-    assert_eq!(conns[1].recv(), Some(deliver(&[3; 100])));
+    // Small WireGuard data arrives on both connections; bulk and anything else on the newer
+    // only.
+    u.send(&relay, &conns[0].short(), &wg(1, 200));
+    u.send(&relay, &conns[0].short(), &wg(2, 1000));
+    u.send(&relay, &conns[0].short(), b"not wireguard data");
+    u.send(&relay, &conns[0].short(), &wg(3, 100));
+    assert_eq!(
+        conns[0].recv(),
+        Some(deliver(&wg(1, 200))),
+        "older: the copy"
+    );
+    assert_eq!(
+        conns[0].recv(),
+        Some(deliver(&wg(3, 100))),
+        "older: no bulk"
+    );
+    assert_eq!(conns[1].recv(), Some(deliver(&wg(1, 200))));
+    assert_eq!(conns[1].recv(), Some(deliver(&wg(2, 1000))));
+    assert_eq!(conns[1].recv(), Some(deliver(b"not wireguard data")));
+    assert_eq!(conns[1].recv(), Some(deliver(&wg(3, 100))));
     // Both connections send for the agent.
     for c in &mut conns {
         c.send(&u.short(), b"up");
@@ -204,9 +215,9 @@ fn an_agent_on_two_connections_gets_small_frames_on_both_and_a_third_evicts_the_
         metric(&relay.metrics(), "rally_relay_tcp_sessions_active"),
         Some(2)
     );
-    u.send(&relay, &third.short(), &[4; 200]);
-    assert_eq!(third.recv(), Some(deliver(&[4; 200])));
-    assert_eq!(conns[1].recv(), Some(deliver(&[4; 200])));
+    u.send(&relay, &third.short(), &wg(4, 200));
+    assert_eq!(third.recv(), Some(deliver(&wg(4, 200))));
+    assert_eq!(conns[1].recv(), Some(deliver(&wg(4, 200))));
     conns[0].send(&u.short(), b"evicted");
     assert_eq!(conns[0].recv_error(), Some(RelayErrorCode::NotBound));
 
@@ -214,8 +225,8 @@ fn an_agent_on_two_connections_gets_small_frames_on_both_and_a_third_evicts_the_
     drop(third);
     let m = relay.metrics_when(|m| metric(m, "rally_relay_tcp_sessions_active") == Some(1));
     assert_eq!(metric(&m, "rally_relay_tcp_sessions_active"), Some(1));
-    u.send(&relay, &conns[1].short(), &[5; 1000]);
-    assert_eq!(conns[1].recv(), Some(deliver(&[5; 1000])));
+    u.send(&relay, &conns[1].short(), &wg(5, 1000));
+    assert_eq!(conns[1].recv(), Some(deliver(&wg(5, 1000))));
 }
 
 // --- helpers --------------------------------------------------------------------------------
@@ -281,6 +292,13 @@ fn a_bind_over_the_connections_channel_binding_needs_no_challenge_and_no_other_c
         metric(&relay.metrics(), "rally_relay_tcp_sessions_active"),
         Some(1)
     );
+}
+
+/// A WireGuard data message of `len` bytes, its counter byte `n`.
+fn wg(n: u8, len: usize) -> Vec<u8> {
+    let mut d = vec![n; len];
+    d[..4].copy_from_slice(&[4, 0, 0, 0]);
+    d
 }
 
 fn tls_client(

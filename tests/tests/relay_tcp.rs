@@ -21,7 +21,7 @@ const POLL: Duration = Duration::from_millis(100);
 #[test]
 fn a_tcp_only_agent_pings_every_peer_over_relay_tcp() -> Result<()> {
     with_lab(|lab| {
-        let (cp, _relay) = control_and_relay(lab)?;
+        let (cp, relay) = control_and_relay(lab)?;
         let owner_gw = lab.add_router("owner-gw", NatKind::HomeRouter)?;
         let owner = Agent::start(
             &lab.add_host_behind(&owner_gw, "owner")?,
@@ -62,6 +62,15 @@ fn a_tcp_only_agent_pings_every_peer_over_relay_tcp() -> Result<()> {
         }
         let text = blocked.rally_ok(&["peers"])?;
         ensure!(text.contains("relay-tcp:r1"), "rally peers:\n{text}");
+        // Two connections to the relay, each bound as its own session (small frames go on
+        // both): the relay logs two sessions bound from the blocked network, which has no UDP.
+        let from = blocked_gw.wan_ip().to_string();
+        rally_lab::wait_until(
+            "two TCP sessions of the blocked agent",
+            TIMEOUT,
+            POLL,
+            || Ok(bound_from(&relay, &from)?.len() >= 2),
+        )?;
         ping_ok(&open_host, &owner_vip)?;
 
         let report: Value = serde_json::from_str(&blocked.rally_ok(&["netcheck", "--json"])?)?;
@@ -260,6 +269,22 @@ fn ping_ok(host: &Host, vip: &str) -> Result<()> {
 }
 
 /// The primary path `agent` uses to `peer` (`rally peers --json`'s `path`), "" if none.
+/// The distinct addresses from `ip` the relay's log shows a session bound at.
+fn bound_from(relay: &RelayServer, ip: &str) -> Result<std::collections::BTreeSet<String>> {
+    let log = std::fs::read_to_string(
+        relay
+            .host()
+            .log_path(&format!("rally-relay-{}", relay.name())),
+    )?;
+    let marker = format!("addr={ip}:");
+    Ok(log
+        .lines()
+        .filter(|l| l.contains("session bound"))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with(&marker)))
+        .map(str::to_owned)
+        .collect())
+}
+
 fn path_to(agent: &Agent, peer: &str) -> Result<String> {
     let peers = agent.peers_json()?;
     let p = peers

@@ -1,5 +1,6 @@
 //! The second TLS connection of a relay-over-TCP slot (its **twin**): it carries a copy of
-//! every small message ([`SMALL_FRAME`]: game state, voice, pings) the node sends on the slot,
+//! every small WireGuard data message (`rally_proto::relay_stream::is_copied`: game state,
+//! voice) and every ping the node sends on the slot,
 //! so a TCP segment lost on one connection does not hold the datagram back (TCP would deliver
 //! it, and everything behind it, only after a retransmission: about 1.25 round trips). Bulk
 //! stays on the node's own connection, so it is neither doubled nor reordered; it moves to the
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rally_proto::relay::{bind_transcript, session_key, RelayErrorCode, RelayMsg, DOMAIN_BIND};
-use rally_proto::relay_stream::{StreamDecoder, BIND_EXPORTER_LABEL, SMALL_FRAME};
+use rally_proto::relay_stream::{self, StreamDecoder, BIND_EXPORTER_LABEL};
 use rally_proto::Identity;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
@@ -34,15 +35,15 @@ use crate::node::TcpEndpoint;
 /// Least time between two binds the relay's `NotBound` asks for.
 const REBIND: Duration = Duration::from_secs(1);
 
-/// Whether a message the node sends on a slot goes on the twin too: small `Send`s and `Ping`s
-/// (which keep the twin's session alive when there is no traffic; the twin swallows the
-/// `Pong`).
+/// Whether a message the node sends on a slot goes on the twin too: `Send`s of small
+/// WireGuard data ([`relay_stream::is_copied`]) and `Ping`s (which keep the twin's session
+/// alive when there is no traffic; the twin swallows the `Pong`).
 pub(super) fn is_copied(msg: &[u8]) -> bool {
-    msg.len() <= SMALL_FRAME
-        && matches!(
-            RelayMsg::decode(msg),
-            Ok(RelayMsg::Send { .. } | RelayMsg::Ping { .. })
-        )
+    match RelayMsg::decode(msg) {
+        Ok(RelayMsg::Send { .. }) => relay_stream::is_copied(msg),
+        Ok(RelayMsg::Ping { .. }) => true,
+        _ => false,
+    }
 }
 
 /// The token of a `Bind` the node sends, if `msg` is one.
@@ -193,29 +194,30 @@ fn is_unbound(code: RelayErrorCode) -> bool {
 mod tests {
     use super::*;
     use rally_proto::relay::ShortId;
+    use rally_proto::relay_stream::SMALL_FRAME;
+
+    /// A WireGuard data message of `len` bytes.
+    fn data(len: usize) -> Vec<u8> {
+        let mut d = vec![0u8; len];
+        d[0] = 4;
+        d
+    }
 
     #[test]
-    fn small_sends_and_pings_are_copied_and_bulk_and_binds_are_not() {
+    fn small_data_sends_and_pings_are_copied_and_bulk_handshakes_and_binds_are_not() {
         let to = ShortId::default();
-        let small = RelayMsg::Send {
-            to,
-            payload: &[0; 200],
-        }
-        .to_vec();
+        let send = |payload: &[u8]| RelayMsg::Send { to, payload }.to_vec();
+        let small = send(&data(200));
         assert!(is_copied(&small));
-        let at_limit = RelayMsg::Send {
-            to,
-            payload: &vec![0; SMALL_FRAME - (small.len() - 200)],
-        }
-        .to_vec();
+        let header = small.len() - 200;
+        let at_limit = send(&data(SMALL_FRAME - header));
         assert_eq!(at_limit.len(), SMALL_FRAME);
         assert!(is_copied(&at_limit));
-        let bulk = RelayMsg::Send {
-            to,
-            payload: &vec![0; SMALL_FRAME],
-        }
-        .to_vec();
-        assert!(!is_copied(&bulk));
+        assert!(!is_copied(&send(&data(SMALL_FRAME - header + 1))));
+        let mut initiation = data(148);
+        initiation[0] = 1;
+        assert!(!is_copied(&send(&initiation)), "a handshake goes once");
+        assert!(!is_copied(&send(b"probe")));
         assert!(is_copied(&RelayMsg::Ping { nonce: 1 }.to_vec()));
         assert!(!is_copied(&RelayMsg::BindRequest.to_vec()));
         let bind = RelayMsg::Bind {

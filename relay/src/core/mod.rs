@@ -21,7 +21,8 @@
 //! - `Send{to}` from a bound source within its packet and byte budgets is rewritten in place to
 //!   `Deliver{from}` and forwarded to `to`'s session, but only when the two tokens share a party:
 //!   of its sessions the live one heard from last; over TCP the newer connection, and a
-//!   `Deliver` of at most [`SMALL_FRAME`] bytes also to the other (so a segment lost on one
+//!   `Deliver` of at most [`SMALL_FRAME`] bytes carrying WireGuard data
+//!   ([`rally_proto::relay_stream::is_copied`]) also to the other (so a segment lost on one
 //!   connection does not hold the datagram back; bulk stays on one connection, in order).
 //! - `Ping` from a bound source → `Pong`, and the session stays alive.
 //! - STUN binding requests are answered with the source address (RFC 8489), with RFC 5780's
@@ -270,7 +271,8 @@ impl Relay {
         let from_id = sender.id;
         let sender_key = sender.key;
         let idle = self.config.limits.idle_timeout;
-        let (dest, also) = self.delivery(to, len, now, now_unix);
+        let copied = rally_proto::relay_stream::is_copied(datagram);
+        let (dest, also) = self.delivery(to, copied, now, now_unix);
         let dest = dest.and_then(|slot| self.slots.get(slot));
         let verdict = match (self.slots.get(from), dest) {
             (Some(sender), Some(dest)) if !sender.token.shares_party(&dest.token) => {
@@ -320,13 +322,13 @@ impl Relay {
         }
     }
 
-    /// Where a `Deliver` of `len` bytes to `to` goes: of its sessions (UDP, TCP, the older
-    /// TCP), the live one heard from last; over TCP, the newer session while it lives (bulk
-    /// stays on one connection, in order), and a small datagram also to the other live one.
+    /// Where a `Deliver` to `to` goes: of its sessions (UDP, TCP, the older TCP), the live one
+    /// heard from last; over TCP, the newer session while it lives (bulk stays on one
+    /// connection, in order), and, when `copied` (small WireGuard data), the other live one too.
     fn delivery(
         &self,
         to: ShortId,
-        len: usize,
+        copied: bool,
         now: Instant,
         now_unix: u64,
     ) -> (Option<SlotId>, Option<SlotId>) {
@@ -353,7 +355,7 @@ impl Relay {
             (None, Some(s)) => (s, None),
             (None, None) => return (best, None),
         };
-        (Some(first), second.filter(|_| len <= SMALL_FRAME))
+        (Some(first), second.filter(|_| copied))
     }
 
     /// Sessions held now, over every transport.

@@ -141,7 +141,7 @@ pub enum Action {
         /// Bytes to send from the start of the datagram buffer.
         len: usize,
         /// The destination's other TCP session, when it holds two and the datagram is small
-        /// ([`SMALL_FRAME`]): the same bytes go there too (over [`Via::Tcp`]), so one lost
+        /// WireGuard data ([`rally_proto::relay_stream::is_copied`]): the same bytes go there too (over [`Via::Tcp`]), so one lost
         /// segment on one connection does not hold the frame back.
         also: Option<SocketAddr>,
     },

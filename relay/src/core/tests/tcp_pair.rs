@@ -3,6 +3,13 @@
 use super::tcp::bind_tcp;
 use super::*;
 
+/// A WireGuard data message of `len` bytes (what is copied when small).
+fn wg(len: usize) -> Vec<u8> {
+    let mut d = vec![0u8; len];
+    d[0] = 4;
+    d
+}
+
 fn forward(action: &Action) -> (Via, SocketAddr, Option<SocketAddr>) {
     match action {
         Action::Forward { via, to, also, .. } => (*via, *to, *also),
@@ -33,23 +40,30 @@ fn an_agent_holds_two_tcp_sessions_and_small_datagrams_go_on_both() {
     assert_eq!((s.sessions_active, s.sessions_active_tcp), (3, 2));
 
     // Small: to the newer session, and a copy to the older.
-    let (action, buf) = lab.recv(b_addr, &send_to(&a, &[7; 200]));
+    let (action, buf) = lab.recv(b_addr, &send_to(&a, &wg(200)));
     assert_eq!(forward(&action), (Via::Tcp, a2, Some(a1)));
     assert!(matches!(
         RelayMsg::decode(&buf),
-        Ok(RelayMsg::Deliver { payload, .. }) if payload == [7; 200]
+        Ok(RelayMsg::Deliver { payload, .. }) if payload == wg(200)
     ));
+    // Small but not WireGuard data (a handshake, a probe): once.
+    let mut initiation = wg(148);
+    initiation[0] = 1;
+    let (action, _) = lab.recv(b_addr, &send_to(&a, &initiation));
+    assert_eq!(forward(&action), (Via::Tcp, a2, None));
+    let (action, _) = lab.recv(b_addr, &send_to(&a, b"probe"));
+    assert_eq!(forward(&action), (Via::Tcp, a2, None));
     // Bulk: on the newer only, whichever was heard from last (no reordering across the two).
-    let (action, _) = lab.recv(b_addr, &send_to(&a, &[8; 1200]));
+    let (action, _) = lab.recv(b_addr, &send_to(&a, &wg(1200)));
     assert_eq!(forward(&action), (Via::Tcp, a2, None));
     lab.advance(Duration::from_millis(10));
     assert!(matches!(
         lab.recv_via(Via::Tcp, a1, &ping(1)).0,
         Action::Reply(_)
     ));
-    let (action, _) = lab.recv(b_addr, &send_to(&a, &[8; 1200]));
+    let (action, _) = lab.recv(b_addr, &send_to(&a, &wg(1200)));
     assert_eq!(forward(&action), (Via::Tcp, a2, None));
-    assert_eq!(lab.relay.stats().packets_forwarded, 3);
+    assert_eq!(lab.relay.stats().packets_forwarded, 5);
 
     // Either session can send: both are A's.
     for src in [a1, a2] {
@@ -63,9 +77,9 @@ fn the_size_limit_of_copies_is_small_frame() {
     let mut lab = Lab::new();
     let (a, _b, a1, a2, b_addr) = two_tcp_sessions(&mut lab);
     let header = send_to(&a, b"").len();
-    let (action, _) = lab.recv(b_addr, &send_to(&a, &vec![1; SMALL_FRAME - header]));
+    let (action, _) = lab.recv(b_addr, &send_to(&a, &wg(SMALL_FRAME - header)));
     assert_eq!(forward(&action), (Via::Tcp, a2, Some(a1)));
-    let (action, _) = lab.recv(b_addr, &send_to(&a, &vec![1; SMALL_FRAME - header + 1]));
+    let (action, _) = lab.recv(b_addr, &send_to(&a, &wg(SMALL_FRAME - header + 1)));
     assert_eq!(forward(&action), (Via::Tcp, a2, None));
 }
 
@@ -77,17 +91,17 @@ fn when_one_tcp_session_closes_delivery_goes_to_the_other() {
     lab.relay.handle_closed(a2);
     assert_eq!(lab.relay.stats().sessions_active_tcp, 1);
     for len in [100, 1200] {
-        let (action, _) = lab.recv(b_addr, &send_to(&a, &vec![1; len]));
+        let (action, _) = lab.recv(b_addr, &send_to(&a, &wg(len)));
         assert_eq!(forward(&action), (Via::Tcp, a1, None));
     }
     // A new connection: two again, the new one is the newer.
     let a3 = addr("192.0.2.1:5002");
     bind_tcp(&mut lab, &a, a3);
-    let (action, _) = lab.recv(b_addr, &send_to(&a, &[1; 100]));
+    let (action, _) = lab.recv(b_addr, &send_to(&a, &wg(100)));
     assert_eq!(forward(&action), (Via::Tcp, a3, Some(a1)));
     // The older goes: the newer alone.
     lab.relay.handle_closed(a1);
-    let (action, _) = lab.recv(b_addr, &send_to(&a, &[1; 100]));
+    let (action, _) = lab.recv(b_addr, &send_to(&a, &wg(100)));
     assert_eq!(forward(&action), (Via::Tcp, a3, None));
     assert_eq!(lab.relay.stats().sessions_active, 2);
 }
@@ -101,7 +115,7 @@ fn a_third_tcp_session_evicts_the_oldest() {
     bind_tcp(&mut lab, &a, a3);
     let s = lab.relay.stats();
     assert_eq!((s.sessions_active, s.sessions_active_tcp), (3, 2));
-    let (action, _) = lab.recv(b_addr, &send_to(&a, &[1; 100]));
+    let (action, _) = lab.recv(b_addr, &send_to(&a, &wg(100)));
     assert_eq!(forward(&action), (Via::Tcp, a3, Some(a2)));
     // The evicted connection is no longer bound.
     let (action, _) = lab.recv_via(Via::Tcp, a1, &send_to(&agent(2), b"x"));
@@ -129,7 +143,7 @@ fn a_rebind_on_a_connection_renews_its_session_and_evicts_nothing() {
     bind_tcp(&mut lab, &a, a2);
     let s = lab.relay.stats();
     assert_eq!((s.sessions_active, s.sessions_active_tcp), (3, 2));
-    let (action, _) = lab.recv(b_addr, &send_to(&a, &[1; 100]));
+    let (action, _) = lab.recv(b_addr, &send_to(&a, &wg(100)));
     assert_eq!(forward(&action), (Via::Tcp, a2, Some(a1)));
 }
 
@@ -198,6 +212,6 @@ fn a_dead_tcp_session_gets_no_copy() {
         ));
         assert!(matches!(lab.recv(b_addr, &ping(n)).0, Action::Reply(_)));
     }
-    let (action, _) = lab.recv(b_addr, &send_to(&a, &[1; 100]));
+    let (action, _) = lab.recv(b_addr, &send_to(&a, &wg(100)));
     assert_eq!(forward(&action), (Via::Tcp, a2, None));
 }
