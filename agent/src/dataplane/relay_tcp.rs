@@ -22,8 +22,8 @@
 //!
 //! Each slot has a second connection, its twin ([`super::relay_twin`]), dialed and redialed
 //! with the first: it binds itself with the token of the node's latest `Bind`, carries a copy
-//! of every small message ([`rally_proto::relay_stream::SMALL_FRAME`]), and carries bulk only
-//! while the node's connection is down.
+//! of every small WireGuard data message ([`rally_proto::relay_stream::is_copied`]) and ping,
+//! and carries bulk only while the node's connection is down.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
