@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use rally_agent::control::{self, ControlEvent, Registration};
+use rally_agent::control::{self, ControlEvent, ControlHandle, Registration};
 use rally_agent::state::ControlTarget;
 use rally_proto::{DeltaError, Identity, Key32, PeerView, Request, Response};
 use serde::{Deserialize, Serialize};
@@ -122,49 +122,9 @@ async fn crowd(args: &LoadArgs) -> Result<LoadResult> {
     // Peers each agent must see; known once the party exists.
     let expected = Arc::new(AtomicUsize::new(usize::MAX));
     let start = Instant::now();
-    let mut handles = Vec::new();
-    for i in 0..args.n {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let reg = Registration {
-            identity: Arc::new(Identity::from_seed(random32())),
-            wg_key: Key32(random32()),
-            name: format!("syn{i}"),
-            endpoints: Vec::new(),
-            proxy: None,
-        };
-        let handle = control::spawn(target.clone(), reg, tx);
-        handles.push(handle.clone());
-        let progress = progress.clone();
-        let expected = expected.clone();
-        tokio::spawn(async move {
-            let mut done = false;
-            let mut view = PeerView::new();
-            while let Some(ev) = rx.recv().await {
-                match ev {
-                    ControlEvent::Registered { .. } => {
-                        progress.registered.fetch_add(1, Ordering::SeqCst);
-                    }
-                    ControlEvent::PeerMap { version, peers } => {
-                        progress.messages.fetch_add(1, Ordering::Relaxed);
-                        progress.entries.fetch_add(peers.len(), Ordering::Relaxed);
-                        view.handle_full(version, peers);
-                    }
-                    ControlEvent::PeerDelta { version, changes } => {
-                        progress.messages.fetch_add(1, Ordering::Relaxed);
-                        progress.entries.fetch_add(changes.len(), Ordering::Relaxed);
-                        if let Err(DeltaError::Gap { .. }) = view.handle_delta(version, changes) {
-                            handle.sync_peers();
-                        }
-                    }
-                    _ => {}
-                }
-                if !done && view.len() >= expected.load(Ordering::SeqCst) {
-                    done = true;
-                    progress.converged.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        });
-    }
+    let handles: Vec<ControlHandle> = (0..args.n)
+        .map(|i| spawn_synthetic(i, &target, &progress, &expected))
+        .collect();
     let deadline = start + Duration::from_secs(args.timeout_secs);
     wait(&deadline, || {
         progress.registered.load(Ordering::SeqCst) >= args.n
@@ -179,8 +139,90 @@ async fn crowd(args: &LoadArgs) -> Result<LoadResult> {
             args.timeout_secs
         );
     }
-    let (code, joiners) = match &args.code {
-        Some(c) => (c.clone(), &handles[..]),
+    let (code, joiners) = party_to_join(args, &handles).await?;
+    expected.store(args.n - 1 + args.extra, Ordering::SeqCst);
+    let join_start = Instant::now();
+    let (join_errors, errors) = join_all(joiners, &code).await;
+    let joined_ms = join_start.elapsed().as_secs_f64() * 1000.0;
+    wait(&deadline, || {
+        progress.converged.load(Ordering::SeqCst) >= args.n
+    })
+    .await;
+    let converged = progress.converged.load(Ordering::SeqCst);
+    Ok(LoadResult {
+        n: args.n,
+        registered_ms,
+        joined_ms,
+        converged_ms: (converged >= args.n).then(|| start.elapsed().as_secs_f64() * 1000.0),
+        converged_after_joins_ms: (converged >= args.n)
+            .then(|| join_start.elapsed().as_secs_f64() * 1000.0),
+        converged,
+        entries: progress.entries.load(Ordering::Relaxed),
+        messages: progress.messages.load(Ordering::Relaxed),
+        join_errors,
+        errors,
+    })
+}
+
+/// Starts synthetic agent `i`'s control client, and a task that keeps its peer map and
+/// counts its progress (converged once it holds `expected` peers).
+fn spawn_synthetic(
+    i: usize,
+    target: &ControlTarget,
+    progress: &Arc<Progress>,
+    expected: &Arc<AtomicUsize>,
+) -> ControlHandle {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let reg = Registration {
+        identity: Arc::new(Identity::from_seed(random32())),
+        wg_key: Key32(random32()),
+        name: format!("syn{i}"),
+        endpoints: Vec::new(),
+        proxy: None,
+    };
+    let handle = control::spawn(target.clone(), reg, tx);
+    let resync = handle.clone();
+    let progress = progress.clone();
+    let expected = expected.clone();
+    tokio::spawn(async move {
+        let mut done = false;
+        let mut view = PeerView::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                ControlEvent::Registered { .. } => {
+                    progress.registered.fetch_add(1, Ordering::SeqCst);
+                }
+                ControlEvent::PeerMap { version, peers } => {
+                    progress.messages.fetch_add(1, Ordering::Relaxed);
+                    progress.entries.fetch_add(peers.len(), Ordering::Relaxed);
+                    view.handle_full(version, peers);
+                }
+                ControlEvent::PeerDelta { version, changes } => {
+                    progress.messages.fetch_add(1, Ordering::Relaxed);
+                    progress.entries.fetch_add(changes.len(), Ordering::Relaxed);
+                    if let Err(DeltaError::Gap { .. }) = view.handle_delta(version, changes) {
+                        resync.sync_peers();
+                    }
+                }
+                _ => {}
+            }
+            if !done && view.len() >= expected.load(Ordering::SeqCst) {
+                done = true;
+                progress.converged.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    handle
+}
+
+/// The invite code to join and who joins: `--code` and every agent, or a party the first
+/// agent creates and the others.
+async fn party_to_join<'h>(
+    args: &LoadArgs,
+    handles: &'h [ControlHandle],
+) -> Result<(String, &'h [ControlHandle])> {
+    match &args.code {
+        Some(c) => Ok((c.clone(), handles)),
         None => {
             let r = handles[0]
                 .request(Request::CreateParty {
@@ -193,16 +235,20 @@ async fn crowd(args: &LoadArgs) -> Result<LoadResult> {
             let Response::PartyCreated { invite, .. } = r else {
                 bail!("unexpected answer to CreateParty: {r:?}");
             };
-            (invite, &handles[1..])
+            Ok((invite, &handles[1..]))
         }
-    };
-    expected.store(args.n - 1 + args.extra, Ordering::SeqCst);
-    let join_start = Instant::now();
+    }
+}
+
+/// Sends every join at once and waits for the answers; returns how many failed and the
+/// distinct errors (at most five), with counts.
+async fn join_all(joiners: &[ControlHandle], code: &str) -> (usize, Vec<(String, usize)>) {
     let errors: Arc<Mutex<Vec<(String, usize)>>> = Arc::new(Mutex::new(Vec::new()));
     let failed = Arc::new(AtomicUsize::new(0));
     let mut joins = Vec::new();
     for h in joiners {
-        let (h, code, errors, failed) = (h.clone(), code.clone(), errors.clone(), failed.clone());
+        let (h, code, errors, failed) =
+            (h.clone(), code.to_owned(), errors.clone(), failed.clone());
         joins.push(tokio::spawn(async move {
             if let Err(e) = h.request(Request::JoinParty { code }).await {
                 failed.fetch_add(1, Ordering::SeqCst);
@@ -219,27 +265,8 @@ async fn crowd(args: &LoadArgs) -> Result<LoadResult> {
     for j in joins {
         let _ = j.await;
     }
-    let joined_ms = join_start.elapsed().as_secs_f64() * 1000.0;
-    wait(&deadline, || {
-        progress.converged.load(Ordering::SeqCst) >= args.n
-    })
-    .await;
-    let converged = progress.converged.load(Ordering::SeqCst);
     let errors = errors.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    let join_errors = failed.load(Ordering::SeqCst);
-    Ok(LoadResult {
-        n: args.n,
-        registered_ms,
-        joined_ms,
-        converged_ms: (converged >= args.n).then(|| start.elapsed().as_secs_f64() * 1000.0),
-        converged_after_joins_ms: (converged >= args.n)
-            .then(|| join_start.elapsed().as_secs_f64() * 1000.0),
-        converged,
-        entries: progress.entries.load(Ordering::Relaxed),
-        messages: progress.messages.load(Ordering::Relaxed),
-        join_errors,
-        errors,
-    })
+    (failed.load(Ordering::SeqCst), errors)
 }
 
 async fn wait(deadline: &Instant, done: impl Fn() -> bool) {
