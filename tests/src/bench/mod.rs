@@ -296,7 +296,7 @@ fn run_lab_benches(which: Which, opts: &Options, sections: &mut Sections) {
     }
     if all || which == Which::TcpJoin {
         say("tcp-join: party join → first ping reply, TCP-443-only network vs open network");
-        section("tcp-join", tcp_join::run(opts));
+        sections.add("tcp-join", tcp_join::run(opts));
     }
     if all || which == Which::Control {
         say("control: N synthetic QUIC agents register and join one party");
