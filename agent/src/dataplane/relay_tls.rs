@@ -165,3 +165,144 @@ pub fn refused(endpoint: &TcpEndpoint, e: &std::io::Error) -> String {
     }
     why
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::PrivateKeyDer;
+
+    const NAME: &str = "relay.rally.test";
+
+    #[tokio::test]
+    async fn a_ca_verified_relay_is_accepted_only_under_its_ca_and_name() {
+        let ca = authority("trusted");
+        let other_ca = authority("other");
+        let addr = tls_server(&ca).await;
+        let trusted = store(&ca.1);
+        assert!(handshake(addr, trusted.clone(), NAME).await.is_ok());
+
+        let e = handshake(addr, store(&other_ca.1), NAME).await.unwrap_err();
+        let why = refused(&ca_endpoint(addr), &e);
+        assert!(why.contains("UnknownIssuer"), "{why}");
+        assert!(why.contains("--relay-ca"), "says what to do: {why}");
+        assert!(why.contains("CA-verified for relay.rally.test"), "{why}");
+
+        let e = handshake(addr, trusted, "other.rally.test")
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not valid for name"), "{e}");
+    }
+
+    #[test]
+    fn no_trusted_root_is_refused_before_any_dial() {
+        let e = ca_config(Arc::new(RootCertStore::empty()), NAME).unwrap_err();
+        assert!(e.contains("no trusted roots"), "{e}");
+    }
+
+    #[test]
+    fn a_pinned_relay_keeps_the_pinned_name() {
+        let key = rally_proto::Identity::from_seed([1; 32]).public();
+        let endpoint = TcpEndpoint {
+            addr: SocketAddr::from(([127, 0, 0, 1], 443)),
+            trust: RelayTrust::Pinned(key),
+        };
+        let (config, name) = client_config(&endpoint).unwrap();
+        assert_eq!(name, ServerName::try_from(RELAY_SERVER_NAME).unwrap());
+        assert_eq!(config.alpn_protocols, vec![RELAY_ALPN.to_vec()]);
+    }
+
+    #[test]
+    fn a_ca_bundle_must_hold_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, ca) = authority("bundle");
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, ca.pem()).unwrap();
+        assert_eq!(load_ca_bundle(&good).unwrap().len(), 1);
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let e = load_ca_bundle(&empty).unwrap_err().to_string();
+        assert!(
+            e.contains("no CERTIFICATE") && e.contains("empty.pem"),
+            "{e}"
+        );
+        let e = load_ca_bundle(&dir.path().join("missing.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cannot read"), "{e}");
+    }
+
+    type Ca = (rcgen::KeyPair, rcgen::Certificate);
+
+    /// A CA: its key and certificate.
+    fn authority(tag: &str) -> Ca {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("Rally test CA {tag}"));
+        let cert = params.self_signed(&key).unwrap();
+        (key, cert)
+    }
+
+    fn store(ca: &rcgen::Certificate) -> Arc<RootCertStore> {
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        Arc::new(roots)
+    }
+
+    fn ca_endpoint(addr: SocketAddr) -> TcpEndpoint {
+        TcpEndpoint {
+            addr,
+            trust: RelayTrust::Ca {
+                server_name: NAME.into(),
+            },
+        }
+    }
+
+    /// A TLS 1.3 server on 127.0.0.1 presenting a certificate for [`NAME`] issued by `ca`;
+    /// it accepts connections until the test ends.
+    async fn tls_server(ca: &Ca) -> SocketAddr {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec![NAME.to_string()])
+            .unwrap()
+            .signed_by(&key, &ca.1, &ca.0)
+            .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone()],
+                PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+            )
+            .unwrap();
+        config.alpn_protocols = vec![RELAY_ALPN.to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _ = acceptor.accept(stream).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn handshake(
+        addr: SocketAddr,
+        roots: Arc<RootCertStore>,
+        name: &str,
+    ) -> std::io::Result<()> {
+        let (config, name) = ca_config(roots, name).map_err(std::io::Error::other)?;
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, stream)
+            .await
+            .map(drop)
+    }
+}
