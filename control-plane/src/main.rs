@@ -222,66 +222,6 @@ fn parse_relay(s: &str) -> Result<RelayEntry, String> {
 /// The shape of `--relay`.
 const RELAY_SPEC: &str = "NAME=HOST:PORT[,tcp=HOST:PORT,key=KEY|tls-name=DNSNAME]";
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_relay_with_a_pinned_key_is_handed_out_with_tcp_key() {
-        let key = rally_proto::Identity::from_seed([3; 32]).public();
-        let r = parse_relay(&format!("r1=1.2.3.4:3478,tcp=1.2.3.4:443,key={key}")).unwrap();
-        assert_eq!(r.tcp.as_deref(), Some("1.2.3.4:443"));
-        assert_eq!(r.tcp_key, Some(key));
-        assert_eq!(r.tcp_name, None);
-    }
-
-    #[test]
-    fn a_relay_with_an_operator_certificate_is_handed_out_with_tcp_name() {
-        let r = parse_relay("r1=1.2.3.4:3478,tcp=relay.example.com:443,tls-name=relay.example.com")
-            .unwrap();
-        assert_eq!(r.tcp.as_deref(), Some("relay.example.com:443"));
-        assert_eq!(r.tcp_key, None);
-        assert_eq!(r.tcp_name.as_deref(), Some("relay.example.com"));
-        let json = serde_json::to_value(&r).unwrap();
-        assert_eq!(json["tcp_name"], "relay.example.com");
-        assert!(json.get("tcp_key").is_none(), "{json}");
-    }
-
-    #[test]
-    fn tcp_needs_exactly_one_way_to_verify_the_relay() {
-        let key = rally_proto::Identity::from_seed([3; 32]).public();
-        let both = format!("r1=1.2.3.4:3478,tcp=1.2.3.4:443,key={key},tls-name=relay.example.com");
-        assert!(parse_relay(&both)
-            .unwrap_err()
-            .contains("exclude each other"));
-        for s in [
-            "r1=1.2.3.4:3478,tcp=1.2.3.4:443",
-            "r1=1.2.3.4:3478,tls-name=relay.example.com",
-        ] {
-            assert!(parse_relay(s).unwrap_err().contains("goes with"), "{s}");
-        }
-        assert!(parse_relay(&format!("r1=1.2.3.4:3478,key={key}")).is_err());
-    }
-
-    #[test]
-    fn a_tls_name_must_be_a_dns_name() {
-        for bad in ["1.2.3.4", "", "not a name", "relay.example.com,"] {
-            let s = format!("r1=1.2.3.4:3478,tcp=1.2.3.4:443,tls-name={bad}");
-            assert!(parse_relay(&s).is_err(), "{s}");
-        }
-        assert!(parse_relay(&format!(
-            "r1=1.2.3.4:3478,tcp=1.2.3.4:443,tls-name=x,tls-name=y"
-        ))
-        .is_err());
-    }
-
-    #[test]
-    fn a_relay_without_tcp_is_udp_only() {
-        let r = parse_relay("r1=relay.example.com:3478").unwrap();
-        assert_eq!((r.tcp, r.tcp_key, r.tcp_name), (None, None, None));
-    }
-}
-
 #[allow(clippy::disallowed_types)]
 fn init(data_dir: &Path) -> Result<()> {
     keyfile::private_dir(data_dir)?;
@@ -378,5 +318,63 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relay_with_a_pinned_key_is_handed_out_with_tcp_key() {
+        let key = rally_proto::Identity::from_seed([3; 32]).public();
+        let r = parse_relay(&format!("r1=1.2.3.4:3478,tcp=1.2.3.4:443,key={key}")).unwrap();
+        assert_eq!(r.tcp.as_deref(), Some("1.2.3.4:443"));
+        assert_eq!(r.tcp_key, Some(key));
+        assert_eq!(r.tcp_name, None);
+    }
+
+    #[test]
+    fn a_relay_with_an_operator_certificate_is_handed_out_with_tcp_name() {
+        let r = parse_relay("r1=1.2.3.4:3478,tcp=relay.example.com:443,tls-name=relay.example.com")
+            .unwrap();
+        assert_eq!(r.tcp.as_deref(), Some("relay.example.com:443"));
+        assert_eq!(r.tcp_key, None);
+        assert_eq!(r.tcp_name.as_deref(), Some("relay.example.com"));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["tcp_name"], "relay.example.com");
+        assert!(json.get("tcp_key").is_none(), "{json}");
+    }
+
+    #[test]
+    fn tcp_needs_exactly_one_way_to_verify_the_relay() {
+        let key = rally_proto::Identity::from_seed([3; 32]).public();
+        let both = format!("r1=1.2.3.4:3478,tcp=1.2.3.4:443,key={key},tls-name=relay.example.com");
+        assert!(parse_relay(&both)
+            .unwrap_err()
+            .contains("exclude each other"));
+        for s in [
+            "r1=1.2.3.4:3478,tcp=1.2.3.4:443",
+            "r1=1.2.3.4:3478,tls-name=relay.example.com",
+        ] {
+            assert!(parse_relay(s).unwrap_err().contains("goes with"), "{s}");
+        }
+        assert!(parse_relay(&format!("r1=1.2.3.4:3478,key={key}")).is_err());
+    }
+
+    #[test]
+    fn a_tls_name_must_be_a_dns_name() {
+        for bad in ["1.2.3.4", "", "not a name", "relay.example.com,"] {
+            let s = format!("r1=1.2.3.4:3478,tcp=1.2.3.4:443,tls-name={bad}");
+            assert!(parse_relay(&s).is_err(), "{s}");
+        }
+        let twice = "r1=1.2.3.4:3478,tcp=1.2.3.4:443,tls-name=x,tls-name=y";
+        assert!(parse_relay(twice).is_err());
+    }
+
+    #[test]
+    fn a_relay_without_tcp_is_udp_only() {
+        let r = parse_relay("r1=relay.example.com:3478").unwrap();
+        assert_eq!((r.tcp, r.tcp_key, r.tcp_name), (None, None, None));
     }
 }

@@ -40,7 +40,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve STUN and relay sessions until SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create the TLS key for --listen-tcp (kept if it exists); print its public key, which
     /// the control plane pins (`--relay NAME=HOST:PORT,tcp=HOST:PORT,key=KEY`), last on stdout.
     TlsKey {
@@ -150,7 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(args))
+    runtime.block_on(serve(*args))
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
