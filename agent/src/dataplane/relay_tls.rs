@@ -33,11 +33,8 @@ const WARN_EVERY: Duration = Duration::from_secs(60);
 /// Why an operator's CA bundle cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum CaBundleError {
-    #[error("{path}: cannot read: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: cannot read: {why}")]
+    Read { path: String, why: std::io::Error },
     #[error("{path}: not a PEM certificate bundle: {why}")]
     Pem { path: String, why: String },
     #[error("{path}: no CERTIFICATE in the file")]
@@ -50,9 +47,9 @@ pub enum CaBundleError {
 /// a trust anchor.
 pub fn load_ca_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaBundleError> {
     let shown = path.display().to_string();
-    let bytes = std::fs::read(path).map_err(|source| CaBundleError::Read {
+    let bytes = std::fs::read(path).map_err(|why| CaBundleError::Read {
         path: shown.clone(),
-        source,
+        why,
     })?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
