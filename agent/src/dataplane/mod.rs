@@ -10,6 +10,7 @@ mod discovery;
 pub mod engine;
 mod queues;
 pub mod relay_tcp;
+pub mod relay_tls;
 pub mod restart;
 mod rx;
 pub mod security;

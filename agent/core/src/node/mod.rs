@@ -72,7 +72,9 @@ use crate::paths::PeerPaths;
 pub use hold::SOCKET_HOLD;
 pub use peer::PeerState;
 pub use reason::RelayReason;
-pub use relay_tcp::{is_tcp_slot, tcp_slot, TcpChange, TcpEndpoint, TCP_HEAD_START, TCP_LINGER};
+pub use relay_tcp::{
+    is_tcp_slot, tcp_slot, RelayTrust, TcpChange, TcpEndpoint, TCP_HEAD_START, TCP_LINGER,
+};
 pub use relays::RelayConfig;
 use relays::Relays;
 use schedule::Deadlines;
