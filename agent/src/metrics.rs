@@ -89,6 +89,7 @@ pub fn render(peers: &[PeerStatus]) -> String {
         &states,
     );
     crate::dataplane::security::COUNTERS.render(&mut out);
+    crate::dataplane::queue_metrics::render(&mut out);
     out
 }
 
