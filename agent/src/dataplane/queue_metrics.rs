@@ -241,13 +241,13 @@ pub fn render(out: &mut String) {
             "rally_dataplane_sojourn_seconds",
             "direction=\"tx\"",
             &t.sojourn_tx,
-            1e-6,
+            1e6,
         ),
         (
             "rally_dataplane_sojourn_seconds",
             "direction=\"rx\"",
             &t.sojourn_rx,
-            1e-6,
+            1e6,
         ),
     ];
     if t.enabled {
@@ -261,7 +261,7 @@ pub fn render(out: &mut String) {
             points
                 .iter()
                 .zip(&t.echo)
-                .map(|(p, h)| ("rally_dataplane_echo_age_seconds", *p, h, 1e-6)),
+                .map(|(p, h)| ("rally_dataplane_echo_age_seconds", *p, h, 1e6)),
         );
         hists.push((
             "rally_dataplane_udp_receive_queue_bytes",
@@ -296,7 +296,7 @@ pub fn render(out: &mut String) {
     }
 }
 
-/// Prometheus histograms: (name, labels, histogram, unit of its values in the metric's unit).
+/// Prometheus histograms: (name, labels, histogram, its values per unit of the metric).
 fn write_histograms(out: &mut String, hists: &[(&str, &str, &Hist, f64)]) {
     let mut last = "";
     for &(name, labels, h, unit) in hists {
@@ -308,7 +308,7 @@ fn write_histograms(out: &mut String, hists: &[(&str, &str, &Hist, f64)]) {
         let mut cum = 0;
         for (bound, c) in h.buckets() {
             cum += c;
-            let le = bound.map_or("+Inf".to_string(), |b| format!("{}", b as f64 * unit));
+            let le = bound.map_or("+Inf".to_string(), |b| format!("{}", b as f64 / unit));
             let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cum}");
         }
         let braces = if labels.is_empty() {
@@ -316,7 +316,7 @@ fn write_histograms(out: &mut String, hists: &[(&str, &str, &Hist, f64)]) {
         } else {
             format!("{{{labels}}}")
         };
-        let _ = writeln!(out, "{name}_sum{braces} {}", h.sum() as f64 * unit);
+        let _ = writeln!(out, "{name}_sum{braces} {}", h.sum() as f64 / unit);
         let _ = writeln!(out, "{name}_count{braces} {}", h.count());
     }
 }
@@ -340,7 +340,7 @@ mod tests {
         h.record(30);
         h.record(3_000);
         let mut out = String::new();
-        write_histograms(&mut out, &[("x_seconds", "direction=\"tx\"", &h, 1e-6)]);
+        write_histograms(&mut out, &[("x_seconds", "direction=\"tx\"", &h, 1e6)]);
         assert!(
             out.contains("x_seconds_bucket{direction=\"tx\",le=\"0.00005\"} 1"),
             "{out}"
@@ -351,7 +351,7 @@ mod tests {
         );
         assert!(out.contains("x_seconds_count{direction=\"tx\"} 2"), "{out}");
         let mut e = String::new();
-        write_histograms(&mut e, &[("e", "", &h, 1e-6)]);
+        write_histograms(&mut e, &[("e", "", &h, 1e6)]);
         assert!(
             e.contains("e_bucket{le=\"+Inf\"} 2") && e.contains("e_count 2"),
             "{e}"
