@@ -14,13 +14,20 @@ use tracing::debug;
 /// Nice value of the data-plane thread.
 pub const DATAPLANE_NICE: libc::c_int = -10;
 
-/// Gives the calling thread [`DATAPLANE_NICE`].
+/// The environment variable that overrides [`DATAPLANE_NICE`] (A/B runs).
+pub const NICE_ENV: &str = "RALLY_DATAPLANE_NICE";
+
+/// Gives the calling thread [`DATAPLANE_NICE`] (or [`NICE_ENV`]'s value).
 pub fn raise_current_thread() {
+    let nice = std::env::var(NICE_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<libc::c_int>().ok())
+        .unwrap_or(DATAPLANE_NICE);
     // SAFETY: gettid has no preconditions; setpriority on our own thread id with a plain
     // integer; a failure only leaves the priority as it was.
     let r = unsafe {
         let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, DATAPLANE_NICE)
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
     };
     if r != 0 {
         debug!(
