@@ -90,6 +90,7 @@ pub fn render(peers: &[PeerStatus]) -> String {
     );
     crate::dataplane::security::COUNTERS.render(&mut out);
     render_relay_tcp(&mut out);
+    crate::dataplane::queue_metrics::render(&mut out);
     out
 }
 

@@ -314,6 +314,11 @@ impl Engine {
         // GSO sends and GRO receives move up to 64 datagrams at a time, which overflows the
         // kernel's ~200 KiB default under load; more than a bandwidth-delay product only
         // holds packets back.
+        if let Some(n) = super::queues::env_usize(super::queues::TXQLEN_ENV) {
+            if let Err(e) = tun.set_tx_queue_len(u32::try_from(n).unwrap_or(u32::MAX)) {
+                warn!("TUN txqueuelen {n}: {e}");
+            }
+        }
         let queues = super::queues::Queues::from_env();
         queues.raise_thread_priority();
         let (rcvbuf, sndbuf) = grow_socket_buffers(&udp, queues.socket_buffer());
@@ -326,6 +331,7 @@ impl Engine {
             rcvbuf,
             sndbuf,
             queues = queues.enabled,
+            txqueuelen = ?tun.tx_queue_len(),
             "TUN device up"
         );
         let secret = StaticSecret::from(cfg.wg_secret);
@@ -484,6 +490,7 @@ impl Engine {
             EngineCmd::Peers(reply) => {
                 // A metrics scrape reads the security counters right after this answer.
                 self.publish_security();
+                self.queues.publish();
                 let _ = reply.send(self.status());
             }
             EngineCmd::Reconnect(peer) => self.node.handle_reconnect(peer, t),
