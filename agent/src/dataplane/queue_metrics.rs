@@ -183,14 +183,26 @@ pub fn render(out: &mut String) {
     let Some(s) = guard.as_ref() else {
         return;
     };
-    let one = |v: f64| [(String::new(), v)];
+    render_counters(out, &s.stats);
+    render_histograms(out, &s.trace);
+    if let Some(sc) = s.sched {
+        render_sched(out, sc);
+    }
+}
+
+/// One unlabelled sample.
+fn one(v: f64) -> [(String, f64); 1] {
+    [(String::new(), v)]
+}
+
+/// The queues' counters.
+fn render_counters(out: &mut String, st: &QueueStats) {
     let dir = |rx: u64, tx: u64| {
         [
             ("direction=\"rx\"".to_string(), rx as f64),
             ("direction=\"tx\"".to_string(), tx as f64),
         ]
     };
-    let st = &s.stats;
     write_metric(
         out,
         "rally_dataplane_small_packets_total",
@@ -235,7 +247,10 @@ pub fn render(out: &mut String) {
         "Longest time the UDP socket waited undrained between two reads.",
         &one(st.max_rx_read_gap.as_secs_f64()),
     );
-    let t = &s.trace;
+}
+
+/// The sojourn histograms, and with tracing on the echoes' ages and the receive queue.
+fn render_histograms(out: &mut String, t: &Trace) {
     let mut hists = vec![
         (
             "rally_dataplane_sojourn_seconds",
@@ -271,29 +286,31 @@ pub fn render(out: &mut String) {
         ));
     }
     write_histograms(out, &hists);
-    if let Some(sc) = s.sched {
-        write_metric(
-            out,
-            "rally_dataplane_thread_cpu_seconds_total",
-            "counter",
-            "Time the data-plane thread ran on a CPU.",
-            &one(sc.on_cpu.as_secs_f64()),
-        );
-        write_metric(
-            out,
-            "rally_dataplane_thread_run_delay_seconds_total",
-            "counter",
-            "Time the data-plane thread was runnable but waited for a CPU.",
-            &one(sc.run_delay.as_secs_f64()),
-        );
-        write_metric(
-            out,
-            "rally_dataplane_thread_timeslices_total",
-            "counter",
-            "Times the data-plane thread was scheduled onto a CPU.",
-            &one(sc.slices as f64),
-        );
-    }
+}
+
+/// The data-plane thread's scheduler counters.
+fn render_sched(out: &mut String, sc: SchedStat) {
+    write_metric(
+        out,
+        "rally_dataplane_thread_cpu_seconds_total",
+        "counter",
+        "Time the data-plane thread ran on a CPU.",
+        &one(sc.on_cpu.as_secs_f64()),
+    );
+    write_metric(
+        out,
+        "rally_dataplane_thread_run_delay_seconds_total",
+        "counter",
+        "Time the data-plane thread was runnable but waited for a CPU.",
+        &one(sc.run_delay.as_secs_f64()),
+    );
+    write_metric(
+        out,
+        "rally_dataplane_thread_timeslices_total",
+        "counter",
+        "Times the data-plane thread was scheduled onto a CPU.",
+        &one(sc.slices as f64),
+    );
 }
 
 /// Prometheus histograms: (name, labels, histogram, its values per unit of the metric).
