@@ -25,7 +25,7 @@ fn traffic_counts_as_liveness() {
 fn silence_on_a_busy_path_is_noticed_within_one_probe_interval() {
     let mut sim = Sim::new(Profile::stable());
     sim.add(direct(), Link::up(ms(20)));
-    sim.run_for(secs(60)); // idle: probes 15 s apart
+    sim.run_for(secs(60)); // idle: probes 25 s apart
     sim.receive_every(&direct(), ms(50));
     sim.run_for(secs(20) + ms(500)); // out of step with the probes
     sim.link(&direct(), Link::down());
