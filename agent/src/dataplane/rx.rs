@@ -292,9 +292,12 @@ impl Engine {
                     return;
                 }
             };
-            // A handshake message or queued data: answer on the path the datagram came by.
+            // A handshake message (or our data it released): answer on the path the datagram
+            // came by. Liveness for that path, not the peer's activity: an idle session's
+            // rekey (boringtun's, 120 s after a session that carried data) leaves both peers
+            // idle.
             mark_connected(peer, &id);
-            self.node.handle_tunnel_rx(&id, &via, t);
+            self.node.handle_tunnel_handshake(&id, &via, t);
             if let Some(route) = self.node.route_for(&id, &via) {
                 self.send_framed(route, &mut out[..DATA_HEADER_LEN + n])
                     .await;
