@@ -123,6 +123,10 @@ struct UpArgs {
     /// HTTP CONNECT proxy for TCP dials, http://HOST:PORT (QUIC is still tried directly).
     #[arg(long, env = "HTTPS_PROXY", value_parser = parse_proxy)]
     proxy: Option<String>,
+    /// A PEM bundle of CA certificates to trust, next to the system's, for relays that present
+    /// an operator's certificate (relay entries with `tcp_name`).
+    #[arg(long, value_name = "FILE", env = "RALLY_RELAY_CA")]
+    relay_ca: Option<PathBuf>,
 }
 
 fn parse_proxy(s: &str) -> Result<String, String> {
@@ -257,6 +261,11 @@ fn up(state_dir: &Path, args: UpArgs) -> Result<()> {
         (Some(addr), Some(key)) => Some(ControlTarget { addr, key }),
         _ => None,
     };
+    if let Some(path) = &args.relay_ca {
+        let certs =
+            rally_agent::dataplane::relay_tls::load_ca_bundle(path).context("--relay-ca")?;
+        rally_agent::dataplane::relay_tls::set_operator_roots(certs);
+    }
     let cfg = Config {
         state_dir: state_dir.to_path_buf(),
         control,

@@ -88,9 +88,16 @@ pub fn render(peers: &[PeerStatus]) -> String {
         "The peer's connection state (1 for the current one).",
         &states,
     );
-    crate::dataplane::security::COUNTERS.render(&mut out);
-    render_relay_tcp(&mut out);
+    render_dataplane(&mut out);
     out
+}
+
+/// Appends the data plane's own counters: drops by the security checks, the relay-over-TCP
+/// queues, the flow queues and the data-plane thread.
+fn render_dataplane(out: &mut String) {
+    crate::dataplane::security::COUNTERS.render(out);
+    render_relay_tcp(out);
+    crate::dataplane::queue_metrics::render(out);
 }
 
 /// Appends the relay-over-TCP counters.

@@ -45,9 +45,14 @@ enum Cmd {
         /// Address agents dial, written into invite codes (default: --listen).
         #[arg(long)]
         public_addr: Option<String>,
-        /// A relay, NAME=HOST:PORT, with ",tcp=HOST:PORT,key=KEY" when it serves TLS over TCP
-        /// too (repeatable).
-        #[arg(long = "relay", value_name = "NAME=HOST:PORT[,tcp=HOST:PORT,key=KEY]")]
+        /// A relay, NAME=HOST:PORT, with ",tcp=HOST:PORT" when it serves TLS over TCP too and
+        /// how agents verify it there: ",key=KEY" (its self-signed key, pinned) or
+        /// ",tls-name=DNSNAME" (its operator's certificate, checked against the agents' trusted
+        /// roots). Repeatable.
+        #[arg(
+            long = "relay",
+            value_name = "NAME=HOST:PORT[,tcp=HOST:PORT,key=KEY|tls-name=DNSNAME]"
+        )]
         relays: Vec<String>,
         /// Serve Prometheus metrics on this HTTP address.
         #[arg(long)]
@@ -156,10 +161,12 @@ fn main() {
     }
 }
 
-/// `--relay NAME=HOST:PORT[,tcp=HOST:PORT,key=KEY]`: the relay's UDP address and, when it
-/// serves TLS over TCP too, that address and its TLS key (printed by `rally-relay tls-key`).
+/// `--relay NAME=HOST:PORT[,tcp=HOST:PORT,key=KEY|tls-name=DNSNAME]`: the relay's UDP
+/// address and, when it serves TLS over TCP too, that address and how agents verify it: the
+/// key of its self-signed certificate (printed by `rally-relay tls-key`), which they pin, or
+/// the DNS name of its operator's certificate, which they check against their trusted roots.
 fn parse_relay(s: &str) -> Result<RelayEntry, String> {
-    let usage = || format!("--relay {s:?}: expected NAME=HOST:PORT[,tcp=HOST:PORT,key=KEY]");
+    let usage = || format!("--relay {s:?}: expected {RELAY_SPEC}");
     let (name, rest) = s.split_once('=').ok_or_else(usage)?;
     validate_name(name).map_err(|e| format!("--relay {s:?}: {e}"))?;
     let mut parts = rest.split(',');
@@ -171,28 +178,49 @@ fn parse_relay(s: &str) -> Result<RelayEntry, String> {
     if !host_port(addr) {
         return Err(usage());
     }
-    let (mut tcp, mut tcp_key) = (None, None);
+    let (mut tcp, mut tcp_key, mut tcp_name) = (None, None, None);
     for part in parts {
         match part.split_once('=') {
             Some(("tcp", a)) if host_port(a) && tcp.is_none() => tcp = Some(a.to_owned()),
             Some(("key", k)) if tcp_key.is_none() => {
                 tcp_key = Some(k.parse().map_err(|e| format!("--relay {s:?}: key: {e}"))?)
             }
+            Some(("tls-name", n)) if tcp_name.is_none() => {
+                rustls::pki_types::ServerName::try_from(n)
+                    .ok()
+                    .filter(|n| matches!(n, rustls::pki_types::ServerName::DnsName(_)))
+                    .ok_or_else(|| format!("--relay {s:?}: tls-name {n:?} is not a DNS name"))?;
+                tcp_name = Some(n.to_owned());
+            }
             _ => return Err(usage()),
         }
     }
-    if tcp.is_some() != tcp_key.is_some() {
-        return Err(format!(
-            "--relay {s:?}: tcp=HOST:PORT and key=KEY go together (the key is pinned on tcp)"
-        ));
+    match (&tcp, &tcp_key, &tcp_name) {
+        (None, None, None) | (Some(_), Some(_), None) | (Some(_), None, Some(_)) => {}
+        (_, Some(_), Some(_)) => {
+            return Err(format!(
+                "--relay {s:?}: key=KEY (a pinned self-signed key) and tls-name=DNSNAME (an \
+                 operator's certificate) exclude each other"
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "--relay {s:?}: tcp=HOST:PORT goes with key=KEY or tls-name=DNSNAME (how agents \
+                 verify the relay on tcp)"
+            ))
+        }
     }
     Ok(RelayEntry {
         name: name.to_owned(),
         addr: addr.to_owned(),
         tcp,
         tcp_key,
+        tcp_name,
     })
 }
+
+/// The shape of `--relay`.
+const RELAY_SPEC: &str = "NAME=HOST:PORT[,tcp=HOST:PORT,key=KEY|tls-name=DNSNAME]";
 
 #[allow(clippy::disallowed_types)]
 fn init(data_dir: &Path) -> Result<()> {
@@ -290,5 +318,63 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relay_with_a_pinned_key_is_handed_out_with_tcp_key() {
+        let key = rally_proto::Identity::from_seed([3; 32]).public();
+        let r = parse_relay(&format!("r1=1.2.3.4:3478,tcp=1.2.3.4:443,key={key}")).unwrap();
+        assert_eq!(r.tcp.as_deref(), Some("1.2.3.4:443"));
+        assert_eq!(r.tcp_key, Some(key));
+        assert_eq!(r.tcp_name, None);
+    }
+
+    #[test]
+    fn a_relay_with_an_operator_certificate_is_handed_out_with_tcp_name() {
+        let r = parse_relay("r1=1.2.3.4:3478,tcp=relay.example.com:443,tls-name=relay.example.com")
+            .unwrap();
+        assert_eq!(r.tcp.as_deref(), Some("relay.example.com:443"));
+        assert_eq!(r.tcp_key, None);
+        assert_eq!(r.tcp_name.as_deref(), Some("relay.example.com"));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["tcp_name"], "relay.example.com");
+        assert!(json.get("tcp_key").is_none(), "{json}");
+    }
+
+    #[test]
+    fn tcp_needs_exactly_one_way_to_verify_the_relay() {
+        let key = rally_proto::Identity::from_seed([3; 32]).public();
+        let both = format!("r1=1.2.3.4:3478,tcp=1.2.3.4:443,key={key},tls-name=relay.example.com");
+        assert!(parse_relay(&both)
+            .unwrap_err()
+            .contains("exclude each other"));
+        for s in [
+            "r1=1.2.3.4:3478,tcp=1.2.3.4:443",
+            "r1=1.2.3.4:3478,tls-name=relay.example.com",
+        ] {
+            assert!(parse_relay(s).unwrap_err().contains("goes with"), "{s}");
+        }
+        assert!(parse_relay(&format!("r1=1.2.3.4:3478,key={key}")).is_err());
+    }
+
+    #[test]
+    fn a_tls_name_must_be_a_dns_name() {
+        for bad in ["1.2.3.4", "", "not a name", "relay.example.com,"] {
+            let s = format!("r1=1.2.3.4:3478,tcp=1.2.3.4:443,tls-name={bad}");
+            assert!(parse_relay(&s).is_err(), "{s}");
+        }
+        let twice = "r1=1.2.3.4:3478,tcp=1.2.3.4:443,tls-name=x,tls-name=y";
+        assert!(parse_relay(twice).is_err());
+    }
+
+    #[test]
+    fn a_relay_without_tcp_is_udp_only() {
+        let r = parse_relay("r1=relay.example.com:3478").unwrap();
+        assert_eq!((r.tcp, r.tcp_key, r.tcp_name), (None, None, None));
     }
 }

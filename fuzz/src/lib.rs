@@ -40,37 +40,15 @@ pub fn check_frames<T: Msg>(data: &[u8]) {
     };
 
     let whole = frame::decode::<T>(stream);
-
-    // Reference: every complete frame at the front of the buffer, up to the first error.
-    let mut reference = Vec::new();
-    let mut rest = stream;
-    let mut reference_failed = false;
-    loop {
-        match frame::decode_prefix::<T>(rest) {
-            Ok(Some((m, used))) => {
-                assert!(
-                    (4..=rest.len()).contains(&used),
-                    "decode_prefix used {used} of {} bytes",
-                    rest.len()
-                );
-                reference.push(m);
-                rest = &rest[used..];
-            }
-            Ok(None) => break,
-            Err(_) => {
-                reference_failed = true;
-                break;
-            }
-        }
-    }
-    let exactly_one = reference.len() == 1 && rest.is_empty() && !reference_failed;
+    let reference = Walk::<T>::over(stream);
+    let exactly_one = reference.msgs.len() == 1 && reference.rest.is_empty() && !reference.failed;
     match &whole {
         Ok(m) => {
             assert!(
                 exactly_one,
                 "decode accepted a stream that is not exactly one frame"
             );
-            assert_eq!(&reference[0], m);
+            assert_eq!(&reference.msgs[0], m);
         }
         Err(_) => assert!(
             !exactly_one,
@@ -78,41 +56,24 @@ pub fn check_frames<T: Msg>(data: &[u8]) {
         ),
     }
 
-    // The stream decoder, fed in chunks.
-    let mut chunks = Chunker::new(split);
-    let mut dec = FrameDecoder::new();
-    let mut got = Vec::new();
-    let mut failed = false;
-    let mut pos = 0;
-    'feed: while pos < stream.len() {
-        let n = chunks.next(stream.len() - pos);
-        dec.extend(&stream[pos..pos + n]);
-        pos += n;
-        loop {
-            match dec.next_msg::<T>() {
-                Ok(Some(m)) => got.push(m),
-                Ok(None) => break,
-                Err(_) => {
-                    failed = true;
-                    break 'feed;
-                }
-            }
-        }
-    }
+    let (got, failed, dec) = feed_in_chunks::<T>(stream, split);
     assert_eq!(
-        failed, reference_failed,
+        failed, reference.failed,
         "FrameDecoder and decode_prefix disagree on whether the stream is bad"
     );
-    assert_eq!(got, reference, "FrameDecoder yielded different messages");
+    assert_eq!(
+        got, reference.msgs,
+        "FrameDecoder yielded different messages"
+    );
     if !failed {
         assert_eq!(
             dec.pending(),
-            rest.len(),
+            reference.rest.len(),
             "FrameDecoder holds the wrong leftover"
         );
         assert_eq!(
             dec.finish().is_some(),
-            !rest.is_empty(),
+            !reference.rest.is_empty(),
             "FrameDecoder::finish disagrees with the leftover"
         );
     }
@@ -120,6 +81,67 @@ pub fn check_frames<T: Msg>(data: &[u8]) {
     for m in &got {
         assert_frame_round_trip(m);
     }
+}
+
+/// The reference reading of a stream: every complete frame at the front of the buffer, up to
+/// the first error.
+struct Walk<'a, T> {
+    /// The frames decoded, in order.
+    msgs: Vec<T>,
+    /// The bytes after the last decoded frame.
+    rest: &'a [u8],
+    /// Whether the walk stopped at a bad frame (rather than at an incomplete one).
+    failed: bool,
+}
+
+impl<'a, T: Msg> Walk<'a, T> {
+    fn over(stream: &'a [u8]) -> Self {
+        let mut walk = Walk {
+            msgs: Vec::new(),
+            rest: stream,
+            failed: false,
+        };
+        loop {
+            match frame::decode_prefix::<T>(walk.rest) {
+                Ok(Some((m, used))) => {
+                    assert!(
+                        (4..=walk.rest.len()).contains(&used),
+                        "decode_prefix used {used} of {} bytes",
+                        walk.rest.len()
+                    );
+                    walk.msgs.push(m);
+                    walk.rest = &walk.rest[used..];
+                }
+                Ok(None) => return walk,
+                Err(_) => {
+                    walk.failed = true;
+                    return walk;
+                }
+            }
+        }
+    }
+}
+
+/// Feeds `stream` to a `FrameDecoder` in chunks chosen by `split`, draining it after each
+/// chunk. Returns the messages it yielded, whether it failed, and the decoder.
+fn feed_in_chunks<T: Msg>(stream: &[u8], split: u8) -> (Vec<T>, bool, FrameDecoder) {
+    let mut chunks = Chunker::new(split);
+    let mut dec = FrameDecoder::new();
+    let mut got = Vec::new();
+    let mut pos = 0;
+    while pos < stream.len() {
+        let n = chunks.next(stream.len() - pos);
+        dec.extend(&stream[pos..pos + n]);
+        pos += n;
+        loop {
+            match dec.next_msg::<T>() {
+                Ok(Some(m)) => got.push(m),
+                Ok(None) => break,
+                Err(_) => return (got, true, dec),
+            }
+        }
+    }
+    (got, false, dec)
 }
 
 /// Chunk sizes from the split byte: 0 feeds everything at once, 1 one byte at a time, anything

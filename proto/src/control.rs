@@ -358,9 +358,15 @@ pub struct RelayEntry {
     /// control planes' messages; older agents ignore it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<String>,
-    /// The relay's TLS key, which agents pin on `tcp` (present whenever `tcp` is).
+    /// How agents verify the relay on `tcp`: its TLS key, which they pin...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_key: Option<Key32>,
+    /// ...or, instead of `tcp_key`, the DNS name the relay's certificate (an operator's, from
+    /// a certificate authority) must be valid for: agents verify the chain against their
+    /// trusted roots. Exactly one of `tcp_key` and `tcp_name` comes with `tcp`; older agents,
+    /// which know only `tcp_key`, skip `tcp` for a relay that has `tcp_name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_name: Option<String>,
 }
 
 /// How a NAT maps or filters (RFC 4787 terms).

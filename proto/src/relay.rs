@@ -175,6 +175,15 @@ pub enum RelayDecodeError {
     OutdatedBind,
 }
 
+/// `body` if it is exactly `n` bytes long, else which way it is off.
+fn exact(body: &[u8], n: usize) -> Result<&[u8], RelayDecodeError> {
+    match body.len() {
+        l if l < n => Err(RelayDecodeError::Truncated),
+        l if l > n => Err(RelayDecodeError::Trailing),
+        _ => Ok(body),
+    }
+}
+
 /// Whether a datagram is a relay message (by its header alone).
 pub fn is_relay(d: &[u8]) -> bool {
     d.len() >= HEADER_LEN && d[..2] == MAGIC && d[3] == 0
@@ -186,22 +195,41 @@ impl<'a> RelayMsg<'a> {
             return Err(RelayDecodeError::NotRelay);
         }
         let body = &d[HEADER_LEN..];
-        let exact = |n: usize| -> Result<&'a [u8], RelayDecodeError> {
-            match body.len() {
-                l if l < n => Err(RelayDecodeError::Truncated),
-                l if l > n => Err(RelayDecodeError::Trailing),
-                _ => Ok(body),
+        match d[2] {
+            t @ (kind::BIND_REQUEST
+            | kind::BIND_CHALLENGE
+            | kind::BIND
+            | kind::BIND_V1
+            | kind::BIND_OK) => Self::decode_bind(t, body),
+            kind::SEND | kind::DELIVER => {
+                if body.len() < 8 {
+                    return Err(RelayDecodeError::Truncated);
+                }
+                let id = arr(&body[..8]);
+                let payload = &body[8..];
+                Ok(if d[2] == kind::SEND {
+                    RelayMsg::Send { to: id, payload }
+                } else {
+                    RelayMsg::Deliver { from: id, payload }
+                })
             }
-        };
-        Ok(match d[2] {
+            t @ (kind::PING | kind::PONG | kind::ERROR) => Self::decode_liveness(t, body),
+            t => Err(RelayDecodeError::UnknownType(t)),
+        }
+    }
+
+    /// The bind handshake's messages (`t` is one of the `BIND*` kinds), from the body after
+    /// the header.
+    fn decode_bind(t: u8, body: &'a [u8]) -> Result<Self, RelayDecodeError> {
+        Ok(match t {
             kind::BIND_REQUEST => {
-                if exact(BIND_REQUEST_PADDING)?.iter().any(|&b| b != 0) {
+                if exact(body, BIND_REQUEST_PADDING)?.iter().any(|&b| b != 0) {
                     return Err(RelayDecodeError::BadField);
                 }
                 RelayMsg::BindRequest
             }
             kind::BIND_CHALLENGE => RelayMsg::BindChallenge {
-                cookie: arr(exact(32)?),
+                cookie: arr(exact(body, 32)?),
             },
             kind::BIND => {
                 if body.len() < 96 + 1 {
@@ -229,20 +257,15 @@ impl<'a> RelayMsg<'a> {
                     tag: arr(&body[8 + used..]),
                 }
             }
-            kind::SEND | kind::DELIVER => {
-                if body.len() < 8 {
-                    return Err(RelayDecodeError::Truncated);
-                }
-                let id = arr(&body[..8]);
-                let payload = &body[8..];
-                if d[2] == kind::SEND {
-                    RelayMsg::Send { to: id, payload }
-                } else {
-                    RelayMsg::Deliver { from: id, payload }
-                }
-            }
+            t => return Err(RelayDecodeError::UnknownType(t)),
+        })
+    }
+
+    /// Ping, pong and error (`t` is one of those kinds), from the body after the header.
+    fn decode_liveness(t: u8, body: &'a [u8]) -> Result<Self, RelayDecodeError> {
+        Ok(match t {
             kind::PING => {
-                let b = exact(8 + TAG_LEN)?;
+                let b = exact(body, 8 + TAG_LEN)?;
                 if b[8..].iter().any(|&x| x != 0) {
                     return Err(RelayDecodeError::BadField);
                 }
@@ -251,7 +274,7 @@ impl<'a> RelayMsg<'a> {
                 }
             }
             kind::PONG => {
-                let b = exact(8 + TAG_LEN)?;
+                let b = exact(body, 8 + TAG_LEN)?;
                 RelayMsg::Pong {
                     nonce: u64::from_be_bytes(arr(b)),
                     tag: arr(&b[8..]),

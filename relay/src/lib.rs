@@ -9,7 +9,7 @@
 //! - [`coalesce`] decides when the forwarding thread puts off its next wake-up so that busy
 //!   traffic is read and sent in larger batches.
 //! - [`tcp`] carries relay sessions over TLS 1.3 on TCP (`--listen-tcp`) with the same core,
-//!   [`tls`] its pinned self-signed certificate.
+//!   [`tls`] its certificate (self-signed over a pinned key, or an operator's).
 //! - [`metrics`] renders [`Stats`] as Prometheus text.
 
 #![warn(missing_docs)]

@@ -4,7 +4,7 @@
 //! rally-relay serve --listen ADDR:PORT --control-key KEY [--max-sessions N]
 //!     [--max-sessions-per-ip N] [--metrics ADDR:PORT] [--alt-port PORT]
 //!     [--max-pps N] [--max-bps N] [--idle-timeout SECS] [--coalesce-us MICROS]
-//!     [--listen-tcp ADDR:PORT --tls-key FILE]
+//!     [--listen-tcp ADDR:PORT (--tls-key FILE | --tls-cert FILE --tls-cert-key FILE)]
 //! rally-relay tls-key FILE     create FILE (mode 0600) unless it exists; print its public key
 //! ```
 //!
@@ -21,7 +21,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use rally_proto::keyfile;
 use rally_proto::Key32;
-use rally_relay::tls::TlsKey;
+use rally_relay::tls::{OperatorCert, TlsIdentity, TlsKey};
 use rally_relay::{coalesce, Limits, Options, Server};
 use rand_core::{OsRng, RngCore};
 use tracing_subscriber::EnvFilter;
@@ -40,7 +40,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Serve STUN and relay sessions until SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create the TLS key for --listen-tcp (kept if it exists); print its public key, which
     /// the control plane pins (`--relay NAME=HOST:PORT,tcp=HOST:PORT,key=KEY`), last on stdout.
     TlsKey {
@@ -90,12 +90,43 @@ struct ServeArgs {
               .range(0..=coalesce::MAX_PAUSE.as_micros() as u64))]
     coalesce_us: u64,
     /// Also serve relay sessions over TLS 1.3 on TCP here (usually port 443), for agents
-    /// whose network blocks UDP.
-    #[arg(long, value_name = "ADDR:PORT", requires = "tls_key")]
+    /// whose network blocks UDP; with --tls-key, or --tls-cert and --tls-cert-key.
+    #[arg(long, value_name = "ADDR:PORT", requires = "tls_identity")]
     listen_tcp: Option<SocketAddr>,
-    /// The TLS key for --listen-tcp (made by `rally-relay tls-key FILE`).
-    #[arg(long, value_name = "FILE", requires = "listen_tcp")]
+    /// The TLS key for --listen-tcp (made by `rally-relay tls-key FILE`): a self-signed
+    /// certificate whose key the control plane pins (`--relay ...,key=KEY`).
+    #[arg(long, value_name = "FILE", requires = "listen_tcp", group = "tls_identity",
+          conflicts_with_all = ["tls_cert", "tls_cert_key"])]
     tls_key: Option<PathBuf>,
+    /// An operator's certificate chain for --listen-tcp (PEM, leaf first), for the DNS name
+    /// the control plane hands out (`--relay ...,tls-name=DNSNAME`); agents check it against
+    /// their trusted roots. Read at start: restart to rotate.
+    #[arg(long, value_name = "FILE", requires_all = ["listen_tcp", "tls_cert_key"],
+          group = "tls_identity")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert's first certificate (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_cert_key: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// The TCP listener and what it presents, read from the files given.
+    fn tcp(&self) -> anyhow::Result<Option<(SocketAddr, TlsIdentity)>> {
+        let Some(addr) = self.listen_tcp else {
+            return Ok(None);
+        };
+        let identity = match (&self.tls_key, &self.tls_cert, &self.tls_cert_key) {
+            (Some(file), _, _) => {
+                let seed = keyfile::read(file).context("reading the --tls-key file")?;
+                TlsIdentity::Pinned(TlsKey(seed))
+            }
+            (None, Some(cert), Some(key)) => TlsIdentity::Operator(
+                OperatorCert::load(cert, key).context("--tls-cert/--tls-cert-key")?,
+            ),
+            _ => anyhow::bail!("--listen-tcp needs --tls-key, or --tls-cert and --tls-cert-key"),
+        };
+        Ok(Some((addr, identity)))
+    }
 }
 
 fn main() -> ExitCode {
@@ -119,7 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(args))
+    runtime.block_on(serve(*args))
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -143,13 +174,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ..Limits::default()
         },
         coalesce: Duration::from_micros(args.coalesce_us),
-        tcp: match (args.listen_tcp, &args.tls_key) {
-            (Some(addr), Some(file)) => {
-                let seed = keyfile::read(file).context("reading the --tls-key file")?;
-                Some((addr, TlsKey(seed)))
-            }
-            _ => None,
-        },
+        tcp: args.tcp()?,
     };
     let server = Server::bind(opts, seed).await?;
     tracing::info!("relay listening on {}", server.local_addr());

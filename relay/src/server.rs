@@ -35,9 +35,10 @@ pub struct Options {
     /// Receive coalescing: how long the forwarding thread waits after a busy wake-up before it
     /// looks for more input (zero: never). See [`crate::coalesce`].
     pub coalesce: Duration,
-    /// Relay sessions over TLS on TCP: the address to listen on and the key of the TLS
-    /// certificate (the key the control plane's relay entry pins).
-    pub tcp: Option<(SocketAddr, crate::tls::TlsKey)>,
+    /// Relay sessions over TLS on TCP: the address to listen on and the certificate to
+    /// present (self-signed over the key the control plane's relay entry pins, or an
+    /// operator's).
+    pub tcp: Option<(SocketAddr, crate::tls::TlsIdentity)>,
 }
 
 /// Why the relay could not start or stopped.
@@ -137,11 +138,11 @@ impl Server {
         };
         let tcp_counters = Arc::new(TcpCounters::default());
         let (tcp, tcp_addr) = match opts.tcp {
-            Some((addr, key)) => {
+            Some((addr, identity)) => {
                 let bind_error = |source| ServeError::BindTcp { addr, source };
                 let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
                 let bound = listener.local_addr().map_err(ServeError::LocalAddr)?;
-                let tls = crate::tls::server_config(&key.identity())?;
+                let tls = identity.server_config()?;
                 let limits = (
                     opts.limits.max_sessions,
                     opts.limits.max_sessions_per_ip,

@@ -143,7 +143,12 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    exit_code(run(cli.command))
+}
+
+/// Runs one subcommand; `Ok(false)` means it ran but what it checked failed.
+fn run(command: Cmd) -> Result<bool> {
+    match command {
         Cmd::Demo => {
             install_interrupt_handler();
             demo()
@@ -188,23 +193,13 @@ fn main() -> ExitCode {
             timeout_ms,
             hello,
             listen_ms,
-        } => {
-            let opts = ProbeOptions {
-                servers,
-                local_port,
-                timeout: Duration::from_millis(timeout_ms),
-                hello,
-                listen: Duration::from_millis(listen_ms),
-            };
-            stun::probe(&opts, |event| {
-                println!(
-                    "{}",
-                    serde_json::to_string(event).expect("events serialise")
-                );
-            })
-            .with_context(|| format!("probing from port {local_port}"))
-            .map(|()| true)
-        }
+        } => stun_probe(ProbeOptions {
+            servers,
+            local_port,
+            timeout: Duration::from_millis(timeout_ms),
+            hello,
+            listen: Duration::from_millis(listen_ms),
+        }),
         Cmd::UdpSend {
             to,
             from_port,
@@ -213,7 +208,24 @@ fn main() -> ExitCode {
         } => stun::send(from_port, to, &payload, count, Duration::from_millis(50))
             .with_context(|| format!("sending to {to}"))
             .map(|()| true),
-    };
+    }
+}
+
+/// `stun-probe`: probes and prints each event as a JSON line.
+fn stun_probe(opts: ProbeOptions) -> Result<bool> {
+    let local_port = opts.local_port;
+    stun::probe(&opts, |event| {
+        println!(
+            "{}",
+            serde_json::to_string(event).expect("events serialise")
+        );
+    })
+    .with_context(|| format!("probing from port {local_port}"))
+    .map(|()| true)
+}
+
+/// The process exit code for a subcommand's outcome (130 after Ctrl-C), printing any error.
+fn exit_code(result: Result<bool>) -> ExitCode {
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -271,19 +283,7 @@ fn run_demo(lab: &Lab) -> Result<bool> {
     for r in &world.relays {
         println!("    relay {} at {}", r.name(), r.addr());
     }
-    say("putting alice, bob and carol behind NATs of their own…");
-    let mut hosts = Vec::new();
-    for (name, kind) in CAST {
-        let router = lab.add_router(&format!("{name}-nat"), kind)?;
-        let host = lab.add_host_behind(&router, name)?;
-        println!(
-            "    host {name:<6} {:<14} NAT {:<12} public address {}",
-            host.ip().to_string(),
-            kind.label(),
-            router.wan_ip()
-        );
-        hosts.push(host);
-    }
+    let hosts = place_hosts(lab)?;
 
     say("starting alice (with --control)…");
     let alice = Agent::start(&hosts[0], "alice", world.cp.control())?;
@@ -312,6 +312,38 @@ fn run_demo(lab: &Lab) -> Result<bool> {
             .collect();
         a.wait_for_peers(&others, PEERS_TIMEOUT)?;
     }
+    let routes_ok = wait_routes(&agents);
+    for a in agents {
+        say(&format!("{}: rally peers", a.name()));
+        print_indented(&a.rally_ok(&["peers"])?);
+    }
+    let pings_ok = ping_all_pairs(&agents)?;
+    if !routes_ok {
+        say("SOME PAIRS DID NOT TAKE THE ROUTE THEIR NATS ALLOW");
+    }
+    Ok(pings_ok && routes_ok)
+}
+
+/// Puts each of the cast behind a NAT router of its own kind; the hosts in `CAST` order.
+fn place_hosts(lab: &Lab) -> Result<Vec<rally_lab::Host>> {
+    say("putting alice, bob and carol behind NATs of their own…");
+    let mut hosts = Vec::new();
+    for (name, kind) in CAST {
+        let router = lab.add_router(&format!("{name}-nat"), kind)?;
+        let host = lab.add_host_behind(&router, name)?;
+        println!(
+            "    host {name:<6} {:<14} NAT {:<12} public address {}",
+            host.ip().to_string(),
+            kind.label(),
+            router.wan_ip()
+        );
+        hosts.push(host);
+    }
+    Ok(hosts)
+}
+
+/// Waits for each pair to settle on the route its NATs allow; `true` if every pair did.
+fn wait_routes(agents: &[&Agent]) -> bool {
     say("waiting for each pair's route (direct where the NATs let a punch through, else a relay)…");
     let mut routes_ok = true;
     for i in 0..agents.len() {
@@ -346,15 +378,7 @@ fn run_demo(lab: &Lab) -> Result<bool> {
             }
         }
     }
-    for a in agents {
-        say(&format!("{}: rally peers", a.name()));
-        print_indented(&a.rally_ok(&["peers"])?);
-    }
-    let pings_ok = ping_all_pairs(&agents)?;
-    if !routes_ok {
-        say("SOME PAIRS DID NOT TAKE THE ROUTE THEIR NATS ALLOW");
-    }
-    Ok(pings_ok && routes_ok)
+    routes_ok
 }
 
 /// Kernel ping and `rally ping` for every ordered pair; prints results and a summary.

@@ -1,5 +1,6 @@
 //! Relays that listen on TLS/TCP too (`rally-relay serve --listen-tcp HOST:443 --tls-key
-//! FILE`), for agents behind networks that let out only TCP 80/443.
+//! FILE`, or `--tls-cert FILE --tls-cert-key FILE` with an operator's certificate), for agents
+//! behind networks that let out only TCP 80/443.
 
 use anyhow::{anyhow, Result};
 
@@ -46,4 +47,49 @@ pub fn start_tcp_relay_on(
         &["--listen-tcp", tcp.as_str(), "--tls-key", key_path.as_str()],
         format!(",tcp={tcp},key={key}"),
     )
+}
+
+/// A relay like [`start_tcp_relay`] that presents an operator's certificate for `tls_name`,
+/// issued by a CA made here (rcgen); its spec carries `tcp=` and `tls-name=`. Returns the relay
+/// and the CA's PEM file (for `rally up --relay-ca`).
+pub fn start_ca_relay(
+    host: &Host,
+    name: &str,
+    control_key: &str,
+    tls_name: &str,
+) -> Result<(RelayServer, std::path::PathBuf)> {
+    let file = |what: &str| host.log_path(&format!("relay-{name}-{what}"));
+    let (ca_file, cert_file, key_file) = (file("ca.pem"), file("cert.pem"), file("key.pem"));
+    if let Some(dir) = ca_file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, format!("Rally lab CA {name}"));
+    let ca = ca.self_signed(&ca_key)?;
+    let key = rcgen::KeyPair::generate()?;
+    let leaf =
+        rcgen::CertificateParams::new(vec![tls_name.to_string()])?.signed_by(&key, &ca, &ca_key)?;
+    std::fs::write(&ca_file, ca.pem())?;
+    std::fs::write(&cert_file, leaf.pem() + &ca.pem())?;
+    std::fs::write(&key_file, key.serialize_pem())?;
+    let tcp = format!("{}:{RELAY_TLS_PORT}", host.ip());
+    let (cert, key) = (cert_file.to_string_lossy(), key_file.to_string_lossy());
+    let relay = RelayServer::start_with(
+        host,
+        name,
+        control_key,
+        &[
+            "--listen-tcp",
+            tcp.as_str(),
+            "--tls-cert",
+            &cert,
+            "--tls-cert-key",
+            &key,
+        ],
+        format!(",tcp={tcp},tls-name={tls_name}"),
+    )?;
+    Ok((relay, ca_file))
 }

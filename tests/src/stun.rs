@@ -132,6 +132,27 @@ pub fn serve(listen: SocketAddr, ready: impl FnOnce(SocketAddr)) -> io::Result<(
 /// Runs the probe described by `opts`, handing each event to `emit` as it happens.
 pub fn probe(opts: &ProbeOptions, mut emit: impl FnMut(&ProbeEvent)) -> io::Result<()> {
     let sock = UdpSocket::bind(("0.0.0.0", opts.local_port))?;
+    let (results, early) = bind_phase(&sock, opts)?;
+    emit(&ProbeEvent::Mapped {
+        local_port: opts.local_port,
+        results,
+    });
+    early.iter().for_each(&mut emit);
+    for to in &opts.hello {
+        let _ = sock.send_to(b"hello", to);
+    }
+    listen_phase(&sock, opts.listen, &mut emit)?;
+    emit(&ProbeEvent::Done);
+    Ok(())
+}
+
+/// Sends a binding request to every server (retransmitting) until each has answered or
+/// `opts.timeout` passes. Returns one result per server and the non-STUN datagrams that
+/// arrived meanwhile, as `Received` events.
+fn bind_phase(
+    sock: &UdpSocket,
+    opts: &ProbeOptions,
+) -> io::Result<(Vec<ProbeResult>, Vec<ProbeEvent>)> {
     let mut seed = txid_seed();
     let requests: Vec<BindingRequest> = opts
         .servers
@@ -171,7 +192,7 @@ pub fn probe(opts: &ProbeOptions, mut emit: impl FnMut(&ProbeEvent)) -> io::Resu
             next_send = now + RETRANSMIT;
         }
         let wait = next_send.min(deadline).saturating_duration_since(now);
-        let Some((n, from)) = recv_timeout(&sock, &mut buf, wait)? else {
+        let Some((n, from)) = recv_timeout(sock, &mut buf, wait)? else {
             continue;
         };
         let data = &buf[..n];
@@ -189,28 +210,28 @@ pub fn probe(opts: &ProbeOptions, mut emit: impl FnMut(&ProbeEvent)) -> io::Resu
             }
         }
     }
-    emit(&ProbeEvent::Mapped {
-        local_port: opts.local_port,
-        results,
-    });
-    early.iter().for_each(&mut emit);
-    for to in &opts.hello {
-        let _ = sock.send_to(b"hello", to);
-    }
-    let deadline = Instant::now() + opts.listen;
+    Ok((results, early))
+}
+
+/// Hands every non-STUN datagram that arrives within `listen` to `emit`.
+fn listen_phase(
+    sock: &UdpSocket,
+    listen: Duration,
+    emit: &mut impl FnMut(&ProbeEvent),
+) -> io::Result<()> {
+    let mut buf = [0u8; 2048];
+    let deadline = Instant::now() + listen;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            break;
+            return Ok(());
         }
-        if let Some((n, from)) = recv_timeout(&sock, &mut buf, left)? {
+        if let Some((n, from)) = recv_timeout(sock, &mut buf, left)? {
             if !codec::is_stun(&buf[..n]) {
                 emit(&received(from, &buf[..n]));
             }
         }
     }
-    emit(&ProbeEvent::Done);
-    Ok(())
 }
 
 /// Sends `payload` `count` times from local port `from_port` (0: any) to `to`, `interval` apart.

@@ -16,8 +16,8 @@ const GAME: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/lan_game.py");
 const POLL: Duration = Duration::from_millis(50);
 /// How long the probes are counted once both agents are idle.
 const WINDOW: Duration = Duration::from_secs(30);
-/// Probes both agents together may send in `WINDOW` while idle: the primary every 15 s (by
-/// one side) and each standby relay every 60 s, about 4. Busy, every one of the three paths
+/// Probes both agents together may send in `WINDOW` while idle: the primary every 25 s (by
+/// one side) and each standby relay every 200 s, about 2. Busy, every one of the three paths
 /// is probed every second by each side: about 180.
 const IDLE_PROBES_MAX: u64 = 20;
 

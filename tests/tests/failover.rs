@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use rally_lab::scenario::{
-    ms, spread, unix_now, wait_view, EventFollower, Outage, Pair, PingStream, UdpStream, View,
-    World,
+    event_to_relay_after, failover_event, ms, spread, unix_now, wait_view, EventFollower, Outage,
+    Pair, PingStream, UdpStream, View, World,
 };
 use rally_lab::{with_lab, Lab, WanProfile};
 use serde_json::Value;
@@ -293,29 +293,6 @@ fn cut_profile() -> String {
     std::env::var(PROFILE_ENV).unwrap_or_else(|_| "stable".into())
 }
 
-/// The failover event about `peer` from `direct:…` to `relay:…` among `events`.
-fn failover_event(events: &[Value], peer: &str) -> Result<Value> {
-    events
-        .iter()
-        .find(|e| {
-            e["type"] == "failover"
-                && e["peer"] == peer
-                && e["path"].as_str().is_some_and(|p| p.starts_with("relay:"))
-                && e["message"].as_str().is_some_and(|m| m.contains("direct:"))
-        })
-        .cloned()
-        .ok_or_else(|| {
-            anyhow!(
-                "no failover event about {peer} from direct:… to relay:…; printed: {}",
-                events
-                    .iter()
-                    .map(Value::to_string)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            )
-        })
-}
-
 #[test]
 fn relays_that_slow_down_or_die_are_replaced_by_the_other_relay() -> Result<()> {
     with_lab(|lab| {
@@ -394,7 +371,7 @@ fn relays_that_slow_down_or_die_are_replaced_by_the_other_relay() -> Result<()> 
 
         // Scenario 3: the relay now in use is killed; the other one (fast again) takes over.
         let (killed, other) = (o.other, o.slow);
-        wait_trusted(&pair, &other)?;
+        pair.wait_relay_trusted(&other, RECOVERY_THRESHOLD, RELAY_SWITCH_ABOVE_MS, FAILOVER)?;
         let t_kill = unix_now();
         world.relay(&killed)?.proc().signal(libc::SIGKILL)?;
         let (moved, _, _) = pair
@@ -412,7 +389,7 @@ fn relays_that_slow_down_or_die_are_replaced_by_the_other_relay() -> Result<()> 
             "no datagram echoed over relay:{other} after relay:{killed} was killed"
         );
         let kill = log.outage(t_kill, t_end);
-        let how = event_after(&events, t_kill, &other);
+        let how = event_to_relay_after(&events, t_kill, &other);
         println!(
             "scenario 3 relay killed: relay:{killed} killed → both sides on relay:{other} after {} \
              (rally peers; {how}); stream gap {}, lost {} (one every {} ms)",
@@ -423,27 +400,6 @@ fn relays_that_slow_down_or_die_are_replaced_by_the_other_relay() -> Result<()> 
         );
         slow.map(|_| ()).context("scenario 4")
     })
-}
-
-/// Waits until `a`'s relay path `relay` is up and trusted again (up, the recovery threshold of
-/// good probes in a row, and its smoothed latency back under the relay-switch threshold), so
-/// relay switching may pick it.
-fn wait_trusted(pair: &Pair, relay: &str) -> Result<()> {
-    let path = format!("relay:{relay}");
-    wait_view(
-        &pair.a,
-        pair.b.name(),
-        &format!("trust {path} again"),
-        FAILOVER,
-        |v| {
-            v.path(&path).is_some_and(|p| {
-                p.health == "up"
-                    && p.consecutive_successes >= RECOVERY_THRESHOLD
-                    && p.latency_ms.is_some_and(|l| l < RELAY_SWITCH_ABOVE_MS)
-            })
-        },
-    )?;
-    Ok(())
 }
 
 /// What the relay scenarios act on and watch.
@@ -484,7 +440,7 @@ fn slow_relay(rig: &Rig<'_>, delay_ms: u64) -> Result<SlowOutcome> {
     })?;
     let slow = v.relay.clone().unwrap_or_default();
     let other = world.other_relay(&slow)?.name().to_owned();
-    wait_trusted(pair, &other)?;
+    pair.wait_relay_trusted(&other, RECOVERY_THRESHOLD, RELAY_SWITCH_ABOVE_MS, FAILOVER)?;
     let host = world.relay(&slow)?.host().clone();
     let was = lab.wan(&host)?;
     let t_slow = unix_now();
@@ -516,7 +472,7 @@ fn slow_relay(rig: &Rig<'_>, delay_ms: u64) -> Result<SlowOutcome> {
     std::thread::sleep(Duration::from_millis(1500));
     let outage = stream.snapshot().outage(t_slow, t_moved);
     let events = follower.events()?;
-    let how = event_after(&events, t_slow, &other);
+    let how = event_to_relay_after(&events, t_slow, &other);
     Ok(SlowOutcome {
         slow,
         other,
@@ -524,29 +480,6 @@ fn slow_relay(rig: &Rig<'_>, delay_ms: u64) -> Result<SlowOutcome> {
         how,
         outage,
     })
-}
-
-/// The first `relay_switch` or `failover` event to `relay:<to>` at or after `since` (Unix
-/// seconds), as `type: message`; `no event` if there is none.
-fn event_after(events: &[Value], since: f64, to: &str) -> String {
-    events
-        .iter()
-        .filter(|e| {
-            e["time"]
-                .as_u64()
-                .is_some_and(|t| t as f64 / 1000.0 >= since - 0.01)
-        })
-        .find(|e| {
-            (e["type"] == "relay_switch" || e["type"] == "failover")
-                && e["path"] == format!("relay:{to}")
-        })
-        .map_or("no event".into(), |e| {
-            format!(
-                "{}: {}",
-                e["type"].as_str().unwrap_or("?"),
-                e["message"].as_str().unwrap_or("?")
-            )
-        })
 }
 
 #[test]
@@ -591,7 +524,8 @@ fn agents_keep_tunnels_and_reconnect_from_the_cached_peer_map_while_the_control_
         pair.a.restart()?;
         pair.b.restart()?;
         let restarts_took = restart_began.elapsed();
-        let reconnect = wait_for_ping(&pair, FAILOVER)
+        let reconnect = pair
+            .wait_for_ping(FAILOVER)
             .context("restarted agents reconnecting without the control plane")?;
         let (_, va, vb) = pair.wait_both("list each other", FAILOVER, |v| {
             v.is_direct() || v.is_relayed()
@@ -646,23 +580,4 @@ fn agents_keep_tunnels_and_reconnect_from_the_cached_peer_map_while_the_control_
         );
         Ok(())
     })
-}
-
-/// Waits until `a` gets a kernel ping answered by `b` over the overlay; returns how long it
-/// took.
-fn wait_for_ping(pair: &Pair, timeout: Duration) -> Result<Duration> {
-    let start = Instant::now();
-    loop {
-        let out = pair.a.kernel_ping(&pair.b_vip, 1)?;
-        if out.status.success() {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() > timeout {
-            bail!(
-                "no ping answered within {} ({})",
-                ms(timeout),
-                pair.describe()
-            );
-        }
-    }
 }

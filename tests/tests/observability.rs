@@ -44,6 +44,11 @@ fn metrics_endpoints_serve_prometheus_text() -> Result<()> {
             "path=\"direct\"",
             "rally_discovery_forwarded_total 0",
             "rally_discovery_dropped_total{reason=\"capped\"} 0",
+            // The data plane's queues: the pings went first, nothing was dropped.
+            "rally_dataplane_small_packets_total{direction=\"tx\"}",
+            "rally_dataplane_queue_drops_total{reason=\"overflow\"} 0",
+            "rally_dataplane_sojourn_seconds_count{direction=\"rx\"}",
+            "rally_dataplane_thread_run_delay_seconds_total",
         ] {
             ensure!(
                 agent_text.contains(needle),

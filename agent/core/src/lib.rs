@@ -9,6 +9,7 @@
 
 pub mod aqm;
 pub mod aqm_fq;
+pub mod aqm_trace;
 pub mod backoff;
 pub mod birthday;
 pub mod conn;

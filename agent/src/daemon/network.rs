@@ -171,15 +171,23 @@ pub(super) async fn net_changed(watch: &mut Option<NetWatch>) -> std::io::Result
     }
 }
 
-/// A relay's TLS-over-TCP listener, looked up, with the key to pin (none if the entry has no
-/// `tcp`, no `tcp_key`, or the name does not resolve).
+/// A relay's TLS-over-TCP listener, looked up, with how to verify it: the key to pin
+/// (`tcp_key`, preferred) or the name its CA-issued certificate is for (`tcp_name`). None if
+/// the entry has no `tcp`, neither field, or the name does not resolve.
 async fn resolve_tcp(r: &RelayEntry) -> Option<crate::node::TcpEndpoint> {
-    let (host, key) = (r.tcp.as_ref()?, r.tcp_key?);
+    let host = r.tcp.as_ref()?;
+    let trust = match (r.tcp_key, &r.tcp_name) {
+        (Some(key), _) => crate::node::RelayTrust::Pinned(key),
+        (None, Some(name)) => crate::node::RelayTrust::Ca {
+            server_name: name.clone(),
+        },
+        (None, None) => return None,
+    };
     match tokio::net::lookup_host(host)
         .await
         .map(|mut a| a.find(|a| a.is_ipv4()))
     {
-        Ok(Some(addr)) => Some(crate::node::TcpEndpoint { addr, key }),
+        Ok(Some(addr)) => Some(crate::node::TcpEndpoint { addr, trust }),
         Ok(None) => {
             warn!(relay = %r.name, "{host} has no IPv4 address");
             None

@@ -314,22 +314,12 @@ impl Engine {
         // The engine reads neither the ECN bits nor the destination address of what it
         // receives: two control messages per datagram (or GRO train) it need not pay for.
         rally_udp::skip_receive_metadata(&udp);
-        // GSO sends and GRO receives move up to 64 datagrams at a time, which overflows the
-        // kernel's ~200 KiB default under load; more than a bandwidth-delay product only
-        // holds packets back.
-        let queues = super::queues::Queues::from_env();
-        queues.raise_thread_priority();
-        let (rcvbuf, sndbuf) = grow_socket_buffers(&udp, queues.socket_buffer());
-        info!(
-            tun = %cfg.tun_name,
-            virtual_ip = %cfg.virtual_ip,
+        let queues = tune_io(
+            (&cfg.tun_name, cfg.virtual_ip),
+            &tun,
+            &udp,
+            &udp_state,
             offload,
-            udp_gso_segments = udp_state.max_gso_segments(),
-            udp_gro_segments = udp_state.gro_segments(),
-            rcvbuf,
-            sndbuf,
-            queues = queues.enabled,
-            "TUN device up"
         );
         let secret = StaticSecret::from(cfg.wg_secret);
         let public = PublicKey::from(&secret);
@@ -488,6 +478,7 @@ impl Engine {
             EngineCmd::Peers(reply) => {
                 // A metrics scrape reads the security counters right after this answer.
                 self.publish_security();
+                self.queues.publish();
                 let _ = reply.send(self.status());
             }
             EngineCmd::Reconnect(peer) => self.node.handle_reconnect(peer, t),
@@ -537,4 +528,39 @@ fn open_tun(cfg: &EngineConfig) -> std::io::Result<(tun_rs::AsyncDevice, bool)> 
             Ok((build(false)?, false))
         }
     }
+}
+
+/// Sizes the TUN device's queue and the UDP socket's buffers, sets up the data plane's queues
+/// (and the thread's priority), and logs the device.
+fn tune_io(
+    (tun_name, virtual_ip): (&str, Ipv4Addr),
+    tun: &tun_rs::AsyncDevice,
+    udp: &UdpSocket,
+    udp_state: &quinn_udp::UdpSocketState,
+    offload: bool,
+) -> super::queues::Queues {
+    // GSO sends and GRO receives move up to 64 datagrams at a time, which overflows the
+    // kernel's ~200 KiB default under load; more than a bandwidth-delay product only
+    // holds packets back.
+    if let Some(n) = super::queues::env_usize(super::queues::TXQLEN_ENV) {
+        if let Err(e) = tun.set_tx_queue_len(u32::try_from(n).unwrap_or(u32::MAX)) {
+            warn!("TUN txqueuelen {n}: {e}");
+        }
+    }
+    let queues = super::queues::Queues::from_env();
+    queues.raise_thread_priority();
+    let (rcvbuf, sndbuf) = grow_socket_buffers(udp, queues.socket_buffer());
+    info!(
+        tun = %tun_name,
+        %virtual_ip,
+        offload,
+        udp_gso_segments = udp_state.max_gso_segments(),
+        udp_gro_segments = udp_state.gro_segments(),
+        rcvbuf,
+        sndbuf,
+        queues = queues.enabled,
+        txqueuelen = ?tun.tx_queue_len(),
+        "TUN device up"
+    );
+    queues
 }

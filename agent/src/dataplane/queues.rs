@@ -24,6 +24,7 @@ use tracing::{debug, info};
 
 use super::batch::MAX_GSO_BYTES;
 use super::engine::{Buffers, Engine};
+use super::queue_metrics::{SchedStat, Trace};
 use super::timers::now;
 
 /// Packets encrypted per slice of the send queue (one GSO send at most).
@@ -55,12 +56,23 @@ const TX_QUANTUM: usize = 64 * 1024;
 const RX_QUANTUM: usize = 64 * 1024;
 /// How often the queues' counters are logged under load.
 const REPORT_EVERY: Duration = Duration::from_secs(2);
-/// Spare buffers kept for the next burst; the rest are freed.
-const POOL_KEEP: usize = 64;
-/// Nice value of the data-plane thread with the queues on: under load the thread is busy,
-/// and at the default weight it waits behind the bulk applications it carries (iperf3, a
-/// download) for its turn on the CPU, which every small packet then waits for too.
-const DATAPLANE_NICE: libc::c_int = -10;
+/// Spare send-side buffers (2 KiB each) kept when the queue empties, for the next burst; the
+/// rest are freed. Under a one-stream load the send queue empties between bursts, and with 64
+/// kept every burst allocated (and zeroed, and page-faulted in) its buffers again: 2.5 % of the
+/// sending agent's samples in a profile. 1024 keep 2 MiB.
+const TX_POOL_KEEP: usize = 1024;
+/// Spare receive-side buffers (64 KiB each, one GRO train): 32 keep 2 MiB.
+const RX_POOL_KEEP: usize = 32;
+/// Overrides the socket buffers' size (bytes), for A/B runs.
+pub const SOCKBUF_ENV: &str = "RALLY_DATAPLANE_SOCKBUF";
+/// Sets the TUN device's transmit queue length (packets), for A/B runs.
+pub const TXQLEN_ENV: &str = "RALLY_DATAPLANE_TXQLEN";
+
+/// A number from the environment.
+pub(super) fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok()?.trim().parse().ok()
+}
+
 /// The environment variable that turns the queues off.
 pub const FIFO_ENV: &str = "RALLY_DATAPLANE_FIFO";
 
@@ -120,8 +132,10 @@ pub(super) struct Queues {
     /// When a read of the UDP socket last stopped before draining it.
     pub undrained_since: Option<Instant>,
     pub stats: QueueStats,
-    /// When the counters were last logged.
-    reported: Option<Instant>,
+    /// Delay histograms (and, with `RALLY_DATAPLANE_TRACE=1`, ICMP echo ages).
+    pub trace: Trace,
+    /// When the counters were last logged, and the thread's scheduler counters then.
+    reported: Option<(Instant, Option<SchedStat>)>,
 }
 
 impl Queues {
@@ -136,27 +150,16 @@ impl Queues {
             rx_congested: false,
             undrained_since: None,
             stats: QueueStats::default(),
+            trace: Trace::from_env(),
             reported: None,
         }
     }
 
     /// With the queues on, raises the calling (data-plane) thread's CPU weight
-    /// ([`DATAPLANE_NICE`]); best effort (needs CAP_SYS_NICE, which the root agent has).
+    /// ([`super::thread_sched`]); best effort.
     pub fn raise_thread_priority(&self) {
-        if !self.enabled {
-            return;
-        }
-        // SAFETY: gettid has no preconditions; setpriority on our own thread id with a plain
-        // integer; a failure only leaves the priority as it was.
-        let r = unsafe {
-            let tid = libc::gettid();
-            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, DATAPLANE_NICE)
-        };
-        if r != 0 {
-            debug!(
-                "data-plane thread priority unchanged: {}",
-                std::io::Error::last_os_error()
-            );
+        if self.enabled {
+            super::thread_sched::raise_current_thread();
         }
     }
 
@@ -164,7 +167,9 @@ impl Queues {
     /// a 1 Gbit/s path with 20 ms round trips (never below four GSO bursts), since the engine
     /// keeps the kernel's queues short; without, the 8 MiB the FIFO engine always asked for.
     pub fn socket_buffer(&self) -> usize {
-        if self.enabled {
+        if let Some(b) = env_usize(SOCKBUF_ENV) {
+            b
+        } else if self.enabled {
             socket_buffer_bytes(1_000_000_000, Duration::from_millis(20), 4 * MAX_GSO_BYTES)
         } else {
             8 * 1024 * 1024
@@ -179,11 +184,28 @@ impl Queues {
     /// Logs the counters (info) at most every [`REPORT_EVERY`] while bulk traffic flows;
     /// called on busy turns only, so an idle agent never wakes for it.
     pub fn report(&mut self, t: Instant) {
-        if !self.enabled || self.reported.is_some_and(|r| t < r + REPORT_EVERY) {
+        if !self.enabled || self.reported.is_some_and(|(r, _)| t < r + REPORT_EVERY) {
             return;
         }
-        self.reported = Some(t);
-        info!(stats = ?self.stats, "data-plane queues");
+        let sched = SchedStat::current();
+        // How long the data-plane thread waited for a CPU since the last report, and in how
+        // many turns: CPU contention rather than queueing.
+        let waited = match (self.reported.and_then(|(_, s)| s), sched) {
+            (Some(a), Some(b)) => format!(
+                "{:?} on CPU, {:?} waiting for one over {} slices",
+                b.on_cpu.saturating_sub(a.on_cpu),
+                b.run_delay.saturating_sub(a.run_delay),
+                b.slices.saturating_sub(a.slices)
+            ),
+            _ => String::new(),
+        };
+        self.reported = Some((t, sched));
+        info!(stats = ?self.stats, trace = %self.trace.summary(), thread = %waited, "data-plane queues");
+    }
+
+    /// Stores the counters for the metrics endpoint.
+    pub fn publish(&self) {
+        super::queue_metrics::publish(self.stats, &self.trace);
     }
 
     fn queue_rx(&mut self, train: RxTrain, t: Instant) {
@@ -215,10 +237,10 @@ impl Queues {
 
     fn trim_pools(&mut self) {
         if self.rx.is_empty() {
-            self.rx_pool.truncate(POOL_KEEP / 4);
+            self.rx_pool.truncate(RX_POOL_KEEP);
         }
         if self.tx.is_empty() {
-            self.tx_pool.truncate(POOL_KEEP);
+            self.tx_pool.truncate(TX_POOL_KEEP);
         }
     }
 }
@@ -308,14 +330,17 @@ impl Engine {
     }
 
     async fn serve_tx_slice(&mut self, b: &mut Buffers) {
+        // One clock read per slice (a slice takes well under CoDel's 2 ms target): a read per
+        // packet was 2 % of the sending agent's samples.
+        let t = now();
         for _ in 0..TX_SLICE {
-            let t = now();
             let Some(d) = self.queues.tx.pop(t) else {
                 break;
             };
             let (mut buf, size) = d.item;
             let q = &mut self.queues;
             q.stats.max_sojourn_tx = q.stats.max_sojourn_tx.max(d.sojourn);
+            q.trace.sojourn_tx.record_delay(d.sojourn);
             if !d.congested || self.congestion_allows(&mut buf[..size]) {
                 self.handle_tun_packet(&buf[..size], &mut b.out).await;
             }
@@ -334,6 +359,7 @@ impl Engine {
         let train = d.item;
         let q = &mut self.queues;
         q.stats.max_sojourn_rx = q.stats.max_sojourn_rx.max(d.sojourn);
+        q.trace.sojourn_rx.record_delay(d.sojourn);
         let mut congested = d.congested;
         for datagram in train.buf[..train.len].chunks(train.stride) {
             self.queues.rx_congested = std::mem::take(&mut congested);

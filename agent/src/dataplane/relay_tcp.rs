@@ -12,8 +12,8 @@
 //! engine's loop, tagged with the slot, as if it had come from that address over UDP.
 //!
 //! A connection is dialed on the first frame for its slot (through the HTTP CONNECT proxy
-//! when one is configured), pinning the relay's TLS key as the control channel pins the
-//! control plane's; a failed or closed one is dialed again on the next frame, at most once per
+//! when one is configured), verifying the relay as its entry says ([`super::relay_tls`]: its
+//! pinned TLS key, or an operator's certificate under trusted roots); a failed or closed one is dialed again on the next frame, at most once per
 //! [`REDIAL`]. Connections whose slot the node no longer uses are closed.
 //!
 //! Once TLS is up the node is handed a `BindChallenge` carrying the connection's channel
@@ -42,7 +42,6 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::relay_twin::{self, bind_token, is_copied, TwinTask};
-use crate::control::tls::{pinned_config, RELAY_ALPN, RELAY_SERVER_NAME};
 use crate::node::TcpEndpoint;
 
 /// Frames waiting for the socket, per connection (the oldest is dropped beyond). One TUN
@@ -397,9 +396,7 @@ pub(super) async fn dial(
     endpoint: &TcpEndpoint,
     proxy: Option<&str>,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
-    let config = pinned_config(endpoint.key, RELAY_ALPN).map_err(|e| e.to_string())?;
-    let name =
-        rustls::pki_types::ServerName::try_from(RELAY_SERVER_NAME).map_err(|e| e.to_string())?;
+    let (config, name) = super::relay_tls::client_config(endpoint)?;
     let stream = match proxy {
         Some(proxy) => crate::control::proxy::connect(proxy, endpoint.addr).await?,
         None => TcpStream::connect(endpoint.addr)
@@ -410,7 +407,7 @@ pub(super) async fn dial(
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, stream)
         .await
-        .map_err(|e| format!("tls: {e}"))
+        .map_err(|e| super::relay_tls::refused(endpoint, &e))
 }
 
 /// `TCP_NODELAY` and `TCP_NOTSENT_LOWAT`: what waits to be sent waits in our drop-oldest

@@ -11,6 +11,7 @@ use super::demux::{classify, receiver_index, Datagram, WgKind};
 use super::discovery::Admit;
 use super::engine::{Buffers, Engine, RX_BUFS};
 use super::handshake_guard::{Source, Verdict};
+use super::queue_metrics::Point;
 use super::timers::now;
 use super::tunnel::{initiator_key, Output, TunnelError};
 use crate::conn::PathId;
@@ -31,6 +32,7 @@ impl Engine {
                 .stats
                 .rx_read_gap(now().saturating_duration_since(left));
         }
+        self.queues.trace.observe_socket(&self.udp);
         for round in 0..RX_ROUNDS {
             let (n, drained) = {
                 let mut iovs = b.rx.each_mut().map(|b| std::io::IoSliceMut::new(b));
@@ -250,6 +252,7 @@ impl Engine {
                     mark_connected(peer, &id);
                     let vip = self.node.peer(&id).map(|p| p.info().virtual_ip);
                     let packet = &mut out[DATA_HEADER_LEN..DATA_HEADER_LEN + len];
+                    self.queues.trace.observe(Point::Decrypted, packet);
                     let admit = if vip != Some(src) {
                         self.drops.spoofed_source += 1;
                         debug!(peer = %id, %src, "inner source is not the peer's virtual IP");
@@ -293,9 +296,12 @@ impl Engine {
                     return;
                 }
             };
-            // A handshake message or queued data: answer on the path the datagram came by.
+            // A handshake message (or our data it released): answer on the path the datagram
+            // came by. Liveness for that path, not the peer's activity: an idle session's
+            // rekey (boringtun's, 120 s after a session that carried data) leaves both peers
+            // idle.
             mark_connected(peer, &id);
-            self.node.handle_tunnel_rx(&id, &via, t);
+            self.node.handle_tunnel_handshake(&id, &via, t);
             if let Some(route) = self.node.route_for(&id, &via) {
                 self.send_framed(route, &mut out[..DATA_HEADER_LEN + n])
                     .await;

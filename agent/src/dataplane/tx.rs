@@ -10,6 +10,7 @@ use tracing::{debug, trace};
 
 use super::batch::{GsoBatch, TunBatch};
 use super::engine::{Buffers, Engine};
+use super::queue_metrics::Point;
 use super::timers::now;
 use super::tunnel::Output;
 use crate::node::{is_tcp_slot, Route};
@@ -24,6 +25,7 @@ impl Engine {
     }
 
     pub(super) async fn handle_tun_packet(&mut self, packet: &[u8], out: &mut [u8]) {
+        self.queues.trace.observe(Point::TunRead, packet);
         let Some(dst) = ipv4_destination(packet) else {
             self.drops.no_route += 1;
             return;

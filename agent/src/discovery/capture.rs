@@ -157,10 +157,10 @@ impl Capture {
     }
 }
 
-/// The interface of the default IPv4 route (lowest metric), from `/proc/net/route`.
-pub fn default_route_interface() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/net/route").ok()?;
-    parse_default_route(&text)
+/// The interface of the default IPv4 route (lowest metric), from `/proc/net/route` (its
+/// text: `routes`).
+pub fn default_route_interface(routes: &str) -> Option<String> {
+    parse_default_route(routes)
 }
 
 fn parse_default_route(text: &str) -> Option<String> {

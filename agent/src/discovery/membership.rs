@@ -86,11 +86,10 @@ impl TunJoins {
 }
 
 /// The groups programs on this host listen to: every interface's memberships in
-/// `/proc/net/igmp` but loopback's, minus the agent's own joins on the TUN device `tun`.
-pub fn local_groups(tun: &str, own: &BTreeSet<Ipv4Addr>) -> BTreeSet<Ipv4Addr> {
-    std::fs::read_to_string("/proc/net/igmp")
-        .map(|t| parse_igmp(&t, tun, own))
-        .unwrap_or_default()
+/// `/proc/net/igmp` (its text: `igmp`) but loopback's, minus the agent's own joins on the TUN
+/// device `tun`.
+pub fn local_groups(igmp: &str, tun: &str, own: &BTreeSet<Ipv4Addr>) -> BTreeSet<Ipv4Addr> {
+    parse_igmp(igmp, tun, own)
 }
 
 /// Parses `/proc/net/igmp`: an interface line (`2\teth0      :     1      V3`), then one

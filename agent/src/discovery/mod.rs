@@ -6,6 +6,7 @@
 pub mod capture;
 pub mod cli;
 pub mod membership;
+mod procfile;
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -16,6 +17,7 @@ pub use rally_agent_core::discovery::{DiscoveryConfig, DiscoveryStatus, DEFAULT_
 
 use capture::Capture;
 use membership::TunJoins;
+use procfile::ProcFile;
 
 /// Largest packet read from the capture (the interface MTU bounds it; larger ones are cut
 /// by the kernel and then refused as malformed).
@@ -27,6 +29,9 @@ pub struct DiscoveryIo {
     joins: Option<TunJoins>,
     tun: String,
     pub buf: Vec<u8>,
+    /// `/proc/net/route` and `/proc/net/igmp`, kept open (read every tick).
+    routes: ProcFile,
+    igmp: ProcFile,
 }
 
 impl DiscoveryIo {
@@ -45,6 +50,8 @@ impl DiscoveryIo {
             joins,
             tun: tun.to_owned(),
             buf: vec![0u8; CAPTURE_BUF],
+            routes: ProcFile::new("/proc/net/route"),
+            igmp: ProcFile::new("/proc/net/igmp"),
         };
         if enabled {
             io.follow_default_route();
@@ -54,7 +61,11 @@ impl DiscoveryIo {
 
     /// (Re)opens the capture when the default-route interface is not the captured one.
     pub fn follow_default_route(&mut self) {
-        let want = capture::default_route_interface().filter(|i| *i != self.tun);
+        let want = self
+            .routes
+            .read()
+            .and_then(capture::default_route_interface)
+            .filter(|i| *i != self.tun);
         if want.as_deref() == self.capture.as_ref().map(|c| c.ifname.as_str()) {
             return;
         }
@@ -91,13 +102,16 @@ impl DiscoveryIo {
     }
 
     /// The groups programs here listen to (the agent's own joins left out).
-    pub fn local_groups(&self) -> BTreeSet<Ipv4Addr> {
+    pub fn local_groups(&mut self) -> BTreeSet<Ipv4Addr> {
         let own = self
             .joins
             .as_ref()
             .map(|j| j.joined().clone())
             .unwrap_or_default();
-        membership::local_groups(&self.tun, &own)
+        self.igmp
+            .read()
+            .map(|text| membership::local_groups(text, &self.tun, &own))
+            .unwrap_or_default()
     }
 
     /// Joins exactly `groups` on the TUN device.

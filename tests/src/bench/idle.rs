@@ -10,7 +10,9 @@
 //! One datagram from each measured daemon to each peer's tunnel address starts the handshakes;
 //! the bench waits until `wg show … latest-handshakes` has every peer, then everything is left
 //! idle. Rally's peers each answer a ping over the overlay, then the agents are left idle for
-//! `star::IDLE_AFTER` (a peer is busy for 30 s after its last data).
+//! `star::IDLE_AFTER` (a peer is busy for 30 s after its last data). Every measured host keeps
+//! its neighbour (ARP) entries 10 minutes (`long_lived_neighbours`): on the lab's one bridge
+//! Rally's peers are 50 neighbours and the baselines' one, where a real host has one gateway.
 //!
 //! Per window (`WINDOW`, one per `--runs`) and measured process: **wake-ups per second** (the
 //! context switches of all its threads, voluntary and not, from `/proc/PID/task/*/status`)
@@ -103,7 +105,9 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
     let control = tunnels::serve_control(lab, &c, "idle", key, &specs, &[])?;
     let mut agents: Vec<Agent> = Vec::new();
     for n in PEER_COUNTS {
-        let mut hosts = vec![lab.add_host(&format!("m{n}"))?];
+        let measured_host = lab.add_host(&format!("m{n}"))?;
+        long_lived_neighbours(&measured_host)?;
+        let mut hosts = vec![measured_host];
         for i in 1..=n {
             hosts.push(lab.add_host(&format!("s{n}-{i}"))?);
         }
@@ -261,6 +265,7 @@ fn wireguard_stars(lab: &Lab) -> Result<Vec<WgStar>> {
             "wg"
         };
         let host = lab.add_host(&format!("{short}{peers}"))?;
+        long_lived_neighbours(&host)?;
         let ifname = format!("ri{short}{peers}x{tag}");
         let proc = tunnels::start_wireguard(&host, subject, &ifname)?;
         let (private, public) = tools::wg_keypair()?;
@@ -315,6 +320,24 @@ fn wireguard_stars(lab: &Lab) -> Result<Vec<WgStar>> {
         handshake(s)?;
     }
     Ok(stars)
+}
+
+/// Neighbour entries that stay valid for the whole measurement on a measured host. The lab's
+/// public hosts share one bridge, so each peer is a neighbour of its own: Rally's 50 peers are
+/// 50 hosts, the baselines' 50 peer daemons one host (the lab holds 90 hosts). An entry goes
+/// stale 15–45 s after its last confirmation (UDP gives none), and a send then resolves it
+/// again; with 50 peers probed every 25 s, that ARP (a broadcast to every namespace on the
+/// bridge, processed in the sender's system call) was up to half an idle agent's CPU in a
+/// window. A real host reaches its peers through one gateway, whose entry its traffic keeps
+/// fresh: every measured host gets 10-minute entries, the same for every subject.
+fn long_lived_neighbours(host: &Host) -> Result<()> {
+    host.run_ok(&[
+        "sh",
+        "-c",
+        "echo 600000 > /proc/sys/net/ipv4/neigh/eth0/base_reachable_time_ms && \
+         echo 600 > /proc/sys/net/ipv4/neigh/eth0/gc_stale_time",
+    ])?;
+    Ok(())
 }
 
 /// `wg set IFNAME listen-port PORT private-key FILE` (the key written to a 0600 file).

@@ -136,6 +136,34 @@ pub fn run(which: Which, opts: &Options) -> Result<()> {
         "machine: {} × {}, kernel {} (shared: other work runs too; read the ratios)",
         machine.nproc, machine.cpu, machine.kernel
     ));
+    check_binaries()?;
+    let installed = install_tools(which)?;
+    std::fs::create_dir_all(&opts.out_dir)
+        .with_context(|| format!("creating {}", opts.out_dir.display()))?;
+
+    let mut sections = Sections::default();
+    let all = which == Which::All;
+    if all || matches!(which, Which::Throughput | Which::Latency | Which::Profile) {
+        run_datapath(which, opts, &mut sections)?;
+    }
+    run_lab_benches(which, opts, &mut sections);
+
+    say("all figures: name: median [min–max] unit (ratios vs baselines of the same run)");
+    for f in &sections.figures {
+        println!("{}", f.line());
+    }
+    let results = Results {
+        machine,
+        runs: opts.runs,
+        seconds: opts.seconds,
+        installed: &installed,
+        figures: &sections.figures,
+    };
+    write_results(which, opts, &results)
+}
+
+/// Fails unless the binaries are built; warns when they are not release builds.
+fn check_binaries() -> Result<()> {
     bins::rally()?;
     bins::rally_control()?;
     bins::bin_path("rally-relay")?;
@@ -149,6 +177,11 @@ pub fn run(which: Which, opts: &Options) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Installs the reference programs `which` needs; returns the ones it had to install.
+fn install_tools(which: Which) -> Result<Vec<String>> {
     let all = which == Which::All;
     let datapath = all || matches!(which, Which::Throughput | Which::Latency | Which::Profile);
     let mut tools_needed = vec![Tool::Iperf3, Tool::Ping];
@@ -164,90 +197,110 @@ pub fn run(which: Which, opts: &Options) -> Result<()> {
     } else {
         say(&format!("installed: {}", installed.join(", ")));
     }
-    std::fs::create_dir_all(&opts.out_dir)
-        .with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    Ok(installed)
+}
 
-    let mut figures: Vec<Figure> = Vec::new();
-    let mut section = |name: &str, r: Result<Vec<Figure>>| match r {
-        Ok(fs) => {
-            say(&format!("{name}: {} figures", fs.len()));
-            for f in &fs {
-                println!("    {}", f.line());
-            }
-            figures.extend(fs);
-        }
-        Err(e) => eprintln!("rally-lab bench: {name} FAILED: {e:#}"),
-    };
+/// The figures of the sections run so far.
+#[derive(Default)]
+struct Sections {
+    figures: Vec<Figure>,
+}
 
-    if datapath {
-        say("building the data-path lab (a, b, control, relay; ra, rb cut from each other)");
-        let lab = Lab::new()?;
-        let built = tunnels::build(
-            &lab,
-            tunnels::Want {
-                relay: which != Which::Profile,
-                references: true,
-                fifo: matches!(which, Which::Latency | Which::All),
-            },
-        );
-        match built {
-            Err(e) => {
-                lab.dump_logs();
-                section("data path", Err(e));
+impl Sections {
+    /// Prints a section's figures and keeps them, or reports that it failed (the other
+    /// sections still run).
+    fn add(&mut self, name: &str, r: Result<Vec<Figure>>) {
+        match r {
+            Ok(fs) => {
+                say(&format!("{name}: {} figures", fs.len()));
+                for f in &fs {
+                    println!("    {}", f.line());
+                }
+                self.figures.extend(fs);
             }
-            Ok(dp) => {
-                for p in &dp.paths {
-                    println!(
-                        "    {:<15} {} → {} ({})",
-                        p.subject.label(),
-                        p.client.name(),
-                        p.server.name(),
-                        p.target
-                    );
-                }
-                if all || which == Which::Throughput {
-                    say(&format!(
-                        "throughput: iperf3, {} s per run, {} runs, subjects interleaved",
-                        opts.seconds, opts.runs
-                    ));
-                    section("throughput", datapath::throughput(&dp, opts));
-                }
-                if all || which == Which::Latency {
-                    say("latency: 300 pings 10 ms apart idle, 2 ms apart idle, and 10 ms apart under one- and four-stream loads (with a 60/s game-like UDP stream)");
-                    section("latency", datapath::latency(&dp, opts));
-                }
-                if which == Which::Profile {
-                    if !profile::perf_works() {
-                        eprintln!("rally-lab bench: perf cannot count here (perf stat -e task-clock true fails)");
-                    }
-                    section("profile", profile::run(&dp, &opts.out_dir));
-                }
-            }
+            Err(e) => eprintln!("rally-lab bench: {name} FAILED: {e:#}"),
         }
     }
+}
+
+/// The data-path sections (throughput, latency, profile) on one shared lab.
+fn run_datapath(which: Which, opts: &Options, sections: &mut Sections) -> Result<()> {
+    let all = which == Which::All;
+    say("building the data-path lab (a, b, control, relay; ra, rb cut from each other)");
+    let lab = Lab::new()?;
+    let built = tunnels::build(
+        &lab,
+        tunnels::Want {
+            relay: which != Which::Profile,
+            references: true,
+            fifo: matches!(which, Which::Latency | Which::All),
+        },
+    );
+    let dp = match built {
+        Err(e) => {
+            lab.dump_logs();
+            sections.add("data path", Err(e));
+            return Ok(());
+        }
+        Ok(dp) => dp,
+    };
+    for p in &dp.paths {
+        println!(
+            "    {:<15} {} → {} ({})",
+            p.subject.label(),
+            p.client.name(),
+            p.server.name(),
+            p.target
+        );
+    }
+    if all || which == Which::Throughput {
+        say(&format!(
+            "throughput: iperf3, {} s per run, {} runs, subjects interleaved",
+            opts.seconds, opts.runs
+        ));
+        sections.add("throughput", datapath::throughput(&dp, opts));
+    }
+    if all || which == Which::Latency {
+        say("latency: 300 pings 10 ms apart idle, 2 ms apart idle, and 10 ms apart under one- and four-stream loads (with a 60/s game-like UDP stream)");
+        sections.add("latency", datapath::latency(&dp, opts));
+    }
+    if which == Which::Profile {
+        if !profile::perf_works() {
+            eprintln!(
+                "rally-lab bench: perf cannot count here (perf stat -e task-clock true fails)"
+            );
+        }
+        sections.add("profile", profile::run(&dp, &opts.out_dir));
+    }
+    Ok(())
+}
+
+/// The sections that build labs of their own (setup, relay, flood, tcp-relay, control, idle).
+fn run_lab_benches(which: Which, opts: &Options, sections: &mut Sections) {
+    let all = which == Which::All;
     if all || which == Which::Setup {
         say("setup: party join → first reply / direct path, two home routers, 20 ms uplinks");
-        section("setup", setup::run(opts));
+        sections.add("setup", setup::run(opts));
     }
     if all || which == Which::Relay {
         say("relay: synthetic relay-protocol load, 1/10/100 pairs");
-        section("relay", relay::run(opts));
+        sections.add("relay", relay::run(opts));
     }
     if all || which == Which::Flood {
         say("flood: longest gap of pings 10 ms apart while 100k datagrams/s hit the agent");
-        section("flood", flood::run(opts));
+        sections.add("flood", flood::run(opts));
     }
     if all || which == Which::TcpRelay {
         say("tcp-relay: relay-tcp:r1 (UDP blocked) vs relay:r1, 20 ms uplinks, 1 % loss for the stream");
-        section("tcp-relay", tcp_relay::run(opts));
+        sections.add("tcp-relay", tcp_relay::run(opts));
     }
     if all || which == Which::TcpJoin {
         say("tcp-join: party join → first ping reply, TCP-443-only network vs open network");
-        section("tcp-join", tcp_join::run(opts));
+        sections.add("tcp-join", tcp_join::run(opts));
     }
     if all || which == Which::Control {
         say("control: N synthetic QUIC agents register and join one party");
-        section("control", control::run(opts));
+        sections.add("control", control::run(opts));
     }
 
     if all || which == Which::Idle {
@@ -256,28 +309,20 @@ pub fn run(which: Which, opts: &Options) -> Result<()> {
              with 5 and 50 peers (keepalive 25 s)",
             idle::WINDOW.as_secs()
         ));
-        section("idle", idle::run(opts));
+        sections.add("idle", idle::run(opts));
     }
+}
 
-    say("all figures: name: median [min–max] unit (ratios vs baselines of the same run)");
-    for f in &figures {
-        println!("{}", f.line());
-    }
-    let results = Results {
-        machine,
-        runs: opts.runs,
-        seconds: opts.seconds,
-        installed: &installed,
-        figures: &figures,
-    };
+/// Writes `bench-results[-<which>].json` and `.md` into the output directory.
+fn write_results(which: Which, opts: &Options, results: &Results<'_>) -> Result<()> {
     let suffix = match which {
         Which::All => String::new(),
         w => format!("-{}", format!("{w:?}").to_lowercase()),
     };
     let json = opts.out_dir.join(format!("bench-results{suffix}.json"));
-    std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;
+    std::fs::write(&json, serde_json::to_string_pretty(results)?)?;
     let md = opts.out_dir.join(format!("bench-results{suffix}.md"));
-    std::fs::write(&md, stats::markdown(&figures))?;
+    std::fs::write(&md, stats::markdown(results.figures))?;
     say(&format!("written: {} and {}", json.display(), md.display()));
     Ok(())
 }

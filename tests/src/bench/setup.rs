@@ -40,73 +40,10 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
     let mut direct = Vec::new();
     let mut base_rtt = Vec::new();
     for run in 1..=opts.runs {
-        let ra = lab.add_router(&format!("ha{run}"), NatKind::HomeRouter)?;
-        let rb = lab.add_router(&format!("hb{run}"), NatKind::HomeRouter)?;
-        let ha = lab.add_host_behind(&ra, &format!("alice{run}"))?;
-        let hb = lab.add_host_behind(&rb, &format!("bob{run}"))?;
-        let mut alice = Agent::start(&ha, &format!("alice{run}"), control.target())?;
-        let mut bob = Agent::start(&hb, &format!("bob{run}"), control.target())?;
-        alice.wait_control_connected(LIMIT)?;
-        bob.wait_control_connected(LIMIT)?;
-        // Let netcheck finish on both sides, as a user's agent would have long before a join.
-        std::thread::sleep(Duration::from_secs(2));
-        // The sites' RTT (bob's host to alice's router), measured now.
-        let wan = hb.run(&[
-            "ping",
-            "-n",
-            "-c",
-            "5",
-            "-i",
-            "0.2",
-            &ra.wan_ip().to_string(),
-        ])?;
-        let rtt =
-            median(&parse_ping_times(&String::from_utf8_lossy(&wan.stdout))).unwrap_or(f64::NAN);
-        let code = alice.party_create(&format!("setup{run}"), &[])?;
-        let vip = alice.virtual_ip()?.to_string();
-        // Ping from before the join, every 20 ms, with timestamps: the first reply is the time.
-        let pinger = hb.spawn(
-            &["ping", "-n", "-D", "-i", "0.02", "-w", "30", vip.as_str()],
-            hb.log_path(&format!("setup-ping-{run}")),
-        )?;
-        std::thread::sleep(Duration::from_millis(200));
-        let t0 = unix_ms();
-        let out = bob.party_join(&code)?;
-        crate::host::check_success(&out, "rally party join")?;
-        let mut t_direct = f64::NAN;
-        let deadline = std::time::Instant::now() + LIMIT;
-        while std::time::Instant::now() < deadline {
-            if let Ok(peers) = bob.peers_json() {
-                let p = peers
-                    .as_array()
-                    .and_then(|ps| ps.iter().find(|p| p["name"] == alice.name()).cloned());
-                if let Some(p) = p {
-                    if p["strategy"] == "direct" {
-                        t_direct = p["direct_since_ms"]
-                            .as_f64()
-                            .map_or(unix_ms() - t0, |ms| ms - t0);
-                        break;
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // Let a few replies arrive, then read the first one's timestamp.
-        let log = wait_first_reply(&pinger)?;
-        pinger.terminate(Duration::from_secs(1))?;
-        let t_first = first_reply_unix_ms(&log).map_or(f64::NAN, |t| t - t0);
-        println!(
-            "    run {run}/{}: first reply {t_first:.0} ms, direct after {t_direct:.0} ms, \
-             site RTT {rtt:.1} ms (route now: {})",
-            opts.runs,
-            strategy(&bob, alice.name()).unwrap_or_else(|e| format!("{e:#}"))
-        );
+        let (t_first, t_direct, rtt) = one_join(lab, control.target(), run, opts.runs)?;
         first.push(t_first);
         direct.push(t_direct);
         base_rtt.push(rtt);
-        // Old agents go quiet so later runs do not share the CPU with them.
-        let _ = alice.stop();
-        let _ = bob.stop();
     }
     let mut f1 = Figure::new(
         "setup",
@@ -126,6 +63,90 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
     f2.ratio_to("site RTT", &base_rtt);
     let f3 = Figure::new("setup", "site RTT (baseline)", "raw WAN", "ms", base_rtt);
     Ok(vec![f1, f2, f3])
+}
+
+/// Run `run` of `runs`: fresh agents behind fresh home routers, bob joins alice's party.
+/// Returns the join's time to the first ping reply and to the direct path (ms, NaN if not
+/// reached), and the sites' RTT measured just before.
+fn one_join(
+    lab: &Lab,
+    control: Option<(&str, &str)>,
+    run: usize,
+    runs: usize,
+) -> Result<(f64, f64, f64)> {
+    let ra = lab.add_router(&format!("ha{run}"), NatKind::HomeRouter)?;
+    let rb = lab.add_router(&format!("hb{run}"), NatKind::HomeRouter)?;
+    let ha = lab.add_host_behind(&ra, &format!("alice{run}"))?;
+    let hb = lab.add_host_behind(&rb, &format!("bob{run}"))?;
+    let mut alice = Agent::start(&ha, &format!("alice{run}"), control)?;
+    let mut bob = Agent::start(&hb, &format!("bob{run}"), control)?;
+    alice.wait_control_connected(LIMIT)?;
+    bob.wait_control_connected(LIMIT)?;
+    // Let netcheck finish on both sides, as a user's agent would have long before a join.
+    std::thread::sleep(Duration::from_secs(2));
+    let rtt = site_rtt(&hb, &ra)?;
+    let code = alice.party_create(&format!("setup{run}"), &[])?;
+    let vip = alice.virtual_ip()?.to_string();
+    // Ping from before the join, every 20 ms, with timestamps: the first reply is the time.
+    let pinger = hb.spawn(
+        &["ping", "-n", "-D", "-i", "0.02", "-w", "30", vip.as_str()],
+        hb.log_path(&format!("setup-ping-{run}")),
+    )?;
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = unix_ms();
+    let out = bob.party_join(&code)?;
+    crate::host::check_success(&out, "rally party join")?;
+    let t_direct = wait_direct_ms(&bob, alice.name(), t0);
+    // Let a few replies arrive, then read the first one's timestamp.
+    let log = wait_first_reply(&pinger)?;
+    pinger.terminate(Duration::from_secs(1))?;
+    let t_first = first_reply_unix_ms(&log).map_or(f64::NAN, |t| t - t0);
+    println!(
+        "    run {run}/{runs}: first reply {t_first:.0} ms, direct after {t_direct:.0} ms, \
+         site RTT {rtt:.1} ms (route now: {})",
+        strategy(&bob, alice.name()).unwrap_or_else(|e| format!("{e:#}"))
+    );
+    // Old agents go quiet so later runs do not share the CPU with them.
+    let _ = alice.stop();
+    let _ = bob.stop();
+    Ok((t_first, t_direct, rtt))
+}
+
+/// The sites' RTT (ms, median of five pings from `from` to `router`'s WAN address; NaN if
+/// none came back).
+fn site_rtt(from: &crate::Host, router: &crate::Router) -> Result<f64> {
+    let wan = from.run(&[
+        "ping",
+        "-n",
+        "-c",
+        "5",
+        "-i",
+        "0.2",
+        &router.wan_ip().to_string(),
+    ])?;
+    Ok(median(&parse_ping_times(&String::from_utf8_lossy(&wan.stdout))).unwrap_or(f64::NAN))
+}
+
+/// Waits (up to the limit) until `agent` lists `peer` as direct; returns when it went direct,
+/// in ms after `t0` (Unix ms), or NaN if it did not.
+fn wait_direct_ms(agent: &Agent, peer: &str, t0: f64) -> f64 {
+    let deadline = std::time::Instant::now() + LIMIT;
+    while std::time::Instant::now() < deadline {
+        if let Ok(peers) = agent.peers_json() {
+            let p = peers
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["name"] == peer).cloned());
+            if let Some(p) = p {
+                if p["strategy"] == "direct" {
+                    return p["direct_since_ms"]
+                        .as_f64()
+                        .map_or(unix_ms() - t0, |ms| ms - t0);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f64::NAN
 }
 
 /// Waits (up to the limit) until the pinger's log has a reply; returns the log.

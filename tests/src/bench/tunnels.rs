@@ -339,8 +339,24 @@ pub fn rally_pair(
     party: &str,
     route: &str,
 ) -> Result<(Agent, Agent)> {
-    let aa = Agent::start(a, &format!("{}-agent", a.name()), control.target())?;
-    let ab = Agent::start(b, &format!("{}-agent", b.name()), control.target())?;
+    rally_pair_with(control, [a, b], party, route, |_| Vec::new())
+}
+
+/// Like [`rally_pair`], with more `rally up` flags for each host (`extra(host)`).
+pub fn rally_pair_with(
+    control: &Control,
+    [a, b]: [&Host; 2],
+    party: &str,
+    route: &str,
+    extra: impl Fn(&Host) -> Vec<String>,
+) -> Result<(Agent, Agent)> {
+    let start = |h: &Host| {
+        let flags = extra(h);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        Agent::start_with(h, &format!("{}-agent", h.name()), control.target(), &flags)
+    };
+    let aa = start(a)?;
+    let ab = start(b)?;
     aa.wait_control_connected(READY)?;
     ab.wait_control_connected(READY)?;
     let code = aa.party_create(party, &[])?;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
 use crate::procs::Proc;
@@ -65,4 +65,50 @@ pub fn json_lines(text: &str) -> Vec<Value> {
         .filter(|l| l.trim_start().starts_with('{'))
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
+}
+
+/// The failover event about `peer` from `direct:…` to `relay:…` among `events`.
+pub fn failover_event(events: &[Value], peer: &str) -> Result<Value> {
+    events
+        .iter()
+        .find(|e| {
+            e["type"] == "failover"
+                && e["peer"] == peer
+                && e["path"].as_str().is_some_and(|p| p.starts_with("relay:"))
+                && e["message"].as_str().is_some_and(|m| m.contains("direct:"))
+        })
+        .cloned()
+        .ok_or_else(|| {
+            anyhow!(
+                "no failover event about {peer} from direct:… to relay:…; printed: {}",
+                events
+                    .iter()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        })
+}
+
+/// The first `relay_switch` or `failover` event to `relay:<to>` at or after `since` (Unix
+/// seconds), as `type: message`; `no event` if there is none.
+pub fn event_to_relay_after(events: &[Value], since: f64, to: &str) -> String {
+    events
+        .iter()
+        .filter(|e| {
+            e["time"]
+                .as_u64()
+                .is_some_and(|t| t as f64 / 1000.0 >= since - 0.01)
+        })
+        .find(|e| {
+            (e["type"] == "relay_switch" || e["type"] == "failover")
+                && e["path"] == format!("relay:{to}")
+        })
+        .map_or("no event".into(), |e| {
+            format!(
+                "{}: {}",
+                e["type"].as_str().unwrap_or("?"),
+                e["message"].as_str().unwrap_or("?")
+            )
+        })
 }

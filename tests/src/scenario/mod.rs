@@ -17,7 +17,7 @@ mod view;
 mod world;
 
 pub use counters::{agent_pid, cpu_time, link_bytes, probes_sent, vm_rss_kib, LinkBytes};
-pub use events::{json_lines, EventFollower};
+pub use events::{event_to_relay_after, failover_event, json_lines, EventFollower};
 pub use ping::{Outage, PingLog, PingStream, Reply};
 pub use udp_stream::{UdpStream, ECHO_PORT};
 pub use view::{view, wait_view, PathView, View};

@@ -3,14 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 
 use crate::rally::{last_line, RelayServer};
 use crate::{bins, wait_until, Agent, ControlPlane, Host, Lab, NatKind, Router};
 
 use super::events::json_lines;
-use super::view::{view, View};
-use super::{CONTROL_TIMEOUT, VIEW_POLL};
+use super::view::{view, wait_view, View};
+use super::{ms, CONTROL_TIMEOUT, VIEW_POLL};
 
 /// A control plane and two relays (`r1`, `r2`), each on its own emulated WAN host
 /// (`control`, `relay1`, `relay2`; 20 ms per uplink by default).
@@ -175,6 +175,52 @@ impl Pair {
         })?;
         let (va, vb) = last.ok_or_else(|| anyhow!("no view"))?;
         Ok((start.elapsed(), va, vb))
+    }
+
+    /// Waits until `a` gets a kernel ping answered by `b` over the overlay; returns how long
+    /// it took.
+    pub fn wait_for_ping(&self, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let out = self.a.kernel_ping(&self.b_vip, 1)?;
+            if out.status.success() {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "no ping answered within {} ({})",
+                    ms(timeout),
+                    self.describe()
+                );
+            }
+        }
+    }
+
+    /// Waits until `a`'s relay path `relay` is up and trusted again (up, `good_probes` good
+    /// probes in a row, and its smoothed latency back under `latency_below_ms`), so relay
+    /// switching may pick it.
+    pub fn wait_relay_trusted(
+        &self,
+        relay: &str,
+        good_probes: u32,
+        latency_below_ms: f64,
+        timeout: Duration,
+    ) -> Result<()> {
+        let path = format!("relay:{relay}");
+        wait_view(
+            &self.a,
+            self.b.name(),
+            &format!("trust {path} again"),
+            timeout,
+            |v| {
+                v.path(&path).is_some_and(|p| {
+                    p.health == "up"
+                        && p.consecutive_successes >= good_probes
+                        && p.latency_ms.is_some_and(|l| l < latency_below_ms)
+                })
+            },
+        )?;
+        Ok(())
     }
 
     /// A one-line summary of both views.

@@ -85,7 +85,7 @@
 //! | probe interval (busy) | 1 s | 500 ms | 5 s |
 //! | silence timeout | 200 ms | 150 ms | 1 s |
 //! | probe timeout | 1 s | 500 ms | 3 s |
-//! | idle probe interval | 15 s | 5 s | 25 s |
+//! | idle probe interval | 25 s | 5 s | 25 s |
 //! | idle after | 30 s | 30 s | 60 s |
 //! | connect timeout | 10 s | 10 s | 20 s |
 //! | failure threshold | 3 | 2 | 3 |

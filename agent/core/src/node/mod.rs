@@ -21,7 +21,8 @@
 //! The engine (in `rally-agent`) keeps the sockets, the TUN device and the WireGuard tunnels.
 //! It feeds the node every datagram that is not WireGuard ([`Node::handle_datagram`], which
 //! hands back WireGuard payloads that came through a relay), tells it about authenticated
-//! WireGuard traffic ([`Node::handle_tunnel_rx`], [`Node::handle_tunnel_tx`]), asks
+//! WireGuard traffic ([`Node::handle_tunnel_rx`], [`Node::handle_tunnel_handshake`],
+//! [`Node::handle_tunnel_tx`]), asks
 //! [`Node::route`] where a peer's packets go, and drains [`Node::poll_transmit`],
 //! [`Node::poll_event`], [`Node::poll_packet`] and [`Node::poll_side`] (datagrams from side
 //! sockets come back through [`Node::handle_side_datagram`]) after every input; it sleeps until
@@ -51,6 +52,7 @@ mod tests_netcheck;
 mod tests_relay_choice;
 #[cfg(test)]
 mod tests_tcp;
+mod tunnel;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -72,7 +74,9 @@ use crate::paths::PeerPaths;
 pub use hold::SOCKET_HOLD;
 pub use peer::PeerState;
 pub use reason::RelayReason;
-pub use relay_tcp::{is_tcp_slot, tcp_slot, TcpChange, TcpEndpoint, TCP_HEAD_START, TCP_LINGER};
+pub use relay_tcp::{
+    is_tcp_slot, tcp_slot, RelayTrust, TcpChange, TcpEndpoint, TCP_HEAD_START, TCP_LINGER,
+};
 pub use relays::RelayConfig;
 use relays::Relays;
 use schedule::Deadlines;
@@ -338,20 +342,6 @@ impl Node {
                 self.touch(id);
             }
         }
-    }
-
-    /// Authenticated WireGuard traffic from `peer` on `path`: liveness for the path, and
-    /// proof of a direct one.
-    pub fn handle_tunnel_rx(&mut self, peer: &Key32, path: &PathId, now: Instant) {
-        self.now = now;
-        let Some(p) = self.peers.get_mut(peer) else {
-            return;
-        };
-        p.conn.handle_rx(path, now);
-        if let PathId::Direct(a) = path {
-            p.paths.handle_direct_traffic(*a);
-        }
-        self.touch(*peer);
     }
 
     /// A packet for `peer` was sent (or is to be queued with [`Self::enqueue`]).

@@ -53,11 +53,25 @@ pub fn is_tcp_slot(addr: &SocketAddr) -> bool {
     matches!(addr, SocketAddr::V4(a) if a.port() == 0 && a.ip().octets()[0] == SLOT_OCTET)
 }
 
-/// Where a relay listens for TLS on TCP, and the key its certificate must be signed with.
+/// Where a relay listens for TLS on TCP, and how its certificate is verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TcpEndpoint {
     pub addr: SocketAddr,
-    pub key: Key32,
+    pub trust: RelayTrust,
+}
+
+/// How the engine verifies a relay's TLS certificate (the relay entry's `tcp_key` or
+/// `tcp_name`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayTrust {
+    /// The handshake must be signed with this key (the relay's self-signed certificate).
+    Pinned(Key32),
+    /// The chain must be valid for this DNS name under the agent's trusted roots (an
+    /// operator's certificate).
+    Ca {
+        /// The name sent in SNI and checked in the certificate.
+        server_name: String,
+    },
 }
 
 /// What changed about a relay over TCP (for the `transport_change` event).

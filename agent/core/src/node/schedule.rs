@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 /// The grid an idle agent's routine work is rounded up to (from the node's creation): idle
 /// peers' keep-warm probes, relay pings, and in the engine WireGuard's idle timers and
 /// discovery's tick. Everything that can wait a few seconds happens in one wake-up every
-/// `IDLE_GRID` rather than each at its own moment. A multiple of it (15 s idle probes, 120 s
+/// `IDLE_GRID` rather than each at its own moment. A multiple of it (25 s idle probes, 200 s
 /// standby probes, 10 s relay pings) keeps its cadence exactly once aligned.
 pub const IDLE_GRID: Duration = Duration::from_secs(5);
 

@@ -268,28 +268,7 @@ pub(super) fn port_drops(table: &str, port: u16) -> Option<u64> {
 /// pair's first agent to its second for `seconds` (the senders split between `threads`
 /// threads), reading what arrives on one more thread; prints a JSON [`LoadRun`] per run.
 pub fn load(args: &LoadArgs) -> Result<()> {
-    let mut senders = Vec::new();
-    let mut receivers = Vec::new();
-    let token_for = |identity: &Identity| -> Result<Vec<u8>> {
-        let control = Identity::from_seed(unhex32(&args.control_seed)?);
-        Ok(RelayToken {
-            agent: identity.public(),
-            expires_at: unix_now() + 3600,
-            parties: vec![[7; 8]],
-        }
-        .sign(&control))
-    };
-    for _ in 0..args.pairs {
-        for list in [&mut senders, &mut receivers] {
-            let (agent, identity) = new_agent(args.to)?;
-            match args.target {
-                Target::Relay => bind(&agent, &identity, &token_for(&identity)?)?,
-                Target::Plain => hello(&agent)?,
-            }
-            agent.sock.set_nonblocking(true)?;
-            list.push(agent);
-        }
-    }
+    let (senders, receivers) = bind_pairs(args)?;
     if args.gro {
         for r in &receivers {
             set_udp_gro(r.sock.as_raw_fd())?;
@@ -325,28 +304,13 @@ pub fn load(args: &LoadArgs) -> Result<()> {
         let cpu0 = tools::cpu_seconds(args.pid)?;
         let start = Instant::now();
         let deadline = start + Duration::from_secs_f64(args.seconds);
-        let (offered, mut delivered) = std::thread::scope(|scope| {
-            let sending: Vec<_> = senders
-                .chunks(per_thread)
-                .zip(datagrams.chunks(per_thread))
-                .map(|(senders, datagrams)| {
-                    scope.spawn(move || blast(senders, datagrams, deadline))
-                })
-                .collect();
-            let mut delivered = 0u64;
-            while Instant::now() < deadline {
-                let n = drain(&receivers, &mut rx, args.gro);
-                delivered += n;
-                if n == 0 {
-                    // Sleep rather than spin: on a small machine a spinning reader takes CPU
-                    // from the forwarder under test. The receivers' 4 MiB buffers hold far
-                    // more than arrives in this pause.
-                    std::thread::sleep(Duration::from_micros(500));
-                }
-            }
-            let offered: u64 = sending.into_iter().map(|t| t.join().unwrap_or(0)).sum();
-            (offered, delivered)
-        });
+        let sending = Senders {
+            agents: &senders,
+            datagrams: &datagrams,
+            per_thread,
+        };
+        let (offered, mut delivered) =
+            blast_and_count(&sending, &receivers, &mut rx, args.gro, deadline);
         let secs = start.elapsed().as_secs_f64();
         std::thread::sleep(Duration::from_millis(200));
         delivered += drain(&receivers, &mut rx, args.gro);
@@ -365,6 +329,74 @@ pub fn load(args: &LoadArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&run)?);
     }
     Ok(())
+}
+
+/// Binds `args.pairs` pairs of agents at `args.to` (or says hello to a plain forwarder);
+/// returns the senders and the receivers, pair `i` being `(senders[i], receivers[i])`.
+fn bind_pairs(args: &LoadArgs) -> Result<(Vec<Agent>, Vec<Agent>)> {
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    let token_for = |identity: &Identity| -> Result<Vec<u8>> {
+        let control = Identity::from_seed(unhex32(&args.control_seed)?);
+        Ok(RelayToken {
+            agent: identity.public(),
+            expires_at: unix_now() + 3600,
+            parties: vec![[7; 8]],
+        }
+        .sign(&control))
+    };
+    for _ in 0..args.pairs {
+        for list in [&mut senders, &mut receivers] {
+            let (agent, identity) = new_agent(args.to)?;
+            match args.target {
+                Target::Relay => bind(&agent, &identity, &token_for(&identity)?)?,
+                Target::Plain => hello(&agent)?,
+            }
+            agent.sock.set_nonblocking(true)?;
+            list.push(agent);
+        }
+    }
+    Ok((senders, receivers))
+}
+
+/// The sending side of a run: each agent with its datagram, split between threads.
+struct Senders<'a> {
+    agents: &'a [Agent],
+    datagrams: &'a [Vec<u8>],
+    /// Agents per sending thread.
+    per_thread: usize,
+}
+
+/// Blasts from every sender (one thread per `per_thread` of them) until `deadline` while
+/// reading what reaches `receivers`; returns (datagrams offered, datagrams delivered).
+fn blast_and_count(
+    senders: &Senders<'_>,
+    receivers: &[Agent],
+    rx: &mut RecvBatch,
+    gro: bool,
+    deadline: Instant,
+) -> (u64, u64) {
+    std::thread::scope(|scope| {
+        let sending: Vec<_> = senders
+            .agents
+            .chunks(senders.per_thread)
+            .zip(senders.datagrams.chunks(senders.per_thread))
+            .map(|(senders, datagrams)| scope.spawn(move || blast(senders, datagrams, deadline)))
+            .collect();
+        let mut delivered = 0u64;
+        while Instant::now() < deadline {
+            let n = drain(receivers, rx, gro);
+            delivered += n;
+            if n == 0 {
+                // Sleep rather than spin: on a small machine a spinning reader takes CPU
+                // from the forwarder under test. The receivers' 4 MiB buffers hold far
+                // more than arrives in this pause.
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }
+        let offered: u64 = sending.into_iter().map(|t| t.join().unwrap_or(0)).sum();
+        (offered, delivered)
+    })
 }
 
 /// Sends `Send`s from each of `senders` (its datagram from `datagrams`) in `sendmmsg` batches

@@ -29,7 +29,7 @@
 //!   own work down to the transmit of its interface (what a NIC driver would charge it) and not
 //!   the receivers' delivery. The forwarder's own receive path is still charged to the
 //!   generator, as in every pass. Needs two CPUs or more (skipped with a note otherwise).
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -40,7 +40,7 @@ use super::tools;
 use super::tunnels::{start_relay, start_relay_with, RELAY_METRICS_PORT};
 use super::Options;
 use crate::rally::RELAY_PORT;
-use crate::{bins, Lab, Proc};
+use crate::{bins, Host, Lab, Proc};
 
 mod forward;
 mod load;
@@ -90,71 +90,23 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
     let seed = random32();
     let key = Identity::from_seed(seed).public().to_string();
     let (relay, _) = start_relay(&relay_host, "r1", &key, true)?;
-    let lab_bin = bins::rally_lab()?.to_string_lossy().into_owned();
-    let relay_addr = SocketAddrV4::new(relay_host.ip(), RELAY_PORT);
-    let forward_addr = SocketAddrV4::new(relay_host.ip(), FORWARD_PORT);
-    let seed_hex = hex(&seed);
-
-    // `metrics`: the relay's metrics listener, for `Target::Relay`.
-    let generate = |target: Target,
-                    to: SocketAddrV4,
-                    metrics: u16,
-                    pid: u32,
-                    pairs: usize,
-                    gro: bool,
-                    pin: Option<&Pinning>|
-     -> Result<Vec<LoadRun>> {
-        let (to_s, pid_s, pairs_s, runs_s) = (
-            to.to_string(),
-            pid.to_string(),
-            pairs.to_string(),
-            opts.runs.to_string(),
-        );
-        let secs = opts.seconds.clamp(2, 5).to_string();
-        let metrics_s = SocketAddr::new(relay_host.ip().into(), metrics).to_string();
-        let mut args = Vec::new();
-        if let Some(pin) = pin {
-            args.extend(["taskset", "-c", pin.generator.as_str()]);
-        }
-        args.extend([
-            lab_bin.as_str(),
-            "bench-relay-load",
-            "--to",
-            to_s.as_str(),
-            "--pid",
-            pid_s.as_str(),
-            "--pairs",
-            pairs_s.as_str(),
-            "--runs",
-            runs_s.as_str(),
-            "--seconds",
-            secs.as_str(),
-        ]);
-        match target {
-            Target::Relay => args.extend([
-                "--target",
-                "relay",
-                "--control-seed",
-                seed_hex.as_str(),
-                "--metrics",
-                metrics_s.as_str(),
-            ]),
-            Target::Plain => args.extend(["--target", "plain"]),
-        }
-        if gro {
-            args.push("--gro");
-        }
-        let out = gen.run_timeout(&args, Duration::from_secs(300))?;
-        crate::host::check_success(&out, "rally-lab bench-relay-load")?;
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.starts_with('{'))
-            .map(|l| serde_json::from_str(l).context("reading a generator line"))
-            .collect()
+    let rig = Rig {
+        lab,
+        relay_host: &relay_host,
+        relay: &relay,
+        key: &key,
+        generator: Generator {
+            gen: &gen,
+            lab_bin: bins::rally_lab()?.to_string_lossy().into_owned(),
+            relay_ip: relay_host.ip(),
+            seed_hex: hex(&seed),
+            runs: opts.runs,
+            seconds: opts.seconds,
+        },
     };
 
     // (subject, case, runs); a case is a pair count, with the offloads or without.
-    let mut results: Vec<(String, String, Vec<LoadRun>)> = Vec::new();
+    let mut results: Results = Vec::new();
     let mut cases: Vec<String> = Vec::new();
     let pinning = Pinning::plan();
     if pinning.is_none() {
@@ -172,96 +124,225 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
         .chain(std::iter::once((OFFLOAD_PAIRS, true, None)))
         .chain(pinned_cases(true));
     for (pairs, offload, pin) in plan {
-        let pl = if pairs == 1 { "pair" } else { "pairs" };
-        let mut case = format!("{pairs} {pl}");
-        if offload {
-            relay_host
-                .run_ok(&["ethtool", "-K", "eth0", "gro", "on"])
-                .context("turning GRO on on the relay host (is ethtool installed?)")?;
-            case.push_str(", GRO on");
-        }
-        if let Some(pin) = pin {
-            pin.steer(lab, &gen, true)?;
-            pin.pin(relay.pid())?;
-            case.push_str(", pinned");
-        }
-        cases.push(case.clone());
-        println!("==> relay: {case} through {RELAY}");
-        let runs = generate(
-            Target::Relay,
-            relay_addr,
-            RELAY_METRICS_PORT,
-            relay.pid(),
+        let case = Case {
             pairs,
             offload,
             pin,
-        )?;
-        report(&runs);
-        results.push((RELAY.into(), case.clone(), runs));
-        // Measures a forwarder started for this case on the forwarder port (pinned like the
-        // relay in the pinned passes), then stops it.
-        let measure_started = |proc: &Proc, target: Target, metrics: u16| {
-            let runs = match pin {
-                Some(p) => p.pin(proc.pid()),
-                None => Ok(()),
-            }
-            .and_then(|()| {
-                generate(
-                    target,
-                    forward_addr,
-                    metrics,
-                    proc.pid(),
-                    pairs,
-                    offload,
-                    pin,
-                )
-            });
-            proc.terminate(Duration::from_secs(2))?;
-            let runs = runs?;
-            report(&runs);
-            Ok::<_, anyhow::Error>(runs)
         };
-        // The same relay without receive coalescing, started for the case like the plain
-        // forwarders: what the pause after a busy wake-up is worth, in the same run.
-        println!("==> relay: {case} through {UNCOALESCED}");
-        let (uncoalesced, _) = start_relay_with(
-            &relay_host,
-            "uncoalesced",
-            &key,
-            true,
-            (FORWARD_PORT, UNCOALESCED_METRICS_PORT),
-            &["--coalesce-us", "0"],
-        )?;
-        let runs = measure_started(&uncoalesced, Target::Relay, UNCOALESCED_METRICS_PORT)?;
-        results.push((UNCOALESCED.into(), case.clone(), runs));
-        for (label, batch) in [
-            ("plain forwarder (recvfrom/sendto)", 1usize),
-            ("batched forwarder (recvmmsg/sendmmsg)", 64),
-        ] {
-            println!("==> relay: {case} through the {label}");
-            let batch_s = batch.to_string();
-            let fwd_addr = forward_addr.to_string();
-            let fwd = relay_host.spawn(
-                &[
-                    lab_bin.as_str(),
-                    "bench-udp-forward",
-                    "--listen",
-                    fwd_addr.as_str(),
-                    "--batch",
-                    batch_s.as_str(),
-                ],
-                relay_host.log_path(&format!("forward-{batch}")),
-            )?;
-            super::tunnels::wait_udp_bound(&relay_host, FORWARD_PORT, &fwd)?;
-            let runs = measure_started(&fwd, Target::Plain, 0)?;
-            results.push((label.into(), case.clone(), runs));
-        }
-        if let Some(pin) = pin {
-            pin.unpin(relay.pid())?;
-            pin.steer(lab, &gen, false)?;
-        }
+        cases.push(measure_case(&rig, case, &mut results)?);
     }
+    Ok(figures(&cases, &results))
+}
 
+/// Every (subject, case, runs) measured.
+type Results = Vec<(String, String, Vec<LoadRun>)>;
+
+/// The plain forwarders, by label.
+const PLAIN: &str = "plain forwarder (recvfrom/sendto)";
+const BATCHED: &str = "batched forwarder (recvmmsg/sendmmsg)";
+
+/// The hosts and processes every case runs on.
+struct Rig<'a> {
+    lab: &'a Lab,
+    relay_host: &'a Host,
+    /// The relay under test (on `RELAY_PORT`).
+    relay: &'a Proc,
+    /// The control key the relays accept tokens from.
+    key: &'a str,
+    generator: Generator<'a>,
+}
+
+/// One case: a pair count, with the offloads or without, pinned or not.
+#[derive(Clone, Copy)]
+struct Case<'a> {
+    pairs: usize,
+    offload: bool,
+    pin: Option<&'a Pinning>,
+}
+
+/// Runs `rally-lab bench-relay-load` on the generator host.
+struct Generator<'a> {
+    gen: &'a Host,
+    lab_bin: String,
+    relay_ip: Ipv4Addr,
+    seed_hex: String,
+    runs: usize,
+    seconds: u64,
+}
+
+impl Generator<'_> {
+    /// Loads `to` (the process `pid`) with `case`; one result per run. `metrics`: the relay's
+    /// metrics listener, for `Target::Relay`.
+    fn run(
+        &self,
+        target: Target,
+        to: SocketAddrV4,
+        metrics: u16,
+        pid: u32,
+        case: Case<'_>,
+    ) -> Result<Vec<LoadRun>> {
+        let (to_s, pid_s, pairs_s, runs_s) = (
+            to.to_string(),
+            pid.to_string(),
+            case.pairs.to_string(),
+            self.runs.to_string(),
+        );
+        let secs = self.seconds.clamp(2, 5).to_string();
+        let metrics_s = SocketAddr::new(self.relay_ip.into(), metrics).to_string();
+        let mut args = Vec::new();
+        if let Some(pin) = case.pin {
+            args.extend(["taskset", "-c", pin.generator.as_str()]);
+        }
+        args.extend([
+            self.lab_bin.as_str(),
+            "bench-relay-load",
+            "--to",
+            to_s.as_str(),
+            "--pid",
+            pid_s.as_str(),
+            "--pairs",
+            pairs_s.as_str(),
+            "--runs",
+            runs_s.as_str(),
+            "--seconds",
+            secs.as_str(),
+        ]);
+        match target {
+            Target::Relay => args.extend([
+                "--target",
+                "relay",
+                "--control-seed",
+                self.seed_hex.as_str(),
+                "--metrics",
+                metrics_s.as_str(),
+            ]),
+            Target::Plain => args.extend(["--target", "plain"]),
+        }
+        if case.offload {
+            args.push("--gro");
+        }
+        let out = self.gen.run_timeout(&args, Duration::from_secs(300))?;
+        crate::host::check_success(&out, "rally-lab bench-relay-load")?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).context("reading a generator line"))
+            .collect()
+    }
+}
+
+/// Measures one case through the relay, the relay without coalescing and both plain
+/// forwarders; appends their runs to `results` and returns the case's label.
+fn measure_case(rig: &Rig<'_>, case: Case<'_>, results: &mut Results) -> Result<String> {
+    let label = prepare_case(rig, case)?;
+    println!("==> relay: {label} through {RELAY}");
+    let relay_addr = SocketAddrV4::new(rig.relay_host.ip(), RELAY_PORT);
+    let runs = rig.generator.run(
+        Target::Relay,
+        relay_addr,
+        RELAY_METRICS_PORT,
+        rig.relay.pid(),
+        case,
+    )?;
+    report(&runs);
+    results.push((RELAY.into(), label.clone(), runs));
+    // The same relay without receive coalescing, started for the case like the plain
+    // forwarders: what the pause after a busy wake-up is worth, in the same run.
+    println!("==> relay: {label} through {UNCOALESCED}");
+    let (uncoalesced, _) = start_relay_with(
+        rig.relay_host,
+        "uncoalesced",
+        rig.key,
+        true,
+        (FORWARD_PORT, UNCOALESCED_METRICS_PORT),
+        &["--coalesce-us", "0"],
+    )?;
+    let runs = measure_started(
+        rig,
+        &uncoalesced,
+        Target::Relay,
+        UNCOALESCED_METRICS_PORT,
+        case,
+    )?;
+    results.push((UNCOALESCED.into(), label.clone(), runs));
+    for (name, batch) in [(PLAIN, 1usize), (BATCHED, 64)] {
+        println!("==> relay: {label} through the {name}");
+        let fwd = start_forwarder(rig, batch)?;
+        let runs = measure_started(rig, &fwd, Target::Plain, 0, case)?;
+        results.push((name.into(), label.clone(), runs));
+    }
+    if let Some(pin) = case.pin {
+        pin.unpin(rig.relay.pid())?;
+        pin.steer(rig.lab, rig.generator.gen, false)?;
+    }
+    Ok(label)
+}
+
+/// Turns on GRO and pinning as `case` asks; returns its label (`100 pairs, GRO on, pinned`).
+fn prepare_case(rig: &Rig<'_>, case: Case<'_>) -> Result<String> {
+    let pairs = case.pairs;
+    let pl = if pairs == 1 { "pair" } else { "pairs" };
+    let mut label = format!("{pairs} {pl}");
+    if case.offload {
+        rig.relay_host
+            .run_ok(&["ethtool", "-K", "eth0", "gro", "on"])
+            .context("turning GRO on on the relay host (is ethtool installed?)")?;
+        label.push_str(", GRO on");
+    }
+    if let Some(pin) = case.pin {
+        pin.steer(rig.lab, rig.generator.gen, true)?;
+        pin.pin(rig.relay.pid())?;
+        label.push_str(", pinned");
+    }
+    Ok(label)
+}
+
+/// Starts a plain UDP forwarder (`batch` datagrams per syscall) on the forwarder port.
+fn start_forwarder(rig: &Rig<'_>, batch: usize) -> Result<Proc> {
+    let batch_s = batch.to_string();
+    let fwd_addr = SocketAddrV4::new(rig.relay_host.ip(), FORWARD_PORT).to_string();
+    let fwd = rig.relay_host.spawn(
+        &[
+            rig.generator.lab_bin.as_str(),
+            "bench-udp-forward",
+            "--listen",
+            fwd_addr.as_str(),
+            "--batch",
+            batch_s.as_str(),
+        ],
+        rig.relay_host.log_path(&format!("forward-{batch}")),
+    )?;
+    super::tunnels::wait_udp_bound(rig.relay_host, FORWARD_PORT, &fwd)?;
+    Ok(fwd)
+}
+
+/// Measures a forwarder started for this case on the forwarder port (pinned like the relay in
+/// the pinned passes), then stops it.
+fn measure_started(
+    rig: &Rig<'_>,
+    proc: &Proc,
+    target: Target,
+    metrics: u16,
+    case: Case<'_>,
+) -> Result<Vec<LoadRun>> {
+    let forward_addr = SocketAddrV4::new(rig.relay_host.ip(), FORWARD_PORT);
+    let runs = match case.pin {
+        Some(p) => p.pin(proc.pid()),
+        None => Ok(()),
+    }
+    .and_then(|()| {
+        rig.generator
+            .run(target, forward_addr, metrics, proc.pid(), case)
+    });
+    proc.terminate(Duration::from_secs(2))?;
+    let runs = runs?;
+    report(&runs);
+    Ok(runs)
+}
+
+/// The figures: per case, pps, Mbit/s and CPU per Mpkt of every subject, the relay's with
+/// ratios to the three baselines.
+fn figures(cases: &[String], results: &Results) -> Vec<Figure> {
     let mut figures = Vec::new();
     let series =
         |r: &[LoadRun], f: &dyn Fn(&LoadRun) -> f64| -> Vec<f64> { r.iter().map(f).collect() };
@@ -274,7 +355,7 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
             r.cpu_s / (r.forwarded as f64 / 1e6)
         }
     };
-    for case in &cases {
+    for case in cases {
         let of = |label: &str| {
             results
                 .iter()
@@ -284,8 +365,8 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
         };
         let relay_runs = of(RELAY);
         let uncoalesced = of(UNCOALESCED);
-        let plain = of("plain forwarder (recvfrom/sendto)");
-        let batched = of("batched forwarder (recvmmsg/sendmmsg)");
+        let plain = of(PLAIN);
+        let batched = of(BATCHED);
         for (metric, unit, f) in [
             ("forwarded pps", "pps", &pps as &dyn Fn(&LoadRun) -> f64),
             ("forwarded Mbit/s", "Mbit/s", &mbps),
@@ -295,8 +376,8 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
             for (label, runs) in [
                 (RELAY, relay_runs),
                 (UNCOALESCED, uncoalesced),
-                ("plain forwarder (recvfrom/sendto)", plain),
-                ("batched forwarder (recvmmsg/sendmmsg)", batched),
+                (PLAIN, plain),
+                (BATCHED, batched),
             ] {
                 let mut fig = Figure::new("relay", &metric, label, unit, series(runs, f));
                 if label == RELAY {
@@ -320,7 +401,7 @@ fn measure(lab: &Lab, opts: &Options) -> Result<Vec<Figure>> {
             }
         }
     }
-    Ok(figures)
+    figures
 }
 
 fn report(runs: &[LoadRun]) {

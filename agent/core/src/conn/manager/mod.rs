@@ -32,8 +32,9 @@ pub const RELAY_REVERT_HOLD: Duration = Duration::from_secs(60);
 /// fail a path that carries data.
 pub const CHECK_PROBES: u32 = 3;
 /// While idle, paths other than the primary are probed this many times more rarely than the
-/// idle interval (every 2 minutes with the stable profile's 15 s): a standby is a relay path,
-/// and the relay client's own 10 s pings (and the peer's) watch the relay in between.
+/// idle interval (every 200 s with the stable profile's 25 s): a standby is a relay path, and
+/// the relay client's own 10 s pings (and the peer's) watch the relay and keep its NAT mapping
+/// open in between.
 pub const IDLE_STANDBY_FACTOR: u32 = 8;
 /// While idle, a probe due takes along the peer's other probes due within the idle interval
 /// divided by this.
@@ -365,21 +366,15 @@ impl Connection {
     /// so a roaming peer's replies follow it within one check.
     pub fn handle_rx(&mut self, path: &PathId, now: Instant) -> bool {
         self.mark_busy(now);
-        let soon = now + self.profile.probe_interval;
-        if !self.heard(path) {
-            return false;
-        }
-        if path.kind().is_relay() && self.check_direct_primary_now(now) {
-            self.relayed_check = Some(now);
-            self.start_check(now);
-        }
-        let Some(p) = self.paths.get_mut(path) else {
-            return false;
-        };
-        p.health.on_traffic(&self.profile);
-        // An up path is checked once the data stops; one that is not up is checked now.
-        p.next_probe = p.next_probe.min(if p.health.is_up() { soon } else { now });
-        true
+        self.traffic_on(path, now, true)
+    }
+
+    /// An authenticated WireGuard handshake message from the peer arrived on `path`: liveness
+    /// for the path as data is, but not the peer's activity. boringtun rekeys a session 120 s
+    /// after it began if it ever carried data, idle or not; were that busy, both idle peers
+    /// would probe every path every second for `idle_after`. Returns false for an unknown path.
+    pub fn handle_handshake(&mut self, path: &PathId, now: Instant) -> bool {
+        self.traffic_on(path, now, self.is_busy(now))
     }
 
     /// The peer's own probe arrived on `path` (and was answered). While the peer is idle, an
@@ -416,6 +411,7 @@ impl Connection {
             return false;
         }
         p.next_probe = p.next_probe.max(now + cadence);
+        p.last_probe = Some(now);
         true
     }
 

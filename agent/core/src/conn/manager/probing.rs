@@ -15,6 +15,8 @@ pub(super) struct Path {
     pub(super) held_until: Option<Instant>,
     /// A running silence check (the primary only).
     pub(super) check: Option<Check>,
+    /// When the path was last probed: by us, or (while idle) by the peer.
+    pub(super) last_probe: Option<Instant>,
 }
 
 impl Path {
@@ -26,7 +28,18 @@ impl Path {
             late: None,
             held_until: None,
             check: None,
+            last_probe: None,
         }
+    }
+
+    /// While idle: when a healthy path probed less than `interval` ago (its last answer
+    /// came, nothing failed since) is due again, so that a peer going idle does not probe
+    /// every path at once only a second after its last busy round. `None`: probe it now.
+    pub(super) fn idle_due(&self, interval: Duration) -> Option<Instant> {
+        if !self.health.is_up() || self.health.failures > 0 || self.check.is_some() {
+            return None;
+        }
+        self.last_probe.map(|t| t + interval)
     }
 
     /// One probe is outstanding at a time, so while one is, only its loss deadline counts;

@@ -275,6 +275,30 @@ impl Connection {
         true
     }
 
+    /// Authenticated traffic on `path`: it is heard (a running check ends, failures reset); a
+    /// direct primary is checked at once when it came through a relay. A path not up is probed
+    /// now; an up one, when `busy`, within one probe interval (so silence after it is noticed).
+    pub(super) fn traffic_on(&mut self, path: &PathId, now: Instant, busy: bool) -> bool {
+        if !self.heard(path) {
+            return false;
+        }
+        if path.kind().is_relay() && self.check_direct_primary_now(now) {
+            self.relayed_check = Some(now);
+            self.start_check(now);
+        }
+        let soon = now + self.profile.probe_interval;
+        let Some(p) = self.paths.get_mut(path) else {
+            return false;
+        };
+        p.health.on_traffic(&self.profile);
+        if !p.health.is_up() {
+            p.next_probe = p.next_probe.min(now);
+        } else if busy {
+            p.next_probe = p.next_probe.min(soon);
+        }
+        true
+    }
+
     /// When the primary, having carried data, has been silent long enough for a check: the
     /// profile's `silence_timeout`, or twice its smoothed RTT if longer. `None` while a check
     /// runs or nothing is unanswered.
@@ -415,6 +439,18 @@ impl Connection {
             if p.outstanding.is_some() || horizon < p.next_probe {
                 continue;
             }
+            let kept_warm = fast || primary.as_ref() == Some(id);
+            let interval = if kept_warm {
+                cadence
+            } else {
+                cadence * IDLE_STANDBY_FACTOR
+            };
+            // A peer that just went idle: each healthy path waits out its idle interval from
+            // its last (busy) probe rather than being probed again at once.
+            if let Some(due) = p.idle_due(interval).filter(|due| !fast && *due > horizon) {
+                p.next_probe = due;
+                continue;
+            }
             let txid = self.next_txid;
             self.next_txid = self.next_txid.wrapping_add(1);
             p.outstanding = Some(Outstanding {
@@ -422,13 +458,8 @@ impl Connection {
                 at: now,
                 deadline: now + self.profile.probe_timeout,
             });
-            let kept_warm = fast || primary.as_ref() == Some(id);
-            p.next_probe = now
-                + if kept_warm {
-                    cadence
-                } else {
-                    cadence * IDLE_STANDBY_FACTOR
-                };
+            p.last_probe = Some(now);
+            p.next_probe = now + interval;
             p.health.probes_sent += 1;
             self.transmits.push_back(ProbeTransmit {
                 path: id.clone(),

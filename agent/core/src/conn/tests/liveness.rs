@@ -25,7 +25,7 @@ fn traffic_counts_as_liveness() {
 fn silence_on_a_busy_path_is_noticed_within_one_probe_interval() {
     let mut sim = Sim::new(Profile::stable());
     sim.add(direct(), Link::up(ms(20)));
-    sim.run_for(secs(60)); // idle: probes 15 s apart
+    sim.run_for(secs(60)); // idle: probes 25 s apart
     sim.receive_every(&direct(), ms(50));
     sim.run_for(secs(20) + ms(500)); // out of step with the probes
     sim.link(&direct(), Link::down());
@@ -147,12 +147,12 @@ fn idle_peer_probes_rarely() {
 
     sim.run_for(secs(310));
 
+    // The first probe's answer makes the path the primary; the next waits an idle interval.
     let sent = sim.probes_on(&direct(), sim.t0, sim.now);
-    assert_eq!(sent[1] - sent[0], secs(1), "quick until a primary is up");
-    assert!(sent[1..].windows(2).all(|w| w[1] - w[0] == secs(15)));
-    assert_eq!(sent.len(), 22);
+    assert!(sent.windows(2).all(|w| w[1] - w[0] == secs(25)));
+    assert_eq!(sent.len(), 13);
 
-    // Traffic makes it busy: the next probe comes one probe interval later, not 6 s later;
+    // Traffic makes it busy: the next probe comes one probe interval later, not 16 s later;
     // and a packet sent with nothing back within the silence timeout is checked on at once
     // (the check's first probe is answered in 20 ms, so the other two are not sent).
     let busy = sim.now;
@@ -169,28 +169,28 @@ fn an_idle_path_the_peer_probes_is_not_probed_by_us_too() {
     let mut sim = Sim::new(Profile::stable());
     sim.add(direct(), Link::up(ms(20)));
     sim.add(relay("eu"), Link::up(ms(40)));
-    sim.run_for(secs(240));
-    // Idle: the primary every 15 s, the standby eight times as rarely (every 2 minutes).
-    let (from, to) = (sim.now - secs(120), sim.now);
+    sim.run_for(secs(440));
+    // Idle: the primary every 25 s, the standby eight times as rarely (every 200 s).
+    let (from, to) = (sim.now - secs(200), sim.now);
     assert_eq!(sim.probes_on(&direct(), from, to).len(), 8);
     assert_eq!(sim.probes_on(&relay("eu"), from, to).len(), 1);
 
-    // The peer's own probes arrive on the direct path every 14 s: it watches the path, so
+    // The peer's own probes arrive on the direct path every 24 s: it watches the path, so
     // ours there stop (the relay's go on at their own cadence).
     let watched = sim.now;
     for _ in 0..9 {
         assert!(sim.conn.handle_peer_probe(&direct(), sim.now));
-        sim.run_for(secs(14));
+        sim.run_for(secs(24));
     }
     assert!(sim.probes_on(&direct(), watched, sim.now).is_empty());
     assert!(!sim.probes_on(&relay("eu"), watched, sim.now).is_empty());
 
     // The peer stops probing: ours resume one idle interval after its last probe.
-    let last = sim.now - secs(14);
-    sim.run_for(secs(15));
+    let last = sim.now - secs(24);
+    sim.run_for(secs(25));
     assert_eq!(
         sim.probes_on(&direct(), watched, sim.now),
-        [last + secs(15)]
+        [last + secs(25)]
     );
 
     // A busy peer probes at its own cadence whatever the other side does.
@@ -243,4 +243,56 @@ fn a_path_the_peer_just_reached_us_by_is_probed_back_at_once() {
     let again = conn.poll_transmit().expect("probed back");
     assert_eq!(again.path, path);
     assert_ne!(again.txid, first.txid);
+}
+
+#[test]
+fn a_peer_going_idle_waits_an_idle_interval_after_its_last_busy_probes() {
+    let mut sim = Sim::direct_and_relay();
+    sim.stop_sending();
+    sim.stop_receiving();
+    let stopped = sim.now;
+    let idle_from = stopped + sim.profile().idle_after;
+
+    sim.run_for(secs(400));
+
+    // Busy, every path is probed every second; idle, no path is probed before an idle
+    // interval has passed since its last (busy) probe: the primary 25 s, the standby 200 s.
+    let idle = sim.profile().idle_probe_interval;
+    let primary = sim.probes_on(&direct(), stopped, sim.now);
+    for w in primary.windows(2) {
+        let gap = w[1] - w[0];
+        assert!(
+            (gap == secs(1) && w[1] < idle_from) || gap == idle,
+            "a probe {gap:?} after the one before, {:?} after the data stopped",
+            w[1] - stopped
+        );
+    }
+    let standby = sim.probes_on(&relay("eu"), idle_from, sim.now);
+    assert_eq!(standby.len(), 1, "{standby:?}");
+    let busy = sim.probes_on(&relay("eu"), stopped, idle_from);
+    assert!(standby[0] - *busy.last().unwrap() >= idle * IDLE_STANDBY_FACTOR);
+}
+
+#[test]
+fn a_handshake_is_liveness_but_leaves_an_idle_peer_idle() {
+    let mut sim = Sim::new(Profile::stable());
+    sim.add(direct(), Link::up(ms(20)));
+    sim.add(relay("eu"), Link::up(ms(40)));
+    sim.run_for(secs(100));
+    assert!(sim.conn.is_idle(sim.now));
+
+    // An idle session's rekey: the path is heard, the peer stays idle (no busy probing).
+    let rekey = sim.now;
+    assert!(sim.conn.handle_handshake(&direct(), rekey));
+    sim.run_for(secs(20));
+    assert!(sim.conn.is_idle(sim.now));
+    assert!(sim.probes_on(&direct(), rekey, sim.now).len() <= 1);
+    assert!(sim.probes_on(&relay("eu"), rekey, sim.now).len() <= 1);
+
+    // Data does make it busy: every path every probe interval.
+    let data = sim.now;
+    assert!(sim.conn.handle_rx(&direct(), data));
+    sim.run_for(secs(5));
+    assert!(!sim.conn.is_idle(sim.now));
+    assert!(sim.probes_on(&relay("eu"), data, sim.now).len() >= 4);
 }

@@ -10,13 +10,13 @@ use rally_proto::Key32;
 
 use super::wire::InFlight;
 use super::{Sim, SimRelay};
-use crate::node::{tcp_slot, TcpEndpoint};
+use crate::node::{tcp_slot, RelayTrust, TcpEndpoint};
 
-/// The relay's TLS listener (the key is not checked here: the engine pins it).
+/// The relay's TLS listener (its certificate is not checked here: the engine does).
 pub(super) fn endpoint(r: &SimRelay) -> TcpEndpoint {
     TcpEndpoint {
         addr: SocketAddr::new(r.primary.ip(), 443),
-        key: Key32([0; 32]),
+        trust: RelayTrust::Pinned(Key32([0; 32])),
     }
 }
 
