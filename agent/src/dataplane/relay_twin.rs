@@ -18,13 +18,13 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rally_proto::relay::{bind_transcript, session_key, RelayErrorCode, RelayMsg, DOMAIN_BIND};
 use rally_proto::relay_stream::{self, StreamDecoder, BIND_EXPORTER_LABEL};
 use rally_proto::Identity;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::debug;
@@ -76,41 +76,76 @@ pub(super) async fn run(t: TwinTask) {
         queue,
         inbound,
         identity,
-        token: mut tokens,
+        token: tokens,
     } = t;
     let addr = endpoint.addr;
-    let token = tokens.clone();
-    let tls = match tokio::time::timeout(DIAL_TIMEOUT, dial(&endpoint, proxy.as_deref())).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            debug!(%addr, "second relay connection over TCP: {e}");
-            queue.closed.store(true, Ordering::Relaxed);
-            return;
-        }
-        Err(_) => {
-            debug!(%addr, "second relay connection over TCP: no answer");
-            queue.closed.store(true, Ordering::Relaxed);
-            return;
-        }
-    };
-    let Ok(cookie) = tls
-        .get_ref()
-        .1
-        .export_keying_material([0u8; 32], BIND_EXPORTER_LABEL, None)
-    else {
+    let Some((tls, cookie)) = connect(&endpoint, proxy.as_deref()).await else {
         queue.closed.store(true, Ordering::Relaxed);
         return;
     };
     debug!(%addr, "second relay connection over TLS/TCP up");
+    let binder = Binder {
+        cookie,
+        identity,
+        queue: queue.clone(),
+        key: Mutex::new(None),
+    };
     let (mut reader, mut writer) = tokio::io::split(tls);
-    let write = write_queue(&queue, &mut writer);
-    let key = std::sync::Mutex::new(None::<[u8; 32]>);
-    let bind = |token: &[u8]| {
+    let why = tokio::select! {
+        r = write_queue(&queue, &mut writer) => r.err().map(|e| e.to_string()),
+        r = read_frames(&mut reader, &binder, &inbound, slot, tokens.clone()) => {
+            r.err().map(|e| e.to_string())
+        }
+        () = follow_token(&binder, tokens) => None,
+    };
+    debug!(%addr, reason = why.as_deref().unwrap_or("closed by the relay"), "second relay connection over TLS/TCP down");
+    queue.bound.store(false, Ordering::Relaxed);
+    queue.closed.store(true, Ordering::Relaxed);
+}
+
+/// The TLS connection and its exporter value under the bind label, or `None` (logged).
+async fn connect(endpoint: &TcpEndpoint, proxy: Option<&str>) -> Option<(TlsStream, [u8; 32])> {
+    let addr = endpoint.addr;
+    let tls = match tokio::time::timeout(DIAL_TIMEOUT, dial(endpoint, proxy)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            debug!(%addr, "second relay connection over TCP: {e}");
+            return None;
+        }
+        Err(_) => {
+            debug!(%addr, "second relay connection over TCP: no answer");
+            return None;
+        }
+    };
+    let cookie = tls
+        .get_ref()
+        .1
+        .export_keying_material([0u8; 32], BIND_EXPORTER_LABEL, None)
+        .ok()?;
+    Some((tls, cookie))
+}
+
+type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// Binds the twin: signs its channel binding with a token and queues the `Bind`.
+struct Binder {
+    cookie: [u8; 32],
+    identity: Arc<Identity>,
+    queue: Arc<Queue>,
+    /// The session key of the last bind sent (seals the `BindOk`).
+    key: Mutex<Option<[u8; 32]>>,
+}
+
+impl Binder {
+    fn bind(&self, token: &[u8]) {
         if token.is_empty() {
             return;
         }
-        let signature = identity.sign(DOMAIN_BIND, &bind_transcript(&cookie, token));
-        if let Ok(mut k) = key.lock() {
+        let cookie = self.cookie;
+        let signature = self
+            .identity
+            .sign(DOMAIN_BIND, &bind_transcript(&cookie, token));
+        if let Ok(mut k) = self.key.lock() {
             *k = Some(session_key(&cookie, &signature));
         }
         let msg = RelayMsg::Bind {
@@ -118,71 +153,80 @@ pub(super) async fn run(t: TwinTask) {
             signature,
             token,
         };
-        queue.push(&msg.to_vec());
-    };
-    let binder = async {
-        let first = tokens.borrow_and_update().clone();
-        bind(&first);
-        while tokens.changed().await.is_ok() {
-            let token = tokens.borrow_and_update().clone();
-            bind(&token);
+        self.queue.push(&msg.to_vec());
+    }
+
+    /// Whether `msg` is sealed by the last bind's session key.
+    fn seals(&self, msg: &RelayMsg<'_>) -> bool {
+        self.key
+            .lock()
+            .ok()
+            .and_then(|k| *k)
+            .is_some_and(|k| msg.is_sealed_by(&k))
+    }
+}
+
+/// Binds with the current token, and again whenever it changes; never returns.
+async fn follow_token(binder: &Binder, mut tokens: watch::Receiver<Vec<u8>>) {
+    let first = tokens.borrow_and_update().clone();
+    binder.bind(&first);
+    while tokens.changed().await.is_ok() {
+        let token = tokens.borrow_and_update().clone();
+        binder.bind(&token);
+    }
+    // The node's side is gone: nothing more to bind with; keep reading.
+    std::future::pending::<()>().await;
+}
+
+/// Reads frames until the connection ends: `Deliver`s go to the node as from `slot`; a sealed
+/// `BindOk` marks the twin bound; `NotBound` rebinds (at most once per [`REBIND`]).
+async fn read_frames<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    binder: &Binder,
+    inbound: &mpsc::Sender<Inbound>,
+    slot: SocketAddr,
+    token: watch::Receiver<Vec<u8>>,
+) -> std::io::Result<()> {
+    let mut decoder = StreamDecoder::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut last_rebind: Option<Instant> = None;
+    let queue = &binder.queue;
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
         }
-        // The node's side is gone: nothing more to bind with; keep reading.
-        std::future::pending::<()>().await;
-    };
-    let read = async {
-        let mut decoder = StreamDecoder::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut last_rebind: Option<Instant> = None;
-        loop {
-            let n = reader.read(&mut buf).await?;
-            if n == 0 {
-                return Ok::<(), std::io::Error>(());
+        decoder.extend(&buf[..n]);
+        while let Some(frame) = decoder.next_frame() {
+            let msg = RelayMsg::decode(frame);
+            if matches!(msg, Ok(RelayMsg::Deliver { .. })) {
+                if inbound.send((slot, frame.to_vec())).await.is_err() {
+                    return Ok(());
+                }
+                continue;
             }
-            decoder.extend(&buf[..n]);
-            while let Some(frame) = decoder.next_frame() {
-                let msg = RelayMsg::decode(frame);
-                if matches!(msg, Ok(RelayMsg::Deliver { .. })) {
-                    if inbound.send((slot, frame.to_vec())).await.is_err() {
-                        return Ok(());
-                    }
-                    continue;
+            match msg {
+                Ok(msg @ RelayMsg::BindOk { .. }) => {
+                    let sealed = binder.seals(&msg);
+                    queue.bound.store(sealed, Ordering::Relaxed);
+                    debug!(sealed, "second relay connection bound");
                 }
-                match msg {
-                    Ok(msg @ RelayMsg::BindOk { .. }) => {
-                        let sealed = key
-                            .lock()
-                            .ok()
-                            .and_then(|k| *k)
-                            .is_some_and(|k| msg.is_sealed_by(&k));
-                        queue.bound.store(sealed, Ordering::Relaxed);
-                        debug!(%addr, sealed, "second relay connection bound");
+                Ok(RelayMsg::Error { code, .. }) if is_unbound(code) => {
+                    queue.bound.store(false, Ordering::Relaxed);
+                    let now = Instant::now();
+                    if code == RelayErrorCode::NotBound
+                        && last_rebind.is_none_or(|at| now >= at + REBIND)
+                    {
+                        last_rebind = Some(now);
+                        let current = token.borrow().clone();
+                        binder.bind(&current);
                     }
-                    Ok(RelayMsg::Error { code, .. }) if is_unbound(code) => {
-                        queue.bound.store(false, Ordering::Relaxed);
-                        let now = Instant::now();
-                        if code == RelayErrorCode::NotBound
-                            && last_rebind.is_none_or(|at| now >= at + REBIND)
-                        {
-                            last_rebind = Some(now);
-                            let current = token.borrow().clone();
-                            bind(&current);
-                        }
-                    }
-                    // Pongs, and errors about peers: the node hears them on its connection.
-                    _ => {}
                 }
+                // Pongs, and errors about peers: the node hears them on its connection.
+                _ => {}
             }
         }
-    };
-    let why = tokio::select! {
-        r = write => r.err().map(|e| e.to_string()),
-        r = read => r.err().map(|e| e.to_string()),
-        () = binder => None,
-    };
-    debug!(%addr, reason = why.as_deref().unwrap_or("closed by the relay"), "second relay connection over TLS/TCP down");
-    queue.bound.store(false, Ordering::Relaxed);
-    queue.closed.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Errors after which the twin has no session at the relay.
