@@ -22,6 +22,7 @@ pub mod server;
 pub mod tcp;
 pub mod tls;
 
+mod clock;
 mod forwarder;
 
 mod cookie;

@@ -13,8 +13,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::clock;
 use crate::core::{Config, Limits, Relay, Stats};
-use crate::forwarder::{self, Forwarder, Sockets, Udp};
+use crate::forwarder::{Forwarder, Sockets, Udp};
 use crate::metrics;
 use crate::metrics::Snapshot;
 use crate::tcp::{self, TcpCounters, TcpListenerSide, TcpSide};
@@ -154,7 +155,7 @@ impl Server {
             }
             None => (None, None),
         };
-        let relay = Relay::new(config, seed, forwarder::now());
+        let relay = Relay::new(config, seed, clock::now());
         Ok(Server {
             sockets: Sockets { primary, alt },
             metrics,

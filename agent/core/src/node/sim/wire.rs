@@ -156,10 +156,12 @@ impl Sim {
             .core
             .handle_datagram(via, p.from, &mut p.payload, now, unix)
         {
+            // The sim's TCP agents hold one connection per relay: a copy (`also`) has nowhere to go.
             Action::Forward {
                 via: RelayVia::Tcp,
                 to,
                 len,
+                ..
             } => {
                 let payload = p.payload[..len].to_vec();
                 self.tcp_from_relay(r, to, payload);
@@ -169,7 +171,9 @@ impl Sim {
                 self.tcp_from_relay(r, t.to, t.payload);
                 return;
             }
-            Action::Forward { via, to, len } => Some((addr(via), to, p.payload[..len].to_vec())),
+            Action::Forward { via, to, len, .. } => {
+                Some((addr(via), to, p.payload[..len].to_vec()))
+            }
             Action::Reply(t) | Action::Drop { reply: Some(t), .. } => {
                 Some((addr(t.via), t.to, t.payload))
             }
