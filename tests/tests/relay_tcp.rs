@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, ensure, Result};
-use rally_lab::bench::setup::first_reply_unix_ms;
+use rally_lab::bench::setup::join_to_first_reply;
 use rally_lab::proxy::ConnectProxy;
 use rally_lab::rally::RelayServer;
 use rally_lab::relay_tcp::{start_tcp_relay, start_tcp_relay_on};
@@ -39,8 +39,8 @@ fn a_tcp_only_agent_pings_every_peer_over_relay_tcp() -> Result<()> {
         let blocked_host = lab.add_host_behind(&blocked_gw, "blocked")?;
         let blocked = Agent::start(&blocked_host, "blocked", None)?;
 
-        let t_open = join_to_first_reply(&open, &open_host, &code, &owner_vip)?;
-        let t_blocked = join_to_first_reply(&blocked, &blocked_host, &code, &owner_vip)?;
+        let t_open = join_to_first_reply(&open, &open_host, &code, &owner_vip, TIMEOUT)?;
+        let t_blocked = join_to_first_reply(&blocked, &blocked_host, &code, &owner_vip, TIMEOUT)?;
         println!(
             "party join → first ping reply to the owner: open network (UDP relay, then direct) \
              {t_open:.0} ms, TCP-443-only network (relay-tcp) {t_blocked:.0} ms \
@@ -224,36 +224,6 @@ fn pair(lab: &Lab, blocked: bool) -> Result<Pair> {
         gw,
         _servers: (cp, relay),
     })
-}
-
-/// `rally party join CODE` on `agent`, with `ping -D` to `vip` running from before: the time
-/// from the join to the first reply, in ms.
-fn join_to_first_reply(agent: &Agent, host: &Host, code: &str, vip: &str) -> Result<f64> {
-    let pinger = host.spawn(
-        &["ping", "-n", "-D", "-i", "0.02", "-w", "20", vip],
-        host.log_path(&format!("join-ping-{}", agent.name())),
-    )?;
-    let t0 = unix() * 1000.0;
-    let out = agent.party_join(code)?;
-    ensure!(
-        out.status.success(),
-        "join: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let deadline = Instant::now() + TIMEOUT;
-    let first = loop {
-        if let Some(t) = first_reply_unix_ms(&pinger.log_text()?) {
-            break t;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "no ping reply from {}",
-            agent.name()
-        );
-        std::thread::sleep(ms(20));
-    };
-    pinger.terminate(Duration::from_secs(1))?;
-    Ok(first - t0)
 }
 
 fn ping_ok(host: &Host, vip: &str) -> Result<()> {

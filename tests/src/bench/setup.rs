@@ -3,19 +3,19 @@
 //! between the two sites). Fresh agents every run; the baseline is the sites' own RTT, so a
 //! figure also reads as "so many round trips".
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, ensure, Result};
 
 use super::datapath::parse_ping_times;
 use super::stats::{median, Figure};
 use super::tunnels::{control_init, serve_control, start_relay, strategy};
 use super::Options;
-use crate::{Agent, Lab, NatKind};
+use crate::{Agent, Host, Lab, NatKind};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-fn unix_ms() -> f64 {
+pub fn unix_ms() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
@@ -172,6 +172,42 @@ pub fn first_reply_unix_ms(log: &str) -> Option<f64> {
             let ts = l.strip_prefix('[')?.split(']').next()?;
             ts.parse::<f64>().ok().map(|s| s * 1000.0)
         })
+}
+
+/// Starts `ping -D` every 20 ms from `host` to `vip`, has `agent` join the party of `code`, and
+/// returns the time from the join to the first reply, in ms (an error after `limit`).
+pub fn join_to_first_reply(
+    agent: &Agent,
+    host: &Host,
+    code: &str,
+    vip: &str,
+    limit: Duration,
+) -> Result<f64> {
+    let pinger = host.spawn(
+        &["ping", "-n", "-D", "-i", "0.02", "-w", "20", vip],
+        host.log_path(&format!("join-ping-{}", agent.name())),
+    )?;
+    let t0 = unix_ms();
+    let out = agent.party_join(code)?;
+    ensure!(
+        out.status.success(),
+        "join: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + limit;
+    let first = loop {
+        if let Some(t) = first_reply_unix_ms(&pinger.log_text()?) {
+            break t;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no ping reply from {}",
+            agent.name()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    pinger.terminate(Duration::from_secs(1))?;
+    Ok(first - t0)
 }
 
 #[cfg(test)]

@@ -7,15 +7,15 @@
 //! control plane, registering, joining, binding at the relay, the path probe, the WireGuard
 //! handshake and one overlay round trip. The goal: ≤ 1.5 s over TCP.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::Result;
 
-use super::setup::first_reply_unix_ms;
+use super::setup::join_to_first_reply;
 use super::stats::Figure;
 use super::Options;
 use crate::relay_tcp::start_tcp_relay;
-use crate::{Agent, ControlPlane, Host, Lab, NatKind};
+use crate::{Agent, ControlPlane, Lab, NatKind};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -93,41 +93,7 @@ fn fresh_join(lab: &Lab, kind: NatKind, name: &str, code: &str, vip: &str) -> Re
     let gw = lab.add_router(&format!("{name}-gw"), kind)?;
     let host = lab.add_host_behind(&gw, name)?;
     let agent = Agent::start(&host, name, None)?;
-    let t = join_to_first_reply(&agent, &host, code, vip);
+    let t = join_to_first_reply(&agent, &host, code, vip, LIMIT);
     drop(agent);
     t
-}
-
-fn join_to_first_reply(agent: &Agent, host: &Host, code: &str, vip: &str) -> Result<f64> {
-    let pinger = host.spawn(
-        &["ping", "-n", "-D", "-i", "0.02", "-w", "20", vip],
-        host.log_path(&format!("join-ping-{}", agent.name())),
-    )?;
-    let t0 = unix_ms();
-    let out = agent.party_join(code)?;
-    ensure!(
-        out.status.success(),
-        "join: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let deadline = Instant::now() + LIMIT;
-    let first = loop {
-        if let Some(t) = first_reply_unix_ms(&pinger.log_text()?) {
-            break t;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "no ping reply from {}",
-            agent.name()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    pinger.terminate(Duration::from_secs(1))?;
-    Ok(first - t0)
-}
-
-fn unix_ms() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
