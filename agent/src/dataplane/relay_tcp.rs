@@ -41,7 +41,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::relay_twin::{self, bind_token, is_copied, TwinTask};
+use super::relay_twin::{self, Sent, TwinTask};
 use crate::node::TcpEndpoint;
 
 /// Frames waiting for the socket, per connection (the oldest is dropped beyond). One TUN
@@ -176,10 +176,13 @@ impl TcpRelays {
         let Some(c) = self.conns.get(&slot) else {
             return;
         };
-        if let Some(token) = bind_token(msg) {
+        let sent = Sent::of(msg);
+        if let Sent::Bind(token) = sent {
             c.token.send_if_modified(|t| {
-                let changed = *t != token;
-                *t = token;
+                let changed = t.as_slice() != token;
+                if changed {
+                    *t = token.to_vec();
+                }
                 changed
             });
         }
@@ -191,7 +194,7 @@ impl TcpRelays {
             t.queue.bound.load(Ordering::Relaxed) && !t.queue.closed.load(Ordering::Relaxed)
         });
         if let Some(twin) = twin {
-            if is_copied(msg) || (!up && bind_token(msg).is_none()) {
+            if sent == Sent::Copied || (!up && !matches!(sent, Sent::Bind(_))) {
                 twin.queue.push(msg);
             }
         }

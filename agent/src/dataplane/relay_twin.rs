@@ -35,22 +35,27 @@ use crate::node::TcpEndpoint;
 /// Least time between two binds the relay's `NotBound` asks for.
 const REBIND: Duration = Duration::from_secs(1);
 
-/// Whether a message the node sends on a slot goes on the twin too: `Send`s of small
-/// WireGuard data ([`relay_stream::is_copied`]) and `Ping`s (which keep the twin's session
-/// alive when there is no traffic; the twin swallows the `Pong`).
-pub(super) fn is_copied(msg: &[u8]) -> bool {
-    match RelayMsg::decode(msg) {
-        Ok(RelayMsg::Send { .. }) => relay_stream::is_copied(msg),
-        Ok(RelayMsg::Ping { .. }) => true,
-        _ => false,
-    }
+/// What a message the node sends on a slot is to the twin, from one decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Sent<'a> {
+    /// A `Bind` with this token: the twin binds with it too, and never carries the node's.
+    Bind(&'a [u8]),
+    /// Goes on the twin too: a `Send` of small WireGuard data ([`relay_stream::is_copied`]) or a
+    /// `Ping` (which keeps the twin's session alive when there is no traffic; the twin
+    /// swallows the `Pong`).
+    Copied,
+    /// Anything else: on the node's connection only, or the twin's while that one is down.
+    Once,
 }
 
-/// The token of a `Bind` the node sends, if `msg` is one.
-pub(super) fn bind_token(msg: &[u8]) -> Option<Vec<u8>> {
-    match RelayMsg::decode(msg) {
-        Ok(RelayMsg::Bind { token, .. }) => Some(token.to_vec()),
-        _ => None,
+impl<'a> Sent<'a> {
+    pub(super) fn of(msg: &'a [u8]) -> Self {
+        match RelayMsg::decode(msg) {
+            Ok(RelayMsg::Bind { token, .. }) => Sent::Bind(token),
+            Ok(RelayMsg::Send { .. }) if relay_stream::is_copied(msg) => Sent::Copied,
+            Ok(RelayMsg::Ping { .. }) => Sent::Copied,
+            _ => Sent::Once,
+        }
     }
 }
 
@@ -251,6 +256,7 @@ mod tests {
     fn small_data_sends_and_pings_are_copied_and_bulk_handshakes_and_binds_are_not() {
         let to = ShortId::default();
         let send = |payload: &[u8]| RelayMsg::Send { to, payload }.to_vec();
+        let is_copied = |m: &[u8]| Sent::of(m) == Sent::Copied;
         let small = send(&data(200));
         assert!(is_copied(&small));
         let header = small.len() - 200;
@@ -271,7 +277,7 @@ mod tests {
         }
         .to_vec();
         assert!(!is_copied(&bind));
-        assert_eq!(bind_token(&bind), Some(b"token".to_vec()));
-        assert_eq!(bind_token(&small), None);
+        assert_eq!(Sent::of(&bind), Sent::Bind(b"token"));
+        assert_eq!(Sent::of(&small), Sent::Copied);
     }
 }
