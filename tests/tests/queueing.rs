@@ -1,6 +1,8 @@
 //! The data plane's queues (issue 18) carry real traffic: a bulk TCP transfer and pings share
 //! a direct tunnel, and both get through; with the queues (default) and without them
-//! (`RALLY_DATAPLANE_FIFO=1`, the A/B baseline). Latency figures are `rally-lab bench
+//! (`RALLY_DATAPLANE_FIFO=1`, the A/B baseline). With the queues, each agent's data-plane
+//! thread holds the real-time class while the transfer flows and gives it back once idle
+//! (read from `/proc`); the FIFO engine never takes it. Latency figures are `rally-lab bench
 //! latency`'s; nothing here is timed.
 //! Run with `cargo nextest run -p rally-lab --test queueing` after `cargo build --workspace
 //! --bins` (needs iperf3).
@@ -10,8 +12,10 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use rally_lab::bench::datapath::{iperf, parse_ping_times};
 use rally_lab::bench::tools::{self, Tool};
-use rally_lab::bench::tunnels::{control_init, rally_pair, serve_control, Path, Subject};
-use rally_lab::with_lab;
+use rally_lab::bench::tunnels::{
+    agent_pid, control_init, rally_pair, serve_control, Path, Subject,
+};
+use rally_lab::{wait_until, with_lab};
 
 #[test]
 fn bulk_transfer_and_pings_share_the_tunnel() -> Result<()> {
@@ -61,12 +65,24 @@ fn shared_tunnel_carries_both(fifo: bool) -> Result<()> {
             ],
             a.log_path("ping-under-load"),
         )?;
-        let (mbps, recv_q) = std::thread::scope(|s| {
+        let pids = [agent_pid(&aa)?, agent_pid(&ab)?];
+        let (mbps, recv_q, realtime) = std::thread::scope(|s| {
             let watch = s.spawn(|| max_udp_recv_queue(&b, Duration::from_secs(3)));
+            let classes = s.spawn(|| max_realtime_threads(pids, Duration::from_secs(3)));
             let mbps = iperf(&path, 2, false, 3);
-            (mbps, watch.join())
+            (mbps, watch.join(), classes.join())
         });
         let mbps = mbps?;
+        let realtime = realtime.map_err(|_| anyhow::anyhow!("class watcher panicked"))??;
+        println!("fifo={fifo}: real-time threads seen under load (sender, receiver): {realtime:?}");
+        if fifo {
+            ensure!(realtime == [0, 0], "the FIFO engine took a real-time class");
+        } else {
+            ensure!(
+                realtime == [1, 1],
+                "each agent's data-plane thread should take the real-time class under load"
+            );
+        }
         if let Ok(Ok(q)) = recv_q {
             // Where the time goes below the agent: what waited in its socket's receive queue.
             println!("fifo={fifo}: largest UDP receive queue on b under load: {q} bytes");
@@ -89,8 +105,48 @@ fn shared_tunnel_carries_both(fifo: bool) -> Result<()> {
             replies >= 270,
             "only {replies} of 300 pings answered beside the transfer"
         );
+        // Idle again: each thread gives the class back on its first turn 2 s after the last
+        // bulk packet; a ping gives both a turn.
+        wait_until(
+            "both data-plane threads back in the fair class",
+            Duration::from_secs(20),
+            Duration::from_millis(250),
+            || {
+                a.run(&["ping", "-n", "-c", "1", "-W", "1", t.as_str()])?;
+                Ok(realtime_threads(pids[0])? + realtime_threads(pids[1])? == 0)
+            },
+        )?;
         Ok(())
     })
+}
+
+/// The most threads of each process seen in the real-time class (`SCHED_RR`) over `window`.
+fn max_realtime_threads(pids: [u32; 2], window: Duration) -> Result<[usize; 2]> {
+    let end = std::time::Instant::now() + window;
+    let mut max = [0, 0];
+    while std::time::Instant::now() < end {
+        for (m, pid) in max.iter_mut().zip(pids) {
+            *m = (*m).max(realtime_threads(pid)?);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(max)
+}
+
+/// Threads of `pid` whose scheduling policy (field 41 of `/proc/PID/task/TID/stat`) is
+/// `SCHED_RR`.
+fn realtime_threads(pid: u32) -> Result<usize> {
+    const SCHED_RR: &str = "2";
+    let mut n = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let stat = std::fs::read_to_string(task?.path().join("stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start at field 3.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        if rest.split_whitespace().nth(41 - 3) == Some(SCHED_RR) {
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 /// The largest receive queue (bytes) of any UDP socket on `host`, sampled for `window`.

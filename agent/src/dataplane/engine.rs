@@ -381,6 +381,7 @@ impl Engine {
         let sleep = tokio::time::sleep_until(first);
         tokio::pin!(sleep);
         loop {
+            self.queues.settle_boost();
             let (deadline, wake) = self.next_wake();
             // After an idle burst of probes the node may ask for the socket to stay unread
             // a few milliseconds, so the answers are read in one wake-up (node/hold.rs).
@@ -478,6 +479,7 @@ impl Engine {
             EngineCmd::Peers(reply) => {
                 // A metrics scrape reads the security counters right after this answer.
                 self.publish_security();
+                self.queues.settle_boost();
                 self.queues.publish();
                 let _ = reply.send(self.status());
             }

@@ -186,7 +186,7 @@ pub fn render(out: &mut String) {
     render_counters(out, &s.stats);
     render_histograms(out, &s.trace);
     if let Some(sc) = s.sched {
-        render_sched(out, sc);
+        render_sched(out, sc, &s.stats);
     }
 }
 
@@ -289,7 +289,21 @@ fn render_histograms(out: &mut String, t: &Trace) {
 }
 
 /// The data-plane thread's scheduler counters.
-fn render_sched(out: &mut String, sc: SchedStat) {
+fn render_sched(out: &mut String, sc: SchedStat, st: &QueueStats) {
+    write_metric(
+        out,
+        "rally_dataplane_thread_realtime",
+        "gauge",
+        "1 while the data-plane thread holds its real-time priority (bulk traffic flows).",
+        &one(f64::from(u8::from(st.realtime))),
+    );
+    write_metric(
+        out,
+        "rally_dataplane_thread_realtime_boosts_total",
+        "counter",
+        "Times the data-plane thread took its real-time priority.",
+        &one(st.realtime_boosts as f64),
+    );
     write_metric(
         out,
         "rally_dataplane_thread_cpu_seconds_total",

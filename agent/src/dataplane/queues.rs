@@ -25,6 +25,9 @@ use tracing::{debug, info};
 use super::batch::MAX_GSO_BYTES;
 use super::engine::{Buffers, Engine};
 use super::queue_metrics::{SchedStat, Trace};
+use super::thread_sched::RealtimeBoost;
+#[cfg(doc)]
+use super::thread_sched::RT_HOLD;
 use super::timers::now;
 
 /// Packets encrypted per slice of the send queue (one GSO send at most).
@@ -100,6 +103,10 @@ pub(super) struct QueueStats {
     /// read stopped before draining it), by bucket: < 0.1 ms, < 1 ms, < 5 ms, < 20 ms, more.
     pub rx_read_gaps: [u64; 5],
     pub max_rx_read_gap: Duration,
+    /// Times the data-plane thread took its real-time priority (a bulk transfer began).
+    pub realtime_boosts: u64,
+    /// Whether it holds it now.
+    pub realtime: bool,
 }
 
 impl QueueStats {
@@ -136,6 +143,8 @@ pub(super) struct Queues {
     pub trace: Trace,
     /// When the counters were last logged, and the thread's scheduler counters then.
     reported: Option<(Instant, Option<SchedStat>)>,
+    /// The thread's real-time priority while bulk traffic flows.
+    boost: RealtimeBoost,
 }
 
 impl Queues {
@@ -152,6 +161,7 @@ impl Queues {
             stats: QueueStats::default(),
             trace: Trace::from_env(),
             reported: None,
+            boost: RealtimeBoost::from_env(!fifo),
         }
     }
 
@@ -173,6 +183,41 @@ impl Queues {
             socket_buffer_bytes(1_000_000_000, Duration::from_millis(20), 4 * MAX_GSO_BYTES)
         } else {
             8 * 1024 * 1024
+        }
+    }
+
+    /// Authenticated bulk work was served at `t` (packets from the TUN device, or a train
+    /// that decrypted): the thread takes its real-time priority if it has not.
+    fn bulk_served(&mut self, t: Instant) {
+        if let Some(realtime) = self.boost.bulk(t) {
+            self.set_class(realtime);
+        }
+    }
+
+    /// Once per turn of the loop: gives the real-time priority back [`RT_HOLD`] after the last
+    /// bulk work (no clock read while the thread does not hold it).
+    pub fn settle_boost(&mut self) {
+        if self.boost.is_on() {
+            if let Some(realtime) = self.boost.settle(now()) {
+                self.set_class(realtime);
+            }
+        }
+    }
+
+    fn set_class(&mut self, realtime: bool) {
+        match super::thread_sched::apply(realtime) {
+            Ok(()) => {
+                debug!(realtime, "data-plane thread's scheduling class");
+                self.stats.realtime = realtime;
+                self.stats.realtime_boosts += u64::from(realtime);
+            }
+            Err(e) => {
+                debug!(
+                    realtime,
+                    "data-plane thread's scheduling class unchanged: {e}"
+                );
+                self.boost.refused();
+            }
         }
     }
 
@@ -333,10 +378,13 @@ impl Engine {
         // One clock read per slice (a slice takes well under CoDel's 2 ms target): a read per
         // packet was 2 % of the sending agent's samples.
         let t = now();
-        for _ in 0..TX_SLICE {
+        for i in 0..TX_SLICE {
             let Some(d) = self.queues.tx.pop(t) else {
                 break;
             };
+            if i == 0 {
+                self.queues.bulk_served(t);
+            }
             let (mut buf, size) = d.item;
             let q = &mut self.queues;
             q.stats.max_sojourn_tx = q.stats.max_sojourn_tx.max(d.sojourn);
@@ -365,6 +413,9 @@ impl Engine {
             self.queues.rx_congested = std::mem::take(&mut congested);
             self.handle_datagram(train.from, datagram, &mut b.out).await;
             self.queues.rx_congested = false;
+        }
+        if !self.tun_tx.is_empty() {
+            self.queues.bulk_served(t);
         }
         super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
         self.queues.rx_pool.push(train.buf);
