@@ -41,6 +41,7 @@ use crate::coalesce::{self, Wakeup};
 use crate::core::{Action, Relay, Stats, Via};
 use crate::metrics::Snapshot;
 use crate::tcp::{TcpInput, TcpSide};
+use rally_udp::thread_class::RealtimeBoost;
 
 /// Reads (each up to [`quinn_udp::BATCH_SIZE`] datagrams or GRO trains) per wake-up of one
 /// socket before the loop looks at the others.
@@ -49,6 +50,11 @@ const ROUNDS: usize = 8;
 const RX_BUF: usize = 65_535;
 /// Most datagrams in one GRO train (the kernel's `UDP_MAX_SEGMENTS`, 128 since Linux 6.x).
 const MAX_TRAIN: usize = 128;
+/// Datagrams forwarded between members in one wake-up that make it a busy one: bulk traffic
+/// flows, and the thread takes its real-time class ([`rally_udp::thread_class`]). A game's
+/// packets come one or two per wake-up; a transfer's come in GRO trains of dozens.
+const BUSY_FORWARDS: usize = 16;
+
 /// Longest the loop sleeps before it looks at stats requests and the stop flag.
 pub const MAX_WAIT: Duration = Duration::from_millis(50);
 /// Longest a send waits for room in a full socket send buffer before the datagram is dropped.
@@ -252,6 +258,8 @@ pub struct Forwarder {
     pause: Duration,
     /// The TCP connections, with `--listen-tcp`.
     tcp: Option<TcpSide>,
+    /// The thread's real-time class while members' bulk traffic flows through it.
+    boost: RealtimeBoost,
 }
 
 impl Forwarder {
@@ -276,6 +284,7 @@ impl Forwarder {
             stop,
             pause,
             tcp,
+            boost: RealtimeBoost::from_env(true),
         })
     }
 
@@ -292,8 +301,11 @@ impl Forwarder {
                 let _ = reply.send(Snapshot {
                     stats: self.relay.stats(),
                     socket_drops: self.sockets.kernel_drops(),
+                    realtime: self.boost.is_on(),
                 });
             }
+            let change = self.boost.on_turn(|| clock.now);
+            log_class(change);
             // `clock` was read when the last wait ended: late by at most one wake-up's work.
             if self.relay.poll_timeout().is_some_and(|t| t <= clock.now) {
                 self.relay.handle_timeout(clock.now, clock.unix);
@@ -319,6 +331,7 @@ impl Forwarder {
                 datagrams: 0,
                 drained: true,
             };
+            let mut forwarded = 0;
             for ev in &events[..ready] {
                 if ev.u64 == TCP {
                     self.drain_tcp(&clock);
@@ -329,9 +342,13 @@ impl Forwarder {
                 } else {
                     Via::Primary
                 };
-                let (datagrams, drained) = self.drain(via, &mut rx, &clock);
+                let (datagrams, sent, drained) = self.drain(via, &mut rx, &clock);
                 wakeup.datagrams += datagrams;
+                forwarded += sent;
                 wakeup.drained &= drained;
+            }
+            if forwarded >= BUSY_FORWARDS {
+                log_class(self.boost.on_bulk(clock.now));
             }
             if let Some(pause) = coalesce::pause_after(wakeup, self.pause) {
                 std::thread::sleep(pause);
@@ -342,10 +359,11 @@ impl Forwarder {
 
     /// Reads and handles what `via`'s socket holds: up to [`ROUNDS`] reads, until one comes
     /// back short (the queue ran dry; `epoll_wait` tells when there is more). Returns how many
-    /// datagrams it handled and whether the queue ran dry.
-    fn drain(&mut self, via: Via, rx: &mut RxBuffers, clock: &Clock) -> (usize, bool) {
+    /// datagrams it handled, how many of them it forwarded between members, and whether the
+    /// queue ran dry.
+    fn drain(&mut self, via: Via, rx: &mut RxBuffers, clock: &Clock) -> (usize, usize, bool) {
         let (now, now_unix) = (clock.now, clock.unix);
-        let (mut datagrams, mut drained) = (0, false);
+        let (mut datagrams, mut forwarded, mut drained) = (0, 0, false);
         for _ in 0..ROUNDS {
             let n = {
                 let udp = self.sockets.get(via);
@@ -385,7 +403,7 @@ impl Forwarder {
                     meta.stride
                 };
                 datagrams += meta.len.div_ceil(stride.max(1)).max(1);
-                handle_train(
+                forwarded += handle_train(
                     via,
                     meta.addr,
                     train,
@@ -407,7 +425,7 @@ impl Forwarder {
         // two reads still leaves as one GSO send (one `sendmsg`, and behind it one trip through
         // the transmit path, instead of two).
         self.sockets.flush();
-        (datagrams, drained)
+        (datagrams, forwarded, drained)
     }
 }
 
@@ -491,7 +509,8 @@ fn precise_sleeps() {
     }
 }
 
-/// Handles the datagrams of one read (`stride` bytes each, the last may be shorter) from `src`.
+/// Handles the datagrams of one read (`stride` bytes each, the last may be shorter) from `src`;
+/// returns how many it forwarded.
 #[allow(clippy::too_many_arguments)]
 fn handle_train(
     via: Via,
@@ -504,8 +523,9 @@ fn handle_train(
     forwards: &mut Vec<Option<(Via, SocketAddr)>>,
     now: Instant,
     now_unix: u64,
-) {
+) -> usize {
     forwards.clear();
+    let mut forwarded = 0;
     // `chunks_mut` yields nothing for an empty datagram, which must still be handled (and
     // counted as garbage).
     let empty: &mut [u8] = &mut [];
@@ -524,6 +544,7 @@ fn handle_train(
                 also,
             } => {
                 forwards.push(None);
+                forwarded += 1;
                 let msg = datagram.get(..n).unwrap_or_default();
                 send_to(sockets, tcp, Via::Tcp, to, msg);
                 if let Some(other) = also {
@@ -532,7 +553,10 @@ fn handle_train(
             }
             Action::Forward {
                 via, to, len: n, ..
-            } if n == len => forwards.push(Some((via, to))),
+            } if n == len => {
+                forwarded += 1;
+                forwards.push(Some((via, to)));
+            }
             Action::Forward { .. } => forwards.push(None),
             Action::Reply(t) | Action::Drop { reply: Some(t), .. } => {
                 forwards.push(None);
@@ -552,7 +576,7 @@ fn handle_train(
                 let segment = (chunk.len() > stride).then_some(stride);
                 udp.send(to, chunk, segment);
             }
-            return;
+            return forwarded;
         }
     }
     for (datagram, forward) in train.chunks(stride).zip(forwards.iter()) {
@@ -564,5 +588,15 @@ fn handle_train(
             udp.flush();
         }
         udp.gso.push(to, datagram);
+    }
+    forwarded
+}
+
+/// Logs a change of the forwarding thread's scheduling class.
+fn log_class(change: Option<io::Result<bool>>) {
+    match change {
+        None => {}
+        Some(Ok(realtime)) => tracing::debug!(realtime, "forwarding thread's scheduling class"),
+        Some(Err(e)) => tracing::debug!("forwarding thread stays in the fair class: {e}"),
     }
 }

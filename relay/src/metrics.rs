@@ -15,6 +15,8 @@ pub struct Snapshot {
     pub stats: Stats,
     /// Per socket (`"primary"`, `"alt"`), datagrams the kernel dropped on its receive queue.
     pub socket_drops: Vec<(&'static str, u64)>,
+    /// Whether the forwarding thread holds its real-time class (bulk traffic flows).
+    pub realtime: bool,
 }
 
 /// Renders every metric, drop reasons included even when zero:
@@ -32,9 +34,19 @@ pub struct Snapshot {
 /// `rally_relay_tcp_connections_active`, `rally_relay_tcp_connections_total`,
 /// `rally_relay_tcp_connections_refused_total` and `rally_relay_tcp_queue_drops_total`
 /// (frames dropped from a slow reader's full queue).
-pub fn render(stats: &Stats, socket_drops: &[(&str, u64)], tcp: Option<&TcpCounters>) -> String {
+///
+/// `rally_relay_forwarder_realtime` (gauge): 1 while the forwarding thread holds its real-time
+/// class.
+pub fn render(snapshot: &Snapshot, tcp: Option<&TcpCounters>) -> String {
+    let (stats, socket_drops) = (&snapshot.stats, &snapshot.socket_drops);
     let mut out = String::with_capacity(2048);
     let mut scalars = core_scalars(stats);
+    scalars.push((
+        "rally_relay_forwarder_realtime",
+        "gauge",
+        "1 while the forwarding thread holds its real-time class (bulk traffic flows).",
+        u64::from(snapshot.realtime),
+    ));
     if let Some(tcp) = tcp {
         scalars.extend(tcp_scalars(stats, tcp));
     }
@@ -165,11 +177,11 @@ mod tests {
 
     #[test]
     fn every_metric_and_every_drop_reason_is_exposed() {
-        let text = render(
-            &Stats::default(),
-            &[("primary", 3)],
-            Some(&TcpCounters::default()),
-        );
+        let snapshot = Snapshot {
+            socket_drops: vec![("primary", 3)],
+            ..Snapshot::default()
+        };
+        let text = render(&snapshot, Some(&TcpCounters::default()));
         for name in [
             "rally_relay_sessions_active 0",
             "rally_relay_sessions_total 0",
@@ -179,6 +191,7 @@ mod tests {
             "rally_relay_stun_requests_total 0",
             "rally_relay_tcp_sessions_active 0",
             "rally_relay_tcp_queue_drops_total 0",
+            "rally_relay_forwarder_realtime 0",
         ] {
             assert!(
                 text.lines().any(|l| l == name),

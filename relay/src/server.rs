@@ -320,7 +320,7 @@ async fn answer_metrics(
         None
     };
     let response = rally_proto::http::metrics_response(&head, || {
-        snapshot.map(|s| metrics::render(&s.stats, &s.socket_drops, tcp.as_deref()))
+        snapshot.map(|s| metrics::render(&s, tcp.as_deref()))
     });
     stream.write_all(&response).await?;
     stream.shutdown().await

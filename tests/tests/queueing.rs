@@ -13,7 +13,7 @@ use anyhow::{ensure, Result};
 use rally_lab::bench::datapath::{iperf, parse_ping_times};
 use rally_lab::bench::tools::{self, Tool};
 use rally_lab::bench::tunnels::{
-    agent_pid, control_init, rally_pair, serve_control, Path, Subject,
+    agent_pid, control_init, rally_pair, serve_control, start_relay, Path, Subject,
 };
 use rally_lab::{wait_until, with_lab};
 
@@ -68,7 +68,7 @@ fn shared_tunnel_carries_both(fifo: bool) -> Result<()> {
         let pids = [agent_pid(&aa)?, agent_pid(&ab)?];
         let (mbps, recv_q, realtime) = std::thread::scope(|s| {
             let watch = s.spawn(|| max_udp_recv_queue(&b, Duration::from_secs(3)));
-            let classes = s.spawn(|| max_realtime_threads(pids, Duration::from_secs(3)));
+            let classes = s.spawn(|| max_realtime_threads(&pids, Duration::from_secs(3)));
             let mbps = iperf(&path, 2, false, 3);
             (mbps, watch.join(), classes.join())
         });
@@ -120,12 +120,65 @@ fn shared_tunnel_carries_both(fifo: bool) -> Result<()> {
     })
 }
 
+/// Two members cut from each other: a transfer between them goes through the relay, whose
+/// forwarding thread holds the real-time class while it flows and gives it back once idle.
+#[test]
+fn relayed_bulk_raises_the_relays_forwarding_thread() -> Result<()> {
+    tools::ensure(&[Tool::Iperf3, Tool::Ping])?;
+    with_lab(|lab| {
+        let ra = lab.add_host("ra")?;
+        let rb = lab.add_host("rb")?;
+        let c = lab.add_host("control")?;
+        let r = lab.add_host("relay")?;
+        let key = control_init(lab, &c, "qr")?;
+        let (relay, spec) = start_relay(&r, "r1", &key, true)?;
+        let control = serve_control(lab, &c, "qr", key, &[spec], &[])?;
+        lab.cut(&ra, &rb)?;
+        let (_xa, xb) = rally_pair(&control, &ra, &rb, "qr", "relay")?;
+        let target = xb.virtual_ip()?;
+        let path = Path {
+            subject: Subject::RallyRelay,
+            client: ra.clone(),
+            server: rb.clone(),
+            target,
+            pids: Vec::new(),
+        };
+        let pid = relay.pid();
+        ensure!(
+            realtime_threads(pid)? == 0,
+            "an idle relay holds a real-time class"
+        );
+        let (mbps, seen) = std::thread::scope(|s| {
+            let classes = s.spawn(|| max_realtime_threads(&[pid], Duration::from_secs(3)));
+            (iperf(&path, 1, false, 3), classes.join())
+        });
+        let mbps = mbps?;
+        let seen = seen.map_err(|_| anyhow::anyhow!("class watcher panicked"))??;
+        println!("relayed: {mbps:.0} Mbit/s; relay threads seen in the real-time class: {seen:?}");
+        ensure!(mbps > 1.0, "the relayed transfer moved {mbps} Mbit/s");
+        ensure!(
+            seen == [1],
+            "the relay's forwarding thread should take the real-time class under load"
+        );
+        let t = target.to_string();
+        wait_until(
+            "the forwarding thread back in the fair class",
+            Duration::from_secs(20),
+            Duration::from_millis(250),
+            || {
+                ra.run(&["ping", "-n", "-c", "1", "-W", "1", t.as_str()])?;
+                Ok(realtime_threads(pid)? == 0)
+            },
+        )
+    })
+}
+
 /// The most threads of each process seen in the real-time class (`SCHED_RR`) over `window`.
-fn max_realtime_threads(pids: [u32; 2], window: Duration) -> Result<[usize; 2]> {
+fn max_realtime_threads(pids: &[u32], window: Duration) -> Result<Vec<usize>> {
     let end = std::time::Instant::now() + window;
-    let mut max = [0, 0];
+    let mut max = vec![0; pids.len()];
     while std::time::Instant::now() < end {
-        for (m, pid) in max.iter_mut().zip(pids) {
+        for (m, &pid) in max.iter_mut().zip(pids) {
             *m = (*m).max(realtime_threads(pid)?);
         }
         std::thread::sleep(Duration::from_millis(20));

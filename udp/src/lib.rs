@@ -8,12 +8,14 @@
 //! - [`recv_batch`] and [`send`]: one `recvmmsg` (with UDP GRO) that tells when the queue ran
 //!   dry, and a GSO send that waits out a full send buffer, through quinn-udp's
 //!   `UdpSocketState` on a tokio socket.
+//! - [`thread_class`]: the data path's thread in the real-time class while bulk traffic flows.
 
 #![warn(missing_docs)]
 
 mod drops;
 mod gso;
 mod io;
+pub mod thread_class;
 
 use std::os::fd::AsRawFd;
 

@@ -25,10 +25,10 @@ use tracing::{debug, info};
 use super::batch::MAX_GSO_BYTES;
 use super::engine::{Buffers, Engine};
 use super::queue_metrics::{SchedStat, Trace};
-use super::thread_sched::RealtimeBoost;
-#[cfg(doc)]
-use super::thread_sched::RT_HOLD;
 use super::timers::now;
+use rally_udp::thread_class::RealtimeBoost;
+#[cfg(doc)]
+use rally_udp::thread_class::RT_HOLD;
 
 /// Packets encrypted per slice of the send queue (one GSO send at most).
 pub(super) const TX_SLICE: usize = 64;
@@ -189,35 +189,26 @@ impl Queues {
     /// Authenticated bulk work was served at `t` (packets from the TUN device, or a train
     /// that decrypted): the thread takes its real-time priority if it has not.
     fn bulk_served(&mut self, t: Instant) {
-        if let Some(realtime) = self.boost.bulk(t) {
-            self.set_class(realtime);
-        }
+        let change = self.boost.on_bulk(t);
+        self.class_changed(change);
     }
 
     /// Once per turn of the loop: gives the real-time priority back [`RT_HOLD`] after the last
     /// bulk work (no clock read while the thread does not hold it).
     pub fn settle_boost(&mut self) {
-        if self.boost.is_on() {
-            if let Some(realtime) = self.boost.settle(now()) {
-                self.set_class(realtime);
-            }
-        }
+        let change = self.boost.on_turn(now);
+        self.class_changed(change);
     }
 
-    fn set_class(&mut self, realtime: bool) {
-        match super::thread_sched::apply(realtime) {
-            Ok(()) => {
+    fn class_changed(&mut self, change: Option<std::io::Result<bool>>) {
+        match change {
+            None => {}
+            Some(Ok(realtime)) => {
                 debug!(realtime, "data-plane thread's scheduling class");
                 self.stats.realtime = realtime;
                 self.stats.realtime_boosts += u64::from(realtime);
             }
-            Err(e) => {
-                debug!(
-                    realtime,
-                    "data-plane thread's scheduling class unchanged: {e}"
-                );
-                self.boost.refused();
-            }
+            Some(Err(e)) => debug!("data-plane thread stays in the fair class: {e}"),
         }
     }
 

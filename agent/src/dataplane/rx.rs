@@ -26,7 +26,9 @@ impl Engine {
     /// Reads what the UDP socket holds (a few rounds of up to [`RX_BUFS`] datagrams or GRO
     /// trains each), handles every datagram, then writes the decrypted packets to the TUN
     /// device in one batch.
-    pub(super) async fn receive_udp(&mut self, b: &mut Buffers) {
+    /// Returns whether anything was written to the TUN device.
+    pub(super) async fn receive_udp(&mut self, b: &mut Buffers) -> bool {
+        let mut wrote = false;
         if let Some(left) = self.queues.undrained_since.take() {
             self.queues
                 .stats
@@ -49,6 +51,7 @@ impl Engine {
             }
             // Deliver this round before reading the next: a lone packet reaches the TUN device
             // one system call sooner, and under load nothing waits behind later rounds.
+            wrote |= !self.tun_tx.is_empty();
             super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
             if drained {
                 break;
@@ -58,6 +61,7 @@ impl Engine {
                 self.queues.undrained_since = Some(now());
             }
         }
+        wrote
     }
 
     pub(super) async fn handle_datagram(&mut self, from: SocketAddr, d: &[u8], out: &mut [u8]) {
