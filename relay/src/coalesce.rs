@@ -42,6 +42,17 @@ pub fn pause_after(wakeup: Wakeup, pause: Duration) -> Option<Duration> {
     (wakeup.drained && wakeup.datagrams >= BUSY && !pause.is_zero()).then_some(pause)
 }
 
+/// Makes this thread's sleeps end when asked: the kernel's default timer slack (50 µs) would
+/// double a 50 µs coalescing pause. Best effort: without it pauses are longer, not wrong.
+pub fn precise_sleeps() {
+    const SLACK_NS: libc::c_ulong = 1_000;
+    // SAFETY: PR_SET_TIMERSLACK takes an integer and touches only this thread's slack.
+    let r = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, SLACK_NS, 0, 0, 0) };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot set the timer slack");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -291,7 +291,7 @@ impl Forwarder {
     /// Runs the loop until `stop` is set; returns the final counters.
     pub fn run(mut self) -> Stats {
         if !self.pause.is_zero() {
-            precise_sleeps();
+            coalesce::precise_sleeps();
         }
         let mut rx = RxBuffers::new();
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 3];
@@ -495,17 +495,6 @@ fn send_to(sockets: &Sockets, tcp: Option<&TcpSide>, via: Via, to: SocketAddr, m
         }
     } else {
         sockets.get(via).send(to, msg, None);
-    }
-}
-
-/// Makes this thread's sleeps end when asked: the kernel's default timer slack (50 µs) would
-/// double a 50 µs coalescing pause. Best effort: without it pauses are longer, not wrong.
-fn precise_sleeps() {
-    const SLACK_NS: libc::c_ulong = 1_000;
-    // SAFETY: PR_SET_TIMERSLACK takes an integer and touches only this thread's slack.
-    let r = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, SLACK_NS, 0, 0, 0) };
-    if r != 0 {
-        tracing::debug!(error = %io::Error::last_os_error(), "cannot set the timer slack");
     }
 }
 

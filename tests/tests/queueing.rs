@@ -75,14 +75,11 @@ fn shared_tunnel_carries_both(fifo: bool) -> Result<()> {
         let mbps = mbps?;
         let realtime = realtime.map_err(|_| anyhow::anyhow!("class watcher panicked"))??;
         println!("fifo={fifo}: real-time threads seen under load (sender, receiver): {realtime:?}");
-        if fifo {
-            ensure!(realtime == [0, 0], "the FIFO engine took a real-time class");
-        } else {
-            ensure!(
-                realtime == [1, 1],
-                "each agent's data-plane thread should take the real-time class under load"
-            );
-        }
+        let want = if fifo { [0, 0] } else { [1, 1] };
+        ensure!(
+            realtime == want,
+            "real-time data-plane threads under load: {realtime:?}, not {want:?}"
+        );
         if let Ok(Ok(q)) = recv_q {
             // Where the time goes below the agent: what waited in its socket's receive queue.
             println!("fifo={fifo}: largest UDP receive queue on b under load: {q} bytes");
@@ -105,18 +102,7 @@ fn shared_tunnel_carries_both(fifo: bool) -> Result<()> {
             replies >= 270,
             "only {replies} of 300 pings answered beside the transfer"
         );
-        // Idle again: each thread gives the class back on its first turn 2 s after the last
-        // bulk packet; a ping gives both a turn.
-        wait_until(
-            "both data-plane threads back in the fair class",
-            Duration::from_secs(20),
-            Duration::from_millis(250),
-            || {
-                a.run(&["ping", "-n", "-c", "1", "-W", "1", t.as_str()])?;
-                Ok(realtime_threads(pids[0])? + realtime_threads(pids[1])? == 0)
-            },
-        )?;
-        Ok(())
+        back_in_the_fair_class(&a, &t, &pids)
     })
 }
 
@@ -160,17 +146,26 @@ fn relayed_bulk_raises_the_relays_forwarding_thread() -> Result<()> {
             seen == [1],
             "the relay's forwarding thread should take the real-time class under load"
         );
-        let t = target.to_string();
-        wait_until(
-            "the forwarding thread back in the fair class",
-            Duration::from_secs(20),
-            Duration::from_millis(250),
-            || {
-                ra.run(&["ping", "-n", "-c", "1", "-W", "1", t.as_str()])?;
-                Ok(realtime_threads(pid)? == 0)
-            },
-        )
+        back_in_the_fair_class(&ra, &target.to_string(), &[pid])
     })
+}
+
+/// Waits until no thread of `pids` is in the real-time class: each gives it back on its first
+/// turn 2 s after the last bulk work, and a ping from `from` to `target` gives them a turn.
+fn back_in_the_fair_class(from: &rally_lab::Host, target: &str, pids: &[u32]) -> Result<()> {
+    wait_until(
+        "the data path's threads back in the fair class",
+        Duration::from_secs(20),
+        Duration::from_millis(250),
+        || {
+            from.run(&["ping", "-n", "-c", "1", "-W", "1", target])?;
+            let held: usize = pids
+                .iter()
+                .map(|&p| realtime_threads(p))
+                .sum::<Result<_>>()?;
+            Ok(held == 0)
+        },
+    )
 }
 
 /// The most threads of each process seen in the real-time class (`SCHED_RR`) over `window`.

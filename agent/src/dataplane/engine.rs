@@ -414,15 +414,7 @@ impl Engine {
                     }
                 },
                 r = self.udp.readable(), if hold.is_none() => match r {
-                    Ok(()) => {
-                        trace!("woke for the socket");
-                        if self.receive_udp(&mut b).await {
-                            // What the kernel answered at once while taking those packets
-                            // (an echo reply, TCP's ACKs) is on the TUN device already: read
-                            // it now rather than after a round through the poller.
-                            self.drain_tun(&mut b).await;
-                        }
-                    }
+                    Ok(()) => self.socket_readable(&mut b).await,
                     Err(e) => debug!("udp receive: {e}"),
                 },
                 r = self.tun.readable() => match r {

@@ -26,6 +26,16 @@ impl Engine {
     /// Reads what the UDP socket holds (a few rounds of up to [`RX_BUFS`] datagrams or GRO
     /// trains each), handles every datagram, then writes the decrypted packets to the TUN
     /// device in one batch.
+    /// The UDP socket is readable: what it holds, then what the kernel answered at once while
+    /// taking those packets (an echo reply, TCP's ACKs), which is on the TUN device already:
+    /// read now rather than after a round through the poller.
+    pub(super) async fn socket_readable(&mut self, b: &mut Buffers) {
+        trace!("woke for the socket");
+        if self.receive_udp(b).await {
+            self.drain_tun(b).await;
+        }
+    }
+
     /// Returns whether anything was written to the TUN device.
     pub(super) async fn receive_udp(&mut self, b: &mut Buffers) -> bool {
         let mut wrote = false;
