@@ -25,6 +25,7 @@ pub const RT_ENV: &str = "RALLY_DATAPLANE_RT";
 pub const RT_HOLD: Duration = Duration::from_secs(2);
 
 /// The real-time priority taken under load: the lowest, below every kernel thread that has one.
+#[cfg(target_os = "linux")]
 const RT_PRIORITY: libc::c_int = 1;
 
 /// When the thread holds its real-time priority: from the first bulk work until [`RT_HOLD`]
@@ -107,6 +108,7 @@ impl RealtimeBoost {
 
 /// Puts the calling thread in the real-time class (`SCHED_RR` at [`RT_PRIORITY`]) or back in
 /// the fair class (`SCHED_OTHER`; the nice value is kept).
+#[cfg(target_os = "linux")]
 fn apply(realtime: bool) -> std::io::Result<()> {
     let (policy, priority) = if realtime {
         (libc::SCHED_RR, RT_PRIORITY)
@@ -124,6 +126,13 @@ fn apply(realtime: bool) -> std::io::Result<()> {
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// Elsewhere the per-thread call differs (and Linux is what runs the data path today): the
+/// first request fails and the boost stops asking.
+#[cfg(not(target_os = "linux"))]
+fn apply(_realtime: bool) -> std::io::Result<()> {
+    Err(std::io::ErrorKind::Unsupported.into())
 }
 
 #[cfg(test)]
