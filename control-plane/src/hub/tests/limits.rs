@@ -5,11 +5,7 @@ use super::*;
 #[test]
 fn an_oversized_nat_report_is_refused_and_never_reaches_the_party() {
     let mut t = TestHub::new();
-    let mut owner = t.register(1);
-    let code = t.create_party(&mut owner, "lan");
-    let mut bob = t.register(2);
-    t.join(&mut bob, &code);
-    t.drain(&owner);
+    let (owner, mut bob) = t.owner_and_member();
     let mut nat = max_nat();
     nat.relays.push(nat.relays[0].clone());
     let e = t.refused(&mut bob, Request::ReportNat { nat });

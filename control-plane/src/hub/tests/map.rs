@@ -43,12 +43,7 @@ fn a_joiner_gets_a_full_map_and_members_get_one_delta_for_a_burst() {
 #[test]
 fn leaving_removes_the_agent_from_its_former_peers() {
     let mut t = TestHub::new();
-    let mut owner = t.register(1);
-    let code = t.create_party(&mut owner, "lan");
-    let mut bob = t.register(2);
-    t.join(&mut bob, &code);
-    t.drain(&owner);
-    t.drain(&bob);
+    let (owner, mut bob) = t.owner_and_member();
     t.ok(
         &mut bob,
         Request::LeaveParty {
@@ -73,12 +68,7 @@ fn leaving_removes_the_agent_from_its_former_peers() {
 #[test]
 fn endpoint_update_is_one_upsert_and_sync_peers_sends_a_full_map() {
     let mut t = TestHub::new();
-    let mut owner = t.register(1);
-    let code = t.create_party(&mut owner, "lan");
-    let mut bob = t.register(2);
-    t.join(&mut bob, &code);
-    t.drain(&owner);
-    t.drain(&bob);
+    let (mut owner, mut bob) = t.owner_and_member();
     let eps: Vec<SocketAddr> = vec!["203.0.113.7:4000".parse().unwrap()];
     t.ok(
         &mut bob,

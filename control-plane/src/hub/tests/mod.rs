@@ -221,6 +221,17 @@ impl TestHub {
         }
     }
 
+    /// Agents 1 (the owner) and 2 in a new party "lan", every push so far drained.
+    fn owner_and_member(&mut self) -> (Agent, Agent) {
+        let mut owner = self.register(1);
+        let code = self.create_party(&mut owner, "lan");
+        let mut member = self.register(2);
+        self.join(&mut member, &code);
+        self.drain(&owner);
+        self.drain(&member);
+        (owner, member)
+    }
+
     /// Joins with `code`; the name the join gave the agent, if it changed it.
     fn join(&mut self, a: &mut Agent, code: &str) -> Option<String> {
         match self.ok(a, Request::JoinParty { code: code.into() }) {
