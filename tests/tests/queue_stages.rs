@@ -14,7 +14,9 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use rally_lab::bench::datapath::{iperf, parse_ping_times};
 use rally_lab::bench::tools::{self, Tool};
-use rally_lab::bench::tunnels::{control_init, rally_pair_with, serve_control, Path, Subject};
+use rally_lab::bench::tunnels::{
+    control_init, rally_pair_with, serve_control, with_agent_env, Path, Subject,
+};
 use rally_lab::{with_lab, Host};
 
 const METRICS_PORT: u16 = 9100;
@@ -60,16 +62,18 @@ fn stages(fifo: bool) -> Result<()> {
         let c = lab.add_host("control")?;
         let key = control_init(lab, &c, "st")?;
         let control = serve_control(lab, &c, "st", key, &[], &[])?;
-        // The agents inherit the test's environment; the pair starts before anything else.
-        std::env::set_var("RALLY_DATAPLANE_TRACE", "1");
-        if fifo {
-            std::env::set_var("RALLY_DATAPLANE_FIFO", "1");
-        }
         let metrics = |h: &Host| vec!["--metrics".into(), format!("{}:{METRICS_PORT}", h.ip())];
-        let pair = rally_pair_with(&control, [&a, &b], "st", "direct", metrics);
-        std::env::remove_var("RALLY_DATAPLANE_FIFO");
-        std::env::remove_var("RALLY_DATAPLANE_TRACE");
-        let (_aa, ab) = pair?;
+        let env: &[(&str, &str)] = if fifo {
+            &[
+                ("RALLY_DATAPLANE_TRACE", "1"),
+                ("RALLY_DATAPLANE_FIFO", "1"),
+            ]
+        } else {
+            &[("RALLY_DATAPLANE_TRACE", "1")]
+        };
+        let (_aa, ab) = with_agent_env(env, || {
+            rally_pair_with(&control, [&a, &b], "st", "direct", metrics)
+        })?;
         let target = ab.virtual_ip()?;
         let path = Path {
             subject: Subject::Rally,

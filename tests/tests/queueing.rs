@@ -13,7 +13,7 @@ use anyhow::{ensure, Result};
 use rally_lab::bench::datapath::{iperf, parse_ping_times};
 use rally_lab::bench::tools::{self, Tool};
 use rally_lab::bench::tunnels::{
-    agent_pid, control_init, rally_pair, serve_control, start_relay, Path, Subject,
+    agent_pid, control_init, rally_pair, serve_control, start_relay, with_agent_env, Path, Subject,
 };
 use rally_lab::{wait_until, with_lab};
 
@@ -35,13 +35,12 @@ fn shared_tunnel_carries_both(fifo: bool) -> Result<()> {
         let c = lab.add_host("control")?;
         let key = control_init(lab, &c, "q")?;
         let control = serve_control(lab, &c, "q", key, &[], &[])?;
-        if fifo {
-            // The agents inherit the test's environment; the pair starts before anything else.
-            std::env::set_var("RALLY_DATAPLANE_FIFO", "1");
-        }
-        let pair = rally_pair(&control, &a, &b, "q", "direct");
-        std::env::remove_var("RALLY_DATAPLANE_FIFO");
-        let (aa, ab) = pair?;
+        let env: &[(&str, &str)] = if fifo {
+            &[("RALLY_DATAPLANE_FIFO", "1")]
+        } else {
+            &[]
+        };
+        let (aa, ab) = with_agent_env(env, || rally_pair(&control, &a, &b, "q", "direct"))?;
         let target = ab.virtual_ip()?;
         let path = Path {
             subject: Subject::Rally,

@@ -152,11 +152,9 @@ pub fn build(lab: &Lab, want: Want) -> Result<Datapath> {
         println!("==> rally: two more agents with RALLY_DATAPLANE_FIFO=1 (direct path, A/B)");
         let fa = lab.add_host("fa")?;
         let fb = lab.add_host("fb")?;
-        // The agents inherit the lab's environment; nothing else runs meanwhile.
-        std::env::set_var(FIFO_ENV, "1");
-        let pair = rally_pair(&control, &fa, &fb, "fifo", "direct");
-        std::env::remove_var(FIFO_ENV);
-        let (fa_agent, fb_agent) = pair?;
+        let (fa_agent, fb_agent) = with_agent_env(&[(FIFO_ENV, "1")], || {
+            rally_pair(&control, &fa, &fb, "fifo", "direct")
+        })?;
         paths.push(Path {
             subject: Subject::RallyFifo,
             client: fa.clone(),
@@ -182,6 +180,20 @@ pub fn build(lab: &Lab, want: Want) -> Result<Datapath> {
         control,
         relay,
     })
+}
+
+/// Runs `start` with `vars` set in this process's environment, which the agents it starts
+/// inherit, and removes them afterwards: nothing else may start processes meanwhile (the lab
+/// starts its processes from one thread).
+pub fn with_agent_env<T>(vars: &[(&str, &str)], start: impl FnOnce() -> T) -> T {
+    for (name, value) in vars {
+        std::env::set_var(name, value);
+    }
+    let out = start();
+    for (name, _) in vars {
+        std::env::remove_var(name);
+    }
+    out
 }
 
 /// A control plane: its process, `addr`, key and host.
