@@ -5,9 +5,9 @@
 //! - [`skip_receive_metadata`]: no per-datagram TOS / packet-info control messages for a
 //!   socket that does not use them.
 //! - [`socket_drops`]: what the kernel dropped on a socket's receive queue.
-//! - [`recv_batch`] and [`send`]: one `recvmmsg` (with UDP GRO) that tells when the queue ran
-//!   dry, and a GSO send that waits out a full send buffer, through quinn-udp's
-//!   `UdpSocketState` on a tokio socket.
+//! - [`recv_batch`], [`send`] and [`send_to`]: one `recvmmsg` (with UDP GRO) that tells when
+//!   the queue ran dry, and sends (a GSO train through quinn-udp's `UdpSocketState`, or one
+//!   datagram) that wait out a full send buffer, on a non-blocking std socket.
 //! - [`thread_class`]: the data path's thread in the real-time class while bulk traffic flows.
 
 #![warn(missing_docs)]
@@ -21,7 +21,7 @@ use std::os::fd::AsRawFd;
 
 pub use drops::{parse_socket_drops, socket_drops};
 pub use gso::{GsoBatch, MAX_GSO_BYTES};
-pub use io::{recv_batch, send, Received};
+pub use io::{recv_batch, send, send_to, wait_writable, Received, SEND_WAIT};
 
 /// Turns off the per-datagram control messages quinn-udp's `UdpSocketState::new` asks the
 /// kernel for besides GRO's segment size: the TOS/traffic class (ECN) and the packet info

@@ -42,25 +42,24 @@ pub(super) enum Admit {
 
 impl Engine {
     /// A packet read from the TUN device to a broadcast or multicast address.
-    pub(super) async fn discovery_from_tun(&mut self, packet: &[u8], out: &mut [u8]) {
+    pub(super) fn discovery_from_tun(&mut self, packet: &[u8], out: &mut [u8]) {
         let mut p = packet.to_vec();
-        self.discovery_local(&mut p, Origin::Tun, out).await;
+        self.discovery_local(&mut p, Origin::Tun, out);
     }
 
     /// Everything the capture holds.
-    pub(super) async fn discovery_capture(&mut self, b: &mut Buffers) {
+    pub(super) fn discovery_capture(&mut self, b: &mut Buffers) {
         // Bounded: a flood yields to the rest of the loop after a batch.
         for _ in 0..256 {
             let Some(n) = self.disc_io.try_recv() else {
                 break;
             };
             let mut p = self.disc_io.buf[..n].to_vec();
-            self.discovery_local(&mut p, Origin::Capture, &mut b.out)
-                .await;
+            self.discovery_local(&mut p, Origin::Capture, &mut b.out);
         }
     }
 
-    async fn discovery_local(&mut self, p: &mut [u8], origin: Origin, out: &mut [u8]) {
+    fn discovery_local(&mut self, p: &mut [u8], origin: Origin, out: &mut [u8]) {
         match self.disc.handle_local(p, origin, now()) {
             Outbound::Forward(targets) => {
                 let ids: Vec<Key32> = match targets {
@@ -83,7 +82,7 @@ impl Engine {
                 };
                 self.disc.note_copies(ids.len());
                 for id in ids {
-                    self.send_inner(id, p.to_vec(), Traffic::Data, out).await;
+                    self.send_inner(id, p.to_vec(), Traffic::Data, out);
                 }
             }
             Outbound::Membership => self.discovery_rescan(),
@@ -96,12 +95,12 @@ impl Engine {
     /// Only data (a broadcast or multicast copy) makes the peer busy: a subscription message,
     /// repeated to every peer every 30 s while programs here listen to a group, must not keep
     /// idle peers probed at the busy cadence.
-    async fn send_inner(&mut self, id: Key32, packet: Vec<u8>, kind: Traffic, out: &mut [u8]) {
+    fn send_inner(&mut self, id: Key32, packet: Vec<u8>, kind: Traffic, out: &mut [u8]) {
         if kind == Traffic::Data {
             self.node.handle_tunnel_tx(&id, now());
         }
         match self.node.route(&id) {
-            Some(route) => self.encrypt_and_send(id, route, &packet, out).await,
+            Some(route) => self.encrypt_and_send(id, route, &packet, out),
             None => self.node.enqueue(&id, packet),
         }
     }
@@ -176,7 +175,7 @@ impl Engine {
     }
 
     /// Sends the subscription messages due and publishes discovery's events.
-    pub(super) async fn discovery_flush(&mut self, out: &mut [u8]) {
+    pub(super) fn discovery_flush(&mut self, out: &mut [u8]) {
         while let Some(DiscoveryEvent::Capped { source, port }) = self.disc.poll_event() {
             let rate = self.disc.config().rate;
             let mut ev = Event::new(
@@ -201,7 +200,7 @@ impl Engine {
                 continue;
             };
             let msg = self.disc.subscription_for(vip);
-            self.send_inner(id, msg, Traffic::Control, out).await;
+            self.send_inner(id, msg, Traffic::Control, out);
         }
     }
 

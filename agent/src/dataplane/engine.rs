@@ -4,9 +4,11 @@
 //! The engine is a driver: every per-peer rule (paths, punching, relays, netcheck, the peer
 //! table) lives in the sans-IO [`Node`]; the engine owns the socket, the TUN device and the
 //! WireGuard tunnels, feeds the node datagrams and time, performs its transmits and turns its
-//! events into the daemon's [`EngineEvent`]s and the event bus. It sleeps until the earliest
-//! deadline of its timers table ([`timers`](super::timers)): the node's next deadline and
-//! WireGuard's timer slot; there is no fixed tick.
+//! events into the daemon's [`EngineEvent`]s and the event bus. It sleeps in one `epoll` wait
+//! ([`poller`](super::poller)) until a packet, a message on one of its channels, or the
+//! earliest deadline of its timers table ([`timers`](super::timers)): the node's next deadline
+//! and WireGuard's timer slot; there is no fixed tick, and no async runtime between a packet's
+//! arrival and its send.
 //!
 //! Peers are found by virtual IP (outbound), by the receiver index in WireGuard replies and data
 //! (inbound), by the decrypted static key in handshake initiations, and by short id in relayed
@@ -19,7 +21,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use boringtun::x25519::{PublicKey, StaticSecret};
@@ -28,13 +32,13 @@ use rally_proto::relay::DATA_HEADER_LEN;
 use rally_proto::{Identity, Key32, PeerEvent};
 use rally_udp::grow_socket_buffers;
 use rand::RngCore;
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, trace, warn};
 
 use super::batch::{GsoBatch, TunBatch};
 use super::handshake_guard::HandshakeGuard;
 use super::inbound::InboundFilter;
+use super::poller::{Doorbell, IoThread, Poller, Ready};
 use super::restart::RestartHints;
 use super::timers::Wake;
 use super::tunnel::Tunnel;
@@ -47,6 +51,8 @@ use rally_agent_core::discovery::Discovery;
 const BUF_LEN: usize = 65_536 + 64;
 /// Receive buffers per UDP read (each takes one datagram, or one GRO train of them).
 pub(super) const RX_BUFS: usize = 8;
+/// Commands from the daemon handled per turn of the loop.
+const CMDS_PER_TURN: usize = 64;
 
 /// Commands from the daemon.
 pub enum EngineCmd {
@@ -170,9 +176,15 @@ pub(super) struct Peer {
 }
 
 pub struct Engine {
-    pub(super) udp: UdpSocket,
+    /// Non-blocking; read and written by this thread alone, outside any async runtime.
+    pub(super) udp: std::net::UdpSocket,
     pub(super) udp_state: quinn_udp::UdpSocketState,
-    pub(super) tun: tun_rs::AsyncDevice,
+    /// Non-blocking, like `udp`.
+    pub(super) tun: tun_rs::SyncDevice,
+    /// Rung by the channels the loop polls (commands, relay connections, side sockets).
+    pub(super) bell: Arc<Doorbell>,
+    /// The loop's wait on the socket, the TUN device, the capture and the doorbell.
+    pub(super) poller: Poller,
     /// Encrypted datagrams waiting for one GSO send.
     pub(super) gso: GsoBatch,
     /// Decrypted packets waiting for one TUN write.
@@ -217,7 +229,7 @@ pub struct Engine {
 
 /// What the engine needs to start.
 pub struct EngineConfig {
-    /// The agent's socket; the engine registers it with its own runtime.
+    /// The agent's socket; the engine's thread alone reads and writes it.
     pub udp: std::net::UdpSocket,
     pub wg_secret: [u8; 32],
     pub identity: Arc<Identity>,
@@ -256,40 +268,33 @@ impl Buffers {
 }
 
 impl Engine {
-    /// Brings up the TUN device and starts the data plane on a thread of its own, with a
-    /// single-threaded runtime that owns the socket, the TUN device and their readiness: a
-    /// packet wakes exactly this thread, and no other task of the daemon runs between it and
-    /// its send.
+    /// Brings up the TUN device and starts the data plane on a thread of its own, which owns
+    /// the socket and the TUN device and waits on them itself: a packet wakes exactly this
+    /// thread, and nothing runs between its arrival and its send but the engine. The tokio
+    /// tasks the engine starts (relay connections over TCP, side sockets) run on a second
+    /// thread ([`IoThread`]), stopped with the engine.
     pub fn start(
         cfg: EngineConfig,
         events: mpsc::UnboundedSender<EngineEvent>,
     ) -> std::io::Result<EngineHandle> {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let io = IoThread::start()?;
         let thread = std::thread::Builder::new()
             .name("rally-dataplane".into())
             .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
+                let entered = io.handle().enter();
+                match Engine::build(cfg, events) {
+                    Ok(engine) => {
+                        let _ = ready_tx.send(Ok(()));
+                        engine.run(rx);
+                    }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
-                        return;
                     }
-                };
-                rt.block_on(async move {
-                    match Engine::build(cfg, events) {
-                        Ok(engine) => {
-                            let _ = ready_tx.send(Ok(()));
-                            engine.run(rx).await;
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                        }
-                    }
-                });
+                }
+                drop(entered);
+                drop(io);
             })?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(EngineHandle {
@@ -303,13 +308,16 @@ impl Engine {
         }
     }
 
-    /// Creates the TUN device and registers both with the current (the data plane's) runtime.
+    /// Creates the TUN device and sets both it and the socket non-blocking; tokio's context
+    /// (for the engine's tasks and side sockets) is the I/O thread's, entered by the caller.
     fn build(
         cfg: EngineConfig,
         events: mpsc::UnboundedSender<EngineEvent>,
     ) -> std::io::Result<Engine> {
         let (tun, offload) = open_tun(&cfg)?;
-        let udp = UdpSocket::from_std(cfg.udp)?;
+        tun.set_nonblocking(true)?;
+        let udp = cfg.udp;
+        udp.set_nonblocking(true)?;
         let udp_state = quinn_udp::UdpSocketState::new((&udp).into())?;
         // The engine reads neither the ECN bits nor the destination address of what it
         // receives: two control messages per datagram (or GRO train) it need not pay for.
@@ -321,6 +329,8 @@ impl Engine {
             &udp_state,
             offload,
         );
+        let bell = Doorbell::new()?;
+        let poller = Poller::new(udp.as_raw_fd(), tun.as_raw_fd(), &bell)?;
         let secret = StaticSecret::from(cfg.wg_secret);
         let public = PublicKey::from(&secret);
         let local_port = udp.local_addr().map(|a| a.port()).unwrap_or(0);
@@ -347,6 +357,8 @@ impl Engine {
             udp_state,
             udp,
             tun,
+            bell,
+            poller,
             secret,
             public,
             node,
@@ -373,13 +385,16 @@ impl Engine {
         })
     }
 
-    /// The loop: sleeps until a packet, a command or the earliest deadline of the timers
-    /// table, handles it, then drains what the node queued.
-    async fn run(mut self, mut cmds: mpsc::UnboundedReceiver<EngineCmd>) {
+    /// The loop: waits until a packet, a message or the earliest deadline of the timers table,
+    /// handles what is ready, serves one slice of the bulk queues, then drains what the node
+    /// queued.
+    fn run(mut self, mut cmds: mpsc::UnboundedReceiver<EngineCmd>) {
         let mut b = Buffers::new();
-        let (first, _) = self.next_wake();
-        let sleep = tokio::time::sleep_until(first);
-        tokio::pin!(sleep);
+        let waker = Waker::from(self.bell.clone());
+        let mut cx = Context::from_waker(&waker);
+        // The channels are polled on the first turn (which registers the waker) and again
+        // after each ring, or while a turn left messages in them.
+        let mut channels_due = true;
         loop {
             self.queues.settle_boost();
             let (deadline, wake) = self.next_wake();
@@ -390,67 +405,96 @@ impl Engine {
                 Some(h) if h < deadline => (h, Wake::SocketHold),
                 _ => (deadline, wake),
             };
-            if sleep.deadline() != deadline {
-                sleep.as_mut().reset(deadline);
+            // With bulk work queued the wait only looks (the kernel's queues are read before
+            // each slice); every turn serves one slice, so reads cannot starve the bulk
+            // queues, and a small packet waits for a slice or two at most.
+            let timeout = if self.queues.has_work() || channels_due {
+                Duration::ZERO
+            } else {
+                deadline.saturating_duration_since(tokio::time::Instant::now())
+            };
+            let ready = self.wait(hold.is_none(), timeout);
+            if ready.bell || channels_due {
+                self.bell.clear();
+                match self.poll_channels(&mut cmds, &mut cx, &mut b) {
+                    Some(again) => channels_due = again,
+                    None => break,
+                }
             }
-            let bulk = self.queues.has_work();
-            // Biased: the kernel's queues are read before a slice of bulk work is served. With
-            // nothing else ready, the loop yields to the runtime (whose I/O driver then sees
-            // what arrived meanwhile) rather than sleep. Every turn serves one slice, so reads
-            // cannot starve the bulk queues, and a small packet waits for a slice or two.
-            tokio::select! {
-                biased;
-                () = &mut sleep => {
-                    trace!(reason = ?wake, "woke for a timer");
-                    if wake != Wake::SocketHold {
-                        self.handle_timers(&mut b.out).await;
-                    }
+            if ready.udp {
+                self.socket_readable(&mut b);
+            }
+            if ready.tun {
+                trace!("woke for the TUN device");
+                self.drain_tun(&mut b);
+            }
+            if ready.capture {
+                self.discovery_capture(&mut b);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                trace!(reason = ?wake, "woke for a timer");
+                if wake != Wake::SocketHold {
+                    self.handle_timers(&mut b.out);
                 }
-                cmd = cmds.recv() => match cmd {
-                    Some(EngineCmd::Shutdown) | None => break,
-                    Some(cmd) => {
-                        trace!("woke for a command");
-                        self.handle_cmd(cmd);
-                    }
-                },
-                r = self.udp.readable(), if hold.is_none() => match r {
-                    Ok(()) => self.socket_readable(&mut b).await,
-                    Err(e) => debug!("udp receive: {e}"),
-                },
-                r = self.tun.readable() => match r {
-                    Ok(()) => {
-                        trace!("woke for the TUN device");
-                        self.drain_tun(&mut b).await;
-                    }
-                    Err(e) => debug!("tun receive: {e}"),
-                },
-                r = self.disc_io.readable() => match r {
-                    Ok(()) => self.discovery_capture(&mut b).await,
-                    Err(e) => debug!("discovery capture: {e}"),
-                },
-                Some((slot, frame)) = self.tcp.inbound.recv() => {
-                    self.handle_relay_frames(slot, &frame, &mut b.out).await;
-                }
-                Some(d) = self.side.recv() => {
-                    if self.side.is_carrying(d.socket) {
-                        self.handle_datagram(d.from, &d.payload, &mut b.out).await;
-                        super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
-                    } else {
-                        let t = super::timers::now();
-                        let _ = self.node.handle_side_datagram(d.socket, d.from, &d.payload, t);
-                    }
-                }
-                () = tokio::task::yield_now(), if bulk => {}
             }
             if self.queues.has_work() {
-                self.serve_bulk(&mut b).await;
+                self.serve_bulk(&mut b);
                 self.queues.report(super::timers::now());
             }
-            self.drain_node(&mut b.out).await;
-            self.discovery_flush(&mut b.out).await;
-            self.drain_node(&mut b.out).await;
+            self.drain_node(&mut b.out);
+            self.discovery_flush(&mut b.out);
+            self.drain_node(&mut b.out);
         }
         debug!(drops = ?self.drops, queues = ?self.queues.stats, tcp_queue_drops = self.tcp.queue_drops(), "data plane stopped");
+    }
+
+    /// One wait of the loop (the socket left out while the node holds it unread).
+    fn wait(&mut self, socket: bool, timeout: Duration) -> Ready {
+        let capture = self.disc_io.capture_fd();
+        self.poller.wait(socket, capture, timeout)
+    }
+
+    /// The daemon's commands, frames from relay connections over TCP and datagrams from side
+    /// sockets. `None` when the daemon asked the data plane to stop (or is gone); otherwise
+    /// whether to look again next turn: a channel that gave a message may hold more, and only
+    /// one that answered "empty" has the waker registered.
+    fn poll_channels(
+        &mut self,
+        cmds: &mut mpsc::UnboundedReceiver<EngineCmd>,
+        cx: &mut Context<'_>,
+        b: &mut Buffers,
+    ) -> Option<bool> {
+        let mut again = true;
+        for _ in 0..CMDS_PER_TURN {
+            match cmds.poll_recv(cx) {
+                Poll::Ready(Some(EngineCmd::Shutdown) | None) => return None,
+                Poll::Ready(Some(cmd)) => {
+                    trace!("woke for a command");
+                    self.handle_cmd(cmd);
+                }
+                Poll::Pending => {
+                    again = false;
+                    break;
+                }
+            }
+        }
+        if let Poll::Ready(Some((slot, frame))) = self.tcp.inbound.poll_recv(cx) {
+            self.handle_relay_frames(slot, &frame, &mut b.out);
+            again = true;
+        }
+        if let Poll::Ready(Some(d)) = self.side.poll_recv(cx) {
+            if self.side.is_carrying(d.socket) {
+                self.handle_datagram(d.from, &d.payload, &mut b.out);
+                super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro);
+            } else {
+                let t = super::timers::now();
+                let _ = self
+                    .node
+                    .handle_side_datagram(d.socket, d.from, &d.payload, t);
+            }
+            again = true;
+        }
+        Some(again)
     }
 
     /// One command from the daemon (all but `Shutdown`, which ends [`Self::run`]).
@@ -511,14 +555,14 @@ impl Engine {
 
 /// The TUN device, with offload (TSO/GRO: one read or write carries up to 64 KiB) when the
 /// kernel allows it; the second value says whether it does.
-fn open_tun(cfg: &EngineConfig) -> std::io::Result<(tun_rs::AsyncDevice, bool)> {
+fn open_tun(cfg: &EngineConfig) -> std::io::Result<(tun_rs::SyncDevice, bool)> {
     let build = |offload: bool| {
         tun_rs::DeviceBuilder::new()
             .name(&cfg.tun_name)
             .ipv4(cfg.virtual_ip, cfg.prefix, None)
             .mtu(1420)
             .offload(offload)
-            .build_async()
+            .build_sync()
     };
     match build(true) {
         Ok(t) => Ok((t, true)),
@@ -533,8 +577,8 @@ fn open_tun(cfg: &EngineConfig) -> std::io::Result<(tun_rs::AsyncDevice, bool)> 
 /// (and the thread's priority), and logs the device.
 fn tune_io(
     (tun_name, virtual_ip): (&str, Ipv4Addr),
-    tun: &tun_rs::AsyncDevice,
-    udp: &UdpSocket,
+    tun: &tun_rs::SyncDevice,
+    udp: &std::net::UdpSocket,
     udp_state: &quinn_udp::UdpSocketState,
     offload: bool,
 ) -> super::queues::Queues {

@@ -8,6 +8,7 @@ pub use rally_agent_core::{demux, handshake_guard, inbound, wg_cookie};
 pub mod batch;
 mod discovery;
 pub mod engine;
+mod poller;
 pub mod queue_metrics;
 mod queues;
 pub mod relay_tcp;

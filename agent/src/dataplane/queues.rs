@@ -284,13 +284,13 @@ impl Queues {
 impl Engine {
     /// One received datagram or GRO train in `b.rx[i]`: small datagrams are handled now, bulk
     /// ones queued (the buffer moves into the queue; a pool buffer takes its place).
-    pub(super) async fn take_received(&mut self, b: &mut Buffers, i: usize) {
+    pub(super) fn take_received(&mut self, b: &mut Buffers, i: usize) {
         let m = b.meta[i];
         let stride = if m.stride == 0 { m.len } else { m.stride }.max(1);
         if !self.queues.enabled || class_of(stride) == Class::Small {
             self.queues.stats.small_rx += (m.len / stride) as u64;
             for d in b.rx[i][..m.len].chunks(stride) {
-                self.handle_datagram(m.addr, d, &mut b.out).await;
+                self.handle_datagram(m.addr, d, &mut b.out);
             }
             return;
         }
@@ -299,8 +299,7 @@ impl Engine {
         let bulk_len = m.len - tail;
         if tail > 0 && class_of(tail) == Class::Small {
             self.queues.stats.small_rx += 1;
-            self.handle_datagram(m.addr, &b.rx[i][bulk_len..m.len], &mut b.out)
-                .await;
+            self.handle_datagram(m.addr, &b.rx[i][bulk_len..m.len], &mut b.out);
         }
         let keep = if class_of(tail) == Class::Small {
             bulk_len
@@ -320,24 +319,28 @@ impl Engine {
 
     /// Reads the TUN device until it is empty (at most [`TUN_READS`] reads): small packets are
     /// encrypted and sent now, bulk ones queued. Without the queues, one read, all handled.
-    pub(super) async fn drain_tun(&mut self, b: &mut Buffers) {
+    /// What the first read held is sent before the second read: a lone packet (a ping, a
+    /// game's update) leaves without waiting for the read that finds the device empty.
+    pub(super) fn drain_tun(&mut self, b: &mut Buffers) {
         let reads = if self.queues.enabled { TUN_READS } else { 1 };
-        for _ in 0..reads {
-            let n = match self.tun.try_recv_multiple(
-                &mut b.tun_raw,
-                &mut b.tun_bufs,
-                &mut b.tun_sizes,
-                0,
-            ) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    debug!("tun receive: {e}");
-                    break;
-                }
-            };
+        for read in 0..reads {
+            if read == 1 {
+                super::tx::flush_gso(&self.udp, &self.udp_state, &mut self.gso);
+            }
+            let n =
+                match self
+                    .tun
+                    .recv_multiple(&mut b.tun_raw, &mut b.tun_bufs, &mut b.tun_sizes, 0)
+                {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        debug!("tun receive: {e}");
+                        break;
+                    }
+                };
             if !self.queues.enabled {
-                self.handle_tun_batch(b, n).await;
+                self.handle_tun_batch(b, n);
                 return;
             }
             let t = now();
@@ -345,8 +348,7 @@ impl Engine {
                 let size = b.tun_sizes[i];
                 if class_of(size) == Class::Small {
                     self.queues.stats.small_tx += 1;
-                    self.handle_tun_packet(&b.tun_bufs[i][..size], &mut b.out)
-                        .await;
+                    self.handle_tun_packet(&b.tun_bufs[i][..size], &mut b.out);
                 } else {
                     let fresh = self.queues.tx_buffer(b.tun_bufs[i].len());
                     let buf = std::mem::replace(&mut b.tun_bufs[i], fresh);
@@ -354,18 +356,18 @@ impl Engine {
                 }
             }
         }
-        super::tx::flush_gso(&self.udp, &self.udp_state, &mut self.gso).await;
+        super::tx::flush_gso(&self.udp, &self.udp_state, &mut self.gso);
     }
 
     /// One slice of each bulk queue: up to [`TX_SLICE`] packets to encrypt and one train to
     /// decrypt, CoDel deciding at each dequeue.
-    pub(super) async fn serve_bulk(&mut self, b: &mut Buffers) {
-        self.serve_tx_slice(b).await;
-        self.serve_rx_train(b).await;
+    pub(super) fn serve_bulk(&mut self, b: &mut Buffers) {
+        self.serve_tx_slice(b);
+        self.serve_rx_train(b);
         self.queues.trim_pools();
     }
 
-    async fn serve_tx_slice(&mut self, b: &mut Buffers) {
+    fn serve_tx_slice(&mut self, b: &mut Buffers) {
         // One clock read per slice (a slice takes well under CoDel's 2 ms target): a read per
         // packet was 2 % of the sending agent's samples.
         let t = now();
@@ -381,16 +383,16 @@ impl Engine {
             q.stats.max_sojourn_tx = q.stats.max_sojourn_tx.max(d.sojourn);
             q.trace.sojourn_tx.record_delay(d.sojourn);
             if !d.congested || self.congestion_allows(&mut buf[..size]) {
-                self.handle_tun_packet(&buf[..size], &mut b.out).await;
+                self.handle_tun_packet(&buf[..size], &mut b.out);
             }
             self.queues.tx_pool.push(buf);
         }
-        super::tx::flush_gso(&self.udp, &self.udp_state, &mut self.gso).await;
+        super::tx::flush_gso(&self.udp, &self.udp_state, &mut self.gso);
     }
 
     /// One train of the receive side's flow queues. When CoDel picks the train, its first
     /// datagram is marked or dropped (one drop per verdict, as for a single packet).
-    async fn serve_rx_train(&mut self, b: &mut Buffers) {
+    fn serve_rx_train(&mut self, b: &mut Buffers) {
         let t = now();
         let Some(d) = self.queues.rx.pop(t) else {
             return;
@@ -402,13 +404,13 @@ impl Engine {
         let mut congested = d.congested;
         for datagram in train.buf[..train.len].chunks(train.stride) {
             self.queues.rx_congested = std::mem::take(&mut congested);
-            self.handle_datagram(train.from, datagram, &mut b.out).await;
+            self.handle_datagram(train.from, datagram, &mut b.out);
             self.queues.rx_congested = false;
         }
         if !self.tun_tx.is_empty() {
             self.queues.bulk_served(t);
         }
-        super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
+        super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro);
         self.queues.rx_pool.push(train.buf);
     }
 

@@ -29,15 +29,15 @@ impl Engine {
     /// The UDP socket is readable: what it holds, then what the kernel answered at once while
     /// taking those packets (an echo reply, TCP's ACKs), which is on the TUN device already:
     /// read now rather than after a round through the poller.
-    pub(super) async fn socket_readable(&mut self, b: &mut Buffers) {
+    pub(super) fn socket_readable(&mut self, b: &mut Buffers) {
         trace!("woke for the socket");
-        if self.receive_udp(b).await {
-            self.drain_tun(b).await;
+        if self.receive_udp(b) {
+            self.drain_tun(b);
         }
     }
 
     /// Returns whether anything was written to the TUN device.
-    pub(super) async fn receive_udp(&mut self, b: &mut Buffers) -> bool {
+    pub(super) fn receive_udp(&mut self, b: &mut Buffers) -> bool {
         let mut wrote = false;
         if let Some(left) = self.queues.undrained_since.take() {
             self.queues
@@ -57,12 +57,12 @@ impl Engine {
                 }
             };
             for i in 0..n.min(RX_BUFS) {
-                self.take_received(b, i).await;
+                self.take_received(b, i);
             }
             // Deliver this round before reading the next: a lone packet reaches the TUN device
             // one system call sooner, and under load nothing waits behind later rounds.
             wrote |= !self.tun_tx.is_empty();
-            super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
+            super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro);
             if drained {
                 break;
             }
@@ -74,46 +74,41 @@ impl Engine {
         wrote
     }
 
-    pub(super) async fn handle_datagram(&mut self, from: SocketAddr, d: &[u8], out: &mut [u8]) {
+    pub(super) fn handle_datagram(&mut self, from: SocketAddr, d: &[u8], out: &mut [u8]) {
         if let Datagram::WireGuard(kind) = classify(d) {
             let via = PathId::Direct(from);
-            if !self.guard_admits(Source::Addr(from), &via, d, out).await {
+            if !self.guard_admits(Source::Addr(from), &via, d, out) {
                 return;
             }
             let Some(id) = self.wg_peer(kind, d) else {
                 if kind == WgKind::Data {
-                    self.rehandshake(None, via, out).await;
+                    self.rehandshake(None, via, out);
                 }
                 return;
             };
-            self.handle_wireguard(id, via, d, out).await;
+            self.handle_wireguard(id, via, d, out);
             return;
         }
-        self.handle_for_node(from, d, out).await;
+        self.handle_for_node(from, d, out);
     }
 
     /// A frame from a relay connection over TLS/TCP (`slot` names it), and up to
     /// [`RX_FRAMES`] more already waiting, then one TUN write: relay messages only, never
     /// WireGuard straight from an address.
-    pub(super) async fn handle_relay_frames(
-        &mut self,
-        slot: SocketAddr,
-        frame: &[u8],
-        out: &mut [u8],
-    ) {
-        self.handle_for_node(slot, frame, out).await;
+    pub(super) fn handle_relay_frames(&mut self, slot: SocketAddr, frame: &[u8], out: &mut [u8]) {
+        self.handle_for_node(slot, frame, out);
         for _ in 1..RX_FRAMES {
             let Ok((slot, frame)) = self.tcp.inbound.try_recv() else {
                 break;
             };
-            self.handle_for_node(slot, &frame, out).await;
+            self.handle_for_node(slot, &frame, out);
         }
-        super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
+        super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro);
     }
 
     /// What the node takes (STUN, relay messages, probes); WireGuard it hands back from a
     /// relay goes through the guard and the peer's tunnel.
-    async fn handle_for_node(&mut self, from: SocketAddr, d: &[u8], out: &mut [u8]) {
+    fn handle_for_node(&mut self, from: SocketAddr, d: &[u8], out: &mut [u8]) {
         match self.node.handle_datagram(from, d, now()) {
             Received::Handled => {}
             Received::WireGuard {
@@ -133,12 +128,12 @@ impl Engine {
                         None => return,
                     },
                 };
-                if !self.guard_admits(source, &path, payload, out).await {
+                if !self.guard_admits(source, &path, payload, out) {
                     return;
                 }
                 match self.wg_peer(kind, payload) {
-                    Some(x) if x == peer => self.handle_wireguard(peer, path, payload, out).await,
-                    None if kind == WgKind::Data => self.rehandshake(Some(peer), path, out).await,
+                    Some(x) if x == peer => self.handle_wireguard(peer, path, payload, out),
+                    None if kind == WgKind::Data => self.rehandshake(Some(peer), path, out),
                     _ => {}
                 }
             }
@@ -148,13 +143,7 @@ impl Engine {
 
     /// The handshake guard's verdict on a WireGuard datagram; a cookie reply is sent back on
     /// the way it came (only to a direct address: that is what a cookie proves).
-    async fn guard_admits(
-        &mut self,
-        source: Source,
-        via: &PathId,
-        d: &[u8],
-        out: &mut [u8],
-    ) -> bool {
+    fn guard_admits(&mut self, source: Source, via: &PathId, d: &[u8], out: &mut [u8]) -> bool {
         match self
             .guard
             .check(source, d, now(), &mut out[DATA_HEADER_LEN..])
@@ -163,8 +152,7 @@ impl Engine {
             Verdict::CookieReply(reply) => {
                 let n = reply.len();
                 if let PathId::Direct(to) = via {
-                    self.send_udp(&out[DATA_HEADER_LEN..DATA_HEADER_LEN + n], *to)
-                        .await;
+                    self.send_udp(&out[DATA_HEADER_LEN..DATA_HEADER_LEN + n], *to);
                 }
                 false
             }
@@ -178,7 +166,7 @@ impl Engine {
     /// Data for a session we do not have, on a path a peer is known by (`known`: the relay
     /// vouched for it): that peer kept a session we lost, so handshake at once on that path
     /// (see [`super::restart::RestartHints`]).
-    async fn rehandshake(&mut self, known: Option<Key32>, via: PathId, out: &mut [u8]) {
+    fn rehandshake(&mut self, known: Option<Key32>, via: PathId, out: &mut [u8]) {
         let t = now();
         let id = match (known, &via) {
             (Some(id), _) => id,
@@ -210,8 +198,7 @@ impl Engine {
         };
         let n = b.len();
         info!(peer = %id, "data for a session we do not have: handshaking again");
-        self.send_framed(route, &mut out[..DATA_HEADER_LEN + n])
-            .await;
+        self.send_framed(route, &mut out[..DATA_HEADER_LEN + n]);
     }
 
     fn count_drop(&mut self, why: DropReason) {
@@ -246,7 +233,7 @@ impl Engine {
         id
     }
 
-    async fn handle_wireguard(&mut self, id: Key32, via: PathId, d: &[u8], out: &mut [u8]) {
+    fn handle_wireguard(&mut self, id: Key32, via: PathId, d: &[u8], out: &mut [u8]) {
         let t = now();
         let from_ip = via.addr().map(|a| a.ip());
         let mut datagram = d;
@@ -284,7 +271,7 @@ impl Engine {
                         admit
                     };
                     if admit == Admit::Tun && self.tun_tx.push(packet) {
-                        super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro).await;
+                        super::tx::flush_tun(&self.tun, &mut self.tun_tx, &mut self.gro);
                     }
                     // A subscription message (repeated every 30 s) is not the peer's activity:
                     // it must not keep an idle peer at the busy probe cadence. It is answered
@@ -293,7 +280,7 @@ impl Engine {
                     // 15 s after data starts a handshake, which is activity on both sides.
                     if admit == Admit::Control {
                         if let Some(route) = self.node.route_for(&id, &via) {
-                            self.encrypt_and_send(id, route, &[], out).await;
+                            self.encrypt_and_send(id, route, &[], out);
                         }
                     } else {
                         self.node.handle_tunnel_rx(&id, &via, t);
@@ -317,8 +304,7 @@ impl Engine {
             mark_connected(peer, &id);
             self.node.handle_tunnel_handshake(&id, &via, t);
             if let Some(route) = self.node.route_for(&id, &via) {
-                self.send_framed(route, &mut out[..DATA_HEADER_LEN + n])
-                    .await;
+                self.send_framed(route, &mut out[..DATA_HEADER_LEN + n]);
             }
             datagram = &[];
         }

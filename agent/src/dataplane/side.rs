@@ -1,17 +1,18 @@
 //! The engine's side sockets ([`SideOp`] from the node): each bound on an ephemeral port the
-//! first time the node sends from it, read by a task of the data plane's runtime into one
-//! channel, and closed (its task ended) when the node says so or the engine stops.
+//! first time the node sends from it, read by a task on the data plane's I/O thread into one
+//! channel (which the engine's loop polls), written by the engine's thread directly, and closed
+//! (its task ended) when the node says so or the engine stops.
 //!
 //! A birthday-punching socket that connected **carries** its peer's direct path
 //! ([`SideOp::Carry`]): the engine sends everything for that address from it
 //! ([`SideSockets::carrier`]) and handles what it receives like the main socket's datagrams.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use rally_agent_core::node::{SideOp, SideSocket};
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::debug;
@@ -51,17 +52,17 @@ impl Default for SideSockets {
 impl SideSockets {
     /// Performs one operation of the node's; a socket that cannot be bound is logged and the
     /// datagram dropped (the netcheck then reports what it could not test as `unknown`).
-    pub async fn apply(&mut self, op: SideOp) {
+    pub fn apply(&mut self, op: SideOp) {
         match op {
             SideOp::Send {
                 socket,
                 to,
                 payload,
             } => {
-                let Some(s) = self.socket(socket, to).await else {
+                let Some(s) = self.socket(socket, to) else {
                     return;
                 };
-                if let Err(e) = s.send_to(&payload, to).await {
+                if let Err(e) = rally_udp::send_to(&s, &payload, to) {
                     debug!(?socket, %to, "side socket send: {e}");
                 }
             }
@@ -93,7 +94,7 @@ impl SideSockets {
         !self.carried.is_empty() && self.carried.values().any(|(s, _)| *s == socket)
     }
 
-    async fn socket(&mut self, socket: SideSocket, to: SocketAddr) -> Option<Arc<UdpSocket>> {
+    fn socket(&mut self, socket: SideSocket, to: SocketAddr) -> Option<Arc<UdpSocket>> {
         if let Some((s, _)) = self.open.get(&socket) {
             return Some(s.clone());
         }
@@ -102,14 +103,21 @@ impl SideSockets {
         } else {
             (Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let s = match UdpSocket::bind(any).await {
-            Ok(s) => Arc::new(s),
+        // The engine's thread writes the socket; a task on the I/O thread reads a twin of it
+        // (the same socket, registered with that thread's runtime).
+        let bound = UdpSocket::bind(any).and_then(|s| {
+            s.set_nonblocking(true)?;
+            let reader = tokio::net::UdpSocket::from_std(s.try_clone()?)?;
+            Ok((Arc::new(s), reader))
+        });
+        let (s, reader) = match bound {
+            Ok(pair) => pair,
             Err(e) => {
                 debug!(?socket, "side socket bind: {e}");
                 return None;
             }
         };
-        let (reader, tx) = (s.clone(), self.tx.clone());
+        let tx = self.tx.clone();
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; MAX_DATAGRAM];
             loop {
@@ -129,9 +137,10 @@ impl SideSockets {
         Some(s)
     }
 
-    /// The next datagram from any side socket (pending forever while none is open).
-    pub async fn recv(&mut self) -> Option<SideDatagram> {
-        self.rx.recv().await
+    /// The next datagram from any side socket, if one is waiting; otherwise `cx`'s waker is
+    /// woken when one arrives.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<SideDatagram>> {
+        self.rx.poll_recv(cx)
     }
 }
 

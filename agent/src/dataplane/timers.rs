@@ -91,13 +91,13 @@ impl Engine {
     }
 
     /// A deadline passed: the node's due timers, and WireGuard's if their slot is (nearly) due.
-    pub(super) async fn handle_timers(&mut self, out: &mut [u8]) {
+    pub(super) fn handle_timers(&mut self, out: &mut [u8]) {
         let t = tokio::time::Instant::now();
         self.node.handle_timeout(t.into_std());
         self.guard.handle_timeout(t.into_std());
         if self.wg_due.is_some_and(|due| t + WG_COALESCE >= due) {
             self.wg_due = None;
-            self.wireguard_timers(out).await;
+            self.wireguard_timers(out);
         }
         if t + WG_COALESCE >= self.disc_due {
             self.discovery_tick();
@@ -113,7 +113,7 @@ impl Engine {
 
     /// Runs WireGuard's timers of every tunnel with state; a tunnel whose session expired
     /// leaves the slot until it is used again.
-    async fn wireguard_timers(&mut self, out: &mut [u8]) {
+    fn wireguard_timers(&mut self, out: &mut [u8]) {
         let ids: Vec<Key32> = self.live.iter().copied().collect();
         for id in ids {
             let Some(peer) = self.peers.get_mut(&id) else {
@@ -136,8 +136,7 @@ impl Engine {
                 }
             };
             if let Some(route) = self.node.route(&id) {
-                self.send_framed(route, &mut out[..DATA_HEADER_LEN + n])
-                    .await;
+                self.send_framed(route, &mut out[..DATA_HEADER_LEN + n]);
             }
         }
         if !self.live.is_empty() {
@@ -157,28 +156,28 @@ impl Engine {
 
     /// Performs what the node queued: datagrams onto the wire, held packets onto their new
     /// route, events to the daemon and the bus.
-    pub(super) async fn drain_node(&mut self, out: &mut [u8]) {
+    pub(super) fn drain_node(&mut self, out: &mut [u8]) {
         // Side sockets first: a path a side socket now carries sends its first probes there.
         while let Some(op) = self.node.poll_side() {
-            self.side.apply(op).await;
+            self.side.apply(op);
         }
         while let Some(tx) = self.node.poll_transmit() {
-            self.transmit(tx.to, &tx.payload).await;
+            self.transmit(tx.to, &tx.payload);
         }
         while let Some(ev) = self.node.poll_event() {
             self.handle_node_event(ev);
         }
         while let Some((id, packet)) = self.node.poll_packet() {
             if let Some(route) = self.node.route(&id) {
-                self.encrypt_and_send(id, route, &packet, out).await;
+                self.encrypt_and_send(id, route, &packet, out);
             }
         }
         // Events may have queued transmits (a new peer's first probes).
         while let Some(tx) = self.node.poll_transmit() {
-            self.transmit(tx.to, &tx.payload).await;
+            self.transmit(tx.to, &tx.payload);
         }
         while let Some(op) = self.node.poll_side() {
-            self.side.apply(op).await;
+            self.side.apply(op);
         }
     }
 

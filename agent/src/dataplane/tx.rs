@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use rally_proto::relay::{write_send_header, DATA_HEADER_LEN};
 use rally_proto::Key32;
-use tokio::net::UdpSocket;
+use std::net::UdpSocket;
 use tracing::{debug, trace};
 
 use super::batch::{GsoBatch, TunBatch};
@@ -17,21 +17,21 @@ use crate::node::{is_tcp_slot, Route};
 
 impl Engine {
     /// A batch of packets read from the TUN device.
-    pub(super) async fn handle_tun_batch(&mut self, b: &mut Buffers, n: usize) {
+    pub(super) fn handle_tun_batch(&mut self, b: &mut Buffers, n: usize) {
         for (buf, size) in b.tun_bufs.iter().zip(&b.tun_sizes).take(n) {
-            self.handle_tun_packet(&buf[..*size], &mut b.out).await;
+            self.handle_tun_packet(&buf[..*size], &mut b.out);
         }
-        flush_gso(&self.udp, &self.udp_state, &mut self.gso).await;
+        flush_gso(&self.udp, &self.udp_state, &mut self.gso);
     }
 
-    pub(super) async fn handle_tun_packet(&mut self, packet: &[u8], out: &mut [u8]) {
+    pub(super) fn handle_tun_packet(&mut self, packet: &[u8], out: &mut [u8]) {
         self.queues.trace.observe(Point::TunRead, packet);
         let Some(dst) = ipv4_destination(packet) else {
             self.drops.no_route += 1;
             return;
         };
         if self.disc.is_discovery_destination(dst) {
-            self.discovery_from_tun(packet, out).await;
+            self.discovery_from_tun(packet, out);
             return;
         }
         let Some(id) = self.node.peer_by_vip(&dst) else {
@@ -70,17 +70,17 @@ impl Engine {
         }
         if let Some(s) = self.side.carrier(&dest) {
             // A birthday-punched path: its own socket, no GSO batch.
-            send(s, frame, dest).await;
+            send(s, frame, dest);
             return;
         }
         if !self.gso.fits(dest, frame.len()) {
-            flush_gso(&self.udp, &self.udp_state, &mut self.gso).await;
+            flush_gso(&self.udp, &self.udp_state, &mut self.gso);
         }
         self.gso.push(dest, frame);
     }
 
     /// Encrypts one packet the node held and sends it on `route`.
-    pub(super) async fn encrypt_and_send(
+    pub(super) fn encrypt_and_send(
         &mut self,
         id: Key32,
         route: Route,
@@ -99,28 +99,27 @@ impl Engine {
                 return;
             }
         };
-        self.send_framed(route, &mut out[..DATA_HEADER_LEN + n])
-            .await;
+        self.send_framed(route, &mut out[..DATA_HEADER_LEN + n]);
     }
 
     /// Sends `frame[DATA_HEADER_LEN..]` on `route`; for a relay the header is written in front.
-    pub(super) async fn send_framed(&mut self, route: Route, frame: &mut [u8]) {
+    pub(super) fn send_framed(&mut self, route: Route, frame: &mut [u8]) {
         match route {
-            Route::Direct(a) => self.send_udp(&frame[DATA_HEADER_LEN..], a).await,
+            Route::Direct(a) => self.send_udp(&frame[DATA_HEADER_LEN..], a),
             Route::Relay { relay, peer } => {
                 write_send_header(frame, &peer);
-                self.transmit(relay, frame).await;
+                self.transmit(relay, frame);
             }
         }
     }
 
     /// Sends one datagram the node framed: over UDP, or over the relay connection a TCP slot
     /// stands for.
-    pub(super) async fn transmit(&mut self, to: SocketAddr, payload: &[u8]) {
+    pub(super) fn transmit(&mut self, to: SocketAddr, payload: &[u8]) {
         if is_tcp_slot(&to) {
             self.send_tcp(to, payload);
         } else {
-            self.send_udp(payload, to).await;
+            self.send_udp(payload, to);
         }
     }
 
@@ -135,11 +134,7 @@ impl Engine {
 }
 
 /// Sends what the GSO batch holds in one `sendmsg`.
-pub(super) async fn flush_gso(
-    udp: &UdpSocket,
-    state: &quinn_udp::UdpSocketState,
-    batch: &mut GsoBatch,
-) {
+pub(super) fn flush_gso(udp: &UdpSocket, state: &quinn_udp::UdpSocketState, batch: &mut GsoBatch) {
     if let Some((destination, contents, segment_size)) = batch.pending() {
         let transmit = quinn_udp::Transmit {
             destination,
@@ -148,7 +143,7 @@ pub(super) async fn flush_gso(
             segment_size,
             src_ip: None,
         };
-        if let Err(e) = rally_udp::send(udp, state, &transmit).await {
+        if let Err(e) = rally_udp::send(udp, state, &transmit) {
             debug!(to = %destination, "udp send: {e}");
         }
     }
@@ -156,8 +151,8 @@ pub(super) async fn flush_gso(
 }
 
 /// Writes what the TUN batch holds (coalescing TCP segments when the device has offload).
-pub(super) async fn flush_tun(
-    tun: &tun_rs::AsyncDevice,
+pub(super) fn flush_tun(
+    tun: &tun_rs::SyncDevice,
     batch: &mut TunBatch,
     gro: &mut tun_rs::GROTable,
 ) {
@@ -165,7 +160,9 @@ pub(super) async fn flush_tun(
         return;
     }
     let (bufs, offset) = batch.pending();
-    if let Err(e) = tun.send_multiple(gro, bufs, offset).await {
+    // A TUN device's writes do not wait for room (its socket's send buffer is unlimited), so
+    // the non-blocking device needs no wait here.
+    if let Err(e) = tun.send_multiple(gro, bufs, offset) {
         debug!("tun send: {e}");
     }
     batch.clear();
@@ -174,16 +171,16 @@ pub(super) async fn flush_tun(
 impl Engine {
     /// Sends one datagram from the main socket, or from the side socket that carries `to`
     /// (a birthday-punched path).
-    pub(super) async fn send_udp(&self, bytes: &[u8], to: SocketAddr) {
+    pub(super) fn send_udp(&self, bytes: &[u8], to: SocketAddr) {
         match self.side.carrier(&to) {
-            Some(s) => send(s, bytes, to).await,
-            None => send(&self.udp, bytes, to).await,
+            Some(s) => send(s, bytes, to),
+            None => send(&self.udp, bytes, to),
         }
     }
 }
 
-pub(super) async fn send(udp: &UdpSocket, bytes: &[u8], to: SocketAddr) {
-    if let Err(e) = udp.send_to(bytes, to).await {
+pub(super) fn send(udp: &UdpSocket, bytes: &[u8], to: SocketAddr) {
+    if let Err(e) = rally_udp::send_to(udp, bytes, to) {
         debug!(%to, "udp send: {e}");
     }
 }

@@ -5,9 +5,7 @@
 //! wakes for nothing else.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-
-use tokio::io::unix::AsyncFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// `SKF_AD_OFF + SKF_AD_PKTTYPE`: the BPF load of the packet's type.
 const LOAD_PKTTYPE: u32 = (-0x1000i32 + 4) as u32;
@@ -63,7 +61,8 @@ fn program() -> Vec<libc::sock_filter> {
 
 /// An `AF_PACKET` socket on one interface, filtered as above.
 pub struct Capture {
-    fd: AsyncFd<OwnedFd>,
+    /// Non-blocking; the data-plane thread's wait watches it.
+    fd: OwnedFd,
     pub ifname: String,
 }
 
@@ -120,18 +119,14 @@ impl Capture {
             return Err(io::Error::last_os_error());
         }
         Ok(Capture {
-            // SAFETY: an OwnedFd keeps its descriptor open, and always the same one, until it
-            // is dropped with the AsyncFd.
-            fd: unsafe { AsyncFd::register(fd) }.map_err(|e| io::Error::other(e.to_string()))?,
+            fd,
             ifname: ifname.to_owned(),
         })
     }
 
-    /// Waits until a packet may be read.
-    pub async fn readable(&self) -> io::Result<()> {
-        let mut guard = self.fd.readable().await?;
-        guard.clear_ready();
-        Ok(())
+    /// The descriptor to wait on (readable when a packet is queued).
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
 
     /// Reads one packet without blocking; `Ok(None)` when none is queued.
@@ -139,7 +134,7 @@ impl Capture {
         // SAFETY: `buf` is valid for writes of its length.
         let n = unsafe {
             libc::recv(
-                self.fd.get_ref().as_raw_fd(),
+                self.fd.as_raw_fd(),
                 buf.as_mut_ptr().cast(),
                 buf.len(),
                 libc::MSG_DONTWAIT,

@@ -81,12 +81,9 @@ impl DiscoveryIo {
         });
     }
 
-    /// Waits until the capture has a packet (forever without a capture).
-    pub async fn readable(&self) -> std::io::Result<()> {
-        match &self.capture {
-            Some(c) => c.readable().await,
-            None => std::future::pending().await,
-        }
+    /// The capture's descriptor, while one is open (readable when it has a packet).
+    pub fn capture_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.capture.as_ref().map(Capture::raw_fd)
     }
 
     /// Reads one captured packet into `buf`; `None` when none is queued.
