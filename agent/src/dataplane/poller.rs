@@ -85,7 +85,13 @@ pub struct Poller {
     /// Whether the socket is watched (not while the node holds it unread).
     udp_on: bool,
     capture: Option<RawFd>,
+    /// Whether `epoll_pwait2` (nanosecond timeouts, Linux 5.11) works here; otherwise
+    /// `epoll_wait` with the timeout rounded up to a millisecond.
+    precise: bool,
 }
+
+/// How long a wait that failed unexpectedly pauses at most (the loop never spins on an error).
+const ERROR_PAUSE: Duration = Duration::from_millis(10);
 
 impl Poller {
     pub fn new(udp: RawFd, tun: RawFd, bell: &Doorbell) -> io::Result<Poller> {
@@ -101,6 +107,7 @@ impl Poller {
             udp,
             udp_on: true,
             capture: None,
+            precise: true,
         };
         p.ctl(libc::EPOLL_CTL_ADD, udp, UDP)?;
         p.ctl(libc::EPOLL_CTL_ADD, tun, TUN)?;
@@ -153,39 +160,67 @@ impl Poller {
     pub fn wait(&mut self, socket: bool, capture: Option<RawFd>, timeout: Duration) -> Ready {
         self.update(socket, capture);
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
-        let ts = libc::timespec {
-            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
-            // Below 10⁹: fits every platform's `c_long`.
-            tv_nsec: timeout.subsec_nanos() as libc::c_long,
-        };
-        // SAFETY: `events` is a valid array of its length and `ts` a valid timespec; no signal
-        // mask.
-        let n = unsafe {
-            libc::epoll_pwait2(
-                self.ep.as_raw_fd(),
-                events.as_mut_ptr(),
-                events.len() as libc::c_int,
-                &ts,
-                std::ptr::null(),
-            )
-        };
         let mut ready = Ready::default();
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                debug!("data-plane wait: {e}");
+        match self.epoll(&mut events, timeout) {
+            Ok(n) => {
+                for ev in &events[..n] {
+                    match ev.u64 {
+                        UDP => ready.udp = true,
+                        TUN => ready.tun = true,
+                        CAPTURE => ready.capture = true,
+                        _ => ready.bell = true,
+                    }
+                }
             }
-            return ready;
-        }
-        for ev in &events[..n as usize] {
-            match ev.u64 {
-                UDP => ready.udp = true,
-                TUN => ready.tun = true,
-                CAPTURE => ready.capture = true,
-                _ => ready.bell = true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                debug!("data-plane wait: {e}");
+                std::thread::sleep(timeout.min(ERROR_PAUSE));
             }
         }
         ready
+    }
+
+    /// One `epoll_pwait2`, or `epoll_wait` where that is missing (an older kernel) or refused (a
+    /// seccomp filter that predates it); returns the events filled.
+    fn epoll(&mut self, events: &mut [libc::epoll_event], timeout: Duration) -> io::Result<usize> {
+        let max = libc::c_int::try_from(events.len()).unwrap_or(libc::c_int::MAX);
+        if self.precise {
+            let ts = libc::timespec {
+                tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+                // Below 10⁹: fits every platform's `c_long`.
+                tv_nsec: timeout.subsec_nanos() as libc::c_long,
+            };
+            // SAFETY: `events` is a valid array of `max` entries and `ts` a valid timespec; no
+            // signal mask.
+            let n = unsafe {
+                libc::epoll_pwait2(
+                    self.ep.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    max,
+                    &ts,
+                    std::ptr::null(),
+                )
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            if !matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) {
+                return Err(e);
+            }
+            debug!("epoll_pwait2 unavailable ({e}): timeouts in whole milliseconds");
+            self.precise = false;
+        }
+        // Rounded up: the loop never wakes before its deadline (and then waits again).
+        let ms = timeout.as_nanos().div_ceil(1_000_000);
+        let ms = libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `events` is a valid array of `max` entries.
+        let n = unsafe { libc::epoll_wait(self.ep.as_raw_fd(), events.as_mut_ptr(), max, ms) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 }
 
@@ -298,6 +333,25 @@ mod tests {
         let mut buf = [0u8; 8];
         assert_eq!(rx.recv(&mut buf).expect("recv"), 1);
         assert!(!p.wait(true, None, Duration::ZERO).udp);
+    }
+
+    #[test]
+    fn without_epoll_pwait2_the_millisecond_wait_works_alike() {
+        let bell = Doorbell::new().expect("eventfd");
+        let (mut p, rx, _other, tx) = poller(&bell);
+        p.precise = false;
+        let started = Instant::now();
+        // 1.5 ms rounds up to 2: never earlier than asked.
+        assert_eq!(
+            p.wait(true, None, Duration::from_micros(1500)),
+            Ready::default()
+        );
+        assert!(started.elapsed() >= Duration::from_micros(1500));
+        tx.send_to(b"x", rx.local_addr().expect("addr"))
+            .expect("send");
+        assert!(p.wait(true, None, Duration::from_secs(5)).udp);
+        bell.ring();
+        assert!(p.wait(true, None, Duration::ZERO).bell);
     }
 
     #[test]
