@@ -6,6 +6,7 @@
 pub use rally_agent_core::{demux, handshake_guard, inbound, wg_cookie};
 
 pub mod batch;
+mod device;
 mod discovery;
 pub mod engine;
 mod poller;
