@@ -105,6 +105,11 @@ enum Cmd {
         /// Attempts of `bench punch`.
         #[arg(long, default_value_t = 20)]
         attempts: usize,
+        /// Keep the data-path lab (throughput, latency, profile) up before measuring, until
+        /// Enter: for `perf`, `bpftrace` or pings by hand; prints each path's namespace,
+        /// target and processes.
+        #[arg(long)]
+        hold: bool,
     },
     /// Relay load generator (run by `bench relay` inside a lab namespace).
     #[command(hide = true)]
@@ -159,6 +164,7 @@ fn run(command: Cmd) -> Result<bool> {
             seconds,
             out,
             attempts,
+            hold,
         } => {
             install_interrupt_handler();
             bench_dir(out).and_then(|out_dir| {
@@ -167,6 +173,7 @@ fn run(command: Cmd) -> Result<bool> {
                     seconds: seconds.max(2),
                     out_dir,
                     attempts,
+                    hold,
                 };
                 bench::run(which, &opts).map(|()| true)
             })

@@ -79,6 +79,8 @@ pub struct Options {
     pub out_dir: PathBuf,
     /// Attempts of `bench punch`.
     pub attempts: usize,
+    /// Keep the data-path lab up, before measuring, until a line (or the end) on stdin.
+    pub hold: bool,
 }
 
 /// Everything a `bench` invocation measured, as written to `bench-results.json`.
@@ -223,6 +225,24 @@ impl Sections {
     }
 }
 
+/// Keeps the data-path lab up for measurements by hand (`strace`, `perf`, `bpftrace`, pings
+/// from a namespace), saying where each path starts and which processes carry it, until a
+/// line or the end of input arrives on stdin.
+fn hold(dp: &tunnels::Datapath) {
+    for p in &dp.paths {
+        println!(
+            "    hold: {:<15} ping from namespace {} to {}; data-plane processes {:?}",
+            p.subject.label(),
+            p.client.ns(),
+            p.target,
+            p.pids
+        );
+    }
+    say("holding the lab: press Enter (or close stdin) to measure and tear it down");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+}
+
 /// The data-path sections (throughput, latency, profile) on one shared lab.
 fn run_datapath(which: Which, opts: &Options, sections: &mut Sections) -> Result<()> {
     let all = which == Which::All;
@@ -252,6 +272,9 @@ fn run_datapath(which: Which, opts: &Options, sections: &mut Sections) -> Result
             p.server.name(),
             p.target
         );
+    }
+    if opts.hold {
+        hold(&dp);
     }
     if all || which == Which::Throughput {
         say(&format!(
