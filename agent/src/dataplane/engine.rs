@@ -23,7 +23,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use boringtun::x25519::{PublicKey, StaticSecret};
@@ -37,7 +37,7 @@ use tracing::{debug, trace};
 use super::batch::{GsoBatch, TunBatch};
 use super::handshake_guard::HandshakeGuard;
 use super::inbound::InboundFilter;
-use super::poller::{Doorbell, IoThread, Poller, Ready};
+use super::poller::{IoThread, Poller, Ready};
 use super::restart::RestartHints;
 use super::timers::Wake;
 use super::tunnel::Tunnel;
@@ -180,9 +180,8 @@ pub struct Engine {
     pub(super) udp_state: quinn_udp::UdpSocketState,
     /// Non-blocking, like `udp`.
     pub(super) tun: tun_rs::SyncDevice,
-    /// Rung by the channels the loop polls (commands, relay connections, side sockets).
-    pub(super) bell: Arc<Doorbell>,
-    /// The loop's wait on the socket, the TUN device, the capture and the doorbell.
+    /// The loop's wait on the socket, the TUN device, the capture and the doorbell the
+    /// channels it polls ring (commands, relay connections, side sockets).
     pub(super) poller: Poller,
     /// Encrypted datagrams waiting for one GSO send.
     pub(super) gso: GsoBatch,
@@ -328,8 +327,7 @@ impl Engine {
             &udp_state,
             offload,
         );
-        let bell = Doorbell::new()?;
-        let poller = Poller::new(udp.as_raw_fd(), tun.as_raw_fd(), &bell)?;
+        let poller = Poller::new(udp.as_raw_fd(), tun.as_raw_fd())?;
         let secret = StaticSecret::from(cfg.wg_secret);
         let public = PublicKey::from(&secret);
         let local_port = udp.local_addr().map(|a| a.port()).unwrap_or(0);
@@ -356,7 +354,6 @@ impl Engine {
             udp_state,
             udp,
             tun,
-            bell,
             poller,
             secret,
             public,
@@ -389,7 +386,7 @@ impl Engine {
     /// queued.
     fn run(mut self, mut cmds: mpsc::UnboundedReceiver<EngineCmd>) {
         let mut b = Buffers::new();
-        let waker = Waker::from(self.bell.clone());
+        let waker = self.poller.waker();
         let mut cx = Context::from_waker(&waker);
         // The channels are polled on the first turn (which registers the waker) and again
         // after each ring, or while a turn left messages in them.
@@ -414,7 +411,7 @@ impl Engine {
             };
             let ready = self.wait(hold.is_none(), timeout);
             if ready.bell || channels_due {
-                self.bell.clear();
+                self.poller.bell().clear();
                 match self.poll_channels(&mut cmds, &mut cx, &mut b) {
                     Some(again) => channels_due = again,
                     None => break,

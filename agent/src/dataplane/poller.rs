@@ -13,7 +13,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::task::Wake;
+use std::task::{Wake, Waker};
 use std::time::Duration;
 
 use tracing::debug;
@@ -77,10 +77,11 @@ const TUN: u64 = 1;
 const CAPTURE: u64 = 2;
 const BELL: u64 = 3;
 
-/// A level-triggered `epoll` over the UDP socket, the TUN device, the discovery capture and the
-/// doorbell: what a turn leaves unread is reported again by the next wait.
+/// A level-triggered `epoll` over the UDP socket, the TUN device, the discovery capture and its
+/// own doorbell: what a turn leaves unread is reported again by the next wait.
 pub struct Poller {
     ep: OwnedFd,
+    bell: Arc<Doorbell>,
     udp: RawFd,
     /// Whether the socket is watched (not while the node holds it unread).
     udp_on: bool,
@@ -94,7 +95,7 @@ pub struct Poller {
 const ERROR_PAUSE: Duration = Duration::from_millis(10);
 
 impl Poller {
-    pub fn new(udp: RawFd, tun: RawFd, bell: &Doorbell) -> io::Result<Poller> {
+    pub fn new(udp: RawFd, tun: RawFd) -> io::Result<Poller> {
         // SAFETY: epoll_create1 has no memory preconditions; the result is checked.
         let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if ep < 0 {
@@ -104,6 +105,7 @@ impl Poller {
         let ep = unsafe { OwnedFd::from_raw_fd(ep) };
         let p = Poller {
             ep,
+            bell: Doorbell::new()?,
             udp,
             udp_on: true,
             capture: None,
@@ -111,8 +113,18 @@ impl Poller {
         };
         p.ctl(libc::EPOLL_CTL_ADD, udp, UDP)?;
         p.ctl(libc::EPOLL_CTL_ADD, tun, TUN)?;
-        p.ctl(libc::EPOLL_CTL_ADD, bell.fd.as_raw_fd(), BELL)?;
+        p.ctl(libc::EPOLL_CTL_ADD, p.bell.fd.as_raw_fd(), BELL)?;
         Ok(p)
+    }
+
+    /// The doorbell, which channels polled with [`Self::waker`] ring.
+    pub fn bell(&self) -> &Doorbell {
+        &self.bell
+    }
+
+    /// A waker that rings the doorbell.
+    pub fn waker(&self) -> Waker {
+        Waker::from(self.bell.clone())
     }
 
     fn ctl(&self, op: libc::c_int, fd: RawFd, token: u64) -> io::Result<()> {
@@ -168,7 +180,8 @@ impl Poller {
                         UDP => ready.udp = true,
                         TUN => ready.tun = true,
                         CAPTURE => ready.capture = true,
-                        _ => ready.bell = true,
+                        BELL => ready.bell = true,
+                        _ => {}
                     }
                 }
             }
@@ -278,31 +291,29 @@ mod tests {
     use std::time::Instant;
 
     /// A poller over a fresh socket pair's receiver (the TUN slot gets a second socket).
-    fn poller(bell: &Doorbell) -> (Poller, UdpSocket, UdpSocket, UdpSocket) {
+    fn poller() -> (Poller, UdpSocket, UdpSocket, UdpSocket) {
         let rx = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let other = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let tx = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let p = Poller::new(rx.as_raw_fd(), other.as_raw_fd(), bell).expect("epoll");
+        let p = Poller::new(rx.as_raw_fd(), other.as_raw_fd()).expect("epoll");
         (p, rx, other, tx)
     }
 
     #[test]
     fn a_ring_wakes_the_wait_until_cleared() {
-        let bell = Doorbell::new().expect("eventfd");
-        let (mut p, ..) = poller(&bell);
+        let (mut p, ..) = poller();
         assert_eq!(p.wait(true, None, Duration::ZERO), Ready::default());
-        bell.ring();
-        bell.ring();
+        p.bell().ring();
+        p.bell().ring();
         assert!(p.wait(true, None, Duration::from_secs(5)).bell);
-        bell.clear();
+        p.bell().clear();
         assert!(!p.wait(true, None, Duration::ZERO).bell);
     }
 
     #[test]
     fn a_channel_send_from_another_thread_rings_through_the_waker() {
-        let bell = Doorbell::new().expect("eventfd");
-        let (mut p, ..) = poller(&bell);
-        let waker = std::task::Waker::from(bell.clone());
+        let (mut p, ..) = poller();
+        let waker = p.waker();
         let mut cx = std::task::Context::from_waker(&waker);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
         assert!(rx.poll_recv(&mut cx).is_pending());
@@ -314,8 +325,7 @@ mod tests {
 
     #[test]
     fn the_socket_is_reported_until_read_and_not_while_held() {
-        let bell = Doorbell::new().expect("eventfd");
-        let (mut p, rx, _other, tx) = poller(&bell);
+        let (mut p, rx, _other, tx) = poller();
         let started = Instant::now();
         assert_eq!(
             p.wait(true, None, Duration::from_millis(20)),
@@ -337,8 +347,7 @@ mod tests {
 
     #[test]
     fn without_epoll_pwait2_the_millisecond_wait_works_alike() {
-        let bell = Doorbell::new().expect("eventfd");
-        let (mut p, rx, _other, tx) = poller(&bell);
+        let (mut p, rx, _other, tx) = poller();
         p.precise = false;
         let started = Instant::now();
         // 1.5 ms rounds up to 2: never earlier than asked.
@@ -350,14 +359,13 @@ mod tests {
         tx.send_to(b"x", rx.local_addr().expect("addr"))
             .expect("send");
         assert!(p.wait(true, None, Duration::from_secs(5)).udp);
-        bell.ring();
+        p.bell().ring();
         assert!(p.wait(true, None, Duration::ZERO).bell);
     }
 
     #[test]
     fn a_capture_descriptor_is_watched_once_given() {
-        let bell = Doorbell::new().expect("eventfd");
-        let (mut p, _rx, _other, tx) = poller(&bell);
+        let (mut p, _rx, _other, tx) = poller();
         let capture = UdpSocket::bind("127.0.0.1:0").expect("bind");
         tx.send_to(b"x", capture.local_addr().expect("addr"))
             .expect("send");
