@@ -5,8 +5,8 @@
 //! read: encrypted and sent, or decrypted and written to the TUN device. What is bulk waits in
 //! [`FlowQueues`] per direction (by inner 5-tuple when sending, by sending address when
 //! receiving; deficit round robin, CoDel per flow) that the engine serves one slice at a
-//! time ([`TX_SLICE`] packets, one GRO train), yielding to the runtime after each slice so that its I/O driver
-//! notices new readiness and the next small packet is read before the next slice. CoDel
+//! time ([`TX_SLICE`] packets, one GRO train), looking at the kernel's queues (a wait with no
+//! timeout) before each slice, so that the next small packet is read before the next slice. CoDel
 //! decides at each dequeue whether a bulk packet is dropped, or marked Congestion Experienced
 //! if its inner packet is ECN-capable (on the receive side after decryption).
 //!

@@ -48,7 +48,8 @@ pub enum Wake {
     Nothing,
 }
 
-/// The data plane's clock (tokio's, so paused-time tests work).
+/// The data plane's clock: the monotonic clock (through tokio's `Instant`, the type of the
+/// timers table's slots).
 pub fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
 }
