@@ -110,6 +110,11 @@ enum Cmd {
         /// target and processes.
         #[arg(long)]
         hold: bool,
+        /// Start the latency bench's second direct pair with NAME=VALUE in its environment
+        /// instead of RALLY_DATAPLANE_FIFO=1: an A/B of an agent setting (or, with
+        /// RALLY_BIN_DIR, another build) in the same runs; labelled "rally ab (A/B)".
+        #[arg(long, value_name = "NAME=VALUE", value_parser = parse_env_pair)]
+        ab_env: Option<(String, String)>,
     },
     /// Relay load generator (run by `bench relay` inside a lab namespace).
     #[command(hide = true)]
@@ -146,6 +151,17 @@ enum Cmd {
     Attack(rally_lab::attack::AttackCmd),
 }
 
+/// `NAME=VALUE` with a non-empty name of letters, digits and `_`.
+fn parse_env_pair(s: &str) -> std::result::Result<(String, String), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=VALUE"))?;
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("{name:?}: not an environment variable name"));
+    }
+    Ok((name.to_owned(), value.to_owned()))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     exit_code(run(cli.command))
@@ -165,8 +181,12 @@ fn run(command: Cmd) -> Result<bool> {
             out,
             attempts,
             hold,
+            ab_env,
         } => {
             install_interrupt_handler();
+            if let Some(pair) = ab_env {
+                let _ = bench::tunnels::AB_ENV.set(pair);
+            }
             bench_dir(out).and_then(|out_dir| {
                 let opts = bench::Options {
                     runs: runs.max(1),
@@ -452,5 +472,26 @@ fn describe_rally_ping(out: &Output) -> String {
 fn print_indented(text: &str) {
     for line in text.lines() {
         println!("    {line}");
+    }
+}
+
+#[cfg(test)]
+mod ab_env_tests {
+    use super::parse_env_pair;
+
+    #[test]
+    fn an_env_pair_needs_a_name_and_an_equals_sign() {
+        assert_eq!(
+            parse_env_pair("RALLY_PEER_SOCKETS=0"),
+            Ok(("RALLY_PEER_SOCKETS".to_owned(), "0".to_owned()))
+        );
+        assert_eq!(
+            parse_env_pair("RALLY_BIN_DIR=/a=b"),
+            Ok(("RALLY_BIN_DIR".to_owned(), "/a=b".to_owned()))
+        );
+        assert_eq!(parse_env_pair("X="), Ok(("X".to_owned(), String::new())));
+        for bad in ["RALLY_PEER_SOCKETS", "=1", "A B=1", ""] {
+            assert!(parse_env_pair(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -27,6 +27,10 @@ const POLL: Duration = Duration::from_millis(100);
 /// The agent's environment variable that turns its data-plane queues off.
 const FIFO_ENV: &str = "RALLY_DATAPLANE_FIFO";
 
+/// The second direct pair's environment when not [`FIFO_ENV`]`=1` (`bench --ab-env`): set once,
+/// before the lab is built; its figures are then labelled "rally ab (A/B)".
+pub static AB_ENV: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+
 /// Who carries the packets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Subject {
@@ -46,6 +50,7 @@ impl Subject {
             Subject::Raw => "raw veth",
             Subject::Rally => "rally (direct)",
             Subject::RallyRelay => "rally (relay)",
+            Subject::RallyFifo if AB_ENV.get().is_some() => "rally ab (A/B)",
             Subject::RallyFifo => "rally fifo (A/B)",
             Subject::Boringtun => "boringtun-cli",
             Subject::WireguardGo => "wireguard-go",
@@ -88,7 +93,8 @@ impl Datapath {
 pub struct Want {
     pub relay: bool,
     pub references: bool,
-    /// A second direct pair of agents with their queues off (`fa`, `fb`).
+    /// A second direct pair of agents (`fa`, `fb`), the same run's A/B baseline: queues off,
+    /// or the environment of [`AB_ENV`].
     pub fifo: bool,
 }
 
@@ -149,10 +155,13 @@ pub fn build(lab: &Lab, want: Want) -> Result<Datapath> {
     }
 
     if want.fifo {
-        println!("==> rally: two more agents with RALLY_DATAPLANE_FIFO=1 (direct path, A/B)");
+        let (name, value) = AB_ENV
+            .get()
+            .map_or((FIFO_ENV, "1"), |(n, v)| (n.as_str(), v.as_str()));
+        println!("==> rally: two more agents with {name}={value} (direct path, A/B)");
         let fa = lab.add_host("fa")?;
         let fb = lab.add_host("fb")?;
-        let (fa_agent, fb_agent) = with_agent_env(&[(FIFO_ENV, "1")], || {
+        let (fa_agent, fb_agent) = with_agent_env(&[(name, value)], || {
             rally_pair(&control, &fa, &fb, "fifo", "direct")
         })?;
         paths.push(Path {
