@@ -23,8 +23,9 @@ const PEERS_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Pings per pair.
 const PINGS: u32 = 3;
-/// How long a pair may take to settle on the route its two NATs allow.
-const ROUTE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a pair may take to settle on the route its two NATs allow: two birthday attempts
+/// (one misses by chance 1.7 % of the time, and the next follows 6 s after it ends).
+const ROUTE_TIMEOUT: Duration = Duration::from_secs(40);
 /// The demo's agents, each behind a NAT of its own. A home router and a carrier-grade NAT
 /// both map endpoint-independently, so alice and carol punch through to each other; bob's
 /// symmetric NAT gives every destination a fresh port that neither of their NATs lets in, so

@@ -59,7 +59,7 @@ fn advice(reason: &str) -> &'static str {
         "udp-blocked" => "a firewall blocks outgoing UDP on one side: allow UDP out (any port) to go direct",
         "both-symmetric" => "both NATs map endpoint-dependently: enable UPnP/NAT-PMP/PCP on either router, or forward its UDP port, to go direct",
         "punching" => "punching is still running: wait a few seconds",
-        "birthday-failed" => "birthday punching (the symmetric side's 256 sockets against 1024 probed ports) found no way through; it is retried after 1, 5, then 15 minutes. Enable UPnP/NAT-PMP/PCP on the symmetric side's router, or forward its UDP port, to go direct",
+        "birthday-failed" => "birthday punching (the symmetric side's 256 sockets against 1024 probed ports) found no way through; it is tried again 6 s later, then after 1 and 5 minutes and every 15 minutes. Enable UPnP/NAT-PMP/PCP on the symmetric side's router, or forward its UDP port, to go direct",
         "punch-timed-out" => "punching timed out: enable UPnP/NAT-PMP/PCP on the router of the symmetric side, or forward the UDP port; `rally peer reconnect PEER` retries now",
         "nat-unknown" => "a NAT report is missing: `rally netcheck` on both sides",
         _ => "no advice for this reason",

@@ -3,7 +3,8 @@
 //! direct by birthday punching, attempt after attempt, each with fresh routers, agents and
 //! party. Prints each attempt, the success rate, the time from `rally party join` to the direct
 //! path (both sides) and the probe budget used (the home side's `birthday` in
-//! `rally peers --json`). The lab test `birthday` runs a few attempts and requires every one.
+//! `rally peers --json`). The lab test `birthday` runs a few attempts and requires all
+//! but one.
 
 use std::time::{Duration, Instant};
 

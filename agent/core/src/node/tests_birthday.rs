@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use super::sim::{NatKind, Sim};
 use super::Route;
-use crate::birthday::{Outcome, MAX_BYTES, MAX_PROBES, MAX_SOCKETS};
+use crate::birthday::{
+    Outcome, AFTER_PUNCH, ATTEMPT_FOR, MAX_BYTES, MAX_PROBES, MAX_SOCKETS, RETRY,
+};
 
 fn origin() -> Instant {
     Instant::now()
@@ -180,4 +182,42 @@ fn at_most_two_attempts_run_at_once_and_the_others_follow() {
         assert!(record(&sim, 0, b).is_some(), "pair 0–{b} never tried");
     }
     assert!(all_direct(&sim), "every pair went direct in the end");
+}
+
+#[test]
+fn a_missed_attempt_is_tried_again_within_seconds_with_fresh_ports() {
+    let (mut sim, t0) = pair(NatKind::Home, NatKind::SymmetricRandom, 7);
+    // Nothing gets through between the two NATs until the first attempt has failed on both
+    // sides (as if its 1024 probes had all missed the 256 mappings).
+    sim.cut(0, 1);
+    let failed = |s: &Sim| {
+        [(0, 1), (1, 0)]
+            .iter()
+            .all(|&(a, b)| record(s, a, b).is_some_and(|r| r.outcome == Outcome::Failed))
+    };
+    assert!(
+        sim.run_until(t0 + Duration::from_secs(30), failed),
+        "no attempt failed"
+    );
+    let first = record(&sim, 0, 1).expect("the home side probed");
+    let ended = first.ended.expect("ended");
+    sim.heal();
+    // The second attempt follows within seconds (not the minute a user would wait on a
+    // relay): the retry's coordinated punch, a second of it, then the probes.
+    let budget = Duration::from_secs(20);
+    assert!(RETRY[0] + AFTER_PUNCH + ATTEMPT_FOR <= budget);
+    assert!(
+        sim.run_until(ended + budget, both_direct),
+        "not direct within {budget:?} of the first attempt's end"
+    );
+    let second = record(&sim, 0, 1).expect("the home side probed again");
+    assert!(
+        second.started >= ended + RETRY[0],
+        "{second:?} after {first:?}"
+    );
+    assert!(
+        matches!(second.outcome, Outcome::Direct { .. }),
+        "{second:?}"
+    );
+    println!("direct {:?} after the first attempt ended", sim.now - ended);
 }
