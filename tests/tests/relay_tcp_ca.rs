@@ -3,11 +3,11 @@
 //! --tls-cert --tls-cert-key`), the control plane hands it out with `tls-name=` (relay entry
 //! `tcp_name`), and agents behind a network that lets out only TCP 443 verify it against their
 //! trusted roots: one given the CA (`rally up --relay-ca FILE`) pings over `relay-tcp:r1`,
-//! directly and through an HTTP CONNECT proxy; one without it is refused, and its log says why.
+//! directly and through an HTTP CONNECT proxy; one without it is refused, its log says why, and it redials the relay only now and then.
 
 use std::time::Duration;
 
-use anyhow::{anyhow, ensure, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use rally_lab::proxy::ConnectProxy;
 use rally_lab::rally::RelayServer;
 use rally_lab::relay_tcp::start_ca_relay;
@@ -21,7 +21,7 @@ const TLS_NAME: &str = "relay.rally.test";
 fn an_agent_trusting_the_relays_ca_pings_over_relay_tcp_and_one_that_does_not_is_refused(
 ) -> Result<()> {
     with_lab(|lab| {
-        let (cp, _relay, ca) = control_and_ca_relay(lab)?;
+        let (cp, relay, ca) = control_and_ca_relay(lab)?;
         let (b, code) = owner(lab, &cp)?;
         let ca = ca.to_string_lossy().into_owned();
 
@@ -31,7 +31,8 @@ fn an_agent_trusting_the_relays_ca_pings_over_relay_tcp_and_one_that_does_not_is
         wait_path(lab, &a, "b", |p| p == "relay-tcp:r1")?;
         ping_ok(&a_host, &b.virtual_ip()?.to_string())?;
 
-        let (c, _) = blocked_agent(lab, "c", &[])?;
+        let (c, c_host) = blocked_agent(lab, "c", &[])?;
+        count_syns(relay.host(), c_host.public_ip())?;
         join(&c, &code)?;
         let refused = format!("relay over TLS/TCP refused (CA-verified for {TLS_NAME})");
         lab.wait_until(
@@ -55,6 +56,16 @@ fn an_agent_trusting_the_relays_ca_pings_over_relay_tcp_and_one_that_does_not_is
         ensure!(
             path_to(&c, "b")? != "relay-tcp:r1",
             "c must not use relay-tcp:r1"
+        );
+        // c keeps trying, but rarely: a TLS handshake the relay has to serve is no datagram
+        // (4 dials in the window here, 6 a minute; a dial per relay message would be dozens).
+        let before = syns_seen(relay.host())?;
+        std::thread::sleep(DIAL_WINDOW);
+        let dials = syns_seen(relay.host())? - before;
+        println!("c dialed the refusing relay {dials} times in {DIAL_WINDOW:?} after the refusal");
+        ensure!(
+            (2..=6).contains(&dials),
+            "c dialed the relay {dials} times in {DIAL_WINDOW:?}: it must retry, rarely"
         );
         Ok(())
     })
@@ -125,6 +136,30 @@ fn join(agent: &Agent, code: &str) -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
+}
+
+/// How long c's dials of the relay that refuses it are counted.
+const DIAL_WINDOW: Duration = Duration::from_secs(12);
+const SYN_TABLE: &str = "rallysyns";
+
+/// An nftables counter in `relay`'s namespace of TCP connection attempts (SYNs) from `from`.
+fn count_syns(relay: &Host, from: std::net::Ipv4Addr) -> Result<()> {
+    let chain = "{ type filter hook input priority 0; }";
+    relay.run_ok(&["nft", "add", "table", "inet", SYN_TABLE])?;
+    relay.run_ok(&["nft", "add", "chain", "inet", SYN_TABLE, "input", chain])?;
+    let rule = format!("ip saddr {from} tcp flags & (syn | ack) == syn counter");
+    relay.run_ok(&["nft", "add", "rule", "inet", SYN_TABLE, "input", &rule])?;
+    Ok(())
+}
+
+/// The SYNs [`count_syns`] counted so far.
+fn syns_seen(relay: &Host) -> Result<u64> {
+    let text = relay.run_ok(&["nft", "list", "table", "inet", SYN_TABLE])?;
+    text.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no counter in:\n{text}"))
 }
 
 fn ping_ok(host: &Host, vip: &str) -> Result<()> {
