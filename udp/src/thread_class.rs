@@ -14,6 +14,11 @@
 //! flood cannot raise it, and the kernel's real-time throttling (`sched_rt_runtime_us`, 95 %
 //! of each period by default) bounds what a busy thread can take. Best effort: where the
 //! kernel refuses (no `CAP_SYS_NICE`), the thread stays where it is and the boost stops asking.
+//!
+//! The class is bounded from within, too: a thread that has run [`RT_BUSY_MAX`] in it without
+//! sleeping takes a **breather** ([`RealtimeBoost::breather`]: it sleeps [`RT_BREATHER`]), so
+//! fair-class tasks that wait for its CPU (a game's own process beside a download) run within
+//! milliseconds rather than at the throttling's 50 ms a second.
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +28,16 @@ pub const RT_ENV: &str = "RALLY_DATAPLANE_RT";
 
 /// How long after the last bulk packet the thread keeps its real-time priority.
 pub const RT_HOLD: Duration = Duration::from_secs(2);
+
+/// `RALLY_DATAPLANE_RT_BREATHER=0` turns the breathers off (A/B runs).
+pub const RT_BREATHER_ENV: &str = "RALLY_DATAPLANE_RT_BREATHER";
+
+/// Longest the thread runs in the real-time class without sleeping before a breather.
+pub const RT_BUSY_MAX: Duration = Duration::from_millis(2);
+
+/// A breather: long enough for a waiting fair-class task to take a packet (a wake-up and a
+/// system call or two), short against [`RT_BUSY_MAX`] (at most a tenth of the thread's time).
+pub const RT_BREATHER: Duration = Duration::from_micros(200);
 
 /// The real-time priority taken under load: the lowest, below every kernel thread that has one.
 #[cfg(target_os = "linux")]
@@ -35,13 +50,19 @@ pub struct RealtimeBoost {
     allowed: bool,
     on: bool,
     last_bulk: Option<Instant>,
+    /// Breathers are taken (see [`Self::breather`]).
+    breathers: bool,
+    /// Since when the thread has held the class without sleeping.
+    busy_since: Option<Instant>,
 }
 
 impl RealtimeBoost {
     /// Allowed if `allowed`, unless [`RT_ENV`] is `0`.
     pub fn from_env(allowed: bool) -> Self {
-        let off = std::env::var(RT_ENV).is_ok_and(|v| v.trim() == "0");
-        Self::new(allowed && !off)
+        let off = |name| std::env::var(name).is_ok_and(|v| v.trim() == "0");
+        let mut b = Self::new(allowed && !off(RT_ENV));
+        b.breathers = !off(RT_BREATHER_ENV);
+        b
     }
 
     /// A boost that asks for the class only if `allowed`.
@@ -50,6 +71,8 @@ impl RealtimeBoost {
             allowed,
             on: false,
             last_bulk: None,
+            breathers: true,
+            busy_since: None,
         }
     }
 
@@ -70,6 +93,22 @@ impl RealtimeBoost {
             self.on = false;
             false
         })
+    }
+
+    /// A turn of the thread's loop at `t`, after a wait that slept (`slept`) or returned at
+    /// once: how long the thread should sleep now, if it has held the class [`RT_BUSY_MAX`]
+    /// without sleeping (the caller sleeps, then counts that as having slept).
+    pub fn breather(&mut self, t: Instant, slept: bool) -> Option<Duration> {
+        if !self.on || !self.breathers || slept {
+            self.busy_since = None;
+            return None;
+        }
+        let since = *self.busy_since.get_or_insert(t);
+        if t.saturating_duration_since(since) < RT_BUSY_MAX {
+            return None;
+        }
+        self.busy_since = None;
+        Some(RT_BREATHER)
     }
 
     /// Whether the thread holds the class (as far as the boost knows).
@@ -156,6 +195,37 @@ mod tests {
             Some(true),
             "the next burst raises it again"
         );
+    }
+
+    #[test]
+    fn a_thread_busy_in_the_class_breathes_every_busy_max() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut b = RealtimeBoost::new(true);
+        assert_eq!(b.breather(t0 + ms(10), false), None, "fair class: never");
+        assert_eq!(b.bulk(t0), Some(true));
+        // Busy from t0: nothing before RT_BUSY_MAX, a breather at it.
+        assert_eq!(b.breather(t0, false), None);
+        assert_eq!(b.breather(t0 + ms(1), false), None);
+        assert_eq!(b.breather(t0 + RT_BUSY_MAX, false), Some(RT_BREATHER));
+        // The breather was a sleep: the count starts again.
+        let t1 = t0 + RT_BUSY_MAX + RT_BREATHER;
+        assert_eq!(b.breather(t1, true), None);
+        assert_eq!(b.breather(t1 + ms(1), false), None);
+        // A wait that slept on its own resets it too.
+        assert_eq!(b.breather(t1 + ms(2), true), None);
+        assert_eq!(b.breather(t1 + ms(3), false), None);
+        assert_eq!(b.breather(t1 + ms(5), false), Some(RT_BREATHER));
+        // Back in the fair class: none.
+        assert_eq!(b.settle(t0 + RT_HOLD), Some(false));
+        assert_eq!(b.breather(t0 + RT_HOLD + ms(5), false), None);
+        assert_eq!(b.breather(t0 + RT_HOLD + ms(10), false), None);
+        // Turned off (the A/B switch): none.
+        let mut off = RealtimeBoost::new(true);
+        off.breathers = false;
+        assert_eq!(off.bulk(t0), Some(true));
+        assert_eq!(off.breather(t0, false), None);
+        assert_eq!(off.breather(t0 + ms(10), false), None);
     }
 
     #[test]

@@ -409,7 +409,11 @@ impl Engine {
             } else {
                 deadline.saturating_duration_since(tokio::time::Instant::now())
             };
+            let waited_from = self.queues.boosted().then(super::timers::now);
             let ready = self.wait(hold.is_none(), timeout);
+            if let Some(from) = waited_from {
+                self.queues.breathe(from);
+            }
             if ready.bell || channels_due {
                 self.poller.bell().clear();
                 match self.poll_channels(&mut cmds, &mut cx, &mut b) {

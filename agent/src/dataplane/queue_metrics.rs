@@ -306,6 +306,13 @@ fn render_sched(out: &mut String, sc: SchedStat, st: &QueueStats) {
     );
     write_metric(
         out,
+        "rally_dataplane_thread_realtime_breathers_total",
+        "counter",
+        "Breathers (short sleeps) the data-plane thread took after 2 ms busy in its real-time priority.",
+        &one(st.realtime_breathers as f64),
+    );
+    write_metric(
+        out,
         "rally_dataplane_thread_cpu_seconds_total",
         "counter",
         "Time the data-plane thread ran on a CPU.",

@@ -59,6 +59,9 @@ const TX_QUANTUM: usize = 64 * 1024;
 const RX_QUANTUM: usize = 64 * 1024;
 /// How often the queues' counters are logged under load.
 const REPORT_EVERY: Duration = Duration::from_secs(2);
+/// A wait of the loop that took this long slept (an `epoll` with something ready returns in
+/// a microsecond or two).
+const SLEPT: Duration = Duration::from_micros(10);
 /// Spare send-side buffers (2 KiB each) kept when the queue empties, for the next burst; the
 /// rest are freed. Under a one-stream load the send queue empties between bursts, and with 64
 /// kept every burst allocated (and zeroed, and page-faulted in) its buffers again: 2.5 % of the
@@ -105,6 +108,8 @@ pub(super) struct QueueStats {
     pub max_rx_read_gap: Duration,
     /// Times the data-plane thread took its real-time priority (a bulk transfer began).
     pub realtime_boosts: u64,
+    /// Breathers it took in that class (short sleeps after running long without one).
+    pub realtime_breathers: u64,
     /// Whether it holds it now.
     pub realtime: bool,
 }
@@ -198,6 +203,23 @@ impl Queues {
     pub fn settle_boost(&mut self) {
         let change = self.boost.on_turn(now);
         self.class_changed(change);
+    }
+
+    /// Whether the thread holds its real-time priority (the loop then times its waits).
+    pub fn boosted(&self) -> bool {
+        self.boost.is_on()
+    }
+
+    /// After a wait that started at `from` (read only while [`Self::boosted`]): sleeps a
+    /// breather if the thread has held a CPU in the real-time class too long without sleeping
+    /// (`rally_udp::thread_class::RT_BUSY_MAX`).
+    pub fn breathe(&mut self, from: Instant) {
+        let t = now();
+        let slept = t.saturating_duration_since(from) >= SLEPT;
+        if let Some(d) = self.boost.breather(t, slept) {
+            std::thread::sleep(d);
+            self.stats.realtime_breathers += 1;
+        }
     }
 
     fn class_changed(&mut self, change: Option<std::io::Result<bool>>) {
