@@ -13,15 +13,17 @@
 //!
 //! A connection is dialed on the first frame for its slot (through the HTTP CONNECT proxy
 //! when one is configured), verifying the relay as its entry says ([`super::relay_tls`]: its
-//! pinned TLS key, or an operator's certificate under trusted roots); a failed or closed one is dialed again on the next frame, at most once per
-//! [`REDIAL`]. Connections whose slot the node no longer uses are closed.
+//! pinned TLS key, or an operator's certificate under trusted roots); a failed or closed one is
+//! dialed again on the next frame, [`REDIAL`] after the last dial, doubling after each dial in
+//! a row that never came up (a relay that refuses our trust or does not answer) up to
+//! [`REDIAL_MAX`] ([`Redial`]). Connections whose slot the node no longer uses are closed.
 //!
 //! Once TLS is up the node is handed a `BindChallenge` carrying the connection's channel
 //! binding (`rally_proto::relay_stream::BIND_EXPORTER_LABEL`), so the first `Bind` goes out
 //! at once: bound one round trip after TLS instead of two.
 //!
-//! Each slot has a second connection, its twin ([`super::relay_twin`]), dialed and redialed
-//! with the first: it binds itself with the token of the node's latest `Bind`, carries a copy
+//! Each slot has a second connection, its twin ([`super::relay_twin`]), dialed once the first
+//! came up and redialed like it: it binds itself with the token of the node's latest `Bind`, carries a copy
 //! of every small WireGuard data message ([`rally_proto::relay_stream::is_copied`]) and ping,
 //! and carries bulk only while the node's connection is down.
 
@@ -54,6 +56,8 @@ const NOTSENT_LOWAT: u32 = 16 * 1024;
 pub(super) const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Least time between two dials of one slot.
 const REDIAL: Duration = Duration::from_millis(500);
+/// Most time between two dials of a slot whose dials keep failing.
+const REDIAL_MAX: Duration = Duration::from_secs(30);
 /// Frames from every connection waiting for the engine's loop.
 const INBOUND: usize = 1024;
 
@@ -81,7 +85,7 @@ struct Conn {
     endpoint: TcpEndpoint,
     queue: Arc<Queue>,
     task: JoinHandle<()>,
-    dialed: Instant,
+    redial: Redial,
     /// The second connection, once dialed.
     twin: Option<Twin>,
     /// The token of the node's latest `Bind` on the slot, for the twin's binds.
@@ -91,7 +95,46 @@ struct Conn {
 struct Twin {
     queue: Arc<Queue>,
     task: JoinHandle<()>,
+    redial: Redial,
+}
+
+/// When a connection may be dialed again: [`REDIAL`] after the last dial if that one came up,
+/// twice as long after each dial in a row that did not, at most [`REDIAL_MAX`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Redial {
     dialed: Instant,
+    /// Dials in a row before the last that never came up.
+    failures: u32,
+}
+
+impl Redial {
+    fn first(now: Instant) -> Redial {
+        Redial {
+            dialed: now,
+            failures: 0,
+        }
+    }
+
+    /// The schedule of a dial at `now` after this one, which came up or not.
+    fn next(self, came_up: bool, now: Instant) -> Redial {
+        Redial {
+            dialed: now,
+            failures: if came_up {
+                0
+            } else {
+                self.failures.saturating_add(1)
+            },
+        }
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        now >= self.dialed + redial_delay(self.failures)
+    }
+}
+
+/// The wait before the next dial after `failures` dials in a row that never came up.
+fn redial_delay(failures: u32) -> Duration {
+    REDIAL.saturating_mul(1 << failures.min(8)).min(REDIAL_MAX)
 }
 
 #[derive(Default)]
@@ -100,6 +143,8 @@ pub(super) struct Queue {
     notify: Notify,
     dropped: AtomicU64,
     pub(super) closed: AtomicBool,
+    /// The connection's TLS handshake completed (it came up, whatever happened next).
+    pub(super) up: AtomicBool,
     /// A twin's session is bound at the relay (unused for the node's connection).
     pub(super) bound: AtomicBool,
 }
@@ -152,16 +197,18 @@ impl TcpRelays {
     pub fn connect(&mut self, slot: SocketAddr, endpoint: &TcpEndpoint) {
         let now = Instant::now();
         let stale = self.conns.get(&slot).is_none_or(|c| {
-            c.endpoint != *endpoint
-                || (c.queue.closed.load(Ordering::Relaxed) && now >= c.dialed + REDIAL)
+            c.endpoint != *endpoint || (c.queue.closed.load(Ordering::Relaxed) && c.redial.due(now))
         });
         if stale {
             self.dial(slot, endpoint.clone(), now);
         }
+        // The twin follows a connection that came up: a relay that refuses the first refuses
+        // the second too.
         let twin_stale = self.conns.get(&slot).is_some_and(|c| {
-            c.twin
-                .as_ref()
-                .is_none_or(|t| t.queue.closed.load(Ordering::Relaxed) && now >= t.dialed + REDIAL)
+            c.queue.up.load(Ordering::Relaxed)
+                && c.twin
+                    .as_ref()
+                    .is_none_or(|t| t.queue.closed.load(Ordering::Relaxed) && t.redial.due(now))
         });
         if twin_stale {
             self.dial_twin(slot, now);
@@ -234,17 +281,18 @@ impl TcpRelays {
 
     fn dial(&mut self, slot: SocketAddr, endpoint: TcpEndpoint, now: Instant) {
         // A new endpoint starts over; the same one keeps its twin and the token.
-        let (twin, token) = match self.conns.remove(&slot) {
+        let (twin, token, redial) = match self.conns.remove(&slot) {
             Some(mut old) if old.endpoint == endpoint => {
                 self.dropped_closed += old.queue.dropped.load(Ordering::Relaxed);
                 old.task.abort();
-                (old.twin.take(), old.token)
+                let came_up = old.queue.up.load(Ordering::Relaxed);
+                (old.twin.take(), old.token, old.redial.next(came_up, now))
             }
             Some(old) => {
                 self.close(old);
-                (None, watch::channel(Vec::new()).0)
+                (None, watch::channel(Vec::new()).0, Redial::first(now))
             }
-            None => (None, watch::channel(Vec::new()).0),
+            None => (None, watch::channel(Vec::new()).0, Redial::first(now)),
         };
         let queue = Arc::new(Queue::default());
         let task = tokio::spawn(run(
@@ -260,7 +308,7 @@ impl TcpRelays {
                 endpoint,
                 queue,
                 task,
-                dialed: now,
+                redial,
                 twin,
                 token,
             },
@@ -271,10 +319,14 @@ impl TcpRelays {
         let Some(c) = self.conns.get_mut(&slot) else {
             return;
         };
-        if let Some(old) = c.twin.take() {
-            self.dropped_closed += old.queue.dropped.load(Ordering::Relaxed);
-            old.task.abort();
-        }
+        let redial = match c.twin.take() {
+            Some(old) => {
+                self.dropped_closed += old.queue.dropped.load(Ordering::Relaxed);
+                old.task.abort();
+                old.redial.next(old.queue.up.load(Ordering::Relaxed), now)
+            }
+            None => Redial::first(now),
+        };
         let queue = Arc::new(Queue::default());
         let task = tokio::spawn(relay_twin::run(TwinTask {
             slot,
@@ -288,7 +340,7 @@ impl TcpRelays {
         c.twin = Some(Twin {
             queue,
             task,
-            dialed: now,
+            redial,
         });
     }
 }
@@ -327,6 +379,7 @@ async fn run(
             return;
         }
     };
+    queue.up.store(true, Ordering::Relaxed);
     info!(%addr, "relay connection over TLS/TCP up");
     if let Some(challenge) = channel_challenge(&tls) {
         // The bind request queued before the connection was up would only fetch a cookie
@@ -448,6 +501,33 @@ fn set_notsent_lowat(stream: &TcpStream) {
 mod tests {
     use super::*;
     use rally_proto::relay_stream::StreamDecoder;
+
+    #[test]
+    fn failed_dials_back_off_to_the_cap_and_a_connection_that_came_up_resets_it() {
+        let t0 = Instant::now();
+        let mut r = Redial::first(t0);
+        assert!(!r.due(t0 + REDIAL - Duration::from_millis(1)) && r.due(t0 + REDIAL));
+        let mut waits = Vec::new();
+        for _ in 0..10 {
+            r = r.next(false, r.dialed);
+            waits.push(redial_delay(r.failures).as_millis());
+        }
+        assert_eq!(
+            waits,
+            [1000, 2000, 4000, 8000, 16_000, 30_000, 30_000, 30_000, 30_000, 30_000]
+        );
+        assert!(!r.due(r.dialed + Duration::from_secs(29)) && r.due(r.dialed + REDIAL_MAX));
+        // One that came up: the next dial after it waits REDIAL again.
+        let up = r.next(true, r.dialed);
+        assert_eq!((up.failures, up.due(up.dialed + REDIAL)), (0, true));
+        // Failures without end neither overflow nor pass the cap.
+        let worn = Redial {
+            dialed: t0,
+            failures: u32::MAX,
+        };
+        assert_eq!(worn.next(false, t0).failures, u32::MAX);
+        assert_eq!(redial_delay(u32::MAX), REDIAL_MAX);
+    }
 
     #[test]
     fn queued_bind_requests_are_dropped_and_other_frames_kept_in_order() {

@@ -88,6 +88,7 @@ pub(super) async fn run(t: TwinTask) {
         queue.closed.store(true, Ordering::Relaxed);
         return;
     };
+    queue.up.store(true, Ordering::Relaxed);
     debug!(%addr, "second relay connection over TLS/TCP up");
     let binder = Binder {
         cookie,
