@@ -402,6 +402,12 @@ fn wait_routes(agents: &[&Agent]) -> bool {
                 Err(e) => {
                     routes_ok = false;
                     println!("    {pair}: NOT {want} as expected: {e}");
+                    // What each side found and tried, for whoever reads a failed run (the
+                    // process logs below are cut to their last lines).
+                    match a.rally_ok(&["peer", "why", b.name()]) {
+                        Ok(why) => why.lines().for_each(|l| println!("        {l}")),
+                        Err(e) => println!("        rally peer why {}: {e:#}", b.name()),
+                    }
                 }
             }
         }
