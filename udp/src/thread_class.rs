@@ -97,7 +97,7 @@ impl RealtimeBoost {
 
     /// A turn of the thread's loop at `t`, after a wait that slept (`slept`) or returned at
     /// once: how long the thread should sleep now, if it has held the class [`RT_BUSY_MAX`]
-    /// without sleeping (the caller sleeps, then counts that as having slept).
+    /// without sleeping (the count starts again at the next turn: the breather is a sleep).
     pub fn breather(&mut self, t: Instant, slept: bool) -> Option<Duration> {
         if !self.on || !self.breathers || slept {
             self.busy_since = None;
