@@ -14,9 +14,9 @@
 //! A connection is dialed on the first frame for its slot (through the HTTP CONNECT proxy
 //! when one is configured), verifying the relay as its entry says ([`super::relay_tls`]: its
 //! pinned TLS key, or an operator's certificate under trusted roots); a failed or closed one is
-//! dialed again on the next frame, [`REDIAL`] after the last dial, doubling after each dial in
-//! a row that never came up (a relay that refuses our trust or does not answer) up to
-//! [`REDIAL_MAX`] ([`Redial`]). Connections whose slot the node no longer uses are closed.
+//! dialed again on the next frame, 0.5 s after the last dial, doubling after each dial in a row
+//! that never came up (a relay that refuses our trust or does not answer) up to 30 s
+//! ([`REDIAL`], [`Redial`]). Connections whose slot the node no longer uses are closed.
 //!
 //! Once TLS is up the node is handed a `BindChallenge` carrying the connection's channel
 //! binding (`rally_proto::relay_stream::BIND_EXPORTER_LABEL`), so the first `Bind` goes out
@@ -44,6 +44,7 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use super::relay_twin::{self, Sent, TwinTask};
+use crate::backoff::BackoffPolicy;
 use crate::node::TcpEndpoint;
 
 /// Frames waiting for the socket, per connection (the oldest is dropped beyond). One TUN
@@ -54,10 +55,14 @@ pub const QUEUE_FRAMES: usize = 256;
 const NOTSENT_LOWAT: u32 = 16 * 1024;
 /// Time for the TCP connect (or proxy) and TLS handshakes.
 pub(super) const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Least time between two dials of one slot.
-const REDIAL: Duration = Duration::from_millis(500);
-/// Most time between two dials of a slot whose dials keep failing.
-const REDIAL_MAX: Duration = Duration::from_secs(30);
+/// Time between two dials of one slot: `base` after a dial that came up, doubling after each
+/// that did not, at most `max`.
+const REDIAL: BackoffPolicy = BackoffPolicy {
+    base: Duration::from_millis(500),
+    max: Duration::from_secs(30),
+    jitter: 0.0,
+    attempts: None,
+};
 /// Frames from every connection waiting for the engine's loop.
 const INBOUND: usize = 1024;
 
@@ -98,8 +103,7 @@ struct Twin {
     redial: Redial,
 }
 
-/// When a connection may be dialed again: [`REDIAL`] after the last dial if that one came up,
-/// twice as long after each dial in a row that did not, at most [`REDIAL_MAX`].
+/// When a connection may be dialed again, by the [`REDIAL`] schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Redial {
     dialed: Instant,
@@ -128,13 +132,13 @@ impl Redial {
     }
 
     fn due(&self, now: Instant) -> bool {
-        now >= self.dialed + redial_delay(self.failures)
+        now >= self.dialed + self.delay()
     }
-}
 
-/// The wait before the next dial after `failures` dials in a row that never came up.
-fn redial_delay(failures: u32) -> Duration {
-    REDIAL.saturating_mul(1 << failures.min(8)).min(REDIAL_MAX)
+    /// The wait after the last dial.
+    fn delay(&self) -> Duration {
+        REDIAL.nominal(self.failures.saturating_add(1))
+    }
 }
 
 #[derive(Default)]
@@ -506,27 +510,28 @@ mod tests {
     fn failed_dials_back_off_to_the_cap_and_a_connection_that_came_up_resets_it() {
         let t0 = Instant::now();
         let mut r = Redial::first(t0);
-        assert!(!r.due(t0 + REDIAL - Duration::from_millis(1)) && r.due(t0 + REDIAL));
+        let (base, max) = (REDIAL.base, REDIAL.max);
+        assert!(!r.due(t0 + base - Duration::from_millis(1)) && r.due(t0 + base));
         let mut waits = Vec::new();
         for _ in 0..10 {
             r = r.next(false, r.dialed);
-            waits.push(redial_delay(r.failures).as_millis());
+            waits.push(r.delay().as_millis());
         }
         assert_eq!(
             waits,
             [1000, 2000, 4000, 8000, 16_000, 30_000, 30_000, 30_000, 30_000, 30_000]
         );
-        assert!(!r.due(r.dialed + Duration::from_secs(29)) && r.due(r.dialed + REDIAL_MAX));
-        // One that came up: the next dial after it waits REDIAL again.
+        assert!(!r.due(r.dialed + Duration::from_secs(29)) && r.due(r.dialed + max));
+        // One that came up: the next dial after it waits the base again.
         let up = r.next(true, r.dialed);
-        assert_eq!((up.failures, up.due(up.dialed + REDIAL)), (0, true));
+        assert_eq!((up.failures, up.due(up.dialed + base)), (0, true));
         // Failures without end neither overflow nor pass the cap.
         let worn = Redial {
             dialed: t0,
             failures: u32::MAX,
         };
         assert_eq!(worn.next(false, t0).failures, u32::MAX);
-        assert_eq!(redial_delay(u32::MAX), REDIAL_MAX);
+        assert_eq!(worn.delay(), max);
     }
 
     #[test]

@@ -67,7 +67,7 @@ pub const AFTER_PUNCH: Duration = Duration::from_secs(1);
 /// sides): a miss is mostly the budget's 1.7 % chance, and a second attempt with fresh sockets
 /// and ports misses with it again only 0.03 % of the time.
 pub const RETRY: [Duration; 4] = [
-    Duration::from_secs(6),
+    MIN_GAP.saturating_add(Duration::from_secs(1)),
     Duration::from_secs(60),
     Duration::from_secs(300),
     Duration::from_secs(900),
