@@ -3,7 +3,8 @@
 //! --tls-cert --tls-cert-key`), the control plane hands it out with `tls-name=` (relay entry
 //! `tcp_name`), and agents behind a network that lets out only TCP 443 verify it against their
 //! trusted roots: one given the CA (`rally up --relay-ca FILE`) pings over `relay-tcp:r1`,
-//! directly and through an HTTP CONNECT proxy; one without it is refused, its log says why, and it redials the relay ever more rarely.
+//! directly and through an HTTP CONNECT proxy; one without it is refused, its log says why,
+//! and it redials the relay ever more rarely.
 
 use std::time::Duration;
 
