@@ -37,6 +37,7 @@ use tracing::{debug, trace};
 use super::batch::{GsoBatch, TunBatch};
 use super::handshake_guard::HandshakeGuard;
 use super::inbound::InboundFilter;
+use super::path_timing;
 use super::poller::{IoThread, Poller, Ready};
 use super::restart::RestartHints;
 use super::timers::Wake;
@@ -223,6 +224,8 @@ pub struct Engine {
     pub(super) tcp: super::relay_tcp::TcpRelays,
     /// Small packets first, bulk ones under CoDel ([`super::queues`]).
     pub(super) queues: super::queues::Queues,
+    /// The turn's traffic, told to the node after its sends ([`super::activity`]).
+    pub(super) activity: super::activity::Activity,
 }
 
 /// What the engine needs to start.
@@ -378,6 +381,7 @@ impl Engine {
             inbound: InboundFilter::new(cfg.virtual_ip),
             restart: RestartHints::new(super::timers::now()),
             queues,
+            activity: Default::default(),
         })
     }
 
@@ -392,6 +396,7 @@ impl Engine {
         // after each ring, or while a turn left messages in them.
         let mut channels_due = true;
         loop {
+            path_timing::turn_end();
             self.queues.settle_boost();
             let (deadline, wake) = self.next_wake();
             // After an idle burst of probes the node may ask for the socket to stay unread
@@ -410,7 +415,9 @@ impl Engine {
                 deadline.saturating_duration_since(tokio::time::Instant::now())
             };
             let waited_from = self.queues.boosted().then(super::timers::now);
+            let slept_from = path_timing::now();
             let ready = self.wait(hold.is_none(), timeout);
+            path_timing::woke(slept_from);
             if let Some(from) = waited_from {
                 self.queues.breathe(from);
             }
@@ -441,6 +448,7 @@ impl Engine {
                 self.serve_bulk(&mut b);
                 self.queues.report(super::timers::now());
             }
+            self.tell_activity();
             self.drain_node(&mut b.out);
             self.discovery_flush(&mut b.out);
             self.drain_node(&mut b.out);

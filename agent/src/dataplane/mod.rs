@@ -5,10 +5,12 @@
 
 pub use rally_agent_core::{demux, handshake_guard, inbound, wg_cookie};
 
+mod activity;
 pub mod batch;
 mod device;
 mod discovery;
 pub mod engine;
+pub mod path_timing;
 mod poller;
 pub mod queue_metrics;
 mod queues;

@@ -24,6 +24,7 @@ use tracing::{debug, info};
 
 use super::batch::MAX_GSO_BYTES;
 use super::engine::{Buffers, Engine};
+use super::path_timing;
 use super::queue_metrics::{SchedStat, Trace};
 use super::timers::now;
 use rally_udp::thread_class::RealtimeBoost;
@@ -349,6 +350,7 @@ impl Engine {
             if read == 1 {
                 super::tx::flush_gso(&self.udp, &self.udp_state, &mut self.gso);
             }
+            path_timing::mark("tun_read_start");
             let n =
                 match self
                     .tun
@@ -361,6 +363,7 @@ impl Engine {
                         break;
                     }
                 };
+            path_timing::mark("tun_read");
             if !self.queues.enabled {
                 self.handle_tun_batch(b, n);
                 return;

@@ -11,6 +11,7 @@ use super::demux::{classify, receiver_index, Datagram, WgKind};
 use super::discovery::Admit;
 use super::engine::{Buffers, Engine, RX_BUFS};
 use super::handshake_guard::{Source, Verdict};
+use super::path_timing;
 use super::queue_metrics::Point;
 use super::timers::now;
 use super::tunnel::{initiator_key, Output, TunnelError};
@@ -47,6 +48,7 @@ impl Engine {
         self.queues.trace.observe_socket(&self.udp);
         for round in 0..RX_ROUNDS {
             let (n, drained) = {
+                path_timing::mark("udp_read_start");
                 let mut iovs = b.rx.each_mut().map(|b| std::io::IoSliceMut::new(b));
                 match rally_udp::recv_batch(&self.udp, &self.udp_state, &mut iovs, &mut b.meta) {
                     Ok(got) => (got.count, got.drained),
@@ -56,6 +58,7 @@ impl Engine {
                     }
                 }
             };
+            path_timing::mark("udp_read");
             for i in 0..n.min(RX_BUFS) {
                 self.take_received(b, i);
             }
@@ -234,14 +237,13 @@ impl Engine {
     }
 
     fn handle_wireguard(&mut self, id: Key32, via: PathId, d: &[u8], out: &mut [u8]) {
-        let t = now();
         let from_ip = via.addr().map(|a| a.ip());
         let mut datagram = d;
-        self.mark_live(id);
         loop {
             let Some(peer) = self.peers.get_mut(&id) else {
                 return;
             };
+            path_timing::mark("demuxed");
             let n = match peer
                 .tunnel
                 .decapsulate(from_ip, datagram, &mut out[DATA_HEADER_LEN..])
@@ -249,6 +251,7 @@ impl Engine {
                 Ok(Output::Done) => return,
                 Ok(Output::Network(b)) => b.len(),
                 Ok(Output::Tunnel(packet, src)) => {
+                    path_timing::mark("decrypted");
                     let len = packet.len();
                     mark_connected(peer, &id);
                     let vip = self.node.peer(&id).map(|p| p.info().virtual_ip);
@@ -283,8 +286,9 @@ impl Engine {
                             self.encrypt_and_send(id, route, &[], out);
                         }
                     } else {
-                        self.node.handle_tunnel_rx(&id, &via, t);
+                        self.note_rx(id, &via);
                     }
+                    path_timing::mark("admitted");
                     return;
                 }
                 Err(TunnelError::Duplicate) => {
@@ -302,7 +306,8 @@ impl Engine {
             // rekey (boringtun's, 120 s after a session that carried data) leaves both peers
             // idle.
             mark_connected(peer, &id);
-            self.node.handle_tunnel_handshake(&id, &via, t);
+            self.mark_live(id);
+            self.node.handle_tunnel_handshake(&id, &via, now());
             if let Some(route) = self.node.route_for(&id, &via) {
                 self.send_framed(route, &mut out[..DATA_HEADER_LEN + n]);
             }

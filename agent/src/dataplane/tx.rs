@@ -10,8 +10,8 @@ use tracing::{debug, trace};
 
 use super::batch::{GsoBatch, TunBatch};
 use super::engine::{Buffers, Engine};
+use super::path_timing;
 use super::queue_metrics::Point;
-use super::timers::now;
 use super::tunnel::Output;
 use crate::node::{is_tcp_slot, Route};
 
@@ -39,16 +39,16 @@ impl Engine {
             trace!(%dst, "no peer for destination");
             return;
         };
-        self.node.handle_tunnel_tx(&id, now());
         let Some(route) = self.node.route(&id) else {
             // No usable path: the node holds it until one comes up.
             self.node.enqueue(&id, packet.to_vec());
             return;
         };
-        self.mark_live(id);
+        self.note_tx(id);
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
+        path_timing::mark("looked_up");
         let n = match peer.tunnel.encapsulate(packet, &mut out[DATA_HEADER_LEN..]) {
             Ok(Output::Network(b)) => b.len(),
             Ok(_) => return,
@@ -57,6 +57,7 @@ impl Engine {
                 return;
             }
         };
+        path_timing::mark("encrypted");
         let (dest, frame) = match route {
             Route::Direct(a) => (a, &out[DATA_HEADER_LEN..DATA_HEADER_LEN + n]),
             Route::Relay { relay, peer } => {
@@ -143,9 +144,12 @@ pub(super) fn flush_gso(udp: &UdpSocket, state: &quinn_udp::UdpSocketState, batc
             segment_size,
             src_ip: None,
         };
+        path_timing::mark("send_start");
         if let Err(e) = rally_udp::send(udp, state, &transmit) {
             debug!(to = %destination, "udp send: {e}");
         }
+        path_timing::mark("sent");
+        path_timing::done(path_timing::Side::Tx);
     }
     batch.clear();
 }
@@ -162,9 +166,12 @@ pub(super) fn flush_tun(
     let (bufs, offset) = batch.pending();
     // A TUN device's writes do not wait for room (its socket's send buffer is unlimited), so
     // the non-blocking device needs no wait here.
+    path_timing::mark("tun_write_start");
     if let Err(e) = tun.send_multiple(gro, bufs, offset) {
         debug!("tun send: {e}");
     }
+    path_timing::mark("tun_written");
+    path_timing::done(path_timing::Side::Rx);
     batch.clear();
 }
 
