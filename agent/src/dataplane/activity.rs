@@ -3,10 +3,11 @@
 //! tunnel has WireGuard state for the timers to visit.
 //!
 //! The node's bookkeeping per packet (its peer table, the connection's clocks, the touched
-//! set) ran from cold caches between a packet's read and its send: some 5 µs of the
-//! client's send and 4 µs of the server's receive after an idle 10 ms (docs/benchmarks.md).
-//! Noted here instead (one entry per run of one peer's packets), the node hears it before
-//! the turn drains its outputs, as it did before.
+//! set) ran from cold caches between a packet's read and its send or TUN write: 3–6 µs on
+//! each side after an idle 10 ms (docs/benchmarks.md). Noted here instead (one entry per run
+//! of one peer's packets), the node hears it before the turn drains its outputs, as it did
+//! before. Handshakes, and a packet the node holds for a peer without a route, are told at
+//! once (the slow paths).
 
 use rally_proto::Key32;
 
@@ -26,10 +27,15 @@ pub(super) struct Activity {
 }
 
 impl Activity {
-    /// Notes an entry; returns whether the list is full and must be told now.
-    fn note(&mut self, entry: Entry) -> bool {
-        if self.pending.last() != Some(&entry) {
-            self.pending.push(entry);
+    /// Notes a packet out (`via` `None`) or in; returns whether the list is full and must be
+    /// told now. A repeat of the last entry costs no copy of its path.
+    fn note(&mut self, peer: Key32, via: Option<&PathId>) -> bool {
+        let repeat = self
+            .pending
+            .last()
+            .is_some_and(|(p, v)| *p == peer && v.as_ref() == via);
+        if !repeat {
+            self.pending.push((peer, via.cloned()));
         }
         self.pending.len() >= MAX_PENDING
     }
@@ -38,14 +44,14 @@ impl Activity {
 impl Engine {
     /// A packet to `peer` was encrypted for sending.
     pub(super) fn note_tx(&mut self, peer: Key32) {
-        if self.activity.note((peer, None)) {
+        if self.activity.note(peer, None) {
             self.tell_activity();
         }
     }
 
     /// A data packet from `peer` arrived on `via`.
     pub(super) fn note_rx(&mut self, peer: Key32, via: &PathId) {
-        if self.activity.note((peer, Some(via.clone()))) {
+        if self.activity.note(peer, Some(via)) {
             self.tell_activity();
         }
     }
@@ -81,19 +87,19 @@ mod tests {
         let via = PathId::Direct(SocketAddr::from(([192, 0, 2, 1], 51820)));
         let mut act = Activity::default();
         for _ in 0..10 {
-            assert!(!act.note((a, None)));
+            assert!(!act.note(a, None));
         }
-        assert!(!act.note((a, Some(via.clone()))));
-        assert!(!act.note((a, Some(via.clone()))));
-        assert!(!act.note((b, None)));
-        assert!(!act.note((a, None)));
+        assert!(!act.note(a, Some(&via)));
+        assert!(!act.note(a, Some(&via)));
+        assert!(!act.note(b, None));
+        assert!(!act.note(a, None));
         assert_eq!(
             act.pending,
             vec![(a, None), (a, Some(via)), (b, None), (a, None)]
         );
         let mut full = false;
         for i in 0..MAX_PENDING {
-            full = act.note((Key32([(i % 2) as u8 + 3; 32]), None));
+            full = act.note(Key32([(i % 2) as u8 + 3; 32]), None);
             if full {
                 break;
             }

@@ -10,7 +10,7 @@ pub mod batch;
 mod device;
 mod discovery;
 pub mod engine;
-pub mod path_timing;
+mod path_timing;
 mod poller;
 pub mod queue_metrics;
 mod queues;

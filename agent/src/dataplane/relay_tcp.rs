@@ -23,9 +23,10 @@
 //! at once: bound one round trip after TLS instead of two.
 //!
 //! Each slot has a second connection, its twin ([`super::relay_twin`]), dialed once the first
-//! came up and redialed like it: it binds itself with the token of the node's latest `Bind`, carries a copy
-//! of every small WireGuard data message ([`rally_proto::relay_stream::is_copied`]) and ping,
-//! and carries bulk only while the node's connection is down.
+//! came up and redialed like it: it binds itself with the token of the node's latest `Bind`,
+//! carries a copy of every small WireGuard data message
+//! ([`rally_proto::relay_stream::is_copied`]) and ping, and carries bulk only while the node's
+//! connection is down.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;

@@ -40,7 +40,9 @@ impl Engine {
             return;
         };
         let Some(route) = self.node.route(&id) else {
-            // No usable path: the node holds it until one comes up.
+            // No usable path: the node hears of the traffic at once (a held packet is no
+            // tunnel state) and holds it until one comes up.
+            self.node.handle_tunnel_tx(&id, super::timers::now());
             self.node.enqueue(&id, packet.to_vec());
             return;
         };
