@@ -224,7 +224,7 @@ pub struct Engine {
     pub(super) tcp: super::relay_tcp::TcpRelays,
     /// Small packets first, bulk ones under CoDel ([`super::queues`]).
     pub(super) queues: super::queues::Queues,
-    /// The turn's traffic, told to the node after its sends ([`super::activity`]).
+    /// Traffic the node has not heard of yet ([`super::activity`]).
     pub(super) activity: super::activity::Activity,
 }
 
@@ -387,7 +387,7 @@ impl Engine {
 
     /// The loop: waits until a packet, a message or the earliest deadline of the timers table,
     /// handles what is ready, serves one slice of the bulk queues, then drains what the node
-    /// queued.
+    /// queued. The node hears of the traffic from its slot of the table ([`super::activity`]).
     fn run(mut self, mut cmds: mpsc::UnboundedReceiver<EngineCmd>) {
         let mut b = Buffers::new();
         let waker = self.poller.waker();
@@ -440,15 +440,16 @@ impl Engine {
             }
             if tokio::time::Instant::now() >= deadline {
                 trace!(reason = ?wake, "woke for a timer");
-                if wake != Wake::SocketHold {
-                    self.handle_timers(&mut b.out);
+                match wake {
+                    Wake::SocketHold => {}
+                    Wake::Activity => self.tell_activity(),
+                    _ => self.handle_timers(&mut b.out),
                 }
             }
             if self.queues.has_work() {
                 self.serve_bulk(&mut b);
                 self.queues.report(super::timers::now());
             }
-            self.tell_activity();
             self.drain_node(&mut b.out);
             self.discovery_flush(&mut b.out);
             self.drain_node(&mut b.out);
@@ -526,6 +527,7 @@ impl Engine {
                 }
             },
             EngineCmd::Peers(reply) => {
+                self.tell_activity();
                 // A metrics scrape reads the security counters right after this answer.
                 self.publish_security();
                 self.queues.settle_boost();

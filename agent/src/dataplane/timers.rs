@@ -1,7 +1,7 @@
 //! The engine's timers table and the draining of the node: one slot for the node's next
 //! deadline (itself the earliest of every peer's, relay's and the netcheck's), one for
-//! WireGuard's timers. The loop sleeps until the earliest; nothing runs on a fixed tick, and
-//! no idle peer is visited.
+//! WireGuard's timers, one for telling the node of recent traffic ([`super::activity`]). The
+//! loop sleeps until the earliest; nothing runs on a fixed tick, and no idle peer is visited.
 //!
 //! boringtun's timers (handshake retries, keepalives, session expiry) are rounded to a second
 //! inside boringtun, so its slot comes round every [`WG_TIMERS`] while a tunnel with WireGuard
@@ -45,6 +45,8 @@ pub enum Wake {
     Discovery,
     /// The node's hold on the UDP socket after an idle burst ended: read it.
     SocketHold,
+    /// Traffic noted a while ago: tell the node ([`super::activity`]).
+    Activity,
     Nothing,
 }
 
@@ -63,6 +65,10 @@ pub fn unix_ms() -> u64 {
 impl Engine {
     /// The end of the node's hold on the UDP socket, if one is running (node/hold.rs).
     pub(super) fn socket_hold(&self) -> Option<tokio::time::Instant> {
+        if self.activity.has_out() {
+            // Traffic out ends the hold: the node has not heard of it yet.
+            return None;
+        }
         let now = tokio::time::Instant::now();
         self.node
             .read_socket_at(now.into_std())
@@ -77,7 +83,11 @@ impl Engine {
             .map(|(at, why)| (tokio::time::Instant::from_std(at), Wake::Node(why)));
         let wg = self.wg_due.map(|at| (at, Wake::WireGuard));
         let disc = Some((self.disc_due, Wake::Discovery));
-        [node, wg, disc]
+        let activity = self
+            .activity
+            .due()
+            .map(|at| (tokio::time::Instant::from_std(at), Wake::Activity));
+        [node, wg, disc, activity]
             .into_iter()
             .flatten()
             .min_by_key(|(at, _)| *at)
@@ -93,6 +103,8 @@ impl Engine {
 
     /// A deadline passed: the node's due timers, and WireGuard's if their slot is (nearly) due.
     pub(super) fn handle_timers(&mut self, out: &mut [u8]) {
+        // The node's timers judge paths and peers by their traffic: all of it first.
+        self.tell_activity();
         let t = tokio::time::Instant::now();
         self.node.handle_timeout(t.into_std());
         self.guard.handle_timeout(t.into_std());
