@@ -20,8 +20,10 @@ use rally_proto::Key32;
 use super::engine::Engine;
 use crate::conn::PathId;
 
-/// Entries noted before they are told at once (a turn of bulk traffic from many peers).
-const MAX_PENDING: usize = 256;
+/// Entries noted before they are told at once. Small, so that under load (two to four
+/// entries a turn) the node hears of traffic every few turns in portions of a few µs, not
+/// in a burst of a whole millisecond's entries in the small packets' way.
+const MAX_PENDING: usize = 32;
 
 /// The most the node hears of traffic late: far below any of its clocks (the busiest probe
 /// interval, path timeouts), and its own timers tell it first anyway.
