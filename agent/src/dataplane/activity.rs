@@ -27,7 +27,7 @@ const MAX_PENDING: usize = 32;
 
 /// The most the node hears of traffic late: far below any of its clocks (the busiest probe
 /// interval, path timeouts), and its own timers tell it first anyway.
-pub(super) const TELL_WITHIN: Duration = Duration::from_millis(1);
+const TELL_WITHIN: Duration = Duration::from_millis(1);
 
 /// One run of a peer's packets: out (`None`) or in on a path.
 type Entry = (Key32, Option<PathId>);
@@ -38,8 +38,6 @@ pub(super) struct Activity {
     pending: Vec<Entry>,
     /// When the first pending entry was noted.
     since: Option<Instant>,
-    /// Whether any pending entry is traffic out.
-    out: bool,
 }
 
 impl Activity {
@@ -55,7 +53,6 @@ impl Activity {
             if self.pending.is_empty() {
                 self.since = Some(now());
             }
-            self.out |= via.is_none();
             self.pending.push((peer, via.cloned()));
         }
         self.pending.len() >= MAX_PENDING
@@ -68,7 +65,7 @@ impl Activity {
 
     /// Whether traffic out waits to be told (which ends the node's hold on the socket).
     pub fn has_out(&self) -> bool {
-        self.out
+        self.pending.iter().any(|(_, via)| via.is_none())
     }
 }
 
@@ -95,7 +92,6 @@ impl Engine {
         }
         let t = super::timers::now();
         self.activity.since = None;
-        self.activity.out = false;
         let mut pending = std::mem::take(&mut self.activity.pending);
         for (peer, via) in pending.drain(..) {
             match via {

@@ -55,6 +55,8 @@ mod imp {
     /// Paths averaged per log line.
     const EVERY: u64 = 200;
     const MAX_MARKS: usize = 32;
+    /// A wait this short after a cold send returned at once (the answer was already there).
+    const AT_ONCE: Duration = Duration::from_micros(30);
 
     /// Sums per (position, step): nanoseconds since the previous mark, and how often seen.
     type Sums = BTreeMap<(usize, &'static str), (u64, u64)>;
@@ -120,7 +122,7 @@ mod imp {
                 a.0 += end.saturating_duration_since(sent);
                 a.1 += self.slept;
                 a.2 += 1;
-                if self.slept < Duration::from_micros(30) {
+                if self.slept < AT_ONCE {
                     a.3 += 1;
                 }
                 if a.2 == EVERY {
